@@ -45,3 +45,415 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> WelchResult:
 def significance_stars(p: float) -> str:
     """`***` p<0.001, `**` p<0.01, `*` p<0.05, else empty (PLIP's scan tables)."""
     return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+# ---------------------------------------------------------------------------
+# Welch from summary statistics (attention scans store mean / sample SD / n).
+# ---------------------------------------------------------------------------
+
+
+def welch_from_stats(m1: float, s1: float, n1: int, m2: float, s2: float, n2: int) -> WelchResult:
+    """Welch t-test from summary stats (means, *sample* SDs, sizes); same conventions as `welch_t_test`.
+
+    This is PLIP-rs's f64 attention-scan routine (spec section 4); p is exact (scipy Student t).
+    """
+    if n1 == 0 or n2 == 0:
+        return WelchResult(0.0, 0.0, 1.0)
+    e1, e2 = float(s1) ** 2 / n1, float(s2) ** 2 / n2
+    denom = float(np.sqrt(e1 + e2))
+    t = (float(m1) - float(m2)) / denom if denom > 0 else 0.0
+    if e1 > 0 and e2 > 0:
+        df = (e1 + e2) ** 2 / (e1 * e1 / (n1 - 1) + e2 * e2 / (n2 - 1))
+    else:
+        df = float(n1 + n2 - 2)
+    p = float(2.0 * sps.t.sf(abs(t), df)) if df > 0 else 1.0
+    return WelchResult(float(t), float(df), p)
+
+
+# ---------------------------------------------------------------------------
+# Group statistics of KL values (PLIP's `GroupStats` JSON block).
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupStats:
+    """Summary of one group's per-sample values (e.g. KL in nats). `std` is the population SD (ddof=0)."""
+
+    language: str
+    n: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    median: float
+    is_baseline: bool | None = None
+
+    def to_json(self) -> dict:
+        """PLIP-rs's field names; `is_baseline` omitted when None (state_steering_experiment)."""
+        out: dict = {"language": self.language}
+        if self.is_baseline is not None:
+            out["is_baseline"] = bool(self.is_baseline)
+        out.update(
+            n_samples=int(self.n),
+            mean_kl=float(self.mean),
+            std_kl=float(self.std),
+            min_kl=float(self.min),
+            max_kl=float(self.max),
+            median_kl=float(self.median),
+        )
+        return out
+
+
+def group_stats(values: Sequence[float], language: str, is_baseline: bool | None = None) -> GroupStats:
+    """Mean, population SD (÷n), min, max, median (mean of middle two for even n), n; all zeros if empty.
+
+    Computed in float64 (PLIP used f32; agreement with its stored values is ~1e-6 relative).
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        return GroupStats(language, 0, 0.0, 0.0, 0.0, 0.0, 0.0, is_baseline)
+    return GroupStats(
+        language=language,
+        n=int(x.size),
+        mean=float(x.mean()),
+        std=float(x.std(ddof=0)),
+        min=float(x.min()),
+        max=float(x.max()),
+        median=float(np.median(x)),
+        is_baseline=is_baseline,
+    )
+
+
+# ---------------------------------------------------------------------------
+# PLIP-rs's f32 approximate Welch test (KL experiments), for matching stored p-values only.
+# ---------------------------------------------------------------------------
+
+_f = np.float32
+
+
+def _f32_sum(x: np.ndarray) -> np.float32:
+    acc = _f(0.0)
+    for v in x:
+        acc = _f(acc + v)
+    return acc
+
+
+def _plip_erf(x: np.float32) -> np.float32:
+    # Abramowitz & Stegun 7.1.26, in f32.
+    a1, a2, a3, a4, a5 = _f(0.2548296), _f(-0.28449672), _f(1.4214138), _f(-1.4531521), _f(1.0614054)
+    p = _f(0.3275911)
+    sign = _f(-1.0) if x < 0 else _f(1.0)
+    x = _f(abs(x))
+    t = _f(_f(1.0) / _f(_f(1.0) + p * x))
+    poly = _f(_f(_f(_f(_f(_f(_f(_f(a5 * t) + a4) * t) + a3) * t) + a2) * t) + a1)
+    y = _f(_f(1.0) - _f(_f(poly * t) * np.exp(_f(-x * x))))
+    return _f(sign * y)
+
+
+def _plip_lgamma(x: np.float32) -> np.float32:
+    # Stirling/Windschitl: 0.5 ln(2π/x) + x (ln(x + 1/(12x − 1/(10x))) − 1), in f32.
+    if x <= 0:
+        return _f(np.inf)
+    two_pi = _f(2.0) * _f(np.pi)
+    inner = _f(x + _f(_f(1.0) / _f(_f(12.0) * x - _f(_f(1.0) / _f(_f(10.0) * x)))))
+    return _f(_f(_f(0.5) * np.log(_f(two_pi / x))) + _f(x * _f(np.log(inner) - _f(1.0))))
+
+
+def _plip_beta(a: np.float32, b: np.float32) -> np.float32:
+    return _f(np.exp(_f(_f(_plip_lgamma(a) + _plip_lgamma(b)) - _plip_lgamma(_f(a + b)))))
+
+
+def _plip_beta_cf(x: np.float32, a: np.float32, b: np.float32) -> np.float32:
+    """PLIP's continued fraction (100 iterations, eps 1e-7, its own convergent bookkeeping), f32."""
+    one, two = _f(1.0), _f(2.0)
+    am, bm, az = one, one, one
+    bz = _f(one - _f(_f(a + b) * x) / _f(a + one))
+    for mi in range(1, 100):
+        m = _f(mi)
+        em = _f(_f(_f(m * _f(b - m)) * x) / _f(_f(a + _f(two * m) - one) * _f(a + two * m)))
+        d = _f(one + _f(em * az) / bz)
+        if abs(d) < 1e-30:
+            continue
+        az_new = _f(az + _f(em * am))
+        bz_new = _f(bz + _f(em * bm))
+        am_new, bm_new = az, bz
+        ep = _f(_f(_f(-_f(a + m) * _f(_f(a + b) + m)) * x) / _f(_f(a + two * m) * _f(_f(a + two * m) + one)))
+        az_final = _f(az_new + _f(ep * am_new))
+        bz_final = _f(bz_new + _f(ep * bm_new))
+        ratio = _f(az_final / bz_final)
+        if abs(_f(ratio - _f(am / bm))) < _f(_f(1e-7) * abs(ratio)):
+            return ratio
+        am, bm, az, bz = am_new, bm_new, az_final, bz_final
+    return _f(az / bz)
+
+
+def _plip_reg_inc_beta(x: np.float32, a: np.float32, b: np.float32) -> np.float32:
+    one = _f(1.0)
+    bab = _plip_beta(a, b)
+    if x < _f(_f(a + one) / _f(_f(a + b) + _f(2.0))):
+        return _f(_f(_f(_plip_beta_cf(x, a, b) * _f(x**a)) * _f(_f(one - x) ** b)) / _f(a * bab))
+    y = _f(one - x)
+    return _f(one - _f(_f(_f(_plip_beta_cf(y, b, a) * _f(y**b)) * _f(x**a)) / _f(b * bab)))
+
+
+def _plip_t_cdf(t: np.float32, df: np.float32) -> np.float32:
+    one = _f(1.0)
+    if df > 30:
+        x = _f(t / np.sqrt(_f(one + _f(_f(t * t) / df))))
+        return _f(_f(0.5) * _f(one + _plip_erf(_f(x / _f(np.sqrt(2.0))))))
+    x = _f(df / _f(df + _f(t * t)))
+    res = _f(_f(0.5) * _plip_reg_inc_beta(x, _f(df / _f(2.0)), _f(0.5)))
+    return _f(one - res) if t > 0 else res
+
+
+def plip_kl_welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """PLIP-rs's f32 approximate Welch test of the KL tools -> (t, two-sided p) (spec section 4).
+
+    n < 2 in either group or SE < 1e-10 -> (0, 1). The p-value uses PLIP's approximate t CDF
+    (A&S erf for df > 30, home-made incomplete beta otherwise), off from the exact p by up to ~0.004;
+    use it only to match stored PLIP numbers, `welch_t_test` for science.
+    """
+    x = np.asarray(a, dtype=np.float32).ravel()
+    y = np.asarray(b, dtype=np.float32).ravel()
+    n1, n2 = _f(x.size), _f(y.size)
+    if x.size < 2 or y.size < 2:
+        return 0.0, 1.0
+    m1 = _f(_f32_sum(x) / n1)
+    m2 = _f(_f32_sum(y) / n2)
+    var1 = _f(_f32_sum(np.array([_f(_f(v - m1) * _f(v - m1)) for v in x], np.float32)) / _f(n1 - 1))
+    var2 = _f(_f32_sum(np.array([_f(_f(v - m2) * _f(v - m2)) for v in y], np.float32)) / _f(n2 - 1))
+    v1, v2 = _f(var1 / n1), _f(var2 / n2)
+    se = _f(np.sqrt(_f(v1 + v2)))
+    if se < 1e-10:
+        return 0.0, 1.0
+    t = _f(_f(m1 - m2) / se)
+    num = _f(_f(v1 + v2) * _f(v1 + v2))
+    den = _f(_f(_f(v1 * v1) / _f(n1 - 1)) + _f(_f(v2 * v2) / _f(n2 - 1)))
+    df = _f(num / den) if den > 0 else _f(n1 + n2 - _f(2.0))
+    p = _f(_f(2.0) * _f(_f(1.0) - _plip_t_cdf(_f(abs(t)), df)))
+    return float(t), float(p)
+
+
+# ---------------------------------------------------------------------------
+# Generation outcomes: McNemar (paired, correct) and PLIP's one-tailed Fisher (unpaired).
+# ---------------------------------------------------------------------------
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact two-sided McNemar p from the discordant counts b, c: min(1, 2·BinomCDF(min(b,c); b+c, ½)); 1 if b=c=0."""
+    b, c = int(b), int(c)
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    return float(min(1.0, 2.0 * sps.binom.cdf(min(b, c), n, 0.5)))
+
+
+@dataclasses.dataclass(frozen=True)
+class McNemarResult:
+    """Paired binary outcomes (baseline vs steered). gained = F->T, lost = T->F, kept = T->T, none = F->F."""
+
+    gained: int
+    lost: int
+    kept: int
+    none: int
+    p_value: float  # exact two-sided McNemar on (gained, lost)
+
+
+def mcnemar_from_outcomes(baseline: Sequence[bool], steered: Sequence[bool]) -> McNemarResult:
+    """Counts GAINED/LOST/KEPT/NONE over paired samples and the exact McNemar p of gained vs lost."""
+    x = np.asarray(baseline, dtype=bool).ravel()
+    y = np.asarray(steered, dtype=bool).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"baseline and steered must pair up: {x.size} vs {y.size} outcomes")
+    gained = int(np.sum(~x & y))
+    lost = int(np.sum(x & ~y))
+    kept = int(np.sum(x & y))
+    none = int(np.sum(~x & ~y))
+    return McNemarResult(gained, lost, kept, none, mcnemar_exact(gained, lost))
+
+
+def fisher_plip_one_tailed(baseline_yes: int, steered_yes: int, n: int) -> float | None:
+    """PLIP's N=50 "Fisher" p, exactly: P(X >= steered_yes), X ~ Hypergeom(2n, K=baseline_yes+steered_yes, n draws).
+
+    None if K = 0 or K = 2n (as PLIP). Treats paired outcomes as independent: prefer `mcnemar_exact`.
+    """
+    big_n, k = 2 * int(n), int(baseline_yes) + int(steered_yes)
+    if k == 0 or k == big_n:
+        return None
+    return float(sps.hypergeom.sf(int(steered_yes) - 1, big_n, k, int(n)))
+
+
+def _plip_ln_factorial(n: int) -> float:
+    if n <= 20:
+        return float(np.log(float(np.prod(np.arange(1, n + 1, dtype=np.float64))))) if n > 1 else 0.0
+    return n * np.log(n) - n + 0.5 * np.log(2.0 * np.pi * n)
+
+
+def fisher_plip_stirling(baseline_yes: int, steered_yes: int, n: int) -> float | None:
+    """Same tail as `fisher_plip_one_tailed` with PLIP's log-factorials (exact to 20!, Stirling above).
+
+    Reproduces the stored 0.29788788702437 for 7 vs 10 of 50 (exact: 0.29773). For parity checks only.
+    """
+    big_n, k = 2 * int(n), int(baseline_yes) + int(steered_yes)
+    if k == 0 or k == big_n:
+        return None
+
+    def ln_c(a: int, b: int) -> float:
+        return _plip_ln_factorial(a) - _plip_ln_factorial(b) - _plip_ln_factorial(a - b)
+
+    total = 0.0
+    for x in range(int(steered_yes), min(k, int(n)) + 1):
+        if big_n - k < int(n) - x:
+            continue
+        total += float(np.exp(ln_c(k, x) + ln_c(big_n - k, int(n) - x) - ln_c(big_n, int(n))))
+    return total
+
+
+def fisher_exact_2x2(table: Sequence[Sequence[int]], alternative: str = "two-sided") -> tuple[float, float]:
+    """scipy's Fisher exact test on a 2x2 table [[a, b], [c, d]] -> (odds ratio, p)."""
+    res = sps.fisher_exact(np.asarray(table, dtype=np.int64), alternative=alternative)
+    return float(res[0]), float(res[1])
+
+
+# ---------------------------------------------------------------------------
+# Paired comparison (e.g. knockout KL vs random-edge control KL on the same samples).
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedResult:
+    """Paired t-test and Wilcoxon signed-rank test of x - y."""
+
+    n: int
+    mean_diff: float
+    t: float
+    t_p_value: float
+    wilcoxon_statistic: float
+    wilcoxon_p_value: float
+    note: str = ""
+
+
+def paired_test(x: Sequence[float], y: Sequence[float]) -> PairedResult:
+    """Paired t (scipy.stats.ttest_rel) and two-sided Wilcoxon signed-rank (scipy.stats.wilcoxon) on x - y.
+
+    Degenerate inputs never raise: all-zero differences -> p = 1 for both tests with a note; n < 2 -> p = 1.
+    """
+    a = np.asarray(x, dtype=np.float64).ravel()
+    b = np.asarray(y, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples must have equal length: {a.size} vs {b.size}")
+    n = int(a.size)
+    d = a - b
+    mean_diff = float(d.mean()) if n else 0.0
+    if n < 2:
+        return PairedResult(n, mean_diff, 0.0, 1.0, 0.0, 1.0, "fewer than 2 pairs")
+    if np.all(d == 0):
+        return PairedResult(n, 0.0, 0.0, 1.0, 0.0, 1.0, "all differences are zero")
+    notes = []
+    if np.all(d == d[0]):
+        # Constant non-zero difference: SE = 0, t infinite.
+        t, tp = float(np.sign(d[0]) * np.inf), 0.0
+        notes.append("constant non-zero difference: t infinite")
+    else:
+        tr = sps.ttest_rel(a, b)
+        t, tp = float(tr.statistic), float(tr.pvalue)
+    nz = int(np.count_nonzero(d))
+    if nz < n:
+        notes.append(f"{n - nz} zero differences dropped by Wilcoxon (zero_method='wilcox')")
+    w = sps.wilcoxon(d, zero_method="wilcox")
+    return PairedResult(n, mean_diff, t, tp, float(w.statistic), float(w.pvalue), "; ".join(notes))
+
+
+# ---------------------------------------------------------------------------
+# Effect sizes, multiple comparisons, intervals.
+# ---------------------------------------------------------------------------
+
+
+def cohens_d(a: Sequence[float], b: Sequence[float]) -> float:
+    """(mean(a) - mean(b)) / sqrt((s1² + s2²)/2) with sample SDs (ddof=1), as multi_sample_attention; 0 if pooled SD is 0."""
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    s1 = x.std(ddof=1) if x.size > 1 else 0.0
+    s2 = y.std(ddof=1) if y.size > 1 else 0.0
+    pooled = float(np.sqrt((s1 * s1 + s2 * s2) / 2.0))
+    return float((x.mean() - y.mean()) / pooled) if pooled > 0 else 0.0
+
+
+def holm_bonferroni(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm step-down adjusted p-values (same order as input), capped at 1."""
+    p = np.asarray(pvalues, dtype=np.float64).ravel()
+    m = p.size
+    if m == 0:
+        return p.copy()
+    order = np.argsort(p, kind="stable")
+    adj_sorted = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    out = np.empty(m)
+    out[order] = np.minimum(adj_sorted, 1.0)
+    return out
+
+
+def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
+    """Benjamini–Hochberg (FDR) adjusted p-values (same order as input), capped at 1."""
+    p = np.asarray(pvalues, dtype=np.float64).ravel()
+    m = p.size
+    if m == 0:
+        return p.copy()
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    adj_sorted = np.minimum.accumulate(scaled[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(adj_sorted, 1.0)
+    return out
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion k/n (e.g. an accuracy); (0, 1) if n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    z = float(sps.norm.ppf(0.5 + confidence / 2.0))
+    phat = k / n
+    denom = 1.0 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denom
+    half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t interval mean ± t_{(1+c)/2, n-1}·s/√n; n = 1 -> (x, x, x); empty -> NaNs."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(x.mean())
+    if x.size == 1:
+        return m, m, m
+    half = float(sps.t.ppf(0.5 + confidence / 2.0, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+    return m, m - half, m + half
+
+
+# ---------------------------------------------------------------------------
+# Layer scans.
+# ---------------------------------------------------------------------------
+
+
+def _field(r: object, name: str):
+    return r[name] if isinstance(r, dict) else getattr(r, name)
+
+
+def best_layer(results: Sequence[object]) -> tuple[int, float]:
+    """PLIP's best-layer rule: among layers with python_mean > rust_mean, the smallest p_value
+    (ties -> earliest in `results` order); none -> (0, 1.0). Items: dicts or objects with
+    layer, python_mean, rust_mean, p_value."""
+    best: tuple[int, float] | None = None
+    for r in results:
+        if _field(r, "python_mean") > _field(r, "rust_mean"):
+            p = float(_field(r, "p_value"))
+            if best is None or p < best[1]:
+                best = (int(_field(r, "layer")), p)
+    return best if best is not None else (0, 1.0)
+
+
+def scan_ratio(py: float, rs: float) -> float:
+    """py / rs if rs > 0.001 else 0 (PLIP's layer-scan ratio)."""
+    return float(py) / float(rs) if rs > 0.001 else 0.0
