@@ -1,0 +1,186 @@
+"""Outcome metrics of interventions (spec section 5.5), in JAX.
+
+All functions are pure, `jit`/`vmap`-friendly, compute in float32 whatever the input dtype (bf16/f16
+logits are upcast first) and work over arbitrary leading (batch) axes; the vocabulary is the last axis.
+Padded sequences are handled with an explicit `length` (number of real tokens, right padding).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# PLIP-rs's probability floor: KL terms with p <= 1e-10 or q <= 1e-10 are dropped.
+PLIP_KL_FLOOR = 1e-10
+
+
+def _f32(x) -> Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def kl_divergence(base_logits: Array, other_logits: Array) -> Array:
+    """KL(P_base || P_other) in nats over the last axis, from logits: [..., V] x [..., V] -> [...].
+
+    Exact (no probability floor): Σ_v p_v (log p_v − log q_v) with log-softmax in f32; terms with
+    p_v = 0 contribute 0; clamped at >= 0 against rounding. Infinite only if q_v = 0 where p_v > 0
+    (i.e. an `-inf` logit on the other side).
+    """
+    lp = jax.nn.log_softmax(_f32(base_logits), axis=-1)
+    lq = jax.nn.log_softmax(_f32(other_logits), axis=-1)
+    p = jnp.exp(lp)
+    terms = jnp.where(p > 0, p * (lp - lq), 0.0)
+    return jnp.maximum(jnp.sum(terms, axis=-1), 0.0)
+
+
+def kl_divergence_plip_filtered(base_logits: Array, other_logits: Array) -> Array:
+    """PLIP-rs's KL: Σ p ln(p/q) over terms with p > 1e-10 and q > 1e-10 only (f32), [..., V] -> [...].
+
+    Under-estimates large divergences (terms where q underflows are dropped) and reads 0 on NaN
+    inputs; for parity with stored numbers only, use `kl_divergence` otherwise.
+    """
+    p = jax.nn.softmax(_f32(base_logits), axis=-1)
+    q = jax.nn.softmax(_f32(other_logits), axis=-1)
+    keep = (p > PLIP_KL_FLOOR) & (q > PLIP_KL_FLOOR)
+    safe_p = jnp.where(keep, p, 1.0)
+    safe_q = jnp.where(keep, q, 1.0)
+    return jnp.sum(jnp.where(keep, p * (jnp.log(safe_p) - jnp.log(safe_q)), 0.0), axis=-1)
+
+
+class TopChanged(NamedTuple):
+    """Tokens whose probability changed most, sorted by |p − q| descending (ties: lower id first)."""
+
+    indices: Array  # [..., k] int32 token ids
+    base_probs: Array  # [..., k] f32, p (baseline)
+    other_probs: Array  # [..., k] f32, q (intervened)
+    diff: Array  # [..., k] f32, |p − q| (PLIP stores the absolute difference, always >= 0)
+
+
+def top_changed_tokens(base_logits: Array, other_logits: Array, k: int = 5) -> TopChanged:
+    """Top-k tokens by |softmax(base) − softmax(other)|: [..., V] x [..., V] -> TopChanged of [..., k]."""
+    p = jax.nn.softmax(_f32(base_logits), axis=-1)
+    q = jax.nn.softmax(_f32(other_logits), axis=-1)
+    absdiff = jnp.abs(p - q)
+    diff, idx = jax.lax.top_k(absdiff, k)
+    return TopChanged(
+        idx.astype(jnp.int32),
+        jnp.take_along_axis(p, idx, axis=-1),
+        jnp.take_along_axis(q, idx, axis=-1),
+        diff,
+    )
+
+
+def escape_token_text(text: str) -> str:
+    """PLIP's escaping of decoded tokens in JSON: newline -> `\\n`, tab -> `\\t` (nothing else)."""
+    return text.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def format_top_changed(top: TopChanged, decode: Callable[[int], str]) -> list[dict]:
+    """Host-side: one unbatched TopChanged -> PLIP's JSON rows {token, baseline_prob, ablated_prob, diff}."""
+    idx = np.asarray(top.indices).reshape(-1)
+    p = np.asarray(top.base_probs).reshape(-1)
+    q = np.asarray(top.other_probs).reshape(-1)
+    d = np.asarray(top.diff).reshape(-1)
+    return [
+        {
+            "token": escape_token_text(decode(int(i))),
+            "baseline_prob": float(pi),
+            "ablated_prob": float(qi),
+            "diff": float(di),
+        }
+        for i, pi, qi, di in zip(idx, p, q, d)
+    ]
+
+
+def logit_diff(base_logits: Array, other_logits: Array, token_id: int | Array) -> Array:
+    """base − other logit of `token_id` (PLIP's sign): [..., V] -> [...], f32."""
+    tok = jnp.asarray(token_id, dtype=jnp.int32)
+    b = jnp.take(_f32(base_logits), tok, axis=-1)
+    o = jnp.take(_f32(other_logits), tok, axis=-1)
+    return b - o
+
+
+def top1_agreement(base_logits: Array, other_logits: Array) -> Array:
+    """Whether the argmax token is the same: [..., V] -> bool [...]."""
+    return jnp.argmax(_f32(base_logits), axis=-1) == jnp.argmax(_f32(other_logits), axis=-1)
+
+
+def top1_agreement_rate(base_logits: Array, other_logits: Array, mask: Array | None = None) -> Array:
+    """Fraction of rows (all leading axes) with equal argmax, counting only rows where `mask` is true.
+
+    Returns NaN if no row is selected.
+    """
+    agree = top1_agreement(base_logits, other_logits).astype(jnp.float32)
+    m = jnp.ones_like(agree) if mask is None else jnp.broadcast_to(jnp.asarray(mask), agree.shape).astype(jnp.float32)
+    count = jnp.sum(m)
+    return jnp.where(count > 0, jnp.sum(agree * m) / jnp.maximum(count, 1.0), jnp.nan)
+
+
+def position_mask(length: Array | int, seq_len: int) -> Array:
+    """bool [..., T]: position t is real iff t < length (right padding). `length` has shape [...]."""
+    return jnp.arange(seq_len) < jnp.asarray(length)[..., None]
+
+
+def last_real_logits(logits: Array, length: Array | int) -> Array:
+    """Logits at the last real position `length − 1`: [..., T, V] -> [..., V] (right padding)."""
+    pos = jnp.asarray(length, dtype=jnp.int32) - 1
+    pos = jnp.broadcast_to(pos, logits.shape[:-2])
+    return jnp.take_along_axis(logits, pos[..., None, None], axis=-2)[..., 0, :]
+
+
+def sequence_nll(logits: Array, tokens: Array, length: Array | int) -> Array:
+    """Mean next-token NLL in nats: positions 0..length−2 predict tokens 1..length−1.
+
+    logits [..., T, V], tokens [..., T] int, length [...] (real tokens; padding after it is ignored)
+    -> [...] f32. NaN if length < 2 (nothing to predict).
+    """
+    lp = jax.nn.log_softmax(_f32(logits[..., :-1, :]), axis=-1)  # [..., T-1, V]
+    nxt = jnp.asarray(tokens)[..., 1:].astype(jnp.int32)  # [..., T-1]
+    tok_lp = jnp.take_along_axis(lp, nxt[..., None], axis=-1)[..., 0]
+    t = logits.shape[-2]
+    valid = jnp.arange(t - 1) < (jnp.asarray(length)[..., None] - 1)
+    count = jnp.sum(valid, axis=-1).astype(jnp.float32)
+    total = -jnp.sum(jnp.where(valid, tok_lp, 0.0), axis=-1)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
+
+
+class PerplexityChange(NamedTuple):
+    """Next-token NLL (nats/token) and perplexity of the same tokens under two runs; shapes [...]."""
+
+    base_nll: Array
+    other_nll: Array
+    base_ppl: Array
+    other_ppl: Array
+    delta_nll: Array  # other − base (> 0: the intervention made the text less likely)
+    ppl_ratio: Array  # other_ppl / base_ppl = exp(delta_nll)
+
+
+def perplexity_change(base_logits_all: Array, other_logits_all: Array, tokens: Array,
+                      length: Array | int) -> PerplexityChange:
+    """Perplexity of `tokens` under baseline vs intervened logits: [..., T, V] x2, [..., T], [...]."""
+    b = sequence_nll(base_logits_all, tokens, length)
+    o = sequence_nll(other_logits_all, tokens, length)
+    return PerplexityChange(b, o, jnp.exp(b), jnp.exp(o), o - b, jnp.exp(o - b))
+
+
+__all__: Sequence[str] = [
+    "PLIP_KL_FLOOR",
+    "kl_divergence",
+    "kl_divergence_plip_filtered",
+    "TopChanged",
+    "top_changed_tokens",
+    "escape_token_text",
+    "format_top_changed",
+    "logit_diff",
+    "top1_agreement",
+    "top1_agreement_rate",
+    "position_mask",
+    "last_real_logits",
+    "sequence_nll",
+    "PerplexityChange",
+    "perplexity_change",
+]

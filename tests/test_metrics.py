@@ -1,0 +1,222 @@
+"""Tests for plip_jax.metrics: KL, top changed tokens, logit diff, top-1 agreement, NLL/perplexity."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from plip_jax import metrics as M
+
+REF = "/work/shared/reference"
+
+
+def _softmax64(x):
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _kl64(a, b):
+    return special.rel_entr(_softmax64(a), _softmax64(b)).sum(-1)
+
+
+# ----------------------------------------------------------------------------- KL
+
+
+def test_kl_matches_scipy_rel_entr():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 257)) * 3
+    b = a + rng.normal(size=(6, 257))
+    ours = np.asarray(M.kl_divergence(a, b))
+    assert ours.shape == (6,) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, _kl64(a, b), rtol=2e-5, atol=1e-6)
+    # Direction matters: KL(P_base || P_other), not the reverse.
+    np.testing.assert_allclose(np.asarray(M.kl_divergence(b, a)), _kl64(b, a), rtol=2e-5, atol=1e-6)
+    assert not np.allclose(_kl64(a, b), _kl64(b, a), rtol=1e-2)
+
+
+def test_kl_zero_for_identical_and_nonnegative():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(4, 100)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(M.kl_divergence(a, a)), 0.0)
+    # Shift invariance (logits only defined up to a constant).
+    np.testing.assert_allclose(np.asarray(M.kl_divergence(a, a + 5.0)), 0.0, atol=1e-6)
+    b = a + 1e-4 * rng.normal(size=a.shape).astype(np.float32)
+    assert np.all(np.asarray(M.kl_divergence(a, b)) >= 0.0)
+
+
+def test_kl_batched_vmap_jit_and_dtypes():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(2, 3, 50))
+    b = rng.normal(size=(2, 3, 50))
+    full = np.asarray(M.kl_divergence(a, b))
+    assert full.shape == (2, 3)
+    vm = np.asarray(jax.vmap(jax.vmap(M.kl_divergence))(jnp.asarray(a), jnp.asarray(b)))
+    jt = np.asarray(jax.jit(M.kl_divergence)(a, b))
+    np.testing.assert_allclose(vm, full, rtol=1e-6)
+    np.testing.assert_allclose(jt, full, rtol=1e-6)
+    np.testing.assert_allclose(full, _kl64(a, b), rtol=1e-5)
+    # bf16 input is upcast: result f32 and equal to the f32 computation on the rounded logits.
+    ab, bb = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+    r = M.kl_divergence(ab, bb)
+    assert r.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(r), _kl64(np.asarray(ab, np.float32), np.asarray(bb, np.float32)), rtol=1e-5)
+
+
+def test_kl_huge_divergence_finite_and_plip_filter_underestimates():
+    v = 1000
+    a = np.zeros(v, np.float32)
+    a[0] = 60.0  # p concentrated on token 0
+    b = np.zeros(v, np.float32)
+    b[1] = 60.0  # q concentrated on token 1, q_0 ≈ e^-60 < 1e-10
+    exact = float(M.kl_divergence(a, b))
+    assert np.isfinite(exact)
+    assert exact == pytest.approx(_kl64(a, b), rel=1e-4)
+    assert exact > 50.0
+    # PLIP drops terms with q <= 1e-10 (here the dominant one) and reports a tiny value.
+    plip = float(M.kl_divergence_plip_filtered(a, b))
+    assert plip < 1.0
+    # Hand check of the filter: sum over kept terms only.
+    p, q = _softmax64(a), _softmax64(b)
+    keep = (p > 1e-10) & (q > 1e-10)
+    assert plip == pytest.approx(float(np.sum(p[keep] * np.log(p[keep] / q[keep]))), rel=1e-3, abs=1e-9)
+
+
+def test_plip_filtered_equals_exact_when_nothing_filtered_and_nan_reads_zero():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(3, 64)), rng.normal(size=(3, 64))
+    np.testing.assert_allclose(np.asarray(M.kl_divergence_plip_filtered(a, b)), _kl64(a, b), rtol=1e-5)
+    # PLIP's silent-0 on NaN rows (spec 10.5): reproduced by the filtered version only.
+    nan = np.full(64, np.nan, np.float32)
+    assert float(M.kl_divergence_plip_filtered(a[0], nan)) == 0.0
+    assert np.isnan(float(M.kl_divergence(a[0], nan)))
+
+
+# ----------------------------------------------------------------------------- top changed tokens
+
+
+def test_top_changed_tokens_hand():
+    p = np.array([0.5, 0.2, 0.2, 0.1])
+    q = np.array([0.3, 0.3, 0.2, 0.2])
+    top = M.top_changed_tokens(np.log(p), np.log(q), k=3)
+    np.testing.assert_array_equal(np.asarray(top.indices), [0, 1, 3])  # |Δ| 0.2, 0.1, 0.1 (tie: lower id)
+    np.testing.assert_allclose(np.asarray(top.base_probs), [0.5, 0.2, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(top.other_probs), [0.3, 0.3, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(top.diff), [0.2, 0.1, 0.1], rtol=1e-5)
+    batched = M.top_changed_tokens(np.stack([np.log(p), np.log(q)]), np.stack([np.log(q), np.log(p)]), k=2)
+    assert batched.indices.shape == (2, 2)
+    np.testing.assert_array_equal(np.asarray(batched.indices), [[0, 1], [0, 1]])
+
+
+def test_format_top_changed_escaping():
+    p = np.array([0.7, 0.2, 0.1])
+    q = np.array([0.1, 0.2, 0.7])
+    top = M.top_changed_tokens(np.log(p), np.log(q), k=2)
+    vocab = {0: "\n\n", 1: "x", 2: "\tfoo"}
+    rows = M.format_top_changed(top, vocab.__getitem__)
+    assert [r["token"] for r in rows] == ["\\n\\n", "\\tfoo"]
+    assert list(rows[0]) == ["token", "baseline_prob", "ablated_prob", "diff"]
+    assert rows[0]["baseline_prob"] == pytest.approx(0.7, rel=1e-6)
+    assert rows[0]["ablated_prob"] == pytest.approx(0.1, rel=1e-6)
+    assert rows[1]["diff"] == pytest.approx(0.6, rel=1e-5) and rows[1]["diff"] > 0
+    assert M.escape_token_text("a\\b\r") == "a\\b\r"  # only \n and \t are escaped
+
+
+@pytest.mark.skipif(not os.path.isdir(REF), reason="shared reference outputs not available")
+def test_top_changed_reproduces_stored_rows():
+    """Build logits whose distributions contain a stored sample's five rows (rest of the mass spread
+    thinly) and check we return the same rows, order, escaped text and (positive, absolute) diff."""
+    with open(os.path.join(REF, "state_ablation_layer2.json")) as f:
+        d = json.load(f)
+    rows = d["sample_results"][0]["top_changed_tokens"]  # tokens "\\n\\n\\n", "\\n", ...
+    for r in rows:
+        assert r["diff"] > 0
+        assert r["diff"] == pytest.approx(abs(r["baseline_prob"] - r["ablated_prob"]), rel=1e-5)
+    n_fill = 20000
+    p = np.array([r["baseline_prob"] for r in rows], np.float64)
+    q = np.array([r["ablated_prob"] for r in rows], np.float64)
+    p_full = np.concatenate([np.full(n_fill, (1 - p.sum()) / n_fill), p])
+    q_full = np.concatenate([np.full(n_fill, (1 - q.sum()) / n_fill), q])
+    top = M.top_changed_tokens(np.log(p_full), np.log(q_full), k=5)
+    vocab = {n_fill + i: r["token"].replace("\\n", "\n").replace("\\t", "\t") for i, r in enumerate(rows)}
+    ours = M.format_top_changed(top, vocab.__getitem__)
+    assert [o["token"] for o in ours] == [r["token"] for r in rows]
+    for o, r in zip(ours, rows):
+        for key in ("baseline_prob", "ablated_prob"):
+            assert o[key] == pytest.approx(r[key], rel=1e-4)
+        assert o["diff"] == pytest.approx(r["diff"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- logit diff / top-1
+
+
+def test_logit_diff_and_top1():
+    a = np.array([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]])
+    b = np.array([[1.5, 2.0, 2.5], [0.0, 1.0, 4.0]])
+    np.testing.assert_allclose(np.asarray(M.logit_diff(a, b, 1)), [1.0, -1.0])
+    np.testing.assert_allclose(np.asarray(M.logit_diff(a[0], b[0], 2)), -0.5)
+    np.testing.assert_array_equal(np.asarray(M.top1_agreement(a, b)), [False, True])
+    assert float(M.top1_agreement_rate(a, b)) == 0.5
+    assert float(M.top1_agreement_rate(a, b, mask=np.array([False, True]))) == 1.0
+    assert np.isnan(float(M.top1_agreement_rate(a, b, mask=np.array([False, False]))))
+    assert M.logit_diff(jnp.asarray(a, jnp.bfloat16), b, 0).dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------- NLL / perplexity / padding
+
+
+def _nll_ref(logits, tokens, length):
+    lp = np.log(_softmax64(logits))
+    return -np.mean([lp[t, tokens[t + 1]] for t in range(length - 1)])
+
+
+def test_sequence_nll_hand_and_padding_invariance():
+    rng = np.random.default_rng(4)
+    t_real, t_pad, v = 7, 12, 30
+    logits = rng.normal(size=(t_real, v)).astype(np.float32)
+    tokens = rng.integers(0, v, size=t_real)
+    ref = _nll_ref(logits, tokens, t_real)
+    assert float(M.sequence_nll(logits, tokens, t_real)) == pytest.approx(ref, rel=1e-5)
+    # Right padding with garbage never changes the result.
+    padded_logits = np.concatenate([logits, 1e3 * rng.normal(size=(t_pad - t_real, v)).astype(np.float32)])
+    padded_tokens = np.concatenate([tokens, rng.integers(0, v, size=t_pad - t_real)])
+    assert float(M.sequence_nll(padded_logits, padded_tokens, t_real)) == pytest.approx(ref, rel=1e-6)
+    # Uniform logits: NLL = log V exactly.
+    assert float(M.sequence_nll(np.zeros((5, v)), np.zeros(5, int), 5)) == pytest.approx(np.log(v), rel=1e-6)
+    assert np.isnan(float(M.sequence_nll(logits, tokens, 1)))
+
+
+def test_batched_padded_perplexity_and_kl_at_last_position():
+    rng = np.random.default_rng(5)
+    t, v = 10, 40
+    lengths = np.array([10, 6, 3])
+    base = rng.normal(size=(3, t, v)).astype(np.float32)
+    other = base + 0.5 * rng.normal(size=(3, t, v)).astype(np.float32)
+    tokens = rng.integers(0, v, size=(3, t))
+    pc = jax.jit(M.perplexity_change)(base, other, tokens, lengths)
+    for i, n in enumerate(lengths):
+        b_ref, o_ref = _nll_ref(base[i], tokens[i], n), _nll_ref(other[i], tokens[i], n)
+        assert float(pc.base_nll[i]) == pytest.approx(b_ref, rel=1e-5)
+        assert float(pc.other_nll[i]) == pytest.approx(o_ref, rel=1e-5)
+        assert float(pc.base_ppl[i]) == pytest.approx(np.exp(b_ref), rel=1e-5)
+        assert float(pc.delta_nll[i]) == pytest.approx(o_ref - b_ref, rel=1e-4, abs=1e-6)
+        assert float(pc.ppl_ratio[i]) == pytest.approx(np.exp(o_ref - b_ref), rel=1e-5)
+        # Same numbers when each sample is evaluated alone, unpadded.
+        single = M.perplexity_change(base[i, :n], other[i, :n], tokens[i, :n], n)
+        assert float(single.base_nll) == pytest.approx(float(pc.base_nll[i]), rel=1e-6)
+    # vmap over samples equals the batched call.
+    vm = jax.vmap(M.sequence_nll)(jnp.asarray(base), jnp.asarray(tokens), jnp.asarray(lengths))
+    np.testing.assert_allclose(np.asarray(vm), np.asarray(pc.base_nll), rtol=1e-6)
+    # Last real position logits and KL there ignore padding.
+    last = M.last_real_logits(base, lengths)
+    np.testing.assert_array_equal(np.asarray(last), base[np.arange(3), lengths - 1])
+    kl = M.kl_divergence(M.last_real_logits(base, lengths), M.last_real_logits(other, lengths))
+    np.testing.assert_allclose(np.asarray(kl), _kl64(base[np.arange(3), lengths - 1], other[np.arange(3), lengths - 1]),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(M.position_mask(lengths, t)).sum(-1), lengths)
