@@ -1,0 +1,235 @@
+"""Intervention pytrees: traced data passed explicitly to the forward (never Python callbacks).
+
+Every kind describes ONE sequence (batch by `jax.vmap`, sweeps by stacking and `vmap` again). Edge
+sets are boolean [T_query, T_key] matrices over absolute positions; `layers` [L] and `heads` [H]
+select where they act, so a kind costs O(T^2 + L + H) memory, not O(L*H*T^2).
+
+Kinds (all optional fields of `Interventions`; an absent kind is `None` and costs nothing):
+- `AttentionKnockout`: pre-softmax, the chosen edges get -inf (probability exactly 0); rows renormalise.
+- `AttentionScale`: post-softmax, chosen edge probabilities times `factor`, touched rows renormalised
+  (mass-preserving, so factor 1 is an exact identity).
+- `AttentionSetValue`: post-softmax, each chosen edge set to `value`; the rest of the row's *causally
+  visible* mass is rescaled so the row sums to 1 (unlike PLIP-rs, no mass ever lands on future columns).
+- `ResidualEdit`: after block l at position t (where[l, t]): h <- keep * h + add[l, t].
+
+Builders validate on the host (numpy) and raise `InterventionError` naming the problem: layers or heads
+out of range, an edge to a future (causally masked) or padded position, a knockout that would empty an
+attention row, a SetValue that cannot be renormalised.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+class InterventionError(ValueError):
+    """An intervention that cannot be applied as asked (message says what and how to fix it)."""
+
+
+@struct.dataclass
+class AttentionKnockout:
+    edges: jnp.ndarray  # bool [Tq, Tk]
+    layers: jnp.ndarray  # bool [L]
+    heads: jnp.ndarray  # bool [H]
+
+
+@struct.dataclass
+class AttentionScale:
+    edges: jnp.ndarray  # bool [Tq, Tk]
+    layers: jnp.ndarray  # bool [L]
+    heads: jnp.ndarray  # bool [H]
+    factor: jnp.ndarray  # f32 [] (>= 0)
+
+
+@struct.dataclass
+class AttentionSetValue:
+    edges: jnp.ndarray  # bool [Tq, Tk]
+    layers: jnp.ndarray  # bool [L]
+    heads: jnp.ndarray  # bool [H]
+    value: jnp.ndarray  # f32 [] in [0, 1]
+
+
+@struct.dataclass
+class ResidualEdit:
+    where: jnp.ndarray  # bool [L, T]: edit the residual stream after block l at position t
+    keep: jnp.ndarray  # f32 []: 1 keeps h (add a vector), 0 replaces it (zero / patch)
+    add: jnp.ndarray  # f32 [L, T, D]
+
+
+@struct.dataclass
+class Interventions:
+    knockout: Optional[AttentionKnockout] = None
+    scale: Optional[AttentionScale] = None
+    set_value: Optional[AttentionSetValue] = None
+    residual: Optional[ResidualEdit] = None
+
+
+# --------------------------------------------------------------------------- in-graph application
+
+
+def _edge_mask(kind, layer, q_pos, n_keys):
+    """bool [H, Tq, Tk] of the edges this kind touches at `layer` for query positions `q_pos`."""
+    rows = jnp.take(kind.edges, q_pos, axis=0, mode="clip")[:, :n_keys]
+    return kind.layers[layer] & kind.heads[:, None, None] & rows[None, :, :]
+
+
+def knockout_mask(iv: Optional[Interventions], layer, q_pos, n_keys):
+    """bool [H, Tq, Tk] of knocked-out edges, or None when there is no knockout."""
+    if iv is None or iv.knockout is None:
+        return None
+    return _edge_mask(iv.knockout, layer, q_pos, n_keys)
+
+
+def steer_probs(probs: jnp.ndarray, visible: jnp.ndarray, iv: Optional[Interventions], layer, q_pos) -> jnp.ndarray:
+    """Apply post-softmax steering to probs [H, Tq, Tk] (f32); `visible` [H|1, Tq, Tk] marks the
+    entries the row may hold mass on (causal, unpadded, not knocked out)."""
+    if iv is None:
+        return probs
+    n_keys = probs.shape[-1]
+    if iv.scale is not None:
+        m = _edge_mask(iv.scale, layer, q_pos, n_keys)
+        scaled = probs * jnp.where(m, iv.scale.factor.astype(jnp.float32), 1.0)
+        before = probs.sum(-1, keepdims=True)
+        after = scaled.sum(-1, keepdims=True)
+        # mass-preserving renormalisation: an untouched row is multiplied by exactly 1
+        probs = scaled * jnp.where(after > 0, before / jnp.where(after > 0, after, 1.0), 0.0)
+    if iv.set_value is not None:
+        m = _edge_mask(iv.set_value, layer, q_pos, n_keys)
+        v = iv.set_value.value.astype(jnp.float32)
+        count = m.sum(-1, keepdims=True).astype(jnp.float32)
+        rest = jnp.where(m | ~visible, 0.0, probs).sum(-1, keepdims=True)
+        factor = jnp.where(rest > 0, (1.0 - count * v) / jnp.where(rest > 0, rest, 1.0), 0.0)
+        steered = jnp.where(m, v, probs * factor)
+        probs = jnp.where(count > 0, steered, probs)
+    return probs
+
+
+def edit_residual(h: jnp.ndarray, iv: Optional[Interventions], layer, positions) -> jnp.ndarray:
+    """h [T, D] after block `layer`, residual edit applied at the selected positions."""
+    if iv is None or iv.residual is None:
+        return h
+    r = iv.residual
+    where = jnp.take(r.where[layer], positions, mode="clip")[:, None]
+    add = jnp.take(r.add[layer], positions, axis=0, mode="clip")
+    edited = r.keep.astype(h.dtype) * h + add.astype(h.dtype)
+    return jnp.where(where, edited, h)
+
+
+# --------------------------------------------------------------------------- host-side builders
+
+
+def _mask_from_indices(n: int, idx: Optional[Iterable[int]], what: str, flag: str) -> np.ndarray:
+    if idx is None:
+        return np.ones(n, bool)
+    idx = list(idx)
+    if not idx:
+        raise InterventionError(f"empty {what} selection; give at least one {what[:-1]} or leave {flag} unset for all")
+    bad = [i for i in idx if not 0 <= int(i) < n]
+    if bad:
+        raise InterventionError(f"{what} {bad} out of range: the model has {n} {what} (valid 0..{n - 1}); fix {flag}")
+    m = np.zeros(n, bool)
+    m[list(map(int, idx))] = True
+    return m
+
+
+def layer_mask(n_layers: int, layers: Optional[Iterable[int]]) -> np.ndarray:
+    """bool [L] from a list of layer indices (None = all), with a clear error when out of range."""
+    return _mask_from_indices(n_layers, layers, "layers", "--layer/--layers")
+
+
+def head_mask(n_heads: int, heads: Optional[Iterable[int]]) -> np.ndarray:
+    """bool [H] from query-head indices (None = all)."""
+    return _mask_from_indices(n_heads, heads, "heads", "--heads")
+
+
+def edge_matrix(n_positions: int, edges: Sequence[tuple[int, int]], length: int, context: str = "") -> np.ndarray:
+    """bool [T, T] with True at each (query, key) edge. Refuses edges outside the sequence, to padding,
+    or to a future position (query < key is causally masked: steering or knocking it would do nothing)."""
+    where = f" ({context})" if context else ""
+    m = np.zeros((n_positions, n_positions), bool)
+    if not len(edges):
+        raise InterventionError(f"empty edge set{where}: nothing to intervene on")
+    for q, k in edges:
+        q, k = int(q), int(k)
+        if not (0 <= q < length and 0 <= k < length):
+            raise InterventionError(f"edge {q}->{k}{where} is outside the sequence of {length} tokens")
+        if k > q:
+            raise InterventionError(
+                f"edge {q}->{k}{where} points at a future position: query {q} cannot attend to key {k} "
+                f"(causal mask), so intervening on it changes nothing; choose a key <= the query position"
+            )
+        m[q, k] = True
+    return m
+
+
+def check_knockout_rows(edges: np.ndarray, length: int, context: str = "", windows: Sequence = (None,)) -> None:
+    """Refuse a knockout that would leave some query row with no visible key (its softmax would be NaN)."""
+    n = edges.shape[0]
+    q = np.arange(n)[:, None]
+    k = np.arange(n)[None, :]
+    for window in set(windows):
+        visible = (k <= q) & (k < length) & (q < length)
+        if window:
+            visible &= (q - k) < window
+        left = (visible & ~edges).sum(-1)
+        empty = np.where((visible.sum(-1) > 0) & (left == 0))[0]
+        if empty.size:
+            where = f" ({context})" if context else ""
+            raise InterventionError(
+                f"knockout{where} would remove every key of query row(s) {empty.tolist()}: their attention "
+                f"would be undefined (NaN). Leave at least one visible key per row (e.g. do not knock out "
+                f"a token's attention to itself when it is the first token)"
+            )
+
+
+def knockout(n_positions: int, edges: Sequence[tuple[int, int]], *, length: int, n_layers: int, n_heads: int,
+             layers: Optional[Iterable[int]] = None, heads: Optional[Iterable[int]] = None,
+             context: str = "", windows: Sequence = (None,)) -> AttentionKnockout:
+    """Pre-softmax knockout of `edges` (query, key) in `layers` x `heads` (None = all)."""
+    m = edge_matrix(n_positions, edges, length, context)
+    check_knockout_rows(m, length, context, windows)
+    return AttentionKnockout(edges=jnp.asarray(m), layers=jnp.asarray(layer_mask(n_layers, layers)),
+                             heads=jnp.asarray(head_mask(n_heads, heads)))
+
+
+def scale(n_positions: int, edges: Sequence[tuple[int, int]], factor: float, *, length: int, n_layers: int,
+          n_heads: int, layers: Optional[Iterable[int]] = None, heads: Optional[Iterable[int]] = None,
+          context: str = "") -> AttentionScale:
+    """Post-softmax Scale(factor) of `edges`, rows renormalised (factor >= 0; 1 = identity)."""
+    if not factor >= 0:
+        raise InterventionError(f"scale factor must be >= 0, got {factor}")
+    m = edge_matrix(n_positions, edges, length, context)
+    if factor == 0:
+        rows = np.where(m.any(-1))[0]
+        for r in rows:
+            if m[r, : r + 1].sum() == r + 1:
+                raise InterventionError(f"Scale(0) on every visible key of row {r} ({context}) leaves the row empty")
+    return AttentionScale(edges=jnp.asarray(m), layers=jnp.asarray(layer_mask(n_layers, layers)),
+                          heads=jnp.asarray(head_mask(n_heads, heads)), factor=jnp.float32(factor))
+
+
+def set_value(n_positions: int, edges: Sequence[tuple[int, int]], value: float, *, length: int, n_layers: int,
+              n_heads: int, layers: Optional[Iterable[int]] = None, heads: Optional[Iterable[int]] = None,
+              context: str = "") -> AttentionSetValue:
+    """Post-softmax SetValue(value): each edge gets probability `value`; the row's other visible keys share
+    1 - (#edges in row) * value in proportion to their current mass."""
+    if not 0.0 <= value <= 1.0:
+        raise InterventionError(f"SetValue needs 0 <= value <= 1, got {value}")
+    m = edge_matrix(n_positions, edges, length, context)
+    for r in np.where(m.any(-1))[0]:
+        c = int(m[r].sum())
+        if c * value > 1.0 + 1e-6:
+            raise InterventionError(
+                f"SetValue({value}) on {c} edges of row {r} ({context}) asks for {c * value:.3f} > 1 of the row's mass"
+            )
+        if c == r + 1 and abs(c * value - 1.0) > 1e-6:
+            raise InterventionError(
+                f"SetValue({value}) covers every visible key of row {r} ({context}), so the row cannot sum to 1; "
+                f"use value = 1/{c}"
+            )
+    return AttentionSetValue(edges=jnp.asarray(m), layers=jnp.asarray(layer_mask(n_layers, layers)),
+                             heads=jnp.asarray(head_mask(n_heads, heads)), value=jnp.float32(value))

@@ -1,0 +1,250 @@
+"""One config-driven, pure-functional decoder for qwen2, starcoder2, gemma, llama and phi3.
+
+`forward` runs ONE sequence (batch with `jax.vmap`, see `batched_forward`) with a `jax.lax.scan` over
+the stacked layers. It takes the intervention pytree as an explicit argument and a static `Capture`
+spec saying what comes back. Numerics follow HF eager attention: softmax and norms in float32,
+everything else in the params' dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plip_jax import interventions as ivs
+from plip_jax.models import rope as rope_lib
+from plip_jax.models.config import ModelConfig
+
+NO_WINDOW = np.iinfo(np.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """What the forward returns besides logits (static: part of the jit cache key).
+
+    logits: "last" -> [V] at the last real position; "all" -> [T, V]; "none".
+    attn_rows: per-layer attention rows of the `query_rows` positions -> "attn_rows" [L, H, R, Tk].
+    attn_probs: full per-layer patterns -> "attn_probs" [L, H, Tq, Tk] (memory heavy: ask only when needed).
+    resid_post: residual stream after each block: "last" -> [L, D] at the last real position,
+        "all" -> [L, T, D], "none". (TransformerLens' hook_resid_post.)
+    final_hidden: final-normed hidden states -> "final_hidden" [T, D].
+    """
+
+    logits: str = "last"
+    attn_rows: bool = False
+    attn_probs: bool = False
+    resid_post: str = "none"
+    final_hidden: bool = False
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def norm(x: jnp.ndarray, p: dict, cfg: ModelConfig) -> jnp.ndarray:
+    """RMSNorm / Gemma (1+w) RMSNorm / LayerNorm over the last axis, accumulated in float32."""
+    xf = x.astype(jnp.float32)
+    if cfg.norm_kind == "layernorm":
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+        return y.astype(x.dtype)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + cfg.norm_eps)
+    if cfg.norm_kind == "rms_one_plus":
+        return (y * (1.0 + p["scale"].astype(jnp.float32))).astype(x.dtype)
+    return p["scale"] * y.astype(x.dtype)  # HF LlamaRMSNorm: round x_hat to dtype, then * w
+
+
+def linear(x: jnp.ndarray, w: jnp.ndarray, b: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """x [..., in] @ w[out, in].T (+ b)."""
+    y = jnp.einsum("...i,oi->...o", x, w)
+    return y if b is None else y + b
+
+
+def activation(x: jnp.ndarray, name: str) -> jnp.ndarray:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.gelu(x, approximate=False)
+
+
+def mlp(x: jnp.ndarray, lp: dict, cfg: ModelConfig) -> jnp.ndarray:
+    if cfg.mlp_kind == "plain":
+        return linear(activation(linear(x, lp["fc_w"], lp.get("fc_b")), cfg.activation), lp["proj_w"], lp.get("proj_b"))
+    gate = activation(linear(x, lp["gate_w"], lp.get("gate_b")), cfg.activation)
+    return linear(gate * linear(x, lp["up_w"], lp.get("up_b")), lp["down_w"], lp.get("down_b"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    """Per-call constants of the attention: positions, RoPE tables, key validity."""
+
+    q_pos: jnp.ndarray  # int [Tq]
+    k_pos: jnp.ndarray  # int [Tk]
+    k_valid: jnp.ndarray  # bool [Tk]: key holds a real token
+    cos: jnp.ndarray
+    sin: jnp.ndarray
+    rope_mode: str
+
+
+def _rope(x, ctx: _Ctx):
+    if ctx.rope_mode == "plip":
+        return rope_lib.apply_plip_rope(x, ctx.cos, ctx.sin)
+    return rope_lib.apply_hf_rope(x, ctx.cos, ctx.sin)
+
+
+def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None):
+    """Self-attention of x [Tq, D]. Returns (out [Tq, D], probs [H, Tq, Tk] f32, new (k, v) cache).
+
+    With `kv_cache` = (k [S, KV, hd], v [S, KV, hd]) the new keys/values are written at `q_pos` and the
+    queries attend over the whole cache (Tk = S); otherwise Tk = Tq.
+    """
+    tq = x.shape[0]
+    h, kvh, hd, g = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_query_groups
+    q = linear(x, lp["q_w"], lp.get("q_b")).reshape(tq, h, hd)
+    k = linear(x, lp["k_w"], lp.get("k_b")).reshape(tq, kvh, hd)
+    v = linear(x, lp["v_w"], lp.get("v_b")).reshape(tq, kvh, hd)
+    q, k = _rope(q, ctx), _rope(k, ctx)
+    if kv_cache is not None:
+        ck, cv = kv_cache
+        start = ctx.q_pos[0]
+        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (start, 0, 0))
+        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (start, 0, 0))
+        new_cache = (k, v)
+    else:
+        new_cache = None
+    tk = k.shape[0]
+    qg = q.reshape(tq, kvh, g, hd)
+    scores = jnp.einsum("qkgd,skd->kgqs", qg, k, preferred_element_type=jnp.float32).reshape(h, tq, tk)
+    scores = scores * (1.0 / np.sqrt(hd))
+    qp, kp = ctx.q_pos[:, None], ctx.k_pos[None, :]
+    allowed = (kp <= qp) & ctx.k_valid[None, :] & ((qp - kp) < window)
+    allowed = allowed[None]
+    ko = ivs.knockout_mask(iv, layer, ctx.q_pos, tk)
+    if ko is not None:
+        allowed = allowed & ~ko
+    scores = jnp.where(allowed, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = ivs.steer_probs(probs, allowed, iv, layer, ctx.q_pos)
+    pv = probs.astype(v.dtype).reshape(kvh, g, tq, tk)
+    out = jnp.einsum("kgqs,skd->qkgd", pv, v).reshape(tq, h * hd)
+    return linear(out, lp["o_w"], lp.get("o_b")), probs, new_cache
+
+
+def embed(params, tokens, cfg: ModelConfig):
+    h = jnp.take(params["embed"], tokens, axis=0)
+    if cfg.embed_scale is not None:
+        h = h * jnp.asarray(cfg.embed_scale, dtype=h.dtype)
+    return h
+
+
+def unembed(params, hidden, cfg: ModelConfig):
+    """Logits (float32) from final-normed hidden [..., D]."""
+    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    return jnp.einsum("...d,vd->...v", hidden, w).astype(jnp.float32)
+
+
+def _rope_tables(cfg: ModelConfig, positions, n_tokens_hint: int, rope_mode: str, dtype):
+    if rope_mode == "plip":
+        return rope_lib.plip_cos_sin(positions, cfg.rope.theta, cfg.head_dim, dtype)
+    if rope_mode != "hf":
+        raise ValueError(f"rope_mode must be one of {rope_lib.ROPE_MODES}, got {rope_mode!r}")
+    inv, factor = rope_lib.inv_frequencies(cfg.rope, n_tokens_hint, cfg.max_position_embeddings)
+    return rope_lib.hf_cos_sin(positions, inv, factor)
+
+
+# --------------------------------------------------------------------------- the forward
+
+
+def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Optional[ivs.Interventions] = None,
+            capture: Capture = Capture(), query_rows=None, rope_mode: str = "hf", positions=None, kv_cache=None,
+            ) -> dict:
+    """Run one sequence. Not jitted itself: use `jit_forward` / `batched_forward`, or call inside jit.
+
+    tokens: int [T]; length: int [] real tokens (right padding beyond it never changes results; default T);
+    interventions: `Interventions` or None; query_rows: int [R] positions whose attention rows to capture;
+    positions: int [T] absolute positions (default arange(T), or offset for cached decoding);
+    kv_cache: {"k": [L, S, KV, hd], "v": [L, S, KV, hd]} to read/update (decoding).
+    Returns a dict: "logits" ([V] or [T, V], f32) and the captured arrays (see `Capture`); with a cache,
+    also "kv_cache".
+    """
+    t = tokens.shape[0]
+    if positions is None:
+        positions = jnp.arange(t, dtype=jnp.int32)
+    length = jnp.asarray(t if length is None else length, jnp.int32)
+    if kv_cache is None:
+        k_pos = positions
+        k_valid = jnp.arange(t) < length
+        n_keys_hint = t
+    else:
+        s = kv_cache["k"].shape[1]
+        k_pos = jnp.arange(s, dtype=jnp.int32)
+        k_valid = jnp.ones((s,), bool)  # causal mask already hides slots after the query
+        n_keys_hint = s
+    dtype = params["embed"].dtype
+    cos, sin = _rope_tables(cfg, positions, n_keys_hint, rope_mode, dtype)
+    ctx = _Ctx(q_pos=positions, k_pos=k_pos, k_valid=k_valid, cos=cos, sin=sin, rope_mode=rope_mode)
+    windows = jnp.asarray([w if w else NO_WINDOW for w in cfg.layer_windows], jnp.int32)
+    last = length - 1 if kv_cache is None else t - 1
+
+    def block(h, xs):
+        lp, layer, window, cache = xs
+        a, probs, new_cache = attention(norm(h, lp["attn_norm"], cfg), lp, layer, window, cfg, ctx, interventions,
+                                        None if cache is None else (cache[0], cache[1]))
+        h = h + a.astype(h.dtype)
+        h = h + mlp(norm(h, lp["mlp_norm"], cfg), lp, cfg).astype(h.dtype)
+        h = ivs.edit_residual(h, interventions, layer, positions)
+        ys = {}
+        if capture.attn_rows:
+            ys["attn_rows"] = jnp.take(probs, query_rows, axis=1)
+        if capture.attn_probs:
+            ys["attn_probs"] = probs
+        if capture.resid_post == "all":
+            ys["resid_post"] = h
+        elif capture.resid_post == "last":
+            ys["resid_post"] = jax.lax.dynamic_index_in_dim(h, last, 0, keepdims=False)
+        if new_cache is not None:
+            ys["kv"] = new_cache
+        return h, ys
+
+    cache_xs = None if kv_cache is None else (kv_cache["k"], kv_cache["v"])
+    h, ys = jax.lax.scan(block, embed(params, tokens, cfg),
+                         (params["layers"], jnp.arange(cfg.num_layers), windows, cache_xs))
+    out = {k: v for k, v in ys.items() if k != "kv"}
+    if "kv" in ys:
+        out["kv_cache"] = {"k": ys["kv"][0], "v": ys["kv"][1]}
+    hidden = norm(h, params["final_norm"], cfg)
+    if capture.final_hidden:
+        out["final_hidden"] = hidden
+    if capture.logits == "last":
+        out["logits"] = unembed(params, jax.lax.dynamic_index_in_dim(hidden, last, 0, keepdims=False), cfg)
+    elif capture.logits == "all":
+        out["logits"] = unembed(params, hidden, cfg)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture", "rope_mode"))
+def jit_forward(params, tokens, cfg: ModelConfig, length=None, interventions=None, capture: Capture = Capture(),
+                query_rows=None, rope_mode: str = "hf"):
+    """`forward` of one sequence under `jit`."""
+    return forward(params, tokens, cfg, length=length, interventions=interventions, capture=capture,
+                   query_rows=query_rows, rope_mode=rope_mode)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture", "rope_mode"))
+def batched_forward(params, tokens, cfg: ModelConfig, lengths, interventions=None, capture: Capture = Capture(),
+                    query_rows=None, rope_mode: str = "hf"):
+    """`forward` vmapped over a right-padded batch: tokens int [B, T], lengths int [B], per-sample
+    interventions (leading axis B) and query_rows int [B, R]. Outputs gain a leading B axis."""
+
+    def one(tok, n, iv, rows):
+        return forward(params, tok, cfg, length=n, interventions=iv, capture=capture, query_rows=rows,
+                       rope_mode=rope_mode)
+
+    return jax.vmap(one)(tokens, lengths, interventions, query_rows)
