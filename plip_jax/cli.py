@@ -1,0 +1,67 @@
+"""Shared pieces of the absl binaries: common flags, device choice, output paths, progress."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+
+def define_model_flags(default_dtype: str = "float32") -> None:
+    """--model, --dtype, --rope_mode, --device (call once at import time of a binary)."""
+    flags.DEFINE_string("model", None, "Model: a local directory, a HuggingFace Hub id (from the HF cache), "
+                        "or unset for the bundled plip-tiny-code.")
+    flags.DEFINE_enum("dtype", default_dtype, ["float32", "bfloat16", "float16"], "Compute dtype of weights "
+                      "and activations (softmax and norms always accumulate in float32).")
+    flags.DEFINE_enum("rope_mode", "hf", ["hf", "plip"], "hf: the models' real RoPE (default). plip: PLIP-rs's "
+                      "interleaved RoPE with tables rounded to the compute dtype, only to reproduce its published numbers.")
+    flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where to run: auto = GPU if JAX sees one.")
+
+
+def select_device(choice: str) -> str:
+    """Pin JAX to a platform before any computation; returns the platform in use."""
+    import jax
+
+    if choice == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    elif choice == "gpu":
+        try:
+            if not jax.devices("gpu"):
+                raise RuntimeError
+        except RuntimeError:
+            raise SystemExit("--device=gpu but JAX sees no GPU (install jax[cuda12] or use --device=cpu)") from None
+        jax.config.update("jax_default_device", jax.devices("gpu")[0])
+    return jax.devices()[0].platform
+
+
+def default_output(prefix: str, slug: str, suffix: str = ".json") -> Path:
+    return Path("outputs") / f"{prefix}_{slug}{suffix}"
+
+
+class Progress:
+    """Minimal progress line on stderr for long loops (`with Progress(n, 'layers') as p: p.step()`)."""
+
+    def __init__(self, total: int, what: str, enabled: bool = True):
+        self.total, self.what, self.done, self.enabled = total, what, 0, enabled
+        self.t0 = time.perf_counter()
+
+    def __enter__(self):
+        return self
+
+    def step(self, n: int = 1, note: Optional[str] = None) -> None:
+        self.done += n
+        if self.enabled:
+            el = time.perf_counter() - self.t0
+            eta = el / self.done * (self.total - self.done) if self.done else 0.0
+            msg = f"\r{self.what}: {self.done}/{self.total} ({el:.1f}s, ~{eta:.1f}s left)"
+            sys.stderr.write(msg + (f" {note}" if note else "") + " " * 4)
+            sys.stderr.flush()
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            sys.stderr.write("\n")

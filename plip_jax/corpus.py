@@ -1,0 +1,192 @@
+"""Corpus files: loaders with validation (universal v2.0, legacy token positions, N=50 prompts, probe set).
+
+Every problem is reported with the file, the sample id and what to fix; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+CORPUS_DIR = Path(__file__).resolve().parent.parent / "corpus"
+UNIVERSAL_GROUPS = ("python_doctest", "rust_test", "python_baseline", "rust_baseline")
+
+
+class CorpusError(ValueError):
+    """A corpus file that does not have the expected structure or content."""
+
+
+def default_corpus_path(name: str = "attention_samples_universal.json") -> Path:
+    """A corpus shipped in the repository's `corpus/` folder (or, when installed, the package's copy)."""
+    for base in (CORPUS_DIR, Path(__file__).resolve().parent / "data" / "corpus"):
+        if (base / name).is_file():
+            return base / name
+    raise CorpusError(f"shipped corpus {name!r} not found in {CORPUS_DIR}; pass --corpus=PATH")
+
+
+@dataclasses.dataclass(frozen=True)
+class UniversalSample:
+    """One sample of the universal corpus: code and character positions (ASCII: = byte positions)."""
+
+    id: str
+    group: str  # one of UNIVERSAL_GROUPS
+    code: str
+    marker_char_pos: int
+    marker_pattern: str
+    target_char_positions: tuple
+
+    @property
+    def language(self) -> str:
+        return "python" if self.group.startswith("python") else "rust"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.group.endswith("baseline")
+
+
+@dataclasses.dataclass(frozen=True)
+class UniversalCorpus:
+    path: Path
+    format_version: str
+    samples: tuple
+
+    def group(self, name: str) -> list[UniversalSample]:
+        return [s for s in self.samples if s.group == name]
+
+
+def _load_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"corpus file {path} not found; pass --corpus=PATH to an existing file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_universal_corpus(path: Optional[Path] = None, groups=UNIVERSAL_GROUPS) -> UniversalCorpus:
+    """Load and validate a universal-format (v2) corpus: unique ids, positions inside the code, and the
+    marker pattern present at `marker_char_pos` (else `CorpusError` naming the sample and the fix)."""
+    path = Path(path) if path else default_corpus_path()
+    raw = _load_json(path)
+    if not any(g in raw for g in groups):
+        raise CorpusError(
+            f"{path} has none of the groups {list(groups)}: it is not a universal-format corpus "
+            f"(legacy token-position corpora are converted with `python -m bin.convert_corpus`)"
+        )
+    samples, seen = [], set()
+    for group in groups:
+        for i, item in enumerate(raw.get(group, [])):
+            where = f"{path}: {group}[{i}]"
+            try:
+                sid, code = str(item["id"]), item["code"]
+                marker, pattern = int(item["marker_char_pos"]), item["marker_pattern"]
+                targets = tuple(int(t) for t in item["target_char_positions"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CorpusError(f"{where}: missing or malformed field {e}; each sample needs id, code, "
+                                  f"marker_char_pos, marker_pattern, target_char_positions") from None
+            where = f"{path}: sample {sid!r} ({group})"
+            if sid in seen:
+                raise CorpusError(f"{where}: duplicate id; ids must be unique across the corpus")
+            seen.add(sid)
+            if not 0 <= marker < len(code):
+                raise CorpusError(f"{where}: marker_char_pos {marker} is outside the code (length {len(code)})")
+            if code[marker:marker + len(pattern)] != pattern:
+                found = code[marker:marker + len(pattern)]
+                hint = code.find(pattern)
+                fix = f"the pattern first occurs at {hint}" if hint >= 0 else "the pattern does not occur in the code"
+                raise CorpusError(f"{where}: marker pattern {pattern!r} is not at marker_char_pos {marker} "
+                                  f"(found {found!r}); {fix}: fix marker_char_pos")
+            bad = [t for t in targets if not 0 <= t < len(code)]
+            if bad:
+                raise CorpusError(f"{where}: target_char_positions {bad} are outside the code (length {len(code)})")
+            samples.append(UniversalSample(sid, group, code, marker, pattern, targets))
+    return UniversalCorpus(path=path, format_version=str(raw.get("_format_version", "2.0")), samples=tuple(samples))
+
+
+@dataclasses.dataclass(frozen=True)
+class LegacySample:
+    """Legacy PLIP-rs sample: token positions for one particular tokenizer (Qwen2.5)."""
+
+    id: str
+    group: str
+    code: str
+    marker_token_pos: int
+    target_token_positions: tuple
+
+
+_LEGACY_FIELDS = {  # group -> (marker field aliases, targets field aliases), PLIP-rs serde aliases
+    "python_doctest": (("doctest_token_pos", "marker_token_pos"), ("function_param_positions", "target_token_positions")),
+    "rust_test": (("test_attr_token_pos", "marker_token_pos"), ("function_token_positions", "target_token_positions")),
+    "python_baseline": (("marker_token_pos", "doctest_token_pos"), ("function_param_positions", "target_token_positions")),
+    "rust_baseline": (("marker_token_pos", "test_attr_token_pos"), ("struct_token_positions", "function_token_positions", "target_token_positions")),
+}
+
+
+def load_legacy_corpus(path: Path) -> list[LegacySample]:
+    """Load a legacy token-position corpus (`corpus/attention_samples.json`)."""
+    raw = _load_json(path)
+    out = []
+    for group, (marker_keys, target_keys) in _LEGACY_FIELDS.items():
+        for i, item in enumerate(raw.get(group, [])):
+            marker = next((item[k] for k in marker_keys if k in item), None)
+            targets = next((item[k] for k in target_keys if k in item), None)
+            if marker is None or targets is None or "code" not in item:
+                raise CorpusError(f"{path}: {group}[{i}] lacks code / marker / target fields "
+                                  f"(expected one of {marker_keys} and {target_keys})")
+            out.append(LegacySample(str(item.get("id", f"{group}_{i}")), group, item["code"], int(marker),
+                                    tuple(int(t) for t in targets)))
+    if not out:
+        raise CorpusError(f"{path}: no samples in any of the groups {list(_LEGACY_FIELDS)}")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationPrompt:
+    id: str
+    category: str
+    prompt: str
+
+
+def load_generation_prompts(path: Optional[Path] = None) -> list[GenerationPrompt]:
+    """The N=50 Rust completion prompts (`{prompts: [{id, category, prompt}]}`)."""
+    path = Path(path) if path else default_corpus_path("generation_prompts_n50.json")
+    raw = _load_json(path)
+    items = raw.get("prompts") if isinstance(raw, dict) else raw
+    if not isinstance(items, list) or not items:
+        raise CorpusError(f"{path}: expected a non-empty 'prompts' list")
+    out, seen = [], set()
+    for i, item in enumerate(items):
+        try:
+            p = GenerationPrompt(str(item["id"]), str(item.get("category", "uncategorised")), item["prompt"])
+        except (KeyError, TypeError):
+            raise CorpusError(f"{path}: prompts[{i}] needs 'id' and 'prompt'") from None
+        if p.id in seen:
+            raise CorpusError(f"{path}: duplicate prompt id {p.id!r}")
+        seen.add(p.id)
+        out.append(p)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSample:
+    code: str
+    language: str  # "python" | "rust"
+
+
+def load_probe_samples(path: Optional[Path] = None) -> list[ProbeSample]:
+    """The linear-probe corpus (`{samples: [{code, language}], metadata}`)."""
+    path = Path(path) if path else default_corpus_path("samples.json")
+    raw = _load_json(path)
+    items = raw.get("samples") if isinstance(raw, dict) else None
+    if not items:
+        raise CorpusError(f"{path}: expected a non-empty 'samples' list of {{code, language}}")
+    out = []
+    for i, item in enumerate(items):
+        lang = str(item.get("language", "")).lower()
+        if lang not in ("python", "rust") or not item.get("code"):
+            raise CorpusError(f"{path}: samples[{i}] needs code and language 'python' or 'rust' (got {lang!r})")
+        out.append(ProbeSample(item["code"], lang))
+    return out
