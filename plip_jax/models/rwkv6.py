@@ -1,0 +1,759 @@
+"""RWKV-6 "Finch": config, HF-safetensors loading and a pure-functional JAX forward (spec §1.8).
+
+Reference numerics are those of the `rwkv` PyPI package (BlinkDL, `RWKV.att_seq_v6_0` /
+`ffn_seq_v6`), which PLIP-rs's Python reference also follows:
+
+* LayerNorms (pre_ln, ln1, ln2, ln_out): eps = layer_norm_epsilon, computed in f32 here (PLIP-rs ran
+  them in the run dtype, spec §10.11; identical in f32).
+* GroupNorm `ln_x`: eps = layer_norm_epsilon * head_size_divisor**2 (the package hard-codes
+  64e-5, the same for the released configs), **no division by head_size_divisor** before the norm.
+  (HF's remote `modeling_rwkv6.py` divides by head_size_divisor first, which is not the same thing
+  because eps is not rescaled; we follow the package.)
+* WKV state and decay in f32: d = exp(-exp(w)); o_t = r_t^T (diag(u) k_t v_t^T + S);
+  S <- k_t v_t^T + diag(d_t) S.
+
+Parameters are a dict pytree; per-layer leaves are stacked on a leading layer axis so the layer
+loop is one `jax.lax.scan`; the time loop is a `jax.lax.scan` carrying the f32 state.
+All functions take ONE sequence (tokens int32[T]); batch with `jax.vmap` (right-pad and pass
+`length`; padding never changes results at real positions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from functools import partial
+from typing import Any, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+
+MODEL_TYPE = "rwkv6"
+
+
+# ==================================================================================== config
+@dataclasses.dataclass(frozen=True)
+class RwkvConfig:
+    """Static RWKV-6 hyper-parameters (hashable; safe as a `jit` static argument)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    vocab_size: int
+    head_size: int = 64
+    attention_hidden_size: int | None = None  # None -> hidden_size
+    intermediate_size: int | None = None  # None -> int(hidden * 3.5) // 32 * 32
+    layer_norm_epsilon: float = 1e-5
+    head_size_divisor: int = 8
+    tie_word_embeddings: bool = False
+    time_mix_extra_dim: int = 32  # LoRA width of the 5 token-shift mixes (time_maa_w1 is [D, 5*W])
+    time_decay_extra_dim: int = 64  # LoRA width of the decay (time_decay_w1 is [D, W2])
+    model_type: str = MODEL_TYPE
+
+    def __post_init__(self):
+        if self.attention_hidden_size is None:
+            object.__setattr__(self, "attention_hidden_size", self.hidden_size)
+        if self.intermediate_size is None:
+            object.__setattr__(self, "intermediate_size", int(self.hidden_size * 3.5) // 32 * 32)
+        if self.attention_hidden_size % self.head_size:
+            raise ValueError(f"attention_hidden_size {self.attention_hidden_size} is not a multiple of "
+                             f"head_size {self.head_size}")
+
+    @property
+    def num_heads(self) -> int:
+        return self.attention_hidden_size // self.head_size
+
+    @property
+    def group_norm_eps(self) -> float:
+        """eps of the ln_x GroupNorm (6.4e-4 for the released models)."""
+        return self.layer_norm_epsilon * self.head_size_divisor ** 2
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> "RwkvConfig":
+        """From HF `config.json` fields (unknown keys ignored; LoRA widths via `overrides`)."""
+        mt = d.get("model_type", MODEL_TYPE)
+        if mt not in (MODEL_TYPE, "rwkv6_finch"):
+            raise ValueError(f"config model_type is {mt!r}, expected 'rwkv6'")
+        kw: dict[str, Any] = dict(
+            hidden_size=int(d["hidden_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            vocab_size=int(d["vocab_size"]),
+            head_size=int(d.get("head_size", 64)),
+            attention_hidden_size=d.get("attention_hidden_size"),
+            intermediate_size=d.get("intermediate_size"),
+            layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+            head_size_divisor=int(d.get("head_size_divisor", 8)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            time_mix_extra_dim=int(d.get("time_mix_extra_dim", 32)),
+            time_decay_extra_dim=int(d.get("time_decay_extra_dim", 64)),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """HF-style `config.json` content."""
+        return {
+            "architectures": ["Rwkv6ForCausalLM"],
+            "model_type": MODEL_TYPE,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "vocab_size": self.vocab_size,
+            "head_size": self.head_size,
+            "attention_hidden_size": self.attention_hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "head_size_divisor": self.head_size_divisor,
+            "rescale_every": 0,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "time_mix_extra_dim": self.time_mix_extra_dim,
+            "time_decay_extra_dim": self.time_decay_extra_dim,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        }
+
+
+# ============================================================================ weight names
+# HF-format names (prefix "rwkv.", LM head "head.weight"); per-layer names below are relative to
+# "rwkv.blocks.{i}.". Params-pytree key = the HF suffix.
+ATT_VECTORS_D = ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g")
+BLOCK_KEYS = (
+    "ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias",
+    *(f"attention.{n}" for n in ATT_VECTORS_D),
+    "attention.time_maa_w1", "attention.time_maa_w2",
+    "attention.time_decay", "attention.time_decay_w1", "attention.time_decay_w2",
+    "attention.time_faaaa",
+    "attention.receptance.weight", "attention.key.weight", "attention.value.weight",
+    "attention.gate.weight", "attention.output.weight",
+    "attention.ln_x.weight", "attention.ln_x.bias",
+    "feed_forward.time_maa_k", "feed_forward.time_maa_r",
+    "feed_forward.key.weight", "feed_forward.receptance.weight", "feed_forward.value.weight",
+)
+# Kept in f32 whatever the compute dtype (as the rwkv package does).
+F32_BLOCK_KEYS = ("attention.time_decay", "attention.time_faaaa", "attention.ln_x.weight",
+                  "attention.ln_x.bias")
+
+
+def block_shapes(cfg: RwkvConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical per-layer shapes in the params pytree (checkpoint shapes with [1,1,X] squeezed)."""
+    D, A, I = cfg.hidden_size, cfg.attention_hidden_size, cfg.intermediate_size
+    W, W2, H, N = cfg.time_mix_extra_dim, cfg.time_decay_extra_dim, cfg.num_heads, cfg.head_size
+    s = {"ln1.weight": (D,), "ln1.bias": (D,), "ln2.weight": (D,), "ln2.bias": (D,)}
+    for n in ATT_VECTORS_D:
+        s[f"attention.{n}"] = (D,)
+    s.update({
+        "attention.time_maa_w1": (D, 5 * W), "attention.time_maa_w2": (5, W, D),
+        "attention.time_decay": (A,), "attention.time_decay_w1": (D, W2),
+        "attention.time_decay_w2": (W2, A), "attention.time_faaaa": (H, N),
+        "attention.receptance.weight": (A, D), "attention.key.weight": (A, D),
+        "attention.value.weight": (A, D), "attention.gate.weight": (A, D),
+        "attention.output.weight": (D, A),
+        "attention.ln_x.weight": (A,), "attention.ln_x.bias": (A,),
+        "feed_forward.time_maa_k": (D,), "feed_forward.time_maa_r": (D,),
+        "feed_forward.key.weight": (I, D), "feed_forward.receptance.weight": (D, D),
+        "feed_forward.value.weight": (D, I),
+    })
+    return s
+
+
+# ======================================================================== safetensors reading
+_ST_DTYPES = {
+    "F32": np.float32, "F16": np.float16, "F64": np.float64,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def _np_dtype(st_dtype: str, path: str, name: str) -> np.dtype:
+    if st_dtype == "BF16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    if st_dtype not in _ST_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has unsupported safetensors dtype {st_dtype}")
+    return np.dtype(_ST_DTYPES[st_dtype])
+
+
+class SafetensorsFile:
+    """Minimal memory-mapped safetensors reader with explicit, actionable errors."""
+
+    def __init__(self, path: str):
+        self.path = path
+        hint = "re-download or re-convert it (bin/convert_rwkv_to_safetensors.py)"
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:
+            raise FileNotFoundError(f"{path}: cannot open safetensors file: {e}") from e
+        if size < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header); {hint}")
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"{path}: corrupt or truncated safetensors file (header length {n}, "
+                                 f"file size {size} bytes); {hint}")
+            try:
+                header = json.loads(f.read(n).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: corrupt safetensors header ({e}); {hint}") from e
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: corrupt safetensors header (not a JSON object); {hint}")
+        self.metadata = header.pop("__metadata__", None)
+        self.header: dict[str, Any] = header
+        self.data_start = 8 + n
+        data_len = size - self.data_start
+        for name, info in header.items():
+            try:
+                begin, end = info["data_offsets"]
+                shape = tuple(int(x) for x in info["shape"])
+                itemsize = _np_dtype(info["dtype"], path, name).itemsize
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}: corrupt header entry for tensor {name!r}: {e}; {hint}") from e
+            if end > data_len or begin > end or (end - begin) != int(np.prod(shape)) * itemsize:
+                raise ValueError(
+                    f"{path}: tensor {name!r} (shape {list(shape)}, {info['dtype']}) lies at bytes "
+                    f"[{begin}, {end}) of a data section of {data_len} bytes: the file is truncated or "
+                    f"corrupt; {hint}")
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        dt = _np_dtype(info["dtype"], self.path, name)
+        raw = self._mm[self.data_start + begin:self.data_start + end]
+        return raw.view(dt).reshape(info["shape"])
+
+
+def _open_checkpoint(model_dir_or_file: str) -> tuple[dict[str, SafetensorsFile], str]:
+    """name -> reader, for a single file, a directory with model.safetensors, or a sharded index."""
+    p = model_dir_or_file
+    if os.path.isdir(p):
+        index = os.path.join(p, "model.safetensors.index.json")
+        single = os.path.join(p, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no 'weight_map' object")
+            readers: dict[str, SafetensorsFile] = {}
+            out: dict[str, SafetensorsFile] = {}
+            for name, shard in weight_map.items():
+                if shard not in readers:
+                    readers[shard] = SafetensorsFile(os.path.join(p, shard))
+                if name not in readers[shard].header:
+                    raise ValueError(f"{index} says tensor {name!r} is in {shard}, but that file does not "
+                                     "contain it; re-download the checkpoint")
+                out[name] = readers[shard]
+            return out, index
+        if os.path.exists(single):
+            p = single
+        elif os.path.exists(os.path.join(p, "pytorch_model.bin")):
+            raise FileNotFoundError(
+                f"{p} has pytorch_model.bin but no model.safetensors; convert it first with "
+                f"`python -m bin.convert_rwkv_to_safetensors --input {p}/pytorch_model.bin --output_dir {p}`")
+        else:
+            raise FileNotFoundError(f"{p}: neither model.safetensors nor model.safetensors.index.json found")
+    r = SafetensorsFile(p)
+    return {k: r for k in r.keys()}, p
+
+
+def load_config(model_dir: str) -> RwkvConfig:
+    """Reads `config.json` and derives the LoRA widths from the checkpoint's weight shapes."""
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found (RWKV-6 checkpoints need an HF config.json; "
+                                "bin/convert_rwkv_to_safetensors.py writes one)")
+    with open(cfg_path) as f:
+        d = json.load(f)
+    tensors, src = _open_checkpoint(model_dir)
+    over = {}
+    for key, field_name, axis, div in (("rwkv.blocks.0.attention.time_maa_w1", "time_mix_extra_dim", 1, 5),
+                                       ("rwkv.blocks.0.attention.time_decay_w1", "time_decay_extra_dim", 1, 1)):
+        if key not in tensors:
+            raise KeyError(f"{src}: missing tensor {key!r}; is this an RWKV-6 (Finch) HF checkpoint?")
+        over[field_name] = int(tensors[key].header[key]["shape"][axis]) // div
+    return RwkvConfig.from_dict(d, **over)
+
+
+def load_params(model_dir: str, cfg: RwkvConfig | None = None,
+                dtype: jnp.dtype = jnp.float32) -> tuple[Params, RwkvConfig]:
+    """Loads HF-format RWKV-6 safetensors (single or sharded; bf16/f16/f32) into a params pytree.
+
+    Returns (params, cfg). Per-layer leaves are stacked: params["blocks"][name] has shape
+    [L, *block_shapes(cfg)[name]]. Matrices keep the HF [out, in] layout. Weights are cast to
+    `dtype`, except time_decay, time_faaaa and ln_x (always f32).
+    """
+    if cfg is None:
+        cfg = load_config(model_dir)
+    tensors, src = _open_checkpoint(model_dir)
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in tensors:
+            raise KeyError(f"{src}: missing tensor {name!r} (expected shape {list(shape)}); the checkpoint "
+                           "is incomplete or not an HF-format RWKV-6 model (convert BlinkDL .pth files with "
+                           "bin/convert_rwkv_to_safetensors.py)")
+        a = tensors[name].get(name)
+        if int(np.prod(a.shape)) != int(np.prod(shape)) or a.reshape(-1).shape[0] == 0 and shape:
+            raise ValueError(f"{tensors[name].path}: tensor {name!r} has shape {list(a.shape)}, expected "
+                             f"{list(shape)} for config hidden={cfg.hidden_size} heads={cfg.num_heads}x"
+                             f"{cfg.head_size} layers={cfg.num_hidden_layers}; config.json and weights "
+                             "disagree")
+        squeezed = tuple(x for x in a.shape if x != 1)
+        if squeezed != tuple(x for x in shape if x != 1):
+            raise ValueError(f"{tensors[name].path}: tensor {name!r} has shape {list(a.shape)}, expected "
+                             f"{list(shape)}; config.json and weights disagree")
+        return a.reshape(shape)
+
+    D, V = cfg.hidden_size, cfg.vocab_size
+
+    def cast(a: np.ndarray, f32: bool = False) -> jax.Array:
+        return jnp.asarray(a.astype(np.float32) if f32 else a, dtype=jnp.float32 if f32 else dtype)
+
+    params: Params = {
+        "embeddings": cast(get("rwkv.embeddings.weight", (V, D))),
+        "pre_ln": {"weight": cast(get("rwkv.blocks.0.pre_ln.weight", (D,))),
+                   "bias": cast(get("rwkv.blocks.0.pre_ln.bias", (D,)))},
+        "ln_out": {"weight": cast(get("rwkv.ln_out.weight", (D,))),
+                   "bias": cast(get("rwkv.ln_out.bias", (D,)))},
+    }
+    if "head.weight" in tensors:
+        params["head"] = cast(get("head.weight", (V, D)))
+    elif cfg.tie_word_embeddings:
+        params["head"] = params["embeddings"]
+    else:
+        get("head.weight", (V, D))  # raises the missing-tensor error
+    blocks = {}
+    for key, shape in block_shapes(cfg).items():
+        f32 = key in F32_BLOCK_KEYS
+        stacked = np.stack([get(f"rwkv.blocks.{i}.{key}", shape) for i in range(cfg.num_hidden_layers)])
+        blocks[key] = cast(stacked, f32)
+    params["blocks"] = blocks
+    extra_layer = f"rwkv.blocks.{cfg.num_hidden_layers}.ln1.weight"
+    if extra_layer in tensors:
+        raise ValueError(f"{src}: checkpoint has more layers than config.json's num_hidden_layers="
+                         f"{cfg.num_hidden_layers}")
+    return params, cfg
+
+
+def load_rwkv6(model_dir: str, dtype: jnp.dtype = jnp.float32) -> tuple[Params, RwkvConfig]:
+    """Convenience: `load_params(model_dir, load_config(model_dir), dtype)`."""
+    return load_params(model_dir, None, dtype)
+
+
+# ============================================================================== state & edits
+@flax.struct.dataclass
+class RwkvState:
+    """Recurrent state, per layer: attn_x [L,D] (last LN1 output), attn_kv [L,H,N,N] f32 (key index
+    first), ffn_x [L,D] (last LN2 output)."""
+
+    attn_x: jax.Array
+    attn_kv: jax.Array
+    ffn_x: jax.Array
+
+
+def zero_state(cfg: RwkvConfig, dtype: jnp.dtype = jnp.float32) -> RwkvState:
+    """All-zero state (what a fresh sequence starts from)."""
+    L, D, H, N = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_heads, cfg.head_size
+    return RwkvState(attn_x=jnp.zeros((L, D), dtype), attn_kv=jnp.zeros((L, H, N, N), jnp.float32),
+                     ffn_x=jnp.zeros((L, D), dtype))
+
+
+@flax.struct.dataclass
+class StateEdit:
+    """RWKV WKV-state intervention (spec §5.4): at (layer l, position t) the update becomes
+    S <- scale[l, t] * k_t v_t^T + diag(d_t) S (1 = normal, 0 = knockout, lambda = steering).
+    The output o_t at t itself is unchanged."""
+
+    scale: jax.Array  # f32[L, T]
+
+
+def _check_edit_args(n_layers: int, seq_len: int, positions, layers) -> tuple[np.ndarray, np.ndarray]:
+    pos = np.asarray(sorted(set(int(p) for p in positions)), dtype=np.int64)
+    if pos.size == 0:
+        raise ValueError("state edit: positions is empty (give at least one token position)")
+    if pos.min() < 0 or pos.max() >= seq_len:
+        raise ValueError(f"state edit: positions {pos.tolist()} out of range for a sequence of "
+                         f"{seq_len} tokens (valid 0..{seq_len - 1})")
+    lay = np.arange(n_layers) if layers is None else np.asarray(sorted(set(int(l) for l in layers)),
+                                                                 dtype=np.int64)
+    if lay.size == 0:
+        raise ValueError("state edit: layers is empty (pass None for all layers)")
+    if lay.min() < 0 or lay.max() >= n_layers:
+        raise ValueError(f"state edit: layers {lay.tolist()} out of range for a model with {n_layers} "
+                         f"layers (valid 0..{n_layers - 1})")
+    return pos, lay
+
+
+def state_steering(n_layers: int, seq_len: int, positions, layers=None, scale: float = 1.0) -> StateEdit:
+    """Scale the kv write at `positions` (token indices) in `layers` (None = all) by `scale` >= 0."""
+    if not np.isfinite(scale) or scale < 0:
+        raise ValueError(f"state steering: scale must be a finite number >= 0, got {scale}")
+    pos, lay = _check_edit_args(n_layers, seq_len, positions, layers)
+    s = np.ones((n_layers, seq_len), np.float32)
+    s[np.ix_(lay, pos)] = scale
+    return StateEdit(scale=jnp.asarray(s))
+
+
+def state_knockout(n_layers: int, seq_len: int, positions, layers=None) -> StateEdit:
+    """Drop the kv write at `positions` in `layers` (None = all): the tokens become invisible to the
+    WKV state of later positions (token shift still leaks to t+1, spec §10.11)."""
+    return state_steering(n_layers, seq_len, positions, layers, 0.0)
+
+
+# ==================================================================================== forward
+def _layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis in f32 (biased variance); returns x.dtype."""
+    xf = x.astype(jnp.float32)
+    mu = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + eps) * w.astype(jnp.float32) + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w[out, in]^T."""
+    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+
+
+def _token_shift(x: jax.Array, prev: jax.Array) -> jax.Array:
+    """[prev, x_0, ..., x_{T-2}] for x [T, D]."""
+    return jnp.concatenate([prev[None, :].astype(x.dtype), x[:-1]], axis=0)
+
+
+def effective_attention_raw(r: jax.Array, k: jax.Array, logw: jax.Array, u: jax.Array,
+                            rows: jax.Array) -> jax.Array:
+    """Un-normalised effective attention alpha_raw, f32 [H, R, T], for query rows `rows` int32[R].
+
+    r, k, logw: f32 [T, H, N] (logw = ln d = -exp(w)); u: f32 [H, N].
+    alpha_raw(t, i) = sum_c r_t[c] k_i[c] exp(P[t] - P[i+1]) for i < t (decays of i+1..t-1),
+    sum_c r_t[c] k_t[c] u[c] for i = t, 0 for i > t; P[n] = sum_{j<n} logw_j.
+    Exact identity: the WKV output (zero initial state) is o_t = sum_i alpha_raw(t, i) v_i.
+    """
+    T = r.shape[0]
+    P = jnp.concatenate([jnp.zeros_like(logw[:1]), jnp.cumsum(logw, axis=0)], axis=0)  # [T+1,H,N]
+    rq = r[rows]  # [R,H,N]
+    src = jnp.arange(T)
+    below = src[None, :] < rows[:, None]  # [R,T]
+    expo = P[rows][:, None] - P[1:][None, :]  # [R,T,H,N], <= 0 where used
+    expo = jnp.where(below[:, :, None, None], expo, -jnp.inf)
+    raw = jnp.einsum("rhc,rthc,thc->hrt", rq, jnp.exp(expo), k)  # [H,R,T]
+    diag = jnp.einsum("rhc,rhc,hc->hr", rq, k[rows], u)  # [H,R]
+    is_diag = src[None, :] == rows[:, None]  # [R,T]
+    return jnp.where(is_diag[None], diag[:, :, None], raw)
+
+
+def _effective_attention(r: jax.Array, k: jax.Array, logw: jax.Array, u: jax.Array,
+                         rows: jax.Array) -> jax.Array:
+    """Spec §1.8 effective attention f32 [H, R, T]: relu(alpha_raw) / (row sum + 1e-10)."""
+    pos = jax.nn.relu(effective_attention_raw(r, k, logw, u, rows))
+    return pos / (jnp.sum(pos, axis=-1, keepdims=True) + 1e-10)
+
+
+def _block(cfg: RwkvConfig, dtype, capture_ea: bool, capture_resid: bool, has_edit: bool,
+           length: jax.Array, rows: jax.Array | None, h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
+    """One RWKV-6 block on h [T, D]; returns (h, (new state parts, captures))."""
+    p, attn_x0, kv0, ffn_x0, scale = xs
+    T = h.shape[0]
+    H, N = cfg.num_heads, cfg.head_size
+    eps = cfg.layer_norm_epsilon
+    tpos = jnp.arange(T)
+    last = jnp.clip(length - 1, 0, T - 1)
+
+    # ---------------------------------------------------------------- time mix
+    x = _layer_norm(h, p["ln1.weight"], p["ln1.bias"], eps)
+    sx = _token_shift(x, attn_x0) - x
+    xxx = x + sx * p["attention.time_maa_x"].astype(dtype)
+    lora = jnp.tanh(xxx @ p["attention.time_maa_w1"].astype(dtype))  # [T, 5W]
+    lora = lora.reshape(T, 5, -1)
+    mix = jnp.einsum("tfw,fwd->ftd", lora, p["attention.time_maa_w2"].astype(dtype))  # [5,T,D]
+    mw, mk, mv, mr, mg = mix[0], mix[1], mix[2], mix[3], mix[4]
+    xw = x + sx * (p["attention.time_maa_w"].astype(dtype) + mw)
+    xk = x + sx * (p["attention.time_maa_k"].astype(dtype) + mk)
+    xv = x + sx * (p["attention.time_maa_v"].astype(dtype) + mv)
+    xr = x + sx * (p["attention.time_maa_r"].astype(dtype) + mr)
+    xg = x + sx * (p["attention.time_maa_g"].astype(dtype) + mg)
+    r = _linear(xr, p["attention.receptance.weight"]).astype(jnp.float32).reshape(T, H, N)
+    k = _linear(xk, p["attention.key.weight"]).astype(jnp.float32).reshape(T, H, N)
+    v = _linear(xv, p["attention.value.weight"]).astype(jnp.float32).reshape(T, H, N)
+    g = jax.nn.silu(_linear(xg, p["attention.gate.weight"]))
+    wlo = jnp.tanh(xw @ p["attention.time_decay_w1"].astype(dtype)) @ p["attention.time_decay_w2"].astype(dtype)
+    w = p["attention.time_decay"] + wlo.astype(jnp.float32)  # [T, A] f32
+    logw = -jnp.exp(w).reshape(T, H, N)  # ln d
+    decay = jnp.exp(logw)
+    u = p["attention.time_faaaa"].astype(jnp.float32)  # [H, N]
+
+    def wkv_step(S, inp):
+        rt, kt, vt, dt, st, t = inp
+        kv = kt[:, :, None] * vt[:, None, :]  # [H, N(key), N(value)]
+        o = jnp.einsum("hi,hij->hj", rt, u[:, :, None] * kv + S)
+        # Always applied (scale 1 when there is no edit) so edited and plain runs share one
+        # program and scale 1 is bit-identical to no edit; scale 0 drops the kv term entirely.
+        kv = jnp.where(st == 0, jnp.zeros_like(kv), st * kv)
+        S_new = kv + dt[:, :, None] * S
+        S_new = jnp.where(t < length, S_new, S)  # freeze on right padding
+        return S_new, o
+
+    kv_final, o = jax.lax.scan(wkv_step, kv0, (r, k, v, decay, scale, tpos))  # o [T,H,N]
+    # GroupNorm per head, f32, eps = layer_norm_epsilon * head_size_divisor**2, no pre-division.
+    mu = jnp.mean(o, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(o - mu), axis=-1, keepdims=True)
+    on = ((o - mu) * jax.lax.rsqrt(var + cfg.group_norm_eps)).reshape(T, H * N)
+    on = on * p["attention.ln_x.weight"] + p["attention.ln_x.bias"]
+    att = _linear(on.astype(dtype) * g, p["attention.output.weight"])
+    h = h + att
+
+    # ---------------------------------------------------------------- channel mix
+    y = _layer_norm(h, p["ln2.weight"], p["ln2.bias"], eps)
+    sy = _token_shift(y, ffn_x0) - y
+    yk = y + sy * p["feed_forward.time_maa_k"].astype(dtype)
+    yr = y + sy * p["feed_forward.time_maa_r"].astype(dtype)
+    kk = jnp.square(jax.nn.relu(_linear(yk, p["feed_forward.key.weight"])))
+    ffn = jax.nn.sigmoid(_linear(yr, p["feed_forward.receptance.weight"])) * _linear(
+        kk, p["feed_forward.value.weight"])
+    h = h + ffn
+
+    ea = _effective_attention(r, k, logw, u, rows) if capture_ea else None
+    return h, ((x[last], kv_final, y[last]), ea, h if capture_resid else None)
+
+
+@partial(jax.jit, static_argnames=("cfg", "capture_effective_attention", "return_state",
+                                   "capture_resid", "dtype"))
+def _forward_jit(params, tokens, cfg, length, state, scale, query_rows, capture_effective_attention,
+                 return_state, capture_resid, dtype):
+    T = tokens.shape[0]
+    L = cfg.num_hidden_layers
+    h = params["embeddings"][tokens].astype(dtype)
+    h = _layer_norm(h, params["pre_ln"]["weight"], params["pre_ln"]["bias"], cfg.layer_norm_epsilon)
+    has_edit = scale is not None
+    if scale is None:
+        scale_xs = jnp.ones((L, T), jnp.float32)
+    else:
+        scale_xs = scale.astype(jnp.float32)
+    rows = query_rows if query_rows is not None else jnp.arange(T, dtype=jnp.int32)
+    body = partial(_block, cfg, dtype, capture_effective_attention, capture_resid, has_edit, length,
+                   rows)
+    xs = (params["blocks"], state.attn_x.astype(dtype), state.attn_kv.astype(jnp.float32),
+          state.ffn_x.astype(dtype), scale_xs)
+    h, ((ax, kv, fx), ea, resid) = jax.lax.scan(body, h, xs)
+    hn = _layer_norm(h, params["ln_out"]["weight"], params["ln_out"]["bias"], cfg.layer_norm_epsilon)
+    logits = jnp.einsum("td,vd->tv", hn, params["head"].astype(dtype)).astype(jnp.float32)
+    out = {"logits": logits}
+    if return_state:
+        out["state"] = RwkvState(attn_x=ax, attn_kv=kv, ffn_x=fx)
+    if capture_effective_attention:
+        out["effective_attention"] = ea
+    if capture_resid:
+        out["resid_post"] = resid
+    return out
+
+
+def forward(params: Params, tokens: jax.Array, cfg: RwkvConfig, *, length: jax.Array | int | None = None,
+            state: RwkvState | None = None, state_edit: StateEdit | None = None,
+            capture_effective_attention: bool = False, query_rows: jax.Array | None = None,
+            return_state: bool = False, capture_resid: bool = False,
+            dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
+    """RWKV-6 forward of one sequence (jit-compiled; `jax.vmap` it for batches).
+
+    Args:
+      tokens: int32[T]. length: number of real tokens (right padding after it), default T.
+      state: initial `RwkvState` (default zeros). state_edit: `StateEdit` with scale f32[L, T].
+      capture_effective_attention: return "effective_attention" f32[L, H, T, T] (or [L, H, R, T]
+        for `query_rows` int32[R]). capture_resid: return "resid_post" [L, T, D] (after each block).
+      return_state: return "state" (`RwkvState` after position length-1).
+      dtype: compute dtype of activations/matmuls (norms and the WKV recurrence are f32).
+    Returns: dict with "logits" f32[T, V] and the requested captures.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 1:
+        raise ValueError(f"forward takes one sequence int32[T], got shape {tokens.shape}; use jax.vmap")
+    T = tokens.shape[0]
+    length = jnp.asarray(T if length is None else length, jnp.int32)
+    if state is None:
+        state = zero_state(cfg, dtype)
+    scale = None if state_edit is None else state_edit.scale
+    if scale is not None and scale.shape != (cfg.num_hidden_layers, T):
+        raise ValueError(f"state_edit.scale has shape {scale.shape}, expected "
+                         f"({cfg.num_hidden_layers}, {T}) = (layers, tokens)")
+    if query_rows is not None:
+        if not capture_effective_attention:
+            raise ValueError("query_rows only makes sense with capture_effective_attention=True")
+        query_rows = jnp.asarray(query_rows, jnp.int32)
+    return _forward_jit(params, tokens, cfg, length, state, scale, query_rows,
+                        capture_effective_attention, return_state, capture_resid, jnp.dtype(dtype))
+
+
+def decode_step(params: Params, token: jax.Array, state: RwkvState, cfg: RwkvConfig,
+                dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, RwkvState]:
+    """One generation step: token int32[] + state -> (logits f32[V], new state)."""
+    out = _forward_jit(params, jnp.reshape(jnp.asarray(token, jnp.int32), (1,)), cfg, jnp.int32(1), state,
+                       None, None, False, True, False, jnp.dtype(dtype))
+    return out["logits"][0], out["state"]
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "dtype"))
+def _generate_jit(params, prompt_ids, cfg, max_new_tokens, scale, temperature, key, stop_token, greedy,
+                  dtype):
+    T = prompt_ids.shape[0]
+    pre = _forward_jit(params, prompt_ids, cfg, jnp.int32(T), zero_state(cfg, dtype), scale, None,
+                       False, True, False, dtype)
+    logits0 = pre["logits"][-1]
+
+    def step(carry, _):
+        logits, state, done, key = carry
+        key, sub = jax.random.split(key)
+        if greedy:
+            tok = jnp.argmax(logits).astype(jnp.int32)
+        else:
+            tok = jax.random.categorical(sub, logits / temperature).astype(jnp.int32)
+        now_done = done | (tok == stop_token)
+        emitted = jnp.where(done, stop_token, tok)
+        out = _forward_jit(params, emitted[None], cfg, jnp.int32(1), state, None, None,
+                           False, True, False, dtype)
+        return (out["logits"][0], out["state"], now_done, key), (emitted, now_done)
+
+    init = (logits0, pre["state"], jnp.bool_(False), key)
+    _, (toks, dones) = jax.lax.scan(step, init, None, length=max_new_tokens)
+    n = jnp.sum(~dones).astype(jnp.int32)
+    return toks, n, logits0
+
+
+def generate(params: Params, cfg: RwkvConfig, prompt_ids, max_new_tokens: int, *,
+             state_edit: StateEdit | None = None, temperature: float = 0.0, key: jax.Array | None = None,
+             stop_token: int = 0, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
+    """Prefill `prompt_ids` int32[T] (with `state_edit` applied, scale [L, T]) then decode.
+
+    temperature 0 = greedy (argmax, ties -> lowest id); otherwise sampling from
+    softmax(logits / temperature) with the explicit PRNG `key` (required).
+    Returns {"tokens": int32[max_new_tokens] (positions at/after the stop token hold stop_token),
+    "num_generated": int (tokens before the stop token), "prompt_logits": f32[V] (last prompt position)}.
+    """
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    if prompt_ids.ndim != 1 or prompt_ids.shape[0] == 0:
+        raise ValueError(f"prompt_ids must be a non-empty int32[T], got shape {prompt_ids.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    greedy = temperature == 0.0
+    if not greedy:
+        if key is None:
+            raise ValueError("sampling with temperature > 0 needs an explicit jax.random key")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if key is None:
+        key = jax.random.PRNGKey(0)
+    scale = None
+    if state_edit is not None:
+        scale = state_edit.scale
+        if scale.shape != (cfg.num_hidden_layers, prompt_ids.shape[0]):
+            raise ValueError(f"state_edit.scale has shape {scale.shape}, expected "
+                             f"({cfg.num_hidden_layers}, {prompt_ids.shape[0]}) = (layers, prompt tokens)")
+    toks, n, lg = _generate_jit(params, prompt_ids, cfg, int(max_new_tokens), scale,
+                                jnp.float32(temperature if not greedy else 1.0), key,
+                                jnp.int32(stop_token), greedy, jnp.dtype(dtype))
+    return {"tokens": toks, "num_generated": n, "prompt_logits": lg}
+
+
+# ================================================================================= conversion
+def blinkdl_to_hf_name(name: str) -> str:
+    """Maps a BlinkDL `.pth` key (e.g. `blocks.3.att.time_maa_x`) to its HF name."""
+    if name == "emb.weight":
+        return "rwkv.embeddings.weight"
+    if name.startswith("ln_out."):
+        return "rwkv." + name
+    if name == "head.weight":
+        return name
+    parts = name.split(".")
+    if parts[0] != "blocks" or len(parts) < 4:
+        raise ValueError(f"unrecognised BlinkDL RWKV-6 tensor name {name!r}")
+    i, sub, rest = parts[1], parts[2], ".".join(parts[3:])
+    if sub == "ln0":
+        return f"rwkv.blocks.{i}.pre_ln.{rest}"
+    if sub in ("ln1", "ln2"):
+        return f"rwkv.blocks.{i}.{sub}.{rest}"
+    if sub == "att":
+        return f"rwkv.blocks.{i}.attention.{rest}"
+    if sub == "ffn":
+        return f"rwkv.blocks.{i}.feed_forward.{rest}"
+    raise ValueError(f"unrecognised BlinkDL RWKV-6 tensor name {name!r}")
+
+
+def config_from_hf_state(tensors: Mapping[str, Any], layer_norm_epsilon: float = 1e-5,
+                         head_size_divisor: int = 8) -> RwkvConfig:
+    """Derives an `RwkvConfig` from HF-named tensor shapes (anything with `.shape`)."""
+    def shape(n: str) -> tuple[int, ...]:
+        if n not in tensors:
+            raise KeyError(f"missing tensor {n!r}: not an RWKV-6 (Finch) checkpoint")
+        return tuple(int(x) for x in tensors[n].shape)
+
+    V, D = shape("rwkv.embeddings.weight")
+    n_layers = 1 + max(int(n.split(".")[2]) for n in tensors if n.startswith("rwkv.blocks."))
+    H, N = shape("rwkv.blocks.0.attention.time_faaaa")
+    A = shape("rwkv.blocks.0.attention.key.weight")[0]
+    I = shape("rwkv.blocks.0.feed_forward.key.weight")[0]
+    W5 = shape("rwkv.blocks.0.attention.time_maa_w1")[1]
+    W2 = shape("rwkv.blocks.0.attention.time_decay_w1")[1]
+    if H * N != A:
+        raise ValueError(f"time_faaaa shape {(H, N)} does not match attention size {A}")
+    return RwkvConfig(hidden_size=D, num_hidden_layers=n_layers, vocab_size=V, head_size=N,
+                      attention_hidden_size=A, intermediate_size=I, layer_norm_epsilon=layer_norm_epsilon,
+                      head_size_divisor=head_size_divisor, tie_word_embeddings="head.weight" not in tensors,
+                      time_mix_extra_dim=W5 // 5, time_decay_extra_dim=W2)
+
+
+def convert_to_hf_safetensors(input_path: str, output_dir: str) -> tuple[str, str]:
+    """Converts an RWKV-6 torch checkpoint to HF-format `model.safetensors` + `config.json`.
+
+    Accepts HF `pytorch_model.bin` (names `rwkv.*`, `head.weight`; an existing `config.json` next to
+    it is copied) or an original BlinkDL `.pth` (names `emb.weight`, `blocks.N.att.*`, ...; renamed,
+    config derived from shapes). Tensor shapes and dtypes are kept. Returns (safetensors, config) paths.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    if not os.path.exists(input_path):
+        raise FileNotFoundError(f"{input_path}: no such checkpoint")
+    try:
+        sd = torch.load(input_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds
+        raise ValueError(f"{input_path}: cannot be read by torch.load ({type(e).__name__}: {e}); is it "
+                         "a complete RWKV-6 .pth / pytorch_model.bin?") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
+        raise ValueError(f"{input_path}: expected a dict of tensors (a state dict)")
+    if "_strategy" in sd:
+        raise ValueError(f"{input_path} was pre-converted by the rwkv package for a strategy; convert the "
+                         "original .pth instead")
+    if "emb.weight" in sd:
+        if not any(".att.time_maa_x" in k for k in sd):
+            raise ValueError(f"{input_path}: BlinkDL checkpoint without att.time_maa_x: not RWKV-6 (Finch)")
+        out = {}
+        for k, v in sd.items():
+            if k.endswith(".att.time_state"):
+                raise ValueError(f"{input_path}: state-tuned checkpoints (att.time_state) are not supported")
+            out[blinkdl_to_hf_name(k)] = v
+        existing_cfg = None
+    elif "rwkv.embeddings.weight" in sd:
+        out = dict(sd)
+        cand = os.path.join(os.path.dirname(os.path.abspath(input_path)), "config.json")
+        existing_cfg = cand if os.path.exists(cand) else None
+    else:
+        raise ValueError(f"{input_path}: neither BlinkDL (emb.weight) nor HF (rwkv.embeddings.weight) "
+                         "RWKV-6 tensor names found")
+    cfg = config_from_hf_state(out)
+    os.makedirs(output_dir, exist_ok=True)
+    st_path = os.path.join(output_dir, "model.safetensors")
+    save_file({k: v.detach().contiguous() for k, v in out.items()}, st_path, metadata={"format": "pt"})
+    cfg_path = os.path.join(output_dir, "config.json")
+    if existing_cfg is not None:
+        if os.path.abspath(existing_cfg) != os.path.abspath(cfg_path):
+            with open(existing_cfg) as f:
+                d = json.load(f)
+            with open(cfg_path, "w") as f:
+                json.dump(d, f, indent=2)
+    else:
+        with open(cfg_path, "w") as f:
+            json.dump(cfg.to_hf_dict(), f, indent=2)
+    return st_path, cfg_path
