@@ -93,6 +93,22 @@ def test_logits_match_rwkv_package_every_position(model, ref_model, tokens, base
     np.testing.assert_allclose(np.asarray(s.ffn_x), fx, atol=1e-5)
 
 
+def test_logits_match_rwkv_package_other_shapes(tmp_path):
+    """head_size 32, 2 layers, small vocab, default LoRA widths (32 / 64), longer sequence."""
+    pytest.importorskip("rwkv")
+    from rwkv.model import RWKV
+
+    d = rwkv_fixtures.write_hf_checkpoint(str(tmp_path), vocab=300, hidden=64, layers=2, head_size=32,
+                                          mix_lora=32, decay_lora=64, seed=5)
+    params, cfg = rwkv6.load_rwkv6(d)
+    assert (cfg.num_heads, cfg.time_mix_extra_dim, cfg.time_decay_extra_dim) == (2, 32, 64)
+    ref_model = RWKV(model=os.path.join(d, "blinkdl", "model.pth"), strategy="cpu fp32", verbose=False)
+    toks = np.random.default_rng(2).integers(0, 300, 40).astype(np.int32)
+    ref, _ = ref_model.forward([int(t) for t in toks], None, full_output=True)
+    got = np.asarray(rwkv6.forward(params, toks, cfg)["logits"])
+    assert np.abs(got - ref.numpy()).max() < 1e-4
+
+
 def test_decode_step_matches_package_one_token_path(model, ref_model, tokens, base):
     params, cfg = model
     state = rwkv6.zero_state(cfg)

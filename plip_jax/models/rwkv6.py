@@ -296,15 +296,11 @@ def load_params(model_dir: str, cfg: RwkvConfig | None = None,
                            "is incomplete or not an HF-format RWKV-6 model (convert BlinkDL .pth files with "
                            "bin/convert_rwkv_to_safetensors.py)")
         a = tensors[name].get(name)
-        if int(np.prod(a.shape)) != int(np.prod(shape)) or a.reshape(-1).shape[0] == 0 and shape:
+        if tuple(x for x in a.shape if x != 1) != tuple(x for x in shape if x != 1):
             raise ValueError(f"{tensors[name].path}: tensor {name!r} has shape {list(a.shape)}, expected "
                              f"{list(shape)} for config hidden={cfg.hidden_size} heads={cfg.num_heads}x"
                              f"{cfg.head_size} layers={cfg.num_hidden_layers}; config.json and weights "
-                             "disagree")
-        squeezed = tuple(x for x in a.shape if x != 1)
-        if squeezed != tuple(x for x in shape if x != 1):
-            raise ValueError(f"{tensors[name].path}: tensor {name!r} has shape {list(a.shape)}, expected "
-                             f"{list(shape)}; config.json and weights disagree")
+                             "disagree (fix config.json or re-convert the checkpoint)")
         return a.reshape(shape)
 
     D, V = cfg.hidden_size, cfg.vocab_size
