@@ -1,0 +1,48 @@
+"""Logit lens: every layer's next-token prediction at the last token of a snippet (one forward).
+
+    python -m bin.logit_lens                                  # bundled plip-tiny-code, PLIP's default snippet
+    python -m bin.logit_lens --code='def add(a, b):' --top_k=10 --detailed --output=outputs/lens.json
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from plip_jax import cli
+from plip_jax.experiments.lens_experiments import DEFAULT_LENS_CODE
+
+cli.define_model_flags()
+flags.DEFINE_string("code", DEFAULT_LENS_CODE, "Code snippet; the lens reads its last token.")
+flags.DEFINE_integer("top_k", 5, "Top-k tokens per layer.")
+flags.DEFINE_bool("detailed", False, "Print every layer's top-k with probabilities (default: top-1 only).")
+flags.DEFINE_string("output", None, "Optional JSON output path.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    platform = cli.select_device(FLAGS.device)
+    from plip_jax.experiments import lens_experiments
+    from plip_jax.models.loading import load_model
+    from plip_jax.provenance import provenance, write_json
+
+    t0 = time.perf_counter()
+    model = load_model(FLAGS.model, FLAGS.dtype)
+    t_load = time.perf_counter() - t0
+    print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, "
+          f"dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}")
+    rep = lens_experiments.logit_lens_experiment(model, FLAGS.code, FLAGS.top_k, FLAGS.rope_mode)
+    t_run = time.perf_counter() - t0 - t_load
+    print(lens_experiments.format_logit_lens(rep, FLAGS.detailed))
+    if FLAGS.output:
+        rep["provenance"] = provenance(model=model, dtype=model.dtype, rope_mode=FLAGS.rope_mode,
+                                       timings={"load_s": t_load, "lens_s": t_run},
+                                       flags={"top_k": FLAGS.top_k, "code": FLAGS.code})
+        print(f"Wrote {write_json(Path(FLAGS.output), rep)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

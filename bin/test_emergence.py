@@ -1,0 +1,46 @@
+"""Test-syntax emergence: for 8 prompts whose natural continuation is test syntax (`#[test]`, `>>>`,
+`assert`, `test_*`), the first layer whose logit-lens top-k contains the target, top-3 at layers
+0, n/3, 2n/3, n-1 and the final top-10. Prompts: `plip_jax.experiments.lens_experiments.EMERGENCE_PROMPTS`.
+
+    python -m bin.test_emergence                           # bundled plip-tiny-code
+    python -m bin.test_emergence --model=bigcode/starcoder2-3b --top_k=100 --output=outputs/emergence.json
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from plip_jax import cli
+
+cli.define_model_flags()
+flags.DEFINE_integer("top_k", 100, "A target counts as present at a layer if one of the top-k tokens matches it.")
+flags.DEFINE_string("output", None, "JSON output (default: outputs/test_emergence_<model>.json).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    platform = cli.select_device(FLAGS.device)
+    from plip_jax.experiments import lens_experiments
+    from plip_jax.models.loading import load_model
+    from plip_jax.provenance import provenance, write_json
+
+    t0 = time.perf_counter()
+    model = load_model(FLAGS.model, FLAGS.dtype)
+    t_load = time.perf_counter() - t0
+    print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, "
+          f"dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}")
+    rep = lens_experiments.test_emergence(model, top_k=FLAGS.top_k, rope_mode=FLAGS.rope_mode)
+    t_run = time.perf_counter() - t0 - t_load
+    print(lens_experiments.format_emergence(rep))
+    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("test_emergence", model.source.slug)
+    rep["provenance"] = provenance(model=model, dtype=model.dtype, rope_mode=FLAGS.rope_mode,
+                                   timings={"load_s": t_load, "emergence_s": t_run}, flags={"top_k": FLAGS.top_k})
+    print(f"Wrote {write_json(out, rep)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,105 @@
+"""Logit lens on the bundled model: the last layer's lens is the model's own output; padding invariance;
+the PLIP-style experiments and their binaries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from plip_jax import lens
+from plip_jax.experiments import lens_experiments as E
+from plip_jax.models.loading import load_model
+from plip_jax.models.transformer import Capture, jit_forward
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+def test_last_layer_lens_equals_model_output(model):
+    text = "fn add(a: i32, b: i32) -> i32 { a + b }\n"
+    ids, _ = lens.encode_with_offsets(model.tokenizer, text)
+    out = jit_forward(model.params, jnp.asarray(ids, jnp.int32), model.cfg,
+                      capture=Capture(logits="last", resid_post="last"))
+    resid = out["resid_post"]
+    assert resid.shape == (model.cfg.num_layers, model.cfg.hidden_size)
+    lens_logits = lens.lens_logits(model.params, resid, model.cfg)
+    assert lens_logits.shape == (model.cfg.num_layers, model.cfg.vocab_size)
+    np.testing.assert_allclose(np.asarray(lens_logits[-1]), np.asarray(out["logits"]), rtol=1e-5, atol=1e-5)
+    # Through the batched lens too: the top-k of the last layer is the top-k of the model's distribution.
+    res = lens.run_logit_lens(model, [text], top_k=5)[0]
+    np.testing.assert_allclose(res.final_logits, np.asarray(out["logits"]), rtol=1e-5, atol=1e-4)
+    p = np.asarray(jax.nn.softmax(out["logits"]))
+    np.testing.assert_array_equal(res.top_ids[-1], np.argsort(-p)[:5])
+    np.testing.assert_allclose(res.top_probs[-1], p[res.top_ids[-1]], rtol=1e-4)
+    assert [t["token_id"] for t in res.final_top] == list(res.top_ids[-1])
+    assert np.all(np.diff(res.top_probs, axis=1) <= 1e-7)  # sorted descending
+
+
+def test_batched_lens_padding_invariant(model):
+    a, b = "def f(x):\n    return", "fn main() {\n    let v = vec![1, 2, 3];\n    for x in v {"
+    both = lens.run_logit_lens(model, [a, b], top_k=4)
+    alone = lens.run_logit_lens(model, [a], top_k=4)[0]
+    np.testing.assert_array_equal(both[0].top_ids, alone.top_ids)
+    np.testing.assert_allclose(both[0].top_probs, alone.top_probs, rtol=1e-4, atol=1e-6)
+
+
+def test_token_matches_rule():
+    assert lens.token_matches(" #[test]", "#[test]")
+    assert lens.token_matches("#[", "#[test]")
+    assert lens.token_matches(" fn", "fn ")
+    assert not lens.token_matches("#", "#[test]")  # single characters are too weak a match
+    assert not lens.token_matches(" let", "fn ")
+
+
+def test_test_emergence_shapes(model):
+    rep = E.test_emergence(model, top_k=20)
+    assert len(rep["prompts"]) == 8 == len(E.EMERGENCE_PROMPTS)
+    n = model.cfg.num_layers
+    assert rep["checkpoint_layers"] == [0, n // 3, 2 * n // 3, n - 1]
+    for r in rep["prompts"]:
+        assert len(r["final_top"]) == 10
+        assert set(r["checkpoints"]) == {str(l) for l in rep["checkpoint_layers"]}
+        assert all(len(v) == 3 for v in r["checkpoints"].values())
+        if r["first_layer"] is not None:
+            assert lens.token_matches(r["first_hit"]["token"], r["target"]) and r["first_hit"]["rank"] <= 20
+    # The bundled model predicts `#[` after a Rust function body and ` test` for a unittest method name.
+    by_id = {r["id"]: r for r in rep["prompts"]}
+    assert by_id["rust_after_fn"]["final_layer_rank"] is not None
+    assert by_id["python_unittest_method"]["final_top"][0]["token"].strip() == "test"
+    json.dumps(rep)
+
+
+def _run_bin(name: str, *args: str, timeout: int = 240) -> str:
+    proc = subprocess.run([sys.executable, "-m", f"bin.{name}", "--device=cpu", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bin_logit_lens(tmp_path):
+    out = tmp_path / "lens.json"
+    stdout = _run_bin("logit_lens", "--detailed", f"--output={out}")
+    assert "First layer whose top-k contains" in stdout and "layer   7:" in stdout
+    rep = json.loads(out.read_text())
+    assert rep["num_layers"] == 8 and len(rep["layers"]) == 8 and len(rep["layers"][0]["top"]) == 5
+    assert set(rep["first_layer"]) == set(lens.PLIP_LENS_PATTERNS)
+    assert "provenance" in rep and rep["provenance"]["model"]["kind"] == "bundled"
+
+
+def test_bin_test_emergence(tmp_path):
+    out = tmp_path / "em.json"
+    stdout = _run_bin("test_emergence", "--top_k=50", f"--output={out}")
+    assert "Found" in stdout
+    rep = json.loads(out.read_text())
+    assert rep["top_k"] == 50 and len(rep["prompts"]) == 8 and "provenance" in rep
