@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
@@ -71,6 +73,9 @@ def test_config_from_checkpoint(model, ckpt):
     assert (cfg.time_mix_extra_dim, cfg.time_decay_extra_dim) == (8, 16)  # from weight shapes
     assert cfg.group_norm_eps == pytest.approx(6.4e-4)
     hash(cfg)
+    assert cfg.num_layers == LAYERS and cfg.pad_token_id == 0
+    lm = rwkv6.load_model(ckpt)
+    assert lm.cfg == cfg and lm.tokenizer.encode("def") == [7334] and len(lm.weight_files) == 1
     with open(os.path.join(ckpt, "config.json")) as f:
         d = json.load(f)
     d["intermediate_size"] = None
@@ -309,11 +314,13 @@ def test_sharded_bf16_and_hf_bin_loading(model, ckpt, tmp_path, tokens):
     torch.save(sd, str(bin_dir / "pytorch_model.bin"))
     shutil.copy(os.path.join(ckpt, "config.json"), bin_dir / "config.json")
     out_dir = tmp_path / "hfbin_out"
-    from absl import flags
-
-    from bin import convert_rwkv_to_safetensors as conv
-    flags.FLAGS(["convert", f"--input={bin_dir / 'pytorch_model.bin'}", f"--output_dir={out_dir}"])
-    conv.main([])
+    # the absl binary, in a subprocess (its flags must not collide with other binaries' flags)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "bin.convert_rwkv_to_safetensors",
+                          f"--input={bin_dir / 'pytorch_model.bin'}", f"--output_dir={out_dir}"],
+                         cwd=repo, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "3 layers" in res.stdout
     pc, cc = rwkv6.load_rwkv6(str(out_dir))
     assert cc == cfg
     for a, b in zip(jax.tree_util.tree_leaves(pc), jax.tree_util.tree_leaves(params)):

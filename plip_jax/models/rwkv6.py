@@ -68,6 +68,29 @@ class RwkvConfig:
         return self.attention_hidden_size // self.head_size
 
     @property
+    def num_layers(self) -> int:
+        """Alias of num_hidden_layers (the name the transformer ModelConfig uses)."""
+        return self.num_hidden_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def pad_token_id(self) -> int:
+        """Right padding uses token 0 (eos); padding never changes real positions' results."""
+        return 0
+
+    @property
+    def eos_token_id(self) -> int:
+        return 0
+
+    @property
+    def max_position_embeddings(self) -> int:
+        """RWKV has no positional limit; a large sentinel for code that checks context length."""
+        return 2 ** 31 - 1
+
+    @property
     def group_norm_eps(self) -> float:
         """eps of the ln_x GroupNorm (6.4e-4 for the released models)."""
         return self.layer_norm_epsilon * self.head_size_divisor ** 2
@@ -337,6 +360,51 @@ def load_params(model_dir: str, cfg: RwkvConfig | None = None,
 def load_rwkv6(model_dir: str, dtype: jnp.dtype = jnp.float32) -> tuple[Params, RwkvConfig]:
     """Convenience: `load_params(model_dir, load_config(model_dir), dtype)`."""
     return load_params(model_dir, None, dtype)
+
+
+@dataclasses.dataclass
+class RwkvLoadedModel:
+    """An RWKV-6 model ready to run (same surface as `plip_jax.models.loading.LoadedModel`)."""
+
+    cfg: RwkvConfig
+    params: Params
+    source: Any  # plip_jax.models.sources.ModelSource
+    weight_files: list
+    dtype: Any
+    _tokenizer: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def tokenizer(self):
+        """`RwkvWorldTokenizer` from the model directory's vocab file, else the bundled copy."""
+        if self._tokenizer is None:
+            from plip_jax.rwkv_tokenizer import RwkvWorldTokenizer
+
+            local = os.path.join(str(self.source.path), "rwkv_vocab_v20230424.txt")
+            self._tokenizer = RwkvWorldTokenizer(local if os.path.exists(local) else None)
+        return self._tokenizer
+
+
+def load_model(model: str | None, dtype: Any = "float32") -> RwkvLoadedModel:
+    """Resolve `model` (directory or Hub id, via `plip_jax.models.sources.resolve_model`) and load it.
+
+    `dtype`: "float32" | "bfloat16" | "float16" (or a jnp dtype) for weights and activations.
+    """
+    from plip_jax.models.sources import resolve_model
+
+    if isinstance(dtype, str):
+        names = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+                 "float16": jnp.float16, "f16": jnp.float16}
+        if dtype.lower() not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        dtype = names[dtype.lower()]
+    source = resolve_model(model)
+    params, cfg = load_params(str(source.path), None, dtype)
+    files = sorted({r.path for r in _open_checkpoint(str(source.path))[0].values()})
+    return RwkvLoadedModel(cfg=cfg, params=params, source=source, weight_files=files, dtype=dtype)
 
 
 # ============================================================================== state & edits
