@@ -128,14 +128,21 @@ class LoadedModel:
 
     cfg: ModelConfig
     params: Params
-    tokenizer: Any
     source: ModelSource
     weight_files: list
     dtype: Any
+    _tokenizer: Any = None
 
     @property
     def name(self) -> str:
         return self.source.name
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on first use (weights-only directories work without one)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.source.path)
+        return self._tokenizer
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -160,5 +167,4 @@ def load_model(model: Optional[str] = None, dtype: Any = "float32") -> LoadedMod
     cfg = config_from_hf(raw, source=str(source.path / "config.json"))
     files = weight_files(source.path)
     params = load_params(WeightStore(files), cfg, dtype)
-    return LoadedModel(cfg=cfg, params=params, tokenizer=load_tokenizer(source.path), source=source,
-                       weight_files=files, dtype=dtype)
+    return LoadedModel(cfg=cfg, params=params, source=source, weight_files=files, dtype=dtype)

@@ -1,0 +1,132 @@
+"""Each transformer family against HF transformers (eager attention, fp32) on the same random weights."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from plip_jax.models.loading import load_model
+from plip_jax.models.transformer import Capture, batched_forward, jit_forward
+from tests.hf_fixtures import FAMILIES, build_hf_model, hf_outputs, save_hf_model
+
+LOGIT_TOL = 1e-4
+PROB_TOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tmp_path_factory):
+    family = request.param
+    hf = build_hf_model(family)
+    path = save_hf_model(hf, tmp_path_factory.mktemp(family))
+    return family, hf, load_model(str(path))
+
+
+def test_logits_and_every_layer_attention_match_hf(family_model):
+    family, hf, model = family_model
+    tokens = np.random.RandomState(1).randint(0, model.cfg.vocab_size, size=(1, 23))
+    ref_logits, ref_attn = hf_outputs(hf, tokens)
+    out = jit_forward(model.params, jnp.asarray(tokens[0]), model.cfg,
+                      capture=Capture(logits="all", attn_probs=True))
+    chex.assert_shape(out["logits"], (23, model.cfg.vocab_size))
+    chex.assert_shape(out["attn_probs"], (model.cfg.num_layers, model.cfg.num_heads, 23, 23))
+    assert np.abs(np.asarray(out["logits"]) - ref_logits[0]).max() <= LOGIT_TOL
+    for layer, ref in enumerate(ref_attn):
+        err = np.abs(np.asarray(out["attn_probs"][layer]) - ref[0]).max()
+        assert err <= PROB_TOL, f"{family} layer {layer}: attention error {err}"
+
+
+def test_padded_batch_equals_one_at_a_time(family_model):
+    family, _, model = family_model
+    rng = np.random.RandomState(2)
+    lengths = np.array([9, 17, 5], np.int32)
+    tokens = np.zeros((3, 24), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.randint(0, model.cfg.vocab_size, size=n)
+        tokens[i, n:] = rng.randint(0, model.cfg.vocab_size, size=24 - n)  # garbage padding must not matter
+    rows = np.asarray([[n - 1] for n in lengths], np.int32)
+    cap = Capture(logits="last", attn_rows=True, resid_post="last")
+    batched = batched_forward(model.params, jnp.asarray(tokens), model.cfg, jnp.asarray(lengths), None, cap,
+                              jnp.asarray(rows))
+    chex.assert_shape(batched["logits"], (3, model.cfg.vocab_size))
+    chex.assert_shape(batched["attn_rows"], (3, model.cfg.num_layers, model.cfg.num_heads, 1, 24))
+    chex.assert_shape(batched["resid_post"], (3, model.cfg.num_layers, model.cfg.hidden_size))
+    for i, n in enumerate(lengths):
+        single = jit_forward(model.params, jnp.asarray(tokens[i, :n]), model.cfg, capture=cap,
+                             query_rows=jnp.asarray(rows[i]))
+        np.testing.assert_allclose(batched["logits"][i], single["logits"], atol=1e-5)
+        np.testing.assert_allclose(batched["attn_rows"][i][..., :n], single["attn_rows"], atol=1e-6)
+        assert float(jnp.abs(batched["attn_rows"][i][..., n:]).max()) == 0.0  # no mass on padding
+        np.testing.assert_allclose(batched["resid_post"][i], single["resid_post"], atol=1e-4)
+
+
+def test_vmap_of_jit_keeps_shapes(family_model):
+    _, _, model = family_model
+    toks = jnp.zeros((2, 8), jnp.int32)
+    fn = jax.vmap(lambda t: jit_forward(model.params, t, model.cfg, capture=Capture(logits="all")))
+    out = fn(toks)
+    chex.assert_shape(out["logits"], (2, 8, model.cfg.vocab_size))
+    chex.assert_tree_all_finite(out)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "gemma"])
+def test_sharded_bf16_checkpoint_loads_and_matches_hf(family, tmp_path):
+    import torch
+
+    hf = build_hf_model(family, seed=3)
+    save_hf_model(hf, tmp_path, dtype=torch.bfloat16, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    # HF's own fp32 reading of the same bf16 checkpoint (RoPE buffers recomputed, not bf16-rounded)
+    import transformers
+
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    model = load_model(str(tmp_path), "float32")
+    tokens = np.random.RandomState(4).randint(0, model.cfg.vocab_size, size=(1, 12))
+    ref_logits, _ = hf_outputs(ref_model, tokens)
+    out = jit_forward(model.params, jnp.asarray(tokens[0]), model.cfg, capture=Capture(logits="all"))
+    assert np.abs(np.asarray(out["logits"]) - ref_logits[0]).max() <= LOGIT_TOL
+
+
+def test_bf16_compute_is_close_to_fp32(family_model):
+    family, _, model = family_model
+    params16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), model.params)
+    tokens = jnp.asarray(np.random.RandomState(5).randint(0, model.cfg.vocab_size, size=16))
+    a = jit_forward(model.params, tokens, model.cfg, capture=Capture(logits="all"))["logits"]
+    b = jit_forward(params16, tokens, model.cfg, capture=Capture(logits="all"))["logits"]
+    assert b.dtype == jnp.float32
+    pa, pb = jax.nn.softmax(a), jax.nn.softmax(b)
+    assert float(jnp.abs(pa - pb).max()) < 0.05
+
+
+def test_sliding_window_matches_hf(tmp_path):
+    hf = build_hf_model("starcoder2", seed=6, sliding_window=5)
+    save_hf_model(hf, tmp_path)
+    model = load_model(str(tmp_path))
+    assert set(model.cfg.layer_windows) == {5}
+    tokens = np.random.RandomState(7).randint(0, model.cfg.vocab_size, size=(1, 14))
+    ref_logits, ref_attn = hf_outputs(hf, tokens)
+    out = jit_forward(model.params, jnp.asarray(tokens[0]), model.cfg, capture=Capture(logits="all", attn_probs=True))
+    assert np.abs(np.asarray(out["logits"]) - ref_logits[0]).max() <= LOGIT_TOL
+    assert np.abs(np.asarray(out["attn_probs"][0]) - ref_attn[0][0]).max() <= PROB_TOL
+    assert float(out["attn_probs"][0][:, 10, :5].max()) == 0.0  # keys outside the window get nothing
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+])
+def test_rope_scaling_kinds_match_hf(scaling, tmp_path):
+    params = {"rope_theta": 10000.0, **scaling}
+    hf = build_hf_model("llama", seed=8, rope_parameters=params)
+    save_hf_model(hf, tmp_path)
+    model = load_model(str(tmp_path))
+    assert model.cfg.rope.rope_type == scaling["rope_type"]
+    tokens = np.random.RandomState(9).randint(0, model.cfg.vocab_size, size=(1, 40))
+    ref_logits, _ = hf_outputs(hf, tokens)
+    out = jit_forward(model.params, jnp.asarray(tokens[0]), model.cfg, capture=Capture(logits="all"))
+    assert np.abs(np.asarray(out["logits"]) - ref_logits[0]).max() <= LOGIT_TOL
