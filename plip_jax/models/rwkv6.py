@@ -496,17 +496,19 @@ def effective_attention_raw(r: jax.Array, k: jax.Array, logw: jax.Array, u: jax.
     sum_c r_t[c] k_t[c] u[c] for i = t, 0 for i > t; P[n] = sum_{j<n} logw_j.
     Exact identity: the WKV output (zero initial state) is o_t = sum_i alpha_raw(t, i) v_i.
     """
+    r, k, logw, u, rows = (jnp.asarray(a) for a in (r, k, logw, u, rows))
     T = r.shape[0]
     P = jnp.concatenate([jnp.zeros_like(logw[:1]), jnp.cumsum(logw, axis=0)], axis=0)  # [T+1,H,N]
-    rq = r[rows]  # [R,H,N]
     src = jnp.arange(T)
-    below = src[None, :] < rows[:, None]  # [R,T]
-    expo = P[rows][:, None] - P[1:][None, :]  # [R,T,H,N], <= 0 where used
-    expo = jnp.where(below[:, :, None, None], expo, -jnp.inf)
-    raw = jnp.einsum("rhc,rthc,thc->hrt", rq, jnp.exp(expo), k)  # [H,R,T]
-    diag = jnp.einsum("rhc,rhc,hc->hr", rq, k[rows], u)  # [H,R]
-    is_diag = src[None, :] == rows[:, None]  # [R,T]
-    return jnp.where(is_diag[None], diag[:, :, None], raw)
+
+    def one_row(t):  # -> [H, T]; memory O(T*H*N) per row instead of O(R*T*H*N)
+        expo = jnp.where((src < t)[:, None, None], P[t][None] - P[1:], -jnp.inf)  # [T,H,N], <= 0
+        raw = jnp.einsum("hc,thc,thc->ht", r[t], jnp.exp(expo), k)
+        diag = jnp.einsum("hc,hc,hc->h", r[t], k[t], u)
+        return jnp.where((src == t)[None, :], diag[:, None], raw)
+
+    rows_out = jax.lax.map(one_row, rows, batch_size=min(int(rows.shape[0]), 16))  # [R,H,T]
+    return jnp.transpose(rows_out, (1, 0, 2))
 
 
 def _effective_attention(r: jax.Array, k: jax.Array, logw: jax.Array, u: jax.Array,
@@ -516,7 +518,7 @@ def _effective_attention(r: jax.Array, k: jax.Array, logw: jax.Array, u: jax.Arr
     return pos / (jnp.sum(pos, axis=-1, keepdims=True) + 1e-10)
 
 
-def _block(cfg: RwkvConfig, dtype, capture_ea: bool, capture_resid: bool, has_edit: bool,
+def _block(cfg: RwkvConfig, dtype, capture_ea: bool, capture_resid: bool,
            length: jax.Array, rows: jax.Array | None, h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
     """One RWKV-6 block on h [T, D]; returns (h, (new state parts, captures))."""
     p, attn_x0, kv0, ffn_x0, scale = xs
@@ -591,13 +593,12 @@ def _forward_jit(params, tokens, cfg, length, state, scale, query_rows, capture_
     L = cfg.num_hidden_layers
     h = params["embeddings"][tokens].astype(dtype)
     h = _layer_norm(h, params["pre_ln"]["weight"], params["pre_ln"]["bias"], cfg.layer_norm_epsilon)
-    has_edit = scale is not None
     if scale is None:
         scale_xs = jnp.ones((L, T), jnp.float32)
     else:
         scale_xs = scale.astype(jnp.float32)
     rows = query_rows if query_rows is not None else jnp.arange(T, dtype=jnp.int32)
-    body = partial(_block, cfg, dtype, capture_effective_attention, capture_resid, has_edit, length,
+    body = partial(_block, cfg, dtype, capture_effective_attention, capture_resid, length,
                    rows)
     xs = (params["blocks"], state.attn_x.astype(dtype), state.attn_kv.astype(jnp.float32),
           state.ffn_x.astype(dtype), scale_xs)
