@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -300,10 +300,20 @@ def sample_token(logits: jnp.ndarray, key, temperature, top_p, greedy: bool) -> 
 # --------------------------------------------------------------------------- the jitted generation
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache_size", "greedy", "rope_mode", "iv_batched"))
+_STEP_HOOK: dict = {"fn": None}
+
+
+def _report_step(step, active) -> None:
+    fn = _STEP_HOOK["fn"]
+    if fn is not None:
+        fn(int(step), int(active))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache_size", "greedy", "rope_mode", "iv_batched",
+                                             "progress"))
 def _generate_jit(params, tokens, lengths, stop_ids, key, sample_ids, temperature, top_p, interventions, *,
                   cfg: ModelConfig, max_new_tokens: int, cache_size: int, greedy: bool, rope_mode: str,
-                  iv_batched: bool):
+                  iv_batched: bool, progress: bool = False):
     b, t = tokens.shape
     dtype = params["embed"].dtype
     shape = (cfg.num_layers, cache_size, cfg.num_kv_heads, cfg.head_dim)
@@ -354,6 +364,8 @@ def _generate_jit(params, tokens, lengths, stop_ids, key, sample_ids, temperatur
         done, n, out, stop = record(done, n, out, tok)
         stopped = stopped | (stop & ~was_done)
         last_tok = jnp.where(was_done, last_tok, tok)
+        if progress:
+            jax.debug.callback(_report_step, i + 1, jnp.sum(~done))
         return i + 1, cache, last_tok, done, n, out, stopped
 
     state = (jnp.int32(1), cache, tok, done, n, out, stopped)
@@ -366,7 +378,8 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
              sample_ids: Optional[Sequence[int]] = None, stop_ids: Sequence[int] = (),
              interventions: Optional[ivs.Interventions] = None, batched_interventions: bool = False,
              rope_mode: str = "hf", cache_size: Optional[int] = None, pad_id: int = 0,
-             ids: Optional[Sequence[str]] = None) -> GenerationResult:
+             ids: Optional[Sequence[str]] = None,
+             on_step: Optional[Callable[[int, int], None]] = None) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after each prompt (token id lists of any lengths), batched.
 
     interventions: one `Interventions` for every sequence, or (batched_interventions=True) leaves with a
@@ -375,6 +388,8 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     key / sample_ids: PRNG key (default PRNGKey(0)) and per-sequence stream ids (default 0..B-1) for
     sampling; give two sequences the same id to make them draw the same random numbers.
     stop_ids: token ids that end a sequence (not included in its output).
+    on_step: called on the host as on_step(tokens_done, sequences_still_running) after each decode step
+    (progress display; compiled as a `jax.debug.callback`).
     Returns a GenerationResult (host numpy arrays).
     """
     if not len(prompts):
@@ -403,11 +418,16 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
         raise GenerationError(f"sample_ids needs one id per prompt ({len(prompts)}), got shape {sids.shape}")
     stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], np.int32)
     key = jax.random.PRNGKey(0) if key is None else key
-    out, n, stopped = _generate_jit(
-        params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(stops), key, jnp.asarray(sids, jnp.int32),
-        jnp.float32(sampling.temperature if not sampling.greedy else 1.0), jnp.float32(sampling.top_p), iv,
-        cfg=cfg, max_new_tokens=int(max_new_tokens), cache_size=size, greedy=sampling.greedy, rope_mode=rope_mode,
-        iv_batched=bool(batched_interventions and iv is not None))
+    _STEP_HOOK["fn"] = on_step
+    try:
+        out, n, stopped = _generate_jit(
+            params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(stops), key, jnp.asarray(sids, jnp.int32),
+            jnp.float32(sampling.temperature if not sampling.greedy else 1.0), jnp.float32(sampling.top_p), iv,
+            cfg=cfg, max_new_tokens=int(max_new_tokens), cache_size=size, greedy=sampling.greedy, rope_mode=rope_mode,
+            iv_batched=bool(batched_interventions and iv is not None), progress=on_step is not None)
+        out, n, stopped = jax.block_until_ready((out, n, stopped))
+    finally:
+        _STEP_HOOK["fn"] = None
     out, n, stopped = np.array(out), np.array(n), np.array(stopped)
     for b in range(out.shape[0]):
         out[b, n[b]:] = pad_id
