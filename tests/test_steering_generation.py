@@ -1,0 +1,92 @@
+"""Steering-generation experiment on the bundled model (few prompts, few tokens)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plip_jax import generation as gen
+from plip_jax.corpus import load_generation_prompts
+from plip_jax.experiments import steering_generation as sg
+from plip_jax.models.loading import load_model
+
+REFERENCE = Path("/work/shared/reference/n50_scale_3.0.json")
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return load_generation_prompts()[:2]
+
+
+def test_prepare_prompt_positions(model, prompts):
+    p = sg.prepare_prompt(model.tokenizer, prompts[0], sg.SteeringGenerationConfig())
+    tok = model.tokenizer
+    assert "#" in tok.decode([p.ids[p.marker_index]])
+    assert p.fn_name == "add"
+    names = [tok.decode([p.ids[i]]) for i in p.target_indices if i != p.marker_index]
+    assert names and all("add" in n for n in names)
+    assert p.plip_target_index > p.marker_index  # PLIP's target lies after the marker: a future edge
+
+
+def test_interventions_default_and_plip_compat(model, prompts):
+    cfg = sg.SteeringGenerationConfig()
+    p = sg.prepare_prompt(model.tokenizer, prompts[0], cfg)
+    size = gen.cache_size_for([len(p.ids)], 8, model.cfg)
+    iv, why = sg.build_intervention(p, size, 5, cfg, model.cfg.num_layers, model.cfg.num_heads)
+    assert why is None
+    e = np.asarray(iv.scale.edges)
+    assert not np.triu(e, 1).any()  # never a future edge
+    rows, cols = np.nonzero(e)
+    assert rows.min() == p.marker_index + 1 and set(cols) <= set(p.target_indices)
+    assert e[size - 1, p.target_indices].all()  # the last generated row sees every target
+    assert np.asarray(iv.scale.layers).tolist() == [i == 5 for i in range(model.cfg.num_layers)]
+    compat = sg.SteeringGenerationConfig(plip_compat=True)
+    iv, why = sg.build_intervention(p, size, 5, compat, model.cfg.num_layers, model.cfg.num_heads)
+    assert iv is None and "causally masked" in why
+
+
+def test_run_fields_and_baseline_equals_plain_generation(model, prompts):
+    cfg = sg.SteeringGenerationConfig(max_tokens=MAX_TOKENS, scale=8.0)
+    res = sg.run_steering_generation(model, prompts, cfg)
+    if REFERENCE.is_file():
+        ref = json.loads(REFERENCE.read_text())
+        assert set(ref) <= set(res)
+        assert set(ref["summary"]) <= set(res["summary"])
+        assert set(ref["samples"][0]) <= set(res["samples"][0])
+        assert set(next(iter(ref["by_category"].values()))) <= set(res["by_category"]["arithmetic"])
+    assert res["intervention_is_noop"] is False and res["layer"] == 2 * model.cfg.num_layers // 3
+    assert res["summary"]["total"] == 2 and set(res["mcnemar"]) == {"plip_detector", "strict"}
+    mc = res["mcnemar"]["plip_detector"]
+    assert mc["gained"] + mc["lost"] + mc["kept"] + mc["none"] == 2
+    # the baseline arm (same intervention structure, no edge) equals plain generation without intervention
+    ids = [sg.prepare_prompt(model.tokenizer, p, cfg).ids for p in prompts]
+    plain = gen.generate(model.params, model.cfg, ids, max_new_tokens=MAX_TOKENS,
+                         stop_ids=gen.stop_token_ids(model.tokenizer, model.source.path, model.cfg))
+    for s, seq in zip(res["samples"], plain.sequences()):
+        assert s["baseline_output"] == gen.decode(model.tokenizer, seq)
+        assert s["baseline_tokens"] == len(seq)
+
+
+def test_scale_one_is_identity_and_plip_compat_is_noop(model, prompts):
+    one = sg.run_steering_generation(model, prompts, sg.SteeringGenerationConfig(max_tokens=MAX_TOKENS, scale=1.0))
+    assert all(s["outputs_identical"] for s in one["samples"])
+    compat = sg.run_steering_generation(model, prompts, sg.SteeringGenerationConfig(max_tokens=MAX_TOKENS,
+                                                                                    plip_compat=True))
+    assert compat["intervention_is_noop"] is True and compat["intervention"]["noop_reason"]
+    assert all(s["outputs_identical"] and s["change"] in ("KEPT", "NONE") for s in compat["samples"])
+    assert "NO-OP" in sg.format_report(compat)
+
+
+def test_fixed_prompts_are_plip_shaped():
+    for p in sg.FIXED_PROMPTS:
+        assert "/// #[test]" in p.prompt and p.prompt.rstrip().endswith("{")
+        assert p.prompt.rfind("fn ") > p.prompt.find("#[test]")
