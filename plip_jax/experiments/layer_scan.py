@@ -76,6 +76,7 @@ def resolve_layer_range(n_layers: int, start: Optional[int], end: Optional[int])
 
 def layer_statistics(layer: int, py: np.ndarray, rs: np.ndarray) -> LayerStat:
     """Group means, sample SDs, Welch's t (scipy exact p) and PLIP's ratio for one layer."""
+    py, rs = np.asarray(py, np.float64), np.asarray(rs, np.float64)
     w = stats.welch_t_test(py, rs)
     pm, rm = float(np.mean(py)), float(np.mean(rs))
     psd = float(np.std(py, ddof=1)) if len(py) > 1 else 0.0

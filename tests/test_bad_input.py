@@ -1,0 +1,140 @@
+"""Each bad input gets a clear error naming the thing and the fix (never a NaN or a wrong number)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from plip_jax.corpus import CorpusError, load_universal_corpus
+from plip_jax.experiments.layer_scan import resolve_layer_range, run_layer_scan
+from plip_jax.models.config import UnsupportedModelError, config_from_hf
+from plip_jax.models.loading import load_model
+from plip_jax.models.registry import load_any_model
+from plip_jax.models.safetensors_io import CorruptWeightsError
+from plip_jax.models.sources import BUNDLED_MODEL_DIR, ModelNotFoundError, resolve_model
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(BUNDLED_MODEL_DIR, dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    return dst
+
+
+def test_truncated_shard(model_copy):
+    shard = model_copy / "model-00002-of-00003.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptWeightsError, match=r"model-00002-of-00003.safetensors.*re-download"):
+        load_model(str(model_copy))
+
+
+def test_garbage_header(model_copy):
+    shard = model_copy / "model-00001-of-00003.safetensors"
+    shard.write_bytes(struct.pack("<Q", 20) + b"{not json at all}!!!" + b"\0" * 64)
+    with pytest.raises(CorruptWeightsError, match="header is not valid JSON"):
+        load_model(str(model_copy))
+
+
+def test_missing_tensor(model_copy, tmp_path):
+    from safetensors.numpy import save_file
+
+    from plip_jax.models.safetensors_io import SafetensorsFile
+
+    shard = model_copy / "model-00003-of-00003.safetensors"
+    f = SafetensorsFile(shard)
+    kept = {n: np.asarray(f.get(n)).astype(np.float32) for n in f.names() if "model.norm.weight" not in n}
+    save_file(kept, str(shard))
+    with pytest.raises(KeyError, match=r"model.norm.weight.*missing"):
+        load_model(str(model_copy))
+
+
+def test_missing_shard(model_copy):
+    (model_copy / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing.*re-download"):
+        load_model(str(model_copy))
+
+
+def test_wrong_shape_against_config(model_copy):
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg["intermediate_size"] = 1000
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"has shape .* config.json implies"):
+        load_model(str(model_copy))
+
+
+def test_unknown_model_type_lists_supported(model_copy):
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"'mamba'.*qwen2, starcoder2, gemma, llama, phi3, rwkv6"):
+        load_any_model(str(model_copy))
+    with pytest.raises(UnsupportedModelError, match="Supported model types"):
+        config_from_hf(cfg)
+
+
+def test_unknown_model_source():
+    with pytest.raises(ModelNotFoundError, match="not a Hub id"):
+        resolve_model("./no/such/dir")
+
+
+def test_hub_id_not_cached_and_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match=r"not in the HuggingFace cache.*huggingface-cli download"):
+        resolve_model("nobody/nothing-here")
+
+
+def _write_corpus(tmp_path, mutate):
+    raw = json.loads((load_universal_corpus().path).read_text())
+    mutate(raw)
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(raw))
+    return p
+
+
+def test_marker_not_at_its_position(tmp_path):
+    p = _write_corpus(tmp_path, lambda r: r["python_doctest"][0].__setitem__("marker_char_pos", 5))
+    with pytest.raises(CorpusError, match=r"py_simple_add.*'>>>' is not at marker_char_pos 5.*first occurs at 27"):
+        load_universal_corpus(p)
+
+
+def test_target_outside_code(tmp_path):
+    p = _write_corpus(tmp_path, lambda r: r["rust_test"][1]["target_char_positions"].append(10_000))
+    with pytest.raises(CorpusError, match="outside the code"):
+        load_universal_corpus(p)
+
+
+def test_duplicate_ids(tmp_path):
+    p = _write_corpus(tmp_path, lambda r: r["rust_test"][1].__setitem__("id", r["rust_test"][0]["id"]))
+    with pytest.raises(CorpusError, match="duplicate id"):
+        load_universal_corpus(p)
+
+
+def test_layer_range_out_of_bounds():
+    with pytest.raises(ValueError, match=r"out of bounds: the model has 8 layers \(valid 0..7\)"):
+        resolve_layer_range(8, 2, 8)
+    with pytest.raises(ValueError, match="is after"):
+        resolve_layer_range(8, 5, 3)
+    assert resolve_layer_range(8, None, None) == [2, 3, 4, 5, 6, 7]
+
+
+def test_empty_group(tmp_path, bundled_model):
+    p = _write_corpus(tmp_path, lambda r: r.__setitem__("rust_test", []))
+    with pytest.raises(CorpusError, match="group 'rust_test' has no usable sample"):
+        run_layer_scan(bundled_model, load_universal_corpus(p))
+
+
+def test_sample_longer_than_context(tmp_path, bundled_model):
+    def grow(r):
+        r["rust_test"][0]["code"] += "\n// padding" * 2000
+
+    p = _write_corpus(tmp_path, grow)
+    with pytest.raises(ValueError, match=r"context of 2048 tokens: rust_simple_add \(\d+ tokens\)"):
+        run_layer_scan(bundled_model, load_universal_corpus(p))
