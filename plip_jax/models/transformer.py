@@ -162,6 +162,49 @@ def _rope_tables(cfg: ModelConfig, positions, n_tokens_hint: int, rope_mode: str
 # --------------------------------------------------------------------------- the forward
 
 
+def make_context(params, cfg: ModelConfig, n_tokens: int, *, length=None, positions=None, kv_cache=None,
+                 rope_mode: str = "hf") -> _Ctx:
+    """Positions, RoPE tables and key validity for a forward over `n_tokens` new tokens."""
+    if positions is None:
+        positions = jnp.arange(n_tokens, dtype=jnp.int32)
+    length = jnp.asarray(n_tokens if length is None else length, jnp.int32)
+    if kv_cache is None:
+        k_pos, k_valid, n_keys = positions, jnp.arange(n_tokens) < length, n_tokens
+    else:
+        n_keys = kv_cache["k"].shape[1]
+        k_pos = jnp.arange(n_keys, dtype=jnp.int32)
+        k_valid = jnp.ones((n_keys,), bool)  # the causal mask already hides slots after the query
+    cos, sin = _rope_tables(cfg, positions, n_keys, rope_mode, params["embed"].dtype)
+    return _Ctx(q_pos=positions, k_pos=k_pos, k_valid=k_valid, cos=cos, sin=sin, rope_mode=rope_mode)
+
+
+def layer_windows(cfg: ModelConfig) -> jnp.ndarray:
+    """int32 [L]: each layer's sliding window (a huge value for full causal attention)."""
+    return jnp.asarray([w if w else NO_WINDOW for w in cfg.layer_windows], jnp.int32)
+
+
+def apply_block(h, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv=None, cache=None):
+    """One decoder block on h [T, D] with layer params `lp` (one layer's slice), the intervention applied
+    as at `layer`. Returns (h_out [T, D], attention probs [H, Tq, Tk] f32, new (k, v) cache or None)."""
+    a, probs, new_cache = attention(norm(h, lp["attn_norm"], cfg), lp, layer, window, cfg, ctx, iv, cache)
+    h = h + a.astype(h.dtype)
+    h = h + mlp(norm(h, lp["mlp_norm"], cfg), lp, cfg).astype(h.dtype)
+    return ivs.edit_residual(h, iv, layer, ctx.q_pos), probs, new_cache
+
+
+def layer_slice(params, layer: int) -> dict:
+    """One layer's params (static index) from the stacked `params["layers"]`."""
+    return jax.tree_util.tree_map(lambda x: x[layer], params["layers"])
+
+
+def final_logits(params, h, cfg: ModelConfig, last=None):
+    """Final norm + unembedding: logits f32 [V] at row `last` of h [T, D], or [T, V] when last is None."""
+    hidden = norm(h, params["final_norm"], cfg)
+    if last is None:
+        return unembed(params, hidden, cfg)
+    return unembed(params, jax.lax.dynamic_index_in_dim(hidden, last, 0, keepdims=False), cfg)
+
+
 def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Optional[ivs.Interventions] = None,
             capture: Capture = Capture(), query_rows=None, rope_mode: str = "hf", positions=None, kv_cache=None,
             ) -> dict:
@@ -175,31 +218,13 @@ def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Opt
     also "kv_cache".
     """
     t = tokens.shape[0]
-    if positions is None:
-        positions = jnp.arange(t, dtype=jnp.int32)
+    ctx = make_context(params, cfg, t, length=length, positions=positions, kv_cache=kv_cache, rope_mode=rope_mode)
     length = jnp.asarray(t if length is None else length, jnp.int32)
-    if kv_cache is None:
-        k_pos = positions
-        k_valid = jnp.arange(t) < length
-        n_keys_hint = t
-    else:
-        s = kv_cache["k"].shape[1]
-        k_pos = jnp.arange(s, dtype=jnp.int32)
-        k_valid = jnp.ones((s,), bool)  # causal mask already hides slots after the query
-        n_keys_hint = s
-    dtype = params["embed"].dtype
-    cos, sin = _rope_tables(cfg, positions, n_keys_hint, rope_mode, dtype)
-    ctx = _Ctx(q_pos=positions, k_pos=k_pos, k_valid=k_valid, cos=cos, sin=sin, rope_mode=rope_mode)
-    windows = jnp.asarray([w if w else NO_WINDOW for w in cfg.layer_windows], jnp.int32)
     last = length - 1 if kv_cache is None else t - 1
 
     def block(h, xs):
         lp, layer, window, cache = xs
-        a, probs, new_cache = attention(norm(h, lp["attn_norm"], cfg), lp, layer, window, cfg, ctx, interventions,
-                                        None if cache is None else (cache[0], cache[1]))
-        h = h + a.astype(h.dtype)
-        h = h + mlp(norm(h, lp["mlp_norm"], cfg), lp, cfg).astype(h.dtype)
-        h = ivs.edit_residual(h, interventions, layer, positions)
+        h, probs, new_cache = apply_block(h, lp, layer, window, cfg, ctx, interventions, cache)
         ys = {}
         if capture.attn_rows:
             ys["attn_rows"] = jnp.take(probs, query_rows, axis=1)
@@ -215,7 +240,7 @@ def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Opt
 
     cache_xs = None if kv_cache is None else (kv_cache["k"], kv_cache["v"])
     h, ys = jax.lax.scan(block, embed(params, tokens, cfg),
-                         (params["layers"], jnp.arange(cfg.num_layers), windows, cache_xs))
+                         (params["layers"], jnp.arange(cfg.num_layers), layer_windows(cfg), cache_xs))
     out = {k: v for k, v in ys.items() if k != "kv"}
     if "kv" in ys:
         out["kv_cache"] = {"k": ys["kv"][0], "v": ys["kv"][1]}
