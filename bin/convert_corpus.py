@@ -1,7 +1,7 @@
 """Convert a legacy token-position corpus (`corpus/attention_samples.json`) to the universal v2.0 format
 with character positions derived from the code (spec 3.3), and report what could not be converted.
 
-    python -m bin.convert_corpus --input=corpus/attention_samples.json --output=outputs/universal.json
+    python -m bin.convert_corpus        # corpus/attention_samples.json -> outputs/attention_samples_universal_converted.json
     python -m bin.convert_corpus --input=... --output=... --compare=corpus/attention_samples_universal.json --verbose
 
 Rules (PLIP-rs `convert_corpus`):
@@ -164,8 +164,9 @@ def compare_universal(converted: dict, reference: Path) -> list[dict]:
 
 def define_flags() -> None:
     """Flags are defined only when run as a program, so tests can import the helpers above."""
-    flags.DEFINE_string("input", None, "Legacy corpus JSON (token positions).")
-    flags.DEFINE_string("output", None, "Universal v2.0 corpus JSON to write.")
+    flags.DEFINE_string("input", "corpus/attention_samples.json", "Legacy corpus JSON (token positions).")
+    flags.DEFINE_string("output", "outputs/attention_samples_universal_converted.json",
+                        "Universal v2.0 corpus JSON to write.")
     flags.DEFINE_string("report", None, "Conversion report JSON (default: <output stem>_report.json).")
     flags.DEFINE_string("compare", None, "Optional universal corpus to compare positions with (e.g. the shipped one).")
     flags.DEFINE_bool("verbose", False, "Print every sample's positions.")
