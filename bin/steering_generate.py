@@ -72,7 +72,13 @@ def run_binary(prompts, experiment: str, corpus_path=None) -> None:
             sys.stderr.flush()
 
     progress("compiling prefill + decode loop ...")
-    result = sg.run_steering_generation(model, prompts, cfg, experiment=experiment, on_progress=progress)
+    from plip_jax.generation import GenerationError
+    from plip_jax.interventions import InterventionError
+
+    try:
+        result = sg.run_steering_generation(model, prompts, cfg, experiment=experiment, on_progress=progress)
+    except (GenerationError, InterventionError) as e:
+        raise SystemExit(f"\nerror: {e}") from None
     sys.stderr.write("\n")
     print(sg.format_report(result, FLAGS.show_outputs))
     flag_values = {k: getattr(FLAGS, k) for k in ("model", "dtype", "rope_mode", "layer", "scale", "max_tokens",

@@ -235,7 +235,7 @@ def steer_generated_rows(cache_size: int, prompt_length: int, key_columns: Seque
                                                              heads=head_m, value=jnp.float32(value)))
 
 
-def _fit_edges(kind, size: int, batched: bool):
+def _fit_edges(kind, size: int):
     if kind is None:
         return None
     e = kind.edges
@@ -248,7 +248,7 @@ def _fit_edges(kind, size: int, batched: bool):
     return kind.replace(edges=jnp.pad(e, pad))
 
 
-def fit_interventions(iv: Optional[ivs.Interventions], size: int, batched: bool = False) -> Optional[ivs.Interventions]:
+def fit_interventions(iv: Optional[ivs.Interventions], size: int) -> Optional[ivs.Interventions]:
     """Pad every edge matrix of `iv` with False to [.., size, size] (edges over absolute positions;
     rows past the matrix would otherwise be clipped to its last row). Residual edits must already
     cover `size` positions."""
@@ -260,8 +260,8 @@ def fit_interventions(iv: Optional[ivs.Interventions], size: int, batched: bool 
                                   f"pass cache_size={kind.edges.shape[-1]}")
     if iv.residual is not None and iv.residual.where.shape[-1] != size:
         raise GenerationError(f"residual edit covers {iv.residual.where.shape[-1]} positions, the cache has {size}")
-    return ivs.Interventions(knockout=_fit_edges(iv.knockout, size, batched), scale=_fit_edges(iv.scale, size, batched),
-                             set_value=_fit_edges(iv.set_value, size, batched), residual=iv.residual)
+    return ivs.Interventions(knockout=_fit_edges(iv.knockout, size), scale=_fit_edges(iv.scale, size),
+                             set_value=_fit_edges(iv.set_value, size), residual=iv.residual)
 
 
 def stack_interventions(items: Sequence[ivs.Interventions]) -> ivs.Interventions:
@@ -407,7 +407,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
         tokens[i, : len(p)] = p
     if tokens.max() >= cfg.vocab_size or tokens.min() < 0:
         raise GenerationError(f"token ids must lie in 0..{cfg.vocab_size - 1} (model vocabulary)")
-    iv = fit_interventions(interventions, size, batched_interventions)
+    iv = fit_interventions(interventions, size)
     if iv is not None and batched_interventions:
         leading = {x.shape[0] for x in jax.tree_util.tree_leaves(iv)}
         if leading != {len(prompts)}:

@@ -170,6 +170,10 @@ def test_bundled_stop_tokens_and_templates():
         gen.format_prompt(m.tokenizer, "fn f() {", chat=True)
     text = gen.format_prompt(m.tokenizer, "fn f() {", chat=True, template="plip", model_type="qwen2")
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    m.tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+    text = gen.format_prompt(m.tokenizer, "fn f() {", chat=True, system="S")
+    assert text == "<system>S\n<user>fn f() {\n<assistant>"
     ids = gen.encode(m.tokenizer, "fn add(a: i32) -> i32 {")
     out = gen.generate(m.params, m.cfg, [ids], max_new_tokens=4, stop_ids=(0,))
     assert 0 < out.n_generated[0] <= 4 and isinstance(gen.decode(m.tokenizer, out.sequences()[0]), str)
