@@ -387,6 +387,14 @@ class RwkvLoadedModel:
             self._tokenizer = RwkvWorldTokenizer(local if os.path.exists(local) else None)
         return self._tokenizer
 
+    @property
+    def marker_metric_fn(self):
+        """PLIP's marker->targets metric on the effective attention, for `attention_metric` / layer scans
+        (`plip_jax.experiments.rwkv_metric.rwkv_marker_metric` with this model's dtype)."""
+        from plip_jax.experiments.rwkv_metric import metric_fn_for
+
+        return metric_fn_for(self.dtype)
+
 
 def load_model(model: str | None, dtype: Any = "float32") -> RwkvLoadedModel:
     """Resolve `model` (directory or Hub id, via `plip_jax.models.sources.resolve_model`) and load it.

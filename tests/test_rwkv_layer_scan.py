@@ -1,0 +1,88 @@
+"""Layer scan on RWKV-6 via effective attention: library metric vs the full matrix, binary end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plip_jax.experiments.attention_metric import marker_target_attention
+from plip_jax.experiments.layer_scan import run_layer_scan, tokenize_groups
+from plip_jax.models import rwkv6
+from tests import rwkv_fixtures
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT.parent / "shared" / "reference" / "layer_scan_universal_RWKV_v6_Finch_1B6_HF.json"
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def rwkv_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("rwkv6_scan"))
+    rwkv_fixtures.write_hf_checkpoint(d, vocab=65536, hidden=32, layers=LAYERS, head_size=16,
+                                      mix_lora=4, decay_lora=8, intermediate=64, seed=3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def rwkv_model(rwkv_dir):
+    return rwkv6.load_model(rwkv_dir)
+
+
+def _direct_metric(model, sample) -> np.ndarray:
+    """[L] from the full [L, H, T, T] effective attention of one unpadded sample."""
+    out = rwkv6.forward(model.params, np.asarray(sample.token_ids, np.int32), model.cfg,
+                        capture_effective_attention=True)
+    ea = np.asarray(out["effective_attention"])  # [L, H, T, T]
+    T = ea.shape[-1]
+    row = ea[:, :, sample.marker_token, :].mean(axis=1)  # [L, T]
+    targets = [t for t in sample.target_tokens if t < T]
+    return np.mean([row[:, t] for t in targets], axis=0)
+
+
+def test_rwkv_metric_equals_full_effective_attention(rwkv_model, universal_corpus):
+    assert hasattr(rwkv_model, "marker_metric_fn")
+    usable, _ = tokenize_groups(rwkv_model.tokenizer, universal_corpus)
+    picked = [usable[0], usable[-1], usable[3]]  # python and rust, different lengths -> padding
+    got = marker_target_attention(rwkv_model, picked)
+    assert got.shape == (3, LAYERS)
+    for i, s in enumerate(picked):
+        np.testing.assert_allclose(got[i], _direct_metric(rwkv_model, s), rtol=1e-5, atol=1e-7)
+    assert np.all((got >= 0) & (got <= 1))
+
+
+def test_run_layer_scan_on_rwkv(rwkv_model, universal_corpus):
+    res = run_layer_scan(rwkv_model, universal_corpus, start_layer=0)
+    assert res.scanned_layers == list(range(LAYERS)) and res.n_layers == LAYERS
+    py = np.array([s["values"] for s in res.samples if s["group"] == "python_doctest"])
+    rs = np.array([s["values"] for s in res.samples if s["group"] == "rust_test"])
+    assert py.shape[1] == LAYERS and len(py) >= 8 and len(rs) >= 8
+    for j, row in enumerate(res.results):
+        assert row.python_mean == pytest.approx(py[:, j].mean(), rel=1e-9)
+        assert row.rust_mean == pytest.approx(rs[:, j].mean(), rel=1e-9)
+    # one sample checked against the full matrix through the scan path (batched with all others)
+    s0 = tokenize_groups(rwkv_model.tokenizer, universal_corpus)[0][0]
+    np.testing.assert_allclose(py[0], _direct_metric(rwkv_model, s0), rtol=1e-5, atol=1e-7)
+
+
+def test_layer_scan_binary_on_rwkv(rwkv_dir, tmp_path):
+    out = tmp_path / "scan.json"
+    proc = subprocess.run([sys.executable, "-m", "bin.layer_scan", "--device=cpu", f"--model={rwkv_dir}",
+                           f"--output={out}", "--start_layer=0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Best Layer" in proc.stdout
+    got = json.loads(out.read_text())
+    assert got["n_layers"] == LAYERS and got["scanned_layers"] == list(range(LAYERS))
+    expected = {"model", "corpus_format", "n_layers", "scanned_layers", "best_layer", "best_p_value",
+                "position_conversion_stats", "results"}
+    if REFERENCE.is_file():
+        expected = set(json.loads(REFERENCE.read_text()))
+        ref_row = set(json.loads(REFERENCE.read_text())["results"][0])
+        assert ref_row <= set(got["results"][0])
+    assert expected <= set(got)
+    assert got["provenance"]["model"]["kind"] == "local"
