@@ -61,21 +61,24 @@ _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt",
 def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    from plip_jax.hf_cache import hub_cache_dir
+
+    cache = hub_cache_dir()  # read from the environment now, not when huggingface_hub was imported
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_WEIGHT_PATTERNS, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=_WEIGHT_PATTERNS, local_files_only=True,
+                                      cache_dir=cache))
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         offline_error: Optional[Exception] = RuntimeError("HF_HUB_OFFLINE=1")
     else:
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=_WEIGHT_PATTERNS))
+            return Path(snapshot_download(repo_id, allow_patterns=_WEIGHT_PATTERNS, cache_dir=cache))
         except Exception as e:  # network refused, gated repo, unknown id...
             offline_error = e
-    from huggingface_hub import constants
 
     raise ModelNotFoundError(
-        f"model {repo_id!r} is not in the HuggingFace cache ({constants.HF_HUB_CACHE}) and could not be "
+        f"model {repo_id!r} is not in the HuggingFace cache ({cache}) and could not be "
         f"downloaded ({type(offline_error).__name__}: {str(offline_error)[:200]}). Fix: on a machine with "
         f"network run `huggingface-cli download {repo_id}` (or set HF_HOME/HF_HUB_CACHE to a cache that has it), "
         f"or pass a local directory with --model."

@@ -1,0 +1,142 @@
+"""Attention knockout: does removing the marker's attention to the function's tokens change predictions?
+
+    python -m bin.ablation_experiment                         # single layer (heuristic), bundled model
+    python -m bin.ablation_experiment --scan_layers --plot    # every layer, every sample, shared prefix
+    python -m bin.ablation_experiment --layer_start=1 --layer_end=3
+    python -m bin.ablation_experiment --scan_windows --window_center=2 --max_radius=3
+    python -m bin.ablation_experiment --slide_window=3
+
+Dispatch order as PLIP-rs: scan_layers -> slide_window -> scan_windows -> explicit window -> single layer.
+KL(baseline || knocked) is in nats at the last real position, from logits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from plip_jax import cli
+
+cli.define_model_flags()
+flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")
+flags.DEFINE_string("output", None, "JSON output (default: outputs/ablation_<mode>_<model>.json).")
+flags.DEFINE_integer("layer", None, "Single layer to knock out (default: PLIP's heuristic, n//2 for small models).")
+flags.DEFINE_integer("layer_start", None, "Window start (with --layer_end).")
+flags.DEFINE_integer("layer_end", None, "Window end, inclusive.")
+flags.DEFINE_bool("scan_layers", False, "Knock out each layer in turn, for all samples.")
+flags.DEFINE_bool("scan_windows", False, "Windows of growing radius around --window_center.")
+flags.DEFINE_integer("window_center", None, "Centre of --scan_windows (default: the target layer).")
+flags.DEFINE_integer("max_radius", 5, "Largest radius of --scan_windows.")
+flags.DEFINE_integer("slide_window", None, "Slide a window of this many layers over the model.")
+flags.DEFINE_bool("all_edges", False, "Knock out every later row -> marker column (marker invisible to later tokens).")
+flags.DEFINE_list("heads", None, "Query heads to knock out (default: all).")
+flags.DEFINE_bool("include_baselines", False, "Also run the baseline groups (marker-like syntax without tests).")
+flags.DEFINE_integer("control_seed", 0, "Seed of the random-edge control (negative: no control).")
+flags.DEFINE_bool("plot", False, "Write a PNG next to the JSON.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cli.select_device(FLAGS.device)
+    from plip_jax.corpus import default_corpus_path, load_universal_corpus
+    from plip_jax.experiments import knockout, plots
+    from plip_jax.models.registry import load_any_model
+    from plip_jax.provenance import provenance, write_json
+
+    t0 = time.perf_counter()
+    corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
+    corpus = load_universal_corpus(corpus_path)
+    model = load_any_model(FLAGS.model, FLAGS.dtype)
+    n = model.cfg.num_layers
+    heads = [int(h) for h in FLAGS.heads] if FLAGS.heads else None
+    target = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(n)
+    common = dict(heads=heads, all_edges=FLAGS.all_edges, rope_mode=FLAGS.rope_mode)
+    if FLAGS.scan_layers:
+        mode = "scan_layers"
+        result = knockout.run_layer_scan_knockout(model, corpus, **common)
+        print(knockout_table_scan(result))
+    elif FLAGS.slide_window or FLAGS.scan_windows:
+        if FLAGS.slide_window:
+            mode, windows = "slide_window", knockout.sliding_windows(FLAGS.slide_window, n)
+        else:
+            center = FLAGS.window_center if FLAGS.window_center is not None else target
+            mode, windows = "scan_windows", knockout.radius_windows(center, FLAGS.max_radius, n)
+        result = knockout.run_window_sweep(model, corpus, windows, **common)
+        print(knockout_table_windows(result))
+    else:
+        if FLAGS.layer_start is not None or FLAGS.layer_end is not None:
+            if FLAGS.layer_start is None or FLAGS.layer_end is None:
+                raise app.UsageError("--layer_start and --layer_end go together")
+            if FLAGS.layer_start > FLAGS.layer_end:
+                raise app.UsageError(f"--layer_start={FLAGS.layer_start} is after --layer_end={FLAGS.layer_end}")
+            mode, layers = "window", list(range(FLAGS.layer_start, FLAGS.layer_end + 1))
+        else:
+            mode, layers = "layer", [target]
+        result = knockout.run_knockout(model, corpus, layers=layers, include_baselines=FLAGS.include_baselines,
+                                       control_seed=None if FLAGS.control_seed < 0 else FLAGS.control_seed, **common)
+        print(knockout_table_single(result))
+    suffix = {"layer": f"layer{target}", "window": f"layers{FLAGS.layer_start}_{FLAGS.layer_end}"}.get(mode, mode)
+    out = Path(FLAGS.output) if FLAGS.output else cli.default_output(f"ablation_{suffix}", model.source.slug)
+    result["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype,
+                                      rope_mode=FLAGS.rope_mode, timings={"wall_s": time.perf_counter() - t0},
+                                      flags={"mode": mode, "heads": heads, "all_edges": FLAGS.all_edges})
+    write_json(out, result)
+    print(f"Wrote {out}")
+    if FLAGS.plot:
+        png = plots.plot_knockout(result, out.with_suffix(".png"))
+        print(f"Wrote {png}")
+
+
+def _fmt_stats(s):
+    return "n/a" if not s else f"{s['mean_kl']:.3e} ± {s['std_kl']:.1e} (n={s['n_samples']})"
+
+
+def knockout_table_single(r: dict) -> str:
+    where = f"layer {r['layer']}" if "layer" in r else f"layers {r['layer_start']}..{r['layer_end']}"
+    lines = [f"Knockout at {where} ({r['edge_set']}), KL(baseline || knocked) in nats at the last token:",
+             f"{'sample':<28} {'KL':>11} {'control KL':>11} top-1 kept"]
+    for s in r["sample_results"]:
+        ctl = s.get("control_kl_divergence")
+        lines.append(f"{s['id']:<28} {s['kl_divergence']:>11.3e} {'' if ctl is None else f'{ctl:.3e}':>11} "
+                     f"{'yes' if s['top1_agreement'] else 'NO'}")
+    lines += [f"Python: {_fmt_stats(r['python_stats'])}", f"Rust:   {_fmt_stats(r['rust_stats'])}",
+              f"Welch t = {r['welch_t_statistic']:.3f}, df = {r['welch_df']:.2f}, p = {r['welch_p_value']:.4g}"
+              f"{' (significant)' if r['significant_difference'] else ''}"]
+    for lang in ("python", "rust"):
+        c = r.get("random_edge_control", {}).get(lang)
+        if c:
+            lines.append(f"{lang} knockout vs random-edge control: mean ΔKL = {c['mean_diff']:.3e}, paired t p = "
+                         f"{c['t_p_value']:.4g}, Wilcoxon p = {c['wilcoxon_p_value']:.4g}")
+    for s in r.get("skipped_samples", []):
+        lines.append(f"skipped {s['id']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def knockout_table_scan(r: dict) -> str:
+    lines = [f"{'layer':>5} {'Python KL':>11} {'Rust KL':>11} {'ratio':>8} {'p':>9}"]
+    for p in r["per_layer"]:
+        py, rs = p["python_stats"], p["rust_stats"]
+        ratio = py["mean_kl"] / max(rs["mean_kl"], 1e-10) if py and rs else float("nan")
+        lines.append(f"{p['layer']:>5} {py['mean_kl']:>11.3e} {rs['mean_kl']:>11.3e} {ratio:>8.2f} "
+                     f"{p['welch_p_value']:>9.3g}")
+    for lang in ("python", "rust"):
+        top = sorted(r["per_layer"], key=lambda p: -p[f"{lang}_stats"]["mean_kl"])[:5]
+        lines.append(f"Top-5 layers by {lang} KL: " + ", ".join(f"L{p['layer']}" for p in top))
+    return "\n".join(lines)
+
+
+def knockout_table_windows(r: dict) -> str:
+    lines = [f"{'window':>9} {'Python KL':>11} {'Rust KL':>11} {'ratio':>8} {'p':>9}"]
+    for w in r["windows"]:
+        lines.append(f"{w['layer_start']:>4}..{w['layer_end']:<3} {w['python_stats']['mean_kl']:>11.3e} "
+                     f"{w['rust_stats']['mean_kl']:>11.3e} {w['ratio']:>8.2f} {w['welch_p_value']:>9.3g}")
+    peak = max(r["windows"], key=lambda w: w["ratio"])
+    lines.append(f"Largest Python/Rust ratio: {peak['ratio']:.2f} at layers {peak['layer_start']}..{peak['layer_end']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,107 @@
+"""Batched causal runs shared by the knockout and steering experiments.
+
+Everything here is one jitted computation over a right-padded batch of samples (and, for sweeps, over a
+stacked axis of interventions): no Python loop of forwards. Outputs stay small: last-position logits
+[.., V] and the per-sample next-token NLL, never [T, V] logits on the host.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plip_jax import interventions as ivs
+from plip_jax import metrics
+from plip_jax.models.config import ModelConfig
+from plip_jax.models import transformer as tr
+
+
+def _one(params, tokens, length, iv, cfg, rope_mode, marker):
+    cap = tr.Capture(logits="all", attn_rows=marker is not None)
+    rows = None if marker is None else marker[None]
+    out = tr.forward(params, tokens, cfg, length=length, interventions=iv, capture=cap, query_rows=rows,
+                     rope_mode=rope_mode)
+    logits = out["logits"]
+    res = {"last": jax.lax.dynamic_index_in_dim(logits, length - 1, 0, keepdims=False),
+           "nll": metrics.sequence_nll(logits, tokens, length)}
+    if marker is not None:
+        res["marker_rows"] = out["attn_rows"][:, :, 0, :]  # [L, H, T]
+    return res
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rope_mode"))
+def run_batch(params, tokens, lengths, iv, cfg: ModelConfig, rope_mode: str = "hf", markers=None):
+    """tokens [B, T], lengths [B], iv: per-sample Interventions (leading B) or None.
+    Returns {"last": [B, V] f32 logits at the last real token, "nll": [B] mean next-token NLL (nats),
+    "marker_rows"?: [B, L, H, T] attention rows of `markers` [B] when given}."""
+    return jax.vmap(lambda t, n, i, m: _one(params, t, n, i, cfg, rope_mode, m))(tokens, lengths, iv, markers)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rope_mode"))
+def run_sweep(params, tokens, lengths, iv, cfg: ModelConfig, rope_mode: str = "hf", markers=None):
+    """Like `run_batch` with an extra leading sweep axis S on every leaf of `iv` ([S, B, ...]): one
+    vmapped computation over sweep points x samples. Returns arrays with leading [S, B]."""
+    per_batch = lambda i: jax.vmap(lambda t, n, ii, m: _one(params, t, n, ii, cfg, rope_mode, m))(
+        tokens, lengths, i, markers)
+    return jax.vmap(per_batch)(iv)
+
+
+def _layer_knockout_scan_one(params, tokens, length, edges, heads, cfg: ModelConfig, rope_mode: str):
+    """Baseline plus one single-layer knockout per layer for ONE sequence, sharing the baseline prefix:
+    the run knocked at layer k reuses the baseline residual stream up to k, so the cost is
+    sum_j (j + 2) blocks ~ L^2/2 instead of L^2 for L separate forwards.
+    Returns last logits [L + 1, V] (row 0 = baseline, row k + 1 = knocked at layer k) and NLL [L + 1]."""
+    L = cfg.num_layers
+    t = tokens.shape[0]
+    ctx = tr.make_context(params, cfg, t, length=length, rope_mode=rope_mode)
+    windows = tr.layer_windows(cfg)
+    streams = tr.embed(params, tokens, cfg)[None]  # [1, T, D]: the baseline
+    for j in range(L):
+        lp = tr.layer_slice(params, j)
+        streams = jnp.concatenate([streams, streams[:1]], axis=0)  # new run knocked at j starts from baseline
+        n = streams.shape[0]
+        active = jnp.zeros((n,), bool).at[n - 1].set(True)
+        layer_on = active[:, None] & (jnp.arange(L) == j)[None, :]
+        iv = ivs.Interventions(knockout=ivs.AttentionKnockout(
+            edges=jnp.broadcast_to(edges, (n,) + edges.shape), layers=layer_on,
+            heads=jnp.broadcast_to(heads, (n,) + heads.shape)))
+        streams = jax.vmap(lambda h, i: tr.apply_block(h, lp, j, windows[j], cfg, ctx, i)[0])(streams, iv)
+    logits = jax.vmap(lambda h: tr.final_logits(params, h, cfg))(streams)  # [L+1, T, V]
+    last = logits[:, length - 1]
+    nll = jax.vmap(lambda lg: metrics.sequence_nll(lg, tokens, length))(logits)
+    return last, nll
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rope_mode"))
+def layer_knockout_scan(params, tokens, lengths, edges, heads, cfg: ModelConfig, rope_mode: str = "hf"):
+    """Per-layer knockout scan of a batch: tokens [B, T], lengths [B], edges bool [B, T, T], heads bool [B, H].
+    Returns {"last": [B, L + 1, V], "nll": [B, L + 1]} (index 0 = baseline, k + 1 = knockout at layer k)."""
+    last, nll = jax.vmap(lambda t, n, e, h: _layer_knockout_scan_one(params, t, n, e, h, cfg, rope_mode))(
+        tokens, lengths, edges, heads)
+    return {"last": last, "nll": nll}
+
+
+def stack_interventions(items: list) -> Optional[ivs.Interventions]:
+    """Stack per-sample (or per-dose) intervention pytrees along a new leading axis."""
+    if not items:
+        return None
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *items)
+
+
+def kl_and_effects(base_last, other_last, base_nll, other_nll):
+    """Per-sample effect metrics on device: KL(base || other) nats, top-1 agreement, logit diff of the
+    baseline's top-1 token (base - other), and the change of mean next-token NLL (other - base)."""
+    top = jnp.argmax(base_last, axis=-1)
+    kl = metrics.kl_divergence(base_last, other_last)
+    agree = jnp.argmax(other_last, axis=-1) == top
+    diff = jnp.take_along_axis(base_last, top[..., None], -1)[..., 0] - jnp.take_along_axis(other_last, top[..., None], -1)[..., 0]
+    return {"kl": kl, "top1_agree": agree, "logit_diff_top1": diff, "top1_token": top,
+            "delta_nll": other_nll - base_nll}
+
+
+def to_numpy(tree):
+    return jax.tree_util.tree_map(np.asarray, tree)
