@@ -1,0 +1,55 @@
+"""Attention patterns (PLIP-rs `attention_patterns`): on a Rust `#[test]` snippet and a Python doctest
+snippet, the top-5 tokens attended (head-mean row) by the `#[test]`/`#[`, `assert`, `>>>` and `def` tokens.
+
+    python -m bin.attention_patterns                     # layers 0, s, 2s, ... (s = n_layers // 6)
+    python -m bin.attention_patterns --layers=4 --plot   # first 4 layers, plus a heatmap PNG
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from plip_jax import cli
+
+cli.define_model_flags()
+flags.DEFINE_integer("layers", None, "Analyse the first N layers (default: 0, s, 2s, ... with s = n_layers // 6).")
+flags.DEFINE_integer("top_k", 5, "Attended tokens listed per query token and layer.")
+flags.DEFINE_string("output", None, "JSON output (default: outputs/attention_patterns_<model>.json).")
+flags.DEFINE_bool("plot", False, "Also write a heatmap PNG of the marker rows' head-mean attention across layers.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    platform = cli.select_device(FLAGS.device)
+    from plip_jax.experiments import attention_analysis as aa
+    from plip_jax.models.registry import load_any_model
+    from plip_jax.provenance import provenance, write_json
+
+    t0 = time.perf_counter()
+    model = load_any_model(FLAGS.model, FLAGS.dtype)
+    t1 = time.perf_counter()
+    print(f"Model: {model.name} on {platform}, dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}")
+    layers = aa.default_pattern_layers(model.cfg.num_layers, FLAGS.layers)
+    result = aa.run_attention_patterns(model, layers, top_k=FLAGS.top_k, rope_mode=FLAGS.rope_mode)
+    t2 = time.perf_counter()
+    for sn in result["snippets"]:
+        print(f"\n{sn['name']} code:\n{sn['code']}")
+    print()
+    print(aa.format_attention_patterns(result))
+    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("attention_patterns", model.source.slug)
+    payload = dict(result)
+    payload["provenance"] = provenance(model=model, dtype=model.dtype, rope_mode=FLAGS.rope_mode,
+                                       timings={"load_s": t1 - t0, "analysis_s": t2 - t1},
+                                       flags={"layers": FLAGS.layers, "top_k": FLAGS.top_k})
+    write_json(out, payload)
+    print(f"\nWrote {out}")
+    if FLAGS.plot:
+        print(f"Wrote {aa.plot_attention_patterns(result, out.with_suffix('.png'))}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,67 @@
+"""Statistical attention (PLIP-rs `statistical_attention`): marker -> target attention at one layer for the
+four groups of the legacy corpus, Welch's t-tests and PLIP's H1/H2/H3 verdicts.
+
+The legacy corpus stores token positions made for the Qwen2.5 tokenizer. By default they are re-derived
+from the code as character positions (spec 3.3) and re-tokenised with the model's tokenizer (the report
+says how many changed); `--use_legacy_token_positions` keeps them only if every marker token holds its marker.
+
+    python -m bin.statistical_attention                  # bundled plip-tiny-code, last layer
+    python -m bin.statistical_attention --model=Qwen/Qwen2.5-Coder-7B-Instruct --layer=16 --plot
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from plip_jax import cli
+
+cli.define_model_flags()
+flags.DEFINE_string("corpus", None, "Legacy token-position corpus (default: corpus/attention_samples.json).")
+flags.DEFINE_string("output", None, "JSON output (default: outputs/statistical_attention_<model>.json).")
+flags.DEFINE_integer("layer", None, "Layer to analyse (default: the last layer).")
+flags.DEFINE_bool("use_legacy_token_positions", False, "Use the corpus's stored token positions (valid only for "
+                  "the tokenizer they were made for; checked) instead of converting char positions from the code.")
+flags.DEFINE_bool("plot", False, "Also write a PNG of per-sample values per group next to the JSON.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    platform = cli.select_device(FLAGS.device)
+    from plip_jax.corpus import default_corpus_path, load_legacy_corpus
+    from plip_jax.experiments import attention_analysis as aa
+    from plip_jax.models.registry import load_any_model
+    from plip_jax.provenance import provenance, write_json
+
+    t0 = time.perf_counter()
+    corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path("attention_samples.json")
+    samples = load_legacy_corpus(corpus_path)
+    model = load_any_model(FLAGS.model, FLAGS.dtype)
+    t_load = time.perf_counter() - t0
+    print(f"Model: {model.name} ({model.cfg.num_layers} layers) on {platform}, dtype {FLAGS.dtype}, "
+          f"rope_mode {FLAGS.rope_mode}")
+    print(f"Corpus: {corpus_path} ({len(samples)} samples)")
+    try:
+        result = aa.run_statistical_attention(model, samples, layer=FLAGS.layer,
+                                              use_legacy_token_positions=FLAGS.use_legacy_token_positions,
+                                              rope_mode=FLAGS.rope_mode)
+    except aa.LegacyPositionError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(aa.format_statistical_attention(result))
+    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("statistical_attention", model.source.slug)
+    payload = result.to_json()
+    payload["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype,
+                                       rope_mode=FLAGS.rope_mode, timings={"load_s": t_load, **result.timings},
+                                       flags={"layer": result.layer,
+                                              "use_legacy_token_positions": FLAGS.use_legacy_token_positions})
+    write_json(out, payload)
+    print(f"Wrote {out}")
+    if FLAGS.plot:
+        print(f"Wrote {aa.plot_statistical_attention(result, out.with_suffix('.png'))}")
+
+
+if __name__ == "__main__":
+    app.run(main)
