@@ -193,3 +193,23 @@ def test_verify_positions_universal_binary(tmp_path):
     assert rep["total_samples"] == 30 and rep["failed_conversions"] == 0
     assert {"id", "category", "marker_conversion", "target_conversions", "overall_status"} == set(rep["samples"][0])
     assert "30/30 successful" in proc.stdout
+
+
+def test_head_mean_rows_rwkv6_padded_batch_equals_direct_effective_attention(tmp_path):
+    from tests import rwkv_fixtures
+
+    from plip_jax.models import rwkv6
+
+    d = rwkv_fixtures.write_hf_checkpoint(str(tmp_path), vocab=300, hidden=64, layers=2, head_size=16)
+    model = rwkv6.load_model(d)
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(0, 300, n)) for n in (7, 12)]
+    rows = aa.head_mean_rows(model, seqs, [[3, 6], [11]])  # padded batch, ragged query rows
+    assert rows.shape[:3] == (2, 2, 2)
+    for b, (seq, q) in enumerate(zip(seqs, [[3, 6], [11]])):
+        ea = rwkv6.forward(model.params, jnp.asarray(seq, jnp.int32), model.cfg,
+                           capture_effective_attention=True)["effective_attention"]
+        hm = np.asarray(ea, np.float32).mean(axis=1)  # [L, T, T]
+        for r, pos in enumerate(q):
+            np.testing.assert_allclose(rows[b, :, r, :len(seq)], hm[:, pos], atol=1e-5)
+            assert np.all(rows[b, :, r, len(seq):] == 0)
