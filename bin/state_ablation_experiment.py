@@ -1,0 +1,107 @@
+"""RWKV-6 state knockout: drop the marker position's WKV state write, KL(baseline || knocked) per sample,
+Python doctests vs Rust tests (PLIP-rs `state_ablation_experiment`, spec 5.4 and 6).
+
+    python -m bin.state_ablation_experiment --model=RWKV/v6-Finch-1B6-HF              # layer floor(3n/5)
+    python -m bin.state_ablation_experiment --model=DIR --layer=2 --include_baselines
+    python -m bin.state_ablation_experiment --model=DIR --layer_start=1 --layer_end=3
+    python -m bin.state_ablation_experiment --model=DIR --scan_layers                  # all samples, all layers
+    python -m bin.state_ablation_experiment --model=DIR --scan_windows --window_center=2 --max_radius=5
+    python -m bin.state_ablation_experiment --model=DIR --slide_window=3
+
+Mode order as PLIP: --scan_layers, --slide_window, --scan_windows, --layer_start/--layer_end, single layer.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from plip_jax import cli
+
+cli.define_model_flags()
+flags.DEFINE_integer("layer", None, "Layer to knock out (default: floor(3 * n_layers / 5), 14 for 24 layers).")
+flags.DEFINE_integer("layer_start", None, "First layer of a contiguous knockout window (with --layer_end).")
+flags.DEFINE_integer("layer_end", None, "Last layer of the window, inclusive (with --layer_start).")
+flags.DEFINE_bool("scan_layers", False, "Knock out each layer separately, every sample (one batched computation).")
+flags.DEFINE_bool("scan_windows", False, "Windows of radius 0..--max_radius around --window_center.")
+flags.DEFINE_integer("window_center", None, "Center layer of --scan_windows (default: --layer's default).")
+flags.DEFINE_integer("max_radius", 5, "Largest window radius of --scan_windows.")
+flags.DEFINE_integer("slide_window", None, "Slide a window of this many layers across the model.")
+flags.DEFINE_bool("include_baselines", False, "Also run the python_baseline / rust_baseline samples.")
+flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")
+flags.DEFINE_string("output", None, "JSON output (default: outputs/state_ablation_<model>_<mode>.json).")
+flags.DEFINE_bool("verbose", False, "Print per-sample KLs and token positions.")
+flags.DEFINE_integer("control_seed", 0, "Seed of the random-position control (negative: no control).")
+flags.DEFINE_integer("chunk", None, "Forwards per vmapped step (default: all (sample, edit) pairs at once).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    platform = cli.select_device(FLAGS.device)
+    from plip_jax.corpus import default_corpus_path, load_universal_corpus
+    from plip_jax.experiments import state_experiments as se
+    from plip_jax.provenance import provenance, write_json
+
+    t0 = time.perf_counter()
+    corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
+    try:
+        model = se.load_rwkv_model(FLAGS.model, FLAGS.dtype)
+        corpus = load_universal_corpus(corpus_path)
+        samples, failures = se.prepare_samples(model.tokenizer, corpus, FLAGS.include_baselines)
+    except (se.NotRwkvModelError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    t_load = time.perf_counter() - t0
+    n = model.cfg.num_layers
+    print(f"Model: {model.name} (rwkv6, {n} layers) on {platform}, dtype {FLAGS.dtype}")
+    print(f"Corpus: {corpus_path} — {len(samples)} samples usable"
+          + (f", {len(failures)} skipped: {'; '.join(failures)}" if failures else ""))
+    if FLAGS.verbose:
+        for s in samples:
+            print(f"  {s.id}: marker token {s.marker_token_pos}, targets {s.target_token_positions}, "
+                  f"{len(s.token_ids)} tokens")
+    layer = FLAGS.layer if FLAGS.layer is not None else se.default_state_layer(n)
+    name = FLAGS.model or model.name
+    try:
+        if FLAGS.scan_layers or FLAGS.slide_window is not None or FLAGS.scan_windows:
+            if FLAGS.scan_layers:
+                windows, mode, tag = [(l, l) for l in range(n)], "scan_layers", "scan_layers"
+            elif FLAGS.slide_window is not None:
+                windows, mode = se.slide_windows(FLAGS.slide_window, n), "slide_window"
+                tag = f"slide{FLAGS.slide_window}"
+            else:
+                center = FLAGS.window_center if FLAGS.window_center is not None else layer
+                windows, mode = se.scan_windows(center, FLAGS.max_radius, n), "scan_windows"
+                tag = f"windows_c{center}_r{FLAGS.max_radius}"
+            payload = se.run_knockout_windows(model, samples, windows, chunk=FLAGS.chunk, model_name=name, mode=mode)
+            print(se.format_window_table(payload))
+        else:
+            if (FLAGS.layer_start is None) != (FLAGS.layer_end is None):
+                raise ValueError("--layer_start and --layer_end go together (a window needs both ends)")
+            start, end = ((FLAGS.layer_start, FLAGS.layer_end) if FLAGS.layer_start is not None else (layer, layer))
+            seed = FLAGS.control_seed if FLAGS.control_seed >= 0 else None
+            payload = se.run_state_ablation(model, samples, start, end, control_seed=seed, chunk=FLAGS.chunk,
+                                            model_name=name)
+            tag = f"layer{start}" if start == end else f"layers{start}-{end}"
+            if FLAGS.verbose:
+                for r in payload["sample_results"]:
+                    print(f"  {r['id']}: KL = {r['kl_divergence']:.6e} (control {r['random_control_kl']})")
+            print(se.format_ablation_summary(payload))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("state_ablation", f"{model.source.slug}_{tag}")
+    timings = {"load_s": t_load, **payload.pop("timings_s"), "total_s": time.perf_counter() - t0}
+    payload["provenance"] = provenance(
+        model=model, corpus_path=corpus_path, dtype=model.dtype, timings=timings,
+        flags={k: FLAGS[k].value for k in ("layer", "layer_start", "layer_end", "scan_layers", "scan_windows",
+                                           "window_center", "max_radius", "slide_window", "include_baselines",
+                                           "control_seed", "chunk")},
+        extra={"skipped_samples": failures})
+    write_json(out, payload)
+    print(f"Wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
