@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from plip_jax.corpus import LegacySample, default_corpus_path, load_legacy_corpus
+from plip_jax.corpus import default_corpus_path, load_legacy_corpus
 from plip_jax.experiments import attention_analysis as aa
 from plip_jax.models.transformer import Capture, jit_forward
 from plip_jax.positions import encode_with_offsets
