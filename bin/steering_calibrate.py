@@ -1,0 +1,47 @@
+"""Steering calibration: baseline marker -> targets attention of Python and Rust at a layer, their ratio,
+and the attention each Scale dose aims for.
+
+    python -m bin.steering_calibrate [--layer=2] [--output=calib.json]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import app, flags
+
+from plip_jax import cli
+
+cli.define_model_flags()
+flags.DEFINE_integer("layer", None, "Layer (default: PLIP's heuristic, n//2 for small models).")
+flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")
+flags.DEFINE_string("output", None, "Optional JSON output.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cli.select_device(FLAGS.device)
+    from plip_jax.corpus import default_corpus_path, load_universal_corpus
+    from plip_jax.experiments import knockout, steering
+    from plip_jax.models.registry import load_any_model
+    from plip_jax.provenance import provenance, write_json
+
+    corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
+    model = load_any_model(FLAGS.model, FLAGS.dtype)
+    layer = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(model.cfg.num_layers)
+    res = steering.calibrate(model, load_universal_corpus(corpus_path), layer, rope_mode=FLAGS.rope_mode)
+    print(f"Layer {layer}: Python {100 * res['python_baseline']:.2f}% (n={res['python_n']}), "
+          f"Rust {100 * res['rust_baseline']:.2f}% (n={res['rust_n']}), ratio {res['ratio']:.2f}×")
+    print(f"Recommended target attention: {100 * res['recommended_target_attention']:.2f}% "
+          f"(Scale {res['scale_to_python_level']:.2f} on Rust)")
+    print("Dose table:  " + ", ".join(f"×{d['scale']:g} → {100 * d['expected_attention']:.2f}%"
+                                      for d in res["dose_table"]))
+    if FLAGS.output:
+        res["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype,
+                                       rope_mode=FLAGS.rope_mode)
+        print(f"Wrote {write_json(Path(FLAGS.output), res)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

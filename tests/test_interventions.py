@@ -1,0 +1,178 @@
+"""Interventions: each does what it says (and only that), identities are identities, sweeps equal loops,
+and impossible requests are refused with clear messages."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from plip_jax import interventions as ivs
+from plip_jax.experiments import causal, knockout
+from plip_jax.models.transformer import Capture, jit_forward
+
+CAP = Capture(logits="all", attn_probs=True)
+
+
+@pytest.fixture(scope="module")
+def sample(bundled_model):
+    code = "def add(a, b):\n    \"\"\"\n    >>> add(2, 3)\n    5\n    \"\"\"\n    return a + b"
+    toks = jnp.asarray(bundled_model.tokenizer(code)["input_ids"], jnp.int32)
+    return toks, int(toks.shape[0])
+
+
+def _kw(model, n):
+    return dict(length=n, n_layers=model.cfg.num_layers, n_heads=model.cfg.num_heads)
+
+
+def test_knockout_zeroes_exactly_the_chosen_edges(bundled_model, sample):
+    toks, n = sample
+    m, targets = 9, [0, 1, 2, 4]
+    iv = ivs.Interventions(knockout=ivs.knockout(n, [(m, t) for t in targets], layers=[2], heads=[1, 3],
+                                                 **_kw(bundled_model, n)))
+    base = jit_forward(bundled_model.params, toks, bundled_model.cfg, capture=CAP)
+    out = jit_forward(bundled_model.params, toks, bundled_model.cfg, interventions=iv, capture=CAP)
+    p, p0 = np.asarray(out["attn_probs"]), np.asarray(base["attn_probs"])
+    assert np.all(p[2][[1, 3]][:, m, targets] == 0.0)
+    assert np.all(p0[2][[1, 3]][:, m, targets] > 0.0)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+    # other heads of that layer and all earlier layers untouched; the knocked row renormalised
+    np.testing.assert_array_equal(p[:2], p0[:2])
+    np.testing.assert_allclose(p[2][[0, 2, 4, 5]], p0[2][[0, 2, 4, 5]], atol=1e-6)
+    row = p0[2, 1, m].copy()
+    row[targets] = 0
+    np.testing.assert_allclose(p[2, 1, m], row / row.sum(), atol=1e-6)
+    assert float(jnp.abs(out["logits"] - base["logits"]).max()) > 1e-5  # it did something downstream
+
+
+def test_scale_matches_spec_worked_example():
+    probs = jnp.full((1, 1, 4), 0.25)
+    iv = ivs.Interventions(scale=ivs.AttentionScale(edges=jnp.zeros((4, 4), bool).at[3, 1].set(True),
+                                                    layers=jnp.ones(1, bool), heads=jnp.ones(1, bool),
+                                                    factor=jnp.float32(2.0)))
+    visible = jnp.ones((1, 1, 4), bool)
+    out = ivs.steer_probs(probs, visible, iv, 0, jnp.asarray([3]))
+    np.testing.assert_allclose(out[0, 0], [0.2, 0.4, 0.2, 0.2], atol=1e-7)
+
+
+def test_scale_and_set_value_rows_equal_hand_computation(bundled_model, sample):
+    toks, n = sample
+    m, targets, layer = 9, [0, 2], 3
+    base = np.asarray(jit_forward(bundled_model.params, toks, bundled_model.cfg, capture=CAP)["attn_probs"])
+    row = base[layer, :, m].astype(np.float64)  # [H, T]
+    sc = ivs.Interventions(scale=ivs.scale(n, [(m, t) for t in targets], 3.0, layers=[layer], **_kw(bundled_model, n)))
+    got = np.asarray(jit_forward(bundled_model.params, toks, bundled_model.cfg, interventions=sc, capture=CAP)["attn_probs"])
+    want = row.copy()
+    want[:, targets] *= 3.0
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got[layer, :, m], want, atol=1e-6)
+    sv = ivs.Interventions(set_value=ivs.set_value(n, [(m, t) for t in targets], 0.1, layers=[layer],
+                                                   **_kw(bundled_model, n)))
+    got = np.asarray(jit_forward(bundled_model.params, toks, bundled_model.cfg, interventions=sv, capture=CAP)["attn_probs"])
+    want = row.copy()
+    rest = [j for j in range(m + 1) if j not in targets]
+    want[:, rest] *= (1 - 2 * 0.1) / want[:, rest].sum(-1, keepdims=True)
+    want[:, targets] = 0.1
+    np.testing.assert_allclose(got[layer, :, m], want, atol=1e-6)
+    assert np.all(got[layer, :, m, m + 1:] == 0.0)  # no mass on causally masked future columns (PLIP leaked here)
+    np.testing.assert_allclose(got[layer, :, m].sum(-1), 1.0, atol=1e-6)
+
+
+def test_identity_interventions_change_nothing(bundled_model, sample):
+    toks, n = sample
+    base = jit_forward(bundled_model.params, toks, bundled_model.cfg, capture=Capture(logits="all"))["logits"]
+    iv = ivs.Interventions(scale=ivs.scale(n, [(9, 0), (9, 1)], 1.0, **_kw(bundled_model, n)))
+    out = jit_forward(bundled_model.params, toks, bundled_model.cfg, interventions=iv, capture=Capture(logits="all"))
+    np.testing.assert_allclose(out["logits"], base, atol=1e-5)
+    from plip_jax.metrics import kl_divergence
+
+    assert float(kl_divergence(base[-1], out["logits"][-1])) < 1e-9
+
+
+def test_residual_zero_add_and_patch(bundled_model, sample):
+    toks, n = sample
+    cfg = bundled_model.cfg
+    L, D = cfg.num_layers, cfg.hidden_size
+    base = jit_forward(bundled_model.params, toks, cfg, capture=Capture(logits="all"))["logits"]
+    where = np.zeros((L, n), bool)
+    where[3, 5] = True
+    zero = ivs.Interventions(residual=ivs.ResidualEdit(where=jnp.asarray(where), keep=jnp.float32(0.0),
+                                                       add=jnp.zeros((L, n, D))))
+    out = jit_forward(bundled_model.params, toks, cfg, interventions=zero, capture=Capture(logits="all"))["logits"]
+    np.testing.assert_allclose(out[:5], base[:5], atol=1e-5)  # positions before the edit: unchanged
+    assert float(jnp.abs(out[5:] - base[5:]).max()) > 1e-2
+    # patch every position of the last layer's residual with another run's: the outputs become that run's
+    other = jnp.asarray(bundled_model.tokenizer("fn add(a: i32) -> i32 { a }\n#[test]\nfn t() {}")["input_ids"][:n])
+    other = jnp.pad(other, (0, n - other.shape[0]))
+    o = jit_forward(bundled_model.params, other, cfg, capture=Capture(logits="all", resid_post="all"))
+    where = np.zeros((L, n), bool)
+    where[L - 1] = True
+    patch = ivs.Interventions(residual=ivs.ResidualEdit(where=jnp.asarray(where), keep=jnp.float32(0.0),
+                                                        add=o["resid_post"]))
+    out = jit_forward(bundled_model.params, toks, cfg, interventions=patch, capture=Capture(logits="all"))["logits"]
+    np.testing.assert_allclose(out, o["logits"], atol=1e-4)
+
+
+def test_vmapped_sweep_equals_loop(bundled_model, universal_corpus):
+    samples, _ = knockout.prepare(bundled_model, universal_corpus)
+    samples = samples[:3] + samples[-2:]
+    batch = knockout.make_batch(bundled_model, samples)
+    per_layer = [knockout.knockout_ivs(bundled_model, samples, batch, [l]) for l in (1, 4, 6)]
+    swept = causal.run_sweep(bundled_model.params, batch.tokens, batch.lengths,
+                             causal.stack_interventions(per_layer), bundled_model.cfg)
+    for j, iv in enumerate(per_layer):
+        single = causal.run_batch(bundled_model.params, batch.tokens, batch.lengths, iv, bundled_model.cfg)
+        np.testing.assert_allclose(swept["last"][j], single["last"], atol=1e-5)
+
+
+def test_shared_prefix_layer_scan_equals_full_recomputation(bundled_model, universal_corpus):
+    samples, _ = knockout.prepare(bundled_model, universal_corpus)
+    samples = samples[:2] + samples[-2:]
+    batch = knockout.make_batch(bundled_model, samples)
+    iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
+    scan = causal.layer_knockout_scan(bundled_model.params, batch.tokens, batch.lengths, iv0.knockout.edges,
+                                      iv0.knockout.heads, bundled_model.cfg)
+    base = causal.run_batch(bundled_model.params, batch.tokens, batch.lengths, None, bundled_model.cfg)
+    np.testing.assert_allclose(scan["last"][:, 0], base["last"], atol=1e-5)
+    for l in range(bundled_model.cfg.num_layers):
+        iv = knockout.knockout_ivs(bundled_model, samples, batch, [l])
+        full = causal.run_batch(bundled_model.params, batch.tokens, batch.lengths, iv, bundled_model.cfg)
+        np.testing.assert_allclose(scan["last"][:, l + 1], full["last"], atol=1e-4)
+        np.testing.assert_allclose(scan["nll"][:, l + 1], full["nll"], atol=1e-5)
+
+
+def test_random_control_is_reproducible_and_avoids_targets(bundled_model, universal_corpus):
+    samples, _ = knockout.prepare(bundled_model, universal_corpus)
+    for s in samples:
+        a, b = knockout.random_control_edges(s, 7), knockout.random_control_edges(s, 7)
+        assert a == b and len(a) == len(s.edges)
+        assert not {k for _, k in a} & {k for _, k in s.edges}
+        assert all(k <= s.tokenized.marker_token for _, k in a)
+    assert any(knockout.random_control_edges(s, 7) != knockout.random_control_edges(s, 8) for s in samples)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ivs.knockout(10, [(3, 5)], length=10, n_layers=8, n_heads=6), "points at a future position"),
+    (lambda: ivs.knockout(10, [(0, 0)], length=10, n_layers=8, n_heads=6), r"remove every key of query row\(s\) \[0\]"),
+    (lambda: ivs.knockout(10, [(3, 1)], length=10, n_layers=8, n_heads=6, layers=[8]), r"layers \[8\] out of range.*0..7"),
+    (lambda: ivs.knockout(10, [(3, 1)], length=10, n_layers=8, n_heads=6, heads=[6]), r"heads \[6\] out of range"),
+    (lambda: ivs.knockout(10, [(5, 1)], length=4, n_layers=8, n_heads=6), "outside the sequence of 4 tokens"),
+    (lambda: ivs.knockout(10, [], length=10, n_layers=8, n_heads=6), "empty edge set"),
+    (lambda: ivs.scale(10, [(3, 1)], -1.0, length=10, n_layers=8, n_heads=6), "must be >= 0"),
+    (lambda: ivs.set_value(10, [(3, 1), (3, 2)], 0.7, length=10, n_layers=8, n_heads=6), "asks for 1.400 > 1"),
+    (lambda: ivs.set_value(10, [(1, 0), (1, 1)], 0.3, length=10, n_layers=8, n_heads=6), "cannot sum to 1"),
+    (lambda: ivs.layer_mask(8, []), "empty layers selection"),
+])
+def test_refused_interventions(call, match):
+    with pytest.raises(ivs.InterventionError, match=match):
+        call()
+
+
+def test_all_edges_knockout_never_empties_a_row_even_when_marker_is_token_0(bundled_model, universal_corpus):
+    samples, skipped = knockout.prepare(bundled_model, universal_corpus, all_edges=True, include_baselines=True)
+    assert any(s.tokenized.marker_token == 0 for s in samples)  # Rust baselines: marker at token 0
+    batch = knockout.make_batch(bundled_model, samples)
+    iv = knockout.knockout_ivs(bundled_model, samples, batch, [1])
+    out = causal.run_batch(bundled_model.params, batch.tokens, batch.lengths, iv, bundled_model.cfg)
+    assert np.isfinite(np.asarray(out["last"])).all()
