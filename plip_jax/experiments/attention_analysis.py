@@ -110,7 +110,7 @@ class LegacyPositionError(ValueError):
 def _conversion_rules() -> dict:
     """Spec 3.3 char-position rules per group, shared with `bin.convert_corpus` (marker = first `>>>` /
     `#[test]` (else `#[cfg(test)]`) / `#[`; targets = def/fn, name, parameters; struct/fn for Rust baselines)."""
-    from bin.convert_corpus import RULES
+    from plip_jax.conversion import RULES
 
     return RULES
 
