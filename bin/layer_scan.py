@@ -34,7 +34,7 @@ def main(argv):
     t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
     corpus = load_universal_corpus(corpus_path)
-    model = load_any_model(FLAGS.model, FLAGS.dtype)
+    model = cli.apply_mesh(load_any_model(FLAGS.model, FLAGS.dtype), FLAGS.mesh)
     t_load = time.perf_counter() - t0
     print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, "
           f"dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}")

@@ -21,6 +21,21 @@ def define_model_flags(default_dtype: str = "float32") -> None:
     flags.DEFINE_enum("rope_mode", "hf", ["hf", "plip"], "hf: the models' real RoPE (default). plip: PLIP-rs's "
                       "interleaved RoPE with tables rounded to the compute dtype, only to reproduce its published numbers.")
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where to run: auto = GPU if JAX sees one.")
+    flags.DEFINE_string("mesh", None, "Shard over several devices, e.g. 'data:4,model:2' (samples over 'data', "
+                        "attention heads and MLP width over 'model'); layer scan only for now.")
+
+
+def apply_mesh(model, spec: Optional[str]):
+    """Shard a loaded transformer's params over the mesh described by `spec` (None: leave as is)."""
+    if not spec:
+        return model
+    from plip_jax import sharding
+
+    mesh = sharding.parse_mesh(spec)
+    model.params = sharding.shard_params(model.params, model.cfg, mesh)
+    model.mesh = mesh
+    print(f"Sharded over mesh {dict(mesh.shape)} ({mesh.size} devices)")
+    return model
 
 
 def select_device(choice: str) -> str:

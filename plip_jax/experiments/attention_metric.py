@@ -71,12 +71,18 @@ def marker_target_attention(model: Any, samples: Sequence[TokenizedSample], rope
         return np.zeros((0, model.cfg.num_layers), np.float32)
     rows = []
     step = batch_size or len(samples)
+    mesh = getattr(model, "mesh", None)
     for i in range(0, len(samples), step):
         chunk = samples[i:i + step]
         b = make_metric_batch(chunk, model.cfg.max_position_embeddings,
                               pad_id=model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0)
-        rows.append(np.asarray(_metric_fn(model)(model.params, b.tokens, b.lengths, b.markers, b.target_counts,
-                                                 model.cfg, rope_mode)))
+        arrays, n = (b.tokens, b.lengths, b.markers, b.target_counts), len(chunk)
+        if mesh is not None:  # data-parallel: split samples over the mesh's "data" axis
+            from plip_jax import sharding
+
+            *arrays, n = sharding.pad_to_multiple(*arrays[:2], mesh.shape["data"], *arrays[2:])
+            arrays = sharding.shard_batch(tuple(arrays), mesh)
+        rows.append(np.asarray(_metric_fn(model)(model.params, *arrays, model.cfg, rope_mode))[:n])
     return np.concatenate(rows, axis=0)
 
 

@@ -1,0 +1,105 @@
+"""Scale-out on JAX's own sharding: a ("data", "model") device mesh, samples split over "data"
+(data-parallel sweeps), parameters split over "model" along attention heads and MLP width (for models
+that do not fit on one device). `jit` (GSPMD) inserts the collectives; results equal single-device runs.
+
+    mesh = make_mesh(data=4, model=2)
+    params = shard_params(params, cfg, mesh)
+    tokens, lengths = shard_batch((tokens, lengths), mesh)
+    out = batched_forward(params, tokens, cfg, lengths, ...)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from plip_jax.models.config import ModelConfig
+
+
+def make_mesh(data: Optional[int] = None, model: int = 1, devices: Optional[list] = None) -> Mesh:
+    """A 2-D mesh ("data", "model") over `devices` (default: all). `data` defaults to n_devices // model."""
+    devices = list(devices if devices is not None else jax.devices())
+    if data is None:
+        data = len(devices) // model
+    if data * model > len(devices) or data < 1 or model < 1:
+        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices; {len(devices)} available")
+    return Mesh(np.asarray(devices[: data * model]).reshape(data, model), ("data", "model"))
+
+
+def parse_mesh(spec: str) -> Mesh:
+    """'data:4,model:2' -> mesh (a missing axis is 1; 'data:-1' uses every remaining device)."""
+    sizes = {"data": None, "model": 1}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, val = part.partition(":")
+        if name not in sizes or not val.lstrip("-").isdigit():
+            raise ValueError(f"bad mesh spec {spec!r}: use e.g. 'data:4,model:2'")
+        sizes[name] = None if int(val) < 0 else int(val)
+    return make_mesh(sizes["data"], sizes["model"])
+
+
+def _divisible(n: int, k: int) -> bool:
+    return k == 1 or n % k == 0
+
+
+def param_specs(params: dict, cfg: ModelConfig, model_size: int) -> dict:
+    """PartitionSpecs for the params pytree: q/k/v and gate/up/fc split on their output features
+    (heads, MLP width), o/down/proj on their input features; everything else replicated. A dimension
+    that the "model" axis does not divide (e.g. 2 KV heads on 4 devices) stays replicated."""
+    heads_ok = _divisible(cfg.num_heads, model_size)
+    kv_ok = _divisible(cfg.num_kv_heads, model_size)
+    mlp_ok = _divisible(cfg.intermediate_size, model_size)
+    out_split = P(None, "model", None)  # [L, out, in]: split out features
+    in_split = P(None, None, "model")  # [L, out, in]: split in features
+    bias_split = P(None, "model")
+    rules = {
+        "q_w": out_split if heads_ok else P(), "q_b": bias_split if heads_ok else P(),
+        "k_w": out_split if kv_ok else P(), "k_b": bias_split if kv_ok else P(),
+        "v_w": out_split if kv_ok else P(), "v_b": bias_split if kv_ok else P(),
+        "o_w": in_split if heads_ok else P(),
+        "gate_w": out_split if mlp_ok else P(), "up_w": out_split if mlp_ok else P(),
+        "gate_b": bias_split if mlp_ok else P(), "up_b": bias_split if mlp_ok else P(),
+        "fc_w": out_split if mlp_ok else P(), "fc_b": bias_split if mlp_ok else P(),
+        "down_w": in_split if mlp_ok else P(), "proj_w": in_split if mlp_ok else P(),
+    }
+
+    def spec(path, leaf):
+        name = getattr(path[-1], "key", None)
+        in_layers = any(getattr(k, "key", None) == "layers" for k in path)
+        return rules.get(name, P()) if in_layers else P()
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
+    """Place params on the mesh with `param_specs` (tensor-parallel over "model")."""
+    specs = param_specs(params, cfg, mesh.shape["model"])
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+    """Split every array's leading (sample) axis over "data"; the batch size must be a multiple of it."""
+    n = mesh.shape["data"]
+
+    def put(x):
+        if x is None:
+            return None
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} does not split over {n} data-parallel devices; "
+                             f"pad the batch to a multiple of {n}")
+        return jax.device_put(x, NamedSharding(mesh, P("data", *([None] * (x.ndim - 1)))))
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def pad_to_multiple(tokens: np.ndarray, lengths: np.ndarray, multiple: int, *extra: np.ndarray):
+    """Append dummy samples (copies of the first) so the batch divides over the data axis; returns the
+    padded arrays and the number of real samples (drop the rest of the outputs)."""
+    b = tokens.shape[0]
+    pad = (-b) % multiple
+    if pad == 0:
+        return (tokens, lengths, *extra, b)
+    rep = lambda a: np.concatenate([a, np.repeat(a[:1], pad, axis=0)], axis=0)
+    return (rep(tokens), rep(lengths), *[rep(e) for e in extra], b)
