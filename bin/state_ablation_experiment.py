@@ -34,7 +34,7 @@ flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/at
 flags.DEFINE_string("output", None, "JSON output (default: outputs/state_ablation_<model>_<mode>.json).")
 flags.DEFINE_bool("verbose", False, "Print per-sample KLs and token positions.")
 flags.DEFINE_integer("control_seed", 0, "Seed of the random-position control (negative: no control).")
-flags.DEFINE_integer("chunk", None, "Forwards per vmapped step (default: all (sample, edit) pairs at once).")
+flags.DEFINE_integer("chunk", 64, "Forwards per vmapped step (bounds memory; 0 = all (sample, edit) pairs at once).")
 FLAGS = flags.FLAGS
 
 
@@ -75,14 +75,14 @@ def main(argv):
                 center = FLAGS.window_center if FLAGS.window_center is not None else layer
                 windows, mode = se.scan_windows(center, FLAGS.max_radius, n), "scan_windows"
                 tag = f"windows_c{center}_r{FLAGS.max_radius}"
-            payload = se.run_knockout_windows(model, samples, windows, chunk=FLAGS.chunk, model_name=name, mode=mode)
+            payload = se.run_knockout_windows(model, samples, windows, chunk=FLAGS.chunk or None, model_name=name, mode=mode)
             print(se.format_window_table(payload))
         else:
             if (FLAGS.layer_start is None) != (FLAGS.layer_end is None):
                 raise ValueError("--layer_start and --layer_end go together (a window needs both ends)")
             start, end = ((FLAGS.layer_start, FLAGS.layer_end) if FLAGS.layer_start is not None else (layer, layer))
             seed = FLAGS.control_seed if FLAGS.control_seed >= 0 else None
-            payload = se.run_state_ablation(model, samples, start, end, control_seed=seed, chunk=FLAGS.chunk,
+            payload = se.run_state_ablation(model, samples, start, end, control_seed=seed, chunk=FLAGS.chunk or None,
                                             model_name=name)
             tag = f"layer{start}" if start == end else f"layers{start}-{end}"
             if FLAGS.verbose:

@@ -21,7 +21,7 @@ flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/at
 flags.DEFINE_string("output", None, "JSON output (default: outputs/state_steering_<model>_layer<L>.json).")
 flags.DEFINE_bool("verbose", False, "Print per-sample KLs.")
 flags.DEFINE_bool("plot", False, "Also write a dose-response PNG (mean ± s.e.) next to the JSON.")
-flags.DEFINE_integer("chunk", None, "Forwards per vmapped step (default: all (sample, scale) pairs at once).")
+flags.DEFINE_integer("chunk", 64, "Forwards per vmapped step (bounds memory; 0 = all (sample, scale) pairs at once).")
 FLAGS = flags.FLAGS
 
 
@@ -47,7 +47,7 @@ def main(argv):
         layer = FLAGS.layer if FLAGS.layer is not None else se.default_state_layer(n)
         print(f"Model: {model.name} (rwkv6, {n} layers) on {platform}, dtype {FLAGS.dtype}; layer {layer}; "
               f"scales {scales}")
-        payload = se.run_state_steering(model, samples, layer, scales, chunk=FLAGS.chunk,
+        payload = se.run_state_steering(model, samples, layer, scales, chunk=FLAGS.chunk or None,
                                         model_name=FLAGS.model or model.name)
     except (se.NotRwkvModelError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

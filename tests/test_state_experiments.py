@@ -74,6 +74,10 @@ def _assert_reference_keys(got: dict, ref_name: str) -> None:
     check(_keys(json.loads(path.read_text())), _keys(got), "root")
 
 
+# Batched vs unbatched (or differently chunked) runs differ by f32 kernel rounding: on this tiny random
+# model ~3e-7 nats absolute in a KL of ~3e-4, hence the tolerances below.
+
+
 def _direct_kl(model, s, scale_matrix) -> float:
     """Unpadded, unbatched KL(baseline || edited) at the last position."""
     toks = np.asarray(s.token_ids, np.int32)
@@ -89,7 +93,7 @@ def test_knockout_kl_positive_finite_and_equals_unbatched(model, samples, ablati
     for i in (0, len(samples) - 1):  # batched + padded == direct single-sample computation
         s = samples[i]
         edit = rwkv6.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [1])
-        assert kls[i] == pytest.approx(_direct_kl(model, s, edit.scale), rel=1e-4, abs=1e-9)
+        assert kls[i] == pytest.approx(_direct_kl(model, s, edit.scale), rel=1e-2, abs=1e-6)
     r0 = ablation["sample_results"][0]
     assert r0["layers_knocked_out"] == 1 and len(r0["top_changed_tokens"]) == 5
     assert r0["kl_divergence_plip_filtered"] <= r0["kl_divergence"] + 1e-6
@@ -126,12 +130,15 @@ def test_scan_layers_equals_single_layer_runs(model, samples, ablation):
     per_sample = np.array([r["kl_divergence"] for r in scan["sample_results"]])  # [N, L]
     assert per_sample.shape == (len(samples), LAYERS)
     single1 = np.array([r["kl_divergence"] for r in ablation["sample_results"]])
-    np.testing.assert_allclose(per_sample[:, 1], single1, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(per_sample[:, 1], single1, rtol=1e-2, atol=1e-6)
     single0 = se.run_state_ablation(model, samples, 0, 0, control_seed=None)
     np.testing.assert_allclose(per_sample[:, 0], [r["kl_divergence"] for r in single0["sample_results"]],
-                               rtol=1e-4, atol=1e-9)
-    assert scan["windows"][1]["python_stats"]["mean_kl"] == pytest.approx(ablation["python_stats"]["mean_kl"], rel=1e-4)
+                               rtol=1e-2, atol=1e-6)
+    assert scan["windows"][1]["python_stats"]["mean_kl"] == pytest.approx(ablation["python_stats"]["mean_kl"], rel=1e-2)
     assert "Top 3 layers by python KL" in se.format_window_table(scan)
+    unchunked = se.run_knockout_windows(model, samples, [(l, l) for l in range(LAYERS)], chunk=None)
+    np.testing.assert_allclose([r["kl_divergence"] for r in unchunked["sample_results"]], per_sample,
+                               rtol=1e-2, atol=1e-6)
 
 
 def test_window_knockout_and_window_helpers(model, samples):
@@ -143,7 +150,7 @@ def test_window_knockout_and_window_helpers(model, samples):
     assert w["layer_start"] == 0 and w["layer_end"] == 2 and w["n_layers_knocked_out"] == 3 and "layer" not in w
     s = samples[0]
     edit = rwkv6.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [0, 1, 2])
-    assert w["sample_results"][0]["kl_divergence"] == pytest.approx(_direct_kl(model, s, edit.scale), rel=1e-4)
+    assert w["sample_results"][0]["kl_divergence"] == pytest.approx(_direct_kl(model, s, edit.scale), rel=1e-2, abs=1e-6)
     with pytest.raises(ValueError, match="out of range"):
         se.run_state_ablation(model, samples, 0, LAYERS)
 
@@ -158,7 +165,7 @@ def test_steering_dose_response(model, samples, ablation):
     # scale 0 is the knockout (same layer, same sample order for test samples)
     ko = {r["id"]: r["kl_divergence"] for r in ablation["sample_results"]}
     for r in by[0.0]["sample_results"]:
-        assert r["kl_divergence"] == pytest.approx(ko[r["id"]], rel=1e-4, abs=1e-9)
+        assert r["kl_divergence"] == pytest.approx(ko[r["id"]], rel=1e-2, abs=1e-6)
     assert all(r["kl_divergence"] > 0 for r in by[9.0]["sample_results"])
     assert len(by[2.0]["sample_results"]) == 20  # baselines are not part of the steering experiment
     assert "Sanity: scale=1.0 identity: PASS" in se.format_dose_table(st)

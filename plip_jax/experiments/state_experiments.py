@@ -5,7 +5,8 @@ and state-steered generation.
 Every (sample, edit) pair of an experiment is one forward; all of them run in ONE jitted call: samples
 are right-padded, the edits are stacked as per-sample scale matrices f32[K, L, T] (edit 0 is the
 baseline, all ones, so baseline and edits share one program), and the forward is vmapped over the
-flattened (sample, edit) axis (`lax.map` in chunks of `chunk` forwards to bound memory).
+edits of each sample and mapped over samples (`lax.map` in chunks of about `chunk` forwards to bound
+memory; all edits of a sample are always in the same batch, so scale 1 reproduces the baseline exactly).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ DEFAULT_SCALES = (0.0, 0.5, 1.0, 2.0, 5.0, 9.0)
 PERSISTENCE_SCALES = (1.0, 3.0, 5.0, 9.0)
 PERSISTENCE_TEMPERATURES = (0.0, 0.6)
 NO_STOP_TOKEN = -1  # PLIP's state generation tools pass no stop token
+DEFAULT_CHUNK = 64  # forwards per vmapped step: bounds memory (each forward materialises f32[T, V] logits)
 
 
 class NotRwkvModelError(ValueError):
@@ -129,20 +131,24 @@ def edit_scales(n_layers: int, seq_len: int, edits: Sequence[Optional[Edit]]) ->
 @partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "top_k"))
 def _edit_outcomes(params, tokens, lengths, scales, cfg, dtype, chunk, top_k):
     """tokens int32[B, T], lengths int32[B], scales f32[B, K, L, T] (edit 0 = baseline) ->
-    kl, kl_plip f32[B, K] (nats, KL(edit 0 || edit k)), TopChanged of [B, K, top_k], argmax int32[B, K]."""
-    B, K = scales.shape[:2]
-    flat = (jnp.repeat(tokens, K, axis=0), jnp.repeat(lengths, K), scales.reshape((B * K,) + scales.shape[2:]))
+    kl, kl_plip f32[B, K] (nats, KL(edit 0 || edit k)), TopChanged of [B, K, top_k], argmax int32[B, K].
 
-    def one(args):
-        tok, length, sc = args
-        out = rwkv6.forward(params, tok, cfg, length=length, state_edit=rwkv6.StateEdit(scale=sc), dtype=dtype)
-        return last_real_logits(out["logits"], length)  # [V] f32
+    All K edits of a sample run in the same vmapped batch (so scale 1 reproduces the baseline bit for bit);
+    samples are processed `chunk` at a time (None = all)."""
 
-    logits = jax.lax.map(one, flat, batch_size=chunk)  # [B*K, V]
-    logits = logits.reshape(B, K, -1)
-    base = jnp.broadcast_to(logits[:, :1], logits.shape)
-    return (kl_divergence(base, logits), kl_divergence_plip_filtered(base, logits),
-            top_changed_tokens(base, logits, top_k), jnp.argmax(logits, axis=-1))
+    def one_sample(args):
+        tok, length, sc = args  # [T], [], [K, L, T]
+
+        def one_edit(s):
+            out = rwkv6.forward(params, tok, cfg, length=length, state_edit=rwkv6.StateEdit(scale=s), dtype=dtype)
+            return last_real_logits(out["logits"], length)  # [V] f32
+
+        logits = jax.vmap(one_edit)(sc)  # [K, V]
+        base = jnp.broadcast_to(logits[:1], logits.shape)
+        return (kl_divergence(base, logits), kl_divergence_plip_filtered(base, logits),
+                top_changed_tokens(base, logits, top_k), jnp.argmax(logits, axis=-1))
+
+    return jax.lax.map(one_sample, (tokens, lengths, scales), batch_size=chunk)
 
 
 @dataclasses.dataclass
@@ -157,12 +163,12 @@ class EditOutcomes:
 
 
 def run_edits(model: rwkv6.RwkvLoadedModel, token_ids: Sequence[Sequence[int]],
-              edits: Sequence[Sequence[Optional[Edit]]], *, chunk: Optional[int] = None,
+              edits: Sequence[Sequence[Optional[Edit]]], *, chunk: Optional[int] = DEFAULT_CHUNK,
               top_k: int = 5) -> EditOutcomes:
     """Run the baseline and every edit of every sample in one jitted, vmapped computation.
 
     `edits[i]` lists sample i's K edits (all samples the same K). `chunk` = forwards per vmapped step
-    (None = all (sample, edit) pairs at once)."""
+    (rounded down to whole samples, at least one sample; None = everything at once)."""
     n_layers = model.cfg.num_layers
     if len({len(e) for e in edits}) != 1:
         raise ValueError("every sample needs the same number of edits")
@@ -175,8 +181,9 @@ def run_edits(model: rwkv6.RwkvLoadedModel, token_ids: Sequence[Sequence[int]],
             if e is not None and not (0 <= e.layer_start <= e.layer_end < n_layers):
                 raise ValueError(f"edit layers {e.layer_start}..{e.layer_end} outside 0..{n_layers - 1}")
     scales = np.stack([edit_scales(n_layers, T, es) for es in edits])  # [N, K+1, L, T]
-    n_fwd = scales.shape[0] * scales.shape[1]
-    chunk = None if chunk is None or chunk >= n_fwd else int(chunk)
+    # `chunk` bounds the forwards per step; whole samples (all their edits) per step.
+    n_per_step = None if chunk is None else max(1, int(chunk) // scales.shape[1])
+    chunk = None if n_per_step is None or n_per_step >= scales.shape[0] else n_per_step
     t0 = time.perf_counter()
     kl, klp, top, am = _edit_outcomes(model.params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(scales),
                                       model.cfg, jnp.dtype(model.dtype), chunk, int(top_k))
@@ -223,7 +230,7 @@ def _random_positions(samples: Sequence[StateSample], seed: int) -> list[Optiona
 
 # ============================================================================== state ablation
 def run_state_ablation(model: rwkv6.RwkvLoadedModel, samples: Sequence[StateSample], layer_start: int,
-                       layer_end: int, *, control_seed: Optional[int] = 0, chunk: Optional[int] = None,
+                       layer_end: int, *, control_seed: Optional[int] = 0, chunk: Optional[int] = DEFAULT_CHUNK,
                        model_name: Optional[str] = None) -> dict:
     """Knock out the marker's state write in layers layer_start..layer_end (PLIP `state_ablation_experiment`).
 
@@ -288,7 +295,7 @@ def _control_block(samples, kl_marker, kl_ctrl, ctrl, seed) -> Optional[dict]:
 
 
 def run_knockout_windows(model: rwkv6.RwkvLoadedModel, samples: Sequence[StateSample],
-                         windows: Sequence[tuple[int, int]], *, chunk: Optional[int] = None,
+                         windows: Sequence[tuple[int, int]], *, chunk: Optional[int] = DEFAULT_CHUNK,
                          model_name: Optional[str] = None, mode: str = "scan") -> dict:
     """Marker knockout for every sample and every layer window (start, end inclusive), all in one batched
     computation. Used by --scan_layers (windows (l, l)), --scan_windows and --slide_window; runs on ALL
@@ -384,7 +391,7 @@ def format_ablation_summary(payload: dict) -> str:
 
 # ============================================================================== state steering (KL)
 def run_state_steering(model: rwkv6.RwkvLoadedModel, samples: Sequence[StateSample], layer: int,
-                       scales: Sequence[float] = DEFAULT_SCALES, *, chunk: Optional[int] = None,
+                       scales: Sequence[float] = DEFAULT_SCALES, *, chunk: Optional[int] = DEFAULT_CHUNK,
                        model_name: Optional[str] = None) -> dict:
     """KL(baseline || steered) for every sample and scale lambda of the marker's state write at `layer`,
     one vmapped computation over the stacked edits. Test samples only (python_doctest, rust_test).
