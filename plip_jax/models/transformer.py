@@ -29,7 +29,8 @@ class Capture:
 
     logits: "last" -> [V] at the last real position; "all" -> [T, V]; "none".
     attn_rows: per-layer attention rows of the `query_rows` positions -> "attn_rows" [L, H, R, Tk].
-    attn_probs: full per-layer patterns -> "attn_probs" [L, H, Tq, Tk] (memory heavy: ask only when needed).
+    attn_probs: full patterns: True -> "attn_probs" [L, H, Tq, Tk] for every layer; a tuple of layer indices
+        -> [len(layers), H, Tq, Tk] for those layers only (the others never materialise their patterns).
     resid_post: residual stream after each block: "last" -> [L, D] at the last real position,
         "all" -> [L, T, D], "none". (TransformerLens' hook_resid_post.)
     final_hidden: final-normed hidden states -> "final_hidden" [T, D].
@@ -37,7 +38,7 @@ class Capture:
 
     logits: str = "last"
     attn_rows: bool = False
-    attn_probs: bool = False
+    attn_probs: Any = False  # bool or tuple of layer indices
     resid_post: str = "none"
     final_hidden: bool = False
 
@@ -205,6 +206,17 @@ def final_logits(params, h, cfg: ModelConfig, last=None):
     return unembed(params, jax.lax.dynamic_index_in_dim(hidden, last, 0, keepdims=False), cfg)
 
 
+def _selected_layers(n_layers: int, attn_probs) -> Optional[tuple]:
+    """The sorted layer indices whose patterns are wanted when `attn_probs` is a tuple (else None)."""
+    if attn_probs is True or attn_probs is False or attn_probs is None:
+        return None
+    wanted = tuple(sorted(set(int(l) for l in attn_probs)))
+    bad = [l for l in wanted if not 0 <= l < n_layers]
+    if bad:
+        raise ValueError(f"attn_probs layers {bad} out of range: the model has {n_layers} layers")
+    return wanted
+
+
 def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Optional[ivs.Interventions] = None,
             capture: Capture = Capture(), query_rows=None, rope_mode: str = "hf", positions=None, kv_cache=None,
             ) -> dict:
@@ -222,26 +234,40 @@ def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Opt
     length = jnp.asarray(t if length is None else length, jnp.int32)
     last = length - 1 if kv_cache is None else t - 1
 
-    def block(h, xs):
-        lp, layer, window, cache = xs
+    selected = _selected_layers(cfg.num_layers, capture.attn_probs)
+
+    def block(carry, xs):
+        h, buf = carry
+        lp, layer, window, cache, slot = xs
         h, probs, new_cache = apply_block(h, lp, layer, window, cfg, ctx, interventions, cache)
         ys = {}
         if capture.attn_rows:
             ys["attn_rows"] = jnp.take(probs, query_rows, axis=1)
-        if capture.attn_probs:
+        if capture.attn_probs is True:
             ys["attn_probs"] = probs
+        elif selected is not None:  # write this layer's pattern into its slot, only for selected layers
+            buf = jax.lax.cond(slot >= 0, lambda b: jax.lax.dynamic_update_index_in_dim(b, probs, slot, 0),
+                               lambda b: b, buf)
         if capture.resid_post == "all":
             ys["resid_post"] = h
         elif capture.resid_post == "last":
             ys["resid_post"] = jax.lax.dynamic_index_in_dim(h, last, 0, keepdims=False)
         if new_cache is not None:
             ys["kv"] = new_cache
-        return h, ys
+        return (h, buf), ys
 
     cache_xs = None if kv_cache is None else (kv_cache["k"], kv_cache["v"])
-    h, ys = jax.lax.scan(block, embed(params, tokens, cfg),
-                         (params["layers"], jnp.arange(cfg.num_layers), layer_windows(cfg), cache_xs))
+    slots = np.full((cfg.num_layers,), -1, np.int32)
+    buf = None
+    if selected is not None:
+        slots[list(selected)] = np.arange(len(selected))
+        n_keys = ctx.k_pos.shape[0]
+        buf = jnp.zeros((len(selected), cfg.num_heads, t, n_keys), jnp.float32)
+    xs = (params["layers"], jnp.arange(cfg.num_layers), layer_windows(cfg), cache_xs, jnp.asarray(slots))
+    (h, buf), ys = jax.lax.scan(block, (embed(params, tokens, cfg), buf), xs)
     out = {k: v for k, v in ys.items() if k != "kv"}
+    if buf is not None:
+        out["attn_probs"] = buf
     if "kv" in ys:
         out["kv_cache"] = {"k": ys["kv"][0], "v": ys["kv"][1]}
     hidden = norm(h, params["final_norm"], cfg)
