@@ -18,6 +18,7 @@ from plip_jax import cli
 cli.define_model_flags()
 flags.DEFINE_integer("layer", None, "Layer to analyse (default: the last layer, as PLIP).")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/multi_sample_attention_<model>.json).")
+flags.DEFINE_bool("plot", False, "Also write a PNG of per-sample sums by group next to the JSON.")
 FLAGS = flags.FLAGS
 
 
@@ -42,6 +43,10 @@ def main(argv):
                                        flags={"layer": result["layer"]})
     write_json(out, payload)
     print(f"Wrote {out}")
+    if FLAGS.plot:
+        from plip_jax.experiments.plots import plot_group_values
+
+        print(f"Wrote {plot_group_values(result, out.with_suffix('.png'), 'summed attention to name tokens (%)')}")
 
 
 if __name__ == "__main__":

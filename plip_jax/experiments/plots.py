@@ -82,3 +82,20 @@ def plot_dose_response(result: dict, path: Path) -> Path:
     a2.set_ylabel("marker → targets attention (%)")
     fig.suptitle(f"{result['model']}: steering at layer {result['layer']} ({result['intervention_type']})", fontsize=9)
     return _save(fig, path)
+
+
+def plot_group_values(result: dict, path: Path, ylabel: str = "attention (%)") -> Path:
+    """Per-sample values of the "python" and "rust" groups (fractions, shown in %) with mean ± 1 SD."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for x, (lang, color) in enumerate((("python", "tab:blue"), ("rust", "tab:orange"))):
+        vals = 100 * np.asarray(result[lang]["values"], float)
+        ax.scatter(np.full(vals.shape, x) + np.linspace(-0.08, 0.08, len(vals)), vals, color=color, zorder=3)
+        if len(vals):
+            ax.errorbar([x + 0.25], [vals.mean()], yerr=[vals.std()], fmt="s", color="k", capsize=4)
+    ax.set_xticks([0, 1])
+    ax.set_xticklabels(["Python doctest", "Rust #[test]"])
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{result['model']}, layer {result['layer']} (Cohen's d = {result.get('cohens_d', float('nan')):.2f})",
+                 fontsize=9)
+    return _save(fig, path)
