@@ -1,0 +1,101 @@
+"""Benchmark: plip-jax workloads vs `transformers` (PyTorch, eager attention) on random weights at real
+code-model shapes, same weights and dtype, same run. Prints a table of medians, torch/JAX ratios,
+arithmetic and memory floors, compile times and peak memory; writes JSON (and optionally Markdown).
+
+    python -m bin.bench --tiny --device=cpu                             # CI smoke test shape (seconds)
+    python -m bin.bench --device=gpu --shapes=qwen2.5-coder-7b --markdown=benchmarks/RESULTS.md
+    python -m bin.bench --flagfile=configs/bench_h100_7b.flags
+
+Shapes: tiny, qwen2.5-coder-3b, qwen2.5-coder-7b, starcoder2-3b, codegemma-7b, codellama-7b (configs/).
+Workloads: layer_scan, knockout_scan, steering_sweep, generation (see plip_jax/bench/workloads.py).
+A shape whose weights do not fit the device (or host RAM on CPU) is refused with a message.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Let torch share the GPU: JAX would otherwise preallocate 75% of it. Must happen before JAX starts.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from plip_jax import cli  # noqa: E402
+
+flags.DEFINE_list("shapes", ["qwen2.5-coder-7b"], "Shapes to benchmark: tiny, qwen2.5-coder-3b, qwen2.5-coder-7b, "
+                  "starcoder2-3b, codegemma-7b, codellama-7b (or 'all' for the five real ones).")
+flags.DEFINE_bool("tiny", False, "Smoke test: --shapes=tiny with small workload sizes (unless given explicitly).")
+flags.DEFINE_list("workloads", ["layer_scan", "knockout_scan", "steering_sweep", "generation"], "Workloads to run.")
+flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float16"], "Weights and activations dtype (both sides).")
+flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "JAX platform (auto = GPU if JAX sees one); torch runs "
+                  "on CUDA when JAX runs on GPU.")
+flags.DEFINE_integer("repeats", None, "Timed calls per measurement after one warm-up call (median reported; "
+                     "default 5, 3 with --tiny).")
+flags.DEFINE_bool("torch", True, "Also time the transformers side (--notorch: JAX only).")
+flags.DEFINE_string("output", None, "JSON output (default outputs/bench_<platform>_<dtype>.json).")
+flags.DEFINE_string("markdown", None, "Also write the RESULTS-style Markdown section here (appended when the file exists).")
+flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.")
+flags.DEFINE_integer("samples", None, "Layer-scan / knockout / steering corpus size (default 20; tiny 4).")
+flags.DEFINE_integer("seq_len", None, "Tokens per corpus sample (default 64; tiny 16).")
+flags.DEFINE_list("doses", None, "Steering Scale doses (default 0.5,1,2,3,4,6).")
+flags.DEFINE_integer("gen_prompts", None, "Generation prompts (default 50; tiny 4).")
+flags.DEFINE_integer("gen_prompt_len", None, "Longest prompt; lengths are uniform in len/2..len (default 64; tiny 8).")
+flags.DEFINE_integer("gen_tokens", None, "New tokens per prompt (default 150; tiny 8).")
+FLAGS = flags.FLAGS
+
+REAL_SHAPES = ("qwen2.5-coder-3b", "qwen2.5-coder-7b", "starcoder2-3b", "codegemma-7b", "codellama-7b")
+
+
+def _sizes():
+    from plip_jax.bench import workloads
+
+    base = workloads.TINY_SIZES if FLAGS.tiny else workloads.Sizes()
+    over = {k: FLAGS[k].value for k in ("samples", "seq_len", "gen_prompts", "gen_prompt_len", "gen_tokens")
+            if FLAGS[k].value is not None}
+    if FLAGS.doses:
+        over["doses"] = tuple(float(d) for d in FLAGS.doses)
+    return dataclasses.replace(base, **over)
+
+
+def main(argv):
+    del argv
+    platform = cli.select_device(FLAGS.device)
+    from plip_jax.bench import runner, shapes
+
+    names = ["tiny"] if (FLAGS.tiny and not FLAGS["shapes"].present) else list(FLAGS.shapes)
+    if names == ["all"]:
+        names = list(REAL_SHAPES)
+    unknown = [n for n in names if n not in shapes.SHAPE_NAMES]
+    if unknown:
+        raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(shapes.SHAPE_NAMES)}")
+    bad = [w for w in FLAGS.workloads if w not in ("layer_scan", "knockout_scan", "steering_sweep", "generation")]
+    if bad:
+        raise SystemExit(f"unknown workload(s) {', '.join(bad)}; known: layer_scan, knockout_scan, steering_sweep, generation")
+    repeats = FLAGS.repeats if FLAGS.repeats is not None else (3 if FLAGS.tiny else 5)
+    opts = runner.Options(shapes=names, workloads=list(FLAGS.workloads), dtype=FLAGS.dtype, repeats=repeats,
+                          sizes=_sizes(), with_torch=FLAGS.torch, seed=FLAGS.seed)
+    result = runner.run(opts, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(runner.text_table(result))
+    out = Path(FLAGS.output) if FLAGS.output else Path("outputs") / f"bench_{platform}_{FLAGS.dtype}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float))
+    print(f"Wrote {out}")
+    if FLAGS.markdown:
+        md = Path(FLAGS.markdown)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        text = runner.markdown(result)
+        if md.exists():
+            text = md.read_text().rstrip("\n") + "\n\n" + text
+        md.write_text(text)
+        print(f"Wrote {md}")
+    if not result["records"]:
+        raise SystemExit("nothing was benchmarked: every shape was refused (see the messages above)")
+
+
+if __name__ == "__main__":
+    app.run(main)

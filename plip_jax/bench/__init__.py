@@ -1,0 +1,3 @@
+"""Benchmark harness: plip-jax workloads vs `transformers` (PyTorch eager) on random weights at real
+model shapes, with roofline floors, compile times and peak memory. Entry point: `bin/bench.py`;
+library: `runner.run(Options(...))`."""

@@ -1,0 +1,148 @@
+"""Floors, targets and tables of benchmark records.
+
+A record (one shape x workload, see `workloads`) gains here: `arith_floor_s` (FLOPs / achievable matmul
+rate), `memory_floor_s` (minimum HBM bytes / bandwidth), `floor_s` (the larger), `speedup`
+(torch median / JAX median) and `target` {"text", "met", "applies"}. The issue's targets are defined for
+bf16 on an H100 at a 7B shape (`applies`); elsewhere they are evaluated the same way and flagged indicative.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from plip_jax.bench.harness import GIB, DevicePeaks
+
+LAYER_SCAN_FLOOR_RATIO = 1.3
+KNOCKOUT_SPEEDUP = 3.0
+GENERATION_SPEEDUP = 2.0
+LAYER_SCAN_MEMORY_BYTES = 16 * (1 << 30)  # "fits in 16 GB": a 16 GB card has 16 GiB
+
+
+def add_floors(rec: dict, peaks: Optional[DevicePeaks]) -> None:
+    """Fill the floors (seconds; None when there is no table entry for the device, e.g. CPU)."""
+    if peaks is None:
+        rec["arith_floor_s"] = rec["memory_floor_s"] = rec["floor_s"] = None
+        return
+    rec["arith_floor_s"] = rec["flops"] / peaks.achievable_flops
+    rec["memory_floor_s"] = rec["bytes"] / peaks.hbm_bytes_per_s
+    rec["floor_s"] = max(rec["arith_floor_s"], rec["memory_floor_s"])
+
+
+def _speedup(rec: dict) -> Optional[float]:
+    if rec.get("torch") and rec.get("jax"):
+        return rec["torch"]["median_s"] / rec["jax"]["median_s"]
+    return None
+
+
+def jax_peak_bytes(rec: dict) -> Optional[int]:
+    """Measured allocator peak when the backend has one (cumulative over the process), else XLA's plan."""
+    j = rec.get("jax") or {}
+    if j.get("peak_bytes_in_use"):
+        return int(j["peak_bytes_in_use"])
+    mem = j.get("xla_memory_bytes")
+    return int(mem["total"]) if mem else None
+
+
+def evaluate_target(rec: dict, applies: bool) -> dict:
+    """The issue's target for this workload: text saying met / missed and by how much."""
+    w, sp = rec["workload"], _speedup(rec)
+    met: Optional[bool] = None
+    if w == "layer_scan":
+        parts = []
+        if rec.get("arith_floor_s"):
+            ratio = rec["jax"]["median_s"] / rec["arith_floor_s"]
+            ok = ratio <= LAYER_SCAN_FLOOR_RATIO
+            parts.append(f"{ratio:.2f}x arith floor (target <= {LAYER_SCAN_FLOOR_RATIO}x): " +
+                         ("met" if ok else f"MISSED by {ratio / LAYER_SCAN_FLOOR_RATIO:.2f}x"))
+            met = ok
+        else:
+            parts.append("floor n/a on this device")
+        peak = jax_peak_bytes(rec)
+        if peak is not None:
+            ok = peak <= LAYER_SCAN_MEMORY_BYTES
+            src = "peak" if (rec["jax"].get("peak_bytes_in_use")) else "XLA plan"
+            parts.append(f"{src} {peak / GIB:.2f} GiB (target <= 16 GiB): " +
+                         ("met" if ok else f"MISSED by {(peak - LAYER_SCAN_MEMORY_BYTES) / GIB:.2f} GiB"))
+            met = ok if met is None else (met and ok)
+        text = "; ".join(parts)
+    elif w == "knockout_scan":
+        if sp is None:
+            text = "no torch run"
+        else:
+            met = sp >= KNOCKOUT_SPEEDUP
+            text = f"{sp:.2f}x vs torch hook-per-layer (target >= {KNOCKOUT_SPEEDUP:.0f}x): " + (
+                "met" if met else f"MISSED, needs {KNOCKOUT_SPEEDUP / sp:.2f}x more")
+    elif w == "steering_sweep":
+        met = bool(rec.get("one_compiled_call"))
+        text = f"one compiled call for {len(rec.get('doses', []))} doses: {'met' if met else 'MISSED'}"
+        if sp is not None:
+            text += f" ({sp:.2f}x vs torch)"
+    elif w == "generation":
+        jt = rec["jax"].get("tokens_per_s")
+        if sp is None:
+            text = f"JAX {jt:.0f} tok/s; no torch run"
+        else:
+            tt = rec["torch"]["tokens_per_s"]
+            met = sp >= GENERATION_SPEEDUP
+            text = f"{jt:.0f} vs {tt:.0f} tok/s = {sp:.2f}x (target >= {GENERATION_SPEEDUP:.0f}x): " + (
+                "met" if met else f"MISSED, needs {GENERATION_SPEEDUP / sp:.2f}x more")
+    else:
+        text = ""
+    if not applies and text:
+        text += " [indicative: targets are for bf16 / H100 / 7B]"
+    return {"text": text, "met": met, "applies": applies}
+
+
+def _ms(x: Optional[float]) -> str:
+    return "n/a" if x is None else (f"{x * 1e3:.1f}" if x * 1e3 >= 1 else f"{x * 1e3:.3f}")
+
+
+def _gib(x: Optional[int]) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x / GIB:.2f}" if x >= 0.01 * GIB else f"{x / GIB:.2g}"
+
+
+COLUMNS = ("shape", "workload", "JAX ms", "torch ms", "torch/JAX", "arith floor ms", "mem floor ms", "JAX/floor",
+           "compile s", "JAX peak GiB", "torch peak GiB", "target")
+
+
+def table_rows(records: list) -> list:
+    rows = []
+    for r in records:
+        if r.get("error"):
+            rows.append((r["shape"], r["workload"]) + ("-",) * 9 + (f"ERROR: {r['error']}",))
+            continue
+        j, t = r["jax"], r.get("torch")
+        sp = _speedup(r)
+        floor = r.get("floor_s")
+        rows.append((r["shape"], r["workload"], _ms(j["median_s"]), _ms(t["median_s"]) if t else "n/a",
+                     f"{sp:.2f}" if sp else "n/a", _ms(r.get("arith_floor_s")), _ms(r.get("memory_floor_s")),
+                     f"{j['median_s'] / floor:.2f}" if floor else "n/a", f"{j['compile_s']:.2f}",
+                     _gib(jax_peak_bytes(r)), _gib(t.get("peak_bytes")) if t else "n/a", r["target"]["text"]))
+    return rows
+
+
+def format_text(records: list, header: str) -> str:
+    rows = [COLUMNS] + table_rows(records)
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(COLUMNS) - 1)]
+    lines = [header]
+    for row in rows:
+        lines.append("  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w)
+                               for i, (c, w) in enumerate(zip(row[:-1], widths))) + "  " + str(row[-1]))
+    return "\n".join(lines)
+
+
+def format_markdown(records: list, meta: dict) -> str:
+    """A RESULTS.md-style section: run description, then the table."""
+    lines = [f"### {meta['device_kind']} ({meta['platform']}), {meta['dtype']}, {meta['timestamp']}", "",
+             f"- devices: JAX {meta['jax_version']} on {meta['device_kind']}; torch {meta['torch_version']} on "
+             f"{meta['torch_device']}; transformers {meta['transformers_version']}",
+             f"- sizes: {meta['sizes']}; median of {meta['repeats']} timed calls after one warm-up call",
+             f"- floors: {meta['floors_note']}",
+             "- JAX peak: allocator peak_bytes_in_use (cumulative over the process, weights included) where the "
+             "backend reports it, else XLA's static plan of the executable (arguments + outputs + temps)",
+             "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in table_rows(records):
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines) + "\n"

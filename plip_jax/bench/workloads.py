@@ -1,0 +1,392 @@
+"""The four benchmark workloads, each timed on the JAX side (the library's entry point) and on the
+`transformers` side (PyTorch, eager attention, same weights, same dtype), in the same process.
+
+* layer_scan: PLIP's marker -> targets attention metric for every layer and sample [B, L].
+  JAX: `attention_metric._transformer_metric` (one batched forward, marker rows reduced on device).
+  torch: one batched forward with `output_attentions=True` (logits of the last row only), same reduction.
+* knockout_scan: baseline + one knockout of the marker -> target edges per layer, every layer: last
+  logits [B, L+1, V] and next-token NLL [B, L+1].
+  JAX: `causal.layer_knockout_scan` (prefix-sharing, one call). torch: L+1 forwards, the knocked layer's
+  attention gets the edges masked (finfo.min) through a forward pre-hook on its `self_attn` that edits the
+  4-D additive `attention_mask` (HF's own eager attention code runs unchanged).
+* steering_sweep: Scale(f) of the marker -> target edges at one layer for 6 doses: last logits, NLL and
+  the marker's attention rows [S, B, ...].
+  JAX: `causal.run_sweep` over the stacked interventions (one compiled call). torch: one forward per dose
+  with a pre-hook adding log(f) to the edges' scores, which is exactly Scale(f) with row renormalisation
+  (softmax(s + log f * m) = p * f^m / sum(p * f^m)); `output_attentions=True` for the marker rows.
+* generation: greedy batched generation of `new_tokens` tokens for prompts of varied lengths, no stop
+  token. JAX: `generation.generate` (one jitted prefill + while-loop decode). torch: `model.generate`
+  with left padding, `do_sample=False`, `min_new_tokens = max_new_tokens`.
+
+Inputs are random tokens (random weights make real text pointless); markers sit in the second half of
+each sample, with 3 distinct earlier target tokens, as in the PLIP corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plip_jax.bench import harness, shapes
+from plip_jax.models.config import ModelConfig
+
+WORKLOADS = ("layer_scan", "knockout_scan", "steering_sweep", "generation")
+DEFAULT_DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)  # bin/steering_experiment's default Scale doses
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Workload sizes: corpus of `samples` x `seq_len` tokens; `doses` steering doses; `gen_prompts`
+    prompts of `gen_prompt_len // 2 .. gen_prompt_len` tokens, `gen_tokens` new tokens each."""
+
+    samples: int = 20
+    seq_len: int = 64
+    doses: tuple = DEFAULT_DOSES
+    gen_prompts: int = 50
+    gen_prompt_len: int = 64
+    gen_tokens: int = 150
+
+
+TINY_SIZES = Sizes(samples=4, seq_len=16, gen_prompts=4, gen_prompt_len=8, gen_tokens=8)
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Random corpus: tokens int32 [B, T], lengths int32 [B], markers int32 [B], targets [B] lists of 3
+    positions < marker, counts float32 [B, T] (target multiplicities), edges bool [B, T, T] (marker -> targets)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    markers: np.ndarray
+    targets: list
+    counts: np.ndarray
+    edges: np.ndarray
+
+
+def make_corpus(cfg: ModelConfig, samples: int, seq_len: int, seed: int = 0) -> Corpus:
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(3, cfg.vocab_size, size=(samples, seq_len)).astype(np.int32)
+    lengths = np.full((samples,), seq_len, np.int32)
+    markers = rng.randint(max(seq_len // 2, 4), seq_len, size=samples).astype(np.int32)
+    counts = np.zeros((samples, seq_len), np.float32)
+    edges = np.zeros((samples, seq_len, seq_len), bool)
+    targets = []
+    for b, m in enumerate(markers):
+        tg = sorted(rng.choice(np.arange(1, m), size=3, replace=False).tolist())
+        targets.append(tg)
+        counts[b, tg] = 1.0
+        edges[b, m, tg] = True
+    return Corpus(tokens, lengths, markers, targets, counts, edges)
+
+
+def steering_layer(cfg: ModelConfig) -> int:
+    """The steered layer: the middle one (PLIP's default for the steering experiment)."""
+    return cfg.num_layers // 2
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _jax_record(timing: harness.Timing, compile_s: Optional[float], xla_mem: Optional[dict]) -> dict:
+    stats = harness.jax_memory_stats() or {}
+    return {"median_s": timing.median_s, "times_s": timing.times_s, "first_call_s": timing.first_s,
+            "compile_s": compile_s if compile_s is not None else timing.first_minus_median_s,
+            "compile_method": "lower().compile() wall time" if compile_s is not None else "first call - median",
+            "xla_memory_bytes": xla_mem,
+            "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+            "bytes_in_use": stats.get("bytes_in_use")}
+
+
+def _torch_record(timing: harness.Timing, device: str) -> dict:
+    return {"median_s": timing.median_s, "times_s": timing.times_s, "first_call_s": timing.first_s,
+            "peak_bytes": harness.torch_peak_bytes(device)}
+
+
+def _aot(fn, *args, **static):
+    """(compiled executable, wall seconds of lower + compile, XLA memory plan)."""
+    import time
+
+    t = time.perf_counter()
+    compiled = fn.lower(*args, **static).compile()
+    return compiled, time.perf_counter() - t, harness.xla_memory_bytes(compiled)
+
+
+def _torch_inputs(corpus: Corpus, device: str):
+    import torch
+
+    ids = torch.as_tensor(corpus.tokens, dtype=torch.long, device=device)
+    mask = (torch.arange(corpus.tokens.shape[1], device=device)[None] <
+            torch.as_tensor(corpus.lengths, device=device)[:, None]).long()
+    return ids, mask
+
+
+def _edit_mask_hook(edges, add: Optional[float]):
+    """Forward pre-hook for a `self_attn` module: edges (bool torch [B, T, T]) of the 4-D additive
+    attention_mask get finfo.min (add=None: knockout) or + add (log of a Scale factor)."""
+    import torch
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        q = kwargs.get("hidden_states", args[0] if args else None)
+        dtype = q.dtype
+        b, t = edges.shape[0], edges.shape[1]
+        if mask is None:
+            causal = torch.ones(t, t, dtype=torch.bool, device=edges.device).tril()
+            mask = torch.zeros(b, 1, t, t, dtype=dtype, device=edges.device).masked_fill(~causal, torch.finfo(dtype).min)
+        elif mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        e = edges[:, None, :, : mask.shape[-1]]
+        if add is None:
+            mask = mask.masked_fill(e, torch.finfo(mask.dtype).min)
+        else:
+            mask = mask + e.to(mask.dtype) * add
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    return hook
+
+
+def _torch_nll(logits, ids, lengths):
+    """Mean next-token NLL [B] (nats) of positions 0..length-2, as `plip_jax.metrics.sequence_nll`."""
+    import torch
+
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tok = torch.gather(lp, -1, ids[:, 1:, None])[..., 0]
+    valid = torch.arange(ids.shape[1] - 1, device=ids.device)[None] < (lengths[:, None] - 1)
+    return -(tok * valid).sum(-1) / valid.sum(-1)
+
+
+def _last_rows(logits, lengths):
+    import torch
+
+    return logits[torch.arange(logits.shape[0], device=logits.device), lengths - 1].float()
+
+
+def _max_abs(a: Any, b: Any) -> float:
+    return float(np.nanmax(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def layer_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
+               dtype: str = "float32") -> dict:
+    """Time the layer-scan metric [B, L]; returns the workload record (see module doc)."""
+    from plip_jax.experiments.attention_metric import _transformer_metric
+
+    args = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers[:, None], corpus.counts))
+    compiled, compile_s, xla_mem = _aot(_transformer_metric, params, *args, cfg=cfg, rope_mode="hf")
+    timing, out = harness.time_calls(lambda: compiled(params, *args), repeats, harness.jax_sync)
+    rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None}
+    jax_metric = np.asarray(out, np.float64)
+    lens = corpus.lengths.tolist()
+    rec["flops"] = shapes.forward_flops(cfg, lens)
+    rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=False)
+    rec["tokens"] = int(sum(lens))
+    rec["result_summary"] = {"metric_mean": float(np.nanmean(jax_metric))}
+    if torch_model is not None:
+        import torch
+
+        ids, mask = _torch_inputs(corpus, torch_device)
+        markers = torch.as_tensor(corpus.markers, dtype=torch.long, device=torch_device)
+        counts = torch.as_tensor(corpus.counts, device=torch_device)
+
+        def run():
+            with torch.no_grad():
+                o = torch_model(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False,
+                                logits_to_keep=1)
+                att = torch.stack(o.attentions, 1)  # [B, L, H, T, T]
+                rows = att[torch.arange(att.shape[0], device=att.device), :, :, markers].float().mean(2)  # [B, L, T]
+                return torch.einsum("blt,bt->bl", rows, counts) / counts.sum(-1, keepdim=True)
+
+        harness.torch_reset_peak(torch_device)
+        t_timing, t_out = harness.time_calls(run, repeats, harness.torch_sync(torch_device))
+        rec["torch"] = _torch_record(t_timing, torch_device)
+        rec["agreement"] = {"metric_max_abs_diff": _max_abs(jax_metric, t_out.cpu().numpy()),
+                            "metric_scale": float(np.nanmax(np.abs(jax_metric)))}
+        rec["jax_metric"] = jax_metric.tolist() if jax_metric.size <= 4096 else None
+        rec["torch_metric"] = t_out.cpu().double().numpy().tolist() if jax_metric.size <= 4096 else None
+    return rec
+
+
+def knockout_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
+                  dtype: str = "float32") -> dict:
+    """Time the all-layer knockout scan (baseline + L single-layer knockouts of marker -> targets)."""
+    from plip_jax.experiments import causal
+
+    b = corpus.tokens.shape[0]
+    heads = np.ones((b, cfg.num_heads), bool)
+    args = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads))
+    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan, params, *args, cfg=cfg, rope_mode="hf")
+    timing, out = harness.time_calls(lambda: compiled(params, *args), repeats, harness.jax_sync)
+    L = cfg.num_layers
+    lens = corpus.lengths.tolist()
+    rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None}
+    # minimal work with a shared prefix: baseline L blocks + (L - k) blocks for the knockout at layer k
+    rec["flops"] = shapes.forward_flops(cfg, lens, blocks_per_sample=L + L * (L + 1) / 2, logits_rows_per_sample=L + 1)
+    rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
+    rec["tokens"] = int(sum(lens))
+    jax_last, jax_nll = np.asarray(out["last"], np.float64), np.asarray(out["nll"], np.float64)
+    rec["result_summary"] = {"mean_delta_nll": float(np.nanmean(jax_nll[:, 1:] - jax_nll[:, :1]))}
+    if torch_model is not None:
+        import torch
+
+        ids, mask = _torch_inputs(corpus, torch_device)
+        lengths = torch.as_tensor(corpus.lengths, dtype=torch.long, device=torch_device)
+        edges = torch.as_tensor(corpus.edges, device=torch_device)
+        layers = torch_model.model.layers
+
+        def run():
+            lasts, nlls = [], []
+            with torch.no_grad():
+                for k in [None] + list(range(L)):
+                    handle = None if k is None else layers[k].self_attn.register_forward_pre_hook(
+                        _edit_mask_hook(edges, None), with_kwargs=True)
+                    try:
+                        logits = torch_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    finally:
+                        if handle is not None:
+                            handle.remove()
+                    lasts.append(_last_rows(logits, lengths))
+                    nlls.append(_torch_nll(logits, ids, lengths))
+            return torch.stack(lasts, 1), torch.stack(nlls, 1)
+
+        harness.torch_reset_peak(torch_device)
+        t_timing, (t_last, t_nll) = harness.time_calls(run, repeats, harness.torch_sync(torch_device))
+        rec["torch"] = _torch_record(t_timing, torch_device)
+        rec["agreement"] = {"last_logits_max_abs_diff": _max_abs(jax_last, t_last.cpu().double().numpy()),
+                            "nll_max_abs_diff": _max_abs(jax_nll, t_nll.cpu().double().numpy()),
+                            "logit_scale": float(np.abs(jax_last).max())}
+    return rec
+
+
+def _steering_interventions(cfg: ModelConfig, corpus: Corpus, doses: Sequence[float], layer: int):
+    """Stacked Scale interventions [S, B, ...] of the marker -> target edges at `layer`."""
+    from plip_jax import interventions as ivs
+    from plip_jax.experiments import causal
+
+    t = corpus.tokens.shape[1]
+    per_dose = []
+    for f in doses:
+        per_sample = [ivs.Interventions(scale=ivs.scale(t, [(int(m), int(x)) for x in tg], float(f), length=int(n),
+                                                        n_layers=cfg.num_layers, n_heads=cfg.num_heads, layers=[layer]))
+                      for m, tg, n in zip(corpus.markers, corpus.targets, corpus.lengths)]
+        per_dose.append(causal.stack_interventions(per_sample))
+    return causal.stack_interventions(per_dose)
+
+
+def steering_sweep(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
+                   dtype: str = "float32", doses: Sequence[float] = DEFAULT_DOSES) -> dict:
+    """Time a Scale dose sweep at the middle layer: S doses x B samples in one compiled call."""
+    from plip_jax.experiments import causal
+
+    layer = steering_layer(cfg)
+    iv = _steering_interventions(cfg, corpus, doses, layer)
+    tokens, lengths, markers = (jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers))
+    compiled, compile_s, xla_mem = _aot(causal.run_sweep, params, tokens, lengths, iv, cfg=cfg, rope_mode="hf",
+                                        markers=markers)
+    timing, out = harness.time_calls(lambda: compiled(params, tokens, lengths, iv, markers=markers), repeats, harness.jax_sync)
+    lens = corpus.lengths.tolist()
+    s = len(doses)
+    rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None, "doses": list(map(float, doses)),
+           "layer": layer, "one_compiled_call": True}
+    rec["jax"]["calls_per_sweep"] = 1
+    rec["flops"] = s * shapes.forward_flops(cfg, lens, logits_rows_per_sample=1)
+    rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
+    rec["tokens"] = int(sum(lens)) * s
+    jax_last = np.asarray(out["last"], np.float64)  # [S, B, V]
+    rows = np.asarray(out["marker_rows"], np.float64)  # [S, B, L, H, T]
+    achieved = np.stack([(rows[:, i, layer].mean(1) * corpus.counts[i]).sum(-1) for i in range(rows.shape[1])], 1)
+    rec["result_summary"] = {"achieved_attention_by_dose": achieved.mean(1).tolist()}
+    if torch_model is not None:
+        import torch
+
+        ids, mask = _torch_inputs(corpus, torch_device)
+        lengths_t = torch.as_tensor(corpus.lengths, dtype=torch.long, device=torch_device)
+        edges = torch.as_tensor(corpus.edges, device=torch_device)
+        markers_t = torch.as_tensor(corpus.markers, dtype=torch.long, device=torch_device)
+        attn = torch_model.model.layers[layer].self_attn
+
+        def run():
+            lasts, nlls, rows_ = [], [], []
+            with torch.no_grad():
+                for f in doses:
+                    add = None if f == 0 else math.log(f)
+                    handle = attn.register_forward_pre_hook(_edit_mask_hook(edges, add), with_kwargs=True)
+                    try:
+                        o = torch_model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True)
+                    finally:
+                        handle.remove()
+                    lasts.append(_last_rows(o.logits, lengths_t))
+                    nlls.append(_torch_nll(o.logits, ids, lengths_t))
+                    att = torch.stack(o.attentions, 1)
+                    rows_.append(att[torch.arange(att.shape[0], device=att.device), :, :, markers_t])
+            return torch.stack(lasts), torch.stack(nlls), torch.stack(rows_)
+
+        harness.torch_reset_peak(torch_device)
+        t_timing, (t_last, t_nll, t_rows) = harness.time_calls(run, repeats, harness.torch_sync(torch_device))
+        rec["torch"] = _torch_record(t_timing, torch_device)
+        rec["torch"]["calls_per_sweep"] = s
+        rec["agreement"] = {"last_logits_max_abs_diff": _max_abs(jax_last, t_last.cpu().double().numpy()),
+                            "nll_max_abs_diff": _max_abs(np.asarray(out["nll"]), t_nll.cpu().double().numpy()),
+                            "marker_rows_max_abs_diff": _max_abs(rows, t_rows.cpu().double().numpy()),
+                            "logit_scale": float(np.abs(jax_last).max())}
+    return rec
+
+
+def make_prompts(cfg: ModelConfig, n: int, max_len: int, seed: int = 1) -> list:
+    """n random prompts (token id lists) of lengths uniform in max_len // 2 .. max_len."""
+    rng = np.random.RandomState(seed)
+    lens = rng.randint(max(max_len // 2, 1), max_len + 1, size=n)
+    return [rng.randint(3, cfg.vocab_size, size=int(k)).tolist() for k in lens]
+
+
+def generation(params, cfg: ModelConfig, prompts: list, new_tokens: int, repeats: int, torch_model=None,
+               torch_device: str = "cpu", dtype: str = "float32") -> dict:
+    """Time greedy batched generation of `new_tokens` tokens per prompt (no stop token)."""
+    from plip_jax import generation as gen
+
+    def run_jax():
+        return gen.generate(params, cfg, prompts, max_new_tokens=new_tokens, stop_ids=())
+
+    timing, out = harness.time_calls(run_jax, repeats, lambda r: r)  # generate() returns host arrays (synced)
+    lens = [len(p) for p in prompts]
+    n_tok = len(prompts) * new_tokens
+    rec = {"jax": _jax_record(timing, None, None), "torch": None, "new_tokens": n_tok}
+    rec["jax"]["tokens_per_s"] = n_tok / timing.median_s
+    rec["flops"] = shapes.generation_flops(cfg, lens, new_tokens)
+    rec["bytes"] = shapes.generation_bytes(cfg, lens, new_tokens, dtype)
+    rec["tokens"] = int(sum(lens)) + n_tok
+    if torch_model is not None:
+        import torch
+
+        width = max(lens)
+        ids = np.zeros((len(prompts), width), np.int64)
+        mask = np.zeros((len(prompts), width), np.int64)
+        for i, p in enumerate(prompts):  # left padding
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+        ids_t = torch.as_tensor(ids, device=torch_device)
+        mask_t = torch.as_tensor(mask, device=torch_device)
+
+        def run_torch():
+            with torch.no_grad():
+                return torch_model.generate(ids_t, attention_mask=mask_t, max_new_tokens=new_tokens,
+                                            min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                            pad_token_id=0)
+
+        harness.torch_reset_peak(torch_device)
+        t_timing, t_out = harness.time_calls(run_torch, repeats, harness.torch_sync(torch_device))
+        rec["torch"] = _torch_record(t_timing, torch_device)
+        rec["torch"]["tokens_per_s"] = n_tok / t_timing.median_s
+        hf_tokens = t_out[:, width:].cpu().numpy()
+        first_diff = [int(np.argmax(a != b)) if (a != b).any() else new_tokens
+                      for a, b in zip(np.asarray(out.tokens), hf_tokens)]
+        rec["agreement"] = {"greedy_token_agreement": float((np.asarray(out.tokens) == hf_tokens).mean()),
+                            "mean_tokens_before_first_difference": float(np.mean(first_diff))}
+    return rec
