@@ -1,0 +1,120 @@
+"""CI smoke test of the benchmark harness: the tiny shape on CPU, all four workloads, JAX and torch
+sides on the same weights (JAX and transformers must agree), the table and JSON fields, floors and
+targets on a (simulated) H100, and the refusal of shapes that do not fit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plip_jax.bench import harness, models, report, runner, shapes, workloads
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    opts = runner.Options(shapes=["tiny"], dtype="float32", repeats=1, sizes=workloads.TINY_SIZES)
+    return runner.run(opts, log=lambda s: None)
+
+
+def test_all_workloads_run_on_both_sides(tiny_result):
+    recs = {r["workload"]: r for r in tiny_result["records"]}
+    assert set(recs) == set(workloads.WORKLOADS)
+    for w, r in recs.items():
+        assert "error" not in r, r.get("error")
+        for key in ("median_s", "times_s", "first_call_s", "compile_s"):
+            assert r["jax"][key] is not None and np.isfinite(r["jax"][key]), (w, key)
+        assert r["torch"]["median_s"] > 0
+        assert r["flops"] > 0 and r["bytes"] > 0
+        assert r["floor_s"] is None  # CPU: no roofline entry
+        assert r["target"]["text"] and r["target"]["applies"] is False
+    assert recs["steering_sweep"]["one_compiled_call"] and recs["steering_sweep"]["jax"]["calls_per_sweep"] == 1
+    assert recs["generation"]["jax"]["tokens_per_s"] > 0 and recs["generation"]["torch"]["tokens_per_s"] > 0
+    assert recs["layer_scan"]["jax"]["xla_memory_bytes"]["total"] > 0
+
+
+def test_jax_and_transformers_agree_on_the_same_weights(tiny_result):
+    recs = {r["workload"]: r for r in tiny_result["records"]}
+    ls = recs["layer_scan"]
+    assert ls["agreement"]["metric_scale"] > 0.05  # attention far from uniform: the check has teeth
+    assert ls["agreement"]["metric_max_abs_diff"] <= 1e-5
+    np.testing.assert_allclose(np.asarray(ls["jax_metric"]), np.asarray(ls["torch_metric"]), atol=1e-5)
+    ko = recs["knockout_scan"]["agreement"]
+    assert ko["last_logits_max_abs_diff"] <= 1e-4 and ko["nll_max_abs_diff"] <= 1e-4
+    st = recs["steering_sweep"]["agreement"]
+    assert st["last_logits_max_abs_diff"] <= 1e-4 and st["marker_rows_max_abs_diff"] <= 1e-5
+    assert recs["generation"]["agreement"]["greedy_token_agreement"] >= 0.9
+
+
+def test_table_and_json(tiny_result):
+    text = runner.text_table(tiny_result)
+    for col in report.COLUMNS:
+        assert col in text
+    for w in workloads.WORKLOADS:
+        assert f"tiny   {w}" in text
+    md = runner.markdown(tiny_result)
+    assert md.count("| tiny |") == 4 and "cpu" in md
+    payload = json.loads(json.dumps(tiny_result, default=float))
+    assert payload["meta"]["platform"] == "cpu" and payload["meta"]["dtype"] == "float32"
+    assert payload["meta"]["sizes"]["samples"] == workloads.TINY_SIZES.samples
+
+
+def test_binary_end_to_end(tmp_path):
+    out, md = tmp_path / "bench.json", tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bin.bench", "--tiny", "--device=cpu", "--dtype=float32", "--repeats=1",
+         "--workloads=layer_scan,steering_sweep", f"--output={out}", f"--markdown={md}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch/JAX" in proc.stdout and "layer_scan" in proc.stdout
+    data = json.loads(out.read_text())
+    assert [r["workload"] for r in data["records"]] == ["layer_scan", "steering_sweep"]
+    assert "| tiny | steering_sweep |" in md.read_text()
+
+
+def test_floors_and_targets_on_h100():
+    peaks = harness.device_peaks("NVIDIA H100 80GB HBM3", "gpu", "bfloat16")
+    assert peaks.achievable_flops == 790e12 and peaks.hbm_bytes_per_s == 3.35e12
+    assert harness.device_peaks("cpu", "cpu", "bfloat16") is None
+    cfg = shapes.model_config("qwen2.5-coder-7b")
+    rec = {"workload": "layer_scan", "flops": shapes.forward_flops(cfg, [64] * 20),
+           "bytes": shapes.pass_bytes(cfg, "bfloat16", with_head=False),
+           "jax": {"median_s": 0.049, "peak_bytes_in_use": 15 * (1 << 30)}}
+    report.add_floors(rec, peaks)
+    # 2 x 6.5e9 non-embedding params x 1280 tokens (+ attention) at 790 TFLOP/s ~ 21 ms
+    assert 0.020 < rec["arith_floor_s"] < 0.023
+    assert 0.0035 < rec["memory_floor_s"] < 0.0045  # 13 GB of decoder weights at 3.35 TB/s
+    target = report.evaluate_target(rec, applies=True)
+    assert target["met"] is False and "MISSED by" in target["text"]
+    rec["jax"]["median_s"] = 0.025
+    assert report.evaluate_target(rec, applies=True)["met"] is True
+    ko = {"workload": "knockout_scan", "jax": {"median_s": 1.0}, "torch": {"median_s": 2.0}}
+    assert "needs 1.50x more" in report.evaluate_target(ko, applies=True)["text"]
+
+
+def test_param_counts_match_the_public_models():
+    counts = {n: shapes.sizes(shapes.model_config(n)).total_params / 1e9 for n in workloads_shapes()}
+    assert abs(counts["qwen2.5-coder-7b"] - 7.62) < 0.01 and abs(counts["qwen2.5-coder-3b"] - 3.09) < 0.01
+    assert abs(counts["codellama-7b"] - 6.74) < 0.01 and abs(counts["codegemma-7b"] - 8.54) < 0.01
+    assert abs(counts["starcoder2-3b"] - 3.03) < 0.01
+
+
+def workloads_shapes():
+    return [n for n in shapes.SHAPE_NAMES if n != "tiny"]
+
+
+def test_too_large_shapes_are_refused():
+    cfg = shapes.model_config("qwen2.5-coder-7b")
+    msg = models.check_fits("qwen2.5-coder-7b", cfg, "bfloat16", "cpu", True, available=8 << 30)
+    assert msg and "refusing" in msg and "GiB" in msg and "--tiny" in msg
+    assert models.check_fits("tiny", shapes.model_config("tiny"), "float32", "cpu", True, available=8 << 30) is None
+    result = runner.run(runner.Options(shapes=["codegemma-7b"], dtype="float32"), log=lambda s: None) \
+        if (harness.available_memory_bytes("cpu") or 0) < 120 << 30 else None
+    if result is not None:
+        assert not result["records"] and result["refused"][0]["shape"] == "codegemma-7b"
