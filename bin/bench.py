@@ -46,6 +46,8 @@ flags.DEFINE_list("doses", None, "Steering Scale doses (default 0.5,1,2,3,4,6)."
 flags.DEFINE_integer("gen_prompts", None, "Generation prompts (default 50; tiny 4).")
 flags.DEFINE_integer("gen_prompt_len", None, "Longest prompt; lengths are uniform in len/2..len (default 64; tiny 8).")
 flags.DEFINE_integer("gen_tokens", None, "New tokens per prompt (default 150; tiny 8).")
+flags.DEFINE_integer("knockout_batch", None, "Samples per knockout-scan call (default: all, fewer when the "
+                     "library's [b, L+1, T, V] f32 logits would exceed a quarter of the GPU).")
 FLAGS = flags.FLAGS
 
 REAL_SHAPES = ("qwen2.5-coder-3b", "qwen2.5-coder-7b", "starcoder2-3b", "codegemma-7b", "codellama-7b")
@@ -55,7 +57,8 @@ def _sizes():
     from plip_jax.bench import workloads
 
     base = workloads.TINY_SIZES if FLAGS.tiny else workloads.Sizes()
-    over = {k: FLAGS[k].value for k in ("samples", "seq_len", "gen_prompts", "gen_prompt_len", "gen_tokens")
+    over = {k: FLAGS[k].value for k in ("samples", "seq_len", "gen_prompts", "gen_prompt_len", "gen_tokens",
+                                                   "knockout_batch")
             if FLAGS[k].value is not None}
     if FLAGS.doses:
         over["doses"] = tuple(float(d) for d in FLAGS.doses)

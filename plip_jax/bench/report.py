@@ -57,10 +57,11 @@ def evaluate_target(rec: dict, applies: bool) -> dict:
             met = ok
         else:
             parts.append("floor n/a on this device")
-        peak = jax_peak_bytes(rec)
+        plan = (rec["jax"].get("xla_memory_bytes") or {}).get("total")
+        peak = plan if plan is not None else rec["jax"].get("peak_bytes_in_use")
         if peak is not None:
             ok = peak <= LAYER_SCAN_MEMORY_BYTES
-            src = "peak" if (rec["jax"].get("peak_bytes_in_use")) else "XLA plan"
+            src = "XLA plan (weights + inputs + temps + outputs)" if plan is not None else "measured peak"
             parts.append(f"{src} {peak / GIB:.2f} GiB (target <= 16 GiB): " +
                          ("met" if ok else f"MISSED by {(peak - LAYER_SCAN_MEMORY_BYTES) / GIB:.2f} GiB"))
             met = ok if met is None else (met and ok)
@@ -72,6 +73,8 @@ def evaluate_target(rec: dict, applies: bool) -> dict:
             met = sp >= KNOCKOUT_SPEEDUP
             text = f"{sp:.2f}x vs torch hook-per-layer (target >= {KNOCKOUT_SPEEDUP:.0f}x): " + (
                 "met" if met else f"MISSED, needs {KNOCKOUT_SPEEDUP / sp:.2f}x more")
+            if rec["jax"].get("calls", 1) > 1:
+                text += f" (JAX: {rec['jax']['calls']} calls of {rec['jax']['samples_per_call']} samples)"
     elif w == "steering_sweep":
         met = bool(rec.get("one_compiled_call"))
         text = f"one compiled call for {len(rec.get('doses', []))} doses: {'met' if met else 'MISSED'}"

@@ -96,7 +96,10 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict:
                 if w == "layer_scan":
                     rec = wl.layer_scan(params, cfg, corpus, opts.repeats, torch_model, torch_device, opts.dtype)
                 elif w == "knockout_scan":
-                    rec = wl.knockout_scan(params, cfg, corpus, opts.repeats, torch_model, torch_device, opts.dtype)
+                    bs = opts.sizes.knockout_batch or wl.knockout_batch_size(
+                        cfg, opts.sizes.samples, opts.sizes.seq_len,
+                        harness.available_memory_bytes(platform) if platform != "cpu" else None)
+                    rec = wl.knockout_scan(params, cfg, corpus, opts.repeats, torch_model, torch_device, opts.dtype, bs)
                 elif w == "steering_sweep":
                     rec = wl.steering_sweep(params, cfg, corpus, opts.repeats, torch_model, torch_device,
                                                    opts.dtype, opts.sizes.doses)

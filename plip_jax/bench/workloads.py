@@ -42,7 +42,8 @@ DEFAULT_DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)  # bin/steering_experiment's defa
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """Workload sizes: corpus of `samples` x `seq_len` tokens; `doses` steering doses; `gen_prompts`
-    prompts of `gen_prompt_len // 2 .. gen_prompt_len` tokens, `gen_tokens` new tokens each."""
+    prompts of `gen_prompt_len // 2 .. gen_prompt_len` tokens, `gen_tokens` new tokens each;
+    `knockout_batch` samples per knockout-scan call (0 = automatic, see `knockout_batch_size`)."""
 
     samples: int = 20
     seq_len: int = 64
@@ -50,6 +51,7 @@ class Sizes:
     gen_prompts: int = 50
     gen_prompt_len: int = 64
     gen_tokens: int = 150
+    knockout_batch: int = 0  # samples per knockout-scan call (0: all, or fewer when the logits would not fit)
 
 
 TINY_SIZES = Sizes(samples=4, seq_len=16, gen_prompts=4, gen_prompt_len=8, gen_tokens=8)
@@ -214,19 +216,41 @@ def layer_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_mod
     return rec
 
 
+def knockout_batch_size(cfg: ModelConfig, samples: int, seq_len: int, available: Optional[int]) -> int:
+    """Samples per `layer_knockout_scan` call: all of them unless the call's f32 logits of every stream
+    ([b, L+1, T, V], materialised by the library for the NLL, about twice with the log-softmax) would exceed
+    a quarter of the device memory; then the largest divisor of `samples` that fits (one executable)."""
+    if not available:
+        return samples
+    per_sample = 2 * (cfg.num_layers + 1) * seq_len * cfg.vocab_size * 4
+    limit = max(1, int(available // 4 // per_sample))
+    return max(d for d in range(1, samples + 1) if samples % d == 0 and d <= limit)
+
+
 def knockout_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
-                  dtype: str = "float32") -> dict:
-    """Time the all-layer knockout scan (baseline + L single-layer knockouts of marker -> targets)."""
+                  dtype: str = "float32", batch_size: Optional[int] = None) -> dict:
+    """Time the all-layer knockout scan (baseline + L single-layer knockouts of marker -> targets), in calls
+    of `batch_size` samples (None: all samples in one call)."""
     from plip_jax.experiments import causal
 
     b = corpus.tokens.shape[0]
+    bs = b if not batch_size else int(batch_size)
+    if b % bs:
+        raise ValueError(f"knockout batch size {bs} must divide the {b} samples")
     heads = np.ones((b, cfg.num_heads), bool)
-    args = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads))
-    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan, params, *args, cfg=cfg, rope_mode="hf")
-    timing, out = harness.time_calls(lambda: compiled(params, *args), repeats, harness.jax_sync)
+    full = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads))
+    chunks = [tuple(x[i:i + bs] for x in full) for i in range(0, b, bs)]
+    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan, params, *chunks[0], cfg=cfg, rope_mode="hf")
+
+    def run():
+        outs = [compiled(params, *c) for c in chunks]
+        return outs[0] if len(outs) == 1 else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
+
+    timing, out = harness.time_calls(run, repeats, harness.jax_sync)
     L = cfg.num_layers
     lens = corpus.lengths.tolist()
     rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None}
+    rec["jax"].update(calls=len(chunks), samples_per_call=bs)
     # minimal work with a shared prefix: baseline L blocks + (L - k) blocks for the knockout at layer k
     rec["flops"] = shapes.forward_flops(cfg, lens, blocks_per_sample=L + L * (L + 1) / 2, logits_rows_per_sample=L + 1)
     rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
