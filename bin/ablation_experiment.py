@@ -34,6 +34,8 @@ flags.DEFINE_bool("all_edges", False, "Knock out every later row -> marker colum
 flags.DEFINE_list("heads", None, "Query heads to knock out (default: all).")
 flags.DEFINE_bool("include_baselines", False, "Also run the baseline groups (marker-like syntax without tests).")
 flags.DEFINE_integer("control_seed", 0, "Seed of the random-edge control (negative: no control).")
+flags.DEFINE_string("logit_token", None, "Also report each sample's logit difference (baseline - knocked) of this "
+                    "single token, e.g. '\\n' or ' assert'.")
 flags.DEFINE_bool("plot", False, "Write a PNG next to the JSON.")
 FLAGS = flags.FLAGS
 
@@ -76,7 +78,8 @@ def main(argv):
         else:
             mode, layers = "layer", [target]
         result = knockout.run_knockout(model, corpus, layers=layers, include_baselines=FLAGS.include_baselines,
-                                       control_seed=None if FLAGS.control_seed < 0 else FLAGS.control_seed, **common)
+                                       control_seed=None if FLAGS.control_seed < 0 else FLAGS.control_seed,
+                                       logit_token=FLAGS.logit_token, **common)
         print(knockout_table_single(result))
     suffix = {"layer": f"layer{target}", "window": f"layers{FLAGS.layer_start}_{FLAGS.layer_end}"}.get(mode, mode)
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output(f"ablation_{suffix}", model.source.slug)

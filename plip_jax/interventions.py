@@ -233,3 +233,43 @@ def set_value(n_positions: int, edges: Sequence[tuple[int, int]], value: float, 
             )
     return AttentionSetValue(edges=jnp.asarray(m), layers=jnp.asarray(layer_mask(n_layers, layers)),
                              heads=jnp.asarray(head_mask(n_heads, heads)), value=jnp.float32(value))
+
+
+def _residual_where(n_layers: int, n_positions: int, layers, positions, length: int, context: str) -> np.ndarray:
+    where = np.zeros((n_layers, n_positions), bool)
+    lm = layer_mask(n_layers, layers)
+    positions = list(range(length)) if positions is None else [int(p) for p in positions]
+    if not positions:
+        raise InterventionError(f"empty position selection for a residual edit ({context})")
+    bad = [p for p in positions if not 0 <= p < length]
+    if bad:
+        raise InterventionError(f"residual-edit positions {bad} are outside the sequence of {length} tokens ({context})")
+    where[np.ix_(lm, positions)] = True
+    return where
+
+
+def residual_add(n_positions: int, vector, *, length: int, n_layers: int, layers, positions=None,
+                 context: str = "") -> ResidualEdit:
+    """Add `vector` [D] (or [T, D]) to the residual stream after each of `layers` at `positions` (None = all)."""
+    where = _residual_where(n_layers, n_positions, layers, positions, length, context)
+    vector = np.asarray(vector, np.float32)
+    add = np.broadcast_to(vector if vector.ndim == 2 else vector[None], (n_positions, vector.shape[-1]))
+    return ResidualEdit(where=jnp.asarray(where), keep=jnp.float32(1.0),
+                        add=jnp.asarray(np.broadcast_to(add, (n_layers,) + add.shape)))
+
+
+def residual_zero(n_positions: int, d_model: int, *, length: int, n_layers: int, layers, positions,
+                  context: str = "") -> ResidualEdit:
+    """Zero the residual stream after each of `layers` at `positions`."""
+    where = _residual_where(n_layers, n_positions, layers, positions, length, context)
+    return ResidualEdit(where=jnp.asarray(where), keep=jnp.float32(0.0),
+                        add=jnp.zeros((n_layers, n_positions, d_model), jnp.float32))
+
+
+def residual_patch(source_resid, *, length: int, layers, positions, context: str = "") -> ResidualEdit:
+    """Replace the residual stream after each of `layers` at `positions` by another run's
+    (`source_resid` [L, T, D], e.g. `Capture(resid_post="all")` of the source run; same padded T)."""
+    source_resid = jnp.asarray(source_resid)
+    n_layers, n_positions, _ = source_resid.shape
+    where = _residual_where(n_layers, n_positions, layers, positions, length, context)
+    return ResidualEdit(where=jnp.asarray(where), keep=jnp.float32(0.0), add=source_resid.astype(jnp.float32))

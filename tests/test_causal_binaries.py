@@ -23,7 +23,8 @@ def _run(args, tmp_path):
 
 def test_ablation_single_layer_matches_plip_schema(tmp_path):
     out = tmp_path / "abl.json"
-    stdout = _run(["bin.ablation_experiment", f"--output={out}", "--include_baselines", "--plot"], tmp_path)
+    stdout = _run(["bin.ablation_experiment", f"--output={out}", "--include_baselines", "--plot",
+                   "--logit_token=\n"], tmp_path)
     assert "Welch t" in stdout and "random-edge control" in stdout
     got = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 5000
@@ -38,6 +39,7 @@ def test_ablation_single_layer_matches_plip_schema(tmp_path):
     assert got["random_edge_control"]["python"]["n"] == 10
     assert {s["id"] for s in got["skipped_samples"]} >= {"rust_derive_debug"}  # future targets: reported, not 0
     assert got["provenance"]["model"]["kind"] == "bundled"
+    assert all(r["logit_diff_token"]["token"] == "\n" for r in got["sample_results"])
 
 
 def test_ablation_scan_layers_covers_every_layer_and_sample(tmp_path):

@@ -114,6 +114,26 @@ def test_residual_zero_add_and_patch(bundled_model, sample):
     np.testing.assert_allclose(out, o["logits"], atol=1e-4)
 
 
+def test_residual_builders(bundled_model, sample):
+    toks, n = sample
+    cfg = bundled_model.cfg
+    base = jit_forward(bundled_model.params, toks, cfg, capture=Capture(logits="all", resid_post="all"))
+    v = np.random.RandomState(0).randn(cfg.hidden_size).astype(np.float32)
+    iv = ivs.Interventions(residual=ivs.residual_add(n, v, length=n, n_layers=cfg.num_layers, layers=[2], positions=[4]))
+    out = jit_forward(bundled_model.params, toks, cfg, interventions=iv, capture=Capture(logits="all", resid_post="all"))
+    np.testing.assert_allclose(out["resid_post"][2, 4] - base["resid_post"][2, 4], v, atol=1e-4)
+    np.testing.assert_allclose(out["resid_post"][2, :4], base["resid_post"][2, :4], atol=1e-6)
+    iv = ivs.Interventions(residual=ivs.residual_zero(n, cfg.hidden_size, length=n, n_layers=cfg.num_layers,
+                                                      layers=[1], positions=[0, 3]))
+    out = jit_forward(bundled_model.params, toks, cfg, interventions=iv, capture=Capture(logits="all", resid_post="all"))
+    assert float(jnp.abs(out["resid_post"][1, jnp.asarray([0, 3])]).max()) == 0.0
+    iv = ivs.Interventions(residual=ivs.residual_patch(base["resid_post"], length=n, layers=[5], positions=None))
+    out = jit_forward(bundled_model.params, toks, cfg, interventions=iv, capture=Capture(logits="all"))
+    np.testing.assert_allclose(out["logits"], base["logits"], atol=1e-4)  # patching a run with itself: identity
+    with pytest.raises(ivs.InterventionError, match="outside the sequence"):
+        ivs.residual_zero(n, cfg.hidden_size, length=n, n_layers=cfg.num_layers, layers=[1], positions=[n])
+
+
 def test_vmapped_sweep_equals_loop(bundled_model, universal_corpus):
     samples, _ = knockout.prepare(bundled_model, universal_corpus)
     samples = samples[:3] + samples[-2:]

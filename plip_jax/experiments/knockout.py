@@ -148,10 +148,20 @@ def _comparison(rows: list) -> dict:
             "welch_p_value_plip_approx": float(plip_p), "significant_difference": bool(w.p_value < 0.05)}
 
 
+def token_id(tokenizer: Any, text: str) -> int:
+    """The id of `text` when it is exactly one token (for logit differences), else a clear error."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"--logit_token={text!r} is {len(ids)} tokens ({ids}) for this tokenizer; give a single token")
+    return int(ids[0])
+
+
 def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], heads=None, all_edges: bool = False,
-                 include_baselines: bool = False, control_seed: Optional[int] = 0, rope_mode: str = "hf") -> dict:
+                 include_baselines: bool = False, control_seed: Optional[int] = 0, rope_mode: str = "hf",
+                 logit_token: Optional[str] = None) -> dict:
     """Knock out the edges at `layers` (one layer, or a window) for every sample in ONE batched run (plus
-    the baseline and, unless control_seed is None, the random-edge control). Returns PLIP's JSON dict."""
+    the baseline and, unless control_seed is None, the random-edge control). Returns PLIP's JSON dict;
+    with `logit_token` each sample also gets the logit difference (baseline - knocked) of that token."""
     t0 = time.perf_counter()
     cfg = model.cfg
     for l in layers:
@@ -166,6 +176,11 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     eff = causal.to_numpy(causal.kl_and_effects(base["last"], ko["last"], base["nll"], ko["nll"]))
     base_last, ko_last = np.asarray(base["last"]), np.asarray(ko["last"])
     rows = [_sample_json(model, s, eff, i, base_last, ko_last, len(s.edges)) for i, s in enumerate(samples)]
+    if logit_token is not None:
+        tid = token_id(model.tokenizer, logit_token)
+        diffs = np.asarray(metrics.logit_diff(base["last"], ko["last"], tid))
+        for r, d in zip(rows, diffs):
+            r["logit_diff_token"] = {"token": logit_token, "token_id": tid, "diff": float(d)}
 
     result: dict = {"model": model.name}
     if len(layers) == 1:
