@@ -118,3 +118,31 @@ def test_too_large_shapes_are_refused():
         if (harness.available_memory_bytes("cpu") or 0) < 120 << 30 else None
     if result is not None:
         assert not result["records"] and result["refused"][0]["shape"] == "codegemma-7b"
+
+
+def test_configs_build_the_same_model_in_transformers():
+    """Each shipped config gives a transformers model (meta device, no memory) with exactly the parameter
+    count that the floors use."""
+    import torch
+    import transformers
+
+    for name in workloads_shapes():
+        d = shapes.hf_config_dict(name)
+        kw = {k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype", "transformers_version")}
+        with torch.device("meta"):
+            m = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(d["model_type"], **kw))
+        assert sum(p.numel() for p in m.parameters()) == shapes.sizes(shapes.model_config(name)).total_params, name
+
+
+@pytest.mark.parametrize("flagfile", sorted(p.name for p in (ROOT / "configs").glob("*.flags")))
+def test_flagfiles_parse_with_their_binary(flagfile):
+    """The first line of each preset names its binary (`python -m bin.X --flagfile=...`); every flag in it
+    must be one that binary defines."""
+    import re
+
+    text = (ROOT / "configs" / flagfile).read_text()
+    binary = re.search(r"python -m (bin\.\w+)", text.splitlines()[0]).group(1)
+    code = (f"import importlib; from absl import flags; importlib.import_module('{binary}'); "
+            f"flags.FLAGS(['x', '--flagfile=configs/{flagfile}'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
