@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 import os
 
@@ -13,7 +14,7 @@ from scipy import special
 
 from plip_jax import metrics as M
 
-REF = "/work/shared/reference"
+REF = str(Path(__file__).resolve().parents[2] / "shared" / "reference")
 
 
 def _softmax64(x):

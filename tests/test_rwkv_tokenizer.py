@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 import os
 
@@ -10,7 +11,7 @@ import pytest
 
 from plip_jax.rwkv_tokenizer import DEFAULT_VOCAB_PATH, RwkvWorldTokenizer
 
-REFERENCE_JSON = "/work/shared/reference/rwkv6_reference.json"
+REFERENCE_JSON = str(Path(__file__).resolve().parents[2] / "shared" / "reference" / "rwkv6_reference.json")
 
 STRINGS = [
     "def fibonacci(n):\n    ",

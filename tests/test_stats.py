@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import glob
 import json
 import math
@@ -13,7 +14,7 @@ from scipy import stats as sps
 
 from plip_jax import stats as S
 
-REF = "/work/shared/reference"
+REF = str(Path(__file__).resolve().parents[2] / "shared" / "reference")
 needs_ref = pytest.mark.skipif(not os.path.isdir(REF), reason="shared reference outputs not available")
 
 

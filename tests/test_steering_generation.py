@@ -13,7 +13,7 @@ from plip_jax.corpus import load_generation_prompts
 from plip_jax.experiments import steering_generation as sg
 from plip_jax.models.loading import load_model
 
-REFERENCE = Path("/work/shared/reference/n50_scale_3.0.json")
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "n50_scale_3.0.json"
 MAX_TOKENS = 6
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 import os
 import time
@@ -10,7 +11,7 @@ import pytest
 
 from plip_jax import test_preservation as TP
 
-PROMPTS = "/work/shared/corpus/generation_prompts_n50.json"
+PROMPTS = str(Path(__file__).resolve().parents[1] / "corpus" / "generation_prompts_n50.json")
 
 ADD_PROMPT = (
     "/// Adds two integers\n///\n/// #[test]\n/// fn test_add() {\n///     assert_eq!(add(2, 3), 5);\n"
