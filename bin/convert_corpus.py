@@ -22,7 +22,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from plip_jax.conversion import GROUPS, RULES, compare_universal, convert_legacy  # noqa: F401 (re-exported)
+from plip_jax.conversion import GROUPS, compare_universal, convert_legacy
 
 FLAGS = flags.FLAGS
 

@@ -8,7 +8,6 @@ markers (`>>>`, `#[test]`, `#[`) fall. No special tokens are added (as PLIP-rs).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 

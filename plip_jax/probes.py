@@ -25,21 +25,7 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
-try:  # the shared statistics module (Wilson score interval)
-    from plip_jax.stats import wilson_interval
-except ImportError:  # pragma: no cover - fallback if stats lacks it
-    from scipy import stats as _sps
-
-    def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-        """Wilson score interval for k/n; (0, 1) if n = 0."""
-        if n <= 0:
-            return 0.0, 1.0
-        z = float(_sps.norm.ppf(0.5 + confidence / 2.0))
-        p = k / n
-        d = 1.0 + z * z / n
-        c = (p + z * z / (2 * n)) / d
-        h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-        return (0.0 if k <= 0 else max(0.0, c - h)), (1.0 if k >= n else min(1.0, c + h))
+from plip_jax.stats import wilson_interval
 
 
 # --------------------------------------------------------------------------- splits

@@ -3,7 +3,6 @@ and impossible requests are refused with clear messages."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -318,10 +318,9 @@ def format_statistical_attention(r: StatisticalAttentionResult) -> str:
 
 def plot_statistical_attention(r: StatisticalAttentionResult, path: Path) -> Path:
     """PNG: per-sample mean attention (%) of each group, with group mean ± sample SD."""
-    import matplotlib
+    from plip_jax.experiments.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, g in enumerate(GROUPS):
@@ -335,12 +334,7 @@ def plot_statistical_attention(r: StatisticalAttentionResult, path: Path) -> Pat
     ax.set_ylabel("marker → target attention (%)")
     t = r.tests["python_vs_rust"]
     ax.set_title(f"{r.model}, layer {r.layer}: Python vs Rust t = {t['t']:.2f}, p = {t['p_value']:.3g}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- attention_patterns
@@ -429,10 +423,9 @@ def format_attention_patterns(result: dict) -> str:
 
 def plot_attention_patterns(result: dict, path: Path) -> Path:
     """Heatmap PNG: head-mean attention of each snippet's marker row (rows = all layers, columns = keys)."""
-    import matplotlib
+    from plip_jax.experiments.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from plip_jax.lens import escape
 
@@ -450,12 +443,7 @@ def plot_attention_patterns(result: dict, path: Path) -> Path:
                      fontsize=9)
         fig.colorbar(im, ax=ax)
     fig.suptitle(result["model"], fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- multi_sample_attention

@@ -17,7 +17,6 @@ import dataclasses
 import time
 from typing import Any, Optional, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from plip_jax import interventions as ivs

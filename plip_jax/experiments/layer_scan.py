@@ -147,10 +147,9 @@ def format_table(result: LayerScanResult) -> str:
 
 def plot_layer_scan(result: LayerScanResult, path: Path) -> Path:
     """PNG of per-layer means (%) with standard-error bars and significance stars."""
-    import matplotlib
+    from plip_jax.experiments.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = [r.layer for r in result.results]
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers) + 2), 4))
@@ -168,9 +167,4 @@ def plot_layer_scan(result: LayerScanResult, path: Path) -> Path:
     ax.set_title(f"{result.model}: layer scan (mean ± s.e.; * p<.05, ** p<.01, *** p<.001)", fontsize=9)
     ax.set_xticks(layers)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

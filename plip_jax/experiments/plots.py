@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,12 +17,13 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """tight_layout, write `path` (parents created) at 120 dpi, close the figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -36,7 +38,7 @@ def _mean_se(block) -> tuple[float, float]:
 
 def plot_knockout(result: dict, path: Path) -> Path:
     """KL by layer (scan) or by window (sweeps), or per-sample KL bars for a single run."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if "per_layer" in result or "windows" in result:
         rows = result.get("per_layer") or result["windows"]
@@ -62,12 +64,12 @@ def plot_knockout(result: dict, path: Path) -> Path:
     ax.set_title(f"{result['model']}: attention knockout", fontsize=9)
     if "per_layer" in result or "windows" in result:
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_dose_response(result: dict, path: Path) -> Path:
     """KL (mean ± s.e.) and achieved attention against the steering dose."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
     doses = result["dose_results"]
     x = [d["scale_factor"] if d.get("scale_factor") is not None else d.get("target_attention") for d in doses]
@@ -81,12 +83,12 @@ def plot_dose_response(result: dict, path: Path) -> Path:
     a2.set_xlabel("dose")
     a2.set_ylabel("marker → targets attention (%)")
     fig.suptitle(f"{result['model']}: steering at layer {result['layer']} ({result['intervention_type']})", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_group_values(result: dict, path: Path, ylabel: str = "attention (%)") -> Path:
     """Per-sample values of the "python" and "rust" groups (fractions, shown in %) with mean ± 1 SD."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4))
     for x, (lang, color) in enumerate((("python", "tab:blue"), ("rust", "tab:orange"))):
         vals = 100 * np.asarray(result[lang]["values"], float)
@@ -98,4 +100,4 @@ def plot_group_values(result: dict, path: Path, ylabel: str = "attention (%)") -
     ax.set_ylabel(ylabel)
     ax.set_title(f"{result['model']}, layer {result['layer']} (Cohen's d = {result.get('cohens_d', float('nan')):.2f})",
                  fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -170,10 +170,9 @@ def format_table(result: ProbeExperimentResult) -> str:
 def plot_probe_results(result: ProbeExperimentResult, path: Path) -> Path:
     """PNG: accuracy by layer (split with Wilson CI, k-fold mean +- SD), shuffled control, bag-of-tokens
     baseline and chance, one panel per feature kind."""
-    import matplotlib
+    from plip_jax.experiments.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     kinds = list(result.features)
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), sharey=True, squeeze=False)
@@ -197,9 +196,4 @@ def plot_probe_results(result: ProbeExperimentResult, path: Path) -> Path:
         ax.set_ylim(0.0, 1.05)
     axes[0][0].set_ylabel("accuracy (Python vs Rust)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

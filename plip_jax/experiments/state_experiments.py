@@ -468,11 +468,9 @@ def format_dose_table(payload: dict) -> str:
 
 def plot_dose_response(payload: dict, path) -> Any:
     """PNG: mean KL (nats) vs scale per language, error bars = standard error (sample SD / sqrt n)."""
-    import matplotlib
+    from plip_jax.experiments.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from pathlib import Path
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for lang, color, dx in (("python", "tab:blue", -0.04), ("rust", "tab:orange", 0.04)):
@@ -488,12 +486,7 @@ def plot_dose_response(payload: dict, path) -> Any:
     ax.set_ylabel("KL(baseline ‖ steered), nats")
     ax.set_title(f"{payload['model']}: RWKV-6 state steering, layer {payload['layer']} (mean ± s.e.)", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ============================================================================== generation
