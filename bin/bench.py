@@ -46,6 +46,9 @@ flags.DEFINE_list("doses", None, "Steering Scale doses (default 0.5,1,2,3,4,6)."
 flags.DEFINE_integer("gen_prompts", None, "Generation prompts (default 50; tiny 4).")
 flags.DEFINE_integer("gen_prompt_len", None, "Longest prompt; lengths are uniform in len/2..len (default 64; tiny 8).")
 flags.DEFINE_integer("gen_tokens", None, "New tokens per prompt (default 150; tiny 8).")
+flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads on CPU (0: torch's default). On a busy shared "
+                     "CPU, 1 avoids OpenMP oversubscription stalls (pair with XLA_FLAGS="
+                     "'--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' for JAX).")
 flags.DEFINE_integer("knockout_batch", None, "Samples per knockout-scan call (default: all, fewer when the "
                      "library's [b, L+1, T, V] f32 logits would exceed a quarter of the GPU).")
 FLAGS = flags.FLAGS
@@ -79,6 +82,10 @@ def main(argv):
     bad = [w for w in FLAGS.workloads if w not in ("layer_scan", "knockout_scan", "steering_sweep", "generation")]
     if bad:
         raise SystemExit(f"unknown workload(s) {', '.join(bad)}; known: layer_scan, knockout_scan, steering_sweep, generation")
+    if FLAGS.torch_threads:
+        import torch
+
+        torch.set_num_threads(FLAGS.torch_threads)
     repeats = FLAGS.repeats if FLAGS.repeats is not None else (3 if FLAGS.tiny else 5)
     opts = runner.Options(shapes=names, workloads=list(FLAGS.workloads), dtype=FLAGS.dtype, repeats=repeats,
                           sizes=_sizes(), with_torch=FLAGS.torch, seed=FLAGS.seed)

@@ -138,10 +138,12 @@ def format_text(records: list, header: str) -> str:
 
 def format_markdown(records: list, meta: dict) -> str:
     """A RESULTS.md-style section: run description, then the table."""
-    lines = [f"### {meta['device_kind']} ({meta['platform']}), {meta['dtype']}, {meta['timestamp']}", "",
+    device = meta["device_kind"] if meta["platform"] != "cpu" else f"CPU ({meta.get('host', 'unknown')})"
+    lines = [f"### {device}, {meta['dtype']}, {meta['timestamp']}", "",
              f"- devices: JAX {meta['jax_version']} on {meta['device_kind']}; torch {meta['torch_version']} on "
-             f"{meta['torch_device']}; transformers {meta['transformers_version']}",
-             f"- sizes: {meta['sizes']}; median of {meta['repeats']} timed calls after one warm-up call",
+             f"{meta['torch_device']} ({meta.get('torch_threads')} threads); transformers {meta['transformers_version']}"
+             + (f"; XLA_FLAGS={meta['xla_flags']}" if meta.get("xla_flags") else ""),
+             f"- sizes: {meta.get('sizes_text', meta['sizes'])}; median of {meta['repeats']} timed calls after one warm-up call",
              f"- floors: {meta['floors_note']}",
              "- JAX peak: allocator peak_bytes_in_use (cumulative over the process, weights included) where the "
              "backend reports it, else XLA's static plan of the executable (arguments + outputs + temps)",

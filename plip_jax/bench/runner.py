@@ -30,6 +30,28 @@ class Options:
     seed: int = 0
 
 
+def _host() -> str:
+    """CPU model and core count of the machine (names the device of CPU runs)."""
+    import os
+
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def describe_sizes(s: wl.Sizes) -> str:
+    return (f"corpus {s.samples} samples x {s.seq_len} tokens; steering doses {', '.join(f'{d:g}' for d in s.doses)}; "
+            f"generation {s.gen_prompts} prompts of {max(s.gen_prompt_len // 2, 1)}..{s.gen_prompt_len} tokens x "
+            f"{s.gen_tokens} new tokens")
+
+
 def _meta(opts: Options, torch_device: str, peaks) -> dict:
     import transformers
 
@@ -40,10 +62,18 @@ def _meta(opts: Options, torch_device: str, peaks) -> dict:
     except ImportError:
         torch_version = "n/a"
     dev = jax.devices()[0]
-    return {"platform": dev.platform, "device_kind": dev.device_kind, "jax_version": jax.__version__,
+    import os
+
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+    except ImportError:
+        threads = None
+    return {"platform": dev.platform, "host": _host(), "torch_threads": threads, "xla_flags": os.environ.get("XLA_FLAGS", ""), "device_kind": dev.device_kind, "jax_version": jax.__version__,
             "torch_version": torch_version, "transformers_version": transformers.__version__,
             "torch_device": torch_device if opts.with_torch else "n/a", "dtype": opts.dtype, "repeats": opts.repeats,
-            "sizes": dataclasses.asdict(opts.sizes),
+            "sizes": dataclasses.asdict(opts.sizes), "sizes_text": describe_sizes(opts.sizes),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "floors_note": (f"{peaks.name}: {peaks.source}; arithmetic floor = matmul FLOPs (2 x decoder params x "
                             f"tokens + causal attention QK/PV + unembedding where logits are computed) / achievable "
@@ -126,8 +156,9 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict:
 
 def text_table(result: dict) -> str:
     m = result["meta"]
-    header = (f"plip-jax benchmark on {m['device_kind']} ({m['platform']}), {m['dtype']}, median of {m['repeats']}; "
-              f"torch on {m['torch_device']}\nfloors: {m['floors_note']}")
+    device = m["device_kind"] if m["platform"] != "cpu" else f"CPU ({m['host']})"
+    header = (f"plip-jax benchmark on {device}, {m['dtype']}, median of {m['repeats']}; torch on {m['torch_device']}\n"
+              f"sizes: {m['sizes_text']}\nfloors: {m['floors_note']}")
     out = report.format_text(result["records"], header)
     for r in result["refused"]:
         out += f"\nREFUSED {r['shape']}: {r['reason']}"
