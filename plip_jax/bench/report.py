@@ -107,14 +107,28 @@ def _gib(x: Optional[int]) -> str:
 
 
 COLUMNS = ("shape", "workload", "JAX ms", "torch ms", "torch/JAX", "arith floor ms", "mem floor ms", "JAX/floor",
-           "compile s", "JAX peak GiB", "torch peak GiB", "target")
+           "compile s", "JAX peak GiB", "torch peak GiB", "JAX vs torch", "target")
+
+
+def agreement_text(rec: dict) -> str:
+    """Compact numerical agreement of the two sides (max abs differences; greedy token agreement)."""
+    a = rec.get("agreement")
+    if not a:
+        return "n/a"
+    if "metric_max_abs_diff" in a:
+        return f"metric d={a['metric_max_abs_diff']:.1e}"
+    if "last_logits_max_abs_diff" in a:
+        return f"logits d={a['last_logits_max_abs_diff']:.1e}"
+    if "greedy_token_agreement" in a:
+        return f"{a['greedy_token_agreement']:.0%} tokens equal"
+    return "n/a"
 
 
 def table_rows(records: list) -> list:
     rows = []
     for r in records:
         if r.get("error"):
-            rows.append((r["shape"], r["workload"]) + ("-",) * 9 + (f"ERROR: {r['error']}",))
+            rows.append((r["shape"], r["workload"]) + ("-",) * (len(COLUMNS) - 3) + (f"ERROR: {r['error']}",))
             continue
         j, t = r["jax"], r.get("torch")
         sp = _speedup(r)
@@ -122,7 +136,8 @@ def table_rows(records: list) -> list:
         rows.append((r["shape"], r["workload"], _ms(j["median_s"]), _ms(t["median_s"]) if t else "n/a",
                      f"{sp:.2f}" if sp else "n/a", _ms(r.get("arith_floor_s")), _ms(r.get("memory_floor_s")),
                      f"{j['median_s'] / floor:.2f}" if floor else "n/a", f"{j['compile_s']:.2f}",
-                     _gib(jax_peak_bytes(r)), _gib(t.get("peak_bytes")) if t else "n/a", r["target"]["text"]))
+                     _gib(jax_peak_bytes(r)), _gib(t.get("peak_bytes")) if t else "n/a", agreement_text(r),
+                     r["target"]["text"]))
     return rows
 
 
@@ -146,7 +161,10 @@ def format_markdown(records: list, meta: dict) -> str:
              f"- sizes: {meta.get('sizes_text', meta['sizes'])}; median of {meta['repeats']} timed calls after one warm-up call",
              f"- floors: {meta['floors_note']}",
              "- JAX peak: allocator peak_bytes_in_use (cumulative over the process, weights included) where the "
-             "backend reports it, else XLA's static plan of the executable (arguments + outputs + temps)",
+             "backend reports it, else XLA's static plan of the executable (arguments + outputs + temps); torch peak: "
+             "torch.cuda.max_memory_allocated per workload (weights included; n/a on CPU)",
+             "- JAX vs torch: max abs difference of the layer-scan metric or of the last-position logits, or the share "
+             "of equal greedy tokens (same weights; float32 agrees to ~1e-5, bf16 differs by rounding)",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in table_rows(records):
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
