@@ -17,7 +17,9 @@ from typing import Any, Callable, Optional
 
 GIB = float(1 << 30)
 
-# Peak dense throughput (FLOP/s) and HBM bandwidth (bytes/s) per device kind. "achievable" is the matmul
+# Peak dense throughput (FLOP/s) and HBM bandwidth (bytes/s) per device kind (first matching substring wins).
+# float32 uses the non-tensor-core FP32 peak; JAX may run f32 matmuls as TF32 on these GPUs, so f32
+# floors are conservative (JAX/floor below 1 is possible). The targets are for bf16. "achievable" is the matmul
 # rate the floors use: for H100 the measured 790 TFLOP/s (80% of the 989 TFLOP/s bf16 dense
 # datasheet peak); other kinds use the same 80% of their datasheet peak.
 _DEVICE_TABLE = (
@@ -25,8 +27,8 @@ _DEVICE_TABLE = (
     ("h100 pcie", "H100 PCIe", 756e12, 51e12, 2.0e12),
     ("h100 nvl", "H100 NVL", 835e12, 60e12, 3.9e12),
     ("h100", "H100 SXM", 989e12, 67e12, 3.35e12),
-    ("h200", "H200", 989e12, 67e12, 4.8e12),
     ("gh200", "GH200", 989e12, 67e12, 4.0e12),
+    ("h200", "H200", 989e12, 67e12, 4.8e12),
     ("a100", "A100", 312e12, 19.5e12, 2.0e12),
 )
 ACHIEVABLE_FRACTION = 790.0 / 989.0  # the measured H100 bf16 matmul rate over the datasheet peak
