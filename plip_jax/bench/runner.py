@@ -151,7 +151,20 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict:
             log(f"    done in {time.perf_counter() - t1:.1f} s: JAX {rec['jax']['median_s'] * 1e3:.2f} ms" +
                 (f", torch {rec['torch']['median_s'] * 1e3:.2f} ms" if rec.get("torch") else ""))
         del params, torch_model
+        _free_memory(torch_device if opts.with_torch else None)
     return {"meta": meta, "records": records, "refused": refused}
+
+
+def _free_memory(torch_device) -> None:
+    """Release the shape's weights before the next shape (both sides share one GPU)."""
+    import gc
+
+    gc.collect()
+    jax.clear_caches()
+    if torch_device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def text_table(result: dict) -> str:
