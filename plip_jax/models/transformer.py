@@ -103,8 +103,10 @@ def _rope(x, ctx: _Ctx):
 def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None):
     """Self-attention of x [Tq, D]. Returns (out [Tq, D], probs [H, Tq, Tk] f32, new (k, v) cache).
 
-    With `kv_cache` = (k [S, KV, hd], v [S, KV, hd]) the new keys/values are written at `q_pos` and the
-    queries attend over the whole cache (Tk = S); otherwise Tk = Tq.
+    With `kv_cache` = (k [L, S, KV, hd], v [L, S, KV, hd]) for ALL layers, the new keys/values are written
+    in place at (layer, q_pos) and the queries attend over this layer's whole cache (Tk = S); otherwise
+    Tk = Tq. Carrying the whole cache (rather than scanning over per-layer slices) lets XLA update it in
+    place: a decode step writes one token's keys per layer instead of copying the cache.
     """
     tq = x.shape[0]
     h, kvh, hd, g = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_query_groups
@@ -115,9 +117,11 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     if kv_cache is not None:
         ck, cv = kv_cache
         start = ctx.q_pos[0]
-        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (start, 0, 0))
-        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (start, 0, 0))
-        new_cache = (k, v)
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, start, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, start, 0, 0))
+        k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+        new_cache = (ck, cv)
     else:
         new_cache = None
     tk = k.shape[0]
@@ -186,7 +190,8 @@ def layer_windows(cfg: ModelConfig) -> jnp.ndarray:
 
 def apply_block(h, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv=None, cache=None):
     """One decoder block on h [T, D] with layer params `lp` (one layer's slice), the intervention applied
-    as at `layer`. Returns (h_out [T, D], attention probs [H, Tq, Tk] f32, new (k, v) cache or None)."""
+    as at `layer`; `cache` is None or the all-layer (k, v) cache (see `attention`).
+    Returns (h_out [T, D], attention probs [H, Tq, Tk] f32, updated cache or None)."""
     a, probs, new_cache = attention(norm(h, lp["attn_norm"], cfg), lp, layer, window, cfg, ctx, iv, cache)
     h = h + a.astype(h.dtype)
     h = h + mlp(norm(h, lp["mlp_norm"], cfg), lp, cfg).astype(h.dtype)
@@ -237,9 +242,9 @@ def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Opt
     selected = _selected_layers(cfg.num_layers, capture.attn_probs)
 
     def block(carry, xs):
-        h, buf = carry
-        lp, layer, window, cache, slot = xs
-        h, probs, new_cache = apply_block(h, lp, layer, window, cfg, ctx, interventions, cache)
+        h, buf, cache = carry
+        lp, layer, window, slot = xs
+        h, probs, cache = apply_block(h, lp, layer, window, cfg, ctx, interventions, cache)
         ys = {}
         if capture.attn_rows:
             ys["attn_rows"] = jnp.take(probs, query_rows, axis=1)
@@ -252,24 +257,22 @@ def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Opt
             ys["resid_post"] = h
         elif capture.resid_post == "last":
             ys["resid_post"] = jax.lax.dynamic_index_in_dim(h, last, 0, keepdims=False)
-        if new_cache is not None:
-            ys["kv"] = new_cache
-        return (h, buf), ys
+        return (h, buf, cache), ys
 
-    cache_xs = None if kv_cache is None else (kv_cache["k"], kv_cache["v"])
+    cache = None if kv_cache is None else (kv_cache["k"], kv_cache["v"])
     slots = np.full((cfg.num_layers,), -1, np.int32)
     buf = None
     if selected is not None:
         slots[list(selected)] = np.arange(len(selected))
         n_keys = ctx.k_pos.shape[0]
         buf = jnp.zeros((len(selected), cfg.num_heads, t, n_keys), jnp.float32)
-    xs = (params["layers"], jnp.arange(cfg.num_layers), layer_windows(cfg), cache_xs, jnp.asarray(slots))
-    (h, buf), ys = jax.lax.scan(block, (embed(params, tokens, cfg), buf), xs)
-    out = {k: v for k, v in ys.items() if k != "kv"}
+    xs = (params["layers"], jnp.arange(cfg.num_layers), layer_windows(cfg), jnp.asarray(slots))
+    (h, buf, cache), ys = jax.lax.scan(block, (embed(params, tokens, cfg), buf, cache), xs)
+    out = dict(ys)
     if buf is not None:
         out["attn_probs"] = buf
-    if "kv" in ys:
-        out["kv_cache"] = {"k": ys["kv"][0], "v": ys["kv"][1]}
+    if cache is not None:
+        out["kv_cache"] = {"k": cache[0], "v": cache[1]}
     hidden = norm(h, params["final_norm"], cfg)
     if capture.final_hidden:
         out["final_hidden"] = hidden
