@@ -10,7 +10,7 @@ import numpy as np
 
 from plip_jax.corpus import load_universal_corpus
 from plip_jax.experiments import causal, knockout
-from plip_jax.experiments.attention_metric import _transformer_metric, make_metric_batch
+from plip_jax.experiments.attention_metric import transformer_marker_metric, make_metric_batch
 from plip_jax.models.loading import load_model
 from plip_jax.positions import tokenize_sample
 from plip_jax import sharding
@@ -22,7 +22,7 @@ def main() -> int:
     corpus = load_universal_corpus()
     samples = [tokenize_sample(model.tokenizer, s) for s in corpus.samples[:20]]
     b = make_metric_batch(samples, model.cfg.max_position_embeddings)
-    ref = np.asarray(_transformer_metric(model.params, b.tokens, b.lengths, b.markers, b.target_counts, model.cfg, "hf"))
+    ref = np.asarray(transformer_marker_metric(model.params, b.tokens, b.lengths, b.markers, b.target_counts, model.cfg, "hf"))
     for data, mdl in ((4, 2), (2, 2), (8, 1), (1, 2)):
         mesh = sharding.make_mesh(data=data, model=mdl)
         params = sharding.shard_params(model.params, model.cfg, mesh)
@@ -32,7 +32,7 @@ def main() -> int:
             assert q_w.addressable_shards[0].data.shape[1] == q_w.shape[1] // mdl
         toks, lens, mk, cnt, n = sharding.pad_to_multiple(b.tokens, b.lengths, data, b.markers, b.target_counts)
         toks, lens, mk, cnt = sharding.shard_batch((toks, lens, mk, cnt), mesh)
-        got = np.asarray(_transformer_metric(params, toks, lens, mk, cnt, model.cfg, "hf"))[:n]
+        got = np.asarray(transformer_marker_metric(params, toks, lens, mk, cnt, model.cfg, "hf"))[:n]
         err = np.abs(got - ref).max()
         print(f"mesh data={data} model={mdl}: layer-scan metric max error {err:.2e}")
         assert err < 1e-6, err

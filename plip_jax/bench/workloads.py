@@ -2,7 +2,7 @@
 `transformers` side (PyTorch, eager attention, same weights, same dtype), in the same process.
 
 * layer_scan: PLIP's marker -> targets attention metric for every layer and sample [B, L].
-  JAX: `attention_metric._transformer_metric` (one batched forward, marker rows reduced on device).
+  JAX: `attention_metric.transformer_marker_metric` (one batched forward, marker rows reduced on device).
   torch: one batched forward with `output_attentions=True` (logits of the last row only), same reduction.
 * knockout_scan: baseline + one knockout of the marker -> target edges per layer, every layer: last
   logits [B, L+1, V] and next-token NLL [B, L+1].
@@ -179,10 +179,10 @@ def _max_abs(a: Any, b: Any) -> float:
 def layer_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
                dtype: str = "float32") -> dict:
     """Time the layer-scan metric [B, L]; returns the workload record (see module doc)."""
-    from plip_jax.experiments.attention_metric import _transformer_metric
+    from plip_jax.experiments.attention_metric import transformer_marker_metric
 
     args = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers[:, None], corpus.counts))
-    compiled, compile_s, xla_mem = _aot(_transformer_metric, params, *args, cfg=cfg, rope_mode="hf")
+    compiled, compile_s, xla_mem = _aot(transformer_marker_metric, params, *args, cfg=cfg, rope_mode="hf")
     timing, out = harness.time_calls(lambda: compiled(params, *args), repeats, harness.jax_sync)
     rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None}
     jax_metric = np.asarray(out, np.float64)

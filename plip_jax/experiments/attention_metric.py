@@ -55,7 +55,7 @@ def reduce_marker_rows(attn_rows: jnp.ndarray, target_counts: jnp.ndarray) -> jn
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rope_mode"))
-def _transformer_metric(params, tokens, lengths, markers, counts, cfg, rope_mode):
+def transformer_marker_metric(params, tokens, lengths, markers, counts, cfg, rope_mode):
     out = batched_forward(params, tokens, cfg, lengths, None, Capture(logits="none", attn_rows=True), markers,
                           rope_mode)
     return reduce_marker_rows(out["attn_rows"], counts)
@@ -89,4 +89,4 @@ def marker_target_attention(model: Any, samples: Sequence[TokenizedSample], rope
 def _metric_fn(model: Any):
     """The family's jitted metric function (transformers here; RWKV-6 registers its own)."""
     fn = getattr(model, "marker_metric_fn", None)
-    return fn if fn is not None else _transformer_metric
+    return fn if fn is not None else transformer_marker_metric

@@ -70,9 +70,12 @@ def _layer_knockout_scan_one(params, tokens, length, edges, heads, cfg: ModelCon
             edges=jnp.broadcast_to(edges, (n,) + edges.shape), layers=layer_on,
             heads=jnp.broadcast_to(heads, (n,) + heads.shape)))
         streams = jax.vmap(lambda h, i: tr.apply_block(h, lp, j, windows[j], cfg, ctx, i)[0])(streams, iv)
-    logits = jax.vmap(lambda h: tr.final_logits(params, h, cfg))(streams)  # [L+1, T, V]
-    last = logits[:, length - 1]
-    nll = jax.vmap(lambda lg: metrics.sequence_nll(lg, tokens, length))(logits)
+
+    def readout(h):  # one run at a time: only one [T, V] logits array is live (memory, at 7B shapes)
+        logits = tr.final_logits(params, h, cfg)
+        return logits[length - 1], metrics.sequence_nll(logits, tokens, length)
+
+    last, nll = jax.lax.map(readout, streams)  # [L+1, V], [L+1]
     return last, nll
 
 
