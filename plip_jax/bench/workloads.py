@@ -179,8 +179,9 @@ def _max_abs(a: Any, b: Any) -> float:
 def layer_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
                dtype: str = "float32") -> dict:
     """Time the layer-scan metric [B, L]; returns the workload record (see module doc)."""
-    from plip_jax.experiments.attention_metric import transformer_marker_metric
+    from plip_jax.experiments.attention_metric import transformer_marker_metric, trunk_params
 
+    params = trunk_params(params)  # the scan reads no logits: lm_head stays out of the call's buffers
     args = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers[:, None], corpus.counts))
     compiled, compile_s, xla_mem = _aot(transformer_marker_metric, params, *args, cfg=cfg, rope_mode="hf")
     timing, out = harness.time_calls(lambda: compiled(params, *args), repeats, harness.jax_sync)
