@@ -38,7 +38,7 @@ def test_truncated_shard(model_copy):
 def test_garbage_header(model_copy):
     shard = model_copy / "model-00001-of-00003.safetensors"
     shard.write_bytes(struct.pack("<Q", 20) + b"{not json at all}!!!" + b"\0" * 64)
-    with pytest.raises(CorruptWeightsError, match="header is not valid JSON"):
+    with pytest.raises(CorruptWeightsError, match="corrupt safetensors header"):
         load_model(str(model_copy))
 
 

@@ -24,12 +24,17 @@ import dataclasses
 import json
 import os
 from functools import partial
+from pathlib import Path
 from typing import Any, Mapping
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from plip_jax.models.loading import parse_dtype
+from plip_jax.models.safetensors_io import WeightStore
+from plip_jax.models.sources import weight_files
 
 Params = dict[str, Any]
 
@@ -183,104 +188,14 @@ def block_shapes(cfg: RwkvConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ======================================================================== safetensors reading
-_ST_DTYPES = {
-    "F32": np.float32, "F16": np.float16, "F64": np.float64,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-def _np_dtype(st_dtype: str, path: str, name: str) -> np.dtype:
-    if st_dtype == "BF16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    if st_dtype not in _ST_DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has unsupported safetensors dtype {st_dtype}")
-    return np.dtype(_ST_DTYPES[st_dtype])
-
-
-class SafetensorsFile:
-    """Minimal memory-mapped safetensors reader with explicit, actionable errors."""
-
-    def __init__(self, path: str):
-        self.path = path
-        hint = "re-download or re-convert it (bin/convert_rwkv_to_safetensors.py)"
-        try:
-            size = os.path.getsize(path)
-        except OSError as e:
-            raise FileNotFoundError(f"{path}: cannot open safetensors file: {e}") from e
-        if size < 8:
-            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header); {hint}")
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError(f"{path}: corrupt or truncated safetensors file (header length {n}, "
-                                 f"file size {size} bytes); {hint}")
-            try:
-                header = json.loads(f.read(n).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: corrupt safetensors header ({e}); {hint}") from e
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: corrupt safetensors header (not a JSON object); {hint}")
-        self.metadata = header.pop("__metadata__", None)
-        self.header: dict[str, Any] = header
-        self.data_start = 8 + n
-        data_len = size - self.data_start
-        for name, info in header.items():
-            try:
-                begin, end = info["data_offsets"]
-                shape = tuple(int(x) for x in info["shape"])
-                itemsize = _np_dtype(info["dtype"], path, name).itemsize
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}: corrupt header entry for tensor {name!r}: {e}; {hint}") from e
-            if end > data_len or begin > end or (end - begin) != int(np.prod(shape)) * itemsize:
-                raise ValueError(
-                    f"{path}: tensor {name!r} (shape {list(shape)}, {info['dtype']}) lies at bytes "
-                    f"[{begin}, {end}) of a data section of {data_len} bytes: the file is truncated or "
-                    f"corrupt; {hint}")
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else None
-
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def get(self, name: str) -> np.ndarray:
-        info = self.header[name]
-        begin, end = info["data_offsets"]
-        dt = _np_dtype(info["dtype"], self.path, name)
-        raw = self._mm[self.data_start + begin:self.data_start + end]
-        return raw.view(dt).reshape(info["shape"])
-
-
-def _open_checkpoint(model_dir_or_file: str) -> tuple[dict[str, SafetensorsFile], str]:
-    """name -> reader, for a single file, a directory with model.safetensors, or a sharded index."""
-    p = model_dir_or_file
-    if os.path.isdir(p):
-        index = os.path.join(p, "model.safetensors.index.json")
-        single = os.path.join(p, "model.safetensors")
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: no 'weight_map' object")
-            readers: dict[str, SafetensorsFile] = {}
-            out: dict[str, SafetensorsFile] = {}
-            for name, shard in weight_map.items():
-                if shard not in readers:
-                    readers[shard] = SafetensorsFile(os.path.join(p, shard))
-                if name not in readers[shard].header:
-                    raise ValueError(f"{index} says tensor {name!r} is in {shard}, but that file does not "
-                                     "contain it; re-download the checkpoint")
-                out[name] = readers[shard]
-            return out, index
-        if os.path.exists(single):
-            p = single
-        elif os.path.exists(os.path.join(p, "pytorch_model.bin")):
-            raise FileNotFoundError(
-                f"{p} has pytorch_model.bin but no model.safetensors; convert it first with "
-                f"`python -m bin.convert_rwkv_to_safetensors --input {p}/pytorch_model.bin --output_dir {p}`")
-        else:
-            raise FileNotFoundError(f"{p}: neither model.safetensors nor model.safetensors.index.json found")
-    r = SafetensorsFile(p)
-    return {k: r for k in r.keys()}, p
+def _open_checkpoint(model_dir_or_file: str) -> tuple[WeightStore, str]:
+    """All tensors of a single safetensors file, a directory with model.safetensors, or a sharded index
+    (the shared strict reader: clear errors for truncated or corrupt files and missing shards)."""
+    p = Path(model_dir_or_file)
+    files = weight_files(p) if p.is_dir() else [p]
+    if not files[0].exists():
+        raise FileNotFoundError(f"{p}: no such safetensors file")
+    return WeightStore(files), str(p)
 
 
 def load_config(model_dir: str) -> RwkvConfig:
@@ -297,7 +212,7 @@ def load_config(model_dir: str) -> RwkvConfig:
                                        ("rwkv.blocks.0.attention.time_decay_w1", "time_decay_extra_dim", 1, 1)):
         if key not in tensors:
             raise KeyError(f"{src}: missing tensor {key!r}; is this an RWKV-6 (Finch) HF checkpoint?")
-        over[field_name] = int(tensors[key].header[key]["shape"][axis]) // div
+        over[field_name] = int(tensors.shape(key)[axis]) // div
     return RwkvConfig.from_dict(d, **over)
 
 
@@ -318,9 +233,9 @@ def load_params(model_dir: str, cfg: RwkvConfig | None = None,
             raise KeyError(f"{src}: missing tensor {name!r} (expected shape {list(shape)}); the checkpoint "
                            "is incomplete or not an HF-format RWKV-6 model (convert BlinkDL .pth files with "
                            "bin/convert_rwkv_to_safetensors.py)")
-        a = tensors[name].get(name)
+        a = tensors.get(name)
         if tuple(x for x in a.shape if x != 1) != tuple(x for x in shape if x != 1):
-            raise ValueError(f"{tensors[name].path}: tensor {name!r} has shape {list(a.shape)}, expected "
+            raise ValueError(f"{src}: tensor {name!r} has shape {list(a.shape)}, expected "
                              f"{list(shape)} for config hidden={cfg.hidden_size} heads={cfg.num_heads}x"
                              f"{cfg.head_size} layers={cfg.num_hidden_layers}; config.json and weights "
                              "disagree (fix config.json or re-convert the checkpoint)")
@@ -404,14 +319,10 @@ def load_model(model: str | None, dtype: Any = "float32") -> RwkvLoadedModel:
     from plip_jax.models.sources import resolve_model
 
     if isinstance(dtype, str):
-        names = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-                 "float16": jnp.float16, "f16": jnp.float16}
-        if dtype.lower() not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
-        dtype = names[dtype.lower()]
+        dtype = parse_dtype(dtype)
     source = resolve_model(model)
     params, cfg = load_params(str(source.path), None, dtype)
-    files = sorted({r.path for r in _open_checkpoint(str(source.path))[0].values()})
+    files = [f.path for f in _open_checkpoint(str(source.path))[0].files]
     return RwkvLoadedModel(cfg=cfg, params=params, source=source, weight_files=files, dtype=dtype)
 
 

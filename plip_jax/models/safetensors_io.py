@@ -40,7 +40,7 @@ class SafetensorsFile:
             try:
                 header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CorruptWeightsError(f"{self.path}: header is not valid JSON ({e}); {fix}") from None
+                raise CorruptWeightsError(f"{self.path}: corrupt safetensors header (not valid JSON: {e}); {fix}") from None
         self.metadata = header.pop("__metadata__", None) or {}
         self._entries = header
         self._data_start = 8 + header_len
