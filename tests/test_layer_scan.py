@@ -66,3 +66,11 @@ def test_plip_rope_mode_gives_a_different_scan(bundled_model, universal_corpus):
     hf = run_layer_scan(bundled_model, universal_corpus)
     plip = run_layer_scan(bundled_model, universal_corpus, rope_mode="plip")
     assert any(abs(a.python_mean - b.python_mean) > 1e-4 for a, b in zip(hf.results, plip.results))
+
+
+def test_batched_in_chunks_equals_all_at_once(bundled_model, universal_corpus):
+    whole = run_layer_scan(bundled_model, universal_corpus)
+    chunked = run_layer_scan(bundled_model, universal_corpus, batch_size=7)
+    for a, b in zip(whole.samples, chunked.samples):
+        assert a["id"] == b["id"]
+        np.testing.assert_allclose(a["values"], b["values"], atol=1e-6)

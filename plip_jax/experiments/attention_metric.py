@@ -76,21 +76,26 @@ def marker_target_attention(model: Any, samples: Sequence[TokenizedSample], rope
     (None = all at once), each one jitted forward with on-device reduction."""
     if not samples:
         return np.zeros((0, model.cfg.num_layers), np.float32)
+    from plip_jax.cli import Progress
+
     rows = []
     step = batch_size or len(samples)
     mesh = getattr(model, "mesh", None)
-    for i in range(0, len(samples), step):
-        chunk = samples[i:i + step]
-        b = make_metric_batch(chunk, model.cfg.max_position_embeddings,
-                              pad_id=model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0)
-        arrays, n = (b.tokens, b.lengths, b.markers, b.target_counts), len(chunk)
-        if mesh is not None:  # data-parallel: split samples over the mesh's "data" axis
-            from plip_jax import sharding
+    n_batches = -(-len(samples) // step)
+    with Progress(n_batches, "layer-scan batches", enabled=n_batches > 1) as progress:
+        for i in range(0, len(samples), step):
+            chunk = samples[i:i + step]
+            b = make_metric_batch(chunk, model.cfg.max_position_embeddings,
+                                  pad_id=model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0)
+            arrays, n = (b.tokens, b.lengths, b.markers, b.target_counts), len(chunk)
+            if mesh is not None:  # data-parallel: split samples over the mesh's "data" axis
+                from plip_jax import sharding
 
-            *arrays, n = sharding.pad_to_multiple(*arrays[:2], mesh.shape["data"], *arrays[2:])
-            arrays = sharding.shard_batch(tuple(arrays), mesh)
-        params = trunk_params(model.params) if isinstance(model.params, dict) else model.params
-        rows.append(np.asarray(_metric_fn(model)(params, *arrays, model.cfg, rope_mode))[:n])
+                *arrays, n = sharding.pad_to_multiple(*arrays[:2], mesh.shape["data"], *arrays[2:])
+                arrays = sharding.shard_batch(tuple(arrays), mesh)
+            params = trunk_params(model.params) if isinstance(model.params, dict) else model.params
+            rows.append(np.asarray(_metric_fn(model)(params, *arrays, model.cfg, rope_mode))[:n])
+            progress.step()
     return np.concatenate(rows, axis=0)
 
 
