@@ -5,7 +5,7 @@
 
 from absl import app, flags
 
-from plip_jax.models import rwkv6
+from plip_jax.models import rwkv6_checkpoint as rwkv6
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "pytorch_model.bin (HF names) or BlinkDL .pth checkpoint.")

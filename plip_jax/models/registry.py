@@ -22,7 +22,7 @@ def load_any_model(model: Optional[str] = None, dtype: Any = "float32") -> Any:
 
         return load_model(model, dtype)
     if mt == "rwkv6":
-        from plip_jax.models import rwkv6
+        from plip_jax.models import rwkv6_checkpoint as rwkv6
 
         return rwkv6.load_model(model, dtype)
     raise UnsupportedModelError(
