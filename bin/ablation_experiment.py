@@ -51,7 +51,7 @@ def main(argv):
     t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
     corpus = load_universal_corpus(corpus_path)
-    model = load_any_model(FLAGS.model, FLAGS.dtype)
+    model = cli.apply_mesh(load_any_model(FLAGS.model, FLAGS.dtype), FLAGS.mesh)
     n = model.cfg.num_layers
     heads = [int(h) for h in FLAGS.heads] if FLAGS.heads else None
     target = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(n)

@@ -37,7 +37,7 @@ def main(argv):
 
     t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
-    model = load_any_model(FLAGS.model, FLAGS.dtype)
+    model = cli.apply_mesh(load_any_model(FLAGS.model, FLAGS.dtype), FLAGS.mesh)
     layer = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(model.cfg.num_layers)
     if FLAGS.target_attention is not None or FLAGS.set_values:
         mode = "set_value"

@@ -22,7 +22,7 @@ def define_model_flags(default_dtype: str = "float32") -> None:
                       "interleaved RoPE with tables rounded to the compute dtype, only to reproduce its published numbers.")
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where to run: auto = GPU if JAX sees one.")
     flags.DEFINE_string("mesh", None, "Shard over several devices, e.g. 'data:4,model:2' (samples over 'data', "
-                        "attention heads and MLP width over 'model'); layer scan only for now.")
+                        "attention heads and MLP width over 'model'): layer scan, ablation and steering experiments.")
 
 
 def apply_mesh(model, spec: Optional[str]):
@@ -30,6 +30,10 @@ def apply_mesh(model, spec: Optional[str]):
     if not spec:
         return model
     from plip_jax import sharding
+    from plip_jax.models.config import ModelConfig
+
+    if not isinstance(model.cfg, ModelConfig):
+        raise SystemExit(f"--mesh is implemented for the transformer families, not {model.cfg.model_type}")
 
     mesh = sharding.parse_mesh(spec)
     model.params = sharding.shard_params(model.params, model.cfg, mesh)

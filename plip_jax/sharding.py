@@ -103,3 +103,23 @@ def pad_to_multiple(tokens: np.ndarray, lengths: np.ndarray, multiple: int, *ext
         return (tokens, lengths, *extra, b)
     rep = lambda a: np.concatenate([a, np.repeat(a[:1], pad, axis=0)], axis=0)
     return (rep(tokens), rep(lengths), *[rep(e) for e in extra], b)
+
+
+def distribute(model: Any, tree: Any, axis: int = 0) -> Any:
+    """Split `tree`'s arrays along `axis` over the "data" axis of `model.mesh` (set by `cli.apply_mesh`),
+    when that axis divides evenly; otherwise (or without a mesh) leave them as they are (replicated).
+    Used by the experiments so that a sweep's samples (or sweep points) run data-parallel."""
+    mesh = getattr(model, "mesh", None)
+    if mesh is None or tree is None:
+        return tree
+    n = mesh.shape["data"]
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim <= axis or x.shape[axis] % n:
+            return x
+        spec = [None] * x.ndim
+        spec[axis] = "data"
+        return jax.device_put(x, NamedSharding(mesh, P(*spec)))
+
+    return jax.tree_util.tree_map(put, tree)

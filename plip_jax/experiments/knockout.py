@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from plip_jax import interventions as ivs
-from plip_jax import metrics, stats
+from plip_jax import metrics, sharding, stats
 from plip_jax.batching import check_context, pad_batch
 from plip_jax.corpus import UNIVERSAL_GROUPS, UniversalCorpus
 from plip_jax.experiments import causal
@@ -169,9 +169,10 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
                                         f"(valid 0..{cfg.num_layers - 1}); fix --layer/--layer_start/--layer_end")
     samples, skipped = prepare(model, corpus, all_edges=all_edges, include_baselines=include_baselines)
     batch = make_batch(model, samples)
-    base = causal.run_batch(model.params, batch.tokens, batch.lengths, None, cfg, rope_mode)
+    tokens, lengths = sharding.distribute(model, (batch.tokens, batch.lengths))
+    base = causal.run_batch(model.params, tokens, lengths, None, cfg, rope_mode)
     iv = knockout_ivs(model, samples, batch, layers, heads)
-    ko = causal.run_batch(model.params, batch.tokens, batch.lengths, iv, cfg, rope_mode)
+    ko = causal.run_batch(model.params, tokens, lengths, sharding.distribute(model, iv), cfg, rope_mode)
     eff = causal.to_numpy(causal.kl_and_effects(base["last"], ko["last"], base["nll"], ko["nll"]))
     base_last, ko_last = np.asarray(base["last"]), np.asarray(ko["last"])
     rows = [_sample_json(model, s, eff, i, base_last, ko_last, len(s.edges)) for i, s in enumerate(samples)]
@@ -201,7 +202,7 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     if control_seed is not None and not all_edges:
         civ = knockout_ivs(model, samples, batch, layers, heads,
                            edges_of=lambda s: random_control_edges(s, control_seed) or s.edges)
-        ctl = causal.run_batch(model.params, batch.tokens, batch.lengths, civ, cfg, rope_mode)
+        ctl = causal.run_batch(model.params, tokens, lengths, sharding.distribute(model, civ), cfg, rope_mode)
         ceff = causal.to_numpy(causal.kl_and_effects(base["last"], ctl["last"], base["nll"], ctl["nll"]))
         for i, r in enumerate(rows):
             r["control_kl_divergence"] = float(ceff["kl"][i])
@@ -228,8 +229,8 @@ def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, 
     samples, skipped = prepare(model, corpus, all_edges=all_edges)
     batch = make_batch(model, samples)
     iv = knockout_ivs(model, samples, batch, layers=[0], heads=heads)  # validated edges/heads
-    out = causal.layer_knockout_scan(model.params, batch.tokens, batch.lengths, iv.knockout.edges,
-                                     iv.knockout.heads, cfg, rope_mode)
+    args = sharding.distribute(model, (batch.tokens, batch.lengths, iv.knockout.edges, iv.knockout.heads))
+    out = causal.layer_knockout_scan(model.params, *args, cfg, rope_mode)
     last, nll = out["last"], out["nll"]  # [B, L+1, V], [B, L+1]
     kl = np.asarray(metrics.kl_divergence(last[:, :1], last[:, 1:]))  # [B, L]
     dnll = np.asarray(nll[:, 1:] - nll[:, :1])
@@ -256,9 +257,10 @@ def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tupl
     samples, skipped = prepare(model, corpus, all_edges=all_edges)
     batch = make_batch(model, samples)
     per_window = [knockout_ivs(model, samples, batch, list(range(a, b + 1)), heads) for a, b in windows]
-    stacked = causal.stack_interventions(per_window)  # [W, B, ...]
-    base = causal.run_batch(model.params, batch.tokens, batch.lengths, None, cfg, rope_mode)
-    swept = causal.run_sweep(model.params, batch.tokens, batch.lengths, stacked, cfg, rope_mode)
+    stacked = sharding.distribute(model, causal.stack_interventions(per_window), axis=1)  # [W, B, ...]
+    tokens, lengths = sharding.distribute(model, (batch.tokens, batch.lengths))
+    base = causal.run_batch(model.params, tokens, lengths, None, cfg, rope_mode)
+    swept = causal.run_sweep(model.params, tokens, lengths, stacked, cfg, rope_mode)
     kl = np.asarray(metrics.kl_divergence(base["last"][None], swept["last"]))  # [W, B]
     langs = [s.tokenized.sample.language for s in samples]
     rows_out = []

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from plip_jax import interventions as ivs
-from plip_jax import metrics
+from plip_jax import metrics, sharding
 from plip_jax.corpus import UniversalCorpus
 from plip_jax.experiments import causal
 from plip_jax.experiments.attention_metric import marker_target_attention
@@ -77,10 +77,11 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
                                                        context=f"sample {s.id}, dose {d}")})
                       for s, n in zip(samples, batch.lengths)]
         per_dose.append(causal.stack_interventions(per_sample))
-    stacked = causal.stack_interventions(per_dose)  # [D, B, ...]
+    stacked = sharding.distribute(model, causal.stack_interventions(per_dose), axis=1)  # [D, B, ...]
     markers = np.asarray([s.tokenized.marker_token for s in samples], np.int32)
-    base = causal.run_batch(model.params, batch.tokens, batch.lengths, None, cfg, rope_mode, markers)
-    steered = causal.run_sweep(model.params, batch.tokens, batch.lengths, stacked, cfg, rope_mode, markers)
+    tokens, lengths, markers_d = sharding.distribute(model, (batch.tokens, batch.lengths, markers))
+    base = causal.run_batch(model.params, tokens, lengths, None, cfg, rope_mode, markers_d)
+    steered = causal.run_sweep(model.params, tokens, lengths, stacked, cfg, rope_mode, markers_d)
     kl = np.asarray(metrics.kl_divergence(base["last"][None], steered["last"]))  # [D, B]
     agree = np.asarray(np.argmax(steered["last"], -1) == np.argmax(base["last"], -1)[None])
     dnll = np.asarray(steered["nll"] - base["nll"][None])
