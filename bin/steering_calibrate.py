@@ -15,7 +15,8 @@ from plip_jax import cli
 cli.define_model_flags()
 flags.DEFINE_integer("layer", None, "Layer (default: PLIP's heuristic, n//2 for small models).")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")
-flags.DEFINE_string("output", None, "Optional JSON output.")
+flags.DEFINE_string("output", None, "JSON output (default: outputs/steering_calibrate_<model>.json).")
+flags.DEFINE_bool("plot", False, "Also write a PNG of the per-sample baseline attention by language.")
 FLAGS = flags.FLAGS
 
 
@@ -37,10 +38,16 @@ def main(argv):
           f"(Scale {res['scale_to_python_level']:.2f} on Rust)")
     print("Dose table:  " + ", ".join(f"×{d['scale']:g} → {100 * d['expected_attention']:.2f}%"
                                       for d in res["dose_table"]))
-    if FLAGS.output:
-        res["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype,
-                                       rope_mode=FLAGS.rope_mode)
-        print(f"Wrote {write_json(Path(FLAGS.output), res)}")
+    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("steering_calibrate", model.source.slug)
+    res["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype, rope_mode=FLAGS.rope_mode)
+    print(f"Wrote {write_json(out, res)}")
+    if FLAGS.plot:
+        from plip_jax.experiments.plots import plot_group_values
+
+        groups = {lang: {"values": list(res[f"{lang}_samples"].values())} for lang in ("python", "rust")}
+        png = plot_group_values({**groups, "model": res["model"], "layer": layer, "cohens_d": float("nan")},
+                                out.with_suffix(".png"), "baseline marker → targets attention (%)")
+        print(f"Wrote {png}")
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ def test_steering_set_value_and_calibrate(tmp_path):
     for d in got["dose_results"]:
         assert d["mean_attention_achieved"] == pytest.approx(d["target_attention"], abs=1e-5)
     cal = tmp_path / "cal.json"
-    stdout = _run(["bin.steering_calibrate", f"--output={cal}"], tmp_path)
+    stdout = _run(["bin.steering_calibrate", f"--output={cal}", "--plot"], tmp_path)
     assert "ratio" in stdout and json.loads(cal.read_text())["rust_n"] == 10
+    assert cal.with_suffix(".png").is_file()
 
 
 def test_multi_sample_attention_and_attention_patterns_binaries(tmp_path):

@@ -98,6 +98,7 @@ def plot_group_values(result: dict, path: Path, ylabel: str = "attention (%)") -
     ax.set_xticks([0, 1])
     ax.set_xticklabels(["Python doctest", "Rust #[test]"])
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{result['model']}, layer {result['layer']} (Cohen's d = {result.get('cohens_d', float('nan')):.2f})",
-                 fontsize=9)
+    d = result.get("cohens_d")
+    extra = f" (Cohen's d = {d:.2f})" if d is not None and np.isfinite(d) else ""
+    ax.set_title(f"{result['model']}, layer {result['layer']}{extra}", fontsize=9)
     return save_figure(fig, path)
