@@ -37,3 +37,17 @@ def universal_corpus():
     from plip_jax.corpus import load_universal_corpus
 
     return load_universal_corpus()
+
+
+TINY_RWKV_LAYERS = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_rwkv_dir(tmp_path_factory):
+    """A tiny random RWKV-6 checkpoint (HF layout, real World-vocab size) shared by the RWKV tests."""
+    from tests import rwkv_fixtures
+
+    d = str(tmp_path_factory.mktemp("rwkv6_tiny"))
+    rwkv_fixtures.write_hf_checkpoint(d, vocab=65536, hidden=32, layers=TINY_RWKV_LAYERS, head_size=16,
+                                      mix_lora=4, decay_lora=8, intermediate=64, seed=3)
+    return d

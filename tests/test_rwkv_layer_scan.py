@@ -13,19 +13,15 @@ import pytest
 from plip_jax.experiments.attention_metric import marker_target_attention
 from plip_jax.experiments.layer_scan import run_layer_scan, tokenize_groups
 from plip_jax.models import rwkv6
-from tests import rwkv_fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT.parent / "shared" / "reference" / "layer_scan_universal_RWKV_v6_Finch_1B6_HF.json"
-LAYERS = 3
+LAYERS = 3  # = conftest.TINY_RWKV_LAYERS
 
 
 @pytest.fixture(scope="module")
-def rwkv_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("rwkv6_scan"))
-    rwkv_fixtures.write_hf_checkpoint(d, vocab=65536, hidden=32, layers=LAYERS, head_size=16,
-                                      mix_lora=4, decay_lora=8, intermediate=64, seed=3)
-    return d
+def rwkv_dir(tiny_rwkv_dir):
+    return tiny_rwkv_dir
 
 
 @pytest.fixture(scope="module")
