@@ -36,6 +36,8 @@ flags.DEFINE_bool("include_baselines", False, "Also run the baseline groups (mar
 flags.DEFINE_integer("control_seed", 0, "Seed of the random-edge control (negative: no control).")
 flags.DEFINE_string("logit_token", None, "Also report each sample's logit difference (baseline - knocked) of this "
                     "single token, e.g. '\\n' or ' assert'.")
+flags.DEFINE_integer("sweep_batch", None, "Run this many sweep points (windows / doses) at a time to bound "
+                     "memory (default: all at once).")
 flags.DEFINE_bool("plot", False, "Write a PNG next to the JSON.")
 FLAGS = flags.FLAGS
 
@@ -66,7 +68,7 @@ def main(argv):
         else:
             center = FLAGS.window_center if FLAGS.window_center is not None else target
             mode, windows = "scan_windows", knockout.radius_windows(center, FLAGS.max_radius, n)
-        result = knockout.run_window_sweep(model, corpus, windows, **common)
+        result = knockout.run_window_sweep(model, corpus, windows, sweep_batch=FLAGS.sweep_batch, **common)
         print(knockout_table_windows(result))
     else:
         if FLAGS.layer_start is not None or FLAGS.layer_end is not None:

@@ -23,6 +23,8 @@ flags.DEFINE_enum("language", "rust", ["rust", "python"], "Which test samples to
 flags.DEFINE_integer("max_samples", None, "Use at most this many samples.")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/steering_<mode>_<model>.json).")
+flags.DEFINE_integer("sweep_batch", None, "Run this many sweep points (windows / doses) at a time to bound "
+                     "memory (default: all at once).")
 flags.DEFINE_bool("plot", False, "Write a dose-response PNG next to the JSON.")
 FLAGS = flags.FLAGS
 
@@ -45,7 +47,8 @@ def main(argv):
     else:
         mode, doses = "scale", [float(v) for v in FLAGS.scales]
     res = steering.run_steering(model, load_universal_corpus(corpus_path), layer, doses=doses, mode=mode,
-                                language=FLAGS.language, rope_mode=FLAGS.rope_mode, max_samples=FLAGS.max_samples)
+                                language=FLAGS.language, rope_mode=FLAGS.rope_mode, max_samples=FLAGS.max_samples,
+                                sweep_batch=FLAGS.sweep_batch)
     print(f"Steering {FLAGS.language} samples at layer {layer} ({res['intervention_type']}); baseline attention "
           f"{100 * res['baseline_attention']:.2f}%")
     print(f"{'dose':>6} {'attention':>10} {'KL (nats)':>12} {'± sd':>10} {'top-1 kept':>10}")

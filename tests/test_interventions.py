@@ -140,9 +140,13 @@ def test_vmapped_sweep_equals_loop(bundled_model, universal_corpus):
     per_layer = [knockout.knockout_ivs(bundled_model, samples, batch, [l]) for l in (1, 4, 6)]
     swept = causal.run_sweep(bundled_model.params, batch.tokens, batch.lengths,
                              causal.stack_interventions(per_layer), bundled_model.cfg)
+    chunked = causal.run_sweep(bundled_model.params, batch.tokens, batch.lengths,
+                               causal.stack_interventions(per_layer), bundled_model.cfg, sweep_batch=2)
     for j, iv in enumerate(per_layer):
         single = causal.run_batch(bundled_model.params, batch.tokens, batch.lengths, iv, bundled_model.cfg)
         np.testing.assert_allclose(swept["last"][j], single["last"], atol=1e-5)
+        np.testing.assert_allclose(chunked["last"][j], single["last"], atol=1e-5)
+        np.testing.assert_allclose(chunked["nll"][j], single["nll"], atol=1e-5)
 
 
 def test_shared_prefix_layer_scan_equals_full_recomputation(bundled_model, universal_corpus):

@@ -250,8 +250,9 @@ def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, 
 
 
 def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tuple[int, int]], *, heads=None,
-                     all_edges: bool = False, rope_mode: str = "hf") -> dict:
-    """Knockout over each layer window [start, end] (inclusive), all windows x samples in one vmapped run."""
+                     all_edges: bool = False, rope_mode: str = "hf", sweep_batch: Optional[int] = None) -> dict:
+    """Knockout over each layer window [start, end] (inclusive), all windows x samples in one compiled run
+    (`sweep_batch` windows at a time, None = all: see `causal.run_sweep`)."""
     t0 = time.perf_counter()
     cfg = model.cfg
     samples, skipped = prepare(model, corpus, all_edges=all_edges)
@@ -260,7 +261,7 @@ def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tupl
     stacked = sharding.distribute(model, causal.stack_interventions(per_window), axis=1)  # [W, B, ...]
     tokens, lengths = sharding.distribute(model, (batch.tokens, batch.lengths))
     base = causal.run_batch(model.params, tokens, lengths, None, cfg, rope_mode)
-    swept = causal.run_sweep(model.params, tokens, lengths, stacked, cfg, rope_mode)
+    swept = causal.run_sweep(model.params, tokens, lengths, stacked, cfg, rope_mode, sweep_batch=sweep_batch)
     kl = np.asarray(metrics.kl_divergence(base["last"][None], swept["last"]))  # [W, B]
     langs = [s.tokenized.sample.language for s in samples]
     rows_out = []

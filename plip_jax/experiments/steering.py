@@ -55,9 +55,10 @@ def _check_layer(model, layer: int) -> None:
 
 def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequence[float] = DOSE_LEVELS,
                  mode: str = "scale", language: str = "rust", heads=None, rope_mode: str = "hf",
-                 max_samples: Optional[int] = None) -> dict:
+                 max_samples: Optional[int] = None, sweep_batch: Optional[int] = None) -> dict:
     """Steer marker -> targets edges at `layer` with each dose (Scale factors, or SetValue values when
-    mode == "set_value") for every sample of `language`, in one vmapped run. Returns PLIP's JSON dict."""
+    mode == "set_value") for every sample of `language`, in one compiled run (`sweep_batch` doses at a
+    time; None = all vmapped together). Returns PLIP's JSON dict."""
     t0 = time.perf_counter()
     _check_layer(model, layer)
     if mode not in ("scale", "set_value"):
@@ -81,7 +82,8 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
     markers = np.asarray([s.tokenized.marker_token for s in samples], np.int32)
     tokens, lengths, markers_d = sharding.distribute(model, (batch.tokens, batch.lengths, markers))
     base = causal.run_batch(model.params, tokens, lengths, None, cfg, rope_mode, markers_d)
-    steered = causal.run_sweep(model.params, tokens, lengths, stacked, cfg, rope_mode, markers_d)
+    steered = causal.run_sweep(model.params, tokens, lengths, stacked, cfg, rope_mode, markers_d,
+                               sweep_batch=sweep_batch)
     kl = np.asarray(metrics.kl_divergence(base["last"][None], steered["last"]))  # [D, B]
     agree = np.asarray(np.argmax(steered["last"], -1) == np.argmax(base["last"], -1)[None])
     dnll = np.asarray(steered["nll"] - base["nll"][None])
