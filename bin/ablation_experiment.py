@@ -44,16 +44,14 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    cli.select_device(FLAGS.device)
+    t0 = time.perf_counter()
+    model, _ = cli.load_model_from_flags()
     from plip_jax.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import knockout, plots
-    from plip_jax.models.registry import load_any_model
     from plip_jax.provenance import provenance, write_json
 
-    t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
     corpus = load_universal_corpus(corpus_path)
-    model = cli.apply_mesh(load_any_model(FLAGS.model, FLAGS.dtype), FLAGS.mesh)
     n = model.cfg.num_layers
     heads = [int(h) for h in FLAGS.heads] if FLAGS.heads else None
     target = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(n)

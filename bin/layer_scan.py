@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from absl import app, flags
@@ -25,19 +24,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    platform = cli.select_device(FLAGS.device)
+    model, t_load = cli.load_model_from_flags()
     from plip_jax.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import layer_scan
-    from plip_jax.models.registry import load_any_model
     from plip_jax.provenance import provenance, write_json
 
-    t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
     corpus = load_universal_corpus(corpus_path)
-    model = cli.apply_mesh(load_any_model(FLAGS.model, FLAGS.dtype), FLAGS.mesh)
-    t_load = time.perf_counter() - t0
-    print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, "
-          f"dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}")
     result = layer_scan.run_layer_scan(model, corpus, start_layer=FLAGS.start_layer, end_layer=FLAGS.end_layer,
                                        rope_mode=FLAGS.rope_mode, batch_size=FLAGS.batch_size)
     stats_ = result.position_conversion_stats

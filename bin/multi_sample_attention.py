@@ -24,22 +24,18 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    platform = cli.select_device(FLAGS.device)
+    model, load_s = cli.load_model_from_flags()
     from plip_jax.experiments import attention_analysis as aa
-    from plip_jax.models.registry import load_any_model
     from plip_jax.provenance import provenance, write_json
 
-    t0 = time.perf_counter()
-    model = load_any_model(FLAGS.model, FLAGS.dtype)
     t1 = time.perf_counter()
-    print(f"Model: {model.name} on {platform}, dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}")
     result = aa.run_multi_sample_attention(model, FLAGS.layer, rope_mode=FLAGS.rope_mode)
     t2 = time.perf_counter()
     print(aa.format_multi_sample(result))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("multi_sample_attention", model.source.slug)
     payload = dict(result)
     payload["provenance"] = provenance(model=model, dtype=model.dtype, rope_mode=FLAGS.rope_mode,
-                                       timings={"load_s": t1 - t0, "analysis_s": t2 - t1},
+                                       timings={"load_s": load_s, "analysis_s": t2 - t1},
                                        flags={"layer": result["layer"]})
     write_json(out, payload)
     print(f"Wrote {out}")

@@ -22,14 +22,12 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    cli.select_device(FLAGS.device)
+    model, _ = cli.load_model_from_flags()
     from plip_jax.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import knockout, steering
-    from plip_jax.models.registry import load_any_model
     from plip_jax.provenance import provenance, write_json
 
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
-    model = load_any_model(FLAGS.model, FLAGS.dtype)
     layer = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(model.cfg.num_layers)
     res = steering.calibrate(model, load_universal_corpus(corpus_path), layer, rope_mode=FLAGS.rope_mode)
     print(f"Layer {layer}: Python {100 * res['python_baseline']:.2f}% (n={res['python_n']}), "

@@ -31,15 +31,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    cli.select_device(FLAGS.device)
+    t0 = time.perf_counter()
+    model, _ = cli.load_model_from_flags()
     from plip_jax.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import knockout, plots, steering
-    from plip_jax.models.registry import load_any_model
     from plip_jax.provenance import provenance, write_json
 
-    t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
-    model = cli.apply_mesh(load_any_model(FLAGS.model, FLAGS.dtype), FLAGS.mesh)
     layer = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(model.cfg.num_layers)
     if FLAGS.target_attention is not None or FLAGS.set_values:
         mode = "set_value"

@@ -23,16 +23,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    platform = cli.select_device(FLAGS.device)
+    from plip_jax.models.loading import load_model  # the lens needs a transformer
+
+    model, t_load = cli.load_model_from_flags(load_model)
     from plip_jax.experiments import lens_experiments
-    from plip_jax.models.loading import load_model
     from plip_jax.provenance import provenance, write_json
 
-    t0 = time.perf_counter()
-    model = load_model(FLAGS.model, FLAGS.dtype)
-    t_load = time.perf_counter() - t0
-    print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, "
-          f"dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}")
+    t0 = time.perf_counter() - t_load
     rep = lens_experiments.test_emergence(model, top_k=FLAGS.top_k, rope_mode=FLAGS.rope_mode)
     t_run = time.perf_counter() - t0 - t_load
     print(lens_experiments.format_emergence(rep))

@@ -58,6 +58,22 @@ def select_device(choice: str) -> str:
     return jax.devices()[0].platform
 
 
+def load_model_from_flags(loader=None):
+    """The start of every model binary: pin --device, load --model in --dtype (sharded over --mesh when
+    the binary defines that flag and it is set), print a one-line header. Returns (model, load seconds)."""
+    platform = select_device(FLAGS.device)
+    if loader is None:
+        from plip_jax.models.registry import load_any_model as loader
+    t0 = time.perf_counter()
+    model = loader(FLAGS.model, FLAGS.dtype)
+    if "mesh" in FLAGS and FLAGS.mesh:
+        model = apply_mesh(model, FLAGS.mesh)
+    load_s = time.perf_counter() - t0
+    print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, "
+          f"dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}")
+    return model, load_s
+
+
 def default_output(prefix: str, slug: str, suffix: str = ".json") -> Path:
     return Path("outputs") / f"{prefix}_{slug}{suffix}"
 
