@@ -148,6 +148,45 @@ def sequence_nll(logits: Array, tokens: Array, length: Array | int) -> Array:
     return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
 
 
+def sequence_nll_from_hidden(hidden: Array, unembedding: Array, tokens: Array, length: Array | int,
+                             chunk: int = 8192) -> Array:
+    """`sequence_nll` of the logits hidden @ unembedding.T without materialising them: the vocabulary is
+    walked in chunks of `chunk` with an online log-sum-exp, so memory is [T, chunk] instead of [T, V].
+
+    hidden [T, D] (final-normed), unembedding [V, D], tokens [T] int, length [] -> [] f32 nats/token.
+    """
+    v, d = unembedding.shape
+    if v <= chunk:  # small vocabulary: one [T, V] block is fine
+        logits = jnp.einsum("td,vd->tv", hidden, unembedding, preferred_element_type=jnp.float32)
+        return sequence_nll(logits, tokens, length)
+    n_chunks = -(-v // chunk)
+    w = jnp.pad(unembedding, ((0, n_chunks * chunk - v), (0, 0)))
+    h = hidden[:-1]  # positions 0..T-2 predict tokens 1..T-1
+    nxt = jnp.asarray(tokens)[1:].astype(jnp.int32)
+    t1 = h.shape[0]
+
+    def body(carry, c):
+        run_max, run_sum, tgt = carry
+        wc = jax.lax.dynamic_slice_in_dim(w, c * chunk, chunk, axis=0)
+        lg = jnp.einsum("td,vd->tv", h, wc, preferred_element_type=jnp.float32)  # [T-1, chunk]
+        ids = c * chunk + jnp.arange(chunk)
+        lg = jnp.where(ids[None, :] < v, lg, -jnp.inf)
+        new_max = jnp.maximum(run_max, lg.max(-1))
+        run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(lg - new_max[:, None]).sum(-1)
+        local = nxt - c * chunk
+        inside = (local >= 0) & (local < chunk)
+        picked = jnp.take_along_axis(lg, jnp.clip(local, 0, chunk - 1)[:, None], axis=-1)[:, 0]
+        return (new_max, run_sum, jnp.where(inside, picked, tgt)), None
+
+    init = (jnp.full((t1,), -jnp.inf, jnp.float32), jnp.zeros((t1,), jnp.float32), jnp.zeros((t1,), jnp.float32))
+    (run_max, run_sum, tgt), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+    tok_lp = tgt - (run_max + jnp.log(run_sum))
+    valid = jnp.arange(t1) < (jnp.asarray(length) - 1)
+    count = jnp.sum(valid).astype(jnp.float32)
+    total = -jnp.sum(jnp.where(valid, tok_lp, 0.0))
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
+
+
 class PerplexityChange(NamedTuple):
     """Next-token NLL (nats/token) and perplexity of the same tokens under two runs; shapes [...]."""
 

@@ -221,3 +221,21 @@ def test_batched_padded_perplexity_and_kl_at_last_position():
     np.testing.assert_allclose(np.asarray(kl), _kl64(base[np.arange(3), lengths - 1], other[np.arange(3), lengths - 1]),
                                rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(M.position_mask(lengths, t)).sum(-1), lengths)
+
+
+def test_chunked_nll_from_hidden_equals_full_logits():
+    import jax.numpy as jnp
+
+    from plip_jax.metrics import sequence_nll, sequence_nll_from_hidden
+
+    rng = np.random.RandomState(3)
+    hidden = jnp.asarray(rng.randn(9, 16).astype(np.float32))
+    w = jnp.asarray(rng.randn(1000, 16).astype(np.float32))  # 1000 is not a multiple of the chunk
+    tokens = jnp.asarray(rng.randint(0, 1000, size=9))
+    for length in (9, 5, 2, 1):
+        full = sequence_nll(hidden @ w.T, tokens, length)
+        chunked = sequence_nll_from_hidden(hidden, w, tokens, length, chunk=128)
+        if length < 2:
+            assert np.isnan(full) and np.isnan(chunked)
+        else:
+            np.testing.assert_allclose(chunked, full, rtol=1e-5)

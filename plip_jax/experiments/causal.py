@@ -2,7 +2,8 @@
 
 Everything here is one jitted computation over a right-padded batch of samples (and, for sweeps, over a
 stacked axis of interventions): no Python loop of forwards. Outputs stay small: last-position logits
-[.., V] and the per-sample next-token NLL, never [T, V] logits on the host.
+[.., V] and the per-sample next-token NLL, computed from the final hidden states with a vocabulary-chunked
+log-sum-exp, so [T, V] logits never exist, on the device or the host.
 """
 
 from __future__ import annotations
@@ -20,14 +21,21 @@ from plip_jax.models.config import ModelConfig
 from plip_jax.models import transformer as tr
 
 
+def _readout(params, hidden, tokens, length, cfg: ModelConfig):
+    """Last-real-token logits [V] and mean next-token NLL from final-normed hidden [T, D], without ever
+    holding [T, V] logits (vocabulary-chunked NLL)."""
+    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    last = tr.unembed(params, jax.lax.dynamic_index_in_dim(hidden, length - 1, 0, keepdims=False), cfg)
+    return last, metrics.sequence_nll_from_hidden(hidden, w, tokens, length)
+
+
 def _one(params, tokens, length, iv, cfg, rope_mode, marker):
-    cap = tr.Capture(logits="all", attn_rows=marker is not None)
+    cap = tr.Capture(logits="none", final_hidden=True, attn_rows=marker is not None)
     rows = None if marker is None else marker[None]
     out = tr.forward(params, tokens, cfg, length=length, interventions=iv, capture=cap, query_rows=rows,
                      rope_mode=rope_mode)
-    logits = out["logits"]
-    res = {"last": jax.lax.dynamic_index_in_dim(logits, length - 1, 0, keepdims=False),
-           "nll": metrics.sequence_nll(logits, tokens, length)}
+    last, nll = _readout(params, out["final_hidden"], tokens, length, cfg)
+    res = {"last": last, "nll": nll}
     if marker is not None:
         res["marker_rows"] = out["attn_rows"][:, :, 0, :]  # [L, H, T]
     return res
@@ -48,8 +56,7 @@ def run_sweep(params, tokens, lengths, iv, cfg: ModelConfig, rope_mode: str = "h
     compiled computation over sweep points x samples. Returns arrays with leading [S, B].
 
     sweep_batch: None vmaps all S sweep points at once (fastest); k runs k at a time (`lax.map` with
-    batch_size k), bounding memory to k x B forwards (e.g. the [B, T, V] logits behind the NLL, 0.8 GB per
-    sweep point for 20 x 64 tokens at Qwen-7B's vocabulary)."""
+    batch_size k), bounding activation memory to k x B forwards."""
     per_batch = lambda i: jax.vmap(lambda t, n, ii, m: _one(params, t, n, ii, cfg, rope_mode, m))(
         tokens, lengths, i, markers)
     if sweep_batch is None:
@@ -78,11 +85,8 @@ def _layer_knockout_scan_one(params, tokens, length, edges, heads, cfg: ModelCon
             heads=jnp.broadcast_to(heads, (n,) + heads.shape)))
         streams = jax.vmap(lambda h, i: tr.apply_block(h, lp, j, windows[j], cfg, ctx, i)[0])(streams, iv)
 
-    def readout(h):  # one run at a time: only one [T, V] logits array is live (memory, at 7B shapes)
-        logits = tr.final_logits(params, h, cfg)
-        return logits[length - 1], metrics.sequence_nll(logits, tokens, length)
-
-    last, nll = jax.lax.map(readout, streams)  # [L+1, V], [L+1]
+    hidden = jax.vmap(lambda h: tr.norm(h, params["final_norm"], cfg))(streams)
+    last, nll = jax.vmap(lambda h: _readout(params, h, tokens, length, cfg))(hidden)  # [L+1, V], [L+1]
     return last, nll
 
 
