@@ -65,9 +65,14 @@ def load_model_from_flags(loader=None):
     if loader is None:
         from plip_jax.models.registry import load_any_model as loader
     t0 = time.perf_counter()
-    model = loader(FLAGS.model, FLAGS.dtype)
-    if "mesh" in FLAGS and FLAGS.mesh:
-        model = apply_mesh(model, FLAGS.mesh)
+    if "mesh" in FLAGS and FLAGS.mesh:  # params go from host memory straight to their shards
+        from plip_jax import sharding
+
+        mesh = sharding.parse_mesh(FLAGS.mesh)
+        model = loader(FLAGS.model, FLAGS.dtype, mesh=mesh)
+        print(f"Sharded over mesh {dict(mesh.shape)} ({mesh.size} devices)")
+    else:
+        model = loader(FLAGS.model, FLAGS.dtype)
     load_s = time.perf_counter() - t0
     print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, "
           f"dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}")

@@ -54,6 +54,12 @@ def main() -> int:
 
     plain = run_layer_scan(load_model(), corpus)
     sharded = run_layer_scan(apply_mesh(load_model(), "data:4,model:2"), corpus)
+    direct = load_model(mesh=sharding.make_mesh(data=4, model=2))  # host -> shards, never whole on one device
+    q_w = direct.params["layers"]["q_w"]
+    assert q_w.addressable_shards[0].data.shape[1] == q_w.shape[1] // 2
+    direct_scan = run_layer_scan(direct, corpus)
+    for a, c in zip(plain.results, direct_scan.results):
+        assert abs(a.python_mean - c.python_mean) < 1e-7
     for a, c in zip(plain.results, sharded.results):
         assert abs(a.python_mean - c.python_mean) < 1e-7 and abs(a.p_value - c.p_value) <= 1e-4 * a.p_value
     # the causal experiments with --mesh: knockout (single layer, control, layer scan) and a steering sweep

@@ -19,6 +19,15 @@ def test_sharded_equals_single_device():
     assert "SHARDING OK" in proc.stdout
 
 
+def test_layer_scan_binary_with_mesh(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = tmp_path / "scan.json"
+    proc = subprocess.run([sys.executable, "-m", "bin.layer_scan", "--mesh=data:4,model:2", f"--output={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Sharded over mesh {'data': 4, 'model': 2}" in proc.stdout and out.is_file()
+
+
 def test_mesh_spec_parsing_and_errors():
     from plip_jax import sharding
 

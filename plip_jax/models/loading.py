@@ -78,10 +78,12 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def load_params(store: WeightStore, cfg: ModelConfig, dtype: Any = jnp.float32) -> Params:
+def load_params(store: WeightStore, cfg: ModelConfig, dtype: Any = jnp.float32, mesh: Any = None) -> Params:
     """Read every tensor the forward needs from `store`, cast to `dtype`, stack layers.
 
     Returns {"embed": [V, D], "final_norm": {...}, "lm_head"?: [V, D], "layers": {leaf: [L, ...]}}.
+    With a `mesh` (plip_jax.sharding), each leaf goes from host memory straight to its shards (heads and
+    MLP width split over "model"), so a model larger than one device's memory can be loaded.
     Raises KeyError naming a missing tensor, ValueError naming a tensor of the wrong shape.
     """
     np_dtype = np.dtype(dtype)
@@ -119,6 +121,10 @@ def load_params(store: WeightStore, cfg: ModelConfig, dtype: Any = jnp.float32) 
         params["final_norm"]["bias"] = read("model.norm.bias", (d,)).astype(np_dtype)
     if not cfg.tie_embeddings:
         params["lm_head"] = read("lm_head.weight", (cfg.vocab_size, d)).astype(np_dtype)
+    if mesh is not None:
+        from plip_jax import sharding
+
+        return sharding.shard_params(params, cfg, mesh)
     return jax.tree_util.tree_map(jnp.asarray, params)
 
 
@@ -131,6 +137,7 @@ class LoadedModel:
     source: ModelSource
     weight_files: list
     dtype: Any
+    mesh: Any = None  # the device mesh the params are sharded over (None: one device)
     _tokenizer: Any = None
 
     @property
@@ -158,13 +165,14 @@ def load_tokenizer(model_dir: Path) -> Any:
     return tok
 
 
-def load_model(model: Optional[str] = None, dtype: Any = "float32") -> LoadedModel:
-    """Resolve `model` (None = bundled plip-tiny-code, a directory, or a Hub id) and load it."""
+def load_model(model: Optional[str] = None, dtype: Any = "float32", mesh: Any = None) -> LoadedModel:
+    """Resolve `model` (None = bundled plip-tiny-code, a directory, or a Hub id) and load it; with a
+    `mesh`, params are placed sharded as they are read (see `load_params`)."""
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     source = resolve_model(model)
     raw = read_config_json(source.path)
     cfg = config_from_hf(raw, source=str(source.path / "config.json"))
     files = weight_files(source.path)
-    params = load_params(WeightStore(files), cfg, dtype)
-    return LoadedModel(cfg=cfg, params=params, source=source, weight_files=files, dtype=dtype)
+    params = load_params(WeightStore(files), cfg, dtype, mesh)
+    return LoadedModel(cfg=cfg, params=params, source=source, weight_files=files, dtype=dtype, mesh=mesh)
