@@ -48,6 +48,7 @@ def main(argv):
     model, _ = cli.load_model_from_flags()
     from plip_jax.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import knockout, plots
+    from plip_jax.experiments import windows as windows_lib
     from plip_jax.provenance import provenance, write_json
 
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
@@ -62,10 +63,10 @@ def main(argv):
         print(knockout_table_scan(result))
     elif FLAGS.slide_window or FLAGS.scan_windows:
         if FLAGS.slide_window:
-            mode, windows = "slide_window", knockout.sliding_windows(FLAGS.slide_window, n)
+            mode, windows = "slide_window", windows_lib.sliding_windows(FLAGS.slide_window, n)
         else:
             center = FLAGS.window_center if FLAGS.window_center is not None else target
-            mode, windows = "scan_windows", knockout.radius_windows(center, FLAGS.max_radius, n)
+            mode, windows = "scan_windows", windows_lib.radius_windows(center, FLAGS.max_radius, n)
         result = knockout.run_window_sweep(model, corpus, windows, sweep_batch=FLAGS.sweep_batch, **common)
         print(knockout_table_windows(result))
     else:

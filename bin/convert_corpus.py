@@ -4,16 +4,9 @@ with character positions derived from the code (spec 3.3), and report what could
     python -m bin.convert_corpus        # corpus/attention_samples.json -> outputs/attention_samples_universal_converted.json
     python -m bin.convert_corpus --input=... --output=... --compare=corpus/attention_samples_universal.json --verbose
 
-Rules (PLIP-rs `convert_corpus`):
-- Python (doctest and baseline): marker = first `>>>`; targets = `def`, the name (def + 4), and each parameter
-  name (text inside the first parentheses split on top-level commas, cut at `=`/`:`; searched from a running
-  offset).
-- Rust test: marker = first `#[test]`, else `#[cfg(test)]`; targets = the first `fn `, the name (+3) and the
-  parameter names (text before `:`; `self` receivers have none). PLIP falls back to marker 0 when neither
-  attribute occurs; we report such samples instead of inventing a marker.
-- Rust baseline: marker = first `#[`; targets = `struct` and its name, the first `fn` and its name.
-Note: the shipped universal corpus differs for Rust tests (its third target is the character right after
-the name); `--compare` lists those differences.
+The rules (PLIP-rs `convert_corpus`, spec 3.3) are in `plip_jax/conversion.py`. Note: the shipped universal
+corpus differs for Rust tests (its third target is the character right after the name); `--compare` lists
+those differences.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ def main(argv):
     platform = cli.select_device(FLAGS.device)
     from plip_jax.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import state_experiments as se
+    from plip_jax.experiments import windows as windows_lib
     from plip_jax.provenance import provenance, write_json
 
     t0 = time.perf_counter()
@@ -69,11 +70,11 @@ def main(argv):
             if FLAGS.scan_layers:
                 windows, mode, tag = [(l, l) for l in range(n)], "scan_layers", "scan_layers"
             elif FLAGS.slide_window is not None:
-                windows, mode = se.slide_windows(FLAGS.slide_window, n), "slide_window"
+                windows, mode = windows_lib.sliding_windows(FLAGS.slide_window, n), "slide_window"
                 tag = f"slide{FLAGS.slide_window}"
             else:
                 center = FLAGS.window_center if FLAGS.window_center is not None else layer
-                windows, mode = se.scan_windows(center, FLAGS.max_radius, n), "scan_windows"
+                windows, mode = windows_lib.radius_windows(center, FLAGS.max_radius, n), "scan_windows"
                 tag = f"windows_c{center}_r{FLAGS.max_radius}"
             payload = se.run_knockout_windows(model, samples, windows, chunk=FLAGS.chunk or None, model_name=name, mode=mode)
             print(se.format_window_table(payload))

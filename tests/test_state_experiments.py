@@ -14,6 +14,7 @@ import pytest
 
 from plip_jax.experiments import state_experiments as se
 from plip_jax.metrics import kl_divergence
+from plip_jax.experiments.windows import radius_windows, sliding_windows
 from plip_jax.models import rwkv6
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,10 +139,10 @@ def test_scan_layers_equals_single_layer_runs(model, samples, ablation):
 
 
 def test_window_knockout_and_window_helpers(model, samples):
-    assert se.scan_windows(1, 3, LAYERS) == [(1, 1), (0, 2), (0, 2), (0, 2)]
-    assert se.slide_windows(2, LAYERS) == [(0, 1), (1, 2)]
+    assert radius_windows(1, 3, LAYERS) == [(1, 1), (0, 2), (0, 2), (0, 2)]
+    assert sliding_windows(2, LAYERS) == [(0, 1), (1, 2)]
     with pytest.raises(ValueError, match="--slide_window"):
-        se.slide_windows(4, LAYERS)
+        sliding_windows(4, LAYERS)
     w = se.run_state_ablation(model, samples[:4] + samples[10:14], 0, 2, control_seed=None)
     assert w["layer_start"] == 0 and w["layer_end"] == 2 and w["n_layers_knocked_out"] == 3 and "layer" not in w
     s = samples[0]

@@ -278,17 +278,3 @@ def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tupl
             "samples": [{"id": s.id, "language": langs[i], "kl_by_window": kl[:, i].tolist()}
                         for i, s in enumerate(samples)],
             "skipped_samples": skipped, "timings_s": {"total_s": time.perf_counter() - t0}}
-
-
-def radius_windows(center: int, max_radius: int, n_layers: int) -> list[tuple[int, int]]:
-    """PLIP's --scan-windows: [max(0, c - r), min(n - 1, c + r)] for r = 0..max_radius."""
-    if not 0 <= center < n_layers:
-        raise ivs.InterventionError(f"--window_center={center} out of range 0..{n_layers - 1}")
-    return [(max(0, center - r), min(n_layers - 1, center + r)) for r in range(max_radius + 1)]
-
-
-def sliding_windows(width: int, n_layers: int) -> list[tuple[int, int]]:
-    """PLIP's --slide-window W: [s, s + W - 1] for s = 0..n - W."""
-    if not 1 <= width <= n_layers:
-        raise ivs.InterventionError(f"--slide_window={width} must be between 1 and the {n_layers} layers")
-    return [(s, s + width - 1) for s in range(n_layers - width + 1)]

@@ -328,19 +328,6 @@ def run_knockout_windows(model: rwkv6.RwkvLoadedModel, samples: Sequence[StateSa
     }
 
 
-def scan_windows(center: int, max_radius: int, n_layers: int) -> list[tuple[int, int]]:
-    """PLIP --scan-windows: [max(0, c-r), min(n-1, c+r)] for r = 0..max_radius."""
-    check_layer(center, n_layers, "--window_center")
-    return [(max(0, center - r), min(n_layers - 1, center + r)) for r in range(max_radius + 1)]
-
-
-def slide_windows(width: int, n_layers: int) -> list[tuple[int, int]]:
-    """PLIP --slide-window W: [s, s+W-1] for s = 0..n-W."""
-    if not 1 <= width <= n_layers:
-        raise ValueError(f"--slide_window={width} must be between 1 and the number of layers ({n_layers})")
-    return [(s, s + width - 1) for s in range(n_layers - width + 1)]
-
-
 def format_window_table(payload: dict, top: int = 5) -> str:
     """Table of per-window mean KLs (nats) with the Python/Rust ratio and exact Welch p, and, for layer
     scans, the `top` layers by KL per language (what PLIP printed)."""
