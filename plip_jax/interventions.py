@@ -136,6 +136,14 @@ def _mask_from_indices(n: int, idx: Optional[Iterable[int]], what: str, flag: st
     return m
 
 
+def check_layer(layer: int, n_layers: int, flag: str = "--layer") -> int:
+    """`layer` as an int, or InterventionError (a ValueError) naming the flag and the valid range."""
+    if not 0 <= int(layer) < n_layers:
+        raise InterventionError(f"{flag}={layer} is out of range: the model has {n_layers} layers "
+                                f"(valid 0..{n_layers - 1})")
+    return int(layer)
+
+
 def layer_mask(n_layers: int, layers: Optional[Iterable[int]]) -> np.ndarray:
     """bool [L] from a list of layer indices (None = all), with a clear error when out of range."""
     return _mask_from_indices(n_layers, layers, "layers", "--layer/--layers")

@@ -94,10 +94,9 @@ def find_token(tokens: Sequence[str], pattern: str) -> Optional[int]:
 
 def resolve_layer(n_layers: int, layer: Optional[int]) -> int:
     """`layer` (default: the last layer, PLIP) checked against the model's layer count."""
-    layer = n_layers - 1 if layer is None else int(layer)
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"--layer={layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    return layer
+    from plip_jax.interventions import check_layer
+
+    return check_layer(n_layers - 1 if layer is None else layer, n_layers)
 
 
 # --------------------------------------------------------------------------- statistical_attention

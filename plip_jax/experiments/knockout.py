@@ -164,9 +164,7 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     t0 = time.perf_counter()
     cfg = model.cfg
     for l in layers:
-        if not 0 <= l < cfg.num_layers:
-            raise ivs.InterventionError(f"layer {l} out of range: the model has {cfg.num_layers} layers "
-                                        f"(valid 0..{cfg.num_layers - 1}); fix --layer/--layer_start/--layer_end")
+        ivs.check_layer(l, cfg.num_layers, "--layer" if len(layers) == 1 else "window layer")
     samples, skipped = prepare(model, corpus, all_edges=all_edges, include_baselines=include_baselines)
     batch = make_batch(model, samples)
     tokens, lengths = sharding.distribute(model, (batch.tokens, batch.lengths))

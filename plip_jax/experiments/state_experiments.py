@@ -23,6 +23,7 @@ import numpy as np
 from plip_jax import stats
 from plip_jax.batching import pad_batch
 from plip_jax.corpus import CorpusError, UniversalCorpus
+from plip_jax.interventions import check_layer
 from plip_jax.metrics import (format_top_changed, kl_divergence, kl_divergence_plip_filtered,
                               last_real_logits, top_changed_tokens)
 from plip_jax.models import rwkv6
@@ -56,12 +57,6 @@ def load_rwkv_model(model: Optional[str], dtype: Any = "float32") -> rwkv6.RwkvL
 def default_state_layer(n_layers: int) -> int:
     """PLIP's default layer of the state ablation/steering experiments: floor(3 n / 5) (14 for 24 layers)."""
     return (3 * n_layers) // 5
-
-
-def check_layer(layer: int, n_layers: int, flag: str = "--layer") -> int:
-    if not 0 <= int(layer) < n_layers:
-        raise ValueError(f"{flag}={layer} is out of range: the model has {n_layers} layers (valid 0..{n_layers - 1})")
-    return int(layer)
 
 
 def check_window(start: int, end: int, n_layers: int) -> tuple[int, int]:

@@ -31,7 +31,7 @@ def calibrate(model: Any, corpus: UniversalCorpus, layer: int, doses: Sequence[f
               rope_mode: str = "hf") -> dict:
     """Baseline marker -> targets attention of Python and Rust samples at `layer`, their ratio (the
     Scale that would lift Rust to the Python level) and the attention each dose would aim for."""
-    _check_layer(model, layer)
+    ivs.check_layer(layer, model.cfg.num_layers)
     out: dict = {"model": model.name, "layer": layer}
     for lang in ("python", "rust"):
         s = _group_samples(model, corpus, lang)
@@ -47,12 +47,6 @@ def calibrate(model: Any, corpus: UniversalCorpus, layer: int, doses: Sequence[f
     return out
 
 
-def _check_layer(model, layer: int) -> None:
-    n = model.cfg.num_layers
-    if not 0 <= layer < n:
-        raise ivs.InterventionError(f"layer {layer} out of range: the model has {n} layers (valid 0..{n - 1})")
-
-
 def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequence[float] = DOSE_LEVELS,
                  mode: str = "scale", language: str = "rust", heads=None, rope_mode: str = "hf",
                  max_samples: Optional[int] = None, sweep_batch: Optional[int] = None) -> dict:
@@ -60,7 +54,7 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
     mode == "set_value") for every sample of `language`, in one compiled run (`sweep_batch` doses at a
     time; None = all vmapped together). Returns PLIP's JSON dict."""
     t0 = time.perf_counter()
-    _check_layer(model, layer)
+    ivs.check_layer(layer, model.cfg.num_layers)
     if mode not in ("scale", "set_value"):
         raise ValueError(f"mode must be 'scale' or 'set_value', got {mode!r}")
     cfg = model.cfg
