@@ -51,6 +51,8 @@ flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads on CPU (0: torch
                      "'--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' for JAX).")
 flags.DEFINE_integer("knockout_batch", None, "Samples per knockout-scan call (default: all, fewer when the "
                      "library's [b, L+1, T, V] f32 logits would exceed a quarter of the GPU).")
+flags.DEFINE_enum("layer_layout", "auto", ["auto", "stacked", "per_layer"], "JAX weights layout: stacked (scan "
+                  "over layers) or per_layer (unrolled, no per-layer weight copies); auto = per_layer on GPU.")
 FLAGS = flags.FLAGS
 
 REAL_SHAPES = ("qwen2.5-coder-3b", "qwen2.5-coder-7b", "starcoder2-3b", "codegemma-7b", "codellama-7b")
@@ -88,12 +90,16 @@ def main(argv):
         torch.set_num_threads(FLAGS.torch_threads)
     repeats = FLAGS.repeats if FLAGS.repeats is not None else (3 if FLAGS.tiny else 5)
     opts = runner.Options(shapes=names, workloads=list(FLAGS.workloads), dtype=FLAGS.dtype, repeats=repeats,
-                          sizes=_sizes(), with_torch=FLAGS.torch, seed=FLAGS.seed)
-    result = runner.run(opts, log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(runner.text_table(result))
+                          sizes=_sizes(), with_torch=FLAGS.torch, seed=FLAGS.seed, layer_layout=FLAGS.layer_layout)
     out = Path(FLAGS.output) if FLAGS.output else Path("outputs") / f"bench_{platform}_{FLAGS.dtype}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=float))
+
+    def save(partial):  # after each workload, so a run cut short keeps what it measured
+        out.write_text(json.dumps(partial, indent=1, default=float))
+
+    result = runner.run(opts, log=lambda s: print(s, file=sys.stderr, flush=True), on_record=save)
+    print(runner.text_table(result))
+    save(result)
     print(f"Wrote {out}")
     if FLAGS.markdown:
         md = Path(FLAGS.markdown)

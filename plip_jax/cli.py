@@ -23,6 +23,9 @@ def define_model_flags(default_dtype: str = "float32") -> None:
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where to run: auto = GPU if JAX sees one.")
     flags.DEFINE_string("mesh", None, "Shard over several devices, e.g. 'data:4,model:2' (samples over 'data', "
                         "attention heads and MLP width over 'model'): layer scan, ablation and steering experiments.")
+    flags.DEFINE_enum("layer_layout", "auto", ["auto", "stacked", "per_layer"], "Transformer weights in memory: "
+                      "stacked (a scan over layers; quick to compile) or per_layer (unrolled; no per-layer weight "
+                      "copies, faster on GPU but slower to compile); auto = per_layer on GPU, stacked on CPU.")
 
 
 def apply_mesh(model, spec: Optional[str]):
@@ -69,10 +72,10 @@ def load_model_from_flags(loader=None):
         from plip_jax import sharding
 
         mesh = sharding.parse_mesh(FLAGS.mesh)
-        model = loader(FLAGS.model, FLAGS.dtype, mesh=mesh)
+        model = loader(FLAGS.model, FLAGS.dtype, mesh=mesh, layer_layout=FLAGS.layer_layout)
         print(f"Sharded over mesh {dict(mesh.shape)} ({mesh.size} devices)")
     else:
-        model = loader(FLAGS.model, FLAGS.dtype)
+        model = loader(FLAGS.model, FLAGS.dtype, layer_layout=FLAGS.layer_layout)
     load_s = time.perf_counter() - t0
     print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, "
           f"dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}")

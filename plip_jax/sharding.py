@@ -68,7 +68,10 @@ def param_specs(params: dict, cfg: ModelConfig, model_size: int) -> dict:
     def spec(path, leaf):
         name = getattr(path[-1], "key", None)
         in_layers = any(getattr(k, "key", None) == "layers" for k in path)
-        return rules.get(name, P()) if in_layers else P()
+        s = rules.get(name, P()) if in_layers else P()
+        if len(s) > leaf.ndim:  # per-layer layout: one layer's leaf has no leading layer axis
+            s = P(*s[1:])
+        return s
 
     return jax.tree_util.tree_map_with_path(spec, params)
 

@@ -36,6 +36,17 @@ def main() -> int:
         err = np.abs(got - ref).max()
         print(f"mesh data={data} model={mdl}: layer-scan metric max error {err:.2e}")
         assert err < 1e-6, err
+    # the per-layer layout (GPU default) loaded straight onto a data x model mesh
+    per = load_model(mesh=sharding.make_mesh(data=4, model=2), layer_layout="per_layer")
+    q0 = per.params["layers"][0]["q_w"]
+    assert q0.addressable_shards[0].data.shape[0] == q0.shape[0] // 2
+    mesh = sharding.make_mesh(data=4, model=2)
+    toks, lens, mk, cnt, n = sharding.pad_to_multiple(b.tokens, b.lengths, 4, b.markers, b.target_counts)
+    toks, lens, mk, cnt = sharding.shard_batch((toks, lens, mk, cnt), mesh)
+    got = np.asarray(transformer_marker_metric(per.params, toks, lens, mk, cnt, model.cfg, "hf"))[:n]
+    err = np.abs(got - ref).max()
+    print(f"per-layer layout on data=4 model=2: layer-scan metric max error {err:.2e}")
+    assert err < 1e-6, err
     # a knockout sweep (vmapped stacked interventions) on data x model sharding
     ks, _ = knockout.prepare(model, corpus)
     batch = knockout.make_batch(model, ks[:8])

@@ -66,14 +66,27 @@ def build_torch_model(hf_config: dict, dtype: str, device: str, seed: int = 0) -
     return model.eval()
 
 
-def params_from_torch(model: Any, cfg: ModelConfig, dtype: str) -> dict:
-    """The JAX params pytree (on JAX's default device) holding `model`'s weights, in `dtype`."""
-    return load_params(_StateDictStore(model.state_dict()), cfg, parse_dtype(dtype))
+def params_from_torch(model: Any, cfg: ModelConfig, dtype: str, layer_layout: str = "auto") -> dict:
+    """The JAX params pytree (on JAX's default device) holding `model`'s weights, in `dtype`, in
+    `layer_layout` (see `plip_jax.models.loading.resolve_layer_layout`)."""
+    return load_params(_StateDictStore(model.state_dict()), cfg, parse_dtype(dtype), layer_layout=layer_layout)
 
 
-def random_params(cfg: ModelConfig, dtype: str, seed: int = 0, std: float = 0.02) -> dict:
+def random_params(cfg: ModelConfig, dtype: str, seed: int = 0, std: float = 0.02, layer_layout: str = "stacked") -> dict:
     """Random params drawn on the JAX device: matrices ~ normal(0, std), norm scales 1 (0 for Gemma's
-    (1 + w) norm), biases 0. Same pytree layout as `load_params`."""
+    (1 + w) norm), biases 0. Same pytree as `load_params` in `layer_layout` ('per_layer' splits the
+    stacked draw, a transient second copy on the device)."""
+    from plip_jax.models.loading import resolve_layer_layout
+
+    params = _random_stacked(cfg, dtype, seed, std)
+    if resolve_layer_layout(layer_layout) == "per_layer":
+        stacked = params["layers"]
+        params["layers"] = tuple(jax.tree_util.tree_map(lambda x: x[i], stacked) for i in range(cfg.num_layers))
+        del stacked
+    return params
+
+
+def _random_stacked(cfg: ModelConfig, dtype: str, seed: int, std: float) -> dict:
     jdt = parse_dtype(dtype)
     d, h, kv, hd, i, L = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                           cfg.num_layers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 
@@ -28,6 +28,7 @@ class Options:
     sizes: wl.Sizes = wl.Sizes()
     with_torch: bool = True
     seed: int = 0
+    layer_layout: str = "auto"  # JAX params layout (plip_jax.models.loading.resolve_layer_layout)
 
 
 def _host() -> str:
@@ -80,12 +81,21 @@ def _meta(opts: Options, torch_device: str, peaks) -> dict:
                             f"rate; memory floor = minimum HBM bytes (weights once per pass / per decode step, KV "
                             f"cache) / bandwidth" if peaks else
                             "n/a on this device (no roofline table entry; CPU floors are not reported)"),
-            "peaks": dataclasses.asdict(peaks) if peaks else None}
+            "peaks": dataclasses.asdict(peaks) if peaks else None,
+            "layer_layout": _layout(opts.layer_layout)}
 
 
-def run(opts: Options, log: Callable[[str], None] = print) -> dict:
+def _layout(layout: str) -> str:
+    from plip_jax.models.loading import resolve_layer_layout
+
+    resolved = resolve_layer_layout(layout)
+    return resolved if layout == resolved else f"{resolved} ({layout})"
+
+
+def run(opts: Options, log: Callable[[str], None] = print, on_record: Optional[Callable[[dict], None]] = None) -> dict:
     """Benchmark every (shape, workload); a shape that does not fit is refused with a message (recorded,
-    not raised); a workload that fails is recorded with its error and the run goes on."""
+    not raised); a workload that fails is recorded with its error and the run goes on. `on_record(result)`
+    is called with the partial result after each workload (e.g. to save it as it goes)."""
     platform = jax.devices()[0].platform
     torch_device = "cpu"
     if opts.with_torch:
@@ -111,9 +121,10 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict:
         torch_model = None
         if opts.with_torch:
             torch_model = models.build_torch_model(hf_cfg, opts.dtype, torch_device, opts.seed)
-            params = models.params_from_torch(torch_model, cfg, opts.dtype)
+            params = models.params_from_torch(torch_model, cfg, opts.dtype, opts.layer_layout)
         else:
-            params = models.random_params(cfg, opts.dtype, opts.seed, std=float(hf_cfg.get("initializer_range", 0.02)))
+            params = models.random_params(cfg, opts.dtype, opts.seed, std=float(hf_cfg.get("initializer_range", 0.02)),
+                                          layer_layout=opts.layer_layout)
         params = jax.block_until_ready(params)
         log(f"  weights ready in {time.perf_counter() - t0:.1f} s")
         applies = platform == "gpu" and opts.dtype == "bfloat16" and name.endswith("7b") and bool(
@@ -150,6 +161,8 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict:
             records.append(rec)
             log(f"    done in {time.perf_counter() - t1:.1f} s: JAX {rec['jax']['median_s'] * 1e3:.2f} ms" +
                 (f", torch {rec['torch']['median_s'] * 1e3:.2f} ms" if rec.get("torch") else ""))
+            if on_record is not None:
+                on_record({"meta": meta, "records": records, "refused": refused})
         del params, torch_model
         _free_memory(torch_device if opts.with_torch else None)
     return {"meta": meta, "records": records, "refused": refused}

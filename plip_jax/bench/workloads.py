@@ -51,7 +51,7 @@ class Sizes:
     gen_prompts: int = 50
     gen_prompt_len: int = 64
     gen_tokens: int = 150
-    knockout_batch: int = 0  # samples per knockout-scan call (0: all, or fewer when the logits would not fit)
+    knockout_batch: int = 0  # samples per knockout-scan call (0: all, or fewer when activations would not fit)
 
 
 TINY_SIZES = Sizes(samples=4, seq_len=16, gen_prompts=4, gen_prompt_len=8, gen_tokens=8)
@@ -218,12 +218,14 @@ def layer_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_mod
 
 
 def knockout_batch_size(cfg: ModelConfig, samples: int, seq_len: int, available: Optional[int]) -> int:
-    """Samples per `layer_knockout_scan` call: all of them unless the call's f32 logits of every stream
-    ([b, L+1, T, V], materialised by the library for the NLL, about twice with the log-softmax) would exceed
-    a quarter of the device memory; then the largest divisor of `samples` that fits (one executable)."""
+    """Samples per `layer_knockout_scan` call: all of them unless one sample's activations of every stream
+    ([L+1, T] rows: residual, MLP intermediates, f32 attention probabilities; the NLL is vocabulary-chunked,
+    so no [T, V] logits) would push the call past a quarter of the device memory; then the largest divisor of
+    `samples` that fits (one executable)."""
     if not available:
         return samples
-    per_sample = 2 * (cfg.num_layers + 1) * seq_len * cfg.vocab_size * 4
+    rows = (cfg.num_layers + 1) * seq_len
+    per_sample = rows * (2 * cfg.hidden_size + 6 * cfg.intermediate_size + 12 * cfg.num_heads * seq_len)
     limit = max(1, int(available // 4 // per_sample))
     return max(d for d in range(1, samples + 1) if samples % d == 0 and d <= limit)
 

@@ -78,10 +78,35 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def load_params(store: WeightStore, cfg: ModelConfig, dtype: Any = jnp.float32, mesh: Any = None) -> Params:
+LAYER_LAYOUTS = ("auto", "stacked", "per_layer")
+
+
+def resolve_layer_layout(layout: str, mesh: Any = None) -> str:
+    """'stacked' or 'per_layer' for `layout` ('auto': per-layer on a GPU/TPU, stacked on CPU).
+
+    stacked: params["layers"] is one dict of [L, ...] arrays and the forward is a `lax.scan` over layers
+    (fast to compile). per_layer: a tuple of L dicts and an unrolled forward that reads each layer's own
+    buffers: on a GPU the scan makes XLA copy every layer's weights before its matmuls (measured on an H100
+    at the 7B shape: 33 ms vs 24 ms for the matmuls of a 1280-token pass), at the price of a longer compile."""
+    if layout not in LAYER_LAYOUTS:
+        raise ValueError(f"layer_layout must be one of {', '.join(LAYER_LAYOUTS)}, got {layout!r}")
+    if layout != "auto":
+        return layout
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
+    return "stacked" if devices[0].platform == "cpu" else "per_layer"
+
+
+def unstack_layers(layers: dict, n_layers: int) -> tuple:
+    """{leaf: [L, ...]} -> tuple of L dicts {leaf: [...]} (host numpy views, no copy)."""
+    return tuple(jax.tree_util.tree_map(lambda x: x[i], layers) for i in range(n_layers))
+
+
+def load_params(store: WeightStore, cfg: ModelConfig, dtype: Any = jnp.float32, mesh: Any = None,
+                layer_layout: str = "auto") -> Params:
     """Read every tensor the forward needs from `store`, cast to `dtype`, stack layers.
 
-    Returns {"embed": [V, D], "final_norm": {...}, "lm_head"?: [V, D], "layers": {leaf: [L, ...]}}.
+    Returns {"embed": [V, D], "final_norm": {...}, "lm_head"?: [V, D], "layers": {leaf: [L, ...]}}, or with
+    the per-layer layout "layers": ({leaf: [...]}, ...) one dict per layer (see `resolve_layer_layout`).
     With a `mesh` (plip_jax.sharding), each leaf goes from host memory straight to its shards (heads and
     MLP width split over "model"), so a model larger than one device's memory can be loaded.
     Raises KeyError naming a missing tensor, ValueError naming a tensor of the wrong shape.
@@ -121,6 +146,8 @@ def load_params(store: WeightStore, cfg: ModelConfig, dtype: Any = jnp.float32, 
         params["final_norm"]["bias"] = read("model.norm.bias", (d,)).astype(np_dtype)
     if not cfg.tie_embeddings:
         params["lm_head"] = read("lm_head.weight", (cfg.vocab_size, d)).astype(np_dtype)
+    if resolve_layer_layout(layer_layout, mesh) == "per_layer":
+        params["layers"] = unstack_layers(layers, cfg.num_layers)
     if mesh is not None:
         from plip_jax import sharding
 
@@ -165,14 +192,16 @@ def load_tokenizer(model_dir: Path) -> Any:
     return tok
 
 
-def load_model(model: Optional[str] = None, dtype: Any = "float32", mesh: Any = None) -> LoadedModel:
+def load_model(model: Optional[str] = None, dtype: Any = "float32", mesh: Any = None,
+               layer_layout: str = "auto") -> LoadedModel:
     """Resolve `model` (None = bundled plip-tiny-code, a directory, or a Hub id) and load it; with a
-    `mesh`, params are placed sharded as they are read (see `load_params`)."""
+    `mesh`, params are placed sharded as they are read (see `load_params`). `layer_layout`: 'auto'
+    (per-layer buffers on GPU, stacked on CPU), 'stacked' or 'per_layer' (see `resolve_layer_layout`)."""
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     source = resolve_model(model)
     raw = read_config_json(source.path)
     cfg = config_from_hf(raw, source=str(source.path / "config.json"))
     files = weight_files(source.path)
-    params = load_params(WeightStore(files), cfg, dtype, mesh)
+    params = load_params(WeightStore(files), cfg, dtype, mesh, layer_layout)
     return LoadedModel(cfg=cfg, params=params, source=source, weight_files=files, dtype=dtype, mesh=mesh)

@@ -14,14 +14,15 @@ def model_type_of(model: Optional[str]) -> str:
     return str(read_config_json(src.path).get("model_type"))
 
 
-def load_any_model(model: Optional[str] = None, dtype: Any = "float32", mesh: Any = None) -> Any:
+def load_any_model(model: Optional[str] = None, dtype: Any = "float32", mesh: Any = None,
+                   layer_layout: str = "auto") -> Any:
     """Load a transformer (qwen2, starcoder2, gemma, llama, phi3) or an RWKV-6 checkpoint; transformers can
     be loaded straight onto a device `mesh` (plip_jax.sharding)."""
     mt = model_type_of(model)
     if mt in TRANSFORMER_MODEL_TYPES:
         from plip_jax.models.loading import load_model
 
-        return load_model(model, dtype, mesh)
+        return load_model(model, dtype, mesh, layer_layout)
     if mesh is not None:
         raise UnsupportedModelError(f"sharding over a device mesh is implemented for transformers, not {mt}")
     if mt == "rwkv6":

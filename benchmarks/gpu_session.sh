@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One device-tool call: record the machine, then run bin.bench for the given flagfiles, saving logs,
+# JSON and the Markdown section under $OUT (the device tool brings $OUT back).
+#   bash benchmarks/gpu_session.sh configs/bench_h100_qwen7b.flags [more.flags ...]
+set -uo pipefail
+OUT=${OUT:-outputs/gpu_session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import jax, flax, transformers, torch; print('jax', jax.__version__, jax.devices()); print('flax', flax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+for f in "$@"; do
+  name=$(basename "$f" .flags)
+  python3 -m bin.bench --flagfile="$f" --output="$OUT/$name.json" --markdown="$OUT/$name.md" 2>&1 | tee "$OUT/$name.log"
+done
