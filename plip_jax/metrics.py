@@ -148,27 +148,23 @@ def sequence_nll(logits: Array, tokens: Array, length: Array | int) -> Array:
     return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
 
 
-def sequence_nll_from_hidden(hidden: Array, unembedding: Array, tokens: Array, length: Array | int,
-                             chunk: int = 8192) -> Array:
-    """`sequence_nll` of the logits hidden @ unembedding.T without materialising them: the vocabulary is
-    walked in chunks of `chunk` with an online log-sum-exp, so memory is [T, chunk] instead of [T, V].
-
-    hidden [T, D] (final-normed), unembedding [V, D], tokens [T] int, length [] -> [] f32 nats/token.
-    """
+def token_logprobs_from_hidden(hidden: Array, unembedding: Array, next_tokens: Array, chunk: int = 8192) -> Array:
+    """log p(next_tokens[r] | row r) for each row of hidden [R, D] (final-normed) under logits
+    hidden @ unembedding.T, without materialising [R, V]: the vocabulary [V, D] is walked in chunks of
+    `chunk` with an online log-sum-exp (memory [R, chunk]). Returns [R] f32 (nats, <= 0)."""
     v, d = unembedding.shape
-    if v <= chunk:  # small vocabulary: one [T, V] block is fine
+    nxt = jnp.asarray(next_tokens).astype(jnp.int32)
+    if v <= chunk:  # small vocabulary: one [R, V] block is fine
         logits = jnp.einsum("td,vd->tv", hidden, unembedding, preferred_element_type=jnp.float32)
-        return sequence_nll(logits, tokens, length)
+        return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
     n_chunks = -(-v // chunk)
     w = jnp.pad(unembedding, ((0, n_chunks * chunk - v), (0, 0)))
-    h = hidden[:-1]  # positions 0..T-2 predict tokens 1..T-1
-    nxt = jnp.asarray(tokens)[1:].astype(jnp.int32)
-    t1 = h.shape[0]
+    rows = hidden.shape[0]
 
     def body(carry, c):
         run_max, run_sum, tgt = carry
         wc = jax.lax.dynamic_slice_in_dim(w, c * chunk, chunk, axis=0)
-        lg = jnp.einsum("td,vd->tv", h, wc, preferred_element_type=jnp.float32)  # [T-1, chunk]
+        lg = jnp.einsum("td,vd->tv", hidden, wc, preferred_element_type=jnp.float32)  # [R, chunk]
         ids = c * chunk + jnp.arange(chunk)
         lg = jnp.where(ids[None, :] < v, lg, -jnp.inf)
         new_max = jnp.maximum(run_max, lg.max(-1))
@@ -178,13 +174,28 @@ def sequence_nll_from_hidden(hidden: Array, unembedding: Array, tokens: Array, l
         picked = jnp.take_along_axis(lg, jnp.clip(local, 0, chunk - 1)[:, None], axis=-1)[:, 0]
         return (new_max, run_sum, jnp.where(inside, picked, tgt)), None
 
-    init = (jnp.full((t1,), -jnp.inf, jnp.float32), jnp.zeros((t1,), jnp.float32), jnp.zeros((t1,), jnp.float32))
+    init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
     (run_max, run_sum, tgt), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
-    tok_lp = tgt - (run_max + jnp.log(run_sum))
+    return tgt - (run_max + jnp.log(run_sum))
+
+
+def mean_nll_of_rows(token_logprobs: Array, length: Array | int) -> Array:
+    """Mean next-token NLL (nats/token) from per-row log-probs [T-1] (row i predicts token i + 1) of a
+    sequence of `length` real tokens: rows 0..length-2 count; NaN when there are none."""
+    t1 = token_logprobs.shape[0]
     valid = jnp.arange(t1) < (jnp.asarray(length) - 1)
     count = jnp.sum(valid).astype(jnp.float32)
-    total = -jnp.sum(jnp.where(valid, tok_lp, 0.0))
+    total = -jnp.sum(jnp.where(valid, token_logprobs, 0.0))
     return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
+
+
+def sequence_nll_from_hidden(hidden: Array, unembedding: Array, tokens: Array, length: Array | int,
+                             chunk: int = 8192) -> Array:
+    """`sequence_nll` of the logits hidden @ unembedding.T without materialising them (see
+    `token_logprobs_from_hidden`). hidden [T, D] (final-normed), unembedding [V, D], tokens [T] int,
+    length [] -> [] f32 nats/token."""
+    lp = token_logprobs_from_hidden(hidden[:-1], unembedding, jnp.asarray(tokens)[1:], chunk)
+    return mean_nll_of_rows(lp, length)
 
 
 class PerplexityChange(NamedTuple):

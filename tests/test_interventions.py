@@ -149,14 +149,18 @@ def test_vmapped_sweep_equals_loop(bundled_model, universal_corpus):
         np.testing.assert_allclose(chunked["nll"][j], single["nll"], atol=1e-5)
 
 
-@pytest.mark.parametrize("group_layers", [1, 3, causal.DEFAULT_GROUP_LAYERS, 8])
-def test_shared_prefix_layer_scan_equals_full_recomputation(bundled_model, universal_corpus, group_layers):
+@pytest.mark.parametrize("group_layers,prefix", [(1, None), (3, 0), (causal.DEFAULT_GROUP_LAYERS, None), (8, None)])
+def test_shared_prefix_layer_scan_equals_full_recomputation(bundled_model, universal_corpus, group_layers, prefix):
     samples, _ = knockout.prepare(bundled_model, universal_corpus)
     samples = samples[:2] + samples[-2:]
     batch = knockout.make_batch(bundled_model, samples)
     iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
+    shared = causal.knockout_prefix(iv0.knockout.edges, batch.lengths)
+    first_row = int(np.nonzero(np.asarray(iv0.knockout.edges).any(-1))[1].min())
+    assert 0 < shared <= first_row  # the markers sit late: rows before them are shared with the baseline
     scan = causal.layer_knockout_scan(bundled_model.params, batch.tokens, batch.lengths, iv0.knockout.edges,
-                                      iv0.knockout.heads, bundled_model.cfg, group_layers=group_layers)
+                                      iv0.knockout.heads, bundled_model.cfg, group_layers=group_layers,
+                                      prefix=prefix)
     base = causal.run_batch(bundled_model.params, batch.tokens, batch.lengths, None, bundled_model.cfg)
     np.testing.assert_allclose(scan["last"][:, 0], base["last"], atol=1e-5)
     for l in range(bundled_model.cfg.num_layers):

@@ -6,7 +6,7 @@
   torch: one batched forward with `output_attentions=True` (logits of the last row only), same reduction.
 * knockout_scan: baseline + one knockout of the marker -> target edges per layer, every layer: last
   logits [B, L+1, V] and next-token NLL [B, L+1].
-  JAX: `causal.layer_knockout_scan` (prefix-sharing, one call). torch: L+1 forwards, the knocked layer's
+  JAX: `causal.layer_knockout_scan` (baseline layers and rows shared, one call). torch: L+1 forwards, the knocked layer's
   attention gets the edges masked (finfo.min) through a forward pre-hook on its `self_attn` that edits the
   4-D additive `attention_mask` (HF's own eager attention code runs unchanged).
 * steering_sweep: Scale(f) of the marker -> target edges at one layer for 6 doses: last logits, NLL and
@@ -243,7 +243,9 @@ def knockout_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_
     heads = np.ones((b, cfg.num_heads), bool)
     full = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads))
     chunks = [tuple(x[i:i + bs] for x in full) for i in range(0, b, bs)]
-    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan, params, *chunks[0], cfg=cfg, rope_mode="hf")
+    prefix = causal.knockout_prefix(corpus.edges, corpus.lengths)  # rows shared with the baseline (static)
+    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan_jit, params, *chunks[0], cfg=cfg, rope_mode="hf",
+                                        prefix=prefix)
 
     def run():
         outs = [compiled(params, *c) for c in chunks]
@@ -253,9 +255,12 @@ def knockout_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_
     L = cfg.num_layers
     lens = corpus.lengths.tolist()
     rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None}
-    rec["jax"].update(calls=len(chunks), samples_per_call=bs)
-    # minimal work with a shared prefix: baseline L blocks + (L - k) blocks for the knockout at layer k
-    rec["flops"] = shapes.forward_flops(cfg, lens, blocks_per_sample=L + L * (L + 1) / 2, logits_rows_per_sample=L + 1)
+    rec["jax"].update(calls=len(chunks), samples_per_call=bs, shared_prefix_rows=prefix)
+    # the work a knockout can change: the baseline (L blocks, all rows) + for the run knocked at layer k,
+    # L - k blocks over the rows from the first knocked query row on (`prefix` rows are the baseline's)
+    rec["flops"] = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
+                    shapes.forward_flops(cfg, [n - prefix for n in lens], blocks_per_sample=L * (L + 1) / 2,
+                                         logits_rows_per_sample=L))
     rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
     rec["tokens"] = int(sum(lens))
     jax_last, jax_nll = np.asarray(out["last"], np.float64), np.asarray(out["nll"], np.float64)

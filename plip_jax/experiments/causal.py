@@ -65,33 +65,63 @@ def run_sweep(params, tokens, lengths, iv, cfg: ModelConfig, rope_mode: str = "h
 
 
 DEFAULT_GROUP_LAYERS = 4  # layers per compiled scan body in `layer_knockout_scan` (see there)
+PREFIX_MULTIPLE = 8  # the shared prefix is rounded down to a multiple of this (fewer distinct compilations)
+
+
+def knockout_prefix(edges, lengths) -> int:
+    """Rows every run of a knockout scan shares with the baseline: the causal prefix before the first query
+    row that any edge removes (attention is causal, so rows before it are untouched in every layer), and
+    before each sample's last real token; rounded down to a multiple of PREFIX_MULTIPLE.
+    edges bool [B, T, T] (host array), lengths int [B]."""
+    e = np.asarray(edges)
+    rows = np.nonzero(e.any(axis=-1))[1]
+    first = int(rows.min()) if rows.size else e.shape[1]
+    p = min(first, int(np.min(np.asarray(lengths))) - 1)
+    return max(0, p) // PREFIX_MULTIPLE * PREFIX_MULTIPLE
 
 
 def _layer_knockout_scan_one(params, tokens, length, edges, heads, cfg: ModelConfig, rope_mode: str,
-                             group_layers: int = DEFAULT_GROUP_LAYERS):
-    """Baseline plus one single-layer knockout per layer for ONE sequence, sharing the baseline prefix.
+                             group_layers: int, prefix: int):
+    """Baseline plus one single-layer knockout per layer for ONE sequence, sharing all the baseline's work
+    that a knockout cannot change.
 
-    Streams: index 0 is the baseline, index k + 1 the run knocked at layer k; that run equals the baseline
-    up to layer k, so it only needs layers k..L-1. Layers are processed in groups of `group_layers`: a
-    group [a, b) runs one `lax.scan` over its layers on streams 0..b (those knocked inside the group start
-    as copies of the baseline and get the baseline's update until their own layer, which is exact), so the
-    work is sum_j (j + 2) blocks plus at most L (g - 1) / 2 redundant ones (~10% for g = 4 at 28 layers)
-    instead of (L + 1) L for separate forwards, while XLA compiles ceil(L / g) block bodies rather than L
-    (compile time on a 7B model: minutes for one body per layer).
+    * Layers: the run knocked at layer k equals the baseline below layer k, so it starts there from the
+      baseline's residual stream (sum_j (j + 1) knocked blocks instead of L^2).
+    * Rows: the first `prefix` rows come before every removed edge's query row, so they are the baseline's
+      in every run and layer; knocked runs compute only the T - prefix suffix rows, attending to the
+      baseline's cached keys/values for the prefix and their own for the suffix.
+    * Compilation: layers go in groups of `group_layers`, one `lax.scan` body per group; runs knocked
+      inside a group start at its first layer as copies of the baseline and get the baseline's update until
+      their own layer (exact), so XLA compiles ceil(L / g) block bodies rather than L.
     Returns last logits [L + 1, V] (row 0 = baseline, row k + 1 = knocked at layer k) and NLL [L + 1]."""
     L = cfg.num_layers
     g = max(1, min(int(group_layers), L))
     t = tokens.shape[0]
-    ctx = tr.make_context(params, cfg, t, length=length, rope_mode=rope_mode)
+    p = int(prefix)
+    s = t - p
+    dt = params["embed"].dtype
+    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    cache = {"k": jnp.zeros((L, t, cfg.num_kv_heads, cfg.head_dim), dt),
+             "v": jnp.zeros((L, t, cfg.num_kv_heads, cfg.head_dim), dt)}
+    base = tr.forward(params, tokens, cfg, length=length, rope_mode=rope_mode, kv_cache=cache,
+                      capture=tr.Capture(logits="none", final_hidden=True, resid_post="all"))
+    kc, vc = base["kv_cache"]["k"], base["kv_cache"]["v"]  # [L, T, KV, hd]: the baseline's keys/values
+    embedded = tr.embed(params, tokens, cfg)
+    base_lp = metrics.token_logprobs_from_hidden(base["final_hidden"][:-1], w, tokens[1:])  # [T - 1]
+    base_last = tr.unembed(params, jax.lax.dynamic_index_in_dim(base["final_hidden"], length - 1, 0, keepdims=False), cfg)
+    base_nll = metrics.mean_nll_of_rows(base_lp, length)
+
+    ctx = tr.make_context(params, cfg, s, length=length, positions=jnp.arange(p, t, dtype=jnp.int32),
+                          kv_cache=cache, rope_mode=rope_mode)
     windows = tr.layer_windows(cfg)
-    streams = tr.embed(params, tokens, cfg)[None]  # [1, T, D]: the baseline
+    streams = jnp.zeros((0, s, embedded.shape[-1]), embedded.dtype)  # stream k = run knocked at layer k
     for a in range(0, L, g):
         b = min(a + g, L)
-        streams = jnp.concatenate([streams, jnp.broadcast_to(streams[:1], (b - a,) + streams.shape[1:])], axis=0)
-        n = b + 1
+        start = (embedded if a == 0 else base["resid_post"][a - 1])[p:]  # the baseline entering layer a
+        streams = jnp.concatenate([streams, jnp.broadcast_to(start, (b - a,) + start.shape)], axis=0)
+        n = b
         e_n = jnp.broadcast_to(edges, (n,) + edges.shape)
         h_n = jnp.broadcast_to(heads, (n,) + heads.shape)
-
         # the group's layers, stacked for the scan: the stacked layout as it is; the per-layer layout
         # stacked here, one group at a time (a copy of g layers' weights, not of the model)
         group = tr.stacked_layers(params, a, b) if tr.per_layer_layout(params) else params["layers"]
@@ -100,28 +130,41 @@ def _layer_knockout_scan_one(params, tokens, length, edges, heads, cfg: ModelCon
         def body(h, j, n=n, e_n=e_n, h_n=h_n, group=group, offset=offset):
             lp = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, j - offset, 0, keepdims=False),
                                         group)
-            layer_on = (jnp.arange(n) == j + 1)[:, None] & (jnp.arange(L) == j)[None, :]
+            layer_on = (jnp.arange(n) == j)[:, None] & (jnp.arange(L) == j)[None, :]
             iv = ivs.Interventions(knockout=ivs.AttentionKnockout(edges=e_n, layers=layer_on, heads=h_n))
-            out = jax.vmap(lambda x, i: tr.apply_block(x, lp, j, windows[j], cfg, ctx, i)[0])(h, iv)
+            layer_cache = (jax.lax.dynamic_slice_in_dim(kc, j, 1, 0), jax.lax.dynamic_slice_in_dim(vc, j, 1, 0))
+            out = jax.vmap(lambda x, i: tr.apply_block(x, lp, j, windows[j], cfg, ctx, i, layer_cache, 0)[0])(h, iv)
             return out, None
 
         streams, _ = jax.lax.scan(body, streams, jnp.arange(a, b))
 
-    hidden = jax.vmap(lambda h: tr.norm(h, params["final_norm"], cfg))(streams)
-    last, nll = jax.vmap(lambda h: _readout(params, h, tokens, length, cfg))(hidden)  # [L+1, V], [L+1]
-    return last, nll
+    hidden = jax.vmap(lambda h: tr.norm(h, params["final_norm"], cfg))(streams)  # [L, S, D]
+    last = tr.unembed(params, jax.vmap(lambda h: jax.lax.dynamic_index_in_dim(h, length - 1 - p, 0, keepdims=False))(hidden), cfg)
+    suffix_lp = jax.vmap(lambda h: metrics.token_logprobs_from_hidden(h[:-1], w, tokens[p + 1:]))(hidden)  # [L, S-1]
+    all_lp = jnp.concatenate([jnp.broadcast_to(base_lp[:p], (L, p)), suffix_lp], axis=1)  # [L, T - 1]
+    nll = jax.vmap(lambda lp: metrics.mean_nll_of_rows(lp, length))(all_lp)
+    return jnp.concatenate([base_last[None], last]), jnp.concatenate([base_nll[None], nll])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rope_mode", "group_layers"))
+@functools.partial(jax.jit, static_argnames=("cfg", "rope_mode", "group_layers", "prefix"))
+def layer_knockout_scan_jit(params, tokens, lengths, edges, heads, cfg: ModelConfig, rope_mode: str = "hf",
+                            group_layers: int = DEFAULT_GROUP_LAYERS, prefix: int = 0):
+    """`layer_knockout_scan` under jit with a static shared `prefix` (0 = none; it MUST be <= every edge's
+    query row and every sample's last real position: use `knockout_prefix`)."""
+    last, nll = jax.vmap(lambda t, n, e, h: _layer_knockout_scan_one(params, t, n, e, h, cfg, rope_mode,
+                                                                     group_layers, prefix))(tokens, lengths, edges, heads)
+    return {"last": last, "nll": nll}
+
+
 def layer_knockout_scan(params, tokens, lengths, edges, heads, cfg: ModelConfig, rope_mode: str = "hf",
-                        group_layers: int = DEFAULT_GROUP_LAYERS):
+                        group_layers: int = DEFAULT_GROUP_LAYERS, prefix: Optional[int] = None):
     """Per-layer knockout scan of a batch: tokens [B, T], lengths [B], edges bool [B, T, T], heads bool [B, H].
     Returns {"last": [B, L + 1, V], "nll": [B, L + 1]} (index 0 = baseline, k + 1 = knockout at layer k).
-    `group_layers`: layers per compiled scan body (1 = exact work, one body per layer, slow to compile at
-    large L; see `_layer_knockout_scan_one`). Results do not depend on it."""
-    last, nll = jax.vmap(lambda t, n, e, h: _layer_knockout_scan_one(params, t, n, e, h, cfg, rope_mode,
-                                                                     group_layers))(tokens, lengths, edges, heads)
-    return {"last": last, "nll": nll}
+    `group_layers`: layers per compiled scan body; `prefix`: rows shared with the baseline (None: computed
+    from the edges with `knockout_prefix`). Results do not depend on either (see `_layer_knockout_scan_one`)."""
+    if prefix is None:
+        prefix = 0 if isinstance(edges, jax.core.Tracer) else knockout_prefix(edges, lengths)
+    return layer_knockout_scan_jit(params, tokens, lengths, edges, heads, cfg, rope_mode, group_layers, prefix)
 
 
 def stack_interventions(items: list) -> Optional[ivs.Interventions]:

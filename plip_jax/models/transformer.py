@@ -100,14 +100,16 @@ def _rope(x, ctx: _Ctx):
     return rope_lib.apply_hf_rope(x, ctx.cos, ctx.sin)
 
 
-def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None):
+def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None, cache_layer=None):
     """Self-attention of x [Tq, D]. Returns (out [Tq, D], probs [H, Tq, Tk] f32, new (k, v) cache).
 
     With `kv_cache` = (k [L, S, KV, hd], v [L, S, KV, hd]) for ALL layers, the new keys/values are written
     in place at (layer, q_pos) and the queries attend over this layer's whole cache (Tk = S); otherwise
     Tk = Tq. Carrying the whole cache (rather than scanning over per-layer slices) lets XLA update it in
-    place: a decode step writes one token's keys per layer instead of copying the cache.
+    place: a decode step writes one token's keys per layer instead of copying the cache. `cache_layer`
+    (default `layer`) is the cache's index of this layer, e.g. 0 for a one-layer cache [1, S, KV, hd].
     """
+    cache_layer = layer if cache_layer is None else cache_layer
     tq = x.shape[0]
     h, kvh, hd, g = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_query_groups
     q = linear(x, lp["q_w"], lp.get("q_b")).reshape(tq, h, hd)
@@ -117,10 +119,10 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     if kv_cache is not None:
         ck, cv = kv_cache
         start = ctx.q_pos[0]
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, start, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, start, 0, 0))
-        k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
-        v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (cache_layer, start, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (cache_layer, start, 0, 0))
+        k = jax.lax.dynamic_index_in_dim(ck, cache_layer, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(cv, cache_layer, 0, keepdims=False)
         new_cache = (ck, cv)
     else:
         new_cache = None
@@ -188,11 +190,12 @@ def layer_windows(cfg: ModelConfig) -> jnp.ndarray:
     return jnp.asarray([w if w else NO_WINDOW for w in cfg.layer_windows], jnp.int32)
 
 
-def apply_block(h, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv=None, cache=None):
+def apply_block(h, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv=None, cache=None, cache_layer=None):
     """One decoder block on h [T, D] with layer params `lp` (one layer's slice), the intervention applied
-    as at `layer`; `cache` is None or the all-layer (k, v) cache (see `attention`).
-    Returns (h_out [T, D], attention probs [H, Tq, Tk] f32, updated cache or None)."""
-    a, probs, new_cache = attention(norm(h, lp["attn_norm"], cfg), lp, layer, window, cfg, ctx, iv, cache)
+    as at `layer`; `cache` is None or the (k, v) cache, this layer at index `cache_layer` (default `layer`;
+    see `attention`). Returns (h_out [T, D], attention probs [H, Tq, Tk] f32, updated cache or None)."""
+    a, probs, new_cache = attention(norm(h, lp["attn_norm"], cfg), lp, layer, window, cfg, ctx, iv, cache,
+                                    cache_layer)
     h = h + a.astype(h.dtype)
     h = h + mlp(norm(h, lp["mlp_norm"], cfg), lp, cfg).astype(h.dtype)
     return ivs.edit_residual(h, iv, layer, ctx.q_pos), probs, new_cache
