@@ -38,6 +38,19 @@ def test_logits_and_every_layer_attention_match_hf(family_model):
         assert err <= PROB_TOL, f"{family} layer {layer}: attention error {err}"
 
 
+def test_per_layer_layout_matches_hf(family_model):
+    """The unrolled per-layer forward (the GPU default) against HF, every family."""
+    family, hf, model = family_model
+    per_layer = load_model(str(model.source.path), layer_layout="per_layer")
+    assert isinstance(per_layer.params["layers"], tuple)
+    tokens = np.random.RandomState(2).randint(0, model.cfg.vocab_size, size=(1, 19))
+    ref_logits, ref_attn = hf_outputs(hf, tokens)
+    out = jit_forward(per_layer.params, jnp.asarray(tokens[0]), model.cfg, capture=Capture(logits="all", attn_probs=True))
+    assert np.abs(np.asarray(out["logits"]) - ref_logits[0]).max() <= LOGIT_TOL, family
+    for layer, ref in enumerate(ref_attn):
+        assert np.abs(np.asarray(out["attn_probs"][layer]) - ref[0]).max() <= PROB_TOL, f"{family} layer {layer}"
+
+
 def test_padded_batch_equals_one_at_a_time(family_model):
     family, _, model = family_model
     rng = np.random.RandomState(2)
