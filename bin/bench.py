@@ -72,7 +72,7 @@ def _sizes():
 
 def main(argv):
     del argv
-    platform = cli.select_device(FLAGS.device)
+    platform = cli.select_device(FLAGS.device, compile_cache=False)  # compile times are measured
     from plip_jax.bench import runner, shapes
 
     names = ["tiny"] if (FLAGS.tiny and not FLAGS["shapes"].present) else list(FLAGS.shapes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,38 @@ def apply_mesh(model, spec: Optional[str]):
     return model
 
 
-def select_device(choice: str) -> str:
-    """Pin JAX to a platform before any computation; returns the platform in use."""
+COMPILE_CACHE_ENV = "PLIP_JAX_COMPILE_CACHE"
+
+
+def compile_cache_dir(platform: str) -> Optional[Path]:
+    """Where compiled executables are kept between runs: $PLIP_JAX_COMPILE_CACHE ('0' or 'off': nowhere), by
+    default ~/.cache/plip_jax/xla on accelerators and nowhere on CPU (CPU compiles are quick)."""
+    env = os.environ.get(COMPILE_CACHE_ENV)
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "false", "no") else Path(env).expanduser()
+    if platform == "cpu":
+        return None
+    return Path("~/.cache/plip_jax/xla").expanduser()
+
+
+def enable_compile_cache(platform: str) -> Optional[Path]:
+    """Turn on JAX's persistent compilation cache (see `compile_cache_dir`): the second run of a binary on a
+    7B model skips its 10-70 s of compilation. Returns the directory, or None when disabled."""
+    import jax
+
+    path = compile_cache_dir(platform)
+    if path is None:
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # keep only slow compiles
+    return path
+
+
+def select_device(choice: str, compile_cache: bool = True) -> str:
+    """Pin JAX to a platform before any computation; returns the platform in use. With `compile_cache`,
+    also turns on the persistent compilation cache where `compile_cache_dir` says so."""
     import jax
 
     if choice == "cpu":
@@ -58,7 +89,10 @@ def select_device(choice: str) -> str:
         except RuntimeError:
             raise SystemExit("--device=gpu but JAX sees no GPU (install jax[cuda12] or use --device=cpu)") from None
         jax.config.update("jax_default_device", jax.devices("gpu")[0])
-    return jax.devices()[0].platform
+    platform = jax.devices()[0].platform
+    if compile_cache:
+        enable_compile_cache(platform)
+    return platform
 
 
 def load_model_from_flags(loader=None):

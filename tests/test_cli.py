@@ -1,0 +1,45 @@
+"""Shared binary plumbing: the persistent compilation cache decision and its effect."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from plip_jax import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compile_cache_dir_defaults_and_overrides(monkeypatch, tmp_path):
+    monkeypatch.delenv(cli.COMPILE_CACHE_ENV, raising=False)
+    assert cli.compile_cache_dir("cpu") is None  # CPU compiles are quick: no cache by default
+    assert cli.compile_cache_dir("gpu") == Path("~/.cache/plip_jax/xla").expanduser()
+    monkeypatch.setenv(cli.COMPILE_CACHE_ENV, str(tmp_path / "c"))
+    assert cli.compile_cache_dir("cpu") == tmp_path / "c"
+    for off in ("0", "off", ""):
+        monkeypatch.setenv(cli.COMPILE_CACHE_ENV, off)
+        assert cli.compile_cache_dir("gpu") is None
+
+
+def test_enabled_cache_receives_compiled_executables(tmp_path):
+    """In a fresh process (JAX's cache is process-wide): select_device with the env var set writes a
+    compiled executable into the directory."""
+    cache = tmp_path / "xla"
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        from plip_jax import cli
+        assert cli.select_device("cpu") == "cpu"
+        f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+        x = jnp.ones((1024, 1024))
+        for _ in range(3):
+            x = x + f(x)
+        print(float(f(x)))
+    """)
+    env = {**os.environ, "PLIP_JAX_COMPILE_CACHE": str(cache), "JAX_PLATFORMS": "cpu",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert cache.is_dir() and any(cache.iterdir()), "no executable was written to the compilation cache"
