@@ -38,7 +38,7 @@ def main(argv):
     t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path("samples.json")
     samples = load_probe_samples(corpus_path)
-    model = load_model(FLAGS.model, FLAGS.dtype)
+    model = load_model(FLAGS.model, FLAGS.dtype, layer_layout=FLAGS.layer_layout)
     t_load = time.perf_counter() - t0
     print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, "
           f"dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}; corpus {corpus_path} ({len(samples)} samples)")

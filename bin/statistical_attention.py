@@ -39,7 +39,7 @@ def main(argv):
     t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path("attention_samples.json")
     samples = load_legacy_corpus(corpus_path)
-    model = load_any_model(FLAGS.model, FLAGS.dtype)
+    model = load_any_model(FLAGS.model, FLAGS.dtype, layer_layout=FLAGS.layer_layout)
     t_load = time.perf_counter() - t0
     print(f"Model: {model.name} ({model.cfg.num_layers} layers) on {platform}, dtype {FLAGS.dtype}, "
           f"rope_mode {FLAGS.rope_mode}")

@@ -52,7 +52,7 @@ def run_binary(prompts, experiment: str, corpus_path=None) -> None:
     from plip_jax.provenance import provenance, write_json
 
     t0 = time.perf_counter()
-    model = load_model(FLAGS.model, FLAGS.dtype)
+    model = load_model(FLAGS.model, FLAGS.dtype, layer_layout=FLAGS.layer_layout)
     t_load = time.perf_counter() - t0
     print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, dtype "
           f"{FLAGS.dtype}; {len(prompts)} prompts x 2 runs, max_tokens {FLAGS.max_tokens}")

@@ -90,3 +90,20 @@ def test_fixed_prompts_are_plip_shaped():
     for p in sg.FIXED_PROMPTS:
         assert "/// #[test]" in p.prompt and p.prompt.rstrip().endswith("{")
         assert p.prompt.rfind("fn ") > p.prompt.find("#[test]")
+
+
+def test_binary_writes_a_reloadable_report(tmp_path):
+    """bin.steering_generate end to end (per-layer layout forced, so the GPU default runs here too)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sg.json"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "bin.steering_generate", f"--max_tokens={MAX_TOKENS}",
+                           "--layer_layout=per_layer", f"--output={out}"], cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["max_tokens"] == MAX_TOKENS and report["samples"]
+    assert report["intervention_is_noop"] is False
+    assert all(0 < s["baseline_tokens"] <= MAX_TOKENS for s in report["samples"])
