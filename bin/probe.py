@@ -7,7 +7,6 @@ shuffled-label control and a bag-of-tokens baseline.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from absl import app, flags
@@ -29,19 +28,15 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    platform = cli.select_device(FLAGS.device)
     from plip_jax.corpus import default_corpus_path, load_probe_samples
     from plip_jax.experiments import probe_experiment
     from plip_jax.models.loading import load_model
     from plip_jax.provenance import provenance, write_json
 
-    t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path("samples.json")
     samples = load_probe_samples(corpus_path)
-    model = load_model(FLAGS.model, FLAGS.dtype, layer_layout=FLAGS.layer_layout)
-    t_load = time.perf_counter() - t0
-    print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, "
-          f"dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}; corpus {corpus_path} ({len(samples)} samples)")
+    model, t_load = cli.load_model_from_flags(load_model)  # transformers only (UnsupportedModelError otherwise)
+    print(f"Corpus: {corpus_path} ({len(samples)} samples)")
     result = probe_experiment.run_probe_experiment(
         model, samples, seed=FLAGS.seed, frac=FLAGS.train_frac, k_folds=FLAGS.k_folds, l2=FLAGS.l2,
         max_iter=FLAGS.max_iter, batch_size=FLAGS.batch_size, rope_mode=FLAGS.rope_mode)

@@ -11,7 +11,6 @@ says how many changed); `--use_legacy_token_positions` keeps them only if every 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from absl import app, flags
@@ -30,19 +29,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    platform = cli.select_device(FLAGS.device)
     from plip_jax.corpus import default_corpus_path, load_legacy_corpus
     from plip_jax.experiments import attention_analysis as aa
-    from plip_jax.models.registry import load_any_model
     from plip_jax.provenance import provenance, write_json
 
-    t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path("attention_samples.json")
     samples = load_legacy_corpus(corpus_path)
-    model = load_any_model(FLAGS.model, FLAGS.dtype, layer_layout=FLAGS.layer_layout)
-    t_load = time.perf_counter() - t0
-    print(f"Model: {model.name} ({model.cfg.num_layers} layers) on {platform}, dtype {FLAGS.dtype}, "
-          f"rope_mode {FLAGS.rope_mode}")
+    model, t_load = cli.load_model_from_flags()
     print(f"Corpus: {corpus_path} ({len(samples)} samples)")
     try:
         result = aa.run_statistical_attention(model, samples, layer=FLAGS.layer,

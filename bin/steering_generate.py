@@ -46,16 +46,12 @@ def define_steering_flags(default_max_tokens: int) -> None:
 def run_binary(prompts, experiment: str, corpus_path=None) -> None:
     """Load the model, run the experiment with the flags, print the report and write the JSON."""
     FLAGS = flags.FLAGS
-    platform = cli.select_device(FLAGS.device)
     from plip_jax.experiments import steering_generation as sg
     from plip_jax.models.loading import load_model
     from plip_jax.provenance import provenance, write_json
 
-    t0 = time.perf_counter()
-    model = load_model(FLAGS.model, FLAGS.dtype, layer_layout=FLAGS.layer_layout)
-    t_load = time.perf_counter() - t0
-    print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, dtype "
-          f"{FLAGS.dtype}; {len(prompts)} prompts x 2 runs, max_tokens {FLAGS.max_tokens}")
+    model, t_load = cli.load_model_from_flags(load_model)
+    print(f"{len(prompts)} prompts x 2 runs, max_tokens {FLAGS.max_tokens}")
     cfg = sg.SteeringGenerationConfig(layer=FLAGS.layer, scale=FLAGS.scale, max_tokens=FLAGS.max_tokens,
                                       temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
                                       chat=FLAGS.chat, chat_template=FLAGS.chat_template,
