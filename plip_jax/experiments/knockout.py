@@ -6,7 +6,8 @@ future position (e.g. Rust baselines, whose targets follow the marker) are causa
 they are dropped and counted, and a sample left with none is reported as skipped — never a silent 0.
 
 Every mode is one batched computation: a single layer / window is one vmapped run; a scan over all
-layers shares the baseline prefix (`causal.layer_knockout_scan`); window scans vmap over stacked
+layers shares the baseline's layers below each knocked one and its rows before the first knocked query
+(`causal.layer_knockout_scan`); window scans vmap over stacked
 interventions. A random-edge control (same number of edges from the marker row to random non-target
 visible keys, seeded) is compared with the real knockout by a paired test.
 """
@@ -220,7 +221,7 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
 def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, all_edges: bool = False,
                             rope_mode: str = "hf") -> dict:
     """Single-layer knockout at EVERY layer for EVERY sample (PLIP used only the first sample), sharing the
-    baseline prefix. Returns {"layers": [...], "per_layer": [{layer, python_stats, rust_stats, welch...}],
+    baseline's unchanged work (see `causal.layer_knockout_scan`). Returns {"layers": [...], "per_layer": [{layer, python_stats, rust_stats, welch...}],
     "samples": [{id, language, kl_by_layer}]}."""
     t0 = time.perf_counter()
     cfg = model.cfg
