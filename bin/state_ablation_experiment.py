@@ -21,19 +21,10 @@ from absl import app, flags
 from plip_jax import cli
 
 cli.define_model_flags()
-flags.DEFINE_integer("layer", None, "Layer to knock out (default: floor(3 * n_layers / 5), 14 for 24 layers).")
-flags.DEFINE_integer("layer_start", None, "First layer of a contiguous knockout window (with --layer_end).")
-flags.DEFINE_integer("layer_end", None, "Last layer of the window, inclusive (with --layer_start).")
-flags.DEFINE_bool("scan_layers", False, "Knock out each layer separately, every sample (one batched computation).")
-flags.DEFINE_bool("scan_windows", False, "Windows of radius 0..--max_radius around --window_center.")
-flags.DEFINE_integer("window_center", None, "Center layer of --scan_windows (default: --layer's default).")
-flags.DEFINE_integer("max_radius", 5, "Largest window radius of --scan_windows.")
-flags.DEFINE_integer("slide_window", None, "Slide a window of this many layers across the model.")
-flags.DEFINE_bool("include_baselines", False, "Also run the python_baseline / rust_baseline samples.")
+cli.define_knockout_mode_flags("state contribution of the target tokens", "floor(3 * n_layers / 5), 14 for 24 layers")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/state_ablation_<model>_<mode>.json).")
 flags.DEFINE_bool("verbose", False, "Print per-sample KLs and token positions.")
-flags.DEFINE_integer("control_seed", 0, "Seed of the random-position control (negative: no control).")
 flags.DEFINE_integer("chunk", 64, "Forwards per vmapped step (bounds memory; 0 = all (sample, edit) pairs at once).")
 FLAGS = flags.FLAGS
 

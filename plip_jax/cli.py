@@ -11,6 +11,9 @@ from typing import Optional
 from absl import flags
 
 FLAGS = flags.FLAGS
+# The define_*_flags helpers below define flags on behalf of the binary that calls them: attribute those
+# flags to the binary, so that its --help lists --model, --dtype, ... next to its own flags.
+flags.disclaim_key_flags()
 
 
 def define_model_flags(default_dtype: str = "float32") -> None:
@@ -27,6 +30,25 @@ def define_model_flags(default_dtype: str = "float32") -> None:
     flags.DEFINE_enum("layer_layout", "auto", ["auto", "stacked", "per_layer"], "Transformer weights in memory: "
                       "stacked (a scan over layers; quick to compile) or per_layer (unrolled; no per-layer weight "
                       "copies, faster on GPU but slower to compile); auto = per_layer on GPU, stacked on CPU.")
+
+
+def define_knockout_mode_flags(thing: str, default_layer: str) -> None:
+    """The layer-selection flags shared by the attention and the RWKV state knockout binaries (their rules:
+    `plip_jax.experiments.windows`): --layer, --layer_start/--layer_end, --scan_layers, --scan_windows with
+    --window_center/--max_radius, --slide_window, plus --include_baselines and --control_seed.
+    `thing`: what is knocked out (for the help texts); `default_layer`: how --layer's default is chosen."""
+    flags.DEFINE_integer("layer", None, f"Single layer whose {thing} is knocked out (default: {default_layer}).")
+    flags.DEFINE_integer("layer_start", None, "First layer of a contiguous knockout window (with --layer_end).")
+    flags.DEFINE_integer("layer_end", None, "Last layer of the window, inclusive (with --layer_start).")
+    flags.DEFINE_bool("scan_layers", False, "Knock out each layer in turn, for every sample (one batched computation).")
+    flags.DEFINE_bool("scan_windows", False, "Windows of radius 0..--max_radius around --window_center.")
+    flags.DEFINE_integer("window_center", None, "Centre layer of --scan_windows (default: --layer's default).")
+    flags.DEFINE_integer("max_radius", 5, "Largest window radius of --scan_windows.")
+    flags.DEFINE_integer("slide_window", None, "Slide a window of this many layers across the model.")
+    flags.DEFINE_bool("include_baselines", False, "Also run the python_baseline / rust_baseline samples "
+                      "(marker-like syntax without tests).")
+    flags.DEFINE_integer("control_seed", 0, "Seed of the random control (same number of edits at random "
+                         "non-target positions; negative: no control).")
 
 
 def apply_mesh(model, spec: Optional[str]):

@@ -43,3 +43,13 @@ def test_enabled_cache_receives_compiled_executables(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert cache.is_dir() and any(cache.iterdir()), "no executable was written to the compilation cache"
+
+
+def test_help_lists_the_shared_flags():
+    """Flags defined by cli's helpers belong to the binary: its --help shows them."""
+    for binary, expected in (("bin.layer_scan", ("--model", "--dtype", "--layer_layout", "--mesh")),
+                             ("bin.ablation_experiment", ("--model", "--scan_layers", "--control_seed"))):
+        out = subprocess.run([sys.executable, "-m", binary, "--help"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        for flag in expected:
+            assert flag in out.stdout, f"{binary} --help does not list {flag}"
