@@ -76,13 +76,11 @@ def random_params(cfg: ModelConfig, dtype: str, seed: int = 0, std: float = 0.02
     """Random params drawn on the JAX device: matrices ~ normal(0, std), norm scales 1 (0 for Gemma's
     (1 + w) norm), biases 0. Same pytree as `load_params` in `layer_layout` ('per_layer' splits the
     stacked draw, a transient second copy on the device)."""
-    from plip_jax.models.loading import resolve_layer_layout
+    from plip_jax.models.loading import resolve_layer_layout, unstack_layers
 
     params = _random_stacked(cfg, dtype, seed, std)
     if resolve_layer_layout(layer_layout) == "per_layer":
-        stacked = params["layers"]
-        params["layers"] = tuple(jax.tree_util.tree_map(lambda x: x[i], stacked) for i in range(cfg.num_layers))
-        del stacked
+        params["layers"] = unstack_layers(params["layers"], cfg.num_layers)
     return params
 
 

@@ -122,10 +122,7 @@ def _layer_knockout_scan_one(params, tokens, length, edges, heads, cfg: ModelCon
         n = b
         e_n = jnp.broadcast_to(edges, (n,) + edges.shape)
         h_n = jnp.broadcast_to(heads, (n,) + heads.shape)
-        # the group's layers, stacked for the scan: the stacked layout as it is; the per-layer layout
-        # stacked here, one group at a time (a copy of g layers' weights, not of the model)
-        group = tr.stacked_layers(params, a, b) if tr.per_layer_layout(params) else params["layers"]
-        offset = a if tr.per_layer_layout(params) else 0
+        group, offset = tr.layers_for_scan(params, a, b)  # per-layer layout: a copy of g layers, not the model
 
         def body(h, j, n=n, e_n=e_n, h_n=h_n, group=group, offset=offset):
             lp = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, j - offset, 0, keepdims=False),

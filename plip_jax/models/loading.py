@@ -97,7 +97,7 @@ def resolve_layer_layout(layout: str, mesh: Any = None) -> str:
 
 
 def unstack_layers(layers: dict, n_layers: int) -> tuple:
-    """{leaf: [L, ...]} -> tuple of L dicts {leaf: [...]} (host numpy views, no copy)."""
+    """{leaf: [L, ...]} -> tuple of L dicts {leaf: [...]} (views of host numpy arrays; copies of device arrays)."""
     return tuple(jax.tree_util.tree_map(lambda x: x[i], layers) for i in range(n_layers))
 
 
