@@ -3,6 +3,7 @@ and impossible requests are refused with clear messages."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -204,3 +205,17 @@ def test_all_edges_knockout_never_empties_a_row_even_when_marker_is_token_0(bund
     iv = knockout.knockout_ivs(bundled_model, samples, batch, [1])
     out = causal.run_batch(bundled_model.params, batch.tokens, batch.lengths, iv, bundled_model.cfg)
     assert np.isfinite(np.asarray(out["last"])).all()
+
+
+def test_knockout_scan_under_jit_falls_back_to_no_shared_rows(bundled_model, universal_corpus):
+    """Inside a caller's jit the edges are traced, so no rows can be shared: same results as eager."""
+    samples, _ = knockout.prepare(bundled_model, universal_corpus)
+    samples = samples[:2]
+    batch = knockout.make_batch(bundled_model, samples)
+    iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
+    eager = causal.layer_knockout_scan(bundled_model.params, batch.tokens, batch.lengths, iv0.knockout.edges,
+                                       iv0.knockout.heads, bundled_model.cfg)
+    traced = jax.jit(lambda e: causal.layer_knockout_scan(bundled_model.params, batch.tokens, batch.lengths, e,
+                                                          iv0.knockout.heads, bundled_model.cfg)["nll"])(
+        iv0.knockout.edges)
+    np.testing.assert_allclose(traced, eager["nll"], atol=1e-5)

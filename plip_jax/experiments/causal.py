@@ -21,12 +21,20 @@ from plip_jax.models.config import ModelConfig
 from plip_jax.models import transformer as tr
 
 
+def _unembedding(params, cfg: ModelConfig):
+    return params["embed"] if cfg.tie_embeddings else params["lm_head"]
+
+
+def _row_logits(params, hidden, row, cfg: ModelConfig):
+    """f32 logits [V] of row `row` (traced int) of final-normed hidden [T, D]."""
+    return tr.unembed(params, jax.lax.dynamic_index_in_dim(hidden, row, 0, keepdims=False), cfg)
+
+
 def _readout(params, hidden, tokens, length, cfg: ModelConfig):
     """Last-real-token logits [V] and mean next-token NLL from final-normed hidden [T, D], without ever
     holding [T, V] logits (vocabulary-chunked NLL)."""
-    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    last = tr.unembed(params, jax.lax.dynamic_index_in_dim(hidden, length - 1, 0, keepdims=False), cfg)
-    return last, metrics.sequence_nll_from_hidden(hidden, w, tokens, length)
+    return (_row_logits(params, hidden, length - 1, cfg),
+            metrics.sequence_nll_from_hidden(hidden, _unembedding(params, cfg), tokens, length))
 
 
 def _one(params, tokens, length, iv, cfg, rope_mode, marker):
@@ -100,7 +108,7 @@ def _layer_knockout_scan_one(params, tokens, length, edges, heads, cfg: ModelCon
     p = int(prefix)
     s = t - p
     dt = params["embed"].dtype
-    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    w = _unembedding(params, cfg)
     cache = {"k": jnp.zeros((L, t, cfg.num_kv_heads, cfg.head_dim), dt),
              "v": jnp.zeros((L, t, cfg.num_kv_heads, cfg.head_dim), dt)}
     base = tr.forward(params, tokens, cfg, length=length, rope_mode=rope_mode, kv_cache=cache,
@@ -108,7 +116,7 @@ def _layer_knockout_scan_one(params, tokens, length, edges, heads, cfg: ModelCon
     kc, vc = base["kv_cache"]["k"], base["kv_cache"]["v"]  # [L, T, KV, hd]: the baseline's keys/values
     embedded = tr.embed(params, tokens, cfg)
     base_lp = metrics.token_logprobs_from_hidden(base["final_hidden"][:-1], w, tokens[1:])  # [T - 1]
-    base_last = tr.unembed(params, jax.lax.dynamic_index_in_dim(base["final_hidden"], length - 1, 0, keepdims=False), cfg)
+    base_last = _row_logits(params, base["final_hidden"], length - 1, cfg)
     base_nll = metrics.mean_nll_of_rows(base_lp, length)
 
     ctx = tr.make_context(params, cfg, s, length=length, positions=jnp.arange(p, t, dtype=jnp.int32),
@@ -136,7 +144,7 @@ def _layer_knockout_scan_one(params, tokens, length, edges, heads, cfg: ModelCon
         streams, _ = jax.lax.scan(body, streams, jnp.arange(a, b))
 
     hidden = jax.vmap(lambda h: tr.norm(h, params["final_norm"], cfg))(streams)  # [L, S, D]
-    last = tr.unembed(params, jax.vmap(lambda h: jax.lax.dynamic_index_in_dim(h, length - 1 - p, 0, keepdims=False))(hidden), cfg)
+    last = jax.vmap(lambda h: _row_logits(params, h, length - 1 - p, cfg))(hidden)  # [L, V]
     suffix_lp = jax.vmap(lambda h: metrics.token_logprobs_from_hidden(h[:-1], w, tokens[p + 1:]))(hidden)  # [L, S-1]
     all_lp = jnp.concatenate([jnp.broadcast_to(base_lp[:p], (L, p)), suffix_lp], axis=1)  # [L, T - 1]
     nll = jax.vmap(lambda lp: metrics.mean_nll_of_rows(lp, length))(all_lp)
@@ -160,7 +168,10 @@ def layer_knockout_scan(params, tokens, lengths, edges, heads, cfg: ModelConfig,
     `group_layers`: layers per compiled scan body; `prefix`: rows shared with the baseline (None: computed
     from the edges with `knockout_prefix`). Results do not depend on either (see `_layer_knockout_scan_one`)."""
     if prefix is None:
-        prefix = 0 if isinstance(edges, jax.core.Tracer) else knockout_prefix(edges, lengths)
+        try:
+            prefix = knockout_prefix(edges, lengths)
+        except jax.errors.TracerArrayConversionError:  # called under jit: the edges are not known yet
+            prefix = 0
     return layer_knockout_scan_jit(params, tokens, lengths, edges, heads, cfg, rope_mode, group_layers, prefix)
 
 
