@@ -41,7 +41,6 @@ def _best(fn, repeats: int) -> tuple[float, object]:
 def main(argv):
     del argv
     platform = cli.select_device(FLAGS.device)
-    import jax
     import torch
     import transformers as hf_tf
 
