@@ -51,8 +51,7 @@ flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads on CPU (0: torch
                      "'--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' for JAX).")
 flags.DEFINE_integer("knockout_batch", None, "Samples per knockout-scan call (default: all, fewer when the "
                      "library's [b, L+1, T, V] f32 logits would exceed a quarter of the GPU).")
-flags.DEFINE_enum("layer_layout", "auto", ["auto", "stacked", "per_layer"], "JAX weights layout: stacked (scan "
-                  "over layers) or per_layer (unrolled, no per-layer weight copies); auto = per_layer on GPU.")
+cli.define_layer_layout_flag()
 FLAGS = flags.FLAGS
 
 REAL_SHAPES = ("qwen2.5-coder-3b", "qwen2.5-coder-7b", "starcoder2-3b", "codegemma-7b", "codellama-7b")

@@ -27,7 +27,14 @@ def define_model_flags(default_dtype: str = "float32") -> None:
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where to run: auto = GPU if JAX sees one.")
     flags.DEFINE_string("mesh", None, "Shard over several devices, e.g. 'data:4,model:2' (samples over 'data', "
                         "attention heads and MLP width over 'model'): layer scan, ablation and steering experiments.")
-    flags.DEFINE_enum("layer_layout", "auto", ["auto", "stacked", "per_layer"], "Transformer weights in memory: "
+    define_layer_layout_flag()
+
+
+def define_layer_layout_flag() -> None:
+    """--layer_layout, one of `plip_jax.models.loading.LAYER_LAYOUTS`."""
+    from plip_jax.models.loading import LAYER_LAYOUTS
+
+    flags.DEFINE_enum("layer_layout", "auto", list(LAYER_LAYOUTS), "Transformer weights in memory: "
                       "stacked (a scan over layers; quick to compile) or per_layer (unrolled; no per-layer weight "
                       "copies, faster on GPU but slower to compile); auto = per_layer on GPU, stacked on CPU.")
 
