@@ -44,7 +44,7 @@ def main(argv):
     import torch
     import transformers as hf_tf
 
-    from plip_jax import generation as gen
+    from plip_jax.analysis import generation as gen
     from plip_jax.models.loading import load_model
 
     model = load_model(FLAGS.model, FLAGS.dtype)

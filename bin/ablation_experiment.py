@@ -36,18 +36,18 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     t0 = time.perf_counter()
-    model, _ = cli.load_model_from_flags()
-    from plip_jax.corpus import default_corpus_path, load_universal_corpus
+    model, _ = cli.load_model_from_flags(family="transformer")
+    from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import knockout, plots
     from plip_jax.experiments import windows as windows_lib
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
     corpus = load_universal_corpus(corpus_path)
     n = model.cfg.num_layers
     heads = [int(h) for h in FLAGS.heads] if FLAGS.heads else None
     target = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(n)
-    common = dict(heads=heads, all_edges=FLAGS.all_edges, rope_mode=FLAGS.rope_mode)
+    common = dict(heads=heads, all_edges=FLAGS.all_edges)
     if FLAGS.scan_layers:
         mode = "scan_layers"
         result = knockout.run_layer_scan_knockout(model, corpus, **common)
@@ -75,8 +75,7 @@ def main(argv):
         print(knockout_table_single(result))
     suffix = {"layer": f"layer{target}", "window": f"layers{FLAGS.layer_start}_{FLAGS.layer_end}"}.get(mode, mode)
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output(f"ablation_{suffix}", model.source.slug)
-    result["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype,
-                                      rope_mode=FLAGS.rope_mode, timings={"wall_s": time.perf_counter() - t0},
+    result["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype, timings={"wall_s": time.perf_counter() - t0},
                                       flags={"mode": mode, "heads": heads, "all_edges": FLAGS.all_edges})
     write_json(out, result)
     print(f"Wrote {out}")

@@ -26,11 +26,11 @@ def main(argv):
     del argv
     model, load_s = cli.load_model_from_flags()
     from plip_jax.experiments import attention_analysis as aa
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     t1 = time.perf_counter()
     layers = aa.default_pattern_layers(model.cfg.num_layers, FLAGS.layers)
-    result = aa.run_attention_patterns(model, layers, top_k=FLAGS.top_k, rope_mode=FLAGS.rope_mode)
+    result = aa.run_attention_patterns(model, layers, top_k=FLAGS.top_k)
     t2 = time.perf_counter()
     for sn in result["snippets"]:
         print(f"\n{sn['name']} code:\n{sn['code']}")
@@ -38,7 +38,7 @@ def main(argv):
     print(aa.format_attention_patterns(result))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("attention_patterns", model.source.slug)
     payload = dict(result)
-    payload["provenance"] = provenance(model=model, dtype=model.dtype, rope_mode=FLAGS.rope_mode,
+    payload["provenance"] = provenance(model=model, dtype=model.dtype,
                                        timings={"load_s": load_s, "analysis_s": t2 - t1},
                                        flags={"layers": FLAGS.layers, "top_k": FLAGS.top_k})
     write_json(out, payload)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from plip_jax.conversion import GROUPS, compare_universal, convert_legacy
+from plip_jax.data.conversion import GROUPS, compare_universal, convert_legacy
 
 FLAGS = flags.FLAGS
 
@@ -34,8 +34,8 @@ def main(argv):
     del argv
     if not FLAGS.input or not FLAGS.output:
         raise app.UsageError("--input (legacy corpus) and --output (universal corpus to write) are required")
-    from plip_jax.corpus import load_universal_corpus
-    from plip_jax.provenance import write_json
+    from plip_jax.data.corpus import load_universal_corpus
+    from plip_jax.cli.provenance import write_json
 
     universal, report = convert_legacy(Path(FLAGS.input))
     out = write_json(Path(FLAGS.output), universal)

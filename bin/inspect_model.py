@@ -21,8 +21,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from plip_jax import hf_cache
-    from plip_jax.provenance import write_json
+    from plip_jax.models import hf_cache
+    from plip_jax.cli.provenance import write_json
 
     summary = hf_cache.model_summary(FLAGS.model, FLAGS.seq_len)
     print(hf_cache.format_summary(summary, FLAGS.tensors, FLAGS.max_tensors))

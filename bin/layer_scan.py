@@ -25,14 +25,13 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     model, t_load = cli.load_model_from_flags()
-    from plip_jax.corpus import default_corpus_path, load_universal_corpus
+    from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import layer_scan
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
     corpus = load_universal_corpus(corpus_path)
-    result = layer_scan.run_layer_scan(model, corpus, start_layer=FLAGS.start_layer, end_layer=FLAGS.end_layer,
-                                       rope_mode=FLAGS.rope_mode, batch_size=FLAGS.batch_size)
+    result = layer_scan.run_layer_scan(model, corpus, start_layer=FLAGS.start_layer, end_layer=FLAGS.end_layer, batch_size=FLAGS.batch_size)
     stats_ = result.position_conversion_stats
     print(f"Corpus: {corpus_path} — {stats_['successful_conversions']}/{stats_['total_samples']} samples converted, "
           f"{stats_['fuzzy_matches']} fuzzy matches")
@@ -40,7 +39,6 @@ def main(argv):
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("layer_scan_universal", model.source.slug)
     payload = result.to_json()
     payload["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype,
-                                       rope_mode=FLAGS.rope_mode,
                                        timings={"load_s": t_load, **result.timings},
                                        flags={k: FLAGS[k].value for k in ("start_layer", "end_layer", "batch_size")})
     write_json(out, payload)

@@ -19,8 +19,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from plip_jax import hf_cache
-    from plip_jax.provenance import write_json
+    from plip_jax.models import hf_cache
+    from plip_jax.cli.provenance import write_json
 
     cache = Path(FLAGS.cache_dir) if FLAGS.cache_dir else hf_cache.hub_cache_dir()
     models = hf_cache.list_models(cache)

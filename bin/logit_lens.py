@@ -24,18 +24,17 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from plip_jax.models.loading import load_model  # the lens needs a transformer
 
-    model, t_load = cli.load_model_from_flags(load_model)
+    model, t_load = cli.load_model_from_flags()
     from plip_jax.experiments import lens_experiments
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     t0 = time.perf_counter() - t_load
-    rep = lens_experiments.logit_lens_experiment(model, FLAGS.code, FLAGS.top_k, FLAGS.rope_mode)
+    rep = lens_experiments.logit_lens_experiment(model, FLAGS.code, FLAGS.top_k)
     t_run = time.perf_counter() - t0 - t_load
     print(lens_experiments.format_logit_lens(rep, FLAGS.detailed))
     if FLAGS.output:
-        rep["provenance"] = provenance(model=model, dtype=model.dtype, rope_mode=FLAGS.rope_mode,
+        rep["provenance"] = provenance(model=model, dtype=model.dtype,
                                        timings={"load_s": t_load, "lens_s": t_run},
                                        flags={"top_k": FLAGS.top_k, "code": FLAGS.code})
         print(f"Wrote {write_json(Path(FLAGS.output), rep)}")

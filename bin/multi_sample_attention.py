@@ -26,15 +26,15 @@ def main(argv):
     del argv
     model, load_s = cli.load_model_from_flags()
     from plip_jax.experiments import attention_analysis as aa
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     t1 = time.perf_counter()
-    result = aa.run_multi_sample_attention(model, FLAGS.layer, rope_mode=FLAGS.rope_mode)
+    result = aa.run_multi_sample_attention(model, FLAGS.layer)
     t2 = time.perf_counter()
     print(aa.format_multi_sample(result))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("multi_sample_attention", model.source.slug)
     payload = dict(result)
-    payload["provenance"] = provenance(model=model, dtype=model.dtype, rope_mode=FLAGS.rope_mode,
+    payload["provenance"] = provenance(model=model, dtype=model.dtype,
                                        timings={"load_s": load_s, "analysis_s": t2 - t1},
                                        flags={"layer": result["layer"]})
     write_json(out, payload)

@@ -28,23 +28,22 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from plip_jax.corpus import default_corpus_path, load_probe_samples
+    from plip_jax.data.corpus import default_corpus_path, load_probe_samples
     from plip_jax.experiments import probe_experiment
-    from plip_jax.models.loading import load_model
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path("samples.json")
     samples = load_probe_samples(corpus_path)
-    model, t_load = cli.load_model_from_flags(load_model)  # transformers only (UnsupportedModelError otherwise)
+    model, t_load = cli.load_model_from_flags()
     print(f"Corpus: {corpus_path} ({len(samples)} samples)")
     result = probe_experiment.run_probe_experiment(
         model, samples, seed=FLAGS.seed, frac=FLAGS.train_frac, k_folds=FLAGS.k_folds, l2=FLAGS.l2,
-        max_iter=FLAGS.max_iter, batch_size=FLAGS.batch_size, rope_mode=FLAGS.rope_mode)
+        max_iter=FLAGS.max_iter, batch_size=FLAGS.batch_size)
     print(probe_experiment.format_table(result))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("plip_results", model.source.slug)
     payload = result.to_json()
     payload["provenance"] = provenance(
-        model=model, corpus_path=corpus_path, dtype=model.dtype, rope_mode=FLAGS.rope_mode,
+        model=model, corpus_path=corpus_path, dtype=model.dtype,
         timings={"load_s": t_load, **result.timings},
         flags={k: FLAGS[k].value for k in ("seed", "train_frac", "k_folds", "l2", "max_iter", "batch_size")})
     write_json(out, payload)

@@ -19,6 +19,7 @@ from pathlib import Path
 from absl import app, flags
 
 from plip_jax import cli
+from plip_jax.core.errors import PlipError
 
 cli.define_model_flags()
 cli.define_knockout_mode_flags("state contribution of the target tokens", "floor(3 * n_layers / 5), 14 for 24 layers")
@@ -31,23 +32,20 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    platform = cli.select_device(FLAGS.device)
-    from plip_jax.corpus import default_corpus_path, load_universal_corpus
+    from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import state_experiments as se
     from plip_jax.experiments import windows as windows_lib
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
     try:
-        model = se.load_rwkv_model(FLAGS.model, FLAGS.dtype)
+        model, t_load = cli.load_model_from_flags(family="rwkv6")
         corpus = load_universal_corpus(corpus_path)
         samples, failures = se.prepare_samples(model.tokenizer, corpus, FLAGS.include_baselines)
-    except (se.NotRwkvModelError, FileNotFoundError, ValueError) as e:
+    except (PlipError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    t_load = time.perf_counter() - t0
     n = model.cfg.num_layers
-    print(f"Model: {model.name} (rwkv6, {n} layers) on {platform}, dtype {FLAGS.dtype}")
     print(f"Corpus: {corpus_path} — {len(samples)} samples usable"
           + (f", {len(failures)} skipped: {'; '.join(failures)}" if failures else ""))
     if FLAGS.verbose:

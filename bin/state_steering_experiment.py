@@ -13,6 +13,7 @@ from pathlib import Path
 from absl import app, flags
 
 from plip_jax import cli
+from plip_jax.core.errors import PlipError
 
 cli.define_model_flags()
 flags.DEFINE_integer("layer", None, "Layer to steer (default: floor(3 * n_layers / 5), 14 for 24 layers).")
@@ -27,10 +28,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    platform = cli.select_device(FLAGS.device)
-    from plip_jax.corpus import default_corpus_path, load_universal_corpus
+    from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import state_experiments as se
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     t0 = time.perf_counter()
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
@@ -39,17 +39,15 @@ def main(argv):
     except ValueError:
         raise SystemExit(f"error: --scales={','.join(FLAGS.scales)} must be comma-separated numbers") from None
     try:
-        model = se.load_rwkv_model(FLAGS.model, FLAGS.dtype)
+        model, t_load = cli.load_model_from_flags(family="rwkv6")
         corpus = load_universal_corpus(corpus_path)
         samples, failures = se.prepare_samples(model.tokenizer, corpus, False)
-        t_load = time.perf_counter() - t0
         n = model.cfg.num_layers
         layer = FLAGS.layer if FLAGS.layer is not None else se.default_state_layer(n)
-        print(f"Model: {model.name} (rwkv6, {n} layers) on {platform}, dtype {FLAGS.dtype}; layer {layer}; "
-              f"scales {scales}")
+        print(f"Layer {layer}; scales {scales}")
         payload = se.run_state_steering(model, samples, layer, scales, chunk=FLAGS.chunk or None,
                                         model_name=FLAGS.model or model.name)
-    except (se.NotRwkvModelError, FileNotFoundError, ValueError) as e:
+    except (PlipError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if FLAGS.verbose:
         for p in payload["dose_response"]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from absl import app, flags
 
 from plip_jax import cli
+from plip_jax.core.errors import PlipError
 
 cli.define_model_flags()
 flags.DEFINE_integer("layer", 2, "Layer whose marker state write is scaled.")
@@ -25,20 +26,18 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    platform = cli.select_device(FLAGS.device)
     from plip_jax.experiments import state_experiments as se
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     t0 = time.perf_counter()
     try:
-        model = se.load_rwkv_model(FLAGS.model, FLAGS.dtype)
-        t_load = time.perf_counter() - t0
-        print(f"Model: {model.name} (rwkv6, {model.cfg.num_layers} layers) on {platform}; layer {FLAGS.layer}, "
+        model, t_load = cli.load_model_from_flags(family="rwkv6")
+        print(f"layer {FLAGS.layer}, "
               f"scale {FLAGS.scale}x, {FLAGS.max_tokens} tokens, temperature {FLAGS.temperature}")
         payload = se.run_state_steering_generate(model, layer=FLAGS.layer, scale=FLAGS.scale,
                                                  max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
                                                  seed=FLAGS.seed, model_name=FLAGS.model or model.name)
-    except (se.NotRwkvModelError, FileNotFoundError, ValueError) as e:
+    except (PlipError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     for s in payload["samples"]:
         print(f"--- {s['name']} ({s['category']}), marker token {s['marker_token_pos']}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from absl import app, flags
 
 from plip_jax import cli
+from plip_jax.core.errors import PlipError
 
 cli.define_model_flags()
 flags.DEFINE_integer("layer", 2, "Layer whose marker state write is scaled.")
@@ -28,9 +29,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    platform = cli.select_device(FLAGS.device)
     from plip_jax.experiments import state_experiments as se
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     t0 = time.perf_counter()
     try:
@@ -40,9 +40,8 @@ def main(argv):
     if any(t < 0 for t in temps):
         raise SystemExit("error: --temperatures must be >= 0")
     try:
-        model = se.load_rwkv_model(FLAGS.model, FLAGS.dtype)
-        t_load = time.perf_counter() - t0
-        print(f"Model: {model.name} (rwkv6, {model.cfg.num_layers} layers) on {platform}; layer {FLAGS.layer}, "
+        model, t_load = cli.load_model_from_flags(family="rwkv6")
+        print(f"layer {FLAGS.layer}, "
               f"scales {list(se.PERSISTENCE_SCALES)}, temperatures {temps}, {FLAGS.max_tokens} tokens, "
               f"{FLAGS.n_samples} samples at T>0, seed {FLAGS.seed}")
         payload = se.run_state_steering_persistence(model, layer=FLAGS.layer, max_tokens=FLAGS.max_tokens,
@@ -50,7 +49,7 @@ def main(argv):
                                                     rust_only=FLAGS.rust_only, seed=FLAGS.seed,
                                                     keep_outputs=FLAGS.keep_outputs,
                                                     model_name=FLAGS.model or model.name)
-    except (se.NotRwkvModelError, FileNotFoundError, ValueError) as e:
+    except (PlipError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(se.format_persistence_tables(payload))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("state_steering_persistence", model.source.slug)

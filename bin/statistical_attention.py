@@ -29,9 +29,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from plip_jax.corpus import default_corpus_path, load_legacy_corpus
+    from plip_jax.data.corpus import default_corpus_path, load_legacy_corpus
     from plip_jax.experiments import attention_analysis as aa
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path("attention_samples.json")
     samples = load_legacy_corpus(corpus_path)
@@ -39,15 +39,13 @@ def main(argv):
     print(f"Corpus: {corpus_path} ({len(samples)} samples)")
     try:
         result = aa.run_statistical_attention(model, samples, layer=FLAGS.layer,
-                                              use_legacy_token_positions=FLAGS.use_legacy_token_positions,
-                                              rope_mode=FLAGS.rope_mode)
+                                              use_legacy_token_positions=FLAGS.use_legacy_token_positions)
     except aa.LegacyPositionError as e:
         raise SystemExit(f"error: {e}") from None
     print(aa.format_statistical_attention(result))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("statistical_attention", model.source.slug)
     payload = result.to_json()
-    payload["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype,
-                                       rope_mode=FLAGS.rope_mode, timings={"load_s": t_load, **result.timings},
+    payload["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype, timings={"load_s": t_load, **result.timings},
                                        flags={"layer": result.layer,
                                               "use_legacy_token_positions": FLAGS.use_legacy_token_positions})
     write_json(out, payload)

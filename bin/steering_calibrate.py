@@ -22,14 +22,14 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    model, _ = cli.load_model_from_flags()
-    from plip_jax.corpus import default_corpus_path, load_universal_corpus
+    model, _ = cli.load_model_from_flags(family="transformer")
+    from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import knockout, steering
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
     layer = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(model.cfg.num_layers)
-    res = steering.calibrate(model, load_universal_corpus(corpus_path), layer, rope_mode=FLAGS.rope_mode)
+    res = steering.calibrate(model, load_universal_corpus(corpus_path), layer)
     print(f"Layer {layer}: Python {100 * res['python_baseline']:.2f}% (n={res['python_n']}), "
           f"Rust {100 * res['rust_baseline']:.2f}% (n={res['rust_n']}), ratio {res['ratio']:.2f}×")
     print(f"Recommended target attention: {100 * res['recommended_target_attention']:.2f}% "
@@ -37,7 +37,7 @@ def main(argv):
     print("Dose table:  " + ", ".join(f"×{d['scale']:g} → {100 * d['expected_attention']:.2f}%"
                                       for d in res["dose_table"]))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("steering_calibrate", model.source.slug)
-    res["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype, rope_mode=FLAGS.rope_mode)
+    res["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype)
     print(f"Wrote {write_json(out, res)}")
     if FLAGS.plot:
         from plip_jax.experiments.plots import plot_group_values

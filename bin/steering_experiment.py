@@ -32,10 +32,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     t0 = time.perf_counter()
-    model, _ = cli.load_model_from_flags()
-    from plip_jax.corpus import default_corpus_path, load_universal_corpus
+    model, _ = cli.load_model_from_flags(family="transformer")
+    from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments import knockout, plots, steering
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
     layer = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(model.cfg.num_layers)
@@ -45,7 +45,7 @@ def main(argv):
     else:
         mode, doses = "scale", [float(v) for v in FLAGS.scales]
     res = steering.run_steering(model, load_universal_corpus(corpus_path), layer, doses=doses, mode=mode,
-                                language=FLAGS.language, rope_mode=FLAGS.rope_mode, max_samples=FLAGS.max_samples,
+                                language=FLAGS.language, max_samples=FLAGS.max_samples,
                                 sweep_batch=FLAGS.sweep_batch)
     print(f"Steering {FLAGS.language} samples at layer {layer} ({res['intervention_type']}); baseline attention "
           f"{100 * res['baseline_attention']:.2f}%")
@@ -56,7 +56,7 @@ def main(argv):
     for k, v in res["sanity_checks"].items():
         print(f"check {k}: {v}")
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output(f"steering_{mode}", model.source.slug)
-    res["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype, rope_mode=FLAGS.rope_mode,
+    res["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype,
                                    timings={"wall_s": time.perf_counter() - t0})
     write_json(out, res)
     print(f"Wrote {out}")

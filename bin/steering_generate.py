@@ -47,16 +47,15 @@ def run_binary(prompts, experiment: str, corpus_path=None) -> None:
     """Load the model, run the experiment with the flags, print the report and write the JSON."""
     FLAGS = flags.FLAGS
     from plip_jax.experiments import steering_generation as sg
-    from plip_jax.models.loading import load_model
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
-    model, t_load = cli.load_model_from_flags(load_model)
+    model, t_load = cli.load_model_from_flags(family="transformer")
     print(f"{len(prompts)} prompts x 2 runs, max_tokens {FLAGS.max_tokens}")
     cfg = sg.SteeringGenerationConfig(layer=FLAGS.layer, scale=FLAGS.scale, max_tokens=FLAGS.max_tokens,
                                       temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
                                       chat=FLAGS.chat, chat_template=FLAGS.chat_template,
                                       plip_compat=FLAGS.plip_compat, stop_at_eos=FLAGS.stop_at_eos,
-                                      batch_size=FLAGS.batch_size, rope_mode=FLAGS.rope_mode)
+                                      batch_size=FLAGS.batch_size)
     start = time.perf_counter()
     last = [0.0]
 
@@ -68,8 +67,8 @@ def run_binary(prompts, experiment: str, corpus_path=None) -> None:
             sys.stderr.flush()
 
     progress("compiling prefill + decode loop ...")
-    from plip_jax.generation import GenerationError
-    from plip_jax.interventions import InterventionError
+    from plip_jax.analysis.generation import GenerationError
+    from plip_jax.core.interventions import InterventionError
 
     try:
         result = sg.run_steering_generation(model, prompts, cfg, experiment=experiment, on_progress=progress)
@@ -80,8 +79,7 @@ def run_binary(prompts, experiment: str, corpus_path=None) -> None:
     flag_values = {k: getattr(FLAGS, k) for k in ("model", "dtype", "rope_mode", "layer", "scale", "max_tokens",
                                                    "temperature", "top_p", "seed", "chat", "chat_template",
                                                    "plip_compat", "stop_at_eos", "batch_size")}
-    result["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype,
-                                      rope_mode=FLAGS.rope_mode, flags=flag_values,
+    result["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype, flags=flag_values,
                                       timings={"load_s": t_load, "run_s": result["duration_secs"]})
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output(experiment, model.source.slug)
     print(f"Wrote {write_json(out, result)}")

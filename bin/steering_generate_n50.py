@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from plip_jax.corpus import default_corpus_path, load_generation_prompts
+    from plip_jax.data.corpus import default_corpus_path, load_generation_prompts
 
     path = FLAGS.corpus or default_corpus_path("generation_prompts_n50.json")
     prompts = load_generation_prompts(path)

@@ -23,18 +23,17 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from plip_jax.models.loading import load_model  # the lens needs a transformer
 
-    model, t_load = cli.load_model_from_flags(load_model)
+    model, t_load = cli.load_model_from_flags()
     from plip_jax.experiments import lens_experiments
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.cli.provenance import provenance, write_json
 
     t0 = time.perf_counter() - t_load
-    rep = lens_experiments.test_emergence(model, top_k=FLAGS.top_k, rope_mode=FLAGS.rope_mode)
+    rep = lens_experiments.test_emergence(model, top_k=FLAGS.top_k)
     t_run = time.perf_counter() - t0 - t_load
     print(lens_experiments.format_emergence(rep))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("test_emergence", model.source.slug)
-    rep["provenance"] = provenance(model=model, dtype=model.dtype, rope_mode=FLAGS.rope_mode,
+    rep["provenance"] = provenance(model=model, dtype=model.dtype,
                                    timings={"load_s": t_load, "emergence_s": t_run}, flags={"top_k": FLAGS.top_k})
     print(f"Wrote {write_json(out, rep)}")
 

@@ -33,7 +33,7 @@ def marker_char_positions(text: str, patterns: Sequence[str] = MARKERS) -> dict[
 def annotate(tokenizer: Any, text: str, extra_marks: Optional[dict[int, list[str]]] = None) -> dict:
     """Tokens of `text` with offsets, decoded text and marks: `pattern@char` for each marker occurrence whose
     first character falls in the token, plus `extra_marks` (char position -> labels, e.g. corpus targets)."""
-    from plip_jax.positions import char_to_token_exact, encode_with_offsets
+    from plip_jax.data.positions import char_to_token_exact, encode_with_offsets
 
     ids, offsets = encode_with_offsets(tokenizer, text)
     marks: dict[int, list[str]] = {}
@@ -54,7 +54,7 @@ def annotate(tokenizer: Any, text: str, extra_marks: Optional[dict[int, list[str
 
 
 def format_annotation(a: dict) -> str:
-    from plip_jax.lens import escape
+    from plip_jax.analysis.lens import escape
 
     lines = [f"{a['n_tokens']} tokens, {a['n_chars']} characters; round trip "
              f"{'exact' if a['decoded'] == a['text'] else 'DIFFERS'}",
@@ -80,7 +80,7 @@ def main(argv):
     del argv
     from plip_jax.models.loading import load_tokenizer
     from plip_jax.models.sources import resolve_model
-    from plip_jax.provenance import write_json
+    from plip_jax.cli.provenance import write_json
 
     chosen = sum(bool(x) for x in (FLAGS.text, FLAGS.file, FLAGS.corpus))
     if chosen > 1:
@@ -89,7 +89,7 @@ def main(argv):
     if FLAGS.file:
         text = Path(FLAGS.file).read_text()
     elif FLAGS.corpus:
-        from plip_jax.corpus import load_universal_corpus
+        from plip_jax.data.corpus import load_universal_corpus
 
         corpus = load_universal_corpus(Path(FLAGS.corpus_path) if FLAGS.corpus_path else None)
         ids = [s.id for s in corpus.samples]

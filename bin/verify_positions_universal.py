@@ -24,15 +24,16 @@ flags.DEFINE_bool("verbose", False, "Print every sample's marker and target conv
 def main(argv):
     del argv
     from plip_jax import cli
-    from plip_jax.corpus import default_corpus_path, load_universal_corpus
-    from plip_jax.experiments.attention_analysis import format_verify_report, load_tokenizer_only
+    from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
+    from plip_jax.experiments.attention_analysis import format_verify_report
+    from plip_jax.models.registry import load_tokenizer
     from plip_jax.models.sources import resolve_model
-    from plip_jax.positions import verify_report
-    from plip_jax.provenance import provenance, write_json
+    from plip_jax.data.positions import verify_report
+    from plip_jax.cli.provenance import provenance, write_json
 
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
     corpus = load_universal_corpus(corpus_path)
-    name, tokenizer = load_tokenizer_only(FLAGS.model)
+    name, tokenizer = load_tokenizer(FLAGS.model)
     report = verify_report(name, f"universal_v{corpus.format_version}", tokenizer, list(corpus.samples))
     print(format_verify_report(report, FLAGS.verbose))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("verify_positions_universal",

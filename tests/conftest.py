@@ -16,7 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 @pytest.fixture(scope="session")
 def bundled_model():
-    from plip_jax.models.loading import load_model
+    from plip_jax.models.registry import load_model
 
     return load_model(None, "float32")
 
@@ -34,7 +34,7 @@ def bundled_hf_model():
 
 @pytest.fixture(scope="session")
 def universal_corpus():
-    from plip_jax.corpus import load_universal_corpus
+    from plip_jax.data.corpus import load_universal_corpus
 
     return load_universal_corpus()
 

@@ -70,8 +70,8 @@ def write_blinkdl_pth(path: str, **kwargs) -> str:
 
 def write_hf_checkpoint(out_dir: str, **kwargs) -> str:
     """Random BlinkDL weights converted to an HF-format directory (model.safetensors + config.json)."""
-    from plip_jax.models import rwkv6
+    from plip_jax.models import rwkv6_checkpoint
 
     pth = write_blinkdl_pth(os.path.join(out_dir, "blinkdl", "model.pth"), **kwargs)
-    rwkv6.convert_to_hf_safetensors(pth, out_dir)
+    rwkv6_checkpoint.convert_to_hf_safetensors(pth, out_dir)
     return out_dir

@@ -8,12 +8,13 @@ import sys
 import jax
 import numpy as np
 
-from plip_jax.corpus import load_universal_corpus
+from plip_jax.data.corpus import load_universal_corpus
 from plip_jax.experiments import causal, knockout
-from plip_jax.experiments.attention_metric import transformer_marker_metric, make_metric_batch
-from plip_jax.models.loading import load_model
-from plip_jax.positions import tokenize_sample
-from plip_jax import sharding
+from plip_jax.core import interventions as iv_lib
+from plip_jax.data.positions import tokenize_sample
+from plip_jax.experiments.attention_metric import make_metric_batch, marker_metric
+from plip_jax.models import sharding
+from plip_jax.models.registry import load_model
 
 
 def main() -> int:
@@ -22,51 +23,50 @@ def main() -> int:
     corpus = load_universal_corpus()
     samples = [tokenize_sample(model.tokenizer, s) for s in corpus.samples[:20]]
     b = make_metric_batch(samples, model.cfg.max_position_embeddings)
-    ref = np.asarray(transformer_marker_metric(model.params, b.tokens, b.lengths, b.markers, b.target_counts, model.cfg, "hf"))
+    ref = np.asarray(marker_metric(model.model, b.tokens, b.lengths, b.markers, b.target_counts))
     for data, mdl in ((4, 2), (2, 2), (8, 1), (1, 2)):
         mesh = sharding.make_mesh(data=data, model=mdl)
-        params = sharding.shard_params(model.params, model.cfg, mesh)
-        q_w = params["layers"]["q_w"]
+        net = model.model.replace(params=sharding.shard_params(model.model.params, model.cfg, mesh))
+        q_w = net.layers.tree["q_w"]
         assert len(q_w.sharding.device_set) == data * mdl or mdl == 1
         if mdl > 1:  # heads really are split: each device holds a slice of q_w
             assert q_w.addressable_shards[0].data.shape[1] == q_w.shape[1] // mdl
         toks, lens, mk, cnt, n = sharding.pad_to_multiple(b.tokens, b.lengths, data, b.markers, b.target_counts)
         toks, lens, mk, cnt = sharding.shard_batch((toks, lens, mk, cnt), mesh)
-        got = np.asarray(transformer_marker_metric(params, toks, lens, mk, cnt, model.cfg, "hf"))[:n]
+        got = np.asarray(marker_metric(net, toks, lens, mk, cnt))[:n]
         err = np.abs(got - ref).max()
         print(f"mesh data={data} model={mdl}: layer-scan metric max error {err:.2e}")
         assert err < 1e-6, err
     # the per-layer layout (GPU default) loaded straight onto a data x model mesh
     per = load_model(mesh=sharding.make_mesh(data=4, model=2), layer_layout="per_layer")
-    q0 = per.params["layers"][0]["q_w"]
+    q0 = per.model.layers.layer(0)["q_w"]
     assert q0.addressable_shards[0].data.shape[0] == q0.shape[0] // 2
     mesh = sharding.make_mesh(data=4, model=2)
     toks, lens, mk, cnt, n = sharding.pad_to_multiple(b.tokens, b.lengths, 4, b.markers, b.target_counts)
     toks, lens, mk, cnt = sharding.shard_batch((toks, lens, mk, cnt), mesh)
-    got = np.asarray(transformer_marker_metric(per.params, toks, lens, mk, cnt, model.cfg, "hf"))[:n]
+    got = np.asarray(marker_metric(per.model, toks, lens, mk, cnt))[:n]
     err = np.abs(got - ref).max()
     print(f"per-layer layout on data=4 model=2: layer-scan metric max error {err:.2e}")
     assert err < 1e-6, err
     # a knockout sweep (vmapped stacked interventions) on data x model sharding
     ks, _ = knockout.prepare(model, corpus)
     batch = knockout.make_batch(model, ks[:8])
-    ivs = causal.stack_interventions([knockout.knockout_ivs(model, ks[:8], batch, [l]) for l in (1, 2)])
-    ref = np.asarray(causal.run_sweep(model.params, batch.tokens, batch.lengths, ivs, model.cfg)["last"])
+    ivs = iv_lib.stack([knockout.knockout_ivs(model, ks[:8], batch, [l]) for l in (1, 2)])
+    ref = np.asarray(causal.run_sweep(model.model, batch.tokens, batch.lengths, ivs)["last"])
     mesh = sharding.make_mesh(data=4, model=2)
-    params = sharding.shard_params(model.params, model.cfg, mesh)
+    net = model.model.replace(params=sharding.shard_params(model.model.params, model.cfg, mesh))
     toks, lens = sharding.shard_batch((batch.tokens, batch.lengths), mesh)
-    got = np.asarray(causal.run_sweep(params, toks, lens, ivs, model.cfg)["last"])
+    got = np.asarray(causal.run_sweep(net, toks, lens, ivs)["last"])
     err = np.abs(got - ref).max()
     print(f"knockout sweep on data=4 model=2: max logit error {err:.2e}")
     assert err < 1e-4, err
     # the layer scan end to end with --mesh-style sharding of the loaded model
-    from plip_jax.cli import apply_mesh
     from plip_jax.experiments.layer_scan import run_layer_scan
 
     plain = run_layer_scan(load_model(), corpus)
-    sharded = run_layer_scan(apply_mesh(load_model(), "data:4,model:2"), corpus)
+    sharded = run_layer_scan(load_model(mesh=sharding.parse_mesh("data:4,model:2")), corpus)
     direct = load_model(mesh=sharding.make_mesh(data=4, model=2))  # host -> shards, never whole on one device
-    q_w = direct.params["layers"]["q_w"]
+    q_w = direct.model.layers.tree["q_w"]
     assert q_w.addressable_shards[0].data.shape[1] == q_w.shape[1] // 2
     direct_scan = run_layer_scan(direct, corpus)
     for a, c in zip(plain.results, direct_scan.results):
@@ -80,7 +80,7 @@ def main() -> int:
     ref_scan = knockout.run_layer_scan_knockout(load_model(), corpus)
     ref_steer = steering.run_steering(load_model(), corpus, 3, doses=(0.5, 2.0))
     for spec in ("data:4,model:2", "data:2,model:2"):
-        mm = apply_mesh(load_model(), spec)
+        mm = load_model(mesh=sharding.parse_mesh(spec))
         ko = knockout.run_knockout(mm, corpus, layers=[2])
         np.testing.assert_allclose([r["kl_divergence"] for r in ko["sample_results"]],
                                    [r["kl_divergence"] for r in ref_ko["sample_results"]], rtol=1e-3, atol=1e-6)

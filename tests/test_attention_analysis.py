@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from plip_jax.corpus import default_corpus_path, load_legacy_corpus
+from plip_jax.data.corpus import default_corpus_path, load_legacy_corpus
 from plip_jax.experiments import attention_analysis as aa
-from plip_jax.models.transformer import Capture, jit_forward
-from plip_jax.positions import encode_with_offsets
+from plip_jax.core.capture import Capture
+from plip_jax.data.positions import encode_with_offsets
+from tests.model_helpers import run
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUP_KEYS = {"mean", "std_dev", "min", "max", "n", "samples"}
@@ -28,9 +29,8 @@ TEST_KEYS = {"t", "df", "p_value"}
 def _full_patterns(model, code: str) -> tuple[list[int], np.ndarray]:
     """Token ids and head-mean attention [L, T, T] of one unpadded sequence (Capture(attn_probs=True))."""
     ids, _ = encode_with_offsets(model.tokenizer, code)
-    out = jit_forward(model.params, jnp.asarray(ids, jnp.int32), model.cfg,
-                      capture=Capture(logits="none", attn_probs=True))
-    return ids, np.asarray(out["attn_probs"], np.float32).mean(axis=1)
+    out = run(model.model, jnp.asarray(ids, jnp.int32), capture=Capture(logits="none", attn_probs=True))
+    return ids, np.asarray(out.attn_probs, np.float32).mean(axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -198,17 +198,16 @@ def test_verify_positions_universal_binary(tmp_path):
 def test_head_mean_rows_rwkv6_padded_batch_equals_direct_effective_attention(tmp_path):
     from tests import rwkv_fixtures
 
-    from plip_jax.models import rwkv6
+    from plip_jax.models.registry import load_model
 
     d = rwkv_fixtures.write_hf_checkpoint(str(tmp_path), vocab=300, hidden=64, layers=2, head_size=16)
-    model = rwkv6.load_model(d)
+    model = load_model(d)
     rng = np.random.default_rng(0)
     seqs = [list(rng.integers(0, 300, n)) for n in (7, 12)]
     rows = aa.head_mean_rows(model, seqs, [[3, 6], [11]])  # padded batch, ragged query rows
     assert rows.shape[:3] == (2, 2, 2)
     for b, (seq, q) in enumerate(zip(seqs, [[3, 6], [11]])):
-        ea = rwkv6.forward(model.params, jnp.asarray(seq, jnp.int32), model.cfg,
-                           capture_effective_attention=True)["effective_attention"]
+        ea = run(model.model, jnp.asarray(seq, jnp.int32), capture=Capture(logits="none", attn_probs=True)).attn_probs
         hm = np.asarray(ea, np.float32).mean(axis=1)  # [L, T, T]
         for r, pos in enumerate(q):
             np.testing.assert_allclose(rows[b, :, r, :len(seq)], hm[:, pos], atol=1e-5)

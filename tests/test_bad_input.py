@@ -9,11 +9,10 @@ import struct
 import numpy as np
 import pytest
 
-from plip_jax.corpus import CorpusError, load_universal_corpus
+from plip_jax.data.corpus import CorpusError, load_universal_corpus
 from plip_jax.experiments.layer_scan import resolve_layer_range, run_layer_scan
 from plip_jax.models.config import UnsupportedModelError, config_from_hf
-from plip_jax.models.loading import load_model
-from plip_jax.models.registry import load_any_model
+from plip_jax.models.registry import load_model
 from plip_jax.models.safetensors_io import CorruptWeightsError
 from plip_jax.models.sources import BUNDLED_MODEL_DIR, ModelNotFoundError, resolve_model
 
@@ -74,7 +73,7 @@ def test_unknown_model_type_lists_supported(model_copy):
     cfg["model_type"] = "mamba"
     (model_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match=r"'mamba'.*qwen2, starcoder2, gemma, llama, phi3, rwkv6"):
-        load_any_model(str(model_copy))
+        load_model(str(model_copy))
     with pytest.raises(UnsupportedModelError, match="Supported model types"):
         config_from_hf(cfg)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from plip_jax.corpus import UNIVERSAL_GROUPS
+from plip_jax.data.corpus import UNIVERSAL_GROUPS
 from plip_jax.experiments.attention_metric import make_metric_batch, marker_target_attention
-from plip_jax.models.transformer import Capture, batched_forward
-from plip_jax.positions import tokenize_sample
+from plip_jax.core.capture import Capture
+from plip_jax.data.positions import tokenize_sample
+from tests.model_helpers import run_batch
 
 
 def test_bundled_model_config(bundled_model):
@@ -22,14 +23,13 @@ def test_bundled_model_matches_hf_on_every_corpus_sample(bundled_model, bundled_
     assert len(samples) == 30 and all(s.ok for s in samples)
     ours_metric = marker_target_attention(bundled_model, samples)  # [30, L]
     batch = make_metric_batch(samples, bundled_model.cfg.max_position_embeddings)
-    out = batched_forward(bundled_model.params, batch.tokens, bundled_model.cfg, batch.lengths, None,
-                          Capture(logits="all"), None)
+    out = run_batch(bundled_model.model, batch.tokens, batch.lengths, capture=Capture(logits="all"))
     for i, s in enumerate(samples):
         ids = torch.tensor([list(s.token_ids)])
         with torch.no_grad():
             ref = bundled_hf_model(ids, output_attentions=True)
         n = len(s.token_ids)
-        err = np.abs(np.asarray(out["logits"][i, :n]) - ref.logits[0].numpy()).max()
+        err = np.abs(np.asarray(out.logits[i, :n]) - ref.logits[0].numpy()).max()
         assert err <= 1e-4, f"{s.sample.id}: logits error {err}"
         targets = s.target_tokens
         ref_metric = [a[0, :, s.marker_token, targets].mean().item() for a in ref.attentions]

@@ -7,27 +7,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plip_jax.models.transformer import Capture, forward, jit_forward
+from plip_jax.core.capture import Capture
+from tests.model_helpers import run
 
 
 def test_selected_layer_patterns_equal_full_capture(bundled_model):
     toks = jnp.asarray(bundled_model.tokenizer("fn add(a: i32) -> i32 { a }\n#[test]\nfn t() {}")["input_ids"])
-    full = jit_forward(bundled_model.params, toks, bundled_model.cfg,
-                       capture=Capture(logits="all", attn_probs=True, resid_post="all"))
-    some = jit_forward(bundled_model.params, toks, bundled_model.cfg,
-                       capture=Capture(logits="all", attn_probs=(5, 1), resid_post="all"))
-    assert some["attn_probs"].shape == (2,) + full["attn_probs"].shape[1:]  # sorted: layers 1, 5
-    np.testing.assert_allclose(some["attn_probs"], full["attn_probs"][jnp.asarray([1, 5])], atol=1e-7)
-    np.testing.assert_allclose(some["resid_post"], full["resid_post"], atol=1e-5)
-    np.testing.assert_allclose(some["logits"], full["logits"], atol=1e-5)
+    full = run(bundled_model.model, toks, capture=Capture(logits="all", attn_probs=True, resid_post="all"))
+    some = run(bundled_model.model, toks, capture=Capture(logits="all", attn_probs=(5, 1), resid_post="all"))
+    assert some.attn_probs.shape == (2,) + full.attn_probs.shape[1:]  # sorted: layers 1, 5
+    np.testing.assert_allclose(some.attn_probs, full.attn_probs[jnp.asarray([1, 5])], atol=1e-7)
+    np.testing.assert_allclose(some.resid_post, full.resid_post, atol=1e-5)
+    np.testing.assert_allclose(some.logits, full.logits, atol=1e-5)
 
 
 def test_selected_layers_use_less_memory(bundled_model):
     toks = jnp.zeros((256,), jnp.int32)
 
     def compiled(cap):
-        fn = jax.jit(lambda p, t: forward(p, t, bundled_model.cfg, capture=cap))
-        return fn.lower(bundled_model.params, toks).compile()
+        fn = jax.jit(lambda m, t: m(t, capture=cap))
+        return fn.lower(bundled_model.model, toks).compile()
 
     stats_all = compiled(Capture(logits="none", attn_probs=True)).memory_analysis()
     stats_one = compiled(Capture(logits="none", attn_probs=(3,))).memory_analysis()
@@ -41,5 +40,4 @@ def test_selected_layers_use_less_memory(bundled_model):
 
 def test_out_of_range_capture_layer(bundled_model):
     with pytest.raises(ValueError, match=r"attn_probs layers \[8\] out of range"):
-        jit_forward(bundled_model.params, jnp.zeros((4,), jnp.int32), bundled_model.cfg,
-                    capture=Capture(attn_probs=(8,)))
+        run(bundled_model.model, jnp.zeros((4,), jnp.int32), capture=Capture(attn_probs=(8,)))

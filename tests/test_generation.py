@@ -8,12 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plip_jax import generation as gen
-from plip_jax import interventions as ivs
-from plip_jax.models.config import config_from_hf, read_config_json
-from plip_jax.models.loading import load_params
-from plip_jax.models.safetensors_io import WeightStore
-from plip_jax.models.sources import weight_files
+from plip_jax.analysis import generation as gen
+from plip_jax.core import interventions as ivs
+from plip_jax.models.registry import load_model
 from tests.hf_fixtures import build_hf_model, save_hf_model
 
 MAX_NEW = 6
@@ -21,12 +18,11 @@ MAX_NEW = 6
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(hf_model, cfg, params) of a tiny random Qwen2 in fp32 (no tokenizer needed)."""
+    """(hf_model, cfg, model) of a tiny random Qwen2 in fp32 (no tokenizer needed)."""
     hf = build_hf_model("qwen2", seed=3)
     path = save_hf_model(hf, tmp_path_factory.mktemp("qwen2_gen"))
-    cfg = config_from_hf(read_config_json(path), source=str(path / "config.json"))
-    params = load_params(WeightStore(weight_files(path)), cfg, jnp.float32)
-    return hf, cfg, params
+    model = load_model(str(path)).model
+    return hf, model.cfg, model
 
 
 def _prompts(cfg, lengths=(5, 11, 3), seed=0):
@@ -35,14 +31,14 @@ def _prompts(cfg, lengths=(5, 11, 3), seed=0):
 
 
 def test_batched_equals_one_at_a_time(tiny):
-    _, cfg, params = tiny
+    _, cfg, model = tiny
     prompts = _prompts(cfg)
     size = gen.cache_size_for([len(p) for p in prompts], MAX_NEW, cfg)
-    batch = gen.generate(params, cfg, prompts, max_new_tokens=MAX_NEW, cache_size=size)
+    batch = gen.generate(model, prompts, max_new_tokens=MAX_NEW, cache_size=size)
     assert batch.tokens.shape == (3, MAX_NEW)
     assert batch.n_generated.tolist() == [MAX_NEW] * 3 and not batch.stopped.any()
     for i, p in enumerate(prompts):
-        one = gen.generate(params, cfg, [p], max_new_tokens=MAX_NEW, cache_size=size)
+        one = gen.generate(model, [p], max_new_tokens=MAX_NEW, cache_size=size)
         assert one.sequences()[0] == batch.sequences()[i], f"prompt {i} (length {len(p)})"
 
 
@@ -55,10 +51,10 @@ def _knockout_prompt_edges(cfg, size, n_prompt):
 
 @pytest.mark.parametrize("kind", ["none", "knockout", "scale_generated", "set_value_generated"])
 def test_cached_equals_full_recompute(tiny, kind):
-    _, cfg, params = tiny
+    _, cfg, model = tiny
     prompts = _prompts(cfg, lengths=(7, 4))
     size = gen.cache_size_for([len(p) for p in prompts], MAX_NEW, cfg)
-    baseline = gen.generate(params, cfg, prompts, max_new_tokens=MAX_NEW, cache_size=size)
+    baseline = gen.generate(model, prompts, max_new_tokens=MAX_NEW, cache_size=size)
     for i, p in enumerate(prompts):
         if kind == "none":
             iv = None
@@ -70,8 +66,8 @@ def test_cached_equals_full_recompute(tiny, kind):
         else:
             iv = gen.steer_generated_rows(size, len(p), [0, 2], n_layers=cfg.num_layers, n_heads=cfg.num_heads,
                                           value=0.45, layers=[1, 2])
-        cached = gen.generate(params, cfg, [p], max_new_tokens=MAX_NEW, interventions=iv, cache_size=size)
-        full = gen.generate_reference(params, cfg, p, max_new_tokens=MAX_NEW, interventions=iv, cache_size=size)
+        cached = gen.generate(model, [p], max_new_tokens=MAX_NEW, interventions=iv, cache_size=size)
+        full = gen.generate_reference(model, p, max_new_tokens=MAX_NEW, interventions=iv, cache_size=size)
         assert cached.sequences()[0] == full, f"{kind}, prompt {i}"
         if kind != "none" and i == 0:
             assert full != baseline.sequences()[0], f"{kind}: the intervention did not change the tokens (vacuous test)"
@@ -80,36 +76,36 @@ def test_cached_equals_full_recompute(tiny, kind):
 def test_batched_interventions_and_empty_baseline(tiny):
     """Per-sequence interventions in one call: a steered sequence equals its own single run, and the
     baseline with no selected edge equals generation without any intervention."""
-    _, cfg, params = tiny
+    _, cfg, model = tiny
     prompts = _prompts(cfg, lengths=(6, 9))
     size = gen.cache_size_for([len(p) for p in prompts], MAX_NEW, cfg)
     steer = [gen.steer_generated_rows(size, len(p), [0, 1], n_layers=cfg.num_layers, n_heads=cfg.num_heads,
                                       scale=30.0) for p in prompts]
     both = [gen.empty_like_interventions(steer[0]), steer[1]]
-    out = gen.generate(params, cfg, prompts, max_new_tokens=MAX_NEW, cache_size=size,
-                       interventions=gen.stack_interventions(both), batched_interventions=True)
-    plain = gen.generate(params, cfg, [prompts[0]], max_new_tokens=MAX_NEW, cache_size=size)
-    steered = gen.generate(params, cfg, [prompts[1]], max_new_tokens=MAX_NEW, cache_size=size, interventions=steer[1])
+    out = gen.generate(model, prompts, max_new_tokens=MAX_NEW, cache_size=size,
+                       interventions=ivs.stack(both), batched_interventions=True)
+    plain = gen.generate(model, [prompts[0]], max_new_tokens=MAX_NEW, cache_size=size)
+    steered = gen.generate(model, [prompts[1]], max_new_tokens=MAX_NEW, cache_size=size, interventions=steer[1])
     assert out.sequences()[0] == plain.sequences()[0]
     assert out.sequences()[1] == steered.sequences()[0]
 
 
 def test_sampling_reproducible(tiny):
-    _, cfg, params = tiny
+    _, cfg, model = tiny
     prompts = _prompts(cfg, lengths=(5, 8))
     hot = gen.SamplingParams(temperature=1.0)
-    a = gen.generate(params, cfg, prompts, max_new_tokens=MAX_NEW, sampling=hot, key=jax.random.PRNGKey(1))
-    b = gen.generate(params, cfg, prompts, max_new_tokens=MAX_NEW, sampling=hot, key=jax.random.PRNGKey(1))
-    c = gen.generate(params, cfg, prompts, max_new_tokens=MAX_NEW, sampling=hot, key=jax.random.PRNGKey(2))
+    a = gen.generate(model, prompts, max_new_tokens=MAX_NEW, sampling=hot, key=jax.random.PRNGKey(1))
+    b = gen.generate(model, prompts, max_new_tokens=MAX_NEW, sampling=hot, key=jax.random.PRNGKey(1))
+    c = gen.generate(model, prompts, max_new_tokens=MAX_NEW, sampling=hot, key=jax.random.PRNGKey(2))
     assert a.sequences() == b.sequences()
     assert a.sequences() != c.sequences()
     # same stream id -> same draws regardless of the position in the batch
-    d = gen.generate(params, cfg, [prompts[1]], max_new_tokens=MAX_NEW, sampling=hot, key=jax.random.PRNGKey(1),
+    d = gen.generate(model, [prompts[1]], max_new_tokens=MAX_NEW, sampling=hot, key=jax.random.PRNGKey(1),
                      sample_ids=[1])
     assert d.sequences()[0] == a.sequences()[1]
     # a tiny top_p keeps only the most likely token: greedy
-    g = gen.generate(params, cfg, prompts, max_new_tokens=MAX_NEW)
-    nucleus = gen.generate(params, cfg, prompts, max_new_tokens=MAX_NEW, key=jax.random.PRNGKey(5),
+    g = gen.generate(model, prompts, max_new_tokens=MAX_NEW)
+    nucleus = gen.generate(model, prompts, max_new_tokens=MAX_NEW, key=jax.random.PRNGKey(5),
                            sampling=gen.SamplingParams(temperature=1.0, top_p=1e-6))
     assert nucleus.sequences() == g.sequences()
 
@@ -117,23 +113,23 @@ def test_sampling_reproducible(tiny):
 def test_greedy_matches_hf_generate(tiny):
     import torch
 
-    hf, cfg, params = tiny
+    hf, cfg, model = tiny
     prompt = _prompts(cfg, lengths=(9,), seed=4)[0]
     with torch.no_grad():
         out = hf.generate(torch.as_tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                           pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     ref = out[0, len(prompt):].tolist()
-    ours = gen.generate(params, cfg, [prompt], max_new_tokens=8).sequences()[0]
+    ours = gen.generate(model, [prompt], max_new_tokens=8).sequences()[0]
     assert ours == ref
 
 
 def test_stop_tokens_freeze_and_are_excluded(tiny):
-    _, cfg, params = tiny
+    _, cfg, model = tiny
     prompts = _prompts(cfg, lengths=(5, 8))
-    free = gen.generate(params, cfg, prompts, max_new_tokens=MAX_NEW).sequences()
+    free = gen.generate(model, prompts, max_new_tokens=MAX_NEW).sequences()
     stop = free[0][2]
     cut = free[0].index(stop)
-    out = gen.generate(params, cfg, prompts, max_new_tokens=MAX_NEW, stop_ids=[stop])
+    out = gen.generate(model, prompts, max_new_tokens=MAX_NEW, stop_ids=[stop])
     assert out.sequences()[0] == free[0][:cut]
     assert out.stopped[0] and out.n_generated[0] == cut
     assert (out.tokens[0, cut:] == 0).all()
@@ -143,10 +139,10 @@ def test_stop_tokens_freeze_and_are_excluded(tiny):
 
 
 def test_context_length_error(tiny):
-    _, cfg, params = tiny
+    _, cfg, model = tiny
     prompt = _prompts(cfg, lengths=(100,))[0]
     with pytest.raises(gen.GenerationError, match="exceeds the model's context of 128"):
-        gen.generate(params, cfg, [prompt], max_new_tokens=29)
+        gen.generate(model, [prompt], max_new_tokens=29)
     assert gen.cache_size_for([100], 28, cfg) <= 128
 
 
@@ -162,8 +158,6 @@ def test_steering_builder_refuses_future_columns():
 
 
 def test_bundled_stop_tokens_and_templates():
-    from plip_jax.models.loading import load_model
-
     m = load_model()
     assert gen.stop_token_ids(m.tokenizer, m.source.path, m.cfg) == (0,)
     with pytest.raises(gen.GenerationError, match="chat_template=plip"):
@@ -175,5 +169,5 @@ def test_bundled_stop_tokens_and_templates():
     text = gen.format_prompt(m.tokenizer, "fn f() {", chat=True, system="S")
     assert text == "<system>S\n<user>fn f() {\n<assistant>"
     ids = gen.encode(m.tokenizer, "fn add(a: i32) -> i32 {")
-    out = gen.generate(m.params, m.cfg, [ids], max_new_tokens=4, stop_ids=(0,))
+    out = gen.generate(m.model, [ids], max_new_tokens=4, stop_ids=(0,))
     assert 0 < out.n_generated[0] <= 4 and isinstance(gen.decode(m.tokenizer, out.sequences()[0]), str)

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plip_jax import interventions as ivs
+from plip_jax.core import interventions as ivs
 from plip_jax.experiments import causal, knockout
-from plip_jax.models.transformer import Capture, jit_forward
+from plip_jax.core.capture import Capture
+from tests.model_helpers import run
 
 CAP = Capture(logits="all", attn_probs=True)
 
@@ -31,9 +32,9 @@ def test_knockout_zeroes_exactly_the_chosen_edges(bundled_model, sample):
     m, targets = 9, [0, 1, 2, 4]
     iv = ivs.Interventions(knockout=ivs.knockout(n, [(m, t) for t in targets], layers=[2], heads=[1, 3],
                                                  **_kw(bundled_model, n)))
-    base = jit_forward(bundled_model.params, toks, bundled_model.cfg, capture=CAP)
-    out = jit_forward(bundled_model.params, toks, bundled_model.cfg, interventions=iv, capture=CAP)
-    p, p0 = np.asarray(out["attn_probs"]), np.asarray(base["attn_probs"])
+    base = run(bundled_model.model, toks, capture=CAP)
+    out = run(bundled_model.model, toks, interventions=iv, capture=CAP)
+    p, p0 = np.asarray(out.attn_probs), np.asarray(base.attn_probs)
     assert np.all(p[2][[1, 3]][:, m, targets] == 0.0)
     assert np.all(p0[2][[1, 3]][:, m, targets] > 0.0)
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
@@ -43,7 +44,7 @@ def test_knockout_zeroes_exactly_the_chosen_edges(bundled_model, sample):
     row = p0[2, 1, m].copy()
     row[targets] = 0
     np.testing.assert_allclose(p[2, 1, m], row / row.sum(), atol=1e-6)
-    assert float(jnp.abs(out["logits"] - base["logits"]).max()) > 1e-5  # it did something downstream
+    assert float(jnp.abs(out.logits - base.logits).max()) > 1e-5  # it did something downstream
 
 
 def test_scale_matches_spec_worked_example():
@@ -59,17 +60,17 @@ def test_scale_matches_spec_worked_example():
 def test_scale_and_set_value_rows_equal_hand_computation(bundled_model, sample):
     toks, n = sample
     m, targets, layer = 9, [0, 2], 3
-    base = np.asarray(jit_forward(bundled_model.params, toks, bundled_model.cfg, capture=CAP)["attn_probs"])
+    base = np.asarray(run(bundled_model.model, toks, capture=CAP).attn_probs)
     row = base[layer, :, m].astype(np.float64)  # [H, T]
     sc = ivs.Interventions(scale=ivs.scale(n, [(m, t) for t in targets], 3.0, layers=[layer], **_kw(bundled_model, n)))
-    got = np.asarray(jit_forward(bundled_model.params, toks, bundled_model.cfg, interventions=sc, capture=CAP)["attn_probs"])
+    got = np.asarray(run(bundled_model.model, toks, interventions=sc, capture=CAP).attn_probs)
     want = row.copy()
     want[:, targets] *= 3.0
     want /= want.sum(-1, keepdims=True)
     np.testing.assert_allclose(got[layer, :, m], want, atol=1e-6)
     sv = ivs.Interventions(set_value=ivs.set_value(n, [(m, t) for t in targets], 0.1, layers=[layer],
                                                    **_kw(bundled_model, n)))
-    got = np.asarray(jit_forward(bundled_model.params, toks, bundled_model.cfg, interventions=sv, capture=CAP)["attn_probs"])
+    got = np.asarray(run(bundled_model.model, toks, interventions=sv, capture=CAP).attn_probs)
     want = row.copy()
     rest = [j for j in range(m + 1) if j not in targets]
     want[:, rest] *= (1 - 2 * 0.1) / want[:, rest].sum(-1, keepdims=True)
@@ -81,55 +82,55 @@ def test_scale_and_set_value_rows_equal_hand_computation(bundled_model, sample):
 
 def test_identity_interventions_change_nothing(bundled_model, sample):
     toks, n = sample
-    base = jit_forward(bundled_model.params, toks, bundled_model.cfg, capture=Capture(logits="all"))["logits"]
+    base = run(bundled_model.model, toks, capture=Capture(logits="all")).logits
     iv = ivs.Interventions(scale=ivs.scale(n, [(9, 0), (9, 1)], 1.0, **_kw(bundled_model, n)))
-    out = jit_forward(bundled_model.params, toks, bundled_model.cfg, interventions=iv, capture=Capture(logits="all"))
-    np.testing.assert_allclose(out["logits"], base, atol=1e-5)
-    from plip_jax.metrics import kl_divergence
+    out = run(bundled_model.model, toks, interventions=iv, capture=Capture(logits="all"))
+    np.testing.assert_allclose(out.logits, base, atol=1e-5)
+    from plip_jax.analysis.metrics import kl_divergence
 
-    assert float(kl_divergence(base[-1], out["logits"][-1])) < 1e-9
+    assert float(kl_divergence(base[-1], out.logits[-1])) < 1e-9
 
 
 def test_residual_zero_add_and_patch(bundled_model, sample):
     toks, n = sample
     cfg = bundled_model.cfg
     L, D = cfg.num_layers, cfg.hidden_size
-    base = jit_forward(bundled_model.params, toks, cfg, capture=Capture(logits="all"))["logits"]
+    base = run(bundled_model.model, toks, capture=Capture(logits="all")).logits
     where = np.zeros((L, n), bool)
     where[3, 5] = True
     zero = ivs.Interventions(residual=ivs.ResidualEdit(where=jnp.asarray(where), keep=jnp.float32(0.0),
                                                        add=jnp.zeros((L, n, D))))
-    out = jit_forward(bundled_model.params, toks, cfg, interventions=zero, capture=Capture(logits="all"))["logits"]
+    out = run(bundled_model.model, toks, interventions=zero, capture=Capture(logits="all")).logits
     np.testing.assert_allclose(out[:5], base[:5], atol=1e-5)  # positions before the edit: unchanged
     assert float(jnp.abs(out[5:] - base[5:]).max()) > 1e-2
     # patch every position of the last layer's residual with another run's: the outputs become that run's
     other = jnp.asarray(bundled_model.tokenizer("fn add(a: i32) -> i32 { a }\n#[test]\nfn t() {}")["input_ids"][:n])
     other = jnp.pad(other, (0, n - other.shape[0]))
-    o = jit_forward(bundled_model.params, other, cfg, capture=Capture(logits="all", resid_post="all"))
+    o = run(bundled_model.model, other, capture=Capture(logits="all", resid_post="all"))
     where = np.zeros((L, n), bool)
     where[L - 1] = True
     patch = ivs.Interventions(residual=ivs.ResidualEdit(where=jnp.asarray(where), keep=jnp.float32(0.0),
-                                                        add=o["resid_post"]))
-    out = jit_forward(bundled_model.params, toks, cfg, interventions=patch, capture=Capture(logits="all"))["logits"]
-    np.testing.assert_allclose(out, o["logits"], atol=1e-4)
+                                                        add=o.resid_post))
+    out = run(bundled_model.model, toks, interventions=patch, capture=Capture(logits="all")).logits
+    np.testing.assert_allclose(out, o.logits, atol=1e-4)
 
 
 def test_residual_builders(bundled_model, sample):
     toks, n = sample
     cfg = bundled_model.cfg
-    base = jit_forward(bundled_model.params, toks, cfg, capture=Capture(logits="all", resid_post="all"))
+    base = run(bundled_model.model, toks, capture=Capture(logits="all", resid_post="all"))
     v = np.random.RandomState(0).randn(cfg.hidden_size).astype(np.float32)
     iv = ivs.Interventions(residual=ivs.residual_add(n, v, length=n, n_layers=cfg.num_layers, layers=[2], positions=[4]))
-    out = jit_forward(bundled_model.params, toks, cfg, interventions=iv, capture=Capture(logits="all", resid_post="all"))
-    np.testing.assert_allclose(out["resid_post"][2, 4] - base["resid_post"][2, 4], v, atol=1e-4)
-    np.testing.assert_allclose(out["resid_post"][2, :4], base["resid_post"][2, :4], atol=1e-6)
+    out = run(bundled_model.model, toks, interventions=iv, capture=Capture(logits="all", resid_post="all"))
+    np.testing.assert_allclose(out.resid_post[2, 4] - base.resid_post[2, 4], v, atol=1e-4)
+    np.testing.assert_allclose(out.resid_post[2, :4], base.resid_post[2, :4], atol=1e-6)
     iv = ivs.Interventions(residual=ivs.residual_zero(n, cfg.hidden_size, length=n, n_layers=cfg.num_layers,
                                                       layers=[1], positions=[0, 3]))
-    out = jit_forward(bundled_model.params, toks, cfg, interventions=iv, capture=Capture(logits="all", resid_post="all"))
-    assert float(jnp.abs(out["resid_post"][1, jnp.asarray([0, 3])]).max()) == 0.0
-    iv = ivs.Interventions(residual=ivs.residual_patch(base["resid_post"], length=n, layers=[5], positions=None))
-    out = jit_forward(bundled_model.params, toks, cfg, interventions=iv, capture=Capture(logits="all"))
-    np.testing.assert_allclose(out["logits"], base["logits"], atol=1e-4)  # patching a run with itself: identity
+    out = run(bundled_model.model, toks, interventions=iv, capture=Capture(logits="all", resid_post="all"))
+    assert float(jnp.abs(out.resid_post[1, jnp.asarray([0, 3])]).max()) == 0.0
+    iv = ivs.Interventions(residual=ivs.residual_patch(base.resid_post, length=n, layers=[5], positions=None))
+    out = run(bundled_model.model, toks, interventions=iv, capture=Capture(logits="all"))
+    np.testing.assert_allclose(out.logits, base.logits, atol=1e-4)  # patching a run with itself: identity
     with pytest.raises(ivs.InterventionError, match="outside the sequence"):
         ivs.residual_zero(n, cfg.hidden_size, length=n, n_layers=cfg.num_layers, layers=[1], positions=[n])
 
@@ -139,12 +140,10 @@ def test_vmapped_sweep_equals_loop(bundled_model, universal_corpus):
     samples = samples[:3] + samples[-2:]
     batch = knockout.make_batch(bundled_model, samples)
     per_layer = [knockout.knockout_ivs(bundled_model, samples, batch, [l]) for l in (1, 4, 6)]
-    swept = causal.run_sweep(bundled_model.params, batch.tokens, batch.lengths,
-                             causal.stack_interventions(per_layer), bundled_model.cfg)
-    chunked = causal.run_sweep(bundled_model.params, batch.tokens, batch.lengths,
-                               causal.stack_interventions(per_layer), bundled_model.cfg, sweep_batch=2)
+    swept = causal.run_sweep(bundled_model.model, batch.tokens, batch.lengths, ivs.stack(per_layer))
+    chunked = causal.run_sweep(bundled_model.model, batch.tokens, batch.lengths, ivs.stack(per_layer), sweep_batch=2)
     for j, iv in enumerate(per_layer):
-        single = causal.run_batch(bundled_model.params, batch.tokens, batch.lengths, iv, bundled_model.cfg)
+        single = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, iv)
         np.testing.assert_allclose(swept["last"][j], single["last"], atol=1e-5)
         np.testing.assert_allclose(chunked["last"][j], single["last"], atol=1e-5)
         np.testing.assert_allclose(chunked["nll"][j], single["nll"], atol=1e-5)
@@ -159,14 +158,14 @@ def test_shared_prefix_layer_scan_equals_full_recomputation(bundled_model, unive
     shared = causal.knockout_prefix(iv0.knockout.edges, batch.lengths)
     first_row = int(np.nonzero(np.asarray(iv0.knockout.edges).any(-1))[1].min())
     assert 0 < shared <= first_row  # the markers sit late: rows before them are shared with the baseline
-    scan = causal.layer_knockout_scan(bundled_model.params, batch.tokens, batch.lengths, iv0.knockout.edges,
-                                      iv0.knockout.heads, bundled_model.cfg, group_layers=group_layers,
+    scan = causal.layer_knockout_scan(bundled_model.model, batch.tokens, batch.lengths, iv0.knockout.edges,
+                                      iv0.knockout.heads, group_layers=group_layers,
                                       prefix=prefix)
-    base = causal.run_batch(bundled_model.params, batch.tokens, batch.lengths, None, bundled_model.cfg)
+    base = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, None)
     np.testing.assert_allclose(scan["last"][:, 0], base["last"], atol=1e-5)
     for l in range(bundled_model.cfg.num_layers):
         iv = knockout.knockout_ivs(bundled_model, samples, batch, [l])
-        full = causal.run_batch(bundled_model.params, batch.tokens, batch.lengths, iv, bundled_model.cfg)
+        full = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, iv)
         np.testing.assert_allclose(scan["last"][:, l + 1], full["last"], atol=1e-4)
         np.testing.assert_allclose(scan["nll"][:, l + 1], full["nll"], atol=1e-5)
 
@@ -203,7 +202,7 @@ def test_all_edges_knockout_never_empties_a_row_even_when_marker_is_token_0(bund
     assert any(s.tokenized.marker_token == 0 for s in samples)  # Rust baselines: marker at token 0
     batch = knockout.make_batch(bundled_model, samples)
     iv = knockout.knockout_ivs(bundled_model, samples, batch, [1])
-    out = causal.run_batch(bundled_model.params, batch.tokens, batch.lengths, iv, bundled_model.cfg)
+    out = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, iv)
     assert np.isfinite(np.asarray(out["last"])).all()
 
 
@@ -213,9 +212,9 @@ def test_knockout_scan_under_jit_falls_back_to_no_shared_rows(bundled_model, uni
     samples = samples[:2]
     batch = knockout.make_batch(bundled_model, samples)
     iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
-    eager = causal.layer_knockout_scan(bundled_model.params, batch.tokens, batch.lengths, iv0.knockout.edges,
-                                       iv0.knockout.heads, bundled_model.cfg)
-    traced = jax.jit(lambda e: causal.layer_knockout_scan(bundled_model.params, batch.tokens, batch.lengths, e,
-                                                          iv0.knockout.heads, bundled_model.cfg)["nll"])(
+    eager = causal.layer_knockout_scan(bundled_model.model, batch.tokens, batch.lengths, iv0.knockout.edges,
+                                       iv0.knockout.heads)
+    traced = jax.jit(lambda e: causal.layer_knockout_scan(bundled_model.model, batch.tokens, batch.lengths, e,
+                                                          iv0.knockout.heads)["nll"])(
         iv0.knockout.edges)
     np.testing.assert_allclose(traced, eager["nll"], atol=1e-5)

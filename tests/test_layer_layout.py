@@ -9,27 +9,33 @@ import pytest
 import jax
 from jax.sharding import PartitionSpec as P
 
-from plip_jax import interventions as ivs
-from plip_jax import generation as gen
+from plip_jax.core import interventions as ivs
+from plip_jax.analysis import generation as gen
+from plip_jax.core.capture import Capture
 from plip_jax.experiments import causal, knockout
-from plip_jax.models import loading
-from plip_jax.models import transformer as tr
+from plip_jax.models import layers as layouts
+from plip_jax.models import registry
+from tests.model_helpers import run
 
 
 @pytest.fixture(scope="module")
 def per_layer_model():
-    return loading.load_model(None, "float32", layer_layout="per_layer")
+    return registry.load_model(None, "float32", layer_layout="per_layer")
 
 
 def test_layouts_and_auto_resolution(bundled_model, per_layer_model):
-    assert not tr.per_layer_layout(bundled_model.params)  # auto on CPU = stacked
-    assert tr.per_layer_layout(per_layer_model.params)
-    assert len(per_layer_model.params["layers"]) == bundled_model.cfg.num_layers
-    assert per_layer_model.params["layers"][3]["q_w"].shape == bundled_model.params["layers"]["q_w"].shape[1:]
-    np.testing.assert_array_equal(per_layer_model.params["layers"][3]["q_w"], bundled_model.params["layers"]["q_w"][3])
-    assert loading.resolve_layer_layout("auto") == "stacked"  # JAX runs on CPU in the tests
+    stacked, per = bundled_model.model.layers, per_layer_model.model.layers
+    assert isinstance(stacked, layouts.StackedLayers)  # auto on CPU = stacked
+    assert isinstance(per, layouts.PerLayerLayers)
+    assert per.num_layers == stacked.num_layers == bundled_model.cfg.num_layers
+    assert per.layer(3)["q_w"].shape == stacked.tree["q_w"].shape[1:]
+    np.testing.assert_array_equal(per.layer(3)["q_w"], stacked.layer(3)["q_w"])
+    group, offset = per.group(2, 5)
+    assert offset == 2 and group["q_w"].shape[0] == 3
+    np.testing.assert_array_equal(group["q_w"][1], stacked.tree["q_w"][3])
+    assert layouts.resolve_layer_layout("auto") == "stacked"  # JAX runs on CPU in the tests
     with pytest.raises(ValueError, match="layer_layout must be one of"):
-        loading.resolve_layer_layout("rows")
+        layouts.resolve_layer_layout("rows")
 
 
 def test_forward_captures_equal_across_layouts(bundled_model, per_layer_model):
@@ -38,16 +44,17 @@ def test_forward_captures_equal_across_layouts(bundled_model, per_layer_model):
     t = len(tokens)
     iv = ivs.Interventions(knockout=ivs.knockout(t, [(t - 1, 1), (t - 1, 2)], length=t, n_layers=cfg.num_layers,
                                                   n_heads=cfg.num_heads, layers=[2]))
-    for capture in (tr.Capture(logits="all", attn_probs=True, resid_post="all"),
-                    tr.Capture(logits="last", attn_probs=(1, 5), attn_rows=True)):
-        outs = [tr.jit_forward(m.params, tokens, cfg, interventions=iv, capture=capture,
-                               query_rows=np.asarray([t - 1], np.int32)) for m in (bundled_model, per_layer_model)]
-        assert sorted(outs[0]) == sorted(outs[1])
-        for k in outs[0]:
-            np.testing.assert_allclose(outs[1][k], outs[0][k], atol=2e-6, err_msg=k)
+    for capture in (Capture(logits="all", attn_probs=True, resid_post="all"),
+                    Capture(logits="last", attn_probs=(1, 5), attn_rows=True)):
+        outs = [run(m.model, tokens, interventions=iv, capture=capture, query_rows=np.asarray([t - 1], np.int32))
+                for m in (bundled_model, per_layer_model)]
+        leaves = [jax.tree_util.tree_leaves_with_path(o) for o in outs]
+        assert [k for k, _ in leaves[0]] == [k for k, _ in leaves[1]] and leaves[0]
+        for (k, a), (_, b) in zip(*leaves):
+            np.testing.assert_allclose(b, a, atol=2e-6, err_msg=str(k))
     # the knockout is applied in the per-layer forward too (not a no-op)
-    plain = tr.jit_forward(per_layer_model.params, tokens, cfg, capture=tr.Capture(logits="last"))
-    assert np.abs(np.asarray(plain["logits"]) - np.asarray(outs[1]["logits"])).max() > 1e-4
+    plain = run(per_layer_model.model, tokens, capture=Capture(logits="last"))
+    assert np.abs(np.asarray(plain.logits) - np.asarray(outs[1].logits)).max() > 1e-4
 
 
 def test_knockout_scan_and_sweep_equal_across_layouts(bundled_model, per_layer_model, universal_corpus):
@@ -55,30 +62,33 @@ def test_knockout_scan_and_sweep_equal_across_layouts(bundled_model, per_layer_m
     samples = samples[:2] + samples[-2:]
     batch = knockout.make_batch(bundled_model, samples)
     iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
-    args = (batch.tokens, batch.lengths, iv0.knockout.edges, iv0.knockout.heads, bundled_model.cfg)
-    a = causal.layer_knockout_scan(bundled_model.params, *args, group_layers=3)
-    b = causal.layer_knockout_scan(per_layer_model.params, *args, group_layers=3)
+    args = (batch.tokens, batch.lengths, iv0.knockout.edges, iv0.knockout.heads)
+    a = causal.layer_knockout_scan(bundled_model.model, *args, group_layers=3)
+    b = causal.layer_knockout_scan(per_layer_model.model, *args, group_layers=3)
     for k in ("last", "nll"):
         np.testing.assert_allclose(b[k], a[k], atol=2e-5)
-    per_layer = causal.stack_interventions([knockout.knockout_ivs(bundled_model, samples, batch, [l]) for l in (1, 6)])
-    s1 = causal.run_sweep(bundled_model.params, batch.tokens, batch.lengths, per_layer, bundled_model.cfg)
-    s2 = causal.run_sweep(per_layer_model.params, batch.tokens, batch.lengths, per_layer, bundled_model.cfg)
+    per_layer = ivs.stack([knockout.knockout_ivs(bundled_model, samples, batch, [l]) for l in (1, 6)])
+    s1 = causal.run_sweep(bundled_model.model, batch.tokens, batch.lengths, per_layer)
+    s2 = causal.run_sweep(per_layer_model.model, batch.tokens, batch.lengths, per_layer)
     np.testing.assert_allclose(s2["last"], s1["last"], atol=2e-5)
 
 
 def test_generation_equal_across_layouts(bundled_model, per_layer_model):
     prompts = [bundled_model.tokenizer.encode(p) for p in ("def square(x):\n", "fn main() {\n    let x =")]
-    a = gen.generate(bundled_model.params, bundled_model.cfg, prompts, max_new_tokens=12, stop_ids=())
-    b = gen.generate(per_layer_model.params, bundled_model.cfg, prompts, max_new_tokens=12, stop_ids=())
+    a = gen.generate(bundled_model.model, prompts, max_new_tokens=12, stop_ids=())
+    b = gen.generate(per_layer_model.model, prompts, max_new_tokens=12, stop_ids=())
     np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
 
 
 def test_sharding_specs_of_per_layer_leaves(bundled_model, per_layer_model):
-    from plip_jax import sharding
+    from plip_jax.models import sharding
 
-    stacked = sharding.param_specs(bundled_model.params, bundled_model.cfg, 2)
-    per = sharding.param_specs(per_layer_model.params, bundled_model.cfg, 2)
-    assert stacked["layers"]["q_w"] == P(None, "model", None)
-    assert per["layers"][0]["q_w"] == P("model", None)
-    assert per["layers"][0]["down_w"] == P(None, "model")
-    assert jax.tree_util.tree_structure(per) == jax.tree_util.tree_structure(per_layer_model.params)
+    stacked = sharding.param_specs(bundled_model.model.params, bundled_model.cfg, 2)
+    per = sharding.param_specs(per_layer_model.model.params, bundled_model.cfg, 2)
+    assert stacked["layers"].tree["q_w"] == P(None, "model", None)
+    assert stacked["layers"].tree["attn_norm"]["scale"] == P(None)
+    assert per["layers"].layers[0]["q_w"] == P("model", None)
+    assert per["layers"].layers[0]["down_w"] == P(None, "model")
+    is_spec = lambda x: isinstance(x, P)
+    assert (jax.tree_util.tree_structure(per, is_leaf=is_spec)
+            == jax.tree_util.tree_structure(per_layer_model.model.params))

@@ -63,8 +63,12 @@ def test_layer_scan_binary_writes_plip_schema(tmp_path):
 
 
 def test_plip_rope_mode_gives_a_different_scan(bundled_model, universal_corpus):
+    from plip_jax.models.registry import load_model
+
     hf = run_layer_scan(bundled_model, universal_corpus)
-    plip = run_layer_scan(bundled_model, universal_corpus, rope_mode="plip")
+    plip_model = load_model(rope_mode="plip")
+    assert plip_model.cfg.rope_mode == "plip"
+    plip = run_layer_scan(plip_model, universal_corpus)
     assert any(abs(a.python_mean - b.python_mean) > 1e-4 for a, b in zip(hf.results, plip.results))
 
 

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plip_jax import lens
+from plip_jax.analysis import lens
 from plip_jax.experiments import lens_experiments as E
-from plip_jax.models.loading import load_model
-from plip_jax.models.transformer import Capture, jit_forward
+from plip_jax.core.capture import Capture
+from plip_jax.models.registry import load_model
+from tests.model_helpers import run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,17 +30,16 @@ def model():
 def test_last_layer_lens_equals_model_output(model):
     text = "fn add(a: i32, b: i32) -> i32 { a + b }\n"
     ids, _ = lens.encode_with_offsets(model.tokenizer, text)
-    out = jit_forward(model.params, jnp.asarray(ids, jnp.int32), model.cfg,
-                      capture=Capture(logits="last", resid_post="last"))
-    resid = out["resid_post"]
+    out = run(model.model, jnp.asarray(ids, jnp.int32), capture=Capture(logits="last", resid_post="last"))
+    resid = out.resid_post
     assert resid.shape == (model.cfg.num_layers, model.cfg.hidden_size)
-    lens_logits = lens.lens_logits(model.params, resid, model.cfg)
+    lens_logits = lens.lens_logits(model.model, resid)
     assert lens_logits.shape == (model.cfg.num_layers, model.cfg.vocab_size)
-    np.testing.assert_allclose(np.asarray(lens_logits[-1]), np.asarray(out["logits"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lens_logits[-1]), np.asarray(out.logits), rtol=1e-5, atol=1e-5)
     # Through the batched lens too: the top-k of the last layer is the top-k of the model's distribution.
     res = lens.run_logit_lens(model, [text], top_k=5)[0]
-    np.testing.assert_allclose(res.final_logits, np.asarray(out["logits"]), rtol=1e-5, atol=1e-4)
-    p = np.asarray(jax.nn.softmax(out["logits"]))
+    np.testing.assert_allclose(res.final_logits, np.asarray(out.logits), rtol=1e-5, atol=1e-4)
+    p = np.asarray(jax.nn.softmax(out.logits))
     np.testing.assert_array_equal(res.top_ids[-1], np.argsort(-p)[:5])
     np.testing.assert_allclose(res.top_probs[-1], p[res.top_ids[-1]], rtol=1e-4)
     assert [t["token_id"] for t in res.final_top] == list(res.top_ids[-1])

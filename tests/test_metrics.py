@@ -1,4 +1,4 @@
-"""Tests for plip_jax.metrics: KL, top changed tokens, logit diff, top-1 agreement, NLL/perplexity."""
+"""Tests for plip_jax.analysis.metrics: KL, top changed tokens, logit diff, top-1 agreement, NLL/perplexity."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from plip_jax import metrics as M
+from plip_jax.analysis import metrics as M
 
 REF = str(Path(__file__).resolve().parents[2] / "shared" / "reference")
 
@@ -226,7 +226,7 @@ def test_batched_padded_perplexity_and_kl_at_last_position():
 def test_chunked_nll_from_hidden_equals_full_logits():
     import jax.numpy as jnp
 
-    from plip_jax.metrics import sequence_nll, sequence_nll_from_hidden
+    from plip_jax.analysis.metrics import sequence_nll, sequence_nll_from_hidden
 
     rng = np.random.RandomState(3)
     hidden = jnp.asarray(rng.randn(9, 16).astype(np.float32))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plip_jax.positions import (char_to_token_exact, char_to_token_fuzzy, conversion_stats, tokenize_sample,
+from plip_jax.data.positions import (char_to_token_exact, char_to_token_fuzzy, conversion_stats, tokenize_sample,
                                 verify_report)
 
 

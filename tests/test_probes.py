@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plip_jax import probes as P
+from plip_jax.analysis import probes as P
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,9 +106,9 @@ def test_binary_metrics_and_bag_of_tokens():
 
 @pytest.fixture(scope="module")
 def probe_result():
-    from plip_jax.corpus import load_probe_samples
+    from plip_jax.data.corpus import load_probe_samples
     from plip_jax.experiments import probe_experiment as PE
-    from plip_jax.models.loading import load_model
+    from plip_jax.models.registry import load_model
 
     model = load_model()
     samples = load_probe_samples()
@@ -136,7 +136,7 @@ def test_probe_experiment_on_bundled_model(probe_result, tmp_path):
 
 def test_probe_features_padding_invariant():
     from plip_jax.experiments import probe_experiment as PE
-    from plip_jax.models.loading import load_model
+    from plip_jax.models.registry import load_model
 
     model = load_model()
     codes = ["def f(x):\n    return x", "fn main() {\n    let v = vec![1, 2, 3];\n    println!(\"{:?}\", v);\n}"]

@@ -13,8 +13,8 @@ def test_readme_python_example_runs():
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert scope["out"]["attn_probs"].shape[0] == 1
-    assert 0 <= scope["scan"].best_layer < scope["model"].cfg.num_layers
+    assert scope["out"].attn_probs.shape[0] == 1
+    assert 0 <= scope["scan"].best_layer < scope["cfg"].num_layers
 
 
 def test_readme_commands_match_ci():

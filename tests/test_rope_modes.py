@@ -63,10 +63,13 @@ def test_hf_rope_is_half_split_rotation():
 
 
 def test_plip_mode_changes_the_model(bundled_model):
-    from plip_jax.models.transformer import Capture, jit_forward
+    import dataclasses
+
+    from plip_jax.core.capture import Capture
+    from tests.model_helpers import run
 
     toks = jnp.asarray(bundled_model.tokenizer("def add(a, b):\n    return a + b")["input_ids"])
-    hf = jit_forward(bundled_model.params, toks, bundled_model.cfg, capture=Capture(logits="last"))["logits"]
-    plip = jit_forward(bundled_model.params, toks, bundled_model.cfg, capture=Capture(logits="last"),
-                       rope_mode="plip")["logits"]
+    hf = run(bundled_model.model, toks, capture=Capture(logits="last")).logits
+    plip_model = bundled_model.model.replace(cfg=dataclasses.replace(bundled_model.cfg, rope_mode="plip"))
+    plip = run(plip_model, toks, capture=Capture(logits="last")).logits
     assert float(jnp.abs(hf - plip).max()) > 1e-2

@@ -12,7 +12,8 @@ import pytest
 
 from plip_jax.experiments.attention_metric import marker_target_attention
 from plip_jax.experiments.layer_scan import run_layer_scan, tokenize_groups
-from plip_jax.models import rwkv6
+from plip_jax.core.capture import Capture
+from plip_jax.models.registry import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT.parent / "shared" / "reference" / "layer_scan_universal_RWKV_v6_Finch_1B6_HF.json"
@@ -26,14 +27,13 @@ def rwkv_dir(tiny_rwkv_dir):
 
 @pytest.fixture(scope="module")
 def rwkv_model(rwkv_dir):
-    return rwkv6.load_model(rwkv_dir)
+    return load_model(rwkv_dir)
 
 
 def _direct_metric(model, sample) -> np.ndarray:
     """[L] from the full [L, H, T, T] effective attention of one unpadded sample."""
-    out = rwkv6.forward(model.params, np.asarray(sample.token_ids, np.int32), model.cfg,
-                        capture_effective_attention=True)
-    ea = np.asarray(out["effective_attention"])  # [L, H, T, T]
+    out = model.model(np.asarray(sample.token_ids, np.int32), capture=Capture(logits="none", attn_probs=True))
+    ea = np.asarray(out.attn_probs)  # [L, H, T, T]
     T = ea.shape[-1]
     row = ea[:, :, sample.marker_token, :].mean(axis=1)  # [L, T]
     targets = [t for t in sample.target_tokens if t < T]
@@ -41,7 +41,7 @@ def _direct_metric(model, sample) -> np.ndarray:
 
 
 def test_rwkv_metric_equals_full_effective_attention(rwkv_model, universal_corpus):
-    assert hasattr(rwkv_model, "marker_metric_fn")
+    assert rwkv_model.cfg.family == "rwkv6"
     usable, _ = tokenize_groups(rwkv_model.tokenizer, universal_corpus)
     picked = [usable[0], usable[-1], usable[3]]  # python and rust, different lengths -> padding
     got = marker_target_attention(rwkv_model, picked)

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from plip_jax.rwkv_tokenizer import DEFAULT_VOCAB_PATH, RwkvWorldTokenizer
+from plip_jax.models.rwkv_tokenizer import DEFAULT_VOCAB_PATH, RwkvWorldTokenizer
 
 REFERENCE_JSON = str(Path(__file__).resolve().parents[2] / "shared" / "reference" / "rwkv6_reference.json")
 

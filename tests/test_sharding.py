@@ -29,7 +29,7 @@ def test_layer_scan_binary_with_mesh(tmp_path):
 
 
 def test_mesh_spec_parsing_and_errors():
-    from plip_jax import sharding
+    from plip_jax.models import sharding
 
     m = sharding.parse_mesh("data:1,model:1")
     assert dict(m.shape) == {"data": 1, "model": 1}

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from plip_jax.experiments import state_experiments as se
-from plip_jax.metrics import kl_divergence
+from plip_jax.analysis.metrics import kl_divergence
 from plip_jax.experiments.windows import radius_windows, sliding_windows
-from plip_jax.models import rwkv6
+from plip_jax.analysis import generation as gen
+from plip_jax.core import interventions as ivs
+from plip_jax.models.registry import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 REF_DIR = ROOT.parent / "shared" / "reference"
@@ -29,7 +31,7 @@ def rwkv_dir(tiny_rwkv_dir):
 
 @pytest.fixture(scope="module")
 def model(rwkv_dir):
-    return se.load_rwkv_model(rwkv_dir)
+    return load_model(rwkv_dir)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,8 @@ def _assert_reference_keys(got: dict, ref_name: str) -> None:
 def _direct_kl(model, s, scale_matrix) -> float:
     """Unpadded, unbatched KL(baseline || edited) at the last position."""
     toks = np.asarray(s.token_ids, np.int32)
-    base = rwkv6.forward(model.params, toks, model.cfg)["logits"][-1]
-    edit = rwkv6.forward(model.params, toks, model.cfg, state_edit=rwkv6.StateEdit(scale=scale_matrix))["logits"][-1]
+    base = model.model(toks).logits
+    edit = model.model(toks, interventions=ivs.Interventions(state=ivs.StateEdit(scale=scale_matrix))).logits
     return float(kl_divergence(base, edit))
 
 
@@ -89,7 +91,7 @@ def test_knockout_kl_positive_finite_and_equals_unbatched(model, samples, ablati
     assert kls.shape == (len(samples),) and np.all(np.isfinite(kls)) and np.all(kls > 0)
     for i in (0, len(samples) - 1):  # batched + padded == direct single-sample computation
         s = samples[i]
-        edit = rwkv6.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [1])
+        edit = ivs.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [1])
         assert kls[i] == pytest.approx(_direct_kl(model, s, edit.scale), rel=1e-2, abs=1e-6)
     r0 = ablation["sample_results"][0]
     assert r0["layers_knocked_out"] == 1 and len(r0["top_changed_tokens"]) == 5
@@ -146,7 +148,7 @@ def test_window_knockout_and_window_helpers(model, samples):
     w = se.run_state_ablation(model, samples[:4] + samples[10:14], 0, 2, control_seed=None)
     assert w["layer_start"] == 0 and w["layer_end"] == 2 and w["n_layers_knocked_out"] == 3 and "layer" not in w
     s = samples[0]
-    edit = rwkv6.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [0, 1, 2])
+    edit = ivs.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [0, 1, 2])
     assert w["sample_results"][0]["kl_divergence"] == pytest.approx(_direct_kl(model, s, edit.scale), rel=1e-2, abs=1e-6)
     with pytest.raises(ValueError, match="out of range"):
         se.run_state_ablation(model, samples, 0, LAYERS)
@@ -174,13 +176,17 @@ def test_generation_baseline_equals_plain_and_seeded_sampling(model):
     p = se.GENERATE_PROMPTS[2]
     ids, m = se.marker_token(model.tokenizer, p)
     assert p.text[p.text.find("#[test]"):].startswith("#[test]")
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    greedy = se.generate_runs(model, ids, m, 1, [1.0, 1.0, 9.0], 6, 0.0, keys)
-    plain = rwkv6.generate(model.params, model.cfg, np.asarray(ids, np.int32), 6, stop_token=-1)["tokens"]
-    np.testing.assert_array_equal(greedy[0], np.asarray(plain))
-    a = se.generate_runs(model, ids, m, 1, [3.0, 3.0], 6, 0.8, keys[:2])
-    b = se.generate_runs(model, ids, m, 1, [3.0, 3.0], 6, 0.8, keys[:2])
+    key = jax.random.PRNGKey(0)
+    greedy = se.generate_runs(model, ids, m, 1, [1.0, 1.0, 9.0], 6, 0.0, key, [0, 1, 2])
+    plain = gen.generate(model.model, [list(ids)], max_new_tokens=6, stop_ids=()).tokens[0]
+    np.testing.assert_array_equal(greedy[0], plain)
+    np.testing.assert_array_equal(greedy[1], plain)
+    a = se.generate_runs(model, ids, m, 1, [3.0, 3.0], 6, 0.8, key, [0, 1])
+    b = se.generate_runs(model, ids, m, 1, [3.0, 3.0], 6, 0.8, key, [0, 1])
     np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[0], a[1])  # different sample ids: different random streams
+    c = se.generate_runs(model, ids, m, 1, [1.0, 3.0], 6, 0.8, key, [0, 0])  # common random numbers
+    assert c.shape == (2, 6)
 
 
 def test_persistence_token_distances_and_reproducibility(model):
@@ -202,9 +208,7 @@ def test_persistence_token_distances_and_reproducibility(model):
                                      "test_hits", "rate"}
 
 
-def test_non_rwkv_model_fails_fast():
-    with pytest.raises(se.NotRwkvModelError, match="need an RWKV-6 checkpoint.*convert_rwkv_to_safetensors"):
-        se.load_rwkv_model(None)
+def test_default_state_layer():
     assert se.default_state_layer(24) == 14
 
 
@@ -217,7 +221,7 @@ def _run(args, timeout=600):
 def test_binary_refuses_transformer_model():
     proc = _run(["bin.state_steering_experiment"])
     assert proc.returncode != 0
-    assert "state experiments need an RWKV-6 checkpoint" in proc.stderr + proc.stdout
+    assert "this experiment needs an RWKV-6 checkpoint" in proc.stderr + proc.stdout
 
 
 def test_state_ablation_binary(rwkv_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for plip_jax.stats against scipy, hand-computed cases and PLIP-rs's stored numbers."""
+"""Tests for plip_jax.analysis.stats against scipy, hand-computed cases and PLIP-rs's stored numbers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from plip_jax import stats as S
+from plip_jax.analysis import stats as S
 
 REF = str(Path(__file__).resolve().parents[2] / "shared" / "reference")
 needs_ref = pytest.mark.skipif(not os.path.isdir(REF), reason="shared reference outputs not available")

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plip_jax import generation as gen
-from plip_jax.corpus import load_generation_prompts
+from plip_jax.analysis import generation as gen
+from plip_jax.data.corpus import load_generation_prompts
 from plip_jax.experiments import steering_generation as sg
-from plip_jax.models.loading import load_model
+from plip_jax.models.registry import load_model
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "n50_scale_3.0.json"
 MAX_TOKENS = 6
@@ -69,7 +69,7 @@ def test_run_fields_and_baseline_equals_plain_generation(model, prompts):
     assert mc["gained"] + mc["lost"] + mc["kept"] + mc["none"] == 2
     # the baseline arm (same intervention structure, no edge) equals plain generation without intervention
     ids = [sg.prepare_prompt(model.tokenizer, p, cfg).ids for p in prompts]
-    plain = gen.generate(model.params, model.cfg, ids, max_new_tokens=MAX_TOKENS,
+    plain = gen.generate(model.model, ids, max_new_tokens=MAX_TOKENS,
                          stop_ids=gen.stop_token_ids(model.tokenizer, model.source.path, model.cfg))
     for s, seq in zip(res["samples"], plain.sequences()):
         assert s["baseline_output"] == gen.decode(model.tokenizer, seq)

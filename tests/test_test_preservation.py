@@ -1,4 +1,4 @@
-"""Tests for plip_jax.test_preservation: PLIP's detectors, strict Rust check, doctests in a subprocess."""
+"""Tests for plip_jax.analysis.test_preservation: PLIP's detectors, strict Rust check, doctests in a subprocess."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from plip_jax import test_preservation as TP
+from plip_jax.analysis import test_preservation as TP
 
 PROMPTS = str(Path(__file__).resolve().parents[1] / "corpus" / "generation_prompts_n50.json")
 

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plip_jax.models.loading import load_model
-from plip_jax.models.transformer import Capture, batched_forward, jit_forward
+from plip_jax.core.capture import Capture
+from plip_jax.models.layers import PerLayerLayers
+from plip_jax.models.registry import load_model
 from tests.hf_fixtures import FAMILIES, build_hf_model, hf_outputs, save_hf_model
+from tests.model_helpers import run, run_batch
 
 LOGIT_TOL = 1e-4
 PROB_TOL = 1e-5
@@ -28,13 +30,12 @@ def test_logits_and_every_layer_attention_match_hf(family_model):
     family, hf, model = family_model
     tokens = np.random.RandomState(1).randint(0, model.cfg.vocab_size, size=(1, 23))
     ref_logits, ref_attn = hf_outputs(hf, tokens)
-    out = jit_forward(model.params, jnp.asarray(tokens[0]), model.cfg,
-                      capture=Capture(logits="all", attn_probs=True))
-    chex.assert_shape(out["logits"], (23, model.cfg.vocab_size))
-    chex.assert_shape(out["attn_probs"], (model.cfg.num_layers, model.cfg.num_heads, 23, 23))
-    assert np.abs(np.asarray(out["logits"]) - ref_logits[0]).max() <= LOGIT_TOL
+    out = run(model.model, jnp.asarray(tokens[0]), capture=Capture(logits="all", attn_probs=True))
+    chex.assert_shape(out.logits, (23, model.cfg.vocab_size))
+    chex.assert_shape(out.attn_probs, (model.cfg.num_layers, model.cfg.num_heads, 23, 23))
+    assert np.abs(np.asarray(out.logits) - ref_logits[0]).max() <= LOGIT_TOL
     for layer, ref in enumerate(ref_attn):
-        err = np.abs(np.asarray(out["attn_probs"][layer]) - ref[0]).max()
+        err = np.abs(np.asarray(out.attn_probs[layer]) - ref[0]).max()
         assert err <= PROB_TOL, f"{family} layer {layer}: attention error {err}"
 
 
@@ -42,13 +43,13 @@ def test_per_layer_layout_matches_hf(family_model):
     """The unrolled per-layer forward (the GPU default) against HF, every family."""
     family, hf, model = family_model
     per_layer = load_model(str(model.source.path), layer_layout="per_layer")
-    assert isinstance(per_layer.params["layers"], tuple)
+    assert isinstance(per_layer.model.layers, PerLayerLayers)
     tokens = np.random.RandomState(2).randint(0, model.cfg.vocab_size, size=(1, 19))
     ref_logits, ref_attn = hf_outputs(hf, tokens)
-    out = jit_forward(per_layer.params, jnp.asarray(tokens[0]), model.cfg, capture=Capture(logits="all", attn_probs=True))
-    assert np.abs(np.asarray(out["logits"]) - ref_logits[0]).max() <= LOGIT_TOL, family
+    out = run(per_layer.model, jnp.asarray(tokens[0]), capture=Capture(logits="all", attn_probs=True))
+    assert np.abs(np.asarray(out.logits) - ref_logits[0]).max() <= LOGIT_TOL, family
     for layer, ref in enumerate(ref_attn):
-        assert np.abs(np.asarray(out["attn_probs"][layer]) - ref[0]).max() <= PROB_TOL, f"{family} layer {layer}"
+        assert np.abs(np.asarray(out.attn_probs[layer]) - ref[0]).max() <= PROB_TOL, f"{family} layer {layer}"
 
 
 def test_padded_batch_equals_one_at_a_time(family_model):
@@ -61,26 +62,26 @@ def test_padded_batch_equals_one_at_a_time(family_model):
         tokens[i, n:] = rng.randint(0, model.cfg.vocab_size, size=24 - n)  # garbage padding must not matter
     rows = np.asarray([[n - 1] for n in lengths], np.int32)
     cap = Capture(logits="last", attn_rows=True, resid_post="last")
-    batched = batched_forward(model.params, jnp.asarray(tokens), model.cfg, jnp.asarray(lengths), None, cap,
-                              jnp.asarray(rows))
-    chex.assert_shape(batched["logits"], (3, model.cfg.vocab_size))
-    chex.assert_shape(batched["attn_rows"], (3, model.cfg.num_layers, model.cfg.num_heads, 1, 24))
-    chex.assert_shape(batched["resid_post"], (3, model.cfg.num_layers, model.cfg.hidden_size))
+    batched = run_batch(model.model, jnp.asarray(tokens), jnp.asarray(lengths), capture=cap,
+                        query_rows=jnp.asarray(rows))
+    chex.assert_shape(batched.logits, (3, model.cfg.vocab_size))
+    chex.assert_shape(batched.attn_rows, (3, model.cfg.num_layers, model.cfg.num_heads, 1, 24))
+    chex.assert_shape(batched.resid_post, (3, model.cfg.num_layers, model.cfg.hidden_size))
     for i, n in enumerate(lengths):
-        single = jit_forward(model.params, jnp.asarray(tokens[i, :n]), model.cfg, capture=cap,
+        single = run(model.model, jnp.asarray(tokens[i, :n]), capture=cap,
                              query_rows=jnp.asarray(rows[i]))
-        np.testing.assert_allclose(batched["logits"][i], single["logits"], atol=1e-5)
-        np.testing.assert_allclose(batched["attn_rows"][i][..., :n], single["attn_rows"], atol=1e-6)
-        assert float(jnp.abs(batched["attn_rows"][i][..., n:]).max()) == 0.0  # no mass on padding
-        np.testing.assert_allclose(batched["resid_post"][i], single["resid_post"], atol=1e-4)
+        np.testing.assert_allclose(batched.logits[i], single.logits, atol=1e-5)
+        np.testing.assert_allclose(batched.attn_rows[i][..., :n], single.attn_rows, atol=1e-6)
+        assert float(jnp.abs(batched.attn_rows[i][..., n:]).max()) == 0.0  # no mass on padding
+        np.testing.assert_allclose(batched.resid_post[i], single.resid_post, atol=1e-4)
 
 
 def test_vmap_of_jit_keeps_shapes(family_model):
     _, _, model = family_model
     toks = jnp.zeros((2, 8), jnp.int32)
-    fn = jax.vmap(lambda t: jit_forward(model.params, t, model.cfg, capture=Capture(logits="all")))
+    fn = jax.vmap(lambda t: run(model.model, t, capture=Capture(logits="all")))
     out = fn(toks)
-    chex.assert_shape(out["logits"], (2, 8, model.cfg.vocab_size))
+    chex.assert_shape(out.logits, (2, 8, model.cfg.vocab_size))
     chex.assert_tree_all_finite(out)
 
 
@@ -99,16 +100,16 @@ def test_sharded_bf16_checkpoint_loads_and_matches_hf(family, tmp_path):
     model = load_model(str(tmp_path), "float32")
     tokens = np.random.RandomState(4).randint(0, model.cfg.vocab_size, size=(1, 12))
     ref_logits, _ = hf_outputs(ref_model, tokens)
-    out = jit_forward(model.params, jnp.asarray(tokens[0]), model.cfg, capture=Capture(logits="all"))
-    assert np.abs(np.asarray(out["logits"]) - ref_logits[0]).max() <= LOGIT_TOL
+    out = run(model.model, jnp.asarray(tokens[0]), capture=Capture(logits="all"))
+    assert np.abs(np.asarray(out.logits) - ref_logits[0]).max() <= LOGIT_TOL
 
 
 def test_bf16_compute_is_close_to_fp32(family_model):
     family, _, model = family_model
-    params16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), model.params)
+    model16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), model.model)
     tokens = jnp.asarray(np.random.RandomState(5).randint(0, model.cfg.vocab_size, size=16))
-    a = jit_forward(model.params, tokens, model.cfg, capture=Capture(logits="all"))["logits"]
-    b = jit_forward(params16, tokens, model.cfg, capture=Capture(logits="all"))["logits"]
+    a = run(model.model, tokens, capture=Capture(logits="all")).logits
+    b = run(model16, tokens, capture=Capture(logits="all")).logits
     assert b.dtype == jnp.float32
     pa, pb = jax.nn.softmax(a), jax.nn.softmax(b)
     assert float(jnp.abs(pa - pb).max()) < 0.05
@@ -121,10 +122,10 @@ def test_sliding_window_matches_hf(tmp_path):
     assert set(model.cfg.layer_windows) == {5}
     tokens = np.random.RandomState(7).randint(0, model.cfg.vocab_size, size=(1, 14))
     ref_logits, ref_attn = hf_outputs(hf, tokens)
-    out = jit_forward(model.params, jnp.asarray(tokens[0]), model.cfg, capture=Capture(logits="all", attn_probs=True))
-    assert np.abs(np.asarray(out["logits"]) - ref_logits[0]).max() <= LOGIT_TOL
-    assert np.abs(np.asarray(out["attn_probs"][0]) - ref_attn[0][0]).max() <= PROB_TOL
-    assert float(out["attn_probs"][0][:, 10, :5].max()) == 0.0  # keys outside the window get nothing
+    out = run(model.model, jnp.asarray(tokens[0]), capture=Capture(logits="all", attn_probs=True))
+    assert np.abs(np.asarray(out.logits) - ref_logits[0]).max() <= LOGIT_TOL
+    assert np.abs(np.asarray(out.attn_probs[0]) - ref_attn[0][0]).max() <= PROB_TOL
+    assert float(out.attn_probs[0][:, 10, :5].max()) == 0.0  # keys outside the window get nothing
 
 
 @pytest.mark.parametrize("scaling", [
@@ -141,5 +142,5 @@ def test_rope_scaling_kinds_match_hf(scaling, tmp_path):
     assert model.cfg.rope.rope_type == scaling["rope_type"]
     tokens = np.random.RandomState(9).randint(0, model.cfg.vocab_size, size=(1, 40))
     ref_logits, _ = hf_outputs(hf, tokens)
-    out = jit_forward(model.params, jnp.asarray(tokens[0]), model.cfg, capture=Capture(logits="all"))
-    assert np.abs(np.asarray(out["logits"]) - ref_logits[0]).max() <= LOGIT_TOL
+    out = run(model.model, jnp.asarray(tokens[0]), capture=Capture(logits="all"))
+    assert np.abs(np.asarray(out.logits) - ref_logits[0]).max() <= LOGIT_TOL

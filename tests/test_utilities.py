@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plip_jax import hf_cache
+from plip_jax.models import hf_cache
 from plip_jax.models.sources import BUNDLED_MODEL_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,8 +158,8 @@ def test_bin_tokenize(tmp_path):
 
 def test_convert_corpus_library_and_validation(tmp_path):
     from bin import convert_corpus as C
-    from plip_jax.corpus import load_universal_corpus
-    from plip_jax.provenance import write_json
+    from plip_jax.data.corpus import load_universal_corpus
+    from plip_jax.cli.provenance import write_json
 
     universal, report = C.convert_legacy(REPO / "corpus" / "attention_samples.json")
     assert report["n_input"] == 30 and report["n_converted"] == 30 and report["not_converted"] == []

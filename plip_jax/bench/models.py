@@ -9,6 +9,7 @@ with `jax.random` directly on the JAX device.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -17,7 +18,9 @@ import numpy as np
 
 from plip_jax.bench import shapes
 from plip_jax.models.config import ModelConfig
+from plip_jax.models.layers import make_layers
 from plip_jax.models.loading import load_params, parse_dtype
+from plip_jax.models.transformer import Transformer
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -66,22 +69,22 @@ def build_torch_model(hf_config: dict, dtype: str, device: str, seed: int = 0) -
     return model.eval()
 
 
-def params_from_torch(model: Any, cfg: ModelConfig, dtype: str, layer_layout: str = "auto") -> dict:
-    """The JAX params pytree (on JAX's default device) holding `model`'s weights, in `dtype`, in
-    `layer_layout` (see `plip_jax.models.loading.resolve_layer_layout`)."""
-    return load_params(_StateDictStore(model.state_dict()), cfg, parse_dtype(dtype), layer_layout=layer_layout)
+def model_from_torch(model: Any, cfg: ModelConfig, dtype: str, layer_layout: str = "auto") -> Transformer:
+    """The JAX `Transformer` (on JAX's default device) holding `model`'s weights, in `dtype`, in
+    `layer_layout` (see `plip_jax.models.layers`)."""
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    return Transformer(params=load_params(_StateDictStore(model.state_dict()), cfg, parse_dtype(dtype),
+                                          layer_layout=layer_layout), cfg=cfg)
 
 
-def random_params(cfg: ModelConfig, dtype: str, seed: int = 0, std: float = 0.02, layer_layout: str = "stacked") -> dict:
-    """Random params drawn on the JAX device: matrices ~ normal(0, std), norm scales 1 (0 for Gemma's
-    (1 + w) norm), biases 0. Same pytree as `load_params` in `layer_layout` ('per_layer' splits the
-    stacked draw, a transient second copy on the device)."""
-    from plip_jax.models.loading import resolve_layer_layout, unstack_layers
-
+def random_model(cfg: ModelConfig, dtype: str, seed: int = 0, std: float = 0.02,
+                 layer_layout: str = "stacked") -> Transformer:
+    """A `Transformer` with random params drawn on the JAX device: matrices ~ normal(0, std), norm scales 1
+    (0 for Gemma's (1 + w) norm), biases 0. Same pytree as `load_params` in `layer_layout` ('per_layer'
+    splits the stacked draw, a transient second copy on the device)."""
     params = _random_stacked(cfg, dtype, seed, std)
-    if resolve_layer_layout(layer_layout) == "per_layer":
-        params["layers"] = unstack_layers(params["layers"], cfg.num_layers)
-    return params
+    params["layers"] = make_layers(params["layers"], layer_layout)
+    return Transformer(params=params, cfg=dataclasses.replace(cfg, dtype=dtype))
 
 
 def _random_stacked(cfg: ModelConfig, dtype: str, seed: int, std: float) -> dict:

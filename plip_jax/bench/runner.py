@@ -28,7 +28,7 @@ class Options:
     sizes: wl.Sizes = wl.Sizes()
     with_torch: bool = True
     seed: int = 0
-    layer_layout: str = "auto"  # JAX params layout (plip_jax.models.loading.resolve_layer_layout)
+    layer_layout: str = "auto"  # JAX params layout (plip_jax.models.layers.resolve_layer_layout)
 
 
 def _host() -> str:
@@ -86,7 +86,7 @@ def _meta(opts: Options, torch_device: str, peaks) -> dict:
 
 
 def _layout(layout: str) -> str:
-    from plip_jax.models.loading import resolve_layer_layout
+    from plip_jax.models.layers import resolve_layer_layout
 
     resolved = resolve_layer_layout(layout)
     return resolved if layout == resolved else f"{resolved} ({layout})"
@@ -121,11 +121,11 @@ def run(opts: Options, log: Callable[[str], None] = print, on_record: Optional[C
         torch_model = None
         if opts.with_torch:
             torch_model = models.build_torch_model(hf_cfg, opts.dtype, torch_device, opts.seed)
-            params = models.params_from_torch(torch_model, cfg, opts.dtype, opts.layer_layout)
+            model = models.model_from_torch(torch_model, cfg, opts.dtype, opts.layer_layout)
         else:
-            params = models.random_params(cfg, opts.dtype, opts.seed, std=float(hf_cfg.get("initializer_range", 0.02)),
-                                          layer_layout=opts.layer_layout)
-        params = jax.block_until_ready(params)
+            model = models.random_model(cfg, opts.dtype, opts.seed, std=float(hf_cfg.get("initializer_range", 0.02)),
+                                        layer_layout=opts.layer_layout)
+        model = jax.block_until_ready(model)
         log(f"  weights ready in {time.perf_counter() - t0:.1f} s")
         applies = platform == "gpu" and opts.dtype == "bfloat16" and name.endswith("7b") and bool(
             peaks and peaks.name.startswith("H100"))
@@ -135,18 +135,18 @@ def run(opts: Options, log: Callable[[str], None] = print, on_record: Optional[C
             t1 = time.perf_counter()
             try:
                 if w == "layer_scan":
-                    rec = wl.layer_scan(params, cfg, corpus, opts.repeats, torch_model, torch_device, opts.dtype)
+                    rec = wl.layer_scan(model, corpus, opts.repeats, torch_model, torch_device, opts.dtype)
                 elif w == "knockout_scan":
                     bs = opts.sizes.knockout_batch or wl.knockout_batch_size(
                         cfg, opts.sizes.samples, opts.sizes.seq_len,
                         harness.available_memory_bytes(platform) if platform != "cpu" else None)
-                    rec = wl.knockout_scan(params, cfg, corpus, opts.repeats, torch_model, torch_device, opts.dtype, bs)
+                    rec = wl.knockout_scan(model, corpus, opts.repeats, torch_model, torch_device, opts.dtype, bs)
                 elif w == "steering_sweep":
-                    rec = wl.steering_sweep(params, cfg, corpus, opts.repeats, torch_model, torch_device,
+                    rec = wl.steering_sweep(model, corpus, opts.repeats, torch_model, torch_device,
                                                    opts.dtype, opts.sizes.doses)
                 elif w == "generation":
                     prompts = wl.make_prompts(cfg, opts.sizes.gen_prompts, opts.sizes.gen_prompt_len, opts.seed + 1)
-                    rec = wl.generation(params, cfg, prompts, opts.sizes.gen_tokens, opts.repeats, torch_model,
+                    rec = wl.generation(model, prompts, opts.sizes.gen_tokens, opts.repeats, torch_model,
                                                torch_device, opts.dtype)
                 else:
                     raise ValueError(f"unknown workload {w!r}; known: {', '.join(wl.WORKLOADS)}")
@@ -163,7 +163,7 @@ def run(opts: Options, log: Callable[[str], None] = print, on_record: Optional[C
                 (f", torch {rec['torch']['median_s'] * 1e3:.2f} ms" if rec.get("torch") else ""))
             if on_record is not None:
                 on_record({"meta": meta, "records": records, "refused": refused})
-        del params, torch_model
+        del model, torch_model
         _free_memory(torch_device if opts.with_torch else None)
     return {"meta": meta, "records": records, "refused": refused}
 

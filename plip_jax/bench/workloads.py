@@ -2,7 +2,7 @@
 `transformers` side (PyTorch, eager attention, same weights, same dtype), in the same process.
 
 * layer_scan: PLIP's marker -> targets attention metric for every layer and sample [B, L].
-  JAX: `attention_metric.transformer_marker_metric` (one batched forward, marker rows reduced on device).
+  JAX: `attention_metric.marker_metric` (one batched forward, marker rows reduced on device).
   torch: one batched forward with `output_attentions=True` (logits of the last row only), same reduction.
 * knockout_scan: baseline + one knockout of the marker -> target edges per layer, every layer: last
   logits [B, L+1, V] and next-token NLL [B, L+1].
@@ -154,7 +154,7 @@ def _edit_mask_hook(edges, add: Optional[float]):
 
 
 def _torch_nll(logits, ids, lengths):
-    """Mean next-token NLL [B] (nats) of positions 0..length-2, as `plip_jax.metrics.sequence_nll`."""
+    """Mean next-token NLL [B] (nats) of positions 0..length-2, as `plip_jax.analysis.metrics.sequence_nll`."""
     import torch
 
     lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -176,15 +176,16 @@ def _max_abs(a: Any, b: Any) -> float:
 # --------------------------------------------------------------------------- workloads
 
 
-def layer_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
+def layer_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
                dtype: str = "float32") -> dict:
     """Time the layer-scan metric [B, L]; returns the workload record (see module doc)."""
-    from plip_jax.experiments.attention_metric import transformer_marker_metric, trunk_params
+    from plip_jax.experiments.attention_metric import marker_metric
 
-    params = trunk_params(params)  # the scan reads no logits: lm_head stays out of the call's buffers
+    cfg = model.cfg
+    trunk = model.trunk()  # the scan reads no logits: lm_head stays out of the call's buffers
     args = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers[:, None], corpus.counts))
-    compiled, compile_s, xla_mem = _aot(transformer_marker_metric, params, *args, cfg=cfg, rope_mode="hf")
-    timing, out = harness.time_calls(lambda: compiled(params, *args), repeats, harness.jax_sync)
+    compiled, compile_s, xla_mem = _aot(marker_metric, trunk, *args)
+    timing, out = harness.time_calls(lambda: compiled(trunk, *args), repeats, harness.jax_sync)
     rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None}
     jax_metric = np.asarray(out, np.float64)
     lens = corpus.lengths.tolist()
@@ -230,12 +231,13 @@ def knockout_batch_size(cfg: ModelConfig, samples: int, seq_len: int, available:
     return max(d for d in range(1, samples + 1) if samples % d == 0 and d <= limit)
 
 
-def knockout_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
+def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
                   dtype: str = "float32", batch_size: Optional[int] = None) -> dict:
     """Time the all-layer knockout scan (baseline + L single-layer knockouts of marker -> targets), in calls
     of `batch_size` samples (None: all samples in one call)."""
     from plip_jax.experiments import causal
 
+    cfg = model.cfg
     b = corpus.tokens.shape[0]
     bs = b if not batch_size else int(batch_size)
     if b % bs:
@@ -244,11 +246,10 @@ def knockout_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_
     full = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads))
     chunks = [tuple(x[i:i + bs] for x in full) for i in range(0, b, bs)]
     prefix = causal.knockout_prefix(corpus.edges, corpus.lengths)  # rows shared with the baseline (static)
-    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan_jit, params, *chunks[0], cfg=cfg, rope_mode="hf",
-                                        prefix=prefix)
+    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan_jit, model, *chunks[0], prefix=prefix)
 
     def run():
-        outs = [compiled(params, *c) for c in chunks]
+        outs = [compiled(model, *c) for c in chunks]
         return outs[0] if len(outs) == 1 else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
 
     timing, out = harness.time_calls(run, repeats, harness.jax_sync)
@@ -299,8 +300,7 @@ def knockout_scan(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_
 
 def _steering_interventions(cfg: ModelConfig, corpus: Corpus, doses: Sequence[float], layer: int):
     """Stacked Scale interventions [S, B, ...] of the marker -> target edges at `layer`."""
-    from plip_jax import interventions as ivs
-    from plip_jax.experiments import causal
+    from plip_jax.core import interventions as ivs
 
     t = corpus.tokens.shape[1]
     per_dose = []
@@ -308,21 +308,21 @@ def _steering_interventions(cfg: ModelConfig, corpus: Corpus, doses: Sequence[fl
         per_sample = [ivs.Interventions(scale=ivs.scale(t, [(int(m), int(x)) for x in tg], float(f), length=int(n),
                                                         n_layers=cfg.num_layers, n_heads=cfg.num_heads, layers=[layer]))
                       for m, tg, n in zip(corpus.markers, corpus.targets, corpus.lengths)]
-        per_dose.append(causal.stack_interventions(per_sample))
-    return causal.stack_interventions(per_dose)
+        per_dose.append(ivs.stack(per_sample))
+    return ivs.stack(per_dose)
 
 
-def steering_sweep(params, cfg: ModelConfig, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
+def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
                    dtype: str = "float32", doses: Sequence[float] = DEFAULT_DOSES) -> dict:
     """Time a Scale dose sweep at the middle layer: S doses x B samples in one compiled call."""
     from plip_jax.experiments import causal
 
+    cfg = model.cfg
     layer = steering_layer(cfg)
     iv = _steering_interventions(cfg, corpus, doses, layer)
     tokens, lengths, markers = (jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers))
-    compiled, compile_s, xla_mem = _aot(causal.run_sweep, params, tokens, lengths, iv, cfg=cfg, rope_mode="hf",
-                                        markers=markers)
-    timing, out = harness.time_calls(lambda: compiled(params, tokens, lengths, iv, markers=markers), repeats, harness.jax_sync)
+    compiled, compile_s, xla_mem = _aot(causal.run_sweep, model, tokens, lengths, iv, markers=markers)
+    timing, out = harness.time_calls(lambda: compiled(model, tokens, lengths, iv, markers=markers), repeats, harness.jax_sync)
     lens = corpus.lengths.tolist()
     s = len(doses)
     rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None, "doses": list(map(float, doses)),
@@ -378,13 +378,15 @@ def make_prompts(cfg: ModelConfig, n: int, max_len: int, seed: int = 1) -> list:
     return [rng.randint(3, cfg.vocab_size, size=int(k)).tolist() for k in lens]
 
 
-def generation(params, cfg: ModelConfig, prompts: list, new_tokens: int, repeats: int, torch_model=None,
+def generation(model, prompts: list, new_tokens: int, repeats: int, torch_model=None,
                torch_device: str = "cpu", dtype: str = "float32") -> dict:
     """Time greedy batched generation of `new_tokens` tokens per prompt (no stop token)."""
-    from plip_jax import generation as gen
+    from plip_jax.analysis import generation as gen
+
+    cfg = model.cfg
 
     def run_jax():
-        return gen.generate(params, cfg, prompts, max_new_tokens=new_tokens, stop_ids=())
+        return gen.generate(model, prompts, max_new_tokens=new_tokens, stop_ids=())
 
     timing, out = harness.time_calls(run_jax, repeats, lambda r: r)  # generate() returns host arrays (synced)
     lens = [len(p) for p in prompts]

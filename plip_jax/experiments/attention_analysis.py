@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax import stats
-from plip_jax.batching import check_context, pad_batch
-from plip_jax.corpus import CorpusError, LegacySample, UniversalSample
-from plip_jax.positions import encode_with_offsets, tokenize_sample
+from plip_jax.analysis import stats
+from plip_jax.core.capture import Capture
+from plip_jax.data.batching import check_context, pad_batch
+from plip_jax.data.corpus import CorpusError, LegacySample, UniversalSample
+from plip_jax.data.positions import encode_with_offsets, tokenize_sample
 
 GROUPS = ("python_doctest", "rust_test", "python_baseline", "rust_baseline")
 
@@ -29,31 +30,16 @@ GROUPS = ("python_doctest", "rust_test", "python_baseline", "rust_baseline")
 # --------------------------------------------------------------------------- shared machinery
 
 
-def _is_rwkv(model: Any) -> bool:
-    return type(model).__name__ == "RwkvLoadedModel"
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "rope_mode"))
-def _transformer_head_mean_rows(params, tokens, lengths, rows, cfg, rope_mode):
-    from plip_jax.models.transformer import Capture, batched_forward
-
-    out = batched_forward(params, tokens, cfg, lengths, None, Capture(logits="none", attn_rows=True), rows, rope_mode)
-    return out["attn_rows"].astype(jnp.float32).mean(axis=2)  # [B, L, H, R, T] -> [B, L, R, T]
-
-
-def _rwkv_head_mean_rows(model: Any, tokens, lengths, rows):
-    from plip_jax.models import rwkv6
-
-    def one(tok, n, r):
-        out = rwkv6.forward(model.params, tok, model.cfg, length=n, capture_effective_attention=True,
-                            query_rows=r, dtype=model.dtype)
-        return out["effective_attention"].astype(jnp.float32).mean(axis=1)  # [L, H, R, T] -> [L, R, T]
-
-    return jax.vmap(one)(tokens, lengths, rows)
+@jax.jit
+def _head_mean_rows(model, tokens, lengths, rows):
+    """[B, L, R, T] head-mean attention rows of `rows` [B, R] for any `Model` (RWKV-6: effective attention)."""
+    out = jax.vmap(lambda t, n, r: model(t, length=n, capture=Capture(logits="none", attn_rows=True),
+                                         query_rows=r).attn_rows)(tokens, lengths, rows)
+    return out.astype(jnp.float32).mean(axis=2)  # [B, L, H, R, T] -> [B, L, R, T]
 
 
 def head_mean_rows(model: Any, token_lists: Sequence[Sequence[int]], query_rows: Sequence[Sequence[int]],
-                   rope_mode: str = "hf", ids: Optional[Sequence[str]] = None) -> np.ndarray:
+                   ids: Optional[Sequence[str]] = None) -> np.ndarray:
     """Head-mean attention rows of chosen query positions, for a batch of sequences in ONE forward.
 
     token_lists: B token-id sequences (right-padded internally); query_rows: B lists of query positions
@@ -69,17 +55,13 @@ def head_mean_rows(model: Any, token_lists: Sequence[Sequence[int]], query_rows:
         bad = [r for r in rows if not 0 <= int(r) < len(toks)]
         if bad:
             raise ValueError(f"sample {sid}: query positions {bad} are outside its {len(toks)} tokens")
-    pad_id = getattr(model.cfg, "pad_token_id", None)
+    pad_id = model.cfg.pad_token_id
     tokens, lengths = pad_batch(token_lists, pad_id=pad_id if pad_id is not None else 0)
     r_max = max(1, max(len(r) for r in query_rows))
     rows = np.zeros((len(token_lists), r_max), np.int32)
     for i, r in enumerate(query_rows):
         rows[i, :len(r)] = r
-    if _is_rwkv(model):
-        out = _rwkv_head_mean_rows(model, tokens, lengths, rows)
-    else:
-        out = _transformer_head_mean_rows(model.params, tokens, lengths, rows, model.cfg, rope_mode)
-    return np.asarray(out, np.float32)
+    return np.asarray(_head_mean_rows(model.model.trunk(), tokens, lengths, rows), np.float32)
 
 
 def decode_tokens(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:
@@ -94,7 +76,7 @@ def find_token(tokens: Sequence[str], pattern: str) -> Optional[int]:
 
 def resolve_layer(n_layers: int, layer: Optional[int]) -> int:
     """`layer` (default: the last layer, PLIP) checked against the model's layer count."""
-    from plip_jax.interventions import check_layer
+    from plip_jax.core.interventions import check_layer
 
     return check_layer(n_layers - 1 if layer is None else layer, n_layers)
 
@@ -109,7 +91,7 @@ class LegacyPositionError(ValueError):
 def _conversion_rules() -> dict:
     """Spec 3.3 char-position rules per group, shared with `bin.convert_corpus` (marker = first `>>>` /
     `#[test]` (else `#[cfg(test)]`) / `#[`; targets = def/fn, name, parameters; struct/fn for Rust baselines)."""
-    from plip_jax.conversion import RULES
+    from plip_jax.data.conversion import RULES
 
     return RULES
 
@@ -235,7 +217,7 @@ def group_summary(sample_rows: list[dict]) -> dict:
 
 
 def run_statistical_attention(model: Any, samples: Sequence[LegacySample], layer: Optional[int] = None,
-                              use_legacy_token_positions: bool = False, rope_mode: str = "hf"
+                              use_legacy_token_positions: bool = False
                               ) -> StatisticalAttentionResult:
     """PLIP-rs `statistical_attention` on a legacy corpus: per sample, the head-mean attention of the
     marker row at `layer` (default last) to each target (targets beyond the sequence count 0), its mean;
@@ -247,7 +229,7 @@ def run_statistical_attention(model: Any, samples: Sequence[LegacySample], layer
         raise CorpusError("no sample could be positioned; see the position report")
     t1 = time.perf_counter()
     rows = head_mean_rows(model, [p.token_ids for p in positioned], [[p.marker] for p in positioned],
-                          rope_mode, ids=[p.id for p in positioned])[:, layer, 0, :]  # [N, T_pad]
+                          ids=[p.id for p in positioned])[:, layer, 0, :]  # [N, T_pad]
     t2 = time.perf_counter()
     per_group: dict = {g: [] for g in GROUPS}
     for i, p in enumerate(positioned):
@@ -358,7 +340,7 @@ def default_pattern_layers(n_layers: int, n_first: Optional[int] = None) -> list
 
 
 def run_attention_patterns(model: Any, layers: Optional[Sequence[int]] = None, top_k: int = 5,
-                           rope_mode: str = "hf", snippets: Sequence[dict] = PATTERN_SNIPPETS) -> dict:
+                           snippets: Sequence[dict] = PATTERN_SNIPPETS) -> dict:
     """Top-k attended tokens (head-mean row) of the marker-like tokens of each snippet at each layer.
 
     Each snippet's `queries` lists alternatives per query (the first pattern found in a token wins).
@@ -382,7 +364,7 @@ def run_attention_patterns(model: Any, layers: Optional[Sequence[int]] = None, t
                     found.append((pat, pos))
                     break
         prepared.append((sn, ids, texts, found))
-    rows = head_mean_rows(model, [p[1] for p in prepared], [[q[1] for q in p[3]] for p in prepared], rope_mode,
+    rows = head_mean_rows(model, [p[1] for p in prepared], [[q[1] for q in p[3]] for p in prepared],
                           ids=[p[0]["name"] for p in prepared])  # [B, L, R, T]
     out_snippets = []
     for b, (sn, ids, texts, found) in enumerate(prepared):
@@ -405,7 +387,7 @@ def run_attention_patterns(model: Any, layers: Optional[Sequence[int]] = None, t
 
 def format_attention_patterns(result: dict) -> str:
     """Readable table: per snippet and query token, the top-k attended tokens at each layer."""
-    from plip_jax.lens import escape
+    from plip_jax.analysis.lens import escape
 
     lines = [f"Model: {result['model']} ({result['n_layers']} layers); layers analysed: {result['layers']}"]
     for sn in result["snippets"]:
@@ -426,7 +408,7 @@ def plot_attention_patterns(result: dict, path: Path) -> Path:
 
     plt = pyplot()
 
-    from plip_jax.lens import escape
+    from plip_jax.analysis.lens import escape
 
     panels = [(sn, sn["queries"][0]) for sn in result["snippets"] if sn["queries"]]
     if not panels:
@@ -489,7 +471,7 @@ def _population_stats(x: Sequence[float]) -> tuple[float, float]:
     return (float(a.mean()), float(a.std(ddof=0))) if a.size else (0.0, 0.0)
 
 
-def run_multi_sample_attention(model: Any, layer: Optional[int] = None, rope_mode: str = "hf",
+def run_multi_sample_attention(model: Any, layer: Optional[int] = None,
                                samples: Sequence[dict] = MULTI_SAMPLES) -> dict:
     """PLIP-rs `multi_sample_attention`: per snippet, marker = first token whose text contains the marker
     (`>>>` / `#[`); value = SUM of the marker row's head-mean attention (layer default: last) over every
@@ -511,7 +493,7 @@ def run_multi_sample_attention(model: Any, layer: Optional[int] = None, rope_mod
         prepared.append((sn, ids, texts, marker, matched))
     if not prepared:
         raise ValueError(f"no snippet has both a marker token and a name token with the tokenizer of {model.name}")
-    rows = head_mean_rows(model, [p[1] for p in prepared], [[p[3]] for p in prepared], rope_mode,
+    rows = head_mean_rows(model, [p[1] for p in prepared], [[p[3]] for p in prepared],
                           ids=[f"{p[0]['language']}_{p[0]['name']}" for p in prepared])[:, layer, 0, :]
     per_sample = []
     for b, (sn, ids, texts, marker, matched) in enumerate(prepared):
@@ -566,25 +548,9 @@ def format_multi_sample(r: dict) -> str:
 # --------------------------------------------------------------------------- verify_positions_universal
 
 
-def load_tokenizer_only(model: Optional[str]) -> tuple[str, Any]:
-    """(model name, tokenizer) without loading weights (HF fast tokenizer, or RWKV World for rwkv6)."""
-    from plip_jax.models.config import read_config_json
-    from plip_jax.models.sources import resolve_model
-
-    src = resolve_model(model)
-    if str(read_config_json(src.path).get("model_type")) == "rwkv6":
-        from plip_jax.rwkv_tokenizer import RwkvWorldTokenizer
-
-        local = Path(src.path) / "rwkv_vocab_v20230424.txt"
-        return src.name, RwkvWorldTokenizer(str(local) if local.exists() else None)
-    from plip_jax.models.loading import load_tokenizer
-
-    return src.name, load_tokenizer(src.path)
-
-
 def format_verify_report(report: dict, verbose: bool = False) -> str:
     """Summary (and with `verbose` every marker/target conversion) of a `verify_report`."""
-    from plip_jax.lens import escape
+    from plip_jax.analysis.lens import escape
 
     lines = [f"Model: {report['model']}  corpus format: {report['corpus_format']}",
              f"{report['successful_conversions']}/{report['total_samples']} successful "

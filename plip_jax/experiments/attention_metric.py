@@ -4,22 +4,24 @@ padded corpus in one batched forward: for sample s and layer l,
     x[s, l] = mean_k mean_h P_l[h, marker_s, target_{s,k}]
 
 (mean over all query heads, then over the target tokens; a target listed twice counts twice).
-Only the marker rows leave the forward ([L, H, 1, T] per sample), never full patterns.
+Only the marker rows leave the forward ([L, H, 1, T] per sample), never full patterns. The same code
+serves every family: a transformer's softmax rows, RWKV-6's effective-attention rows (spec 1.8).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax.batching import check_context, pad_batch
-from plip_jax.models.transformer import Capture, batched_forward
-from plip_jax.positions import TokenizedSample
+from plip_jax.core.capture import Capture
+from plip_jax.data.batching import check_context, pad_batch
+from plip_jax.data.positions import TokenizedSample
+from plip_jax.models import sharding
+from plip_jax.util.progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,52 +56,38 @@ def reduce_marker_rows(attn_rows: jnp.ndarray, target_counts: jnp.ndarray) -> jn
     return jnp.einsum("blt,bt->bl", head_mean, target_counts) / total
 
 
-def trunk_params(params: dict) -> dict:
-    """params without the separate unembedding (`lm_head`): forwards that return no logits never read it,
-    and leaving it out keeps it off the device buffers of those calls (1.1 GB at Qwen2.5-7B in bf16)."""
-    return {k: v for k, v in params.items() if k != "lm_head"}
+@jax.jit
+def marker_metric(model, tokens, lengths, markers, counts):
+    """Marker -> targets metric [B, L] of a padded batch for any `Model` (pass `model.trunk()` to keep an
+    unused lm_head off the device buffers). tokens int [B, T], lengths [B], markers int [B, 1], counts
+    f32 [B, T] (multiplicity of each position as a target)."""
+    rows = jax.vmap(lambda t, n, m: model(t, length=n, capture=Capture(logits="none", attn_rows=True),
+                                          query_rows=m).attn_rows)(tokens, lengths, markers)
+    return reduce_marker_rows(rows, counts)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rope_mode"))
-def transformer_marker_metric(params, tokens, lengths, markers, counts, cfg, rope_mode):
-    """Marker -> targets metric [B, L] of a padded batch (pass `trunk_params(params)` to skip lm_head)."""
-    out = batched_forward(params, tokens, cfg, lengths, None, Capture(logits="none", attn_rows=True), markers,
-                          rope_mode)
-    return reduce_marker_rows(out["attn_rows"], counts)
-
-
-def marker_target_attention(model: Any, samples: Sequence[TokenizedSample], rope_mode: str = "hf",
-                            batch_size: Optional[int] = None) -> np.ndarray:
+def marker_target_attention(model: Any, samples: Sequence[TokenizedSample], batch_size: Optional[int] = None
+                            ) -> np.ndarray:
     """Metric [N, L] (fraction of the marker's attention, 0..1) for every sample and layer.
 
-    `model` is a LoadedModel; samples must all have a marker. Runs in batches of `batch_size`
-    (None = all at once), each one jitted forward with on-device reduction."""
+    `model` is a LoadedModel (any family); samples must all have a marker. Runs in batches of `batch_size`
+    (None = all at once), each one jitted forward with on-device reduction; with a mesh, samples are split
+    over its "data" axis."""
     if not samples:
         return np.zeros((0, model.cfg.num_layers), np.float32)
-    from plip_jax.cli import Progress
-
     rows = []
     step = batch_size or len(samples)
-    mesh = getattr(model, "mesh", None)
     n_batches = -(-len(samples) // step)
+    net = model.model.trunk()
+    pad_id = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
     with Progress(n_batches, "layer-scan batches", enabled=n_batches > 1) as progress:
         for i in range(0, len(samples), step):
             chunk = samples[i:i + step]
-            b = make_metric_batch(chunk, model.cfg.max_position_embeddings,
-                                  pad_id=model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0)
+            b = make_metric_batch(chunk, model.cfg.max_position_embeddings, pad_id=pad_id)
             arrays, n = (b.tokens, b.lengths, b.markers, b.target_counts), len(chunk)
-            if mesh is not None:  # data-parallel: split samples over the mesh's "data" axis
-                from plip_jax import sharding
-
-                *arrays, n = sharding.pad_to_multiple(*arrays[:2], mesh.shape["data"], *arrays[2:])
-                arrays = sharding.shard_batch(tuple(arrays), mesh)
-            params = trunk_params(model.params) if isinstance(model.params, dict) else model.params
-            rows.append(np.asarray(_metric_fn(model)(params, *arrays, model.cfg, rope_mode))[:n])
+            if model.mesh is not None:  # data-parallel: split samples over the mesh's "data" axis
+                *arrays, n = sharding.pad_to_multiple(*arrays[:2], model.mesh.shape["data"], *arrays[2:])
+                arrays = sharding.shard_batch(tuple(arrays), model.mesh)
+            rows.append(np.asarray(marker_metric(net, *arrays))[:n])
             progress.step()
     return np.concatenate(rows, axis=0)
-
-
-def _metric_fn(model: Any):
-    """The family's jitted metric function (transformers here; RWKV-6 registers its own)."""
-    fn = getattr(model, "marker_metric_fn", None)
-    return fn if fn is not None else transformer_marker_metric

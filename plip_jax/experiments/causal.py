@@ -15,58 +15,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax import interventions as ivs
-from plip_jax import metrics
-from plip_jax.models.config import ModelConfig
-from plip_jax.models import transformer as tr
+from plip_jax.analysis import metrics
+from plip_jax.core import interventions as ivs
+from plip_jax.core.capture import Capture
 
 
-def _unembedding(params, cfg: ModelConfig):
-    return params["embed"] if cfg.tie_embeddings else params["lm_head"]
-
-
-def _row_logits(params, hidden, row, cfg: ModelConfig):
+def _row_logits(model, hidden, row):
     """f32 logits [V] of row `row` (traced int) of final-normed hidden [T, D]."""
-    return tr.unembed(params, jax.lax.dynamic_index_in_dim(hidden, row, 0, keepdims=False), cfg)
+    return model.logits(jax.lax.dynamic_index_in_dim(hidden, row, 0, keepdims=False))
 
 
-def _readout(params, hidden, tokens, length, cfg: ModelConfig):
-    """Last-real-token logits [V] and mean next-token NLL from final-normed hidden [T, D], without ever
-    holding [T, V] logits (vocabulary-chunked NLL)."""
-    return (_row_logits(params, hidden, length - 1, cfg),
-            metrics.sequence_nll_from_hidden(hidden, _unembedding(params, cfg), tokens, length))
-
-
-def _one(params, tokens, length, iv, cfg, rope_mode, marker):
-    cap = tr.Capture(logits="none", final_hidden=True, attn_rows=marker is not None)
+def _one(model, tokens, length, iv, marker):
+    cap = Capture(logits="none", final_hidden=True, attn_rows=marker is not None)
     rows = None if marker is None else marker[None]
-    out = tr.forward(params, tokens, cfg, length=length, interventions=iv, capture=cap, query_rows=rows,
-                     rope_mode=rope_mode)
-    last, nll = _readout(params, out["final_hidden"], tokens, length, cfg)
-    res = {"last": last, "nll": nll}
+    out = model(tokens, length=length, interventions=iv, capture=cap, query_rows=rows)
+    res = {"last": _row_logits(model, out.final_hidden, length - 1),
+           "nll": metrics.sequence_nll_from_hidden(out.final_hidden, model.unembedding, tokens, length)}
     if marker is not None:
-        res["marker_rows"] = out["attn_rows"][:, :, 0, :]  # [L, H, T]
+        res["marker_rows"] = out.attn_rows[:, :, 0, :]  # [L, H, T]
     return res
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rope_mode"))
-def run_batch(params, tokens, lengths, iv, cfg: ModelConfig, rope_mode: str = "hf", markers=None):
-    """tokens [B, T], lengths [B], iv: per-sample Interventions (leading B) or None.
+@jax.jit
+def run_batch(model, tokens, lengths, iv, markers=None):
+    """tokens [B, T], lengths [B], iv: per-sample Interventions (leading B) or None; `model` any `Model`.
     Returns {"last": [B, V] f32 logits at the last real token, "nll": [B] mean next-token NLL (nats),
-    "marker_rows"?: [B, L, H, T] attention rows of `markers` [B] when given}."""
-    return jax.vmap(lambda t, n, i, m: _one(params, t, n, i, cfg, rope_mode, m))(tokens, lengths, iv, markers)
+    "marker_rows"?: [B, L, H, T] attention rows of `markers` [B] when given}. [T, V] logits never exist:
+    the NLL is vocabulary-chunked from the final hidden states."""
+    return jax.vmap(lambda t, n, i, m: _one(model, t, n, i, m))(tokens, lengths, iv, markers)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rope_mode", "sweep_batch"))
-def run_sweep(params, tokens, lengths, iv, cfg: ModelConfig, rope_mode: str = "hf", markers=None,
-              sweep_batch: Optional[int] = None):
+@functools.partial(jax.jit, static_argnames=("sweep_batch",))
+def run_sweep(model, tokens, lengths, iv, markers=None, sweep_batch: Optional[int] = None):
     """Like `run_batch` with an extra leading sweep axis S on every leaf of `iv` ([S, B, ...]): one
     compiled computation over sweep points x samples. Returns arrays with leading [S, B].
 
     sweep_batch: None vmaps all S sweep points at once (fastest); k runs k at a time (`lax.map` with
     batch_size k), bounding activation memory to k x B forwards."""
-    per_batch = lambda i: jax.vmap(lambda t, n, ii, m: _one(params, t, n, ii, cfg, rope_mode, m))(
-        tokens, lengths, i, markers)
+    per_batch = lambda i: jax.vmap(lambda t, n, ii, m: _one(model, t, n, ii, m))(tokens, lengths, i, markers)
     if sweep_batch is None:
         return jax.vmap(per_batch)(iv)
     return jax.lax.map(per_batch, iv, batch_size=sweep_batch)
@@ -88,10 +74,9 @@ def knockout_prefix(edges, lengths) -> int:
     return max(0, p) // PREFIX_MULTIPLE * PREFIX_MULTIPLE
 
 
-def _layer_knockout_scan_one(params, tokens, length, edges, heads, cfg: ModelConfig, rope_mode: str,
-                             group_layers: int, prefix: int):
+def _layer_knockout_scan_one(model, tokens, length, edges, heads, group_layers: int, prefix: int):
     """Baseline plus one single-layer knockout per layer for ONE sequence, sharing all the baseline's work
-    that a knockout cannot change.
+    that a knockout cannot change (a transformer: uses the model's per-block API).
 
     * Layers: the run knocked at layer k equals the baseline below layer k, so it starts there from the
       baseline's residual stream (sum_j (j + 1) knocked blocks instead of L^2).
@@ -102,84 +87,74 @@ def _layer_knockout_scan_one(params, tokens, length, edges, heads, cfg: ModelCon
       inside a group start at its first layer as copies of the baseline and get the baseline's update until
       their own layer (exact), so XLA compiles ceil(L / g) block bodies rather than L.
     Returns last logits [L + 1, V] (row 0 = baseline, row k + 1 = knocked at layer k) and NLL [L + 1]."""
+    cfg = model.cfg
     L = cfg.num_layers
     g = max(1, min(int(group_layers), L))
     t = tokens.shape[0]
     p = int(prefix)
     s = t - p
-    dt = params["embed"].dtype
-    w = _unembedding(params, cfg)
-    cache = {"k": jnp.zeros((L, t, cfg.num_kv_heads, cfg.head_dim), dt),
-             "v": jnp.zeros((L, t, cfg.num_kv_heads, cfg.head_dim), dt)}
-    base = tr.forward(params, tokens, cfg, length=length, rope_mode=rope_mode, kv_cache=cache,
-                      capture=tr.Capture(logits="none", final_hidden=True, resid_post="all"))
-    kc, vc = base["kv_cache"]["k"], base["kv_cache"]["v"]  # [L, T, KV, hd]: the baseline's keys/values
-    embedded = tr.embed(params, tokens, cfg)
-    base_lp = metrics.token_logprobs_from_hidden(base["final_hidden"][:-1], w, tokens[1:])  # [T - 1]
-    base_last = _row_logits(params, base["final_hidden"], length - 1, cfg)
+    w = model.unembedding
+    base = model(tokens, length=length, cache=model.init_cache(t),
+                 capture=Capture(logits="none", final_hidden=True, resid_post="all"))
+    kc, vc = base.cache.k, base.cache.v  # [L, T, KV, hd]: the baseline's keys/values
+    embedded = model.embed(tokens)
+    base_lp = metrics.token_logprobs_from_hidden(base.final_hidden[:-1], w, tokens[1:])  # [T - 1]
+    base_last = _row_logits(model, base.final_hidden, length - 1)
     base_nll = metrics.mean_nll_of_rows(base_lp, length)
 
-    ctx = tr.make_context(params, cfg, s, length=length, positions=jnp.arange(p, t, dtype=jnp.int32),
-                          kv_cache=cache, rope_mode=rope_mode)
-    windows = tr.layer_windows(cfg)
+    ctx = model.block_context(s, length=length, positions=jnp.arange(p, t, dtype=jnp.int32), cache_size=t)
     streams = jnp.zeros((0, s, embedded.shape[-1]), embedded.dtype)  # stream k = run knocked at layer k
     for a in range(0, L, g):
         b = min(a + g, L)
-        start = (embedded if a == 0 else base["resid_post"][a - 1])[p:]  # the baseline entering layer a
+        start = (embedded if a == 0 else base.resid_post[a - 1])[p:]  # the baseline entering layer a
         streams = jnp.concatenate([streams, jnp.broadcast_to(start, (b - a,) + start.shape)], axis=0)
         n = b
         e_n = jnp.broadcast_to(edges, (n,) + edges.shape)
         h_n = jnp.broadcast_to(heads, (n,) + heads.shape)
-        group, offset = tr.layers_for_scan(params, a, b)  # per-layer layout: a copy of g layers, not the model
+        group, offset = model.layers.group(a, b)  # per-layer layout: a copy of g layers, not the model
 
         def body(h, j, n=n, e_n=e_n, h_n=h_n, group=group, offset=offset):
             lp = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, j - offset, 0, keepdims=False),
                                         group)
             layer_on = (jnp.arange(n) == j)[:, None] & (jnp.arange(L) == j)[None, :]
             iv = ivs.Interventions(knockout=ivs.AttentionKnockout(edges=e_n, layers=layer_on, heads=h_n))
-            layer_cache = (jax.lax.dynamic_slice_in_dim(kc, j, 1, 0), jax.lax.dynamic_slice_in_dim(vc, j, 1, 0))
-            out = jax.vmap(lambda x, i: tr.apply_block(x, lp, j, windows[j], cfg, ctx, i, layer_cache, 0)[0])(h, iv)
+            kv = (jax.lax.dynamic_slice_in_dim(kc, j, 1, 0), jax.lax.dynamic_slice_in_dim(vc, j, 1, 0))
+            out = jax.vmap(lambda x, i: model.apply_block(x, lp, j, ctx, i, kv, 0)[0])(h, iv)
             return out, None
 
         streams, _ = jax.lax.scan(body, streams, jnp.arange(a, b))
 
-    hidden = jax.vmap(lambda h: tr.norm(h, params["final_norm"], cfg))(streams)  # [L, S, D]
-    last = jax.vmap(lambda h: _row_logits(params, h, length - 1 - p, cfg))(hidden)  # [L, V]
+    hidden = jax.vmap(model.final_norm)(streams)  # [L, S, D]
+    last = jax.vmap(lambda h: _row_logits(model, h, length - 1 - p))(hidden)  # [L, V]
     suffix_lp = jax.vmap(lambda h: metrics.token_logprobs_from_hidden(h[:-1], w, tokens[p + 1:]))(hidden)  # [L, S-1]
     all_lp = jnp.concatenate([jnp.broadcast_to(base_lp[:p], (L, p)), suffix_lp], axis=1)  # [L, T - 1]
     nll = jax.vmap(lambda lp: metrics.mean_nll_of_rows(lp, length))(all_lp)
     return jnp.concatenate([base_last[None], last]), jnp.concatenate([base_nll[None], nll])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rope_mode", "group_layers", "prefix"))
-def layer_knockout_scan_jit(params, tokens, lengths, edges, heads, cfg: ModelConfig, rope_mode: str = "hf",
-                            group_layers: int = DEFAULT_GROUP_LAYERS, prefix: int = 0):
+@functools.partial(jax.jit, static_argnames=("group_layers", "prefix"))
+def layer_knockout_scan_jit(model, tokens, lengths, edges, heads, group_layers: int = DEFAULT_GROUP_LAYERS,
+                            prefix: int = 0):
     """`layer_knockout_scan` under jit with a static shared `prefix` (0 = none; it MUST be <= every edge's
     query row and every sample's last real position: use `knockout_prefix`)."""
-    last, nll = jax.vmap(lambda t, n, e, h: _layer_knockout_scan_one(params, t, n, e, h, cfg, rope_mode,
-                                                                     group_layers, prefix))(tokens, lengths, edges, heads)
+    last, nll = jax.vmap(lambda t, n, e, h: _layer_knockout_scan_one(model, t, n, e, h, group_layers, prefix))(
+        tokens, lengths, edges, heads)
     return {"last": last, "nll": nll}
 
 
-def layer_knockout_scan(params, tokens, lengths, edges, heads, cfg: ModelConfig, rope_mode: str = "hf",
-                        group_layers: int = DEFAULT_GROUP_LAYERS, prefix: Optional[int] = None):
-    """Per-layer knockout scan of a batch: tokens [B, T], lengths [B], edges bool [B, T, T], heads bool [B, H].
-    Returns {"last": [B, L + 1, V], "nll": [B, L + 1]} (index 0 = baseline, k + 1 = knockout at layer k).
-    `group_layers`: layers per compiled scan body; `prefix`: rows shared with the baseline (None: computed
-    from the edges with `knockout_prefix`). Results do not depend on either (see `_layer_knockout_scan_one`)."""
+def layer_knockout_scan(model, tokens, lengths, edges, heads, group_layers: int = DEFAULT_GROUP_LAYERS,
+                        prefix: Optional[int] = None):
+    """Per-layer knockout scan of a batch on a transformer `model`: tokens [B, T], lengths [B], edges bool
+    [B, T, T], heads bool [B, H]. Returns {"last": [B, L + 1, V], "nll": [B, L + 1]} (index 0 = baseline,
+    k + 1 = knockout at layer k). `group_layers`: layers per compiled scan body; `prefix`: rows shared with the
+    baseline (None: computed from the edges with `knockout_prefix`). Results do not depend on either (see
+    `_layer_knockout_scan_one`)."""
     if prefix is None:
         try:
             prefix = knockout_prefix(edges, lengths)
         except jax.errors.TracerArrayConversionError:  # called under jit: the edges are not known yet
             prefix = 0
-    return layer_knockout_scan_jit(params, tokens, lengths, edges, heads, cfg, rope_mode, group_layers, prefix)
-
-
-def stack_interventions(items: list) -> Optional[ivs.Interventions]:
-    """Stack per-sample (or per-dose) intervention pytrees along a new leading axis."""
-    if not items:
-        return None
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *items)
+    return layer_knockout_scan_jit(model, tokens, lengths, edges, heads, group_layers, prefix)
 
 
 def kl_and_effects(base_last, other_last, base_nll, other_nll):

@@ -20,12 +20,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from plip_jax import interventions as ivs
-from plip_jax import metrics, sharding, stats
-from plip_jax.batching import check_context, pad_batch
-from plip_jax.corpus import UNIVERSAL_GROUPS, UniversalCorpus
+from plip_jax.core import interventions as ivs
+from plip_jax.analysis import metrics
+from plip_jax.models import sharding
+from plip_jax.analysis import stats
+from plip_jax.data.batching import check_context, pad_batch
+from plip_jax.data.corpus import UNIVERSAL_GROUPS, UniversalCorpus
 from plip_jax.experiments import causal
-from plip_jax.positions import TokenizedSample, tokenize_sample
+from plip_jax.data.positions import TokenizedSample, tokenize_sample
 
 
 def default_intervention_layer(n_layers: int) -> int:
@@ -116,7 +118,7 @@ def knockout_ivs(model: Any, samples: Sequence[KnockoutSample], batch: Batch, la
         items.append(ivs.Interventions(knockout=ivs.knockout(
             t, edges, length=int(n), n_layers=cfg.num_layers, n_heads=cfg.num_heads, layers=layers, heads=heads,
             context=f"sample {s.id}", windows=cfg.layer_windows)))
-    return causal.stack_interventions(items)
+    return ivs.stack(items)
 
 
 def _sample_json(model, s: KnockoutSample, effects: dict, i: int, base_last, other_last, n_edges: int) -> dict:
@@ -157,7 +159,7 @@ def token_id(tokenizer: Any, text: str) -> int:
 
 
 def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], heads=None, all_edges: bool = False,
-                 include_baselines: bool = False, control_seed: Optional[int] = 0, rope_mode: str = "hf",
+                 include_baselines: bool = False, control_seed: Optional[int] = 0,
                  logit_token: Optional[str] = None) -> dict:
     """Knock out the edges at `layers` (one layer, or a window) for every sample in ONE batched run (plus
     the baseline and, unless control_seed is None, the random-edge control). Returns PLIP's JSON dict;
@@ -169,9 +171,9 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     samples, skipped = prepare(model, corpus, all_edges=all_edges, include_baselines=include_baselines)
     batch = make_batch(model, samples)
     tokens, lengths = sharding.distribute(model, (batch.tokens, batch.lengths))
-    base = causal.run_batch(model.params, tokens, lengths, None, cfg, rope_mode)
+    base = causal.run_batch(model.model, tokens, lengths, None)
     iv = knockout_ivs(model, samples, batch, layers, heads)
-    ko = causal.run_batch(model.params, tokens, lengths, sharding.distribute(model, iv), cfg, rope_mode)
+    ko = causal.run_batch(model.model, tokens, lengths, sharding.distribute(model, iv))
     eff = causal.to_numpy(causal.kl_and_effects(base["last"], ko["last"], base["nll"], ko["nll"]))
     base_last, ko_last = np.asarray(base["last"]), np.asarray(ko["last"])
     rows = [_sample_json(model, s, eff, i, base_last, ko_last, len(s.edges)) for i, s in enumerate(samples)]
@@ -201,7 +203,7 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     if control_seed is not None and not all_edges:
         civ = knockout_ivs(model, samples, batch, layers, heads,
                            edges_of=lambda s: random_control_edges(s, control_seed) or s.edges)
-        ctl = causal.run_batch(model.params, tokens, lengths, sharding.distribute(model, civ), cfg, rope_mode)
+        ctl = causal.run_batch(model.model, tokens, lengths, sharding.distribute(model, civ))
         ceff = causal.to_numpy(causal.kl_and_effects(base["last"], ctl["last"], base["nll"], ctl["nll"]))
         for i, r in enumerate(rows):
             r["control_kl_divergence"] = float(ceff["kl"][i])
@@ -218,8 +220,7 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     return result
 
 
-def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, all_edges: bool = False,
-                            rope_mode: str = "hf") -> dict:
+def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, all_edges: bool = False) -> dict:
     """Single-layer knockout at EVERY layer for EVERY sample (PLIP used only the first sample), sharing the
     baseline's unchanged work (see `causal.layer_knockout_scan`). Returns {"layers": [...], "per_layer": [{layer, python_stats, rust_stats, welch...}],
     "samples": [{id, language, kl_by_layer}]}."""
@@ -229,7 +230,7 @@ def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, 
     batch = make_batch(model, samples)
     iv = knockout_ivs(model, samples, batch, layers=[0], heads=heads)  # validated edges/heads
     args = sharding.distribute(model, (batch.tokens, batch.lengths, iv.knockout.edges, iv.knockout.heads))
-    out = causal.layer_knockout_scan(model.params, *args, cfg, rope_mode)
+    out = causal.layer_knockout_scan(model.model, *args)
     last, nll = out["last"], out["nll"]  # [B, L+1, V], [B, L+1]
     kl = np.asarray(metrics.kl_divergence(last[:, :1], last[:, 1:]))  # [B, L]
     dnll = np.asarray(nll[:, 1:] - nll[:, :1])
@@ -249,7 +250,7 @@ def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, 
 
 
 def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tuple[int, int]], *, heads=None,
-                     all_edges: bool = False, rope_mode: str = "hf", sweep_batch: Optional[int] = None) -> dict:
+                     all_edges: bool = False, sweep_batch: Optional[int] = None) -> dict:
     """Knockout over each layer window [start, end] (inclusive), all windows x samples in one compiled run
     (`sweep_batch` windows at a time, None = all: see `causal.run_sweep`)."""
     t0 = time.perf_counter()
@@ -257,10 +258,10 @@ def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tupl
     samples, skipped = prepare(model, corpus, all_edges=all_edges)
     batch = make_batch(model, samples)
     per_window = [knockout_ivs(model, samples, batch, list(range(a, b + 1)), heads) for a, b in windows]
-    stacked = sharding.distribute(model, causal.stack_interventions(per_window), axis=1)  # [W, B, ...]
+    stacked = sharding.distribute(model, ivs.stack(per_window), axis=1)  # [W, B, ...]
     tokens, lengths = sharding.distribute(model, (batch.tokens, batch.lengths))
-    base = causal.run_batch(model.params, tokens, lengths, None, cfg, rope_mode)
-    swept = causal.run_sweep(model.params, tokens, lengths, stacked, cfg, rope_mode, sweep_batch=sweep_batch)
+    base = causal.run_batch(model.model, tokens, lengths, None)
+    swept = causal.run_sweep(model.model, tokens, lengths, stacked, sweep_batch=sweep_batch)
     kl = np.asarray(metrics.kl_divergence(base["last"][None], swept["last"]))  # [W, B]
     langs = [s.tokenized.sample.language for s in samples]
     rows_out = []

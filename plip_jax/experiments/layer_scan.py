@@ -13,10 +13,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from plip_jax import stats
-from plip_jax.corpus import CorpusError, UniversalCorpus
+from plip_jax.analysis import stats
+from plip_jax.data.corpus import CorpusError, UniversalCorpus
 from plip_jax.experiments.attention_metric import marker_target_attention
-from plip_jax.positions import TokenizedSample, conversion_stats, tokenize_sample
+from plip_jax.data.positions import TokenizedSample, conversion_stats, tokenize_sample
 
 TEST_GROUPS = ("python_doctest", "rust_test")
 
@@ -92,7 +92,7 @@ def tokenize_groups(tokenizer: Any, corpus: UniversalCorpus, groups: Sequence[st
 
 
 def run_layer_scan(model: Any, corpus: UniversalCorpus, *, start_layer: Optional[int] = None,
-                   end_layer: Optional[int] = None, rope_mode: str = "hf",
+                   end_layer: Optional[int] = None,
                    batch_size: Optional[int] = None) -> LayerScanResult:
     """Run the scan on `model` (a LoadedModel) over the corpus's python_doctest and rust_test groups."""
     t0 = time.perf_counter()
@@ -104,7 +104,7 @@ def run_layer_scan(model: Any, corpus: UniversalCorpus, *, start_layer: Optional
             raise CorpusError(f"{corpus.path}: group {g!r} has no usable sample (none, or no marker/target "
                               f"could be placed on a token); the scan needs both Python and Rust samples")
     t1 = time.perf_counter()
-    metric = marker_target_attention(model, usable, rope_mode=rope_mode, batch_size=batch_size)  # [N, L]
+    metric = marker_target_attention(model, usable, batch_size=batch_size)  # [N, L]
     t2 = time.perf_counter()
     is_py = np.asarray([s.sample.group == "python_doctest" for s in usable])
     results = [layer_statistics(l, metric[is_py, l], metric[~is_py, l]) for l in layers]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence
 
-from plip_jax import lens
+from plip_jax.analysis import lens
 
 DEFAULT_LENS_CODE = "fn add(a: i32, b: i32) -> i32 { a + b }\n"
 
@@ -62,12 +62,12 @@ def layer_checkpoints(n_layers: int) -> list[int]:
     return sorted({0, n_layers // 3, 2 * n_layers // 3, n_layers - 1})
 
 
-def logit_lens_experiment(model: Any, code: str = DEFAULT_LENS_CODE, top_k: int = 5, rope_mode: str = "hf",
+def logit_lens_experiment(model: Any, code: str = DEFAULT_LENS_CODE, top_k: int = 5,
                           patterns: Sequence[str] = lens.PLIP_LENS_PATTERNS) -> dict:
     """PLIP `logit_lens`: per-layer top-k at the last token of `code`, and the first layer whose top-k
     contains each of `patterns` (`first_layer`: contains-or-prefix rule; `first_layer_strict`: the token
     contains the whole pattern). Returns a JSON-ready dict."""
-    res = lens.run_logit_lens(model, [code], top_k=top_k, rope_mode=rope_mode)[0]
+    res = lens.run_logit_lens(model, [code], top_k=top_k)[0]
     rep = lens.lens_report(res, top_k, patterns, detailed=True)
     rep["first_layer_strict"] = {p: _first_strict(res, p, top_k) for p in patterns}
     rep["model"] = model.name
@@ -82,12 +82,12 @@ def _first_strict(res: lens.LensResult, pattern: str, k: int) -> Optional[int]:
 
 
 def test_emergence(model: Any, top_k: int = 100, prompts: Sequence[EmergencePrompt] = EMERGENCE_PROMPTS,
-                   rope_mode: str = "hf", final_k: int = 10, checkpoint_k: int = 3) -> dict:
+                   final_k: int = 10, checkpoint_k: int = 3) -> dict:
     """PLIP `test_emergence`: for each prompt, the first layer whose top-`top_k` lens predictions contain
     the target (and that token's rank/probability there), top-3 at layers 0, n/3, 2n/3, n-1, and the final
     top-10. All prompts run in one padded batch. Returns a JSON-ready dict."""
     k = max(top_k, final_k, checkpoint_k)
-    results = lens.run_logit_lens(model, [p.prompt for p in prompts], top_k=k, rope_mode=rope_mode)
+    results = lens.run_logit_lens(model, [p.prompt for p in prompts], top_k=k)
     n = model.cfg.num_layers
     rows = []
     for p, res in zip(prompts, results):

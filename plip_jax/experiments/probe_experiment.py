@@ -10,7 +10,6 @@ A probe at 100% says little on its own when the bag-of-tokens baseline is also a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,22 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax import probes
-from plip_jax.batching import bucket_length, check_context
-from plip_jax.corpus import ProbeSample
-from plip_jax.models.config import ModelConfig
-from plip_jax.models.transformer import Capture, batched_forward
-from plip_jax.positions import encode_with_offsets
+from plip_jax.analysis import probes
+from plip_jax.data.batching import bucket_length, check_context
+from plip_jax.data.corpus import ProbeSample
+from plip_jax.core.capture import Capture
+from plip_jax.data.positions import encode_with_offsets
 
 FEATURE_KINDS = ("last_token", "mean_pooled")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rope_mode"))
-def _features_batch(params, tokens, lengths, cfg: ModelConfig, rope_mode: str = "hf"):
+@jax.jit
+def _features_batch(model, tokens, lengths):
     """tokens [B, T], lengths [B] -> (last [B, L, D], mean [B, L, D]) in float32, reduced on the device."""
-    out = batched_forward(params, tokens, cfg, lengths, capture=Capture(logits="none", resid_post="all"),
-                          rope_mode=rope_mode)
-    h = out["resid_post"].astype(jnp.float32)  # [B, L, T, D]
+    out = jax.vmap(lambda t, n: model(t, length=n, capture=Capture(logits="none", resid_post="all")))(tokens, lengths)
+    h = out.resid_post.astype(jnp.float32)  # [B, L, T, D]
     t = tokens.shape[1]
     mask = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)  # [B, T]
     mean = jnp.einsum("bltd,bt->bld", h, mask) / lengths[:, None, None].astype(jnp.float32)
@@ -42,8 +39,7 @@ def _features_batch(params, tokens, lengths, cfg: ModelConfig, rope_mode: str = 
     return last, mean
 
 
-def extract_features(model: Any, codes: Sequence[str], batch_size: int = 16, rope_mode: str = "hf",
-                     pad_multiple: int = 16) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+def extract_features(model: Any, codes: Sequence[str], batch_size: int = 16, pad_multiple: int = 16) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
     """Residual-stream features of every code sample: (last_token [L, n, D], mean_pooled [L, n, D], token ids).
 
     All batches share one padded shape (the longest sample, rounded up), so there is one compilation; the
@@ -68,8 +64,7 @@ def extract_features(model: Any, codes: Sequence[str], batch_size: int = 16, rop
     lasts, means = [], []
     for b in range(n_batches):
         sl = slice(b * bs, (b + 1) * bs)
-        last, mean = _features_batch(model.params, jnp.asarray(tokens[sl]), jnp.asarray(lens[sl]), model.cfg,
-                                     rope_mode)
+        last, mean = _features_batch(model.model.trunk(), jnp.asarray(tokens[sl]), jnp.asarray(lens[sl]))
         lasts.append(np.asarray(last))
         means.append(np.asarray(mean))
     last = np.concatenate(lasts)[:n].transpose(1, 0, 2)
@@ -117,14 +112,14 @@ class ProbeExperimentResult:
 
 def run_probe_experiment(model: Any, samples: Sequence[ProbeSample], *, seed: int = 42, frac: float = 0.8,
                          k_folds: int = 5, l2: float = 1.0, max_iter: int = 200, batch_size: int = 16,
-                         rope_mode: str = "hf", feature_kinds: Sequence[str] = FEATURE_KINDS) -> ProbeExperimentResult:
+                         feature_kinds: Sequence[str] = FEATURE_KINDS) -> ProbeExperimentResult:
     """Extract features in batched forwards, then probe every layer for each feature kind, with controls."""
     bad = [k for k in feature_kinds if k not in FEATURE_KINDS]
     if bad:
         raise ValueError(f"unknown feature kind(s) {bad}; choose from {FEATURE_KINDS}")
     t0 = time.perf_counter()
     labels = np.asarray([1 if s.language == "rust" else 0 for s in samples], np.int32)
-    last, mean, ids = extract_features(model, [s.code for s in samples], batch_size, rope_mode)
+    last, mean, ids = extract_features(model, [s.code for s in samples], batch_size)
     t_feat = time.perf_counter() - t0
     feats = {"last_token": last, "mean_pooled": mean}
     kw = dict(seed=seed, frac=frac, k_folds=k_folds, l2=l2, max_iter=max_iter)
@@ -141,7 +136,7 @@ def run_probe_experiment(model: Any, samples: Sequence[ProbeSample], *, seed: in
                   "loss": "(sum softplus(-s*z) + l2/2 ||w||^2) / n_train on standardised features",
                   "tol": 1e-5, "split": "numpy default_rng(seed).permutation, first floor(frac*n) train",
                   "kfold": "stratified, seeded", "control": "labels permuted (seeded), same pipeline",
-                  "rope_mode": rope_mode},
+                  **model.cfg.numerics()},
         features=results, baseline=baseline, baseline_vocab_size=int(len(vocab)),
         timings={"features_s": round(t_feat, 3), "probes_s": round(t_probe, 3), "baseline_s": round(t_base, 3)},
     )

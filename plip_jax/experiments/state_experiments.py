@@ -3,8 +3,8 @@ marker position's WKV state write, measured by KL(baseline || edited) in nats at
 and state-steered generation.
 
 Every (sample, edit) pair of an experiment is one forward; all of them run in ONE jitted call: samples
-are right-padded, the edits are stacked as per-sample scale matrices f32[K, L, T] (edit 0 is the
-baseline, all ones, so baseline and edits share one program), and the forward is vmapped over the
+are right-padded, the edits are stacked `StateEdit`s (scale matrices f32[K, L, T]; edit 0 is the
+baseline, all ones, so baseline and edits share one program), and the model is vmapped over the
 edits of each sample and mapped over samples (`lax.map` in chunks of about `chunk` forwards to bound
 memory; all edits of a sample are always in the same batch, so scale 1 reproduces the baseline exactly).
 """
@@ -20,38 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax import stats
-from plip_jax.batching import pad_batch
-from plip_jax.corpus import CorpusError, UniversalCorpus
-from plip_jax.interventions import check_layer
-from plip_jax.metrics import (format_top_changed, kl_divergence, kl_divergence_plip_filtered,
-                              last_real_logits, top_changed_tokens)
-from plip_jax.models import rwkv6
-from plip_jax.positions import char_to_token_exact, encode_with_offsets, tokenize_sample
+from plip_jax.analysis import generation as gen
+from plip_jax.analysis import stats
+from plip_jax.core import interventions as ivs
+from plip_jax.core.capture import Capture
+from plip_jax.data.batching import pad_batch
+from plip_jax.data.corpus import CorpusError, UniversalCorpus
+from plip_jax.analysis.metrics import format_top_changed, kl_divergence, kl_divergence_plip_filtered, top_changed_tokens
+from plip_jax.data.positions import char_to_token_exact, encode_with_offsets, tokenize_sample
 
-NOT_RWKV_MESSAGE = ("state experiments need an RWKV-6 checkpoint: pass --model=DIR or a Hub id like "
-                    "RWKV/v6-Finch-1B6-HF; convert .pth with bin.convert_rwkv_to_safetensors")
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 2.0, 5.0, 9.0)
 PERSISTENCE_SCALES = (1.0, 3.0, 5.0, 9.0)
 PERSISTENCE_TEMPERATURES = (0.0, 0.6)
-NO_STOP_TOKEN = -1  # PLIP's state generation tools pass no stop token
 DEFAULT_CHUNK = 64  # forwards per vmapped step: bounds memory (each forward materialises f32[T, V] logits)
-
-
-class NotRwkvModelError(ValueError):
-    """The model given to a state experiment is not an RWKV-6 checkpoint."""
-
-
-def load_rwkv_model(model: Optional[str], dtype: Any = "float32") -> rwkv6.RwkvLoadedModel:
-    """Load `model` (directory or Hub id) if its config.json says model_type rwkv6, else raise
-    `NotRwkvModelError` with what to pass instead (before any weight is read)."""
-    from plip_jax.models.registry import model_type_of
-
-    mt = model_type_of(model)
-    if mt != rwkv6.MODEL_TYPE:
-        raise NotRwkvModelError(f"{NOT_RWKV_MESSAGE} (--model={model or 'bundled plip-tiny-code'} has "
-                                f"model_type {mt!r})")
-    return rwkv6.load_model(model, dtype)
 
 
 def default_state_layer(n_layers: int) -> int:
@@ -60,8 +41,8 @@ def default_state_layer(n_layers: int) -> int:
 
 
 def check_window(start: int, end: int, n_layers: int) -> tuple[int, int]:
-    check_layer(start, n_layers, "--layer_start")
-    check_layer(end, n_layers, "--layer_end")
+    ivs.check_layer(start, n_layers, "--layer_start")
+    ivs.check_layer(end, n_layers, "--layer_end")
     if start > end:
         raise ValueError(f"--layer_start={start} is after --layer_end={end}")
     return int(start), int(end)
@@ -104,7 +85,8 @@ def prepare_samples(tokenizer: Any, corpus: UniversalCorpus, include_baselines: 
 # ============================================================================== device kernel
 @dataclasses.dataclass(frozen=True)
 class Edit:
-    """One state edit of one sample: scale the kv write at `positions` in layers start..end (inclusive)."""
+    """One requested state edit of one sample: scale the kv write at `positions` in layers
+    layer_start..layer_end (inclusive); built into a `StateEdit` by `ivs.state_steering`."""
 
     positions: tuple
     layer_start: int
@@ -113,18 +95,17 @@ class Edit:
 
 
 def edit_scales(n_layers: int, seq_len: int, edits: Sequence[Optional[Edit]]) -> np.ndarray:
-    """f32[1 + K, L, T]: row 0 = baseline (ones), then one scale matrix per edit (None = no edit)."""
+    """f32[1 + K, L, T]: row 0 = baseline (ones), then each edit's `StateEdit.scale` (None = no edit)."""
     out = np.ones((1 + len(edits), n_layers, seq_len), np.float32)
     for k, e in enumerate(edits):
-        if e is None:
-            continue
-        pos = np.asarray(e.positions, np.int64)
-        out[1 + k, e.layer_start:e.layer_end + 1, pos] = e.scale
+        if e is not None:
+            layers = range(e.layer_start, e.layer_end + 1)
+            out[1 + k] = np.asarray(ivs.state_steering(n_layers, seq_len, e.positions, layers, e.scale).scale)
     return out
 
 
-@partial(jax.jit, static_argnames=("cfg", "dtype", "chunk", "top_k"))
-def _edit_outcomes(params, tokens, lengths, scales, cfg, dtype, chunk, top_k):
+@partial(jax.jit, static_argnames=("chunk", "top_k"))
+def _edit_outcomes(model, tokens, lengths, scales, chunk, top_k):
     """tokens int32[B, T], lengths int32[B], scales f32[B, K, L, T] (edit 0 = baseline) ->
     kl, kl_plip f32[B, K] (nats, KL(edit 0 || edit k)), TopChanged of [B, K, top_k], argmax int32[B, K].
 
@@ -135,8 +116,8 @@ def _edit_outcomes(params, tokens, lengths, scales, cfg, dtype, chunk, top_k):
         tok, length, sc = args  # [T], [], [K, L, T]
 
         def one_edit(s):
-            out = rwkv6.forward(params, tok, cfg, length=length, state_edit=rwkv6.StateEdit(scale=s), dtype=dtype)
-            return last_real_logits(out["logits"], length)  # [V] f32
+            iv = ivs.Interventions(state=ivs.StateEdit(scale=s))
+            return model(tok, length=length, interventions=iv, capture=Capture(logits="last")).logits  # [V] f32
 
         logits = jax.vmap(one_edit)(sc)  # [K, V]
         base = jnp.broadcast_to(logits[:1], logits.shape)
@@ -157,7 +138,7 @@ class EditOutcomes:
     forward_s: float
 
 
-def run_edits(model: rwkv6.RwkvLoadedModel, token_ids: Sequence[Sequence[int]],
+def run_edits(model: Any, token_ids: Sequence[Sequence[int]],
               edits: Sequence[Sequence[Optional[Edit]]], *, chunk: Optional[int] = DEFAULT_CHUNK,
               top_k: int = 5) -> EditOutcomes:
     """Run the baseline and every edit of every sample in one jitted, vmapped computation.
@@ -180,8 +161,8 @@ def run_edits(model: rwkv6.RwkvLoadedModel, token_ids: Sequence[Sequence[int]],
     n_per_step = None if chunk is None else max(1, int(chunk) // scales.shape[1])
     chunk = None if n_per_step is None or n_per_step >= scales.shape[0] else n_per_step
     t0 = time.perf_counter()
-    kl, klp, top, am = _edit_outcomes(model.params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(scales),
-                                      model.cfg, jnp.dtype(model.dtype), chunk, int(top_k))
+    kl, klp, top, am = _edit_outcomes(model.model, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(scales),
+                                      chunk, int(top_k))
     kl, klp, am = np.asarray(kl), np.asarray(klp), np.asarray(am)
     top = jax.tree_util.tree_map(np.asarray, top)
     return EditOutcomes(kl, klp, top, am, time.perf_counter() - t0)
@@ -224,7 +205,7 @@ def _random_positions(samples: Sequence[StateSample], seed: int) -> list[Optiona
 
 
 # ============================================================================== state ablation
-def run_state_ablation(model: rwkv6.RwkvLoadedModel, samples: Sequence[StateSample], layer_start: int,
+def run_state_ablation(model: Any, samples: Sequence[StateSample], layer_start: int,
                        layer_end: int, *, control_seed: Optional[int] = 0, chunk: Optional[int] = DEFAULT_CHUNK,
                        model_name: Optional[str] = None) -> dict:
     """Knock out the marker's state write in layers layer_start..layer_end (PLIP `state_ablation_experiment`).
@@ -289,7 +270,7 @@ def _control_block(samples, kl_marker, kl_ctrl, ctrl, seed) -> Optional[dict]:
     return block
 
 
-def run_knockout_windows(model: rwkv6.RwkvLoadedModel, samples: Sequence[StateSample],
+def run_knockout_windows(model: Any, samples: Sequence[StateSample],
                          windows: Sequence[tuple[int, int]], *, chunk: Optional[int] = DEFAULT_CHUNK,
                          model_name: Optional[str] = None, mode: str = "scan") -> dict:
     """Marker knockout for every sample and every layer window (start, end inclusive), all in one batched
@@ -372,13 +353,13 @@ def format_ablation_summary(payload: dict) -> str:
 
 
 # ============================================================================== state steering (KL)
-def run_state_steering(model: rwkv6.RwkvLoadedModel, samples: Sequence[StateSample], layer: int,
+def run_state_steering(model: Any, samples: Sequence[StateSample], layer: int,
                        scales: Sequence[float] = DEFAULT_SCALES, *, chunk: Optional[int] = DEFAULT_CHUNK,
                        model_name: Optional[str] = None) -> dict:
     """KL(baseline || steered) for every sample and scale lambda of the marker's state write at `layer`,
     one vmapped computation over the stacked edits. Test samples only (python_doctest, rust_test).
     Returns PLIP's JSON (`dose_response`) plus `sanity_checks`."""
-    layer = check_layer(layer, model.cfg.num_layers)
+    layer = ivs.check_layer(layer, model.cfg.num_layers)
     for s in scales:
         if not np.isfinite(s) or s < 0:
             raise ValueError(f"--scales: every scale must be a finite number >= 0, got {s}")
@@ -540,48 +521,44 @@ def marker_token(tokenizer: Any, prompt: GenPrompt) -> tuple[list[int], int]:
     return ids, int(tok)
 
 
-def generate_runs(model: rwkv6.RwkvLoadedModel, prompt_ids: Sequence[int], marker: int, layer: int,
-                  scales: Sequence[float], max_new_tokens: int, temperature: float, keys: jax.Array
-                  ) -> np.ndarray:
-    """Generate once per (scale, key) pair, vmapped: scales f32[R], keys [R, 2] -> tokens int32[R, max_new].
+def generate_runs(model: Any, prompt_ids: Sequence[int], marker: int, layer: int, scales: Sequence[float],
+                  max_new_tokens: int, temperature: float, key: jax.Array, sample_ids: Sequence[int]) -> np.ndarray:
+    """Generate once per (scale, sample id) pair in one batched call: scales f32[R] -> tokens int32[R, max_new].
 
     The marker's state write at `layer` is scaled during the prompt prefill; decoding then carries the
-    steered state (spec 5.4). No stop token (as PLIP), so every run has max_new_tokens tokens."""
+    steered state (spec 5.4). Runs with the same sample id draw the same random numbers (common random
+    numbers for baseline vs steered). No stop token (as PLIP), so every run has max_new_tokens tokens."""
     L, T = model.cfg.num_layers, len(prompt_ids)
-    mats = np.stack([np.asarray(rwkv6.state_steering(L, T, [marker], [layer], float(s)).scale) for s in scales])
-    prompt = jnp.asarray(prompt_ids, jnp.int32)
-
-    def one(sc, key):
-        return rwkv6.generate(model.params, model.cfg, prompt, int(max_new_tokens),
-                              state_edit=rwkv6.StateEdit(scale=sc), temperature=float(temperature), key=key,
-                              stop_token=NO_STOP_TOKEN, dtype=model.dtype)["tokens"]
-
-    return np.asarray(jax.vmap(one)(jnp.asarray(mats), keys))
+    edits = ivs.stack([ivs.Interventions(state=ivs.state_steering(L, T, [marker], [layer], float(s))) for s in scales])
+    res = gen.generate(model.model, [list(prompt_ids)] * len(scales), max_new_tokens=int(max_new_tokens),
+                       sampling=gen.SamplingParams(temperature=float(temperature)), key=key,
+                       sample_ids=list(sample_ids), interventions=edits, batched_interventions=True)
+    return res.tokens
 
 
 def _assess(prompt: GenPrompt, completion: str) -> dict:
-    from plip_jax import test_preservation as tp
+    from plip_jax.analysis import test_preservation as tp
 
     res = tp.assess_python(prompt.text, completion) if prompt.language == "python" else tp.assess_rust(prompt.text, completion)
     return {"plip_has_test": tp.plip_state_has_test(completion), "strict_has_test": bool(res.strict),
             "strict_n_tests": res.n_tests, "strict_note": res.note}
 
 
-def run_state_steering_generate(model: rwkv6.RwkvLoadedModel, *, layer: int = 2, scale: float = 3.0,
+def run_state_steering_generate(model: Any, *, layer: int = 2, scale: float = 3.0,
                                 max_tokens: int = 100, temperature: float = 0.0, seed: int = 0,
                                 prompts: Sequence[GenPrompt] = GENERATE_PROMPTS,
                                 model_name: Optional[str] = None) -> dict:
     """PLIP `state_steering_generate`: per prompt, baseline (scale 1.0) and steered (`scale`) generations
     in one vmapped call, PLIP's state test detector and the strict detectors of `test_preservation`."""
-    layer = check_layer(layer, model.cfg.num_layers)
+    layer = ivs.check_layer(layer, model.cfg.num_layers)
     tok = model.tokenizer
     samples = []
     t0 = time.perf_counter()
     for pi, p in enumerate(prompts):
         ids, m = marker_token(tok, p)
-        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), pi), 2)
-        gen = generate_runs(model, ids, m, layer, [1.0, scale], max_tokens, temperature, keys)
-        texts = [tok.decode([int(t) for t in g], errors="replace") for g in gen]
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), pi)
+        out = generate_runs(model, ids, m, layer, [1.0, scale], max_tokens, temperature, key, [0, 0])
+        texts = [tok.decode([int(t) for t in g], errors="replace") for g in out]
         b, s = _assess(p, texts[0]), _assess(p, texts[1])
         change = {(False, True): "GAINED", (True, False): "LOST", (True, True): "KEPT", (False, False): "NONE"}
         samples.append({
@@ -590,8 +567,8 @@ def run_state_steering_generate(model: rwkv6.RwkvLoadedModel, *, layer: int = 2,
             "change": change[(b["plip_has_test"], s["plip_has_test"])],
             "baseline_strict_has_test": b["strict_has_test"], "steered_strict_has_test": s["strict_has_test"],
             "strict_change": change[(b["strict_has_test"], s["strict_has_test"])],
-            "baseline_tokens": len(gen[0]), "steered_tokens": len(gen[1]),
-            "identical_output": bool(np.array_equal(gen[0], gen[1])),
+            "baseline_tokens": len(out[0]), "steered_tokens": len(out[1]),
+            "identical_output": bool(np.array_equal(out[0], out[1])),
             "baseline_output": texts[0], "steered_output": texts[1],
             "baseline_notes": b["strict_note"], "steered_notes": s["strict_note"],
         })
@@ -629,16 +606,17 @@ def format_generate_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def run_state_steering_persistence(model: rwkv6.RwkvLoadedModel, *, layer: int = 2, max_tokens: int = 80,
+def run_state_steering_persistence(model: Any, *, layer: int = 2, max_tokens: int = 80,
                                    n_samples: int = 3, temperatures: Sequence[float] = PERSISTENCE_TEMPERATURES,
                                    scales: Sequence[float] = PERSISTENCE_SCALES, rust_only: bool = False,
                                    seed: int = 0, prompts: Sequence[GenPrompt] = PERSISTENCE_PROMPTS,
                                    keep_outputs: bool = False, model_name: Optional[str] = None) -> dict:
     """PLIP `state_steering_persistence`: prompts x scales x temperatures, n_samples runs at T > 0 (1 at
-    T = 0); all runs of one (prompt, temperature) are one vmapped generation. Seeded: run r of scale s of
-    prompt p at temperature index j uses fold_in(seed, p, j, s, r), so results are reproducible.
+    T = 0); all runs of one (prompt, temperature) are one batched generation. Seeded: run r of every scale
+    of prompt p at temperature index j draws from stream (fold_in(seed, p, j), r) — common random numbers
+    across scales — so results are reproducible and scale effects are not sampling noise.
     token_distance = T_prompt - (marker + 1)."""
-    layer = check_layer(layer, model.cfg.num_layers)
+    layer = ivs.check_layer(layer, model.cfg.num_layers)
     if n_samples < 1:
         raise ValueError(f"--n_samples must be >= 1, got {n_samples}")
     tok = model.tokenizer
@@ -653,11 +631,11 @@ def run_state_steering_persistence(model: rwkv6.RwkvLoadedModel, *, layer: int =
         for ti, temp in enumerate(temperatures):
             n_runs = 1 if temp == 0.0 else int(n_samples)
             run_scales = [s for s in scales for _ in range(n_runs)]
-            keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
-                jax.random.fold_in(base_key, pi), ti), si), r) for si in range(len(scales)) for r in range(n_runs)])
-            gen = generate_runs(model, ids, m, layer, run_scales, max_tokens, temp, keys)
+            key = jax.random.fold_in(jax.random.fold_in(base_key, pi), ti)
+            run_ids = [r for _ in scales for r in range(n_runs)]  # run r of every scale shares its random stream
+            out = generate_runs(model, ids, m, layer, run_scales, max_tokens, temp, key, run_ids)
             for si, s in enumerate(scales):
-                texts = [tok.decode([int(t) for t in gen[si * n_runs + r]], errors="replace") for r in range(n_runs)]
+                texts = [tok.decode([int(t) for t in out[si * n_runs + r]], errors="replace") for r in range(n_runs)]
                 verdicts = [_assess(p, t) for t in texts]
                 hits = sum(v["plip_has_test"] for v in verdicts)
                 row = {"prompt": p.name, "distance": p.distance, "token_distance": dist, "scale": float(s),

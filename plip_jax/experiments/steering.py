@@ -12,9 +12,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from plip_jax import interventions as ivs
-from plip_jax import metrics, sharding
-from plip_jax.corpus import UniversalCorpus
+from plip_jax.core import interventions as ivs
+from plip_jax.analysis import metrics
+from plip_jax.models import sharding
+from plip_jax.data.corpus import UniversalCorpus
 from plip_jax.experiments import causal
 from plip_jax.experiments.attention_metric import marker_target_attention
 from plip_jax.experiments.knockout import KnockoutSample, make_batch, prepare
@@ -27,15 +28,14 @@ def _group_samples(model, corpus: UniversalCorpus, language: str) -> list[Knocko
     return [s for s in samples if s.tokenized.sample.language == language]
 
 
-def calibrate(model: Any, corpus: UniversalCorpus, layer: int, doses: Sequence[float] = DOSE_LEVELS,
-              rope_mode: str = "hf") -> dict:
+def calibrate(model: Any, corpus: UniversalCorpus, layer: int, doses: Sequence[float] = DOSE_LEVELS) -> dict:
     """Baseline marker -> targets attention of Python and Rust samples at `layer`, their ratio (the
     Scale that would lift Rust to the Python level) and the attention each dose would aim for."""
     ivs.check_layer(layer, model.cfg.num_layers)
     out: dict = {"model": model.name, "layer": layer}
     for lang in ("python", "rust"):
         s = _group_samples(model, corpus, lang)
-        vals = marker_target_attention(model, [x.tokenized for x in s], rope_mode=rope_mode)[:, layer]
+        vals = marker_target_attention(model, [x.tokenized for x in s])[:, layer]
         out[f"{lang}_baseline"] = float(np.mean(vals))
         out[f"{lang}_n"] = len(s)
         out[f"{lang}_samples"] = {x.id: float(v) for x, v in zip(s, vals)}
@@ -48,7 +48,7 @@ def calibrate(model: Any, corpus: UniversalCorpus, layer: int, doses: Sequence[f
 
 
 def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequence[float] = DOSE_LEVELS,
-                 mode: str = "scale", language: str = "rust", heads=None, rope_mode: str = "hf",
+                 mode: str = "scale", language: str = "rust", heads=None,
                  max_samples: Optional[int] = None, sweep_batch: Optional[int] = None) -> dict:
     """Steer marker -> targets edges at `layer` with each dose (Scale factors, or SetValue values when
     mode == "set_value") for every sample of `language`, in one compiled run (`sweep_batch` doses at a
@@ -71,12 +71,12 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
                                                        n_heads=cfg.num_heads, layers=[layer], heads=heads,
                                                        context=f"sample {s.id}, dose {d}")})
                       for s, n in zip(samples, batch.lengths)]
-        per_dose.append(causal.stack_interventions(per_sample))
-    stacked = sharding.distribute(model, causal.stack_interventions(per_dose), axis=1)  # [D, B, ...]
+        per_dose.append(ivs.stack(per_sample))
+    stacked = sharding.distribute(model, ivs.stack(per_dose), axis=1)  # [D, B, ...]
     markers = np.asarray([s.tokenized.marker_token for s in samples], np.int32)
     tokens, lengths, markers_d = sharding.distribute(model, (batch.tokens, batch.lengths, markers))
-    base = causal.run_batch(model.params, tokens, lengths, None, cfg, rope_mode, markers_d)
-    steered = causal.run_sweep(model.params, tokens, lengths, stacked, cfg, rope_mode, markers_d,
+    base = causal.run_batch(model.model, tokens, lengths, None, markers_d)
+    steered = causal.run_sweep(model.model, tokens, lengths, stacked, markers_d,
                                sweep_batch=sweep_batch)
     kl = np.asarray(metrics.kl_divergence(base["last"][None], steered["last"]))  # [D, B]
     agree = np.asarray(np.argmax(steered["last"], -1) == np.argmax(base["last"], -1)[None])

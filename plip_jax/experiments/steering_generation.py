@@ -33,12 +33,12 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from plip_jax import generation as gen
-from plip_jax import interventions as ivs
-from plip_jax import stats
-from plip_jax import test_preservation as tp
-from plip_jax.corpus import GenerationPrompt
-from plip_jax.positions import char_to_token_exact, encode_with_offsets
+from plip_jax.analysis import generation as gen
+from plip_jax.core import interventions as ivs
+from plip_jax.analysis import stats
+from plip_jax.analysis import test_preservation as tp
+from plip_jax.data.corpus import GenerationPrompt
+from plip_jax.data.positions import char_to_token_exact, encode_with_offsets
 
 MARKER = "#[test]"
 
@@ -87,7 +87,6 @@ class SteeringGenerationConfig:
     plip_compat: bool = False
     stop_at_eos: bool = True
     batch_size: int = 0  # prompts per decode call (each contributes 2 sequences); 0 = all at once
-    rope_mode: str = "hf"
 
 
 @dataclasses.dataclass
@@ -212,9 +211,8 @@ def run_steering_generation(model: Any, prompts: Sequence[GenerationPrompt], cfg
                 on_progress(f"{label}: token {step}/{cfg.max_tokens}, {active} sequences running")
 
         if all_noop:
-            res = gen.generate(model.params, mcfg, prompt_ids, max_new_tokens=cfg.max_tokens, sampling=sampling,
-                               key=key, sample_ids=part, stop_ids=stop_ids, rope_mode=cfg.rope_mode,
-                               cache_size=size, ids=[ids[i] for i in part], on_step=hook)
+            res = gen.generate(model.model, prompt_ids, max_new_tokens=cfg.max_tokens, sampling=sampling,
+                               key=key, sample_ids=part, stop_ids=stop_ids, cache_size=size, ids=[ids[i] for i in part], on_step=hook)
             seqs = res.sequences()
             for j, i in enumerate(part):
                 base_seqs[i] = steer_seqs[i] = seqs[j]
@@ -222,10 +220,10 @@ def run_steering_generation(model: Any, prompts: Sequence[GenerationPrompt], cfg
             continue
         steered = [built[i][0] for i in part]
         baseline = [gen.empty_like_interventions(iv) for iv in steered]
-        iv = gen.stack_interventions(baseline + steered)
-        res = gen.generate(model.params, mcfg, prompt_ids + prompt_ids, max_new_tokens=cfg.max_tokens,
+        iv = ivs.stack(baseline + steered)
+        res = gen.generate(model.model, prompt_ids + prompt_ids, max_new_tokens=cfg.max_tokens,
                            sampling=sampling, key=key, sample_ids=part + part, stop_ids=stop_ids,
-                           interventions=iv, batched_interventions=True, rope_mode=cfg.rope_mode, cache_size=size,
+                           interventions=iv, batched_interventions=True, cache_size=size,
                            ids=[ids[i] for i in part] * 2, on_step=hook)
         seqs = res.sequences()
         m = len(part)
@@ -287,7 +285,7 @@ def run_steering_generation(model: Any, prompts: Sequence[GenerationPrompt], cfg
         "mcnemar": {"plip_detector": _mcnemar(base, steer), "strict": _mcnemar(base_x, steer_x)},
         "intervention": intervention, "intervention_is_noop": all_noop,
         "settings": {"top_p": cfg.top_p, "seed": cfg.seed, "chat_template_source": cfg.chat_template if cfg.chat else None,
-                     "stop_ids": list(stop_ids), "stop_at_eos": cfg.stop_at_eos, "rope_mode": cfg.rope_mode,
+                     "stop_ids": list(stop_ids), "stop_at_eos": cfg.stop_at_eos, **mcfg.numerics(),
                      "batch_size": cfg.batch_size, "greedy_ties": "first max index (PLIP-rs: last)",
                      "same_path": "baseline and steered decoded in one batched KV-cache call"},
         "timings_s": {"generation": t_gen, "total": duration},

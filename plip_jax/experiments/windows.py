@@ -3,7 +3,7 @@ attention knockout and the RWKV-6 state knockout experiments. Windows are (start
 
 from __future__ import annotations
 
-from plip_jax.interventions import InterventionError
+from plip_jax.core.interventions import InterventionError
 
 
 def radius_windows(center: int, max_radius: int, n_layers: int) -> list[tuple[int, int]]:

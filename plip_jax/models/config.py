@@ -18,8 +18,10 @@ TRANSFORMER_MODEL_TYPES = ("qwen2", "starcoder2", "gemma", "llama", "phi3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
 
 
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture is not one plip-jax implements."""
+from plip_jax.core.errors import ConfigError, MissingFileError, UnsupportedModelError  # noqa: F401 (re-exported)
+
+ROPE_MODES = ("hf", "plip")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,21 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple = ()
     pad_token_id: Optional[int] = None
+    # numerics options (static like the architecture): RoPE convention and compute dtype of the params
+    rope_mode: str = "hf"  # "hf" (the model's real RoPE) | "plip" (PLIP-rs's interleaved, dtype-rounded tables)
+    dtype: str = "float32"  # weights and activations; softmax and norms accumulate in f32
+
+    family = "transformer"
+
+    def __post_init__(self):
+        if self.rope_mode not in ROPE_MODES:
+            raise ValueError(f"rope_mode must be one of {', '.join(ROPE_MODES)}, got {self.rope_mode!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+
+    def numerics(self) -> dict:
+        """The numerics options, for provenance."""
+        return {"dtype": self.dtype, "rope_mode": self.rope_mode}
 
     @property
     def num_query_groups(self) -> int:
@@ -145,11 +162,11 @@ def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> Model
         vocab = int(cfg["vocab_size"])
         inter = int(cfg["intermediate_size"])
     except KeyError as e:
-        raise ValueError(f"{source}: required field {e.args[0]!r} is missing from the config") from None
+        raise ConfigError(f"{source}: required field {e.args[0]!r} is missing from the config") from None
     n_kv = int(cfg.get("num_key_value_heads") or n_heads)
     head_dim = int(cfg.get("head_dim") or hidden // n_heads)
     if n_heads % n_kv:
-        raise ValueError(f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+        raise ConfigError(f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
 
     common = dict(
         model_type=model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
@@ -207,10 +224,10 @@ def read_config_json(model_dir: Path) -> dict:
     """Read `<model_dir>/config.json` with a clear error when it is missing or not JSON."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} not found: a model directory needs the config.json saved by `save_pretrained`"
         )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-save the model") from None
+        raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-save the model") from None

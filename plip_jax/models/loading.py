@@ -1,8 +1,9 @@
-"""Safetensors checkpoints -> params pytrees with per-layer leaves stacked on a leading layer axis.
+"""Transformer safetensors checkpoints -> a `Transformer` (params pytree + static config).
 
 Weights keep HF's [out_features, in_features] layout (the forward contracts the last axis), so
 loading is a plain cast + stack, with no transposes. Phi-3's fused `qkv_proj` / `gate_up_proj` are
-split here, so the forward sees the same leaves for every family.
+split here, so the forward sees the same leaves for every family. Per-layer leaves go into the layout
+chosen by `plip_jax.models.layers` (stacked for a scan, or per-layer buffers).
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plip_jax.core.errors import ConfigError
+from plip_jax.models import sharding
 from plip_jax.models.config import ModelConfig, config_from_hf, read_config_json
+from plip_jax.models.layers import make_layers
 from plip_jax.models.safetensors_io import WeightStore
 from plip_jax.models.sources import ModelSource, resolve_model, weight_files
+from plip_jax.models.transformer import Transformer
 
 Params = dict
 
@@ -27,10 +32,12 @@ DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, 
 
 def parse_dtype(name: str) -> Any:
     """'float32' | 'bfloat16' | 'float16' (or f32/bf16/f16) -> jnp dtype, with a clear error."""
+    if not isinstance(name, str):
+        return jnp.dtype(name).type
     try:
         return DTYPES[str(name).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16") from None
+        raise ConfigError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16") from None
 
 
 def _layer_names(cfg: ModelConfig) -> dict[str, str]:
@@ -78,36 +85,13 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     tree[keys[-1]] = value
 
 
-LAYER_LAYOUTS = ("auto", "stacked", "per_layer")
-
-
-def resolve_layer_layout(layout: str, mesh: Any = None) -> str:
-    """'stacked' or 'per_layer' for `layout` ('auto': per-layer on a GPU/TPU, stacked on CPU).
-
-    stacked: params["layers"] is one dict of [L, ...] arrays and the forward is a `lax.scan` over layers
-    (fast to compile). per_layer: a tuple of L dicts and an unrolled forward that reads each layer's own
-    buffers: on a GPU the scan makes XLA copy every layer's weights before its matmuls (measured on an H100
-    at the 7B shape: 33 ms vs 24 ms for the matmuls of a 1280-token pass), at the price of a longer compile."""
-    if layout not in LAYER_LAYOUTS:
-        raise ValueError(f"layer_layout must be one of {', '.join(LAYER_LAYOUTS)}, got {layout!r}")
-    if layout != "auto":
-        return layout
-    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
-    return "stacked" if devices[0].platform == "cpu" else "per_layer"
-
-
-def unstack_layers(layers: dict, n_layers: int) -> tuple:
-    """{leaf: [L, ...]} -> tuple of L dicts {leaf: [...]} (views of host numpy arrays; copies of device arrays)."""
-    return tuple(jax.tree_util.tree_map(lambda x: x[i], layers) for i in range(n_layers))
-
-
 def load_params(store: WeightStore, cfg: ModelConfig, dtype: Any = jnp.float32, mesh: Any = None,
                 layer_layout: str = "auto") -> Params:
     """Read every tensor the forward needs from `store`, cast to `dtype`, stack layers.
 
     Returns {"embed": [V, D], "final_norm": {...}, "lm_head"?: [V, D], "layers": {leaf: [L, ...]}}, or with
     the per-layer layout "layers": ({leaf: [...]}, ...) one dict per layer (see `resolve_layer_layout`).
-    With a `mesh` (plip_jax.sharding), each leaf goes from host memory straight to its shards (heads and
+    With a `mesh` (plip_jax.models.sharding), each leaf goes from host memory straight to its shards (heads and
     MLP width split over "model"), so a model larger than one device's memory can be loaded.
     Raises KeyError naming a missing tensor, ValueError naming a tensor of the wrong shape.
     """
@@ -117,7 +101,7 @@ def load_params(store: WeightStore, cfg: ModelConfig, dtype: Any = jnp.float32, 
     def read(name: str, want: Optional[tuple] = None) -> np.ndarray:
         arr = store.get(name)
         if want is not None and tuple(arr.shape) != tuple(want):
-            raise ValueError(
+            raise ConfigError(
                 f"tensor {name!r} has shape {list(arr.shape)} but config.json implies {list(want)}; "
                 f"the weights do not match the config (wrong or edited config.json?)"
             )
@@ -146,37 +130,10 @@ def load_params(store: WeightStore, cfg: ModelConfig, dtype: Any = jnp.float32, 
         params["final_norm"]["bias"] = read("model.norm.bias", (d,)).astype(np_dtype)
     if not cfg.tie_embeddings:
         params["lm_head"] = read("lm_head.weight", (cfg.vocab_size, d)).astype(np_dtype)
-    if resolve_layer_layout(layer_layout, mesh) == "per_layer":
-        params["layers"] = unstack_layers(layers, cfg.num_layers)
+    params["layers"] = make_layers(layers, layer_layout, mesh)
     if mesh is not None:
-        from plip_jax import sharding
-
         return sharding.shard_params(params, cfg, mesh)
     return jax.tree_util.tree_map(jnp.asarray, params)
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    """A model ready to run: config, params on the default device, tokenizer, and where it came from."""
-
-    cfg: ModelConfig
-    params: Params
-    source: ModelSource
-    weight_files: list
-    dtype: Any
-    mesh: Any = None  # the device mesh the params are sharded over (None: one device)
-    _tokenizer: Any = None
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def tokenizer(self) -> Any:
-        """The model's tokenizer, loaded on first use (weights-only directories work without one)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.source.path)
-        return self._tokenizer
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -192,16 +149,15 @@ def load_tokenizer(model_dir: Path) -> Any:
     return tok
 
 
-def load_model(model: Optional[str] = None, dtype: Any = "float32", mesh: Any = None,
-               layer_layout: str = "auto") -> LoadedModel:
-    """Resolve `model` (None = bundled plip-tiny-code, a directory, or a Hub id) and load it; with a
+def load_transformer(source: ModelSource, dtype: Any = "float32", mesh: Any = None, layer_layout: str = "auto",
+                     rope_mode: str = "hf") -> Transformer:
+    """The `Transformer` of a resolved model directory: config.json + safetensors, cast to `dtype`; with a
     `mesh`, params are placed sharded as they are read (see `load_params`). `layer_layout`: 'auto'
-    (per-layer buffers on GPU, stacked on CPU), 'stacked' or 'per_layer' (see `resolve_layer_layout`)."""
-    if isinstance(dtype, str):
-        dtype = parse_dtype(dtype)
-    source = resolve_model(model)
+    (per-layer buffers on GPU, stacked on CPU), 'stacked' or 'per_layer' (see `plip_jax.models.layers`);
+    `rope_mode`: 'hf' or 'plip' (PLIP-rs's interleaved RoPE, only to reproduce its numbers)."""
+    jdtype = parse_dtype(dtype)
     raw = read_config_json(source.path)
     cfg = config_from_hf(raw, source=str(source.path / "config.json"))
-    files = weight_files(source.path)
-    params = load_params(WeightStore(files), cfg, dtype, mesh, layer_layout)
-    return LoadedModel(cfg=cfg, params=params, source=source, weight_files=files, dtype=dtype, mesh=mesh)
+    cfg = dataclasses.replace(cfg, rope_mode=rope_mode, dtype=np.dtype(jdtype).name)
+    params = load_params(WeightStore(weight_files(source.path)), cfg, jdtype, mesh, layer_layout)
+    return Transformer(params=params, cfg=cfg)

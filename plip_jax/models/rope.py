@@ -10,7 +10,6 @@ import numpy as np
 
 from plip_jax.models.config import RopeConfig
 
-ROPE_MODES = ("hf", "plip")
 
 
 def inv_frequencies(rope: RopeConfig, seq_len: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:

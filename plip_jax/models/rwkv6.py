@@ -13,40 +13,28 @@ Reference numerics are those of the `rwkv` PyPI package (BlinkDL, `RWKV.att_seq_
 * WKV state and decay in f32: d = exp(-exp(w)); o_t = r_t^T (diag(u) k_t v_t^T + S);
   S <- k_t v_t^T + diag(d_t) S.
 
-Parameters are a dict pytree; per-layer leaves are stacked on a leading layer axis so the layer
-loop is one `jax.lax.scan`; the time loop is a `jax.lax.scan` carrying the f32 state.
-All functions take ONE sequence (tokens int32[T]); batch with `jax.vmap` (right-pad and pass
-`length`; padding never changes results at real positions).
+`Rwkv6` is the family's `plip_jax.core.model.Model` (the same interface as the transformers): a Flax
+pytree module with the params (per-layer leaves in either layout of `plip_jax.models.layers`) and the
+static `RwkvConfig` (compute dtype included). The time loop is a `jax.lax.scan` carrying the f32 state.
+A call runs ONE sequence (tokens int32[T]); batch with `jax.vmap` (right-pad and pass `length`; padding
+never changes results at real positions). State edits arrive in `Interventions.state` (absolute
+positions); the decoding cache is the recurrent state (`RwkvState`), so `plip_jax.analysis.generation.generate`
+serves both families.
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any
+from typing import Any, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax.models.rwkv6_checkpoint import (  # noqa: F401 (the loading API, re-exported)
-    ATT_VECTORS_D,
-    Params,
-    BLOCK_KEYS,
-    F32_BLOCK_KEYS,
-    MODEL_TYPE,
-    RwkvConfig,
-    RwkvLoadedModel,
-    _open_checkpoint,
-    blinkdl_to_hf_name,
-    block_shapes,
-    config_from_hf_state,
-    convert_to_hf_safetensors,
-    load_config,
-    load_model,
-    load_params,
-    load_rwkv6,
-)
+from plip_jax.core import interventions as ivs
+from plip_jax.core.capture import Capture, Output
+from plip_jax.core.errors import InterventionError
+from plip_jax.models.rwkv6_checkpoint import RwkvConfig
 
 # ============================================================================== state & edits
 @flax.struct.dataclass
@@ -59,53 +47,12 @@ class RwkvState:
     ffn_x: jax.Array
 
 
-def zero_state(cfg: RwkvConfig, dtype: jnp.dtype = jnp.float32) -> RwkvState:
-    """All-zero state (what a fresh sequence starts from)."""
+def zero_state(cfg: RwkvConfig, dtype: Any = None) -> RwkvState:
+    """All-zero state (what a fresh sequence starts from); token-shift parts in `dtype` (default cfg.dtype)."""
+    dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
     L, D, H, N = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_heads, cfg.head_size
     return RwkvState(attn_x=jnp.zeros((L, D), dtype), attn_kv=jnp.zeros((L, H, N, N), jnp.float32),
                      ffn_x=jnp.zeros((L, D), dtype))
-
-
-@flax.struct.dataclass
-class StateEdit:
-    """RWKV WKV-state intervention (spec §5.4): at (layer l, position t) the update becomes
-    S <- scale[l, t] * k_t v_t^T + diag(d_t) S (1 = normal, 0 = knockout, lambda = steering).
-    The output o_t at t itself is unchanged."""
-
-    scale: jax.Array  # f32[L, T]
-
-
-def _check_edit_args(n_layers: int, seq_len: int, positions, layers) -> tuple[np.ndarray, np.ndarray]:
-    pos = np.asarray(sorted(set(int(p) for p in positions)), dtype=np.int64)
-    if pos.size == 0:
-        raise ValueError("state edit: positions is empty (give at least one token position)")
-    if pos.min() < 0 or pos.max() >= seq_len:
-        raise ValueError(f"state edit: positions {pos.tolist()} out of range for a sequence of "
-                         f"{seq_len} tokens (valid 0..{seq_len - 1})")
-    lay = np.arange(n_layers) if layers is None else np.asarray(sorted(set(int(l) for l in layers)),
-                                                                 dtype=np.int64)
-    if lay.size == 0:
-        raise ValueError("state edit: layers is empty (pass None for all layers)")
-    if lay.min() < 0 or lay.max() >= n_layers:
-        raise ValueError(f"state edit: layers {lay.tolist()} out of range for a model with {n_layers} "
-                         f"layers (valid 0..{n_layers - 1})")
-    return pos, lay
-
-
-def state_steering(n_layers: int, seq_len: int, positions, layers=None, scale: float = 1.0) -> StateEdit:
-    """Scale the kv write at `positions` (token indices) in `layers` (None = all) by `scale` >= 0."""
-    if not np.isfinite(scale) or scale < 0:
-        raise ValueError(f"state steering: scale must be a finite number >= 0, got {scale}")
-    pos, lay = _check_edit_args(n_layers, seq_len, positions, layers)
-    s = np.ones((n_layers, seq_len), np.float32)
-    s[np.ix_(lay, pos)] = scale
-    return StateEdit(scale=jnp.asarray(s))
-
-
-def state_knockout(n_layers: int, seq_len: int, positions, layers=None) -> StateEdit:
-    """Drop the kv write at `positions` in `layers` (None = all): the tokens become invisible to the
-    WKV state of later positions (token shift still leaks to t+1, spec §10.11)."""
-    return state_steering(n_layers, seq_len, positions, layers, 0.0)
 
 
 # ==================================================================================== forward
@@ -159,10 +106,10 @@ def _effective_attention(r: jax.Array, k: jax.Array, logw: jax.Array, u: jax.Arr
     return pos / (jnp.sum(pos, axis=-1, keepdims=True) + 1e-10)
 
 
-def _block(cfg: RwkvConfig, dtype, capture_ea: bool, capture_resid: bool,
-           length: jax.Array, rows: jax.Array | None, h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
-    """One RWKV-6 block on h [T, D]; returns (h, (new state parts, captures))."""
-    p, attn_x0, kv0, ffn_x0, scale = xs
+def _block(cfg: RwkvConfig, dtype, capture_ea: bool, length: jax.Array, rows: jax.Array | None,
+           h: jax.Array, p: dict, attn_x0, kv0, ffn_x0, scale) -> tuple[jax.Array, tuple, Optional[jax.Array]]:
+    """One RWKV-6 block on h [T, D] with layer params `p`, initial state parts and the per-position kv-write
+    scale f32[T]; returns (h, (attn_x, kv, ffn_x) after position length-1, effective attention or None)."""
     T = h.shape[0]
     H, N = cfg.num_heads, cfg.head_size
     eps = cfg.layer_norm_epsilon
@@ -223,139 +170,130 @@ def _block(cfg: RwkvConfig, dtype, capture_ea: bool, capture_resid: bool,
     h = h + ffn
 
     ea = _effective_attention(r, k, logw, u, rows) if capture_ea else None
-    return h, ((x[last], kv_final, y[last]), ea, h if capture_resid else None)
+    return h, (x[last], kv_final, y[last]), ea
 
 
-@partial(jax.jit, static_argnames=("cfg", "capture_effective_attention", "return_state",
-                                   "capture_resid", "dtype"))
-def _forward_jit(params, tokens, cfg, length, state, scale, query_rows, capture_effective_attention,
-                 return_state, capture_resid, dtype):
-    T = tokens.shape[0]
-    L = cfg.num_hidden_layers
-    h = params["embeddings"][tokens].astype(dtype)
-    h = _layer_norm(h, params["pre_ln"]["weight"], params["pre_ln"]["bias"], cfg.layer_norm_epsilon)
-    if scale is None:
-        scale_xs = jnp.ones((L, T), jnp.float32)
-    else:
-        scale_xs = scale.astype(jnp.float32)
-    rows = query_rows if query_rows is not None else jnp.arange(T, dtype=jnp.int32)
-    body = partial(_block, cfg, dtype, capture_effective_attention, capture_resid, length,
-                   rows)
-    xs = (params["blocks"], state.attn_x.astype(dtype), state.attn_kv.astype(jnp.float32),
-          state.ffn_x.astype(dtype), scale_xs)
-    h, ((ax, kv, fx), ea, resid) = jax.lax.scan(body, h, xs)
-    hn = _layer_norm(h, params["ln_out"]["weight"], params["ln_out"]["bias"], cfg.layer_norm_epsilon)
-    logits = jnp.einsum("td,vd->tv", hn, params["head"].astype(dtype)).astype(jnp.float32)
-    out = {"logits": logits}
-    if return_state:
-        out["state"] = RwkvState(attn_x=ax, attn_kv=kv, ffn_x=fx)
-    if capture_effective_attention:
-        out["effective_attention"] = ea
-    if capture_resid:
-        out["resid_post"] = resid
-    return out
+def check_interventions(iv: Optional[ivs.Interventions]) -> None:
+    """Refuse intervention kinds RWKV-6 has no use for (softmax-attention knockout / steering)."""
+    kinds = [] if iv is None else iv.attention_kinds()
+    if kinds:
+        raise InterventionError(f"RWKV-6 has no softmax attention to {'/'.join(kinds)}: intervene on its WKV state "
+                                f"instead (Interventions.state, e.g. core.interventions.state_knockout)")
 
 
-def forward(params: Params, tokens: jax.Array, cfg: RwkvConfig, *, length: jax.Array | int | None = None,
-            state: RwkvState | None = None, state_edit: StateEdit | None = None,
-            capture_effective_attention: bool = False, query_rows: jax.Array | None = None,
-            return_state: bool = False, capture_resid: bool = False,
-            dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
-    """RWKV-6 forward of one sequence (jit-compiled; `jax.vmap` it for batches).
+def forward(params: dict, tokens: jax.Array, cfg: RwkvConfig, *, length: Any = None,
+            interventions: Optional[ivs.Interventions] = None, capture: Capture = Capture(),
+            query_rows: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
+            cache: Optional[RwkvState] = None) -> Output:
+    """RWKV-6 forward of one sequence (not jitted itself: `Rwkv6.__call__` is this; jit/vmap the module).
 
-    Args:
-      tokens: int32[T]. length: number of real tokens (right padding after it), default T.
-      state: initial `RwkvState` (default zeros). state_edit: `StateEdit` with scale f32[L, T].
-      capture_effective_attention: return "effective_attention" f32[L, H, T, T] (or [L, H, R, T]
-        for `query_rows` int32[R]). capture_resid: return "resid_post" [L, T, D] (after each block).
-      return_state: return "state" (`RwkvState` after position length-1).
-      dtype: compute dtype of activations/matmuls (norms and the WKV recurrence are f32).
-    Returns: dict with "logits" f32[T, V] and the requested captures.
+    tokens int32[T]; length: real tokens (right padding after it), default T; interventions: `state` (a
+    `StateEdit` over absolute positions) and `residual` edits; capture: logits "last"/"all"/"none",
+    attn_rows / attn_probs = effective attention f32 [L, H, R, T] / [L(, selected), H, T, T] (spec 1.8),
+    resid_post, final_hidden; query_rows int32[R] for attn_rows; positions int32[T] absolute positions
+    (default arange(T); decoding passes the step's position so state edits line up); cache: the
+    `RwkvState` to start from (default zeros) -> Output.cache = the state after position length-1.
     """
+    check_interventions(interventions)
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 1:
         raise ValueError(f"forward takes one sequence int32[T], got shape {tokens.shape}; use jax.vmap")
     T = tokens.shape[0]
+    L = cfg.num_hidden_layers
+    dtype = jnp.dtype(cfg.dtype)
     length = jnp.asarray(T if length is None else length, jnp.int32)
-    if state is None:
-        state = zero_state(cfg, dtype)
-    scale = None if state_edit is None else state_edit.scale
-    if scale is not None and scale.shape != (cfg.num_hidden_layers, T):
-        raise ValueError(f"state_edit.scale has shape {scale.shape}, expected "
-                         f"({cfg.num_hidden_layers}, {T}) = (layers, tokens)")
-    if query_rows is not None:
-        if not capture_effective_attention:
-            raise ValueError("query_rows only makes sense with capture_effective_attention=True")
-        query_rows = jnp.asarray(query_rows, jnp.int32)
-    return _forward_jit(params, tokens, cfg, length, state, scale, query_rows,
-                        capture_effective_attention, return_state, capture_resid, jnp.dtype(dtype))
+    positions = jnp.arange(T, dtype=jnp.int32) if positions is None else jnp.asarray(positions, jnp.int32)
+    state = zero_state(cfg) if cache is None else cache
+    scales = ivs.state_scales(interventions, positions, L)
+    if scales is None:
+        scales = jnp.ones((L, T), jnp.float32)
+    selected = capture.selected_layers(L)
+    want_ea = bool(capture.attn_rows or capture.attn_probs)
+    if capture.attn_rows and capture.attn_probs:
+        raise ValueError("RWKV-6 computes effective attention for one set of rows per call: capture either "
+                         "attn_rows (with query_rows) or attn_probs, not both")
+    if capture.attn_rows:
+        if query_rows is None:
+            raise ValueError("Capture(attn_rows=True) needs query_rows (the positions whose rows to return)")
+        rows = jnp.asarray(query_rows, jnp.int32)
+    else:
+        rows = jnp.arange(T, dtype=jnp.int32)
+    last = jnp.clip(length - 1, 0, T - 1)
+
+    h = params["embeddings"][tokens].astype(dtype)
+    h = _layer_norm(h, params["pre_ln"]["weight"], params["pre_ln"]["bias"], cfg.layer_norm_epsilon)
+
+    def body(h, p, layer, xs):
+        attn_x0, kv0, ffn_x0, scale = xs
+        h, new_state, ea = _block(cfg, dtype, want_ea, length, rows, h, p, attn_x0, kv0, ffn_x0, scale)
+        h = ivs.edit_residual(h, interventions, layer, positions)
+        ys = {"state": new_state}
+        if want_ea:
+            ys["ea"] = ea
+        if capture.resid_post == "all":
+            ys["resid_post"] = h
+        elif capture.resid_post == "last":
+            ys["resid_post"] = h[last]
+        return h, ys
+
+    xs = (state.attn_x.astype(dtype), state.attn_kv.astype(jnp.float32), state.ffn_x.astype(dtype), scales)
+    h, ys = params["blocks"].fold(body, h, xs)
+    hidden = _layer_norm(h, params["ln_out"]["weight"], params["ln_out"]["bias"], cfg.layer_norm_epsilon)
+    logits = None
+    if capture.logits == "all":
+        logits = _unembed(params, hidden, dtype)
+    elif capture.logits == "last":
+        logits = _unembed(params, hidden[last], dtype)
+    ea = ys.get("ea")
+    attn_probs = None
+    if capture.attn_probs is True:
+        attn_probs = ea
+    elif selected is not None:
+        attn_probs = ea[jnp.asarray(selected)]
+    ax, kv, fx = ys["state"]
+    return Output(logits=logits, attn_rows=ea if capture.attn_rows else None, attn_probs=attn_probs,
+                  resid_post=ys.get("resid_post"), final_hidden=hidden if capture.final_hidden else None,
+                  cache=None if cache is None else RwkvState(attn_x=ax, attn_kv=kv, ffn_x=fx))
 
 
-def decode_step(params: Params, token: jax.Array, state: RwkvState, cfg: RwkvConfig,
-                dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, RwkvState]:
-    """One generation step: token int32[] + state -> (logits f32[V], new state)."""
-    out = _forward_jit(params, jnp.reshape(jnp.asarray(token, jnp.int32), (1,)), cfg, jnp.int32(1), state,
-                       None, None, False, True, False, jnp.dtype(dtype))
-    return out["logits"][0], out["state"]
+def _unembed(params: dict, hidden: jax.Array, dtype) -> jax.Array:
+    """f32 logits [..., V] from ln_out-normed hidden [..., D]."""
+    return jnp.einsum("...d,vd->...v", hidden.astype(dtype), params["head"].astype(dtype)).astype(jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "dtype"))
-def _generate_jit(params, prompt_ids, cfg, max_new_tokens, scale, temperature, key, stop_token, greedy,
-                  dtype):
-    T = prompt_ids.shape[0]
-    pre = _forward_jit(params, prompt_ids, cfg, jnp.int32(T), zero_state(cfg, dtype), scale, None,
-                       False, True, False, dtype)
-    logits0 = pre["logits"][-1]
+class Rwkv6(flax.struct.PyTreeNode):
+    """RWKV-6's `Model`: params {"embeddings", "pre_ln", "ln_out", "head", "blocks": Layers} + static config.
+    `model(tokens, ...)` is `forward`."""
 
-    def step(carry, _):
-        logits, state, done, key = carry
-        key, sub = jax.random.split(key)
-        if greedy:
-            tok = jnp.argmax(logits).astype(jnp.int32)
-        else:
-            tok = jax.random.categorical(sub, logits / temperature).astype(jnp.int32)
-        now_done = done | (tok == stop_token)
-        emitted = jnp.where(done, stop_token, tok)
-        out = _forward_jit(params, emitted[None], cfg, jnp.int32(1), state, None, None,
-                           False, True, False, dtype)
-        return (out["logits"][0], out["state"], now_done, key), (emitted, now_done)
+    params: dict
+    cfg: RwkvConfig = flax.struct.field(pytree_node=False)
 
-    init = (logits0, pre["state"], jnp.bool_(False), key)
-    _, (toks, dones) = jax.lax.scan(step, init, None, length=max_new_tokens)
-    n = jnp.sum(~dones).astype(jnp.int32)
-    return toks, n, logits0
+    def __call__(self, tokens, *, length=None, interventions=None, capture: Capture = Capture(), query_rows=None,
+                 positions=None, cache: Optional[RwkvState] = None) -> Output:
+        return forward(self.params, tokens, self.cfg, length=length, interventions=interventions, capture=capture,
+                       query_rows=query_rows, positions=positions, cache=cache)
 
+    def init_cache(self, size: int = 0) -> RwkvState:
+        """The zero state (its size does not depend on the sequence length)."""
+        return zero_state(self.cfg)
 
-def generate(params: Params, cfg: RwkvConfig, prompt_ids, max_new_tokens: int, *,
-             state_edit: StateEdit | None = None, temperature: float = 0.0, key: jax.Array | None = None,
-             stop_token: int = 0, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
-    """Prefill `prompt_ids` int32[T] (with `state_edit` applied, scale [L, T]) then decode.
+    def embed(self, tokens) -> jax.Array:
+        """Embeddings after pre_ln: the residual stream entering block 0."""
+        h = self.params["embeddings"][tokens].astype(jnp.dtype(self.cfg.dtype))
+        return _layer_norm(h, self.params["pre_ln"]["weight"], self.params["pre_ln"]["bias"],
+                           self.cfg.layer_norm_epsilon)
 
-    temperature 0 = greedy (argmax, ties -> lowest id); otherwise sampling from
-    softmax(logits / temperature) with the explicit PRNG `key` (required).
-    Returns {"tokens": int32[max_new_tokens] (positions at/after the stop token hold stop_token),
-    "num_generated": int (tokens before the stop token), "prompt_logits": f32[V] (last prompt position)}.
-    """
-    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-    if prompt_ids.ndim != 1 or prompt_ids.shape[0] == 0:
-        raise ValueError(f"prompt_ids must be a non-empty int32[T], got shape {prompt_ids.shape}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    greedy = temperature == 0.0
-    if not greedy:
-        if key is None:
-            raise ValueError("sampling with temperature > 0 needs an explicit jax.random key")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if key is None:
-        key = jax.random.PRNGKey(0)
-    scale = None
-    if state_edit is not None:
-        scale = state_edit.scale
-        if scale.shape != (cfg.num_hidden_layers, prompt_ids.shape[0]):
-            raise ValueError(f"state_edit.scale has shape {scale.shape}, expected "
-                             f"({cfg.num_hidden_layers}, {prompt_ids.shape[0]}) = (layers, prompt tokens)")
-    toks, n, lg = _generate_jit(params, prompt_ids, cfg, int(max_new_tokens), scale,
-                                jnp.float32(temperature if not greedy else 1.0), key,
-                                jnp.int32(stop_token), greedy, jnp.dtype(dtype))
-    return {"tokens": toks, "num_generated": n, "prompt_logits": lg}
+    def final_norm(self, hidden) -> jax.Array:
+        return _layer_norm(hidden, self.params["ln_out"]["weight"], self.params["ln_out"]["bias"],
+                           self.cfg.layer_norm_epsilon)
+
+    def logits(self, hidden) -> jax.Array:
+        return _unembed(self.params, hidden, jnp.dtype(self.cfg.dtype))
+
+    @property
+    def unembedding(self) -> jax.Array:
+        return self.params["head"]
+
+    def trunk(self) -> "Rwkv6":
+        """The head is needed for logits only; RWKV-6 heads are small next to the blocks, kept as is."""
+        return self

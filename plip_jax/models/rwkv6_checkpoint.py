@@ -1,6 +1,6 @@
 """RWKV-6 "Finch" checkpoints: config (from config.json and weight shapes), HF-safetensors loading into a
-stacked params pytree, the loaded-model object, and conversion from `pytorch_model.bin` / BlinkDL `.pth`.
-The forward lives in `plip_jax.models.rwkv6`."""
+params pytree (per-layer leaves in a `plip_jax.models.layers` layout), and conversion from
+`pytorch_model.bin` / BlinkDL `.pth`. The forward and the `Rwkv6` model live in `plip_jax.models.rwkv6`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax.models.loading import parse_dtype
+from plip_jax.core.errors import ConfigError, MissingFileError, MissingTensorError
+from plip_jax.models.layers import make_layers
 from plip_jax.models.safetensors_io import WeightStore
 from plip_jax.models.sources import weight_files
 
@@ -40,6 +40,9 @@ class RwkvConfig:
     time_mix_extra_dim: int = 32  # LoRA width of the 5 token-shift mixes (time_maa_w1 is [D, 5*W])
     time_decay_extra_dim: int = 64  # LoRA width of the decay (time_decay_w1 is [D, W2])
     model_type: str = MODEL_TYPE
+    dtype: str = "float32"  # compute dtype of activations/matmuls (norms and the WKV recurrence are f32)
+
+    family = "rwkv6"
 
     def __post_init__(self):
         if self.attention_hidden_size is None:
@@ -47,7 +50,7 @@ class RwkvConfig:
         if self.intermediate_size is None:
             object.__setattr__(self, "intermediate_size", int(self.hidden_size * 3.5) // 32 * 32)
         if self.attention_hidden_size % self.head_size:
-            raise ValueError(f"attention_hidden_size {self.attention_hidden_size} is not a multiple of "
+            raise ConfigError(f"attention_hidden_size {self.attention_hidden_size} is not a multiple of "
                              f"head_size {self.head_size}")
 
     @property
@@ -77,6 +80,10 @@ class RwkvConfig:
         """RWKV has no positional limit; a large sentinel for code that checks context length."""
         return 2 ** 31 - 1
 
+    def numerics(self) -> dict:
+        """The numerics options, for provenance."""
+        return {"dtype": self.dtype}
+
     @property
     def group_norm_eps(self) -> float:
         """eps of the ln_x GroupNorm (6.4e-4 for the released models)."""
@@ -87,7 +94,7 @@ class RwkvConfig:
         """From HF `config.json` fields (unknown keys ignored; LoRA widths via `overrides`)."""
         mt = d.get("model_type", MODEL_TYPE)
         if mt not in (MODEL_TYPE, "rwkv6_finch"):
-            raise ValueError(f"config model_type is {mt!r}, expected 'rwkv6'")
+            raise ConfigError(f"config model_type is {mt!r}, expected 'rwkv6'")
         kw: dict[str, Any] = dict(
             hidden_size=int(d["hidden_size"]),
             num_hidden_layers=int(d["num_hidden_layers"]),
@@ -176,7 +183,7 @@ def _open_checkpoint(model_dir_or_file: str) -> tuple[WeightStore, str]:
     p = Path(model_dir_or_file)
     files = weight_files(p) if p.is_dir() else [p]
     if not files[0].exists():
-        raise FileNotFoundError(f"{p}: no such safetensors file")
+        raise MissingFileError(f"{p}: no such safetensors file")
     return WeightStore(files), str(p)
 
 
@@ -184,7 +191,7 @@ def load_config(model_dir: str) -> RwkvConfig:
     """Reads `config.json` and derives the LoRA widths from the checkpoint's weight shapes."""
     cfg_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found (RWKV-6 checkpoints need an HF config.json; "
+        raise MissingFileError(f"{cfg_path} not found (RWKV-6 checkpoints need an HF config.json; "
                                 "bin/convert_rwkv_to_safetensors.py writes one)")
     with open(cfg_path) as f:
         d = json.load(f)
@@ -193,31 +200,33 @@ def load_config(model_dir: str) -> RwkvConfig:
     for key, field_name, axis, div in (("rwkv.blocks.0.attention.time_maa_w1", "time_mix_extra_dim", 1, 5),
                                        ("rwkv.blocks.0.attention.time_decay_w1", "time_decay_extra_dim", 1, 1)):
         if key not in tensors:
-            raise KeyError(f"{src}: missing tensor {key!r}; is this an RWKV-6 (Finch) HF checkpoint?")
+            raise MissingTensorError(f"{src}: missing tensor {key!r}; is this an RWKV-6 (Finch) HF checkpoint?")
         over[field_name] = int(tensors.shape(key)[axis]) // div
     return RwkvConfig.from_dict(d, **over)
 
 
-def load_params(model_dir: str, cfg: RwkvConfig | None = None,
-                dtype: jnp.dtype = jnp.float32) -> tuple[Params, RwkvConfig]:
+def load_params(model_dir: str, cfg: RwkvConfig | None = None, dtype: Any = "float32",
+                layer_layout: str = "stacked") -> tuple[Params, RwkvConfig]:
     """Loads HF-format RWKV-6 safetensors (single or sharded; bf16/f16/f32) into a params pytree.
 
-    Returns (params, cfg). Per-layer leaves are stacked: params["blocks"][name] has shape
-    [L, *block_shapes(cfg)[name]]. Matrices keep the HF [out, in] layout. Weights are cast to
-    `dtype`, except time_decay, time_faaaa and ln_x (always f32).
+    Returns (params, cfg with `dtype` set). params["blocks"] is a `plip_jax.models.layers` layout of the
+    per-layer leaves (stacked: leaf [L, *block_shapes(cfg)[name]]). Matrices keep the HF [out, in] layout.
+    Weights are cast to `dtype`, except time_decay, time_faaaa and ln_x (always f32).
     """
+    dtype = jnp.dtype(dtype)
     if cfg is None:
         cfg = load_config(model_dir)
+    cfg = dataclasses.replace(cfg, dtype=dtype.name)
     tensors, src = _open_checkpoint(model_dir)
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in tensors:
-            raise KeyError(f"{src}: missing tensor {name!r} (expected shape {list(shape)}); the checkpoint "
+            raise MissingTensorError(f"{src}: missing tensor {name!r} (expected shape {list(shape)}); the checkpoint "
                            "is incomplete or not an HF-format RWKV-6 model (convert BlinkDL .pth files with "
                            "bin/convert_rwkv_to_safetensors.py)")
         a = tensors.get(name)
         if tuple(x for x in a.shape if x != 1) != tuple(x for x in shape if x != 1):
-            raise ValueError(f"{src}: tensor {name!r} has shape {list(a.shape)}, expected "
+            raise ConfigError(f"{src}: tensor {name!r} has shape {list(a.shape)}, expected "
                              f"{list(shape)} for config hidden={cfg.hidden_size} heads={cfg.num_heads}x"
                              f"{cfg.head_size} layers={cfg.num_hidden_layers}; config.json and weights "
                              "disagree (fix config.json or re-convert the checkpoint)")
@@ -225,7 +234,7 @@ def load_params(model_dir: str, cfg: RwkvConfig | None = None,
 
     D, V = cfg.hidden_size, cfg.vocab_size
 
-    def cast(a: np.ndarray, f32: bool = False) -> jax.Array:
+    def cast(a: np.ndarray, f32: bool = False) -> jnp.ndarray:
         return jnp.asarray(a.astype(np.float32) if f32 else a, dtype=jnp.float32 if f32 else dtype)
 
     params: Params = {
@@ -246,66 +255,12 @@ def load_params(model_dir: str, cfg: RwkvConfig | None = None,
         f32 = key in F32_BLOCK_KEYS
         stacked = np.stack([get(f"rwkv.blocks.{i}.{key}", shape) for i in range(cfg.num_hidden_layers)])
         blocks[key] = cast(stacked, f32)
-    params["blocks"] = blocks
+    params["blocks"] = make_layers(blocks, layer_layout)
     extra_layer = f"rwkv.blocks.{cfg.num_hidden_layers}.ln1.weight"
     if extra_layer in tensors:
-        raise ValueError(f"{src}: checkpoint has more layers than config.json's num_hidden_layers="
+        raise ConfigError(f"{src}: checkpoint has more layers than config.json's num_hidden_layers="
                          f"{cfg.num_hidden_layers}")
     return params, cfg
-
-
-def load_rwkv6(model_dir: str, dtype: jnp.dtype = jnp.float32) -> tuple[Params, RwkvConfig]:
-    """Convenience: `load_params(model_dir, load_config(model_dir), dtype)`."""
-    return load_params(model_dir, None, dtype)
-
-
-@dataclasses.dataclass
-class RwkvLoadedModel:
-    """An RWKV-6 model ready to run (same surface as `plip_jax.models.loading.LoadedModel`)."""
-
-    cfg: RwkvConfig
-    params: Params
-    source: Any  # plip_jax.models.sources.ModelSource
-    weight_files: list
-    dtype: Any
-    _tokenizer: Any = None
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def tokenizer(self):
-        """`RwkvWorldTokenizer` from the model directory's vocab file, else the bundled copy."""
-        if self._tokenizer is None:
-            from plip_jax.rwkv_tokenizer import RwkvWorldTokenizer
-
-            local = os.path.join(str(self.source.path), "rwkv_vocab_v20230424.txt")
-            self._tokenizer = RwkvWorldTokenizer(local if os.path.exists(local) else None)
-        return self._tokenizer
-
-    @property
-    def marker_metric_fn(self):
-        """PLIP's marker->targets metric on the effective attention, for `attention_metric` / layer scans
-        (`plip_jax.experiments.rwkv_metric.rwkv_marker_metric` with this model's dtype)."""
-        from plip_jax.experiments.rwkv_metric import metric_fn_for
-
-        return metric_fn_for(self.dtype)
-
-
-def load_model(model: str | None, dtype: Any = "float32") -> RwkvLoadedModel:
-    """Resolve `model` (directory or Hub id, via `plip_jax.models.sources.resolve_model`) and load it.
-
-    `dtype`: "float32" | "bfloat16" | "float16" (or a jnp dtype) for weights and activations.
-    """
-    from plip_jax.models.sources import resolve_model
-
-    if isinstance(dtype, str):
-        dtype = parse_dtype(dtype)
-    source = resolve_model(model)
-    params, cfg = load_params(str(source.path), None, dtype)
-    files = [f.path for f in _open_checkpoint(str(source.path))[0].files]
-    return RwkvLoadedModel(cfg=cfg, params=params, source=source, weight_files=files, dtype=dtype)
 
 
 # ================================================================================= conversion
@@ -337,7 +292,7 @@ def config_from_hf_state(tensors: Mapping[str, Any], layer_norm_epsilon: float =
     """Derives an `RwkvConfig` from HF-named tensor shapes (anything with `.shape`)."""
     def shape(n: str) -> tuple[int, ...]:
         if n not in tensors:
-            raise KeyError(f"missing tensor {n!r}: not an RWKV-6 (Finch) checkpoint")
+            raise MissingTensorError(f"missing tensor {n!r}: not an RWKV-6 (Finch) checkpoint")
         return tuple(int(x) for x in tensors[n].shape)
 
     V, D = shape("rwkv.embeddings.weight")

@@ -12,14 +12,12 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from plip_jax.core.errors import CorruptWeightsError, MissingTensorError
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
-
-
-class CorruptWeightsError(ValueError):
-    """A safetensors file that cannot be read as such (truncated, bad header, bad offsets)."""
 
 
 class SafetensorsFile:
@@ -109,7 +107,7 @@ class WeightStore:
     def _file(self, name: str) -> SafetensorsFile:
         if name not in self._where:
             where = ", ".join(str(f.path.name) for f in self.files)
-            raise KeyError(
+            raise MissingTensorError(
                 f"tensor {name!r} is missing from the checkpoint ({where}); the files are incomplete or "
                 f"belong to another architecture: re-download the model or check config.json's model_type"
             )

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Optional
+
+from plip_jax.core.errors import CorruptWeightsError, MissingFileError, ModelNotFoundError
 
 BUNDLED_MODEL_NAME = "plip-tiny-code"
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "bundled" / BUNDLED_MODEL_NAME
@@ -28,8 +31,14 @@ class ModelSource:
         return base.replace("/", "_").replace("-", "_")
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """The model could be found neither locally, nor in the HF cache, nor downloaded."""
+def hub_cache_dir() -> Path:
+    """The HF hub cache folder, read from the environment at call time (HF_HUB_CACHE, then the legacy
+    HUGGINGFACE_HUB_CACHE, then $HF_HOME/hub, then ~/.cache/huggingface/hub)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
 
 
 def resolve_model(model: Optional[str] = None) -> ModelSource:
@@ -59,9 +68,7 @@ _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt",
 
 
 def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    from plip_jax.hf_cache import hub_cache_dir
+    from huggingface_hub import snapshot_download  # imported on use: most runs never touch the Hub
 
     cache = hub_cache_dir()  # read from the environment now, not when huggingface_hub was imported
     try:
@@ -88,18 +95,16 @@ def _hub_snapshot(repo_id: str) -> Path:
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model directory: the shards named in `model.safetensors.index.json`
     (sorted, distinct) if present, else `model.safetensors`."""
-    import json
-
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index ({e}); re-download the model") from None
+            raise CorruptWeightsError(f"{index} is not a valid safetensors index ({e}); re-download the model") from None
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{index} names shard(s) that are missing: {', '.join(missing)}; re-download the model"
             )
         return files
@@ -112,7 +117,7 @@ def weight_files(model_dir: Path) -> list[Path]:
         f"(transformers: `save_pretrained(..., safe_serialization=True)`; RWKV: `python -m bin.convert_rwkv_to_safetensors`)."
         if bins else ""
     )
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}.{hint}")
+    raise MissingFileError(f"no model.safetensors or model.safetensors.index.json in {model_dir}.{hint}")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

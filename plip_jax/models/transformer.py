@@ -1,46 +1,31 @@
 """One config-driven, pure-functional decoder for qwen2, starcoder2, gemma, llama and phi3.
 
-`forward` runs ONE sequence (batch with `jax.vmap`, see `batched_forward`) with a `jax.lax.scan` over
-the stacked layers. It takes the intervention pytree as an explicit argument and a static `Capture`
-spec saying what comes back. Numerics follow HF eager attention: softmax and norms in float32,
-everything else in the params' dtype.
+`Transformer` is the family's `plip_jax.core.model.Model`: a Flax pytree module holding the params
+(layers in either layout of `plip_jax.models.layers`) with the static `ModelConfig`. Calling it runs ONE
+sequence (batch with `jax.vmap`); the layer loop is `params["layers"].fold` (a `lax.scan` over stacked
+layers, or unrolled per-layer buffers). It takes the intervention pytree as an explicit argument and a
+static `Capture` spec saying what comes back. Numerics follow HF eager attention: softmax and norms in
+float32, everything else in the params' dtype; `cfg.rope_mode` picks HF's RoPE or PLIP-rs's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax import interventions as ivs
+from flax import struct
+
+from plip_jax.core import interventions as ivs
+from plip_jax.core.capture import Capture, Output
+from plip_jax.core.errors import InterventionError
 from plip_jax.models import rope as rope_lib
 from plip_jax.models.config import ModelConfig
 
 NO_WINDOW = np.iinfo(np.int32).max
-
-
-@dataclasses.dataclass(frozen=True)
-class Capture:
-    """What the forward returns besides logits (static: part of the jit cache key).
-
-    logits: "last" -> [V] at the last real position; "all" -> [T, V]; "none".
-    attn_rows: per-layer attention rows of the `query_rows` positions -> "attn_rows" [L, H, R, Tk].
-    attn_probs: full patterns: True -> "attn_probs" [L, H, Tq, Tk] for every layer; a tuple of layer indices
-        -> [len(layers), H, Tq, Tk] for those layers only (the others never materialise their patterns).
-    resid_post: residual stream after each block: "last" -> [L, D] at the last real position,
-        "all" -> [L, T, D], "none". (TransformerLens' hook_resid_post.)
-    final_hidden: final-normed hidden states -> "final_hidden" [T, D].
-    """
-
-    logits: str = "last"
-    attn_rows: bool = False
-    attn_probs: Any = False  # bool or tuple of layer indices
-    resid_post: str = "none"
-    final_hidden: bool = False
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -103,7 +88,7 @@ def _rope(x, ctx: _Ctx):
 def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None, cache_layer=None):
     """Self-attention of x [Tq, D]. Returns (out [Tq, D], probs [H, Tq, Tk] f32, new (k, v) cache).
 
-    With `kv_cache` = (k [L, S, KV, hd], v [L, S, KV, hd]) for ALL layers, the new keys/values are written
+    With `kv_cache` = (k [L', S, KV, hd], v [L', S, KV, hd]) for several layers, the new keys/values are written
     in place at (layer, q_pos) and the queries attend over this layer's whole cache (Tk = S); otherwise
     Tk = Tq. Carrying the whole cache (rather than scanning over per-layer slices) lets XLA update it in
     place: a decode step writes one token's keys per layer instead of copying the cache. `cache_layer`
@@ -144,6 +129,14 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     return linear(out, lp["o_w"], lp.get("o_b")), probs, new_cache
 
 
+@struct.dataclass
+class KVCache:
+    """Keys and values of one sequence for every layer: k, v [L, S, KV, hd] (S positions)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
 def embed(params, tokens, cfg: ModelConfig):
     h = jnp.take(params["embed"], tokens, axis=0)
     if cfg.embed_scale is not None:
@@ -157,11 +150,9 @@ def unembed(params, hidden, cfg: ModelConfig):
     return jnp.einsum("...d,vd->...v", hidden, w).astype(jnp.float32)
 
 
-def _rope_tables(cfg: ModelConfig, positions, n_tokens_hint: int, rope_mode: str, dtype):
-    if rope_mode == "plip":
+def _rope_tables(cfg: ModelConfig, positions, n_tokens_hint: int, dtype):
+    if cfg.rope_mode == "plip":
         return rope_lib.plip_cos_sin(positions, cfg.rope.theta, cfg.head_dim, dtype)
-    if rope_mode != "hf":
-        raise ValueError(f"rope_mode must be one of {rope_lib.ROPE_MODES}, got {rope_mode!r}")
     inv, factor = rope_lib.inv_frequencies(cfg.rope, n_tokens_hint, cfg.max_position_embeddings)
     return rope_lib.hf_cos_sin(positions, inv, factor)
 
@@ -169,20 +160,21 @@ def _rope_tables(cfg: ModelConfig, positions, n_tokens_hint: int, rope_mode: str
 # --------------------------------------------------------------------------- the forward
 
 
-def make_context(params, cfg: ModelConfig, n_tokens: int, *, length=None, positions=None, kv_cache=None,
-                 rope_mode: str = "hf") -> _Ctx:
-    """Positions, RoPE tables and key validity for a forward over `n_tokens` new tokens."""
+def make_context(params, cfg: ModelConfig, n_tokens: int, *, length=None, positions=None,
+                 cache_size: Optional[int] = None) -> _Ctx:
+    """Positions, RoPE tables and key validity for a forward over `n_tokens` new tokens; with a cache of
+    `cache_size` positions the keys are the cache's slots (the causal mask hides slots after the query)."""
     if positions is None:
         positions = jnp.arange(n_tokens, dtype=jnp.int32)
     length = jnp.asarray(n_tokens if length is None else length, jnp.int32)
-    if kv_cache is None:
+    if cache_size is None:
         k_pos, k_valid, n_keys = positions, jnp.arange(n_tokens) < length, n_tokens
     else:
-        n_keys = kv_cache["k"].shape[1]
+        n_keys = cache_size
         k_pos = jnp.arange(n_keys, dtype=jnp.int32)
-        k_valid = jnp.ones((n_keys,), bool)  # the causal mask already hides slots after the query
-    cos, sin = _rope_tables(cfg, positions, n_keys, rope_mode, params["embed"].dtype)
-    return _Ctx(q_pos=positions, k_pos=k_pos, k_valid=k_valid, cos=cos, sin=sin, rope_mode=rope_mode)
+        k_valid = jnp.ones((n_keys,), bool)
+    cos, sin = _rope_tables(cfg, positions, n_keys, params["embed"].dtype)
+    return _Ctx(q_pos=positions, k_pos=k_pos, k_valid=k_valid, cos=cos, sin=sin, rope_mode=cfg.rope_mode)
 
 
 def layer_windows(cfg: ModelConfig) -> jnp.ndarray:
@@ -201,78 +193,44 @@ def apply_block(h, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv=None, cach
     return ivs.edit_residual(h, iv, layer, ctx.q_pos), probs, new_cache
 
 
-def per_layer_layout(params) -> bool:
-    """True when `params["layers"]` is a tuple of per-layer dicts (see `plip_jax.models.loading`), False
-    when it is one dict of arrays stacked on a leading layer axis."""
-    return isinstance(params["layers"], (list, tuple))
-
-
-def layer_slice(params, layer: int) -> dict:
-    """One layer's params (static index), from either layout of `params["layers"]`."""
-    if per_layer_layout(params):
-        return params["layers"][layer]
-    return jax.tree_util.tree_map(lambda x: x[layer], params["layers"])
-
-
-def layers_for_scan(params, start: int, stop: int) -> tuple[dict, int]:
-    """(stacked, offset) for a `lax.scan` over layers start..stop-1: layer j is `stacked[leaf][j - offset]`.
-    The stacked layout is used as it is (offset 0, no copy); the per-layer layout stacks those layers (a copy
-    of stop - start layers' weights)."""
-    if per_layer_layout(params):
-        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params["layers"][start:stop]), start
-    return params["layers"], 0
-
-
-def final_logits(params, h, cfg: ModelConfig, last=None):
-    """Final norm + unembedding: logits f32 [V] at row `last` of h [T, D], or [T, V] when last is None."""
-    hidden = norm(h, params["final_norm"], cfg)
-    if last is None:
-        return unembed(params, hidden, cfg)
-    return unembed(params, jax.lax.dynamic_index_in_dim(hidden, last, 0, keepdims=False), cfg)
-
-
-def _selected_layers(n_layers: int, attn_probs) -> Optional[tuple]:
-    """The sorted layer indices whose patterns are wanted when `attn_probs` is a tuple (else None)."""
-    if attn_probs is True or attn_probs is False or attn_probs is None:
-        return None
-    wanted = tuple(sorted(set(int(l) for l in attn_probs)))
-    bad = [l for l in wanted if not 0 <= l < n_layers]
-    if bad:
-        raise ValueError(f"attn_probs layers {bad} out of range: the model has {n_layers} layers")
-    return wanted
+def check_interventions(iv: Optional[ivs.Interventions]) -> None:
+    """Refuse intervention kinds a transformer has no use for (RWKV-6 state edits)."""
+    if iv is not None and iv.state is not None:
+        raise InterventionError("a transformer has no recurrent WKV state: state edits (Interventions.state) apply "
+                                "to RWKV-6 models; use attention knockout/steering or residual edits instead")
 
 
 def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Optional[ivs.Interventions] = None,
-            capture: Capture = Capture(), query_rows=None, rope_mode: str = "hf", positions=None, kv_cache=None,
-            ) -> dict:
-    """Run one sequence. Not jitted itself: use `jit_forward` / `batched_forward`, or call inside jit.
+            capture: Capture = Capture(), query_rows=None, positions=None, cache: Optional[KVCache] = None,
+            ) -> Output:
+    """Run one sequence (not jitted itself: `Transformer.__call__` is this; jit/vmap the module).
 
     tokens: int [T]; length: int [] real tokens (right padding beyond it never changes results; default T);
     interventions: `Interventions` or None; query_rows: int [R] positions whose attention rows to capture;
     positions: int [T] absolute positions (default arange(T), or offset for cached decoding);
-    kv_cache: {"k": [L, S, KV, hd], "v": [L, S, KV, hd]} to read/update (decoding).
-    Returns a dict: "logits" ([V] or [T, V], f32) and the captured arrays (see `Capture`); with a cache,
-    also "kv_cache".
+    cache: `KVCache` to read/update (decoding); then "last" logits are those of the last given token.
+    Returns an `Output` (see `Capture`); with a cache, Output.cache is the updated one.
     """
+    check_interventions(interventions)
     t = tokens.shape[0]
-    ctx = make_context(params, cfg, t, length=length, positions=positions, kv_cache=kv_cache, rope_mode=rope_mode)
+    cache_size = None if cache is None else cache.k.shape[1]
+    ctx = make_context(params, cfg, t, length=length, positions=positions, cache_size=cache_size)
     length = jnp.asarray(t if length is None else length, jnp.int32)
-    last = length - 1 if kv_cache is None else t - 1
+    last = length - 1 if cache is None else t - 1
+    selected = capture.selected_layers(cfg.num_layers)
 
-    selected = _selected_layers(cfg.num_layers, capture.attn_probs)
-
-    def block(carry, xs):
-        h, buf, cache = carry
-        lp, layer, window, slot = xs
-        h, probs, cache = apply_block(h, lp, layer, window, cfg, ctx, interventions, cache)
+    def block(carry, lp, layer, xs):
+        h, buf, kv = carry
+        window, slot = xs
+        h, probs, kv = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv)
         ys = {}
         if capture.attn_rows:
             ys["attn_rows"] = jnp.take(probs, query_rows, axis=1)
         if capture.attn_probs is True:
             ys["attn_probs"] = probs
-        elif selected is not None and isinstance(slot, int):  # unrolled: the slot is known statically
-            if slot >= 0:
-                buf = jax.lax.dynamic_update_index_in_dim(buf, probs, slot, 0)
+        elif selected is not None and isinstance(layer, int):  # unrolled: the slot is known statically
+            if int(slot) >= 0:
+                buf = jax.lax.dynamic_update_index_in_dim(buf, probs, int(slot), 0)
         elif selected is not None:  # write this layer's pattern into its slot, only for selected layers
             buf = jax.lax.cond(slot >= 0, lambda b: jax.lax.dynamic_update_index_in_dim(b, probs, slot, 0),
                                lambda b: b, buf)
@@ -280,60 +238,80 @@ def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Opt
             ys["resid_post"] = h
         elif capture.resid_post == "last":
             ys["resid_post"] = jax.lax.dynamic_index_in_dim(h, last, 0, keepdims=False)
-        return (h, buf, cache), ys
+        return (h, buf, kv), ys
 
-    cache = None if kv_cache is None else (kv_cache["k"], kv_cache["v"])
     slots = np.full((cfg.num_layers,), -1, np.int32)
     buf = None
     if selected is not None:
         slots[list(selected)] = np.arange(len(selected))
-        n_keys = ctx.k_pos.shape[0]
-        buf = jnp.zeros((len(selected), cfg.num_heads, t, n_keys), jnp.float32)
-    carry = (embed(params, tokens, cfg), buf, cache)
-    windows = layer_windows(cfg)
-    if per_layer_layout(params):
-        # One unrolled block per layer reading that layer's own buffers: a scan over stacked weights makes
-        # XLA copy each layer's weights before its matmuls (on an H100 at 7B: +8 ms per 1280-token pass).
-        per = []
-        for j, lp in enumerate(params["layers"]):
-            carry, ys_j = block(carry, (lp, j, windows[j], int(slots[j])))
-            per.append(ys_j)
-        ys = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *per) if per and per[0] else {}
-    else:
-        xs = (params["layers"], jnp.arange(cfg.num_layers), windows, jnp.asarray(slots))
-        carry, ys = jax.lax.scan(block, carry, xs)
-    h, buf, cache = carry
-    out = dict(ys)
-    if buf is not None:
-        out["attn_probs"] = buf
-    if cache is not None:
-        out["kv_cache"] = {"k": cache[0], "v": cache[1]}
+        buf = jnp.zeros((len(selected), cfg.num_heads, t, ctx.k_pos.shape[0]), jnp.float32)
+    kv = None if cache is None else (cache.k, cache.v)
+    carry = (embed(params, tokens, cfg), buf, kv)
+    (h, buf, kv), ys = params["layers"].fold(block, carry, (layer_windows(cfg), slots))
+    ys = ys or {}
     hidden = norm(h, params["final_norm"], cfg)
-    if capture.final_hidden:
-        out["final_hidden"] = hidden
+    logits = None
     if capture.logits == "last":
-        out["logits"] = unembed(params, jax.lax.dynamic_index_in_dim(hidden, last, 0, keepdims=False), cfg)
+        logits = unembed(params, jax.lax.dynamic_index_in_dim(hidden, last, 0, keepdims=False), cfg)
     elif capture.logits == "all":
-        out["logits"] = unembed(params, hidden, cfg)
-    return out
+        logits = unembed(params, hidden, cfg)
+    return Output(logits=logits, attn_rows=ys.get("attn_rows"),
+                  attn_probs=buf if buf is not None else ys.get("attn_probs"), resid_post=ys.get("resid_post"),
+                  final_hidden=hidden if capture.final_hidden else None,
+                  cache=None if kv is None else KVCache(k=kv[0], v=kv[1]))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "capture", "rope_mode"))
-def jit_forward(params, tokens, cfg: ModelConfig, length=None, interventions=None, capture: Capture = Capture(),
-                query_rows=None, rope_mode: str = "hf"):
-    """`forward` of one sequence under `jit`."""
-    return forward(params, tokens, cfg, length=length, interventions=interventions, capture=capture,
-                   query_rows=query_rows, rope_mode=rope_mode)
+class Transformer(struct.PyTreeNode):
+    """The decoder families' `Model`: params pytree + static config. `model(tokens, ...)` is `forward`.
 
+    params: {"embed": [V, D], "final_norm": {...}, "lm_head"?: [V, D] (absent when tied or trimmed by
+    `trunk`), "layers": `StackedLayers` | `PerLayerLayers`}."""
 
-@functools.partial(jax.jit, static_argnames=("cfg", "capture", "rope_mode"))
-def batched_forward(params, tokens, cfg: ModelConfig, lengths, interventions=None, capture: Capture = Capture(),
-                    query_rows=None, rope_mode: str = "hf"):
-    """`forward` vmapped over a right-padded batch: tokens int [B, T], lengths int [B], per-sample
-    interventions (leading axis B) and query_rows int [B, R]. Outputs gain a leading B axis."""
+    params: dict
+    cfg: ModelConfig = struct.field(pytree_node=False)
 
-    def one(tok, n, iv, rows):
-        return forward(params, tok, cfg, length=n, interventions=iv, capture=capture, query_rows=rows,
-                       rope_mode=rope_mode)
+    def __call__(self, tokens, *, length=None, interventions=None, capture: Capture = Capture(), query_rows=None,
+                 positions=None, cache: Optional[KVCache] = None) -> Output:
+        return forward(self.params, tokens, self.cfg, length=length, interventions=interventions,
+                       capture=capture, query_rows=query_rows, positions=positions, cache=cache)
 
-    return jax.vmap(one)(tokens, lengths, interventions, query_rows)
+    def init_cache(self, size: int) -> KVCache:
+        """Empty keys/values for one sequence of up to `size` positions (params' dtype)."""
+        shape = (self.cfg.num_layers, int(size), self.cfg.num_kv_heads, self.cfg.head_dim)
+        dt = self.params["embed"].dtype
+        return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
+
+    def embed(self, tokens) -> jax.Array:
+        return embed(self.params, tokens, self.cfg)
+
+    def final_norm(self, hidden) -> jax.Array:
+        return norm(hidden, self.params["final_norm"], self.cfg)
+
+    def logits(self, hidden) -> jax.Array:
+        return unembed(self.params, hidden, self.cfg)
+
+    @property
+    def unembedding(self) -> jax.Array:
+        return self.params["embed"] if self.cfg.tie_embeddings else self.params["lm_head"]
+
+    def trunk(self) -> "Transformer":
+        """Without a separate `lm_head` (never read by calls that return no logits; keeps 1.1 GB off the
+        device buffers of a 7B bf16 layer scan)."""
+        return self.replace(params={k: v for k, v in self.params.items() if k != "lm_head"})
+
+    # ------------------------------------------------------------------ per-block API (knockout scans)
+    @property
+    def layers(self):
+        """The per-layer params (`StackedLayers` | `PerLayerLayers`): `.group(a, b)`, `.layer(j)`."""
+        return self.params["layers"]
+
+    def block_context(self, n_tokens: int, *, length=None, positions=None, cache_size=None) -> _Ctx:
+        """Positions/RoPE/key validity for `apply_block` over `n_tokens` rows (see `make_context`)."""
+        return make_context(self.params, self.cfg, n_tokens, length=length, positions=positions,
+                            cache_size=cache_size)
+
+    def apply_block(self, h, layer_params, layer, ctx: _Ctx, interventions=None, kv=None, cache_layer=None):
+        """Block `layer` (params `layer_params`, e.g. from `layers.group`) on h [T, D]; `kv` = (k, v) arrays
+        [L', S, KV, hd] holding this layer at `cache_layer`. Returns (h, probs [H, T, Tk] f32, kv)."""
+        window = layer_windows(self.cfg)[layer]
+        return apply_block(h, layer_params, layer, window, self.cfg, ctx, interventions, kv, cache_layer)

@@ -2,7 +2,7 @@
 
 All layers come from ONE forward (`Capture(resid_post="last")`, the residual after each block at the
 last real position, pre final norm). The last layer's lens is, by construction, the model's own output
-distribution (tested). Batches of prompts are right-padded and run in one `batched_forward`.
+distribution (tested). Batches of prompts are right-padded and run in one vmapped forward of any `Model`.
 """
 
 from __future__ import annotations
@@ -15,30 +15,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax.batching import check_context, pad_batch
-from plip_jax.models.config import ModelConfig
-from plip_jax.models.transformer import Capture, batched_forward, norm, unembed
-from plip_jax.positions import encode_with_offsets
+from plip_jax.core.capture import Capture
+from plip_jax.data.batching import check_context, pad_batch
+from plip_jax.data.positions import encode_with_offsets
 
 # PLIP-rs `logit_lens` looks for the first layer whose top-k contains one of these.
 PLIP_LENS_PATTERNS = ("#[test]", "#[cfg", "fn ", "def ")
 
 
-def lens_logits(params: dict, resid: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
-    """Logits (f32) [..., V] of residual streams [..., D]: FinalNorm -> unembed (no softmax)."""
-    return unembed(params, norm(resid, params["final_norm"], cfg), cfg)
+def lens_logits(model: Any, resid: jnp.ndarray) -> jnp.ndarray:
+    """Logits (f32) [..., V] of residual streams [..., D]: the model's final norm -> unembed (no softmax)."""
+    return model.logits(model.final_norm(resid))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "top_k", "rope_mode"))
-def _lens_batch(params, tokens, lengths, cfg: ModelConfig, top_k: int, rope_mode: str = "hf"):
-    out = batched_forward(params, tokens, cfg, lengths, capture=Capture(logits="last", resid_post="last"),
-                          rope_mode=rope_mode)
-    resid = out["resid_post"]  # [B, L, D]
-    logp = jax.nn.log_softmax(lens_logits(params, resid, cfg), axis=-1)  # [B, L, V]
+@functools.partial(jax.jit, static_argnames=("top_k",))
+def _lens_batch(model, tokens, lengths, top_k: int):
+    out = jax.vmap(lambda t, n: model(t, length=n, capture=Capture(logits="last", resid_post="last")))(tokens, lengths)
+    logp = jax.nn.log_softmax(lens_logits(model, out.resid_post), axis=-1)  # [B, L, V]
     top_lp, top_ids = jax.lax.top_k(logp, top_k)  # [B, L, k]
-    final_lp = jax.nn.log_softmax(out["logits"], axis=-1)  # [B, V]
+    final_lp = jax.nn.log_softmax(out.logits, axis=-1)  # [B, V]
     final_top_lp, final_top_ids = jax.lax.top_k(final_lp, top_k)
-    return {"top_logprobs": top_lp, "top_ids": top_ids, "final_logits": out["logits"],
+    return {"top_logprobs": top_lp, "top_ids": top_ids, "final_logits": out.logits,
             "final_top_logprobs": final_top_lp, "final_top_ids": final_top_ids}
 
 
@@ -88,8 +85,7 @@ def first_layer_with(result: LensResult, pattern: str, k: Optional[int] = None) 
     return None
 
 
-def run_logit_lens(model: Any, texts: Sequence[str], top_k: int = 5, rope_mode: str = "hf",
-                   pad_multiple: int = 16) -> list[LensResult]:
+def run_logit_lens(model: Any, texts: Sequence[str], top_k: int = 5, pad_multiple: int = 16) -> list[LensResult]:
     """Logit lens of the last token of each text, all texts in one padded batched forward.
 
     model: a `LoadedModel`. Returns one `LensResult` per text (top_k per layer, probabilities in [0, 1]).
@@ -105,7 +101,7 @@ def run_logit_lens(model: Any, texts: Sequence[str], top_k: int = 5, rope_mode: 
     check_context([len(s) for s in seqs], model.cfg.max_position_embeddings, [f"text #{i}" for i in range(len(seqs))])
     pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
     tokens, lengths = pad_batch(seqs, pad_id=pad, multiple=pad_multiple)
-    out = _lens_batch(model.params, jnp.asarray(tokens), jnp.asarray(lengths), model.cfg, top_k, rope_mode)
+    out = _lens_batch(model.model, jnp.asarray(tokens), jnp.asarray(lengths), top_k)
     top_ids = np.asarray(out["top_ids"])
     top_probs = np.exp(np.asarray(out["top_logprobs"], dtype=np.float64))
     final = np.asarray(out["final_logits"])

@@ -1,18 +1,19 @@
-"""Batched KV-cache generation with interventions (spec sections 1.1 sampling, 5.3, 7).
+"""Batched generation with interventions for any `Model` (transformer KV cache or RWKV-6 state).
 
 One jitted call runs the whole generation of a batch of prompts:
 
-* prefill: the right-padded prompts [B, T] go through `transformer.forward` (vmapped) writing keys and
-  values into an empty per-sequence cache {"k","v": [L, S, KV, hd]}; each sequence's first-token
-  logits are read at its own last real position (no left padding needed);
+* prefill: the right-padded prompts [B, T] go through the model (vmapped) with an empty per-sequence
+  cache from `model.init_cache(S)` (transformer: keys/values [L, S, KV, hd], written in place; RWKV-6:
+  the recurrent state, frozen after each prompt's last real token); each sequence's first-token logits
+  are read at its own last real position (no left padding needed);
 * decode: a `jax.lax.while_loop` over steps; every step feeds each sequence's previous token at its own
   absolute position `prompt_length + step - 1` (vmapped, one token per sequence), samples the next
   token and appends it. Sequences that sampled a stop token freeze (the stop token is not part of the
   output); the loop exits early when every sequence has stopped.
 
-Interventions are the forward's `Interventions` pytree over ABSOLUTE positions (edges [S, S]): the same
-edges act in the prefill and in every decode step, so cached generation equals full recomputation
-under an intervention (tested). `steer_generated_rows` builds the "every generated row -> given prompt
+Interventions are the forward's `Interventions` pytree over ABSOLUTE positions (edges [S, S], RWKV state
+edits [L, S]): the same edits act in the prefill and in every decode step, so cached generation equals
+full recomputation under an intervention (tested). `steer_generated_rows` builds the "every generated row -> given prompt
 columns" edge sets of the steering experiment, refusing future edges.
 
 Sampling: greedy = argmax over float32 logits; ties resolve to the FIRST maximal index (`jnp.argmax`).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -34,14 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax import interventions as ivs
-from plip_jax.batching import bucket_length
-from plip_jax.models import transformer as tf
-from plip_jax.models.config import ModelConfig
-
-
-class GenerationError(ValueError):
-    """A generation request that cannot be run as asked (message says what and how to fix it)."""
+from plip_jax.core import interventions as ivs
+from plip_jax.core.capture import Capture
+from plip_jax.core.errors import GenerationError
+from plip_jax.data.batching import bucket_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +81,7 @@ class GenerationResult:
 # --------------------------------------------------------------------------- sizes, stop tokens, prompts
 
 
-def cache_size_for(prompt_lengths: Sequence[int], max_new_tokens: int, cfg: ModelConfig, multiple: int = 16,
+def cache_size_for(prompt_lengths: Sequence[int], max_new_tokens: int, cfg: Any, multiple: int = 16,
                    ids: Optional[Sequence[str]] = None) -> int:
     """KV-cache size S (positions) for prompts of these lengths and `max_new_tokens` new tokens.
 
@@ -110,7 +108,7 @@ def cache_size_for(prompt_lengths: Sequence[int], max_new_tokens: int, cfg: Mode
     return max(size, padded)
 
 
-def stop_token_ids(tokenizer: Any = None, model_dir: Optional[Path] = None, cfg: Optional[ModelConfig] = None,
+def stop_token_ids(tokenizer: Any = None, model_dir: Optional[Path] = None, cfg: Any = None,
                    extra_tokens: Sequence[str] = ()) -> tuple[int, ...]:
     """Stop ids: the tokenizer's eos, config.json's eos ids, generation_config.json's `eos_token_id`
     (int or list), and any `extra_tokens` strings that are single tokens of the vocabulary."""
@@ -118,7 +116,7 @@ def stop_token_ids(tokenizer: Any = None, model_dir: Optional[Path] = None, cfg:
     if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
         ids.append(int(tokenizer.eos_token_id))
     if cfg is not None:
-        ids.extend(int(i) for i in cfg.eos_token_ids)
+        ids.extend(int(i) for i in getattr(cfg, "eos_token_ids", ()))
     if model_dir is not None and (Path(model_dir) / "generation_config.json").is_file():
         gen = json.loads((Path(model_dir) / "generation_config.json").read_text())
         eos = gen.get("eos_token_id")
@@ -176,7 +174,7 @@ def decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def plip_generation_layer(cfg: ModelConfig) -> int:
+def plip_generation_layer(cfg: Any) -> int:
     """Default steering layer: PLIP-rs's ⌊2n/3⌋ rule for non-Qwen models, used for every model here.
     (PLIP's Qwen rule, n > 30 -> 16 else 20, is inverted w.r.t. its own comment and out of range for
     models with <= 20 layers; the N=50 run passed --layer 20 explicitly.)"""
@@ -248,10 +246,20 @@ def _fit_edges(kind, size: int):
     return kind.replace(edges=jnp.pad(e, pad))
 
 
+def _fit_state(state: Optional[ivs.StateEdit], size: int) -> Optional[ivs.StateEdit]:
+    if state is None:
+        return None
+    n = state.scale.shape[-1]
+    if n > size:
+        raise GenerationError(f"state edit covers {n} positions > cache size {size}; pass cache_size={n}")
+    pad = [(0, 0)] * (state.scale.ndim - 1) + [(0, size - n)]
+    return state.replace(scale=jnp.pad(state.scale, pad, constant_values=1.0))
+
+
 def fit_interventions(iv: Optional[ivs.Interventions], size: int) -> Optional[ivs.Interventions]:
     """Pad every edge matrix of `iv` with False to [.., size, size] (edges over absolute positions;
-    rows past the matrix would otherwise be clipped to its last row). Residual edits must already
-    cover `size` positions."""
+    rows past the matrix would otherwise be clipped to its last row) and a state edit's scale with ones
+    to [.., L, size]. Residual edits must already cover `size` positions."""
     if iv is None:
         return None
     for kind in (iv.knockout, iv.scale, iv.set_value):
@@ -261,12 +269,8 @@ def fit_interventions(iv: Optional[ivs.Interventions], size: int) -> Optional[iv
     if iv.residual is not None and iv.residual.where.shape[-1] != size:
         raise GenerationError(f"residual edit covers {iv.residual.where.shape[-1]} positions, the cache has {size}")
     return ivs.Interventions(knockout=_fit_edges(iv.knockout, size), scale=_fit_edges(iv.scale, size),
-                             set_value=_fit_edges(iv.set_value, size), residual=iv.residual)
-
-
-def stack_interventions(items: Sequence[ivs.Interventions]) -> ivs.Interventions:
-    """Stack per-sequence interventions (same structure) on a leading batch axis."""
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *items)
+                             set_value=_fit_edges(iv.set_value, size), residual=iv.residual,
+                             state=_fit_state(iv.state, size))
 
 
 def empty_like_interventions(iv: ivs.Interventions) -> ivs.Interventions:
@@ -275,8 +279,9 @@ def empty_like_interventions(iv: ivs.Interventions) -> ivs.Interventions:
     def clear(kind):
         return None if kind is None else kind.replace(edges=jnp.zeros_like(kind.edges))
     res = None if iv.residual is None else iv.residual.replace(where=jnp.zeros_like(iv.residual.where))
+    state = None if iv.state is None else iv.state.replace(scale=jnp.ones_like(iv.state.scale))
     return ivs.Interventions(knockout=clear(iv.knockout), scale=clear(iv.scale), set_value=clear(iv.set_value),
-                             residual=res)
+                             residual=res, state=state)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -300,37 +305,32 @@ def sample_token(logits: jnp.ndarray, key, temperature, top_p, greedy: bool) -> 
 # --------------------------------------------------------------------------- the jitted generation
 
 
-_STEP_HOOK: dict = {"fn": None}
+_STEP_CALLBACKS: dict[int, Callable[[int, int], None]] = {}  # call id -> on_step of a running `generate`
+_CALL_IDS = itertools.count(1)
 
 
-def _report_step(step, active) -> None:
-    fn = _STEP_HOOK["fn"]
+def _report_step(call_id, step, active) -> None:
+    fn = _STEP_CALLBACKS.get(int(call_id))
     if fn is not None:
         fn(int(step), int(active))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache_size", "greedy", "rope_mode", "iv_batched",
-                                             "progress"))
-def _generate_jit(params, tokens, lengths, stop_ids, key, sample_ids, temperature, top_p, interventions, *,
-                  cfg: ModelConfig, max_new_tokens: int, cache_size: int, greedy: bool, rope_mode: str,
-                  iv_batched: bool, progress: bool = False):
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "cache_size", "greedy", "iv_batched", "progress"))
+def _generate_jit(model, tokens, lengths, stop_ids, key, sample_ids, temperature, top_p, interventions, call_id, *,
+                  max_new_tokens: int, cache_size: int, greedy: bool, iv_batched: bool, progress: bool = False):
     b, t = tokens.shape
-    dtype = params["embed"].dtype
-    shape = (cfg.num_layers, cache_size, cfg.num_kv_heads, cfg.head_dim)
-    empty = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    empty = model.init_cache(cache_size)
     iv_axis = 0 if iv_batched else None
 
     def prefill_one(tok, n, iv):
-        out = tf.forward(params, tok, cfg, length=n, interventions=iv,
-                         capture=tf.Capture(logits="none", final_hidden=True), rope_mode=rope_mode,
-                         positions=jnp.arange(t, dtype=jnp.int32), kv_cache=empty)
-        last = jax.lax.dynamic_index_in_dim(out["final_hidden"], n - 1, 0, keepdims=False)
-        return out["kv_cache"], tf.unembed(params, last, cfg)
+        out = model(tok, length=n, interventions=iv, capture=Capture(logits="none", final_hidden=True),
+                    positions=jnp.arange(t, dtype=jnp.int32), cache=empty)
+        last = jax.lax.dynamic_index_in_dim(out.final_hidden, n - 1, 0, keepdims=False)
+        return out.cache, model.logits(last)
 
     def decode_one(cache, tok, pos, iv):
-        out = tf.forward(params, tok[None], cfg, interventions=iv, capture=tf.Capture(logits="last"),
-                         rope_mode=rope_mode, positions=pos[None], kv_cache=cache)
-        return out["kv_cache"], out["logits"]
+        out = model(tok[None], interventions=iv, capture=Capture(logits="last"), positions=pos[None], cache=cache)
+        return out.cache, out.logits
 
     seq_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(sample_ids)
 
@@ -365,7 +365,7 @@ def _generate_jit(params, tokens, lengths, stop_ids, key, sample_ids, temperatur
         stopped = stopped | (stop & ~was_done)
         last_tok = jnp.where(was_done, last_tok, tok)
         if progress:
-            jax.debug.callback(_report_step, i + 1, jnp.sum(~done))
+            jax.debug.callback(_report_step, call_id, i + 1, jnp.sum(~done))
         return i + 1, cache, last_tok, done, n, out, stopped
 
     state = (jnp.int32(1), cache, tok, done, n, out, stopped)
@@ -373,17 +373,17 @@ def _generate_jit(params, tokens, lengths, stop_ids, key, sample_ids, temperatur
     return out, n, stopped
 
 
-def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), key: Optional[jax.Array] = None,
              sample_ids: Optional[Sequence[int]] = None, stop_ids: Sequence[int] = (),
              interventions: Optional[ivs.Interventions] = None, batched_interventions: bool = False,
-             rope_mode: str = "hf", cache_size: Optional[int] = None, pad_id: int = 0,
-             ids: Optional[Sequence[str]] = None,
+             cache_size: Optional[int] = None, pad_id: int = 0, ids: Optional[Sequence[str]] = None,
              on_step: Optional[Callable[[int, int], None]] = None) -> GenerationResult:
-    """Generate up to `max_new_tokens` tokens after each prompt (token id lists of any lengths), batched.
+    """Generate up to `max_new_tokens` tokens after each prompt (token id lists of any lengths), batched,
+    with any `Model` (a transformer's KV cache or RWKV-6's recurrent state carries the context).
 
     interventions: one `Interventions` for every sequence, or (batched_interventions=True) leaves with a
-    leading batch axis B; edges over absolute positions, padded here to [S, S] (S = `cache_size`, default
+    leading batch axis B; over absolute positions, padded here to S (S = `cache_size`, default
     `cache_size_for(...)`; build edges with that S, e.g. via `steer_generated_rows`).
     key / sample_ids: PRNG key (default PRNGKey(0)) and per-sequence stream ids (default 0..B-1) for
     sampling; give two sequences the same id to make them draw the same random numbers.
@@ -392,6 +392,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     (progress display; compiled as a `jax.debug.callback`).
     Returns a GenerationResult (host numpy arrays).
     """
+    cfg = model.cfg
     if not len(prompts):
         raise GenerationError("no prompts to generate from")
     lengths = np.asarray([len(p) for p in prompts], np.int32)
@@ -418,28 +419,31 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
         raise GenerationError(f"sample_ids needs one id per prompt ({len(prompts)}), got shape {sids.shape}")
     stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], np.int32)
     key = jax.random.PRNGKey(0) if key is None else key
-    _STEP_HOOK["fn"] = on_step
+    call_id = next(_CALL_IDS)
+    if on_step is not None:
+        _STEP_CALLBACKS[call_id] = on_step
     try:
         out, n, stopped = _generate_jit(
-            params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(stops), key, jnp.asarray(sids, jnp.int32),
+            model, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(stops), key, jnp.asarray(sids, jnp.int32),
             jnp.float32(sampling.temperature if not sampling.greedy else 1.0), jnp.float32(sampling.top_p), iv,
-            cfg=cfg, max_new_tokens=int(max_new_tokens), cache_size=size, greedy=sampling.greedy, rope_mode=rope_mode,
+            jnp.int32(call_id), max_new_tokens=int(max_new_tokens), cache_size=size, greedy=sampling.greedy,
             iv_batched=bool(batched_interventions and iv is not None), progress=on_step is not None)
         out, n, stopped = jax.block_until_ready((out, n, stopped))
     finally:
-        _STEP_HOOK["fn"] = None
+        _STEP_CALLBACKS.pop(call_id, None)
     out, n, stopped = np.array(out), np.array(n), np.array(stopped)
     for b in range(out.shape[0]):
         out[b, n[b]:] = pad_id
     return GenerationResult(tokens=out, n_generated=n, stopped=stopped, prompt_lengths=lengths, cache_size=size)
 
 
-def generate_reference(params, cfg: ModelConfig, prompt: Sequence[int], *, max_new_tokens: int,
-                       stop_ids: Sequence[int] = (), interventions: Optional[ivs.Interventions] = None,
-                       rope_mode: str = "hf", cache_size: Optional[int] = None) -> list[int]:
+def generate_reference(model, prompt: Sequence[int], *, max_new_tokens: int, stop_ids: Sequence[int] = (),
+                       interventions: Optional[ivs.Interventions] = None,
+                       cache_size: Optional[int] = None) -> list[int]:
     """Greedy generation by full recomputation (no cache): the whole sequence, padded to S, is re-run at
     every step. Slow; the ground truth that cached decoding is tested against."""
-    size = cache_size or cache_size_for([len(prompt)], max_new_tokens, cfg)
+    size = cache_size or cache_size_for([len(prompt)], max_new_tokens, model.cfg)
+    run = jax.jit(lambda m, t, n, iv: m(t, length=n, interventions=iv, capture=Capture(logits="last")).logits)
     iv = fit_interventions(interventions, size)
     seq = list(prompt)
     out: list[int] = []
@@ -447,8 +451,7 @@ def generate_reference(params, cfg: ModelConfig, prompt: Sequence[int], *, max_n
     for _ in range(max_new_tokens):
         tokens = np.zeros((size,), np.int32)
         tokens[: len(seq)] = seq
-        logits = tf.jit_forward(params, jnp.asarray(tokens), cfg, length=jnp.int32(len(seq)), interventions=iv,
-                                capture=tf.Capture(logits="last"), rope_mode=rope_mode)["logits"]
+        logits = run(model, jnp.asarray(tokens), jnp.int32(len(seq)), iv)
         tok = int(jnp.argmax(logits))
         if tok in stops:
             break

@@ -53,8 +53,10 @@ def provenance(*, model: Any = None, corpus_path: Optional[Path] = None, dtype: 
         src = model.source
         block["model"] = {
             "name": src.name, "kind": src.kind, "path": str(src.path),
-            "weights_sha256": {Path(f).name: _sha(Path(f)) for f in getattr(model, "weight_files", [])},
+            "weights_sha256": {Path(f).name: _sha(Path(f)) for f in model.weight_files},
+            "model_type": model.cfg.model_type, "family": model.cfg.family,
         }
+        block.update(model.cfg.numerics())  # dtype, and rope_mode for transformers
     if corpus_path is not None:
         block["corpus"] = {"path": str(corpus_path), "sha256": _sha(Path(corpus_path))}
     if dtype is not None:

@@ -10,6 +10,8 @@ from typing import Optional
 
 from absl import flags
 
+from plip_jax.util.progress import Progress  # noqa: F401 (binaries use cli.Progress)
+
 FLAGS = flags.FLAGS
 # The define_*_flags helpers below define flags on behalf of the binary that calls them: attribute those
 # flags to the binary, so that its --help lists --model, --dtype, ... next to its own flags.
@@ -31,8 +33,8 @@ def define_model_flags(default_dtype: str = "float32") -> None:
 
 
 def define_layer_layout_flag() -> None:
-    """--layer_layout, one of `plip_jax.models.loading.LAYER_LAYOUTS`."""
-    from plip_jax.models.loading import LAYER_LAYOUTS
+    """--layer_layout, one of `plip_jax.models.layers.LAYER_LAYOUTS`."""
+    from plip_jax.models.layers import LAYER_LAYOUTS
 
     flags.DEFINE_enum("layer_layout", "auto", list(LAYER_LAYOUTS), "Transformer weights in memory: "
                       "stacked (a scan over layers; quick to compile) or per_layer (unrolled; no per-layer weight "
@@ -56,23 +58,6 @@ def define_knockout_mode_flags(thing: str, default_layer: str) -> None:
                       "(marker-like syntax without tests).")
     flags.DEFINE_integer("control_seed", 0, "Seed of the random control (same number of edits at random "
                          "non-target positions; negative: no control).")
-
-
-def apply_mesh(model, spec: Optional[str]):
-    """Shard a loaded transformer's params over the mesh described by `spec` (None: leave as is)."""
-    if not spec:
-        return model
-    from plip_jax import sharding
-    from plip_jax.models.config import ModelConfig
-
-    if not isinstance(model.cfg, ModelConfig):
-        raise SystemExit(f"--mesh is implemented for the transformer families, not {model.cfg.model_type}")
-
-    mesh = sharding.parse_mesh(spec)
-    model.params = sharding.shard_params(model.params, model.cfg, mesh)
-    model.mesh = mesh
-    print(f"Sharded over mesh {dict(mesh.shape)} ({mesh.size} devices)")
-    return model
 
 
 COMPILE_CACHE_ENV = "PLIP_JAX_COMPILE_CACHE"
@@ -124,50 +109,37 @@ def select_device(choice: str, compile_cache: bool = True) -> str:
     return platform
 
 
-def load_model_from_flags(loader=None):
-    """The start of every model binary: pin --device, load --model in --dtype (sharded over --mesh when
-    the binary defines that flag and it is set), print a one-line header. Returns (model, load seconds)."""
-    platform = select_device(FLAGS.device)
-    if loader is None:
-        from plip_jax.models.registry import load_any_model as loader
-    t0 = time.perf_counter()
-    if "mesh" in FLAGS and FLAGS.mesh:  # params go from host memory straight to their shards
-        from plip_jax import sharding
+def load_model_from_flags(family: Optional[str] = None):
+    """The start of every model binary: pin --device, load --model in --dtype with --rope_mode and
+    --layer_layout (sharded over --mesh when the binary defines that flag and it is set), print a one-line
+    header. `family` ('transformer' | 'rwkv6'): refuse any other family before a weight is read.
+    Returns (LoadedModel, load seconds)."""
+    from plip_jax.core.errors import WrongFamilyError
+    from plip_jax.models import registry, sharding
 
+    platform = select_device(FLAGS.device)
+    if family is not None:
+        found = registry.family_of(registry.model_type_of(FLAGS.model), FLAGS.model)
+        if found != family:
+            what = {"rwkv6": "an RWKV-6 checkpoint (--model=DIR or a Hub id like RWKV/v6-Finch-1B6-HF; convert "
+                             ".pth files with bin.convert_rwkv_to_safetensors)",
+                    "transformer": "a transformer (qwen2, starcoder2, gemma, llama, phi3)"}[family]
+            raise WrongFamilyError(f"this experiment needs {what}; --model={FLAGS.model or 'bundled plip-tiny-code'} "
+                                   f"is a {found} model")
+    t0 = time.perf_counter()
+    mesh = None
+    if "mesh" in FLAGS and FLAGS.mesh:  # params go from host memory straight to their shards
         mesh = sharding.parse_mesh(FLAGS.mesh)
-        model = loader(FLAGS.model, FLAGS.dtype, mesh=mesh, layer_layout=FLAGS.layer_layout)
+    rope_mode = FLAGS.rope_mode if "rope_mode" in FLAGS else "hf"
+    model = registry.load_model(FLAGS.model, FLAGS.dtype, mesh=mesh, layer_layout=FLAGS.layer_layout,
+                                rope_mode=rope_mode)
+    if mesh is not None:
         print(f"Sharded over mesh {dict(mesh.shape)} ({mesh.size} devices)")
-    else:
-        model = loader(FLAGS.model, FLAGS.dtype, layer_layout=FLAGS.layer_layout)
     load_s = time.perf_counter() - t0
-    print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, "
-          f"dtype {FLAGS.dtype}, rope_mode {FLAGS.rope_mode}")
+    numerics = ", ".join(f"{k} {v}" for k, v in model.cfg.numerics().items())
+    print(f"Model: {model.name} ({model.cfg.model_type}, {model.cfg.num_layers} layers) on {platform}, {numerics}")
     return model, load_s
 
 
 def default_output(prefix: str, slug: str, suffix: str = ".json") -> Path:
     return Path("outputs") / f"{prefix}_{slug}{suffix}"
-
-
-class Progress:
-    """Minimal progress line on stderr for long loops (`with Progress(n, 'layers') as p: p.step()`)."""
-
-    def __init__(self, total: int, what: str, enabled: bool = True):
-        self.total, self.what, self.done, self.enabled = total, what, 0, enabled
-        self.t0 = time.perf_counter()
-
-    def __enter__(self):
-        return self
-
-    def step(self, n: int = 1, note: Optional[str] = None) -> None:
-        self.done += n
-        if self.enabled:
-            el = time.perf_counter() - self.t0
-            eta = el / self.done * (self.total - self.done) if self.done else 0.0
-            msg = f"\r{self.what}: {self.done}/{self.total} ({el:.1f}s, ~{eta:.1f}s left)"
-            sys.stderr.write(msg + (f" {note}" if note else "") + " " * 4)
-            sys.stderr.flush()
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            sys.stderr.write("\n")

@@ -3,9 +3,9 @@
 that do not fit on one device). `jit` (GSPMD) inserts the collectives; results equal single-device runs.
 
     mesh = make_mesh(data=4, model=2)
-    params = shard_params(params, cfg, mesh)
+    params = shard_params(params, cfg, mesh)       # or load_model(..., mesh=mesh): sharded as read
     tokens, lengths = shard_batch((tokens, lengths), mesh)
-    out = batched_forward(params, tokens, cfg, lengths, ...)
+    out = jax.jit(jax.vmap(lambda t, n: model(t, length=n)))(tokens, lengths)
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ def param_specs(params: dict, cfg: ModelConfig, model_size: int) -> dict:
     heads_ok = _divisible(cfg.num_heads, model_size)
     kv_ok = _divisible(cfg.num_kv_heads, model_size)
     mlp_ok = _divisible(cfg.intermediate_size, model_size)
-    out_split = P(None, "model", None)  # [L, out, in]: split out features
-    in_split = P(None, None, "model")  # [L, out, in]: split in features
-    bias_split = P(None, "model")
-    rules = {
+    out_split = P("model", None)  # [out, in]: split out features
+    in_split = P(None, "model")  # [out, in]: split in features
+    bias_split = P("model")
+    rules = {  # per-layer leaf name -> spec of ONE layer's [out, in] matrix or [out] bias
         "q_w": out_split if heads_ok else P(), "q_b": bias_split if heads_ok else P(),
         "k_w": out_split if kv_ok else P(), "k_b": bias_split if kv_ok else P(),
         "v_w": out_split if kv_ok else P(), "v_b": bias_split if kv_ok else P(),
@@ -65,15 +65,9 @@ def param_specs(params: dict, cfg: ModelConfig, model_size: int) -> dict:
         "down_w": in_split if mlp_ok else P(), "proj_w": in_split if mlp_ok else P(),
     }
 
-    def spec(path, leaf):
-        name = getattr(path[-1], "key", None)
-        in_layers = any(getattr(k, "key", None) == "layers" for k in path)
-        s = rules.get(name, P()) if in_layers else P()
-        if len(s) > leaf.ndim:  # per-layer layout: one layer's leaf has no leading layer axis
-            s = P(*s[1:])
-        return s
-
-    return jax.tree_util.tree_map_with_path(spec, params)
+    specs = {k: jax.tree_util.tree_map(lambda _: P(), v) for k, v in params.items() if k != "layers"}
+    specs["layers"] = params["layers"].partition_specs(lambda name, ndim: rules.get(name, P()))
+    return specs
 
 
 def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
@@ -109,10 +103,10 @@ def pad_to_multiple(tokens: np.ndarray, lengths: np.ndarray, multiple: int, *ext
 
 
 def distribute(model: Any, tree: Any, axis: int = 0) -> Any:
-    """Split `tree`'s arrays along `axis` over the "data" axis of `model.mesh` (set by `cli.apply_mesh`),
+    """Split `tree`'s arrays along `axis` over the "data" axis of `model.mesh` (a `LoadedModel`'s mesh),
     when that axis divides evenly; otherwise (or without a mesh) leave them as they are (replicated).
     Used by the experiments so that a sweep's samples (or sweep points) run data-parallel."""
-    mesh = getattr(model, "mesh", None)
+    mesh = model.mesh
     if mesh is None or tree is None:
         return tree
     n = mesh.shape["data"]

@@ -11,17 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from plip_jax.models.config import SUPPORTED_MODEL_TYPES
-from plip_jax.models.sources import BUNDLED_MODEL_DIR, BUNDLED_MODEL_NAME
-
-
-def hub_cache_dir() -> Path:
-    """The HF hub cache folder, read from the environment at call time (HF_HUB_CACHE, then the legacy
-    HUGGINGFACE_HUB_CACHE, then $HF_HOME/hub, then ~/.cache/huggingface/hub)."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+from plip_jax.models.sources import BUNDLED_MODEL_DIR, BUNDLED_MODEL_NAME, hub_cache_dir
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
-from plip_jax.stats import wilson_interval
+from plip_jax.analysis.stats import wilson_interval
 
 
 # --------------------------------------------------------------------------- splits

@@ -12,7 +12,7 @@ import ast
 import os
 from typing import Any, Iterable, Sequence
 
-DEFAULT_VOCAB_PATH = os.path.join(os.path.dirname(__file__), "data", "rwkv_vocab_v20230424.txt")
+DEFAULT_VOCAB_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "rwkv_vocab_v20230424.txt")
 
 _ID = -1  # key under which a trie node stores the id of the token ending there
 

@@ -115,7 +115,7 @@ RULES = {"python_doctest": python_positions, "python_baseline": python_positions
 
 def convert_legacy(path: Path) -> tuple[dict, dict]:
     """Legacy corpus -> (universal v2.0 dict, report {converted, not_converted[{id, group, reason}], per_group})."""
-    from plip_jax.corpus import load_legacy_corpus
+    from plip_jax.data.corpus import load_legacy_corpus
 
     samples = load_legacy_corpus(Path(path))
     out: dict = {"_format_version": "2.0",

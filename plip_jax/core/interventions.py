@@ -11,6 +11,11 @@ Kinds (all optional fields of `Interventions`; an absent kind is `None` and cost
 - `AttentionSetValue`: post-softmax, each chosen edge set to `value`; the rest of the row's *causally
   visible* mass is rescaled so the row sums to 1 (unlike PLIP-rs, no mass ever lands on future columns).
 - `ResidualEdit`: after block l at position t (where[l, t]): h <- keep * h + add[l, t].
+- `StateEdit` (RWKV-6): at (layer l, absolute position t) the WKV state update becomes
+  S <- scale[l, t] * k_t v_t^T + diag(d_t) S (1 = normal, 0 = knockout, lambda = steering).
+
+A model refuses kinds it has no use for (a transformer has no WKV state; RWKV-6 has no softmax
+attention) with `InterventionError`.
 
 Builders validate on the host (numpy) and raise `InterventionError` naming the problem: layers or heads
 out of range, an edge to a future (causally masked) or padded position, a knockout that would empty an
@@ -21,13 +26,13 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 
-class InterventionError(ValueError):
-    """An intervention that cannot be applied as asked (message says what and how to fix it)."""
+from plip_jax.core.errors import InterventionError  # noqa: F401 (re-exported: builders raise it)
 
 
 @struct.dataclass
@@ -61,11 +66,24 @@ class ResidualEdit:
 
 
 @struct.dataclass
+class StateEdit:
+    """RWKV-6 WKV-state edit over absolute positions: the kv write of position t in layer l is scaled by
+    scale[l, t] (positions past the matrix are unedited). The output o_t at t itself is unchanged."""
+
+    scale: jnp.ndarray  # f32 [L, S]
+
+
+@struct.dataclass
 class Interventions:
     knockout: Optional[AttentionKnockout] = None
     scale: Optional[AttentionScale] = None
     set_value: Optional[AttentionSetValue] = None
     residual: Optional[ResidualEdit] = None
+    state: Optional[StateEdit] = None
+
+    def attention_kinds(self) -> list[str]:
+        """Names of the softmax-attention kinds present (what RWKV-6 refuses)."""
+        return [n for n in ("knockout", "scale", "set_value") if getattr(self, n) is not None]
 
 
 # --------------------------------------------------------------------------- in-graph application
@@ -108,6 +126,17 @@ def steer_probs(probs: jnp.ndarray, visible: jnp.ndarray, iv: Optional[Intervent
     return probs
 
 
+def state_scales(iv: Optional[Interventions], positions, n_layers: int):
+    """f32 [L, T]: the StateEdit scale of each layer at absolute `positions` int [T] (1 where unedited),
+    or None when there is no state edit."""
+    if iv is None or iv.state is None:
+        return None
+    scale = iv.state.scale.astype(jnp.float32)
+    if scale.shape[0] != n_layers:
+        raise InterventionError(f"state edit has {scale.shape[0]} layers, the model has {n_layers}")
+    return jnp.take(scale, positions, axis=1, mode="fill", fill_value=1.0)
+
+
 def edit_residual(h: jnp.ndarray, iv: Optional[Interventions], layer, positions) -> jnp.ndarray:
     """h [T, D] after block `layer`, residual edit applied at the selected positions."""
     if iv is None or iv.residual is None:
@@ -120,6 +149,13 @@ def edit_residual(h: jnp.ndarray, iv: Optional[Interventions], layer, positions)
 
 
 # --------------------------------------------------------------------------- host-side builders
+
+
+def stack(items: Sequence[Interventions]) -> Optional[Interventions]:
+    """Stack interventions of the same structure on a new leading axis (per sample, per dose...)."""
+    if not len(items):
+        return None
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *items)
 
 
 def _mask_from_indices(n: int, idx: Optional[Iterable[int]], what: str, flag: str) -> np.ndarray:
@@ -281,3 +317,25 @@ def residual_patch(source_resid, *, length: int, layers, positions, context: str
     n_layers, n_positions, _ = source_resid.shape
     where = _residual_where(n_layers, n_positions, layers, positions, length, context)
     return ResidualEdit(where=jnp.asarray(where), keep=jnp.float32(0.0), add=source_resid.astype(jnp.float32))
+
+
+def state_steering(n_layers: int, n_positions: int, positions, layers=None, scale: float = 1.0) -> StateEdit:
+    """Scale the kv write at token `positions` in `layers` (None = all) by `scale` >= 0 (RWKV-6)."""
+    if not np.isfinite(scale) or scale < 0:
+        raise InterventionError(f"state steering: scale must be a finite number >= 0, got {scale}")
+    pos = sorted(set(int(p) for p in positions))
+    if not pos:
+        raise InterventionError("state edit: positions is empty (give at least one token position)")
+    if pos[0] < 0 or pos[-1] >= n_positions:
+        raise InterventionError(f"state edit: positions {pos} out of range for a sequence of {n_positions} tokens "
+                                f"(valid 0..{n_positions - 1})")
+    lay = layer_mask(n_layers, layers)
+    s = np.ones((n_layers, n_positions), np.float32)
+    s[np.ix_(np.nonzero(lay)[0], pos)] = scale
+    return StateEdit(scale=jnp.asarray(s))
+
+
+def state_knockout(n_layers: int, n_positions: int, positions, layers=None) -> StateEdit:
+    """Drop the kv write at `positions` in `layers` (None = all): the tokens become invisible to the WKV state
+    of later positions (token shift still leaks to t+1)."""
+    return state_steering(n_layers, n_positions, positions, layers, 0.0)

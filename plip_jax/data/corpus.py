@@ -10,17 +10,15 @@ import json
 from pathlib import Path
 from typing import Optional
 
-CORPUS_DIR = Path(__file__).resolve().parent.parent / "corpus"
+from plip_jax.core.errors import CorpusError  # noqa: F401 (re-exported)
+
+CORPUS_DIR = Path(__file__).resolve().parents[2] / "corpus"
 UNIVERSAL_GROUPS = ("python_doctest", "rust_test", "python_baseline", "rust_baseline")
-
-
-class CorpusError(ValueError):
-    """A corpus file that does not have the expected structure or content."""
 
 
 def default_corpus_path(name: str = "attention_samples_universal.json") -> Path:
     """A corpus shipped in the repository's `corpus/` folder (or, when installed, the package's copy)."""
-    for base in (CORPUS_DIR, Path(__file__).resolve().parent / "data" / "corpus"):
+    for base in (CORPUS_DIR, Path(__file__).resolve().parent / "corpus"):
         if (base / name).is_file():
             return base / name
     raise CorpusError(f"shipped corpus {name!r} not found in {CORPUS_DIR}; pass --corpus=PATH")
