@@ -199,9 +199,10 @@ def _candidate_wrappers() -> list:
         out.append(NamespaceWrapper(
             "bwrap", (bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-net",
                       "--unshare-pid", "--die-with-parent", "--bind"),
-            ("mount", "net", "pid"), read_only_fs=True, takes_work_dir=True))
+            ("mount", "net", "pid"), read_only_fs=True, takes_work_dir=True, relays_signals_as_exit_codes=True))
         out.append(NamespaceWrapper("bwrap", (bwrap, "--dev-bind", "/", "/", "--unshare-net", "--unshare-pid",
-                                              "--die-with-parent", "--"), ("net", "pid")))
+                                              "--die-with-parent", "--"), ("net", "pid"),
+                                    relays_signals_as_exit_codes=True))
     return out
 
 
@@ -523,12 +524,13 @@ def _wait_no_reap(proc: subprocess.Popen, timeout_s: float) -> bool:
         pass
     try:
         if pidfd is not None:
+            poller = select.poll()  # not select.select: the fd may be >= FD_SETSIZE in a busy parent
+            poller.register(pidfd, select.POLLIN)
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                r, _, _ = select.select([pidfd], [], [], left)
-                if r:
+                if poller.poll(max(1, math.ceil(left * 1000))):
                     return True
         delay = 0.002
         while time.monotonic() < deadline:

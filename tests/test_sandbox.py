@@ -266,3 +266,31 @@ def test_bootstrap_failure_runs_nothing():
 def test_negative_limits_are_rejected():
     with pytest.raises(ValueError, match="must be >= 0"):
         run("pass", limits=SB.SandboxLimits(open_files=-5))
+
+
+def _processes_mentioning(text: str) -> list:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(WRAPPER is None or "pid" not in WRAPPER.namespaces, reason="no PID namespace")
+def test_pid_namespace_reaps_an_escaped_grandchild():
+    # With the audit hook off (this test only), a grandchild leaves the process group with setsid, out of
+    # reach of killpg; it must still die with the PID namespace when the run ends.
+    code = ("import os, time\nprint(os.path.dirname(__file__), flush=True)\npid = os.fork()\n"
+            "if pid == 0:\n    os.setsid()\n    time.sleep(60)\n    os._exit(0)\ntime.sleep(0.2)\n")
+    r = run(code, audit_hook=False)
+    root = r.stdout.split()[0]
+    assert root.startswith("/") and "plip_sandbox_" in root
+    deadline = time.monotonic() + 2.0
+    while _processes_mentioning(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_mentioning(root) == []
