@@ -1,14 +1,17 @@
-"""Tests for plip_jax.analysis.test_preservation: PLIP's detectors, strict Rust check, doctests in a subprocess."""
+"""Tests for plip_jax.analysis.test_preservation: PLIP's detectors, strict Rust check, doctests in the sandbox,
+cutting completions at the end of the target function, execute=False."""
 
 from __future__ import annotations
 
 from pathlib import Path
 import json
 import os
+import socket
 import time
 
 import pytest
 
+from plip_jax.analysis import sandbox as SB
 from plip_jax.analysis import test_preservation as TP
 
 PROMPTS = str(Path(__file__).resolve().parents[1] / "corpus" / "generation_prompts_n50.json")
@@ -198,6 +201,160 @@ def test_assess_python():
     r = TP.assess_python(PY_PROMPT, "    return a * b\n", timeout_s=10)
     assert not r.strict
     r = TP.assess_python(PY_PROMPT, "    return a + b\n\n>>> broken", timeout_s=10)
-    assert r.syntactic and not r.strict  # PLIP sees `>>>`; the module does not even parse
+    # PLIP sees `>>>`; the junk after the function is cut (it used to make the import fail).
+    assert r.syntactic and r.strict and r.tail_cut and r.truncated_tail and not r.function_truncated
     r = TP.assess_python("def g(x):\n", "    return x\n", timeout_s=10)
     assert not r.strict and r.note == "no doctest examples"
+
+
+def test_assess_python_positional_signature_and_json():
+    r = TP.assess_python(PY_PROMPT, "    return a + b\n", 10)
+    assert r.strict and r.executed and r.wellformed and not r.tail_cut and not r.truncated
+    assert isinstance(r, TP.PreservationVerdict) and not hasattr(TP, "TestPreservation")
+    js = json.loads(json.dumps(r.to_json()))
+    assert js["strict"] is True and js["doctest"]["passed"] is True
+    assert js["doctest"]["containment"]["audit_hook"] is True
+    c = r.containment
+    assert c.bootstrap_completed and c.audit_hook and c.temp_home and "RLIMIT_CPU" in c.rlimits
+    assert c.namespace_tool == (SB.namespace_wrapper().tool if SB.namespace_wrapper() else None)
+
+
+# ----------------------------------------------------------------------------- crafted completions (probe B.2)
+
+ADD_DOC_PROMPT = 'def add(a, b):\n    """Add two numbers.\n\n'
+
+
+def _listener():
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(0.3)
+    return srv
+
+
+def test_probe_doctest_writing_to_home_leaves_no_file(monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    real = home / "plip_probe_abs.txt"  # the path `~` means for the caller: the code also targets it directly
+    completion = (
+        '    >>> import os; p = os.path.expanduser("~/plip_ux_probe_doctest.txt"); _ = open(p, "w").write("x")\n'
+        f'    >>> _ = open({str(real)!r}, "w").write("x")\n'
+        '    >>> add(2, 3)\n    5\n    """\n    return a + b\n'
+    )
+    r = TP.assess_python(ADD_DOC_PROMPT, completion, timeout_s=10)
+    assert r.executed and r.n_tests == 3
+    assert list(home.iterdir()) == [] and not real.exists()
+    assert not (tmp_path / "plip_ux_probe_doctest.txt").exists()
+    assert r.containment.temp_home and r.containment.audit_hook
+    assert not r.strict  # the write to the caller's home raised inside the doctest
+
+
+def test_probe_doctest_cannot_reach_a_local_listener():
+    srv = _listener()
+    port = srv.getsockname()[1]
+    completion = (
+        f'    >>> import socket; s = socket.create_connection(("127.0.0.1", {port}), timeout=2); '
+        '_ = s.sendall(b"hello from doctest")\n'
+        '    >>> add(2, 3)\n    5\n    """\n    return a + b\n'
+    )
+    try:
+        r = TP.assess_python(ADD_DOC_PROMPT, completion, timeout_s=10)
+        try:
+            conn, _ = srv.accept()
+            conn.close()
+            got = True
+        except (socket.timeout, TimeoutError):
+            got = False
+    finally:
+        srv.close()
+    assert r.executed and not got and not r.strict
+
+
+def test_probe_top_level_code_after_a_failing_doctest_never_runs(monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    real = tmp_path / "plip_ux_probe_import.txt"
+    completion = (
+        '    >>> add(2, 3)\n    6\n    """\n    return a + b\n\n'
+        'import os\n'
+        '_ = open(os.path.expanduser("~/plip_ux_probe_import.txt"), "w").write("x")\n'
+        f'_ = open({str(real)!r}, "w").write("x")\n'
+        'def add(a, b):  # if this ran, the doctest above would pass\n    return 6\n'
+    )
+    r = TP.assess_python(ADD_DOC_PROMPT, completion, timeout_s=10)
+    assert r.executed and r.tail_cut and not r.truncated_tail
+    assert r.doctest.attempted == 1 and r.doctest.failed == 1 and not r.strict
+    assert list(home.iterdir()) == [] and not real.exists()
+
+
+# ----------------------------------------------------------------------------- truncation
+
+
+def test_truncated_tail_after_a_passing_doctest_scores_true():
+    completion = "    return a + b\n\ndef div(a, b):\n    return a /"
+    r = TP.assess_python(PY_PROMPT, completion, timeout_s=10)
+    assert r.strict is True and r.executed and r.tail_cut and r.truncated_tail and r.truncated
+    assert not r.function_truncated and "cut" in r.note
+    # The old behaviour, executing everything, fails on the import.
+    assert not TP.run_doctests_subprocess(PY_PROMPT + completion, timeout_s=10, fn_name="add").passed
+
+
+def test_truncated_function_scores_false_with_a_note():
+    r = TP.assess_python(PY_PROMPT, "    return a +", timeout_s=10)
+    assert r.strict is False and r.function_truncated and r.truncated and not r.tail_cut
+    assert not r.executed and r.doctest is None and r.containment is None
+    assert "does not parse" in r.note and r.n_tests == 2
+    # A docstring that never closes: the function runs to the end of the text and does not parse.
+    r = TP.assess_python(ADD_DOC_PROMPT, "    >>> add(2, 3)\n    5\n", timeout_s=10)
+    assert r.strict is False and r.function_truncated and not r.executed
+
+
+def test_split_after_function():
+    src = ('import math\n\ndef f(x):\n    """Doc.\n\nnot code at column 0\n    >>> f(1)\n    2\n    """\n'
+           '# a comment at column 0\n    y = (1 +\n1)\n\n    return x + y\n'
+           '@decorator\ndef g():\n    pass\n')
+    head, tail = TP.split_after_function(src, "f")
+    assert head.endswith("    return x + y\n") and tail.startswith("@decorator")
+    assert TP.split_after_function("def f():\n    return 1\n", "f") == ("def f():\n    return 1\n", "")
+    assert TP.split_after_function("x = 1\n", "f") == ("x = 1\n", "")
+    head, tail = TP.split_after_function("def f():\n    return 1\nif __name__ == '__main__':\n    f()\n", "f")
+    assert head == "def f():\n    return 1\n" and tail.startswith("if __name__")
+    # The prompt's def, not a redefinition in the completion.
+    prompt = "def f():\n"
+    src = prompt + "    return 1\ndef f():\n    return 2\n"
+    assert TP.split_after_function(src, "f", def_before=len(prompt))[0] == "def f():\n    return 1\n"
+    assert TP.split_after_function(src, "f")[0] == src
+    # Inconsistent dedent (tokenize error) inside the function: a line scan still finds the next statement.
+    src = "def f():\n        x = 1\n    return x\nprint('tail')\n"
+    head, tail = TP.split_after_function(src, "f")
+    assert tail == "print('tail')\n"
+
+
+def test_generate_prompt_with_top_level_code_before_the_function():
+    # PLIP's persistence prompt py_medium has top-level code (trusted) before the function being completed.
+    prompt = ('def add(a, b):\n    """\n    >>> add(2, 3)\n    5\n    """\n    return a + b\n\n'
+              'x = 42\ny = x + 1\nresult = x * y\nprint(result)\n\ndef multiply(a, b):\n    """')
+    r = TP.assess_python(prompt, '\n    >>> multiply(2, 3)\n    6\n    """\n    return a * b\n\nprint(multiply(', 10)
+    assert (r.fn_name, r.strict, r.n_tests, r.truncated_tail) == ("multiply", True, 1, True)
+
+
+# ----------------------------------------------------------------------------- execute=False
+
+
+def test_execute_false_runs_nothing_and_gives_the_syntactic_verdict(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the sandbox must not be started with execute=False")
+
+    monkeypatch.setattr(SB, "run_python_sandboxed", boom)
+    r = TP.assess_python(PY_PROMPT, "    return a * b\n", execute=False)  # wrong, but not executed
+    assert r.strict is None and not r.executed and r.wellformed is True and r.n_tests == 2
+    assert r.doctest is None and r.containment is None and r.note.startswith("not executed (execute=False)")
+    assert r.to_json()["strict"] is None
+    r = TP.assess_python("def f(x):\n", '    """\n    >>> f(1,\n    2\n    """\n    return x\n', execute=False)
+    assert r.strict is None and r.wellformed is False and r.n_tests == 1  # `f(1,` does not compile
+    r = TP.assess_python(PY_PROMPT, "    return a +", execute=False)
+    assert r.strict is None and r.wellformed is False and r.function_truncated
+    r = TP.assess_python("def g(x):\n", "    return x\n", execute=False)
+    assert r.strict is None and r.wellformed is False and r.n_tests == 0

@@ -3,11 +3,21 @@
 Two kinds of verdict:
 * syntactic, PLIP-rs's detectors: substring checks (`plip_rust_has_test`, `plip_state_has_test`), which
   also fire on a commented-out `#[test]`, a bare `assert!` in the body, or a test of something else;
-* strict: Rust, a `#[test]` fn (outside comments) whose body calls the function; Python, doctests of
-  the function that actually run and pass, executed in a separate process with a timeout.
+* strict: Rust, a `#[test]` fn (outside comments) whose body calls the function (syntactic, not compiled);
+  Python, doctests of the function that actually run and pass.
 
-Executing model output is not a sandbox: the subprocess has the user's rights. It only guards against
-hangs (timeout, process-group kill) and against crashing or polluting the calling interpreter.
+**Python strict verdicts execute model output.** `assess_python` runs the doctests of the completed
+function in a child `python -I -S -B` process contained by `plip_jax.analysis.sandbox`: a throwaway HOME/TMPDIR/cwd
+deleted afterwards, a minimal environment, rlimits (CPU, memory, file size, open files, processes), an audit
+hook that refuses network, process creation, native code (ctypes) and file writes outside the temp dir,
+and, where `unshare` or `bwrap` can create them, private user/mount/network/PID namespaces with a read-only
+file system except the temp dir (no network at all); a wall-clock timeout kills the whole process group.
+Every verdict carries the `Containment` record of what was active (`verdict.containment.to_json()`).
+Only the target function is executed: the module is the prompt plus the completion up to the end of the
+function (`split_after_function`), so code after it (truncated or not) never runs. The audit hook is a
+tripwire, not a security boundary; code crafted against it can forge its verdict, and, where no namespace
+tool works, touch what the user can. To execute nothing, call `assess_python(..., execute=False)`: the
+verdict is then `strict=None` and `wellformed` (doctest examples present and compiling) is the only check.
 """
 
 from __future__ import annotations
@@ -15,14 +25,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import doctest
+import io
 import json
-import os
 import re
+import secrets
 import signal
-import subprocess
-import sys
-import tempfile
 import textwrap
+import tokenize
+from typing import Optional
+
+from plip_jax.analysis import sandbox
 
 # ----------------------------------------------------------------------------- PLIP's syntactic detectors
 
@@ -210,48 +222,133 @@ def extract_doctests(source: str, fn_name: str) -> list[doctest.Example]:
         return []
 
 
+# ----------------------------------------------------------------------------- cutting at the function's end
+
+
+def _def_pattern(fn_name: str) -> re.Pattern:
+    return re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+" + re.escape(fn_name) + r"\s*\(", re.M)
+
+
+def _function_end_line(source: str, def_line: int) -> Optional[int]:
+    """0-based index of the first line after `def_line` that starts a new top-level statement (column 0, not
+    blank or a comment, not inside a string or brackets), or None if the function runs to the end of text."""
+    new_statement = True
+    skip = (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type in skip:
+                continue
+            if tok.type == tokenize.NEWLINE:
+                new_statement = True
+                continue
+            row, col = tok.start
+            if new_statement and col == 0 and row - 1 > def_line:
+                return row - 1
+            new_statement = False
+        return None
+    except tokenize.TokenError:  # EOF inside a string or brackets: the function is cut off at the end
+        return None
+    except SyntaxError as e:  # e.g. inconsistent dedent: fall back to a plain line scan from the error on
+        lines = source.split("\n")
+        for i in range(max(def_line + 1, (e.lineno or 1) - 1), len(lines)):
+            ln = lines[i]
+            if ln[:1] not in ("", " ", "\t", "#") and ln.strip():
+                return i
+        return None
+
+
+def split_after_function(source: str, fn_name: str, def_before: Optional[int] = None) -> tuple[str, str]:
+    """(head, tail): `source` cut at the end of the function `fn_name`, i.e. at the first line after its
+    `def` that starts a new top-level statement (a line at column 0 that is not blank or a comment and not
+    inside a string or brackets), or at the end of text. The `def` is the last one that starts before
+    offset `def_before` (the prompt's), else the last one. No `def fn_name` -> (source, "")."""
+    matches = list(_def_pattern(fn_name).finditer(source))
+    if def_before is not None and any(m.start() < def_before for m in matches):
+        matches = [m for m in matches if m.start() < def_before]
+    if not matches:
+        return source, ""
+    def_line = source.count("\n", 0, matches[-1].start())
+    end = _function_end_line(source, def_line)
+    if end is None:
+        return source, ""
+    offset = sum(len(ln) + 1 for ln in source.split("\n")[:end])
+    return source[:offset], source[offset:]
+
+
+def _syntax_error(code: str) -> Optional[str]:
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        lineno = getattr(e, "lineno", None)
+        return f"{type(e).__name__}: {getattr(e, 'msg', str(e))}" + (f" (line {lineno})" if lineno else "")
+    return None
+
+
+def _example_compiles(src: str) -> bool:
+    try:
+        compile(src, "<doctest>", "single", dont_inherit=True)
+    except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError):
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- running doctests (sandboxed)
+
+
 @dataclasses.dataclass(frozen=True)
 class DoctestOutcome:
-    """Result of running doctests in a subprocess."""
+    """Result of running doctests in the sandbox (`plip_jax.analysis.sandbox`)."""
 
     ran: bool  # the runner finished and reported counts
     attempted: int
     failed: int
     timed_out: bool
-    error: str | None  # import/syntax error or runner failure, else None
+    error: str | None  # import/syntax error, runner failure, limit hit, else None
+    containment: Optional[sandbox.Containment] = dataclasses.field(default=None, compare=False)
 
     @property
     def passed(self) -> bool:
         """At least one example ran and none failed."""
         return self.ran and not self.timed_out and self.error is None and self.attempted > 0 and self.failed == 0
 
+    def to_json(self) -> dict:
+        return {"ran": self.ran, "attempted": self.attempted, "failed": self.failed, "timed_out": self.timed_out,
+                "error": self.error, "passed": self.passed,
+                "containment": self.containment.to_json() if self.containment else None}
 
-_SENTINEL = "@@PLIP_DOCTEST_RESULT@@"
 
+# Trusted runner, executed by the sandbox after its containment is in place; argv: module file (next to the
+# runner), function name ("" = whole module), sentinel. Reports once, then exits at once (no atexit).
 _RUNNER = r"""
-import doctest, importlib.util, json, sys, traceback
-path, name, sentinel = sys.argv[1], sys.argv[2], sys.argv[3]
+import doctest, importlib.util, json, os, sys, traceback
+path = os.path.join(os.path.dirname(__file__), sys.argv[1])
+name, sentinel = sys.argv[2], sys.argv[3]
 def report(**kw):
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BaseException:
+        pass
     sys.__stdout__.write("\n" + sentinel + json.dumps(kw) + "\n")
     sys.__stdout__.flush()
+    os._exit(0)
+def quiet(_text):
+    pass
 try:
     spec = importlib.util.spec_from_file_location("plip_candidate", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["plip_candidate"] = mod
     spec.loader.exec_module(mod)
 except BaseException as e:
-    report(attempted=0, failed=0, error="import failed: " + "".join(traceback.format_exception_only(type(e), e)).strip())
-    sys.exit(0)
+    msg = "".join(traceback.format_exception_only(type(e), e)).strip()
+    report(attempted=0, failed=0, error="import failed: " + msg)
 try:
     if name:
         obj = getattr(mod, name, None)
         if obj is None:
             report(attempted=0, failed=0, error="no function named %r" % name)
-            sys.exit(0)
         runner = doctest.DocTestRunner(verbose=False)
         for test in doctest.DocTestFinder(recurse=False).find(obj, name, module=mod, globs=vars(mod).copy()):
-            runner.run(test)
+            runner.run(test, out=quiet)
         r = runner.summarize(verbose=False)
     else:
         r = doctest.testmod(mod, verbose=False, report=False)
@@ -259,52 +356,51 @@ try:
 except BaseException as e:
     report(attempted=0, failed=0, error="runner failed: " + repr(e))
 """
+_RUNNER_PREIMPORT = ("doctest", "importlib.util", "json", "traceback")
+_ERROR_CAP = 400
 
 
-def run_doctests_subprocess(source: str, timeout_s: float = 5.0, fn_name: str | None = None) -> DoctestOutcome:
-    """Write `source` to a temporary module and run its doctests (only `fn_name`'s if given) in a child
-    `python -I` process with a wall-clock timeout; on timeout the whole process group is killed.
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
 
-    Never executes anything in the calling process. Syntax/import errors -> error set, ran False.
-    """
-    with tempfile.TemporaryDirectory(prefix="plip_doctest_") as tmp:
-        mod_path = os.path.join(tmp, "candidate.py")
-        runner_path = os.path.join(tmp, "runner.py")
-        with open(mod_path, "w", encoding="utf-8") as f:
-            f.write(source)
-        with open(runner_path, "w", encoding="utf-8") as f:
-            f.write(_RUNNER)
-        proc = subprocess.Popen(
-            [sys.executable, "-I", runner_path, mod_path, fn_name or "", _SENTINEL],
-            cwd=tmp,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            text=True,
-            errors="replace",
-        )
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.communicate()
-            return DoctestOutcome(False, 0, 0, True, f"timed out after {timeout_s} s")
-    lines = [ln for ln in out.splitlines() if ln.startswith(_SENTINEL)]
+
+def run_doctests_subprocess(source: str, timeout_s: float = 5.0, fn_name: str | None = None, *,
+                            limits: Optional[sandbox.SandboxLimits] = None,
+                            network_namespace: bool = True) -> DoctestOutcome:
+    """Run the doctests of module `source` (only `fn_name`'s if given) in the sandbox of `plip_jax.analysis.sandbox`
+    (child `python -I -S -B`, throwaway home, rlimits, audit hook, namespaces where available, wall-clock
+    timeout with process-group kill). THIS EXECUTES `source`, including its top-level code; callers that
+    hold model output should cut it first (`assess_python` does). Nothing runs in the calling process.
+    Syntax/import errors, timeouts and limits -> `error` set, `ran` False. Standard library only."""
+    sentinel = "@@PLIP_DOCTEST_RESULT_" + secrets.token_hex(8) + "@@"
+    res = sandbox.run_python_sandboxed(_RUNNER, args=["candidate.py", fn_name or "", sentinel],
+                                       files={"candidate.py": source}, timeout_s=timeout_s, limits=limits,
+                                       network_namespace=network_namespace, preimport=_RUNNER_PREIMPORT)
+    c = res.containment
+    if res.timed_out:
+        return DoctestOutcome(False, 0, 0, True, f"timed out after {timeout_s} s", c)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(sentinel)]
     if not lines:
-        tail = (err or out).strip().splitlines()[-3:]
-        return DoctestOutcome(False, 0, 0, False, f"runner exited with {proc.returncode}: " + " | ".join(tail))
-    res = json.loads(lines[-1][len(_SENTINEL):])
-    if res.get("error"):
-        return DoctestOutcome(False, int(res["attempted"]), int(res["failed"]), False, res["error"])
-    return DoctestOutcome(True, int(res["attempted"]), int(res["failed"]), False, None)
+        why = f"runner exited with {res.returncode}"
+        if res.signal:
+            why += f" ({_signal_name(res.signal)}" + (", CPU time limit" if res.signal == signal.SIGXCPU else "") + ")"
+        if not c.bootstrap_completed:
+            why = "sandbox did not start (nothing executed): " + why
+        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+        return DoctestOutcome(False, 0, 0, False, (why + (": " + " | ".join(tail) if tail else ""))[:_ERROR_CAP], c)
+    out = json.loads(lines[-1][len(sentinel):])
+    if out.get("error"):
+        return DoctestOutcome(False, int(out["attempted"]), int(out["failed"]), False,
+                              str(out["error"])[:_ERROR_CAP], c)
+    return DoctestOutcome(True, int(out["attempted"]), int(out["failed"]), False, None, c)
 
 
 def python_has_passing_doctests(source: str, fn_name: str, timeout_s: float = 5.0) -> bool:
-    """True iff `fn_name` has >= 1 doctest example in its docstring and all of them pass in a subprocess."""
+    """True iff `fn_name` has >= 1 doctest example in its docstring and all of them pass when the whole of
+    `source` is executed in the sandbox (see `run_doctests_subprocess`)."""
     if not extract_doctests(source, fn_name):
         return False
     return run_doctests_subprocess(source, timeout_s=timeout_s, fn_name=fn_name).passed
@@ -314,43 +410,105 @@ def python_has_passing_doctests(source: str, fn_name: str, timeout_s: float = 5.
 
 
 @dataclasses.dataclass(frozen=True)
-class TestPreservation:
-    """Syntactic (PLIP-rs) and strict verdicts for one generation."""
+class PreservationVerdict:
+    """Syntactic (PLIP-rs) and strict verdicts for one generation (`to_json()` for result files).
+
+    `strict` is None when it was not evaluated: Python with `execute=False` (then `wellformed` is the
+    syntactic fallback). Python only: `executed` says whether model code ran (in the sandbox; its
+    `containment` record), `tail_cut` whether text after the target function was dropped unexecuted,
+    `truncated_tail` whether that text does not parse (the generation was cut off mid-code after the
+    function), `function_truncated` whether the function itself does not parse (verdict False).
+    """
 
     __test__ = False  # not a pytest test class
 
     language: str  # "rust" | "python"
     fn_name: str | None
     syntactic: bool  # PLIP's substring detector on the completion
-    strict: bool  # Rust: #[test] fn calling fn_name; Python: fn_name's doctests pass
+    strict: bool | None  # Rust: #[test] fn calling fn_name; Python: fn_name's doctests pass; None: not evaluated
     n_tests: int  # Rust: complete #[test] fns calling fn_name; Python: doctest examples found
     doctest: DoctestOutcome | None = None
     note: str = ""
+    executed: bool = False  # Python: the function's doctests were run (sandboxed)
+    wellformed: bool | None = None  # Python: function parses, >= 1 doctest example, every example compiles
+    tail_cut: bool = False  # Python: non-blank text after the target function was dropped (never executed)
+    truncated_tail: bool = False  # Python: that dropped text does not parse (cut off at the token limit)
+    function_truncated: bool = False  # Python: the prompt + completion up to the function's end does not parse
+
+    @property
+    def containment(self) -> Optional[sandbox.Containment]:
+        """The sandbox's record of the layers that contained the execution, or None if nothing ran."""
+        return self.doctest.containment if self.doctest is not None else None
+
+    @property
+    def truncated(self) -> bool:
+        """The completion looks cut off: after the function (`truncated_tail`) or inside it."""
+        return self.truncated_tail or self.function_truncated
+
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "doctest"}
+        d["doctest"] = self.doctest.to_json() if self.doctest is not None else None
+        return d
 
 
-def assess_rust(prompt: str, completion: str) -> TestPreservation:
+def assess_rust(prompt: str, completion: str) -> PreservationVerdict:
     """Rust: PLIP's detector on `completion`; strict = a real `#[test]` fn in `completion` (doc comments
     excluded, so a test copied into `///` lines does not count) that calls the prompt's function."""
     name = rust_function_name(prompt)
     syn = plip_rust_has_test(completion)
     if name is None:
-        return TestPreservation("rust", None, syn, False, 0, note="no `fn name` in prompt")
+        return PreservationVerdict("rust", None, syn, False, 0, note="no `fn name` in prompt")
     call = re.compile(r"(?<![A-Za-z0-9_])(?<!fn )" + re.escape(name) + r"\s*\(")
     n = sum(1 for _, body in rust_test_functions(completion) if call.search(body))
     note = "" if n or not syn else "PLIP detector fires but no #[test] fn calling the function"
-    return TestPreservation("rust", name, syn, n > 0, n, note=note)
+    return PreservationVerdict("rust", name, syn, n > 0, n, note=note)
 
 
-def assess_python(prompt: str, completion: str, timeout_s: float = 5.0) -> TestPreservation:
-    """Python: PLIP's `state_steering_generate` detector on `completion`; strict = the doctests of the
-    prompt's function in `prompt + completion` exist and pass (subprocess, timeout)."""
+NOT_EXECUTED_NOTE = ("not executed (execute=False): strict is None; `wellformed` is the syntactic check "
+                     "(doctest examples present and compiling)")
+
+
+def assess_python(prompt: str, completion: str, timeout_s: float = 5.0, *, execute: bool = True,
+                  limits: Optional[sandbox.SandboxLimits] = None,
+                  network_namespace: bool = True) -> PreservationVerdict:
+    """Python: PLIP's `state_steering_generate` detector on `completion`, and the strict verdict: the
+    doctests of the prompt's (last) function pass.
+
+    The executed module is `prompt + completion` cut at the end of that function (`split_after_function`):
+    whatever follows it is never executed, so a truncated tail cannot make the import fail
+    (`tail_cut`/`truncated_tail` report it); a function that does not parse scores False
+    (`function_truncated`) and nothing runs. WITH `execute=True` (default) THE MODEL'S CODE IS EXECUTED, in
+    the sandbox of `plip_jax.analysis.sandbox` (`timeout_s`, `limits`, `network_namespace`; record in
+    `.containment`). With `execute=False` nothing runs: `strict` is None, `executed` False, and `wellformed`
+    (the function parses and has >= 1 doctest example, each of which compiles) is the syntactic verdict.
+    """
     name = python_function_name(prompt)
     syn = plip_state_has_test(completion)
+    not_run = None if not execute else False
     if name is None:
-        return TestPreservation("python", None, syn, False, 0, note="no `def name` in prompt")
-    source = prompt + completion
-    examples = extract_doctests(source, name)
+        return PreservationVerdict("python", None, syn, not_run, 0, note="no `def name` in prompt")
+    head, tail = split_after_function(prompt + completion, name, def_before=len(prompt))
+    tail_cut = bool(tail.strip())
+    truncated_tail = tail_cut and _syntax_error(tail) is not None
+    error = _syntax_error(head)
+    examples = extract_doctests(head, name)
+    wellformed = error is None and bool(examples) and all(_example_compiles(e.source) for e in examples)
+    common = dict(wellformed=wellformed, tail_cut=tail_cut, truncated_tail=truncated_tail,
+                  function_truncated=error is not None)
+    notes = []
+    if tail_cut:
+        notes.append("code after the function was cut, not executed" + (" (truncated)" if truncated_tail else ""))
+    if not execute:
+        return PreservationVerdict("python", name, syn, None, len(examples),
+                                   note="; ".join([NOT_EXECUTED_NOTE] + notes), **common)
+    if error is not None:
+        return PreservationVerdict("python", name, syn, False, len(examples), **common, note="; ".join(
+            [f"the function does not parse (truncated?): {error}; not executed"] + notes))
     if not examples:
-        return TestPreservation("python", name, syn, False, 0, note="no doctest examples")
-    out = run_doctests_subprocess(source, timeout_s=timeout_s, fn_name=name)
-    return TestPreservation("python", name, syn, out.passed, len(examples), doctest=out, note=out.error or "")
+        return PreservationVerdict("python", name, syn, False, 0, note="; ".join(["no doctest examples"] + notes),
+                                   **common)
+    out = run_doctests_subprocess(head, timeout_s=timeout_s, fn_name=name, limits=limits,
+                                  network_namespace=network_namespace)
+    return PreservationVerdict("python", name, syn, out.passed, len(examples), doctest=out,
+                               executed=bool(out.containment and out.containment.bootstrap_completed),
+                               note="; ".join(([out.error] if out.error else []) + notes), **common)
