@@ -600,7 +600,8 @@ def permutation_test_labels(a: Sequence[float], b: Sequence[float], statistic: s
     res = sps.permutation_test((x, y), fn, permutation_type="independent", vectorized=True,
                                n_resamples=np.inf if exact else int(n_resamples), alternative="two-sided",
                                rng=np.random.default_rng(seed))
-    note = "" if exact else f"C({x.size + y.size}, {x.size}) = {n_distinct} relabelings > {exact_max}: Monte Carlo, seed {seed}"
+    note = ("" if exact else
+            f"C({x.size + y.size}, {x.size}) = {n_distinct} relabelings > {exact_max}: Monte Carlo, seed {seed}")
     return PermutationResult(float(res.statistic), float(res.pvalue), "exact" if exact else "monte_carlo",
                              int(n_distinct if exact else n_resamples), statistic, True, note)
 

@@ -336,7 +336,8 @@ def plot_statistical_attention(r: StatisticalAttentionResult, path: Path) -> Pat
     ax.set_xticklabels(GROUPS)
     ax.set_ylabel("marker → target attention (%)")
     t = r.tests["python_vs_rust"]
-    ax.set_title(f"{r.model}, layer {r.layer}: Python vs Rust t = {stats.fmt_stat(t['t'], '.2f')}, p = {stats.fmt_stat(t['p_value'], '.3g')}", fontsize=9)
+    ax.set_title(f"{r.model}, layer {r.layer}: Python vs Rust t = {stats.fmt_stat(t['t'], '.2f')}, "
+                 f"p = {stats.fmt_stat(t['p_value'], '.3g')}", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -561,7 +562,8 @@ def format_multi_sample(r: dict) -> str:
         f"Mean ± 1 SD: Python [{100 * iv['python'][0]:.2f}%, {100 * iv['python'][1]:.2f}%], "
         f"Rust [{100 * iv['rust'][0]:.2f}%, {100 * iv['rust'][1]:.2f}%] -> "
         + ("overlapping (difference may not be significant)" if iv["overlap"] else "non-overlapping"),
-        f"Welch's t-test: t = {stats.fmt_stat(r['welch']['t'], '.3f')}, df = {stats.fmt_stat(r['welch']['df'], '.2f')}, "
+        f"Welch's t-test: t = {stats.fmt_stat(r['welch']['t'], '.3f')}, "
+        f"df = {stats.fmt_stat(r['welch']['df'], '.2f')}, "
         f"p = {stats.fmt_stat(r['welch']['p_value'])} "
         f"{stats.significance_stars(r['welch']['p_value'])}",
     ]
