@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from plip_jax import cli
+from plip_jax import cli, stats
 
 cli.define_model_flags()
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")
@@ -97,7 +97,8 @@ def knockout_table_single(r: dict) -> str:
         lines.append(f"{s['id']:<28} {s['kl_divergence']:>11.3e} {'' if ctl is None else f'{ctl:.3e}':>11} "
                      f"{'yes' if s['top1_agreement'] else 'NO'}")
     lines += [f"Python: {_fmt_stats(r['python_stats'])}", f"Rust:   {_fmt_stats(r['rust_stats'])}",
-              f"Welch t = {r['welch_t_statistic']:.3f}, df = {r['welch_df']:.2f}, p = {r['welch_p_value']:.4g}"
+              f"Welch t = {stats.fmt_stat(r['welch_t_statistic'], '.3f')}, df = {stats.fmt_stat(r['welch_df'], '.2f')}, "
+              f"p = {stats.fmt_stat(r['welch_p_value'])}"
               f"{' (significant)' if r['significant_difference'] else ''}"]
     for lang in ("python", "rust"):
         c = r.get("random_edge_control", {}).get(lang)
@@ -115,7 +116,7 @@ def knockout_table_scan(r: dict) -> str:
         py, rs = p["python_stats"], p["rust_stats"]
         ratio = py["mean_kl"] / max(rs["mean_kl"], 1e-10) if py and rs else float("nan")
         lines.append(f"{p['layer']:>5} {py['mean_kl']:>11.3e} {rs['mean_kl']:>11.3e} {ratio:>8.2f} "
-                     f"{p['welch_p_value']:>9.3g}")
+                     f"{stats.fmt_stat(p['welch_p_value'], '>9.3g')}")
     for lang in ("python", "rust"):
         top = sorted(r["per_layer"], key=lambda p: -p[f"{lang}_stats"]["mean_kl"])[:5]
         lines.append(f"Top-5 layers by {lang} KL: " + ", ".join(f"L{p['layer']}" for p in top))
@@ -126,7 +127,7 @@ def knockout_table_windows(r: dict) -> str:
     lines = [f"{'window':>9} {'Python KL':>11} {'Rust KL':>11} {'ratio':>8} {'p':>9}"]
     for w in r["windows"]:
         lines.append(f"{w['layer_start']:>4}..{w['layer_end']:<3} {w['python_stats']['mean_kl']:>11.3e} "
-                     f"{w['rust_stats']['mean_kl']:>11.3e} {w['ratio']:>8.2f} {w['welch_p_value']:>9.3g}")
+                     f"{w['rust_stats']['mean_kl']:>11.3e} {w['ratio']:>8.2f} {stats.fmt_stat(w['welch_p_value'], '>9.3g')}")
     peak = max(r["windows"], key=lambda w: w["ratio"])
     lines.append(f"Largest Python/Rust ratio: {peak['ratio']:.2f} at layers {peak['layer_start']}..{peak['layer_end']}")
     return "\n".join(lines)

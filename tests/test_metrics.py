@@ -99,6 +99,113 @@ def test_plip_filtered_equals_exact_when_nothing_filtered_and_nan_reads_zero():
     assert np.isnan(float(M.kl_divergence(a[0], nan)))
 
 
+# ----------------------------------------------------------------------------- host float64 KL and noise floor
+
+
+def _kl_mpmath(a, b, dps=50):
+    """Independent reference: KL(softmax(a) || softmax(b)) with 50 significant digits."""
+    import mpmath as mp
+
+    with mp.workdps(dps):
+        x = [mp.mpf(float(v)) for v in a]
+        y = [mp.mpf(float(v)) for v in b]
+        lx = mp.log(mp.fsum(mp.exp(v) for v in x))
+        ly = mp.log(mp.fsum(mp.exp(v) for v in y))
+        return float(mp.fsum(mp.exp(u - lx) * ((u - lx) - (w - ly)) for u, w in zip(x, y)))
+
+
+def test_kl_f64_two_vectors_differing_by_1e3():
+    base = np.array([2.0, 0.5, -1.0, 1.5, 0.0, -0.25, 3.0, -2.0])
+    other = base.copy()
+    other[3] += 1e-3  # one logit moved by 1e-3
+    kl = M.kl_divergence_f64(base, other)
+    assert kl.dtype == np.float64 and kl.shape == ()
+    ref = _kl_mpmath(base, other)
+    assert float(kl) == pytest.approx(ref, rel=1e-12)
+    # Hand value: for small δ, KL ≈ ½ Var_p(δ) = ½ p₃(1 − p₃) δ² (next term O(δ³)).
+    p3 = _softmax64(base)[3]
+    assert float(kl) == pytest.approx(0.5 * p3 * (1 - p3) * 1e-6, rel=2e-3)
+    # every logit moved by an independent ~1e-3, against mpmath
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 3, 300)
+    b = a + rng.normal(0, 1e-3, 300)
+    assert float(M.kl_divergence_f64(a, b)) == pytest.approx(_kl_mpmath(a, b), rel=1e-10)
+
+
+def test_kl_f64_resolves_what_f32_cannot():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 3, 200)
+    b = a + rng.normal(0, 1e-7, 200)  # below f32 resolution of the logits themselves
+    kl64 = float(M.kl_divergence_f64(a, b))
+    assert kl64 > 0 and kl64 == pytest.approx(_kl_mpmath(a, b), rel=1e-8)
+    kl32 = float(M.kl_divergence(a, b))
+    assert kl32 == 0.0 or not 0.5 < kl32 / kl64 < 2  # the f32 path reads rounding noise or a clamped 0
+
+
+def test_kl_f64_zero_only_for_constant_shift():
+    base = np.arange(-8, 8, dtype=np.float64) / 8.0  # dyadic values: base + 1.5 is an exact shift
+    assert M.kl_divergence_f64(base, base) == 0.0
+    assert M.kl_divergence_f64(base, base + 1.5) == 0.0
+    assert M.kl_divergence_f64(base.astype(np.float32), base.astype(np.float32) - 3.0) == 0.0
+    nudged = base + 1.5
+    nudged[5] = np.nextafter(nudged[5], np.inf)  # one ulp off a shift: tiny but not 0
+    assert M.kl_divergence_f64(base, nudged) > 0.0
+    # batched [2, 3, V] -> [2, 3]; JAX / bf16 inputs accepted
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(2, 3, 50))
+    b = a + rng.normal(size=(2, 3, 50))
+    out = M.kl_divergence_f64(a, b)
+    assert out.shape == (2, 3) and out.dtype == np.float64
+    np.testing.assert_allclose(out, _kl64(a, b), rtol=1e-12)
+    np.testing.assert_allclose(M.kl_divergence_f64(jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)),
+                               _kl64(np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64),
+                                     np.asarray(jnp.asarray(b, jnp.bfloat16), np.float64)), rtol=1e-12)
+
+
+def test_kl_f64_masked_logits_and_bad_input():
+    a = np.array([1.0, -np.inf, 0.5, 2.0])
+    b = np.array([0.0, 1.0, 0.5, 2.5])  # q has mass where p has none: fine
+    ref = float(special.rel_entr(_softmax64(a), _softmax64(b)).sum())
+    assert float(M.kl_divergence_f64(a, b)) == pytest.approx(ref, rel=1e-12)
+    assert M.kl_divergence_f64(b, a) == np.inf  # p > 0 where q = 0
+    assert M.kl_divergence_f64(a, a + 2.0) == 0.0
+    with pytest.raises(ValueError, match="NaN"):
+        M.kl_divergence_f64([1.0, np.nan], [1.0, 2.0])
+    with pytest.raises(ValueError, match="shapes"):
+        M.kl_divergence_f64([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="every logit"):
+        M.kl_divergence_f64([-np.inf, -np.inf], [1.0, 2.0])
+
+
+def test_noise_floor_helpers():
+    f = M.noise_floor_summary([1e-7, 3e-7, 2e-7, 6e-7])
+    assert (f.n, f.max) == (4, 6e-7)
+    assert f.mean == pytest.approx(3e-7) and f.median == pytest.approx(2.5e-7)
+    assert f.to_json()["per_sample"] == [1e-7, 3e-7, 2e-7, 6e-7]
+    kl = np.array([1e-6, 2e-6, 1e-5, 0.0])
+    # scalar floor 6e-7 (the max): 3x = 1.8e-6 -> 1e-6 and 0 are below, 2e-6 and 1e-5 resolved
+    np.testing.assert_array_equal(M.mark_below_floor(kl, f), [True, False, False, True])
+    np.testing.assert_array_equal(M.mark_below_floor(kl, f.max, factor=1.0), [False, False, False, True])
+    # per-sample floors
+    np.testing.assert_array_equal(M.mark_below_floor(kl, [1e-7, 1e-6, 1e-6, 0.0]), [False, True, False, True])
+    np.testing.assert_array_equal(M.mark_below_floor([1e-12, 0.0], 0.0), [False, True])
+    with pytest.raises(ValueError):
+        M.noise_floor_summary([])
+    with pytest.raises(ValueError):
+        M.noise_floor_summary([1e-7, np.nan])
+
+
+def test_floor_warning():
+    effects = [6e-4, 7e-4, 7.2e-4]  # the audit's bf16 steering doses
+    w = M.floor_warning(7.7e-4, effects, "bfloat16")
+    assert w is not None and "bfloat16" in w and "float32" in w and "7.70e-04" in w
+    assert M.floor_warning(6.9e-8, [1.3e-6, 1.8e-6, 4.6e-6], "float32") is None  # 5 % of the median
+    w = M.floor_warning(M.noise_floor_summary([2e-7, 3e-7]), [1e-6, 2e-6], "float32")
+    assert w is not None and "17%" in w and "--dtype" not in w  # 2.5e-7 / 1.5e-6
+    assert M.floor_warning(1e-7, [], "float32") is None
+    assert M.floor_warning(1e-9, [0.0, 0.0]) is not None  # any floor above a zero median effect
+
+
 # ----------------------------------------------------------------------------- top changed tokens
 
 

@@ -1,13 +1,14 @@
-"""Outcome metrics of interventions (spec section 5.5), in JAX.
+"""Outcome metrics of interventions (spec section 5.5), in JAX (and host float64 for reported KLs).
 
-All functions are pure, `jit`/`vmap`-friendly, compute in float32 whatever the input dtype (bf16/f16
-logits are upcast first) and work over arbitrary leading (batch) axes; the vocabulary is the last axis.
+`kl_divergence_f64` and the noise-floor helpers run on the host in numpy float64. The others are pure,
+`jit`/`vmap`-friendly, compute in float32 whatever the input dtype (bf16/f16 logits are upcast first)
+and work over arbitrary leading (batch) axes; the vocabulary is the last axis.
 Padded sequences are handled with an explicit `length` (number of real tokens, right padding).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,15 +27,145 @@ def _f32(x) -> Array:
 def kl_divergence(base_logits: Array, other_logits: Array) -> Array:
     """KL(P_base || P_other) in nats over the last axis, from logits: [..., V] x [..., V] -> [...].
 
-    Exact (no probability floor): Σ_v p_v (log p_v − log q_v) with log-softmax in f32; terms with
-    p_v = 0 contribute 0; clamped at >= 0 against rounding. Infinite only if q_v = 0 where p_v > 0
-    (i.e. an `-inf` logit on the other side).
+    In-graph (device, f32) version for jitted code: Σ_v p_v (log p_v − log q_v) with log-softmax in
+    f32; terms with p_v = 0 contribute 0; clamped at >= 0 against rounding. Infinite only if q_v = 0
+    where p_v > 0. Its precision floor is ~1e-8-1e-7 nats (f32 log-softmax rounding) and the clamp can
+    read 0 for logits that differ: KLs that are *reported* use `kl_divergence_f64` on the host.
     """
     lp = jax.nn.log_softmax(_f32(base_logits), axis=-1)
     lq = jax.nn.log_softmax(_f32(other_logits), axis=-1)
     p = jnp.exp(lp)
     terms = jnp.where(p > 0, p * (lp - lq), 0.0)
     return jnp.maximum(jnp.sum(terms, axis=-1), 0.0)
+
+
+def kl_divergence_f64(base_logits, other_logits) -> np.ndarray:
+    """KL(P_base || P_other) in nats, on the host in numpy float64: [..., V] x [..., V] -> float64 [...].
+
+    The KL to report (the in-graph f32 `kl_divergence` has a ~1e-7 floor). Inputs (any float dtype,
+    numpy or JAX) are upcast to f64. With δ = base − other logits, u = δ − δ[argmax p] (exact for
+    nearby values), m = E_p[u], G = E_p[e^{−u} − 1 + u] >= 0 and h(m) = −m − log1p(−m):
+    KL = log E_p[e^{−u}] + m = log1p(G / (1 − m)) − h(m), with G and h summed as Taylor series for small
+    arguments. Tiny divergences keep near full relative precision (KL ≈ ½ Var_p(δ) for small δ) instead
+    of being the difference of two log-softmaxes. Never clamped: exactly 0 iff the rows are identical
+    up to a constant shift (δ constant), positive otherwise (down to f64 underflow). `-inf` logits are
+    allowed (p_v = 0 terms contribute 0; q_v = 0 where p_v > 0 gives +inf); NaN or +inf -> ValueError.
+    """
+    x = np.asarray(base_logits, dtype=np.float64)
+    y = np.asarray(other_logits, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"logit shapes differ: {x.shape} vs {y.shape}")
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise ValueError(f"logits need a non-empty vocabulary axis, got shape {x.shape}")
+    for name, a in (("base_logits", x), ("other_logits", y)):
+        if np.isnan(a).any() or np.isposinf(a).any():
+            raise ValueError(f"{name} contains NaN or +inf; the KL is undefined")
+        if np.isneginf(a).all(axis=-1).any():
+            raise ValueError(f"{name} has a row with every logit -inf (no distribution)")
+    if np.isneginf(x).any() or np.isneginf(y).any():
+        return _kl_f64_direct(x, y)
+    d = x - y  # exact for f32 inputs
+    top = np.argmax(x, axis=-1)[..., None]
+    u = d - np.take_along_axis(d, top, axis=-1)
+    if np.abs(u).max() > 700.0:  # e^{-u} would overflow: plain f64 formula
+        return _kl_f64_direct(x, y)
+    w = np.exp(x - np.take_along_axis(x, top, axis=-1))
+    p = w / w.sum(axis=-1, keepdims=True)
+    small = np.abs(u) < 1e-2
+    us = np.where(small, u, 0.0)
+    g_series = us * us * (0.5 + us * (-1.0 / 6 + us * (1.0 / 24 + us * (-1.0 / 120 + us * (1.0 / 720)))))
+    big_g = np.sum(p * np.where(small, g_series, np.expm1(-u) + u), axis=-1)
+    m = np.sum(p * u, axis=-1)
+    ms = np.where(np.abs(m) < 1e-2, m, 0.0)
+    h_series = ms * ms * (0.5 + ms * (1.0 / 3 + ms * (0.25 + ms * (0.2 + ms * (1.0 / 6)))))
+    mc = np.minimum(m, 0.5)
+    h = np.where(np.abs(m) < 1e-2, h_series, -mc - np.log1p(-mc))
+    stable = np.log1p(big_g / (1.0 - mc)) - h  # valid for m < 1; used for |m| < 0.5
+    plain = m + np.log1p(big_g - m)  # E_p[e^{-u}] = 1 - m + G > 0 always
+    kl = np.where(np.abs(m) < 0.5, stable, plain)
+    const = np.all(d == d[..., :1], axis=-1)
+    return np.where(const, 0.0, kl).astype(np.float64)
+
+
+def _kl_f64_direct(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Σ p (log p − log q) in f64 for rows with -inf logits (masked vocabulary)."""
+    lp = x - _logsumexp(x)
+    lq = y - _logsumexp(y)
+    p = np.exp(lp)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(p > 0, p * (lp - lq), 0.0)
+    kl = terms.sum(axis=-1)
+    # no clamp; only identical-up-to-shift rows (on the finite support) read exactly 0
+    fin = np.isfinite(x) & np.isfinite(y)
+    same_support = np.all(np.isfinite(x) == np.isfinite(y), axis=-1)
+    with np.errstate(invalid="ignore"):
+        d = np.where(fin, x - y, 0.0)
+    first = np.take_along_axis(d, np.argmax(fin, axis=-1)[..., None], axis=-1)
+    const = same_support & np.all(np.where(fin, d == first, True), axis=-1)
+    return np.where(const, 0.0, kl)
+
+
+def _logsumexp(a: np.ndarray) -> np.ndarray:
+    m = a.max(axis=-1, keepdims=True)
+    return m + np.log(np.exp(a - m).sum(axis=-1, keepdims=True))
+
+
+class NoiseFloor(NamedTuple):
+    """No-op ("floor") KLs in nats: what an intervention that changes nothing reads, per sample and overall."""
+
+    per_sample: np.ndarray  # float64 [N]
+    n: int
+    mean: float
+    median: float
+    max: float
+
+    def to_json(self) -> dict:
+        return {"n": self.n, "mean": self.mean, "median": self.median, "max": self.max,
+                "per_sample": [float(v) for v in self.per_sample]}
+
+
+def noise_floor_summary(floor_kls) -> NoiseFloor:
+    """Summary of no-op KLs [N] (nats): per-sample values and their mean, median, max. Empty -> ValueError."""
+    f = np.asarray(floor_kls, dtype=np.float64).ravel()
+    if f.size == 0:
+        raise ValueError("no floor KL given")
+    if not np.all(np.isfinite(f)) or (f < 0).any():
+        raise ValueError(f"floor KLs must be finite and >= 0, got {f}")
+    return NoiseFloor(f, int(f.size), float(f.mean()), float(np.median(f)), float(f.max()))
+
+
+def mark_below_floor(kl, floor, factor: float = 3.0) -> np.ndarray:
+    """bool [...]: True where an effect is NOT resolved above the noise floor, i.e. kl <= factor · floor.
+
+    kl [...] nats; floor: a scalar (e.g. NoiseFloor.max) or per-sample values broadcastable to kl. With
+    a floor of exactly 0 only kl == 0 is marked.
+    """
+    k = np.asarray(kl, dtype=np.float64)
+    f = np.asarray(floor.max if isinstance(floor, NoiseFloor) else floor, dtype=np.float64)
+    return ~(k > factor * f)
+
+
+def floor_warning(floor, effects, dtype: str = "", threshold: float = 0.1, factor: float = 3.0) -> Optional[str]:
+    """Warning text when the noise floor exceeds `threshold` (10 %) of the median effect, else None.
+
+    floor: scalar, per-sample values or a NoiseFloor (its median is compared); effects [N] KLs (nats);
+    dtype: the run's compute dtype, named in the text (bfloat16/float16 runs get a float32 advice);
+    factor: the `mark_below_floor` factor quoted in the text.
+    """
+    f = floor.median if isinstance(floor, NoiseFloor) else float(np.median(np.asarray(floor, np.float64)))
+    e = np.asarray(effects, dtype=np.float64).ravel()
+    if e.size == 0:
+        return None
+    med = float(np.median(e))
+    if f <= threshold * med:
+        return None
+    ratio = f"{f / med:.0%} of" if med > 0 else "above"
+    low = str(dtype).lower()
+    advice = (" Reduced precision dominates: rerun with --dtype=float32 for KL work."
+              if any(s in low for s in ("bfloat16", "bf16", "float16", "f16")) else "")
+    where = f" ({dtype})" if dtype else ""
+    return (f"KL noise floor {f:.2e} nats{where} is {ratio} the median effect {med:.2e} nats: effects at this "
+            f"level are not resolved; treat those below {factor:g}x the floor as noise.{advice}")
 
 
 def kl_divergence_plip_filtered(base_logits: Array, other_logits: Array) -> Array:
@@ -220,6 +351,11 @@ def perplexity_change(base_logits_all: Array, other_logits_all: Array, tokens: A
 __all__: Sequence[str] = [
     "PLIP_KL_FLOOR",
     "kl_divergence",
+    "kl_divergence_f64",
+    "NoiseFloor",
+    "noise_floor_summary",
+    "mark_below_floor",
+    "floor_warning",
     "kl_divergence_plip_filtered",
     "TopChanged",
     "top_changed_tokens",

@@ -1,9 +1,18 @@
-"""Statistics used by the experiments, computed with scipy (exact distributions)."""
+"""Statistics used by the experiments, computed with scipy (exact distributions).
+
+Tests that cannot be computed (a group with n < 2, zero standard error) are *undefined*: their result has
+`defined=False`, None for t / df / p and a `note` saying why; they never read as significant or as
+"no difference". NaN or infinite inputs raise ValueError. PLIP-rs's own conventions (df fallbacks, n = 1
+groups, NaN read as p = 1) survive only in the explicitly named parity functions `welch_t_test_plip`,
+`welch_from_stats_plip` and `plip_kl_welch`, for reproducing stored PLIP numbers.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import math
+import re
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy import stats as sps
@@ -11,63 +20,150 @@ from scipy import stats as sps
 
 @dataclasses.dataclass(frozen=True)
 class WelchResult:
-    """Welch's unequal-variance t-test of mean(a) - mean(b)."""
+    """Welch's unequal-variance t-test of mean(a) - mean(b).
 
-    t: float
-    df: float
-    p_value: float  # two-sided
+    When `defined` is False, t, df and p_value are None and `note` says why (n < 2, both groups constant).
+    `note` also records a defined-but-special case (one zero-variance group: the Welch limit df).
+    """
+
+    t: Optional[float]
+    df: Optional[float]
+    p_value: Optional[float]  # two-sided, exact Student t
+    defined: bool = True
+    note: str = ""
+
+
+def _check_finite(x: np.ndarray, name: str) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        n_nan, n_inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+        raise ValueError(f"{name} contains {n_nan} NaN and {n_inf} infinite value(s) (first at index "
+                         f"{int(np.flatnonzero(bad.ravel())[0])}); a test on them is meaningless, drop or fix them")
+
+
+def _undefined(note: str) -> WelchResult:
+    return WelchResult(None, None, None, False, note)
+
+
+def _welch(m1: float, v1: float, n1: int, m2: float, v2: float, n2: int) -> WelchResult:
+    """Welch's test from means, sample variances (ddof=1) and sizes; degenerate cases -> undefined."""
+    if n1 < 2 or n2 < 2:
+        what = "empty group" if min(n1, n2) == 0 else "n<2"
+        return _undefined(f"{what} (n1={n1}, n2={n2}): a group needs >= 2 values for a variance; no test")
+    e1, e2 = v1 / n1, v2 / n2
+    if e1 == 0.0 and e2 == 0.0:
+        if m1 == m2:
+            return _undefined("both groups constant and equal: t = 0/0; no test")
+        return _undefined(f"both groups constant with different means ({m1!r} vs {m2!r}): t is infinite (the "
+                          "difference has no sampling variance); no test")
+    t = (m1 - m2) / math.sqrt(e1 + e2)
+    note = ""
+    if e1 == 0.0 or e2 == 0.0:
+        # Welch-Satterthwaite's limit when one variance is 0: all the SE comes from the other group.
+        zero, other_n = (1, n2) if e1 == 0.0 else (2, n1)
+        df = float(other_n - 1)
+        note = f"group {zero} has zero variance: Welch limit df = n_other - 1 = {other_n - 1}"
+    else:
+        r = e1 / (e1 + e2)  # ratio form avoids under/overflow of e**2
+        df = 1.0 / (r * r / (n1 - 1) + (1.0 - r) * (1.0 - r) / (n2 - 1))
+    p = float(2.0 * sps.t.sf(abs(t), df))
+    return WelchResult(float(t), float(df), p, True, note)
+
+
+def _group_moments(x: np.ndarray) -> tuple[float, float]:
+    """(mean, sample variance ddof=1); the variance is exactly 0 for a constant group (no rounding residue)."""
+    if x.size == 0:
+        return 0.0, 0.0
+    m = float(x.mean())
+    if x.size < 2 or np.all(x == x[0]):
+        return (float(x[0]) if x.size else m), 0.0
+    return m, float(x.var(ddof=1))
 
 
 def welch_t_test(a: Sequence[float], b: Sequence[float]) -> WelchResult:
-    """Welch's t-test with PLIP-rs's conventions (spec section 4), exact Student-t p via scipy.
+    """Welch's t-test of mean(a) - mean(b) in float64; exact two-sided Student-t p (scipy).
+
+    Equals scipy.stats.ttest_ind(a, b, equal_var=False) wherever scipy defines it. Degenerate cases:
+    one zero-variance group -> df = n_other - 1 (the Welch-Satterthwaite limit, as scipy); n < 2 in a
+    group (or empty), or both groups constant -> undefined (p None, with a note). NaN/inf -> ValueError.
+    """
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    _check_finite(x, "group a")
+    _check_finite(y, "group b")
+    m1, v1 = _group_moments(x)
+    m2, v2 = _group_moments(y)
+    return _welch(m1, v1, int(x.size), m2, v2, int(y.size))
+
+
+def welch_from_stats(m1: float, s1: float, n1: int, m2: float, s2: float, n2: int) -> WelchResult:
+    """Welch t-test from summary stats (means, *sample* SDs ddof=1, sizes); same rules as `welch_t_test`.
+
+    Equals scipy.stats.ttest_ind_from_stats(..., equal_var=False) wherever scipy defines it.
+    """
+    vals = np.asarray([m1, s1, m2, s2], dtype=np.float64)
+    _check_finite(vals, "summary statistics (m1, s1, m2, s2)")
+    if s1 < 0 or s2 < 0:
+        raise ValueError(f"standard deviations must be >= 0, got s1={s1}, s2={s2}")
+    if n1 < 0 or n2 < 0 or int(n1) != n1 or int(n2) != n2:
+        raise ValueError(f"group sizes must be non-negative integers, got n1={n1}, n2={n2}")
+    return _welch(float(m1), float(s1) ** 2, int(n1), float(m2), float(s2) ** 2, int(n2))
+
+
+def welch_t_test_plip(a: Sequence[float], b: Sequence[float]) -> WelchResult:
+    """PLIP-rs's Welch convention (spec section 4), for reproducing stored PLIP numbers only.
 
     Sample SDs (ddof=1, 0 for n=1). Empty group -> (0, 0, 1). Zero standard error -> t = 0.
-    df = Welch-Satterthwaite if both variances are positive, else n1 + n2 - 2; p = 1 if df <= 0.
+    df = Welch-Satterthwaite if both variances are positive, else n1 + n2 - 2 (NOT the Welch limit: the
+    p is too small when one group is constant); p = 1 if df <= 0. n = 1 groups give a p-value, and NaN
+    inputs silently give t = 0, p = 1. Use `welch_t_test` for science.
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     n1, n2 = a.size, b.size
     if n1 == 0 or n2 == 0:
-        return WelchResult(0.0, 0.0, 1.0)
+        return WelchResult(0.0, 0.0, 1.0, True, "PLIP convention: empty group -> (0, 0, 1)")
     s1 = a.std(ddof=1) if n1 > 1 else 0.0
     s2 = b.std(ddof=1) if n2 > 1 else 0.0
-    e1, e2 = s1 * s1 / n1, s2 * s2 / n2
-    denom = np.sqrt(e1 + e2)
-    t = float((a.mean() - b.mean()) / denom) if denom > 0 else 0.0
-    if e1 > 0 and e2 > 0:
-        df = float((e1 + e2) ** 2 / (e1 * e1 / (n1 - 1) + e2 * e2 / (n2 - 1)))
-    else:
-        df = float(n1 + n2 - 2)
-    p = float(2.0 * sps.t.sf(abs(t), df)) if df > 0 else 1.0
-    return WelchResult(t, df, p)
+    return welch_from_stats_plip(float(a.mean()), float(s1), n1, float(b.mean()), float(s2), n2)
 
 
-def significance_stars(p: float) -> str:
-    """`***` p<0.001, `**` p<0.01, `*` p<0.05, else empty (PLIP's scan tables)."""
-    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
-
-
-# ---------------------------------------------------------------------------
-# Welch from summary statistics (attention scans store mean / sample SD / n).
-# ---------------------------------------------------------------------------
-
-
-def welch_from_stats(m1: float, s1: float, n1: int, m2: float, s2: float, n2: int) -> WelchResult:
-    """Welch t-test from summary stats (means, *sample* SDs, sizes); same conventions as `welch_t_test`.
-
-    This is PLIP-rs's f64 attention-scan routine (spec section 4); p is exact (scipy Student t).
-    """
+def welch_from_stats_plip(m1: float, s1: float, n1: int, m2: float, s2: float, n2: int) -> WelchResult:
+    """PLIP-rs's f64 attention-scan Welch from summary stats, with its fallbacks (see `welch_t_test_plip`)."""
     if n1 == 0 or n2 == 0:
-        return WelchResult(0.0, 0.0, 1.0)
+        return WelchResult(0.0, 0.0, 1.0, True, "PLIP convention: empty group -> (0, 0, 1)")
     e1, e2 = float(s1) ** 2 / n1, float(s2) ** 2 / n2
     denom = float(np.sqrt(e1 + e2))
     t = (float(m1) - float(m2)) / denom if denom > 0 else 0.0
+    notes = [] if denom > 0 else ["PLIP convention: zero standard error -> t = 0"]
     if e1 > 0 and e2 > 0:
         df = (e1 + e2) ** 2 / (e1 * e1 / (n1 - 1) + e2 * e2 / (n2 - 1))
     else:
         df = float(n1 + n2 - 2)
+        notes.append("PLIP convention: a zero variance -> df = n1 + n2 - 2")
     p = float(2.0 * sps.t.sf(abs(t), df)) if df > 0 else 1.0
-    return WelchResult(float(t), float(df), p)
+    return WelchResult(float(t), float(df), p, True, "; ".join(notes))
+
+
+def significance_stars(p: Optional[float]) -> str:
+    """`***` p<0.001, `**` p<0.01, `*` p<0.05, else empty (PLIP's scan tables); None (undefined) -> empty."""
+    if p is None:
+        return ""
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+def fmt_stat(x: Optional[float], spec: str = ".4g") -> str:
+    """A statistic for tables: `format(x, spec)`, or "undefined" (aligned and padded like `spec`'s
+    alignment and width, e.g. ">9.3g") when the test is undefined (x None)."""
+    if x is not None:
+        return format(x, spec)
+    m = re.match(r"([<>^]?)(\d*)", spec)
+    return format("undefined", f"{m.group(1) or '>'}{m.group(2)}") if m.group(2) else "undefined"
+
+
+def significant(p: Optional[float], alpha: float = 0.05) -> bool:
+    """p < alpha for a defined test; an undefined test (p None) is never significant."""
+    return p is not None and p < alpha
 
 
 # ---------------------------------------------------------------------------
@@ -210,8 +306,10 @@ def plip_kl_welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]
     """PLIP-rs's f32 approximate Welch test of the KL tools -> (t, two-sided p) (spec section 4).
 
     n < 2 in either group or SE < 1e-10 -> (0, 1). The p-value uses PLIP's approximate t CDF
-    (A&S erf for df > 30, home-made incomplete beta otherwise), off from the exact p by up to ~0.004;
-    use it only to match stored PLIP numbers, `welch_t_test` for science.
+    (A&S erf for df > 30, home-made incomplete beta otherwise). Its error against the exact p is
+    small for df > 30 (worst ~0.002 in the science audit's 300 KL-like pairs) but reaches ~0.045 for
+    df <= 30 (t = 1.62, df = 19.5: 0.076 vs exact 0.121; median error ~0.002). Use it only to match
+    stored PLIP numbers and never for a decision; `welch_t_test` is the test.
     """
     x = np.asarray(a, dtype=np.float32).ravel()
     y = np.asarray(b, dtype=np.float32).ravel()
@@ -381,31 +479,131 @@ def cohens_d(a: Sequence[float], b: Sequence[float]) -> float:
     return float((x.mean() - y.mean()) / pooled) if pooled > 0 else 0.0
 
 
-def holm_bonferroni(pvalues: Sequence[float]) -> np.ndarray:
-    """Holm step-down adjusted p-values (same order as input), capped at 1."""
-    p = np.asarray(pvalues, dtype=np.float64).ravel()
-    m = p.size
-    if m == 0:
-        return p.copy()
-    order = np.argsort(p, kind="stable")
-    adj_sorted = np.maximum.accumulate((m - np.arange(m)) * p[order])
-    out = np.empty(m)
-    out[order] = np.minimum(adj_sorted, 1.0)
+def _defined_pvalues(pvalues: Sequence[Optional[float]]) -> tuple[list[int], np.ndarray]:
+    """Indices and values of the defined (not None) entries; NaN or out-of-[0, 1] -> ValueError."""
+    vals = list(np.asarray(pvalues, dtype=object).ravel()) if isinstance(pvalues, np.ndarray) else list(pvalues)
+    idx = [i for i, v in enumerate(vals) if v is not None]
+    p = np.asarray([float(vals[i]) for i in idx], dtype=np.float64)
+    if p.size and (np.isnan(p).any() or (p < 0).any() or (p > 1).any()):
+        raise ValueError(f"p-values must lie in [0, 1] (None for an undefined test), got {[vals[i] for i in idx]}")
+    return idx, p
+
+
+def _scatter(n: int, idx: list[int], adj: np.ndarray) -> list[Optional[float]]:
+    out: list[Optional[float]] = [None] * n
+    for i, v in zip(idx, adj):
+        out[i] = float(v)
     return out
 
 
-def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
-    """Benjamini–Hochberg (FDR) adjusted p-values (same order as input), capped at 1."""
-    p = np.asarray(pvalues, dtype=np.float64).ravel()
+def holm_bonferroni(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
+    """Holm step-down adjusted p-values, same order as the input, capped at 1.
+
+    None entries (undefined tests) are left out of the family (m = number of defined p) and come back
+    as None. E.g. [0.01, 0.04, 0.03, 0.5] -> [0.04, 0.09, 0.09, 0.5]. NaN -> ValueError.
+    """
+    idx, p = _defined_pvalues(pvalues)
+    n = len(pvalues)
     m = p.size
     if m == 0:
-        return p.copy()
+        return [None] * n
+    order = np.argsort(p, kind="stable")
+    adj_sorted = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    adj = np.empty(m)
+    adj[order] = np.minimum(adj_sorted, 1.0)
+    return _scatter(n, idx, adj)
+
+
+def benjamini_hochberg(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
+    """Benjamini-Hochberg (FDR) adjusted p-values ("q"), same order as the input, capped at 1.
+
+    None entries are left out of the family and come back as None. E.g. [0.01, 0.04, 0.03, 0.5] ->
+    [0.04, 0.0533, 0.0533, 0.5]. Equals scipy.stats.false_discovery_control on the defined entries.
+    """
+    idx, p = _defined_pvalues(pvalues)
+    n = len(pvalues)
+    m = p.size
+    if m == 0:
+        return [None] * n
     order = np.argsort(p, kind="stable")
     scaled = p[order] * m / np.arange(1, m + 1)
     adj_sorted = np.minimum.accumulate(scaled[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(adj_sorted, 1.0)
-    return out
+    adj = np.empty(m)
+    adj[order] = np.minimum(adj_sorted, 1.0)
+    return _scatter(n, idx, adj)
+
+
+# ---------------------------------------------------------------------------
+# Permutation test of group labels.
+# ---------------------------------------------------------------------------
+
+# Exact enumeration when C(n1 + n2, n1) is at most this: covers the corpus's 10 vs 10 design
+# (C(20, 10) = 184,756 relabelings, ~1 s with scipy); larger designs use seeded Monte Carlo.
+EXACT_PERMUTATION_MAX = 200_000
+
+
+@dataclasses.dataclass(frozen=True)
+class PermutationResult:
+    """Two-sided permutation test of the group labels.
+
+    statistic: observed value (a - b); method: "exact" (all C(n1+n2, n1) relabelings), "monte_carlo"
+    (n_resamples seeded random relabelings, p = (k + 1) / (n_resamples + 1)) or "undefined".
+    """
+
+    statistic: Optional[float]
+    p_value: Optional[float]
+    method: str
+    n_resamples: int
+    statistic_name: str
+    defined: bool = True
+    note: str = ""
+
+
+def _mean_diff(x, y, axis=-1):
+    return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+
+def _welch_t_stat(x, y, axis=-1):
+    n1, n2 = x.shape[axis], y.shape[axis]
+    e = np.var(x, axis=axis, ddof=1) / n1 + np.var(y, axis=axis, ddof=1) / n2
+    d = np.mean(x, axis=axis) - np.mean(y, axis=axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = d / np.sqrt(e)
+    return np.where(e > 0, t, np.where(d == 0, 0.0, np.sign(d) * np.inf))
+
+
+_PERM_STATS = {"mean_diff": _mean_diff, "welch_t": _welch_t_stat}
+
+
+def permutation_test_labels(a: Sequence[float], b: Sequence[float], statistic: str = "mean_diff",
+                            n_resamples: int = 99_999, seed: int = 0,
+                            exact_max: int = EXACT_PERMUTATION_MAX) -> PermutationResult:
+    """Permutation test of the labels of two independent groups (scipy.stats.permutation_test), two-sided.
+
+    statistic: "mean_diff" = mean(a) - mean(b), or "welch_t" (Welch's t). n >= 2 per group (scipy's rule).
+    Exact when C(n1 + n2, n1) <= exact_max, else `n_resamples` Monte Carlo relabelings drawn with
+    np.random.default_rng(seed). p is scipy's two-sided p: min(1, 2 * min(P(T >= t), P(T <= t))).
+    A group with n < 2 -> undefined (p None, note); NaN/inf -> ValueError.
+    """
+    if statistic not in _PERM_STATS:
+        raise ValueError(f"unknown statistic {statistic!r}; choose one of {sorted(_PERM_STATS)}")
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    _check_finite(x, "group a")
+    _check_finite(y, "group b")
+    if x.size < 2 or y.size < 2:
+        return PermutationResult(None, None, "undefined", 0, statistic, False,
+                                 f"n<2 (n1={x.size}, n2={y.size}): a permutation test needs >= 2 values per group")
+    n_distinct = math.comb(x.size + y.size, x.size)
+    exact = n_distinct <= exact_max
+    fn = _PERM_STATS[statistic]
+    res = sps.permutation_test((x, y), fn, permutation_type="independent", vectorized=True,
+                               n_resamples=np.inf if exact else int(n_resamples), alternative="two-sided",
+                               rng=np.random.default_rng(seed))
+    note = ("" if exact else
+            f"C({x.size + y.size}, {x.size}) = {n_distinct} relabelings > {exact_max}: Monte Carlo, seed {seed}")
+    return PermutationResult(float(res.statistic), float(res.pvalue), "exact" if exact else "monte_carlo",
+                             int(n_distinct if exact else n_resamples), statistic, True, note)
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -444,16 +642,87 @@ def _field(r: object, name: str):
 
 
 def best_layer(results: Sequence[object]) -> tuple[int, float]:
-    """PLIP's best-layer rule: among layers with python_mean > rust_mean, the smallest p_value
-    (ties -> earliest in `results` order); none -> (0, 1.0). Items: dicts or objects with
-    layer, python_mean, rust_mean, p_value."""
+    """PLIP's best-layer rule: among layers with python_mean > rust_mean and a defined p_value (None =
+    undefined test, never picked), the smallest p_value (ties -> earliest in `results` order); none ->
+    (0, 1.0). Items: dicts or objects with layer, python_mean, rust_mean, p_value. The p is a selected
+    minimum over layers, unadjusted: report `select_best_layer` (adjusted) beside it."""
     best: tuple[int, float] | None = None
     for r in results:
-        if _field(r, "python_mean") > _field(r, "rust_mean"):
-            p = float(_field(r, "p_value"))
+        p = _field(r, "p_value")
+        if p is not None and _field(r, "python_mean") > _field(r, "rust_mean"):
+            p = float(p)
             if best is None or p < best[1]:
                 best = (int(_field(r, "layer")), p)
     return best if best is not None else (0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BestLayer:
+    """The layer chosen by `select_best_layer` (None when no layer qualifies) and how it was chosen.
+
+    p_value / p_adjusted: the chosen layer's raw and adjusted p; p_adjusted_all: the adjusted p of every
+    input layer (input order; None = undefined test); description: one line for JSON and tables.
+    """
+
+    layer: Optional[int]
+    p_value: Optional[float]
+    p_adjusted: Optional[float]
+    adjust: str
+    n_tests: int
+    n_undefined: int
+    p_adjusted_all: tuple
+    description: str
+
+    def to_json(self) -> dict:
+        return {"best_layer": self.layer, "p_value": self.p_value, "p_adjusted": self.p_adjusted,
+                "adjustment": self.adjust, "n_tests": self.n_tests, "n_undefined": self.n_undefined,
+                "selection": self.description}
+
+
+_ADJUST = {"holm": ("Holm-adjusted", holm_bonferroni), "bh": ("BH-adjusted (q)", benjamini_hochberg),
+           "none": ("unadjusted", lambda p: [None if v is None else float(v) for v in p])}
+
+
+def _layer_span(layers: Sequence[int]) -> str:
+    ls = sorted(int(x) for x in layers)
+    if not ls:
+        return "(none)"
+    if ls == list(range(ls[0], ls[-1] + 1)):
+        return f"{ls[0]}..{ls[-1]}" if len(ls) > 1 else str(ls[0])
+    return ",".join(map(str, ls))
+
+
+def select_best_layer(layers: Sequence[int], p_values: Sequence[Optional[float]],
+                      direction_ok: Optional[Sequence[bool]] = None, *, adjust: str = "holm",
+                      test: str = "Welch", direction: str = "Python > Rust") -> BestLayer:
+    """Best layer by adjusted p: among layers with a defined test (p not None) and direction_ok, the
+    smallest adjusted p; ties -> smaller raw p, then lower layer. None when no layer qualifies.
+
+    layers [L], p_values [L] raw two-sided p (None = undefined), direction_ok [L] bool (None = all
+    True; e.g. python_mean > rust_mean). The family for the adjustment ("holm", "bh" or "none") is every
+    layer with a defined test, whatever its direction; `test` and `direction` only word the description.
+    """
+    if adjust not in _ADJUST:
+        raise ValueError(f"adjust must be one of {sorted(_ADJUST)}, got {adjust!r}")
+    layers = [int(x) for x in layers]
+    pv = list(p_values)
+    ok = [True] * len(layers) if direction_ok is None else [bool(x) for x in direction_ok]
+    if not (len(layers) == len(pv) == len(ok)):
+        raise ValueError(f"layers, p_values and direction_ok must have one entry per layer: "
+                         f"{len(layers)}, {len(pv)}, {len(ok)}")
+    label, fn = _ADJUST[adjust]
+    adj = fn(pv)
+    n_def = sum(p is not None for p in pv)
+    cand = [(adj[i], float(pv[i]), layers[i], i) for i in range(len(layers)) if pv[i] is not None and ok[i]]
+    span = _layer_span(layers)
+    undef = f", {len(pv) - n_def} undefined excluded" if n_def < len(pv) else ""
+    rule = (f"min {label} {test} p over scanned layers {span} ({n_def} defined tests{undef}) "
+            f"among layers with {direction}; ties by raw p, then lower layer")
+    if not cand:
+        return BestLayer(None, None, None, adjust, n_def, len(pv) - n_def, tuple(adj),
+                         f"{rule}: no layer qualifies")
+    a, p, layer, _ = min(cand)
+    return BestLayer(layer, p, a, adjust, n_def, len(pv) - n_def, tuple(adj), rule)
 
 
 def scan_ratio(py: float, rs: float) -> float:

@@ -247,15 +247,18 @@ def run_statistical_attention(model: Any, samples: Sequence[LegacySample], layer
              "python_test_vs_baseline": welch("python_doctest", "python_baseline"),
              "rust_test_vs_baseline": welch("rust_test", "rust_baseline")}
     py, rs, p = groups["python_doctest"]["mean"], groups["rust_test"]["mean"], tests["python_vs_rust"]["p_value"]
-    hyp = {"H1_python_above_15pct_and_significant": bool(py > 0.15 and p < 0.05),
-           "H2_rust_below_7pct_and_significant": bool(rs < 0.07 and p < 0.05),
-           "H3_difference_significant": bool(p < 0.05)}
+    sig = stats.significant(p)
+    hyp = {"H1_python_above_15pct_and_significant": bool(py > 0.15 and sig),
+           "H2_rust_below_7pct_and_significant": bool(rs < 0.07 and sig),
+           "H3_difference_significant": sig}
     return StatisticalAttentionResult(model.name, layer, groups, tests, py / max(rs, 0.001), hyp, report,
                                       {"positions_s": t1 - t0, "forward_s": t2 - t1,
                                        "total_s": time.perf_counter() - t0})
 
 
-def _level(p: float) -> str:
+def _level(p: Optional[float]) -> str:
+    if p is None:
+        return "Undefined (no test)"
     if p < 0.001:
         return "Highly significant (p < 0.001) ***"
     if p < 0.01:
@@ -287,7 +290,8 @@ def format_statistical_attention(r: StatisticalAttentionResult) -> str:
              "2. Python doctest vs Python baseline", "rust_test_vs_baseline": "3. Rust #[test] vs Rust baseline"}
     for k, title in names.items():
         t = r.tests[k]
-        lines.append(f"{title}: t = {t['t']:.3f}, df = {t['df']:.1f}, p = {t['p_value']:.4g} -> {_level(t['p_value'])}")
+        lines.append(f"{title}: t = {stats.fmt_stat(t['t'], '.3f')}, df = {stats.fmt_stat(t['df'], '.1f')}, "
+                     f"p = {stats.fmt_stat(t['p_value'])} -> {_level(t['p_value'])}")
     v = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     h = list(r.hypotheses.values())
     lines += ["", "HYPOTHESIS VALIDATION",
@@ -314,7 +318,8 @@ def plot_statistical_attention(r: StatisticalAttentionResult, path: Path) -> Pat
     ax.set_xticklabels(GROUPS)
     ax.set_ylabel("marker → target attention (%)")
     t = r.tests["python_vs_rust"]
-    ax.set_title(f"{r.model}, layer {r.layer}: Python vs Rust t = {t['t']:.2f}, p = {t['p_value']:.3g}", fontsize=9)
+    ax.set_title(f"{r.model}, layer {r.layer}: Python vs Rust t = {stats.fmt_stat(t['t'], '.2f')}, "
+                 f"p = {stats.fmt_stat(t['p_value'], '.3g')}", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -539,7 +544,9 @@ def format_multi_sample(r: dict) -> str:
         f"Mean ± 1 SD: Python [{100 * iv['python'][0]:.2f}%, {100 * iv['python'][1]:.2f}%], "
         f"Rust [{100 * iv['rust'][0]:.2f}%, {100 * iv['rust'][1]:.2f}%] -> "
         + ("overlapping (difference may not be significant)" if iv["overlap"] else "non-overlapping"),
-        f"Welch's t-test: t = {r['welch']['t']:.3f}, df = {r['welch']['df']:.2f}, p = {r['welch']['p_value']:.4g} "
+        f"Welch's t-test: t = {stats.fmt_stat(r['welch']['t'], '.3f')}, "
+        f"df = {stats.fmt_stat(r['welch']['df'], '.2f')}, "
+        f"p = {stats.fmt_stat(r['welch']['p_value'])} "
         f"{stats.significance_stars(r['welch']['p_value'])}",
     ]
     return "\n".join(lines)

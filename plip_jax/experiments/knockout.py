@@ -146,8 +146,11 @@ def _comparison(rows: list) -> dict:
     rs = [r["kl_divergence"] for r in rows if r["language"] == "rust" and not r["is_baseline"]]
     w = stats.welch_t_test(py, rs)
     _, plip_p = stats.plip_kl_welch(py, rs) if len(py) > 1 and len(rs) > 1 else (0.0, 1.0)
-    return {"welch_t_statistic": w.t, "welch_p_value": w.p_value, "welch_df": w.df,
-            "welch_p_value_plip_approx": float(plip_p), "significant_difference": bool(w.p_value < 0.05)}
+    out = {"welch_t_statistic": w.t, "welch_p_value": w.p_value, "welch_df": w.df,
+           "welch_p_value_plip_approx": float(plip_p), "significant_difference": stats.significant(w.p_value)}
+    if w.note:
+        out["welch_note"] = w.note
+    return out
 
 
 def token_id(tokenizer: Any, text: str) -> int:

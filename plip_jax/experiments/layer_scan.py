@@ -33,9 +33,9 @@ class LayerStat:
     rust_std: float
     rust_n: int
     ratio: float
-    t_statistic: float
-    df: float
-    p_value: float
+    t_statistic: Optional[float]  # None: undefined test (n < 2 or both groups constant; stats.welch_t_test)
+    df: Optional[float]
+    p_value: Optional[float]
 
 
 @dataclasses.dataclass
@@ -127,20 +127,21 @@ def format_table(result: LayerScanResult) -> str:
     lines.append("-" * len(lines[0]))
     for r in result.results:
         lines.append(f"{r.layer:>5} | {100 * r.python_mean:>12.2f} | {100 * r.rust_mean:>10.2f} | {r.ratio:>9.2f} | "
-                     f"{r.t_statistic:>8.3f} | {r.df:>6.2f} | {r.p_value:.2e} {stats.significance_stars(r.p_value)}")
+                     f"{stats.fmt_stat(r.t_statistic, '>8.3f')} | {stats.fmt_stat(r.df, '>6.2f')} | "
+                     f"{stats.fmt_stat(r.p_value, '.2e')} {stats.significance_stars(r.p_value)}")
     best = next((r for r in result.results if r.layer == result.best_layer), None)
     lines.append("")
-    if best is None or not (best.python_mean > best.rust_mean):
-        lines.append("Best Layer: none (no scanned layer has Python > Rust); best_layer = 0, p = 1.0")
+    if best is None or not (best.python_mean > best.rust_mean) or best.p_value is None:
+        lines.append("Best Layer: none (no scanned layer has Python > Rust and a defined test); best_layer = 0, p = 1.0")
     else:
-        sig = "SIGNIFICANT" if best.p_value < 0.05 else "not significant"
+        sig = "SIGNIFICANT" if stats.significant(best.p_value) else "not significant"
         lines += [
             f"Best Layer: {best.layer}",
             f"  Python: {100 * best.python_mean:.2f}% ± {100 * best.python_std:.2f}% (n={best.python_n})",
             f"  Rust:   {100 * best.rust_mean:.2f}% ± {100 * best.rust_std:.2f}% (n={best.rust_n})",
             f"  Ratio: {best.ratio:.2f}×  t = {best.t_statistic:.3f}  df = {best.df:.2f}  p = {best.p_value:.6f} ({sig})",
         ]
-    n_sig = sum(1 for r in result.results if r.p_value < 0.05)
+    n_sig = sum(1 for r in result.results if stats.significant(r.p_value))
     lines.append(f"  Layers with p < 0.05: {n_sig}/{len(result.results)}")
     return "\n".join(lines)
 

@@ -185,8 +185,11 @@ def _welch_fields(py: Sequence[float], rs: Sequence[float]) -> dict:
     """PLIP's Welch fields with the exact p, plus df and PLIP's approximate p as extras."""
     w = stats.welch_t_test(py, rs)
     t_plip, p_plip = stats.plip_kl_welch(py, rs)
-    return {"welch_t_statistic": w.t, "welch_p_value": w.p_value, "significant_difference": bool(w.p_value < 0.05),
-            "welch_df": w.df, "welch_p_value_plip": p_plip, "welch_t_statistic_plip": t_plip}
+    out = {"welch_t_statistic": w.t, "welch_p_value": w.p_value, "significant_difference": stats.significant(w.p_value),
+           "welch_df": w.df, "welch_p_value_plip": p_plip, "welch_t_statistic_plip": t_plip}
+    if w.note:
+        out["welch_note"] = w.note
+    return out
 
 
 def _kls(samples: Sequence[StateSample], kl: np.ndarray, language: str, baseline: bool = False) -> list[float]:
@@ -312,7 +315,7 @@ def format_window_table(payload: dict, top: int = 5) -> str:
     for r in payload["windows"]:
         w = f"{r['layer_start']}" if r["layer_start"] == r["layer_end"] else f"{r['layer_start']}-{r['layer_end']}"
         lines.append(f"{w:>9} | {r['python_stats']['mean_kl']:>11.3e} | {r['rust_stats']['mean_kl']:>11.3e} | "
-                     f"{r['ratio']:>7.2f} | {r['welch_t_statistic']:>7.3f} | {r['welch_p_value']:.3g} "
+                     f"{r['ratio']:>7.2f} | {stats.fmt_stat(r['welch_t_statistic'], '>7.3f')} | {stats.fmt_stat(r['welch_p_value'], '.3g')} "
                      f"{stats.significance_stars(r['welch_p_value'])}")
     if payload.get("mode") == "scan_layers":
         for lang in ("python", "rust"):
@@ -337,8 +340,8 @@ def format_ablation_summary(payload: dict) -> str:
                          f"median={g['median_kl']:.4e} [{g['min_kl']:.2e}, {g['max_kl']:.2e}]")
     rm = payload["rust_stats"]["mean_kl"]
     ratio = payload["python_stats"]["mean_kl"] / rm if rm > 1e-10 else float("nan")
-    lines.append(f"  Python/Rust ratio {ratio:.2f}; Welch t = {payload['welch_t_statistic']:.3f}, "
-                 f"df = {payload['welch_df']:.2f}, p = {payload['welch_p_value']:.4g} (exact; PLIP's approx "
+    lines.append(f"  Python/Rust ratio {ratio:.2f}; Welch t = {stats.fmt_stat(payload['welch_t_statistic'], '.3f')}, "
+                 f"df = {stats.fmt_stat(payload['welch_df'], '.2f')}, p = {stats.fmt_stat(payload['welch_p_value'])} (exact; PLIP's approx "
                  f"{payload['welch_p_value_plip']:.4g}) -> "
                  f"{'SIGNIFICANT' if payload['significant_difference'] else 'not significant'}")
     rc = payload.get("random_control")
@@ -415,7 +418,7 @@ def format_dose_table(payload: dict) -> str:
         pm, rm = p["python_stats"]["mean_kl"], p["rust_stats"]["mean_kl"]
         ratio = pm / rm if rm > 1e-10 else 0.0
         lines.append(f"{p['scale']:<8.2f} | {pm:<11.4e} {p['python_stats']['std_kl']:<11.4e} | {rm:<11.4e} "
-                     f"{p['rust_stats']['std_kl']:<11.4e} | {ratio:<7.2f} | {p['welch_p_value']:<9.4g} | "
+                     f"{p['rust_stats']['std_kl']:<11.4e} | {ratio:<7.2f} | {stats.fmt_stat(p['welch_p_value'], '<9.4g')} | "
                      f"{p['welch_p_value_plip']:<9.4g} | {'YES' if p['significant_difference'] else 'no'}")
     sc = payload["sanity_checks"]
     idt = sc["identity"]
