@@ -17,7 +17,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from plip_jax import cli, stats
+from plip_jax import cli
+from plip_jax.analysis import stats
 
 cli.define_model_flags()
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")

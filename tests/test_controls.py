@@ -1,11 +1,11 @@
-"""Tests for plip_jax.controls: mass-matched knockout control and distance-matched state-ablation position."""
+"""Tests for plip_jax.analysis.controls: mass-matched knockout control and distance-matched state-ablation position."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from plip_jax import controls as C
+from plip_jax.analysis import controls as C
 
 # Marker at 7; keys 0..7. Targets {0, 2, 5} remove 0.40 + 0.10 + 0.08 = 0.58 (sink 0 included).
 # Candidates 1, 3, 4, 6, 7 hold 0.05, 0.02, 0.13, 0.11, 0.11; the only pair removing the

@@ -1,4 +1,4 @@
-"""Tests for plip_jax.nulls: the uniform-attention null of the marker -> targets metric, lift, unseen
+"""Tests for plip_jax.analysis.nulls: the uniform-attention null of the marker -> targets metric, lift, unseen
 targets and the per-layer lift tests (hand-computed cases and a brute-force reference)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from plip_jax import nulls as N
-from plip_jax import stats as S
+from plip_jax.analysis import nulls as N
+from plip_jax.analysis import stats as S
 
 
 # ----------------------------------------------------------------------------- visible keys and the null

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plip_jax import interventions as ivs
-from plip_jax.steering_math import expected_scaled_attention, expected_scaled_marker_metric
+from plip_jax.core import interventions as ivs
+from plip_jax.analysis.steering_math import expected_scaled_attention, expected_scaled_marker_metric
 
 MARKER, T = 4, 6
 COUNTS = np.array([1.0, 0.0, 2.0, 0.0, 0.0, 0.0])  # targets 0 and 2, key 2 listed twice

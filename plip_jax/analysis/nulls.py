@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from plip_jax import stats
+from plip_jax.analysis import stats
 
 
 def _window(w) -> float:

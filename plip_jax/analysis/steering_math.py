@@ -1,4 +1,4 @@
-"""What Scale steering should achieve on the marker -> targets metric (plip_jax.interventions.steer_probs).
+"""What Scale steering should achieve on the marker -> targets metric (plip_jax.core.interventions.steer_probs).
 
 Scale multiplies the chosen edges of a row by d and renormalises the row to its previous mass, so for
 one head whose row sums to 1, with A = the targets' total attention in that row:
