@@ -1,9 +1,9 @@
-"""Show how a model's tokenizer splits text: token ids, character offsets, decoded text, and where the test
+r"""Show how a model's tokenizer splits text: token ids, character offsets, decoded text, and where the test
 markers (`>>>`, `#[test]`, `#[`) fall. No special tokens are added (as PLIP-rs).
 
-    python -m bin.tokenize --text='#[test]\nfn t() {}'
-    python -m bin.tokenize --file=src/lib.rs --model=Qwen/Qwen2.5-Coder-7B-Instruct
-    python -m bin.tokenize --corpus --sample_id=py_simple_add     # a universal-corpus sample, marker/targets marked
+    python -m bin.tokenize_code --text='#[test]\nfn t() {}'
+    python -m bin.tokenize_code --file=src/lib.rs --model=Qwen/Qwen2.5-Coder-7B-Instruct
+    python -m bin.tokenize_code --corpus --sample_id=py_simple_add     # a universal-corpus sample, marker/targets marked
 """
 
 from __future__ import annotations
