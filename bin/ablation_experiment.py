@@ -134,4 +134,4 @@ def knockout_table_windows(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

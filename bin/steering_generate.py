@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from plip_jax import cli
 
@@ -96,4 +96,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_steering_flags(default_max_tokens=150)
-    app.run(main)
+    cli.run(main)

@@ -12,7 +12,9 @@ All 2N sequences (baseline + steered) decode in one batched KV-cache call. JSON:
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
+
+from plip_jax import cli
 
 from bin.steering_generate import define_steering_flags, run_binary
 
@@ -34,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

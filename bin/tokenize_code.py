@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 
 from absl import app, flags
 
+from plip_jax import cli
+
 FLAGS = flags.FLAGS
 
 MARKERS = (">>>", "#[test]", "#[")
@@ -118,4 +120,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

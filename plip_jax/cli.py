@@ -2,18 +2,100 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from absl import flags
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 # The define_*_flags helpers below define flags on behalf of the binary that calls them: attribute those
 # flags to the binary, so that its --help lists --model, --dtype, ... next to its own flags.
 flags.disclaim_key_flags()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Start-up shared by every binary: importing this module installs it (`quiet_startup` runs once the flags
+# are parsed, with `app.run` or `run`); `run` adds complete --help and --help's exit status 0.
+
+QUIET_VERBOSITY = -1  # absl's WARNING: warnings and errors are always shown
+
+
+class _TorchNoticeFilter(logging.Filter):
+    """Drops transformers' import-time notice that PyTorch is absent ("... Models won't be available and only
+    tokenizers, configuration and file/data utilities can be used"): plip-jax only uses transformers'
+    tokenizers and configs, so without torch (the quickstart install) the notice is wrong for it. Every
+    other transformers message passes."""
+
+    quiet = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.quiet and "Models won't be available and only tokenizers" in record.getMessage())
+
+
+_TORCH_NOTICE_FILTER = _TorchNoticeFilter()
+logging.getLogger("transformers").addFilter(_TORCH_NOTICE_FILTER)  # before any transformers import
+
+
+def quiet_startup() -> None:
+    """After flag parsing. Unless --verbosity (-v) is on the command line (or in a --flagfile), log at
+    WARNING instead of absl's INFO: this hides INFO lines such as JAX's `Unable to initialize backend 'tpu'`
+    probe under --device=auto; warnings and errors (e.g. JAX falling back to CPU) still show. An explicit
+    --verbosity is obeyed as given, and also lets transformers' "PyTorch was not found" notice through."""
+    if FLAGS["verbosity"].present:
+        _TORCH_NOTICE_FILTER.quiet = False
+    else:
+        FLAGS.verbosity = QUIET_VERBOSITY
+
+
+app.call_after_init(quiet_startup)  # runs now if app.run has already parsed the flags
+
+_VERBOSITY_HELP = ("Logging verbosity: -1 = warnings and errors (the plip-jax binaries' default), 0 = also "
+                   "INFO lines (e.g. JAX's backend probing), 1 = debug. Given explicitly, it also shows "
+                   "transformers' notice that PyTorch is absent.")
+_HELP_FLAG_NAMES = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def _asked_for_help(argv: list[str]) -> bool:
+    for a in argv[1:]:
+        if a == "--":
+            break
+        if a.startswith("-") and a.lstrip("-") in _HELP_FLAG_NAMES:
+            return True
+    return False
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, except that --help / --helpfull exit with status 0 (absl exits 1)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except SystemExit as e:
+        if e.code == 1 and _asked_for_help(argv):
+            raise SystemExit(0) from None
+        raise
+
+
+def _list_every_flag_in_help() -> None:
+    """Make every flag the binary accepts a key flag of it, so that --help (not only --helpfull) lists it:
+    flags defined by the binary's helpers in other plip-jax modules (e.g. steering_generate_n50 takes its
+    steering flags from bin/steering_generate.py) and --verbosity (with plip-jax's default explained)."""
+    main = sys.argv[0]
+    for module, defined in FLAGS.flags_by_module_dict().items():
+        if module.split(".")[0] in ("bin", "plip_jax"):
+            for flag in defined:
+                FLAGS.register_key_flag_for_module(main, flag)
+    FLAGS["verbosity"].help = _VERBOSITY_HELP
+    FLAGS.register_key_flag_for_module(main, FLAGS["verbosity"])
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+    """`app.run(main)` for the plip-jax binaries: --help lists every flag the binary accepts and exits with
+    status 0; start-up as `quiet_startup`."""
+    _list_every_flag_in_help()
+    app.run(main, flags_parser=_parse_flags)
 
 
 def define_model_flags(default_dtype: str = "float32") -> None:
