@@ -19,7 +19,7 @@ from absl import app, flags
 
 from plip_jax import cli
 
-cli.define_model_flags()
+cli.define_model_flags(mesh="samples")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/ablation_<mode>_<model>.json).")
 cli.define_knockout_mode_flags("marker -> target attention", "PLIP's heuristic, n//2 for small models")

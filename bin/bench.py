@@ -44,7 +44,7 @@ flags.DEFINE_integer("samples", None, "Layer-scan / knockout / steering corpus s
 flags.DEFINE_integer("seq_len", None, "Tokens per corpus sample (default 64; tiny 16).")
 flags.DEFINE_list("doses", None, "Steering Scale doses (default 0.5,1,2,3,4,6).")
 flags.DEFINE_integer("gen_prompts", None, "Generation prompts (default 50; tiny 4).")
-flags.DEFINE_integer("gen_prompt_len", None, "Longest prompt; lengths are uniform in len/2..len (default 64; tiny 8).")
+flags.DEFINE_integer("gen_prompt_len", None, "Longest prompt in tokens; lengths are uniform in len/2..len (default 64; tiny 8).")
 flags.DEFINE_integer("gen_tokens", None, "New tokens per prompt (default 150; tiny 8).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads on CPU (0: torch's default). On a busy shared "
                      "CPU, 1 avoids OpenMP oversubscription stalls (pair with XLA_FLAGS="

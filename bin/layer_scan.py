@@ -12,7 +12,7 @@ from absl import flags
 
 from plip_jax import cli
 
-cli.define_model_flags()
+cli.define_model_flags(mesh="samples")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/layer_scan_universal_<model>.json).")
 flags.DEFINE_integer("start_layer", None, "First layer to scan (default: n_layers // 3).")

@@ -15,7 +15,8 @@ from plip_jax import cli
 from plip_jax.experiments.lens_experiments import DEFAULT_LENS_CODE
 
 cli.define_model_flags()
-flags.DEFINE_string("code", DEFAULT_LENS_CODE, "Code snippet; the lens reads its last token.")
+flags.DEFINE_string("code", DEFAULT_LENS_CODE, "Code snippet, taken literally (escapes like \\n are not "
+                    "interpreted: in bash write $'...\\n...' for a newline); the lens reads its last token.")
 flags.DEFINE_integer("top_k", 5, "Top-k tokens per layer.")
 flags.DEFINE_bool("detailed", False, "Print every layer's top-k with probabilities (default: top-1 only).")
 flags.DEFINE_string("output", None, "Optional JSON output path.")

@@ -14,7 +14,7 @@ from absl import flags
 
 from plip_jax import cli
 
-cli.define_model_flags()
+cli.define_model_flags(mesh=None)
 flags.DEFINE_integer("layer", None, "Layer to steer (default: floor(3 * n_layers / 5), 14 for 24 layers).")
 flags.DEFINE_list("scales", ["0.0", "0.5", "1.0", "2.0", "5.0", "9.0"], "Comma-separated state-write scales (>= 0).")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")

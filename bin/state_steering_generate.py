@@ -13,7 +13,7 @@ from absl import flags
 
 from plip_jax import cli
 
-cli.define_model_flags()
+cli.define_model_flags(mesh=None)
 flags.DEFINE_integer("layer", 2, "Layer whose marker state write is scaled.")
 flags.DEFINE_float("scale", 3.0, "State-write scale of the steered run (the baseline uses 1.0).")
 flags.DEFINE_integer("max_tokens", 100, "Tokens generated per run (no stop token, as PLIP).")

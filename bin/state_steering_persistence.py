@@ -14,7 +14,7 @@ from absl import flags
 
 from plip_jax import cli
 
-cli.define_model_flags()
+cli.define_model_flags(mesh=None)
 flags.DEFINE_integer("layer", 2, "Layer whose marker state write is scaled.")
 flags.DEFINE_integer("max_tokens", 80, "Tokens generated per run (no stop token, as PLIP).")
 flags.DEFINE_integer("n_samples", 3, "Runs per condition at temperature > 0 (1 at temperature 0).")

@@ -12,7 +12,7 @@ from absl import flags
 
 from plip_jax import cli
 
-cli.define_model_flags()
+cli.define_model_flags(mesh="samples")
 flags.DEFINE_integer("layer", None, "Layer (default: PLIP's heuristic, n//2 for small models).")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/steering_calibrate_<model>.json).")

@@ -14,11 +14,14 @@ from absl import flags
 
 from plip_jax import cli
 
-cli.define_model_flags()
+cli.define_model_flags(mesh="samples")
 flags.DEFINE_integer("layer", None, "Layer (default: PLIP's heuristic, n//2 for small models).")
-flags.DEFINE_list("scales", ["0.5", "1", "2", "3", "4", "6"], "Scale doses.")
-flags.DEFINE_list("set_values", None, "SetValue doses (attention per target edge); switches to SetValue mode.")
-flags.DEFINE_float("target_attention", None, "PLIP's single SetValue dose (same as --set_values=V).")
+flags.DEFINE_list("scales", ["0.5", "1", "2", "3", "4", "6"], "Scale doses: comma-separated factors on the marker -> target "
+                  "attention edges (rows renormalised).")
+flags.DEFINE_list("set_values", None, "SetValue doses: comma-separated attention probabilities "
+                  "(0..1) per target edge; switches to SetValue mode.")
+flags.DEFINE_float("target_attention", None, "PLIP's single SetValue dose, an attention probability "
+                   "(0..1) per target edge (same as --set_values=V).")
 flags.DEFINE_enum("language", "rust", ["rust", "python"], "Which test samples to steer.")
 flags.DEFINE_integer("max_samples", None, "Use at most this many samples.")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")

@@ -70,7 +70,8 @@ def format_annotation(a: dict) -> str:
 def define_flags() -> None:
     """Flags are defined only when run as a program, so tests can import the helpers above."""
     flags.DEFINE_string("model", None, "Tokenizer of this model (directory, Hub id in the cache, unset = bundled).")
-    flags.DEFINE_string("text", None, "Text to tokenise (escapes like \\n are interpreted).")
+    flags.DEFINE_string("text", None, "Text to tokenise (escapes like \\n are interpreted; default: a "
+                        "built-in Rust example).")
     flags.DEFINE_string("file", None, "File to tokenise.")
     flags.DEFINE_bool("corpus", False, "Tokenise a sample of the universal corpus (--sample_id).")
     flags.DEFINE_string("corpus_path", None, "Universal corpus (default: corpus/attention_samples_universal.json).")

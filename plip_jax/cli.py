@@ -98,8 +98,23 @@ def run(main: Callable[[list[str]], object]) -> None:
     app.run(main, flags_parser=_parse_flags)
 
 
-def define_model_flags(default_dtype: str = "float32") -> None:
-    """--model, --dtype, --rope_mode, --device (call once at import time of a binary)."""
+# What --mesh splits, per binary (see define_model_flags): every transformer binary loads its weights onto
+# the mesh; only the experiments that batch over samples also split the samples over "data".
+MESH_HELP = {
+    "samples": "Shard over several devices, e.g. 'data:4,model:2': here the corpus samples are split over "
+               "'data' and attention heads and MLP width over 'model' (transformer models; results equal a "
+               "single-device run). Unset: one device.",
+    "weights": "Shard the weights over several devices, e.g. 'model:2': attention heads and MLP width over "
+               "'model', to fit a model too large for one device (transformer models). This binary does not "
+               "split samples, so a 'data' axis only repeats the work. Unset: one device.",
+}
+
+
+def define_model_flags(default_dtype: str = "float32", mesh: Optional[str] = "weights") -> None:
+    """--model, --dtype, --rope_mode, --device, --layer_layout and --mesh (call once at import time of a binary).
+    `mesh`: which MESH_HELP text --mesh gets ("samples" where the experiment splits its samples over the
+    mesh's data axis, "weights" where only the loaded weights are sharded), or None for no --mesh flag
+    (binaries whose loader ignores it, e.g. the RWKV-6 state binaries)."""
     flags.DEFINE_string("model", None, "Model: a local directory, a HuggingFace Hub id (from the HF cache), "
                         "or unset for the bundled plip-tiny-code.")
     flags.DEFINE_enum("dtype", default_dtype, ["float32", "bfloat16", "float16"], "Compute dtype of weights "
@@ -107,8 +122,8 @@ def define_model_flags(default_dtype: str = "float32") -> None:
     flags.DEFINE_enum("rope_mode", "hf", ["hf", "plip"], "hf: the models' real RoPE (default). plip: PLIP-rs's "
                       "interleaved RoPE with tables rounded to the compute dtype, only to reproduce its published numbers.")
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where to run: auto = GPU if JAX sees one.")
-    flags.DEFINE_string("mesh", None, "Shard over several devices, e.g. 'data:4,model:2' (samples over 'data', "
-                        "attention heads and MLP width over 'model'): layer scan, ablation and steering experiments.")
+    if mesh is not None:
+        flags.DEFINE_string("mesh", None, MESH_HELP[mesh])
     define_layer_layout_flag()
 
 
