@@ -8,6 +8,9 @@
 
 Dispatch order as PLIP-rs: scan_layers -> slide_window -> scan_windows -> explicit window -> single layer.
 KL(baseline || knocked) is in nats at the last real position, from logits.
+
+Paper preset (PLIP-rs's knockout scan on Qwen2.5-Coder-7B-Instruct): `plip qwen7b_knockout_scan`, i.e.
+`python -m bin.ablation_experiment --flagfile=configs/qwen7b_knockout_scan.flags`.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ arithmetic and memory floors, compile times and peak memory; writes JSON (and op
 
     python -m bin.bench --tiny --device=cpu                             # CI smoke test shape (seconds)
     python -m bin.bench --device=gpu --shapes=qwen2.5-coder-7b --markdown=benchmarks/RESULTS.md
-    python -m bin.bench --flagfile=configs/bench_h100_7b.flags
+    python -m bin.bench --flagfile=configs/bench_h100_qwen7b.flags      # = plip bench_h100_qwen7b
 
 Shapes: tiny, qwen2.5-coder-3b, qwen2.5-coder-7b, starcoder2-3b, codegemma-7b, codellama-7b (configs/).
 Workloads: layer_scan, knockout_scan, steering_sweep, generation (see plip_jax/bench/workloads.py).
 A shape whose weights do not fit the device (or host RAM on CPU) is refused with a message.
+Presets (configs/, `plip --list`): bench_cpu_tiny, and bench_h100_<shape> for each shape on a GPU.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
     python -m bin.layer_scan                      # bundled plip-tiny-code, shipped universal corpus
     python -m bin.layer_scan --model=Qwen/Qwen2.5-Coder-7B-Instruct --dtype=bfloat16 --plot
+
+Paper presets (PLIP-rs's layer scans, flagfiles in configs/): `plip qwen7b_layer_scan`, i.e.
+`python -m bin.layer_scan --flagfile=configs/qwen7b_layer_scan.flags`; the same on the other models:
+`starcoder2_3b_layer_scan`, `codegemma7b_layer_scan`, `codellama7b_layer_scan` (`plip --list`).
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ one layer and measure KL(baseline || steered) between last-token distributions, 
 
     python -m bin.steering_experiment --plot                      # Scale doses 0.5, 1, 2, 3, 4, 6
     python -m bin.steering_experiment --set_values=0.05,0.1,0.2   # SetValue mode
+
+Paper preset (PLIP-rs's dose-response on Qwen2.5-Coder-7B-Instruct): `plip qwen7b_steering`, i.e.
+`python -m bin.steering_experiment --flagfile=configs/qwen7b_steering.flags`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@
 All 2N sequences (baseline + steered) decode in one batched KV-cache call. JSON: PLIP-rs's field names
 (summary, by_category, samples with change) plus strict-detector fields, `mcnemar` (exact, paired),
 `intervention` and `provenance`. See plip_jax/experiments/steering_generation.py.
+
+Paper preset (PLIP-rs's N=50 run: Qwen2.5-Coder-3B-Instruct, layer 20, chat, 150 tokens):
+`plip qwen3b_steering_generate_n50`, i.e.
+`python -m bin.steering_generate_n50 --flagfile=configs/qwen3b_steering_generate_n50.flags`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-CORPUS_DIR = Path(__file__).resolve().parent.parent / "corpus"
+from plip_jax.resources import shipped_dir
+
+CORPUS_DIR = shipped_dir("corpus")  # the repository's corpus/, or its copy inside an installed wheel
 UNIVERSAL_GROUPS = ("python_doctest", "rust_test", "python_baseline", "rust_baseline")
 
 
@@ -20,9 +22,8 @@ class CorpusError(ValueError):
 
 def default_corpus_path(name: str = "attention_samples_universal.json") -> Path:
     """A corpus shipped in the repository's `corpus/` folder (or, when installed, the package's copy)."""
-    for base in (CORPUS_DIR, Path(__file__).resolve().parent / "data" / "corpus"):
-        if (base / name).is_file():
-            return base / name
+    if (CORPUS_DIR / name).is_file():
+        return CORPUS_DIR / name
     raise CorpusError(f"shipped corpus {name!r} not found in {CORPUS_DIR}; pass --corpus=PATH")
 
 

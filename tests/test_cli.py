@@ -70,6 +70,7 @@ def test_help_lists_inherited_flags_and_exits_0():
     for flag in ("limit", "corpus", "layer", "scale", "chat", "max_tokens", "plip_compat", "model", "mesh",
                  "verbosity"):
         assert re.search(rf"--(\[no\])?{flag}:", text), f"steering_generate_n50 --help does not list --{flag}"
+    assert "plip qwen3b_steering_generate_n50" in text  # the paper preset
 
 
 def test_mesh_help_says_what_it_splits_per_binary():
