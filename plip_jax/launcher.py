@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import os
 import re
 import runpy
 import sys
@@ -88,11 +89,14 @@ def format_list() -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `plip` console script: runs a binary as `python -m bin.NAME` would."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(__doc__.strip() if argv else USAGE)
-        return 0
-    if argv[0] in ("--list", "-l", "list"):
-        print(format_list())
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help", "--list", "-l", "list"):
+        try:
+            print(__doc__.strip() if argv[0] in ("-h", "--help", "help") else format_list(), flush=True)
+        except BrokenPipeError:  # plip --list | head
+            sys.stdout = open(os.devnull, "w")
         return 0
     name, rest = argv[0], argv[1:]
     if name.startswith("-"):
