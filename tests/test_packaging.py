@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,7 @@ def _setuptools_cfg() -> dict:
 def test_pyproject_ships_every_package_and_shipped_file():
     """The package list is explicit (corpus/ and configs/ are mapped into plip_jax): it must name every
     plip_jax subpackage and bin, and the package-data patterns must cover every file of the mapped folders."""
-    from setuptools import find_packages
-
+    find_packages = pytest.importorskip("setuptools").find_packages
     cfg = _setuptools_cfg()
     listed = set(cfg["packages"])
     missing = set(find_packages(str(ROOT), include=["plip_jax", "plip_jax.*", "bin"])) - listed
@@ -65,6 +65,17 @@ def test_launcher_knows_every_binary_and_preset(capsys):
     assert "plip --list" in capsys.readouterr().err
 
 
+def _require_wheel_building() -> None:
+    """The wheel is built without build isolation (no network): this environment needs setuptools >= 64
+    (pyproject's build requirement) and bdist_wheel (setuptools >= 70.1, or the wheel package)."""
+    import importlib.util
+
+    setuptools = pytest.importorskip("setuptools")
+    version = tuple(int(x) for x in re.findall(r"\d+", setuptools.__version__)[:2])
+    if version < (64, 0) or (version < (70, 1) and importlib.util.find_spec("wheel") is None):
+        pytest.skip(f"setuptools {setuptools.__version__} cannot build the wheel here without network")
+
+
 def _parent_site_dirs() -> list[str]:
     return [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
 
@@ -75,7 +86,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     this environment's dependencies through a .pth file (not its editable plip-jax: .pth files of those
     directories are not processed), then run `python -I -m bin.layer_scan` and `plip layer_scan` from a
     directory outside the repository. The code, the bundled model and the corpus must come from the venv."""
-    pytest.importorskip("setuptools")
+    _require_wheel_building()
     src, dist, venv, work = (tmp_path / d for d in ("src", "dist", "venv", "work"))
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", ".venv", "outputs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".whl", ".gl"))
