@@ -8,6 +8,9 @@
 
 Dispatch order as PLIP-rs: scan_layers -> slide_window -> scan_windows -> explicit window -> single layer.
 KL(baseline || knocked) is in nats at the last real position, from logits.
+
+Paper preset (PLIP-rs's knockout scan on Qwen2.5-Coder-7B-Instruct): `plip qwen7b_knockout_scan`, i.e.
+`python -m bin.ablation_experiment --flagfile=configs/qwen7b_knockout_scan.flags`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from absl import app, flags
 from plip_jax import cli
 from plip_jax.analysis import stats
 
-cli.define_model_flags()
+cli.define_model_flags(mesh="samples")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/ablation_<mode>_<model>.json).")
 cli.define_knockout_mode_flags("marker -> target attention", "PLIP's heuristic, n//2 for small models")
@@ -135,4 +138,4 @@ def knockout_table_windows(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

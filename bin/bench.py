@@ -4,11 +4,12 @@ arithmetic and memory floors, compile times and peak memory; writes JSON (and op
 
     python -m bin.bench --tiny --device=cpu                             # CI smoke test shape (seconds)
     python -m bin.bench --device=gpu --shapes=qwen2.5-coder-7b --markdown=benchmarks/RESULTS.md
-    python -m bin.bench --flagfile=configs/bench_h100_7b.flags
+    python -m bin.bench --flagfile=configs/bench_h100_qwen7b.flags      # = plip bench_h100_qwen7b
 
 Shapes: tiny, qwen2.5-coder-3b, qwen2.5-coder-7b, starcoder2-3b, codegemma-7b, codellama-7b (configs/).
 Workloads: layer_scan, knockout_scan, steering_sweep, generation (see plip_jax/bench/workloads.py).
 A shape whose weights do not fit the device (or host RAM on CPU) is refused with a message.
+Presets (configs/, `plip --list`): bench_cpu_tiny, and bench_h100_<shape> for each shape on a GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from plip_jax import cli  # noqa: E402
 
@@ -44,7 +45,7 @@ flags.DEFINE_integer("samples", None, "Layer-scan / knockout / steering corpus s
 flags.DEFINE_integer("seq_len", None, "Tokens per corpus sample (default 64; tiny 16).")
 flags.DEFINE_list("doses", None, "Steering Scale doses (default 0.5,1,2,3,4,6).")
 flags.DEFINE_integer("gen_prompts", None, "Generation prompts (default 50; tiny 4).")
-flags.DEFINE_integer("gen_prompt_len", None, "Longest prompt; lengths are uniform in len/2..len (default 64; tiny 8).")
+flags.DEFINE_integer("gen_prompt_len", None, "Longest prompt in tokens; lengths are uniform in len/2..len (default 64; tiny 8).")
 flags.DEFINE_integer("gen_tokens", None, "New tokens per prompt (default 150; tiny 8).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads on CPU (0: torch's default). On a busy shared "
                      "CPU, 1 avoids OpenMP oversubscription stalls (pair with XLA_FLAGS="
@@ -113,4 +114,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from plip_jax import cli
 from plip_jax.data.conversion import GROUPS, compare_universal, convert_legacy
 
 FLAGS = flags.FLAGS
@@ -61,4 +62,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -3,8 +3,9 @@
     python -m bin.convert_rwkv_to_safetensors --input ckpt.pth --output_dir models/rwkv6
 """
 
-from absl import app, flags
+from absl import flags
 
+from plip_jax import cli
 from plip_jax.models import rwkv6_checkpoint as rwkv6
 
 FLAGS = flags.FLAGS
@@ -22,4 +23,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from plip_jax import cli
 
 flags.DEFINE_string("model", None, "A local directory, a Hub id in the HF cache, or unset for the bundled model.")
-flags.DEFINE_integer("seq_len", 512, "Sequence length for the activation-memory estimate.")
+flags.DEFINE_integer("seq_len", 512, "Sequence length in tokens for the activation-memory estimate.")
 flags.DEFINE_integer("max_tensors", 0, "Print at most this many tensors (0 = all).")
 flags.DEFINE_bool("tensors", True, "Print the tensor list.")
 flags.DEFINE_string("output", None, "Optional JSON output.")
@@ -31,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -2,17 +2,21 @@
 
     python -m bin.layer_scan                      # bundled plip-tiny-code, shipped universal corpus
     python -m bin.layer_scan --model=Qwen/Qwen2.5-Coder-7B-Instruct --dtype=bfloat16 --plot
+
+Paper presets (PLIP-rs's layer scans, flagfiles in configs/): `plip qwen7b_layer_scan`, i.e.
+`python -m bin.layer_scan --flagfile=configs/qwen7b_layer_scan.flags`; the same on the other models:
+`starcoder2_3b_layer_scan`, `codegemma7b_layer_scan`, `codellama7b_layer_scan` (`plip --list`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from plip_jax import cli
 
-cli.define_model_flags()
+cli.define_model_flags(mesh="samples")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/layer_scan_universal_<model>.json).")
 flags.DEFINE_integer("start_layer", None, "First layer to scan (default: n_layers // 3).")
@@ -49,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from plip_jax import cli
 
 flags.DEFINE_string("cache_dir", None, "HF hub cache to scan (default: HF_HUB_CACHE, else $HF_HOME/hub).")
 flags.DEFINE_bool("supported_only", False, "Only list models plip-jax supports.")
@@ -32,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

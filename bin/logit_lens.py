@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from plip_jax import cli
 from plip_jax.experiments.lens_experiments import DEFAULT_LENS_CODE
 
 cli.define_model_flags()
-flags.DEFINE_string("code", DEFAULT_LENS_CODE, "Code snippet; the lens reads its last token.")
+flags.DEFINE_string("code", DEFAULT_LENS_CODE, "Code snippet, taken literally (escapes like \\n are not "
+                    "interpreted: in bash write $'...\\n...' for a newline); the lens reads its last token.")
 flags.DEFINE_integer("top_k", 5, "Top-k tokens per layer.")
 flags.DEFINE_bool("detailed", False, "Print every layer's top-k with probabilities (default: top-1 only).")
 flags.DEFINE_string("output", None, "Optional JSON output path.")
@@ -41,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

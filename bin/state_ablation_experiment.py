@@ -16,12 +16,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from plip_jax import cli
 from plip_jax.core.errors import PlipError
 
-cli.define_model_flags()
+cli.define_model_flags(mesh=None)
 cli.define_knockout_mode_flags("state contribution of the target tokens", "floor(3 * n_layers / 5), 14 for 24 layers")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/state_ablation_<model>_<mode>.json).")
@@ -94,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from plip_jax import cli
 from plip_jax.core.errors import PlipError
 
-cli.define_model_flags()
+cli.define_model_flags(mesh=None)
 flags.DEFINE_integer("layer", None, "Layer to steer (default: floor(3 * n_layers / 5), 14 for 24 layers).")
 flags.DEFINE_list("scales", ["0.0", "0.5", "1.0", "2.0", "5.0", "9.0"], "Comma-separated state-write scales (>= 0).")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")
@@ -66,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

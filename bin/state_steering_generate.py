@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from plip_jax import cli
 from plip_jax.core.errors import PlipError
 
-cli.define_model_flags()
+cli.define_model_flags(mesh=None)
 flags.DEFINE_integer("layer", 2, "Layer whose marker state write is scaled.")
 flags.DEFINE_float("scale", 3.0, "State-write scale of the steered run (the baseline uses 1.0).")
 flags.DEFINE_integer("max_tokens", 100, "Tokens generated per run (no stop token, as PLIP).")
@@ -54,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

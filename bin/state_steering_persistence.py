@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from plip_jax import cli
 from plip_jax.core.errors import PlipError
 
-cli.define_model_flags()
+cli.define_model_flags(mesh=None)
 flags.DEFINE_integer("layer", 2, "Layer whose marker state write is scaled.")
 flags.DEFINE_integer("max_tokens", 80, "Tokens generated per run (no stop token, as PLIP).")
 flags.DEFINE_integer("n_samples", 3, "Runs per condition at temperature > 0 (1 at temperature 0).")
@@ -62,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from plip_jax import cli
 
-cli.define_model_flags()
+cli.define_model_flags(mesh="samples")
 flags.DEFINE_integer("layer", None, "Layer (default: PLIP's heuristic, n//2 for small models).")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/steering_calibrate_<model>.json).")
@@ -49,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -3,6 +3,9 @@ one layer and measure KL(baseline || steered) between last-token distributions, 
 
     python -m bin.steering_experiment --plot                      # Scale doses 0.5, 1, 2, 3, 4, 6
     python -m bin.steering_experiment --set_values=0.05,0.1,0.2   # SetValue mode
+
+Paper preset (PLIP-rs's dose-response on Qwen2.5-Coder-7B-Instruct): `plip qwen7b_steering`, i.e.
+`python -m bin.steering_experiment --flagfile=configs/qwen7b_steering.flags`.
 """
 
 from __future__ import annotations
@@ -10,15 +13,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from plip_jax import cli
 
-cli.define_model_flags()
+cli.define_model_flags(mesh="samples")
 flags.DEFINE_integer("layer", None, "Layer (default: PLIP's heuristic, n//2 for small models).")
-flags.DEFINE_list("scales", ["0.5", "1", "2", "3", "4", "6"], "Scale doses.")
-flags.DEFINE_list("set_values", None, "SetValue doses (attention per target edge); switches to SetValue mode.")
-flags.DEFINE_float("target_attention", None, "PLIP's single SetValue dose (same as --set_values=V).")
+flags.DEFINE_list("scales", ["0.5", "1", "2", "3", "4", "6"], "Scale doses: comma-separated factors on the marker -> target "
+                  "attention edges (rows renormalised).")
+flags.DEFINE_list("set_values", None, "SetValue doses: comma-separated attention probabilities "
+                  "(0..1) per target edge; switches to SetValue mode.")
+flags.DEFINE_float("target_attention", None, "PLIP's single SetValue dose, an attention probability "
+                   "(0..1) per target edge (same as --set_values=V).")
 flags.DEFINE_enum("language", "rust", ["rust", "python"], "Which test samples to steer.")
 flags.DEFINE_integer("max_samples", None, "Use at most this many samples.")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")
@@ -65,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

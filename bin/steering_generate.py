@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from plip_jax import cli
 
@@ -30,7 +30,8 @@ def define_steering_flags(default_max_tokens: int) -> None:
     flags.DEFINE_float("scale", 3.0, "Scale factor on the steered attention edges (rows renormalised).")
     flags.DEFINE_integer("max_tokens", default_max_tokens, "Maximum new tokens per completion.")
     flags.DEFINE_float("temperature", 0.0, "0 = greedy (first max on ties); > 0 samples with --seed.")
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the most likely tokens up to this "
+                      "probability mass, in (0, 1] (with --temperature > 0).")
     flags.DEFINE_integer("seed", 0, "PRNG seed; baseline and steered runs of a prompt share their random stream.")
     flags.DEFINE_bool("chat", False, "Wrap prompts in a chat template (PLIP's wording and system prompt).")
     flags.DEFINE_enum("chat_template", "tokenizer", ["tokenizer", "plip"], "With --chat: the tokenizer's own "
@@ -94,4 +95,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_steering_flags(default_max_tokens=150)
-    app.run(main)
+    cli.run(main)

@@ -8,11 +8,17 @@
 All 2N sequences (baseline + steered) decode in one batched KV-cache call. JSON: PLIP-rs's field names
 (summary, by_category, samples with change) plus strict-detector fields, `mcnemar` (exact, paired),
 `intervention` and `provenance`. See plip_jax/experiments/steering_generation.py.
+
+Paper preset (PLIP-rs's N=50 run: Qwen2.5-Coder-3B-Instruct, layer 20, chat, 150 tokens):
+`plip qwen3b_steering_generate_n50`, i.e.
+`python -m bin.steering_generate_n50 --flagfile=configs/qwen3b_steering_generate_n50.flags`.
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
+
+from plip_jax import cli
 
 from bin.steering_generate import define_steering_flags, run_binary
 
@@ -34,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

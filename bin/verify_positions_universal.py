@@ -11,7 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from plip_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model whose tokenizer to use (directory, Hub id in the HF cache, or unset "
@@ -23,7 +25,6 @@ flags.DEFINE_bool("verbose", False, "Print every sample's marker and target conv
 
 def main(argv):
     del argv
-    from plip_jax import cli
     from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
     from plip_jax.experiments.attention_analysis import format_verify_report
     from plip_jax.models.registry import load_tokenizer
@@ -46,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -86,7 +86,7 @@ def test_unknown_model_source():
 def test_hub_id_not_cached_and_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ModelNotFoundError, match=r"not in the HuggingFace cache.*huggingface-cli download"):
+    with pytest.raises(ModelNotFoundError, match=r"not in the HuggingFace cache.*hf download"):
         resolve_model("nobody/nothing-here")
 
 

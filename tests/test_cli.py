@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -53,3 +54,54 @@ def test_help_lists_the_shared_flags():
                              timeout=120)
         for flag in expected:
             assert flag in out.stdout, f"{binary} --help does not list {flag}"
+
+
+def _help(binary: str) -> str:
+    out = subprocess.run([sys.executable, "-m", binary, "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, f"{binary} --help exited {out.returncode}: {out.stderr[-1000:]}"
+    return " ".join(out.stdout.split())  # absl wraps the help texts
+
+
+def test_help_lists_inherited_flags_and_exits_0():
+    """steering_generate_n50 takes its steering flags from bin/steering_generate.py: --help lists them all,
+    with --verbosity (which brings back the INFO lines the binaries hide by default)."""
+    text = _help("bin.steering_generate_n50")
+    for flag in ("limit", "corpus", "layer", "scale", "chat", "max_tokens", "plip_compat", "model", "mesh",
+                 "verbosity"):
+        assert re.search(rf"--(\[no\])?{flag}:", text), f"steering_generate_n50 --help does not list --{flag}"
+    assert "plip qwen3b_steering_generate_n50" in text  # the paper preset
+
+
+def test_mesh_help_says_what_it_splits_per_binary():
+    assert "the corpus samples are split over 'data'" in _help("bin.layer_scan")
+    assert "This binary does not split samples" in _help("bin.logit_lens")
+    assert "--mesh" not in _help("bin.state_steering_generate")  # RWKV-6 state binaries: no mesh
+
+
+def test_startup_is_quiet_unless_verbosity_is_given():
+    """Under app.run (via cli.run), with torch hidden as in the quickstart install and --device=auto: no JAX
+    INFO lines (the TPU probe) and no transformers 'PyTorch was not found' notice on stderr; an explicit
+    --verbosity=0 brings them back."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None  # as if torch were not installed
+        from plip_jax import cli
+
+        def main(argv):
+            cli.select_device("auto", compile_cache=False)
+            import transformers
+            print("ok")
+
+        cli.run(main)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    quiet = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "ok", quiet.stderr[-2000:]
+    assert not re.search(r"^I\d{4} ", quiet.stderr, re.M) and "Unable to initialize backend" not in quiet.stderr
+    assert "PyTorch was not found" not in quiet.stderr, quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", code, "--verbosity=0"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "PyTorch was not found" in loud.stderr

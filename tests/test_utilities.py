@@ -129,7 +129,7 @@ def test_bin_inspect_model(tmp_path):
 
 
 def test_tokenize_annotations():
-    from bin import tokenize as T
+    from bin import tokenize_code as T
     from plip_jax.models.loading import load_tokenizer
 
     tok = load_tokenizer(BUNDLED_MODEL_DIR)
@@ -145,15 +145,15 @@ def test_tokenize_annotations():
             assert r["start"] <= c < r["end"]
 
 
-def test_bin_tokenize(tmp_path):
+def test_bin_tokenize_code(tmp_path):
     out = tmp_path / "tok.json"
-    stdout = _run_bin("tokenize", "--corpus", "--sample_id=rust_simple_add", f"--output={out}")
+    stdout = _run_bin("tokenize_code", "--corpus", "--sample_id=rust_simple_add", f"--output={out}")
     assert "MARKER@45" in stdout and "TARGET@0" in stdout
     js = json.loads(out.read_text())
     assert js["n_tokens"] == len(js["tokens"]) and any("#[test]@45" in r["marks"] for r in js["tokens"])
     src = tmp_path / "x.py"
     src.write_text("def f(a):\n    '''\n    >>> f(1)\n    '''\n")
-    assert ">>>@" in _run_bin("tokenize", f"--file={src}")
+    assert ">>>@" in _run_bin("tokenize_code", f"--file={src}")
 
 
 def test_convert_corpus_library_and_validation(tmp_path):

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from plip_jax.models.config import ModelConfig, config_from_hf
+from plip_jax.util.resources import shipped_dir
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = shipped_dir("configs")  # the repository's configs/, or its copy inside an installed wheel
 
 # name -> file in configs/ (HF config.json contents as published)
 SHAPE_FILES = {
@@ -49,7 +49,7 @@ def hf_config_dict(name: str) -> dict:
         raise ValueError(f"unknown shape {name!r}; known shapes: {', '.join(SHAPE_NAMES)}")
     path = CONFIG_DIR / SHAPE_FILES[name]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the benchmark shapes are read from the repository's configs/")
+        raise FileNotFoundError(f"{path} is missing: the benchmark shapes are read from configs/")
     return json.loads(path.read_text())
 
 

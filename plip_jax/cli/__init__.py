@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from absl import flags
+from absl import app, flags
 
 from plip_jax.util.progress import Progress  # noqa: F401 (binaries use cli.Progress)
 
@@ -18,8 +19,104 @@ FLAGS = flags.FLAGS
 flags.disclaim_key_flags()
 
 
-def define_model_flags(default_dtype: str = "float32") -> None:
-    """--model, --dtype, --rope_mode, --device (call once at import time of a binary)."""
+# ---------------------------------------------------------------------------------------------------------
+# Start-up shared by every binary: importing this module installs it (`quiet_startup` runs once the flags
+# are parsed, with `app.run` or `run`); `run` adds complete --help and --help's exit status 0.
+
+QUIET_VERBOSITY = -1  # absl's WARNING: warnings and errors are always shown
+
+
+class _TorchNoticeFilter(logging.Filter):
+    """Drops transformers' import-time notice that PyTorch is absent ("... Models won't be available and only
+    tokenizers, configuration and file/data utilities can be used"): plip-jax only uses transformers'
+    tokenizers and configs, so without torch (the quickstart install) the notice is wrong for it. Every
+    other transformers message passes."""
+
+    quiet = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.quiet and "Models won't be available and only tokenizers" in record.getMessage())
+
+
+_TORCH_NOTICE_FILTER = _TorchNoticeFilter()
+logging.getLogger("transformers").addFilter(_TORCH_NOTICE_FILTER)  # before any transformers import
+
+
+def quiet_startup() -> None:
+    """After flag parsing. Unless --verbosity (-v) is on the command line (or in a --flagfile), log at
+    WARNING instead of absl's INFO: this hides INFO lines such as JAX's `Unable to initialize backend 'tpu'`
+    probe under --device=auto; warnings and errors (e.g. JAX falling back to CPU) still show. An explicit
+    --verbosity is obeyed as given, and also lets transformers' "PyTorch was not found" notice through."""
+    if FLAGS["verbosity"].present:
+        _TORCH_NOTICE_FILTER.quiet = False
+    else:
+        FLAGS.verbosity = QUIET_VERBOSITY
+
+
+app.call_after_init(quiet_startup)  # runs now if app.run has already parsed the flags
+
+_VERBOSITY_HELP = ("Logging verbosity: -1 = warnings and errors (the plip-jax binaries' default), 0 = also "
+                   "INFO lines (e.g. JAX's backend probing), 1 = debug. Given explicitly, it also shows "
+                   "transformers' notice that PyTorch is absent.")
+_HELP_FLAG_NAMES = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def _asked_for_help(argv: list[str]) -> bool:
+    for a in argv[1:]:
+        if a == "--":
+            break
+        if a.startswith("-") and a.lstrip("-") in _HELP_FLAG_NAMES:
+            return True
+    return False
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, except that --help / --helpfull exit with status 0 (absl exits 1)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except SystemExit as e:
+        if e.code == 1 and _asked_for_help(argv):
+            raise SystemExit(0) from None
+        raise
+
+
+def _list_every_flag_in_help() -> None:
+    """Make every flag the binary accepts a key flag of it, so that --help (not only --helpfull) lists it:
+    flags defined by the binary's helpers in other plip-jax modules (e.g. steering_generate_n50 takes its
+    steering flags from bin/steering_generate.py) and --verbosity (with plip-jax's default explained)."""
+    main = sys.argv[0]
+    for module, defined in FLAGS.flags_by_module_dict().items():
+        if module.split(".")[0] in ("bin", "plip_jax"):
+            for flag in defined:
+                FLAGS.register_key_flag_for_module(main, flag)
+    FLAGS["verbosity"].help = _VERBOSITY_HELP
+    FLAGS.register_key_flag_for_module(main, FLAGS["verbosity"])
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+    """`app.run(main)` for the plip-jax binaries: --help lists every flag the binary accepts and exits with
+    status 0; start-up as `quiet_startup`."""
+    _list_every_flag_in_help()
+    app.run(main, flags_parser=_parse_flags)
+
+
+# What --mesh splits, per binary (see define_model_flags): every transformer binary loads its weights onto
+# the mesh; only the experiments that batch over samples also split the samples over "data".
+MESH_HELP = {
+    "samples": "Shard over several devices, e.g. 'data:4,model:2': here the corpus samples are split over "
+               "'data' and attention heads and MLP width over 'model' (transformer models; results equal a "
+               "single-device run). Unset: one device.",
+    "weights": "Shard the weights over several devices, e.g. 'model:2': attention heads and MLP width over "
+               "'model', to fit a model too large for one device (transformer models). This binary does not "
+               "split samples, so a 'data' axis only repeats the work. Unset: one device.",
+}
+
+
+def define_model_flags(default_dtype: str = "float32", mesh: Optional[str] = "weights") -> None:
+    """--model, --dtype, --rope_mode, --device, --layer_layout and --mesh (call once at import time of a binary).
+    `mesh`: which MESH_HELP text --mesh gets ("samples" where the experiment splits its samples over the
+    mesh's data axis, "weights" where only the loaded weights are sharded), or None for no --mesh flag
+    (binaries whose loader ignores it, e.g. the RWKV-6 state binaries)."""
     flags.DEFINE_string("model", None, "Model: a local directory, a HuggingFace Hub id (from the HF cache), "
                         "or unset for the bundled plip-tiny-code.")
     flags.DEFINE_enum("dtype", default_dtype, ["float32", "bfloat16", "float16"], "Compute dtype of weights "
@@ -27,8 +124,8 @@ def define_model_flags(default_dtype: str = "float32") -> None:
     flags.DEFINE_enum("rope_mode", "hf", ["hf", "plip"], "hf: the models' real RoPE (default). plip: PLIP-rs's "
                       "interleaved RoPE with tables rounded to the compute dtype, only to reproduce its published numbers.")
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where to run: auto = GPU if JAX sees one.")
-    flags.DEFINE_string("mesh", None, "Shard over several devices, e.g. 'data:4,model:2' (samples over 'data', "
-                        "attention heads and MLP width over 'model'): layer scan, ablation and steering experiments.")
+    if mesh is not None:
+        flags.DEFINE_string("mesh", None, MESH_HELP[mesh])
     define_layer_layout_flag()
 
 

@@ -11,16 +11,16 @@ from pathlib import Path
 from typing import Optional
 
 from plip_jax.core.errors import CorpusError  # noqa: F401 (re-exported)
+from plip_jax.util.resources import shipped_dir
 
-CORPUS_DIR = Path(__file__).resolve().parents[2] / "corpus"
+CORPUS_DIR = shipped_dir("corpus")  # the repository's corpus/, or its copy inside an installed wheel
 UNIVERSAL_GROUPS = ("python_doctest", "rust_test", "python_baseline", "rust_baseline")
 
 
 def default_corpus_path(name: str = "attention_samples_universal.json") -> Path:
     """A corpus shipped in the repository's `corpus/` folder (or, when installed, the package's copy)."""
-    for base in (CORPUS_DIR, Path(__file__).resolve().parent / "corpus"):
-        if (base / name).is_file():
-            return base / name
+    if (CORPUS_DIR / name).is_file():
+        return CORPUS_DIR / name
     raise CorpusError(f"shipped corpus {name!r} not found in {CORPUS_DIR}; pass --corpus=PATH")
 
 

@@ -87,7 +87,7 @@ def _hub_snapshot(repo_id: str) -> Path:
     raise ModelNotFoundError(
         f"model {repo_id!r} is not in the HuggingFace cache ({cache}) and could not be "
         f"downloaded ({type(offline_error).__name__}: {str(offline_error)[:200]}). Fix: on a machine with "
-        f"network run `huggingface-cli download {repo_id}` (or set HF_HOME/HF_HUB_CACHE to a cache that has it), "
+        f"network run `hf download {repo_id}` (or set HF_HOME/HF_HUB_CACHE to a cache that has it), "
         f"or pass a local directory with --model."
     )
 

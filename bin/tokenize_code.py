@@ -1,9 +1,9 @@
-"""Show how a model's tokenizer splits text: token ids, character offsets, decoded text, and where the test
+r"""Show how a model's tokenizer splits text: token ids, character offsets, decoded text, and where the test
 markers (`>>>`, `#[test]`, `#[`) fall. No special tokens are added (as PLIP-rs).
 
-    python -m bin.tokenize --text='#[test]\nfn t() {}'
-    python -m bin.tokenize --file=src/lib.rs --model=Qwen/Qwen2.5-Coder-7B-Instruct
-    python -m bin.tokenize --corpus --sample_id=py_simple_add     # a universal-corpus sample, marker/targets marked
+    python -m bin.tokenize_code --text='#[test]\nfn t() {}'
+    python -m bin.tokenize_code --file=src/lib.rs --model=Qwen/Qwen2.5-Coder-7B-Instruct
+    python -m bin.tokenize_code --corpus --sample_id=py_simple_add     # a universal-corpus sample, marker/targets marked
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from absl import app, flags
+
+from plip_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -68,7 +70,8 @@ def format_annotation(a: dict) -> str:
 def define_flags() -> None:
     """Flags are defined only when run as a program, so tests can import the helpers above."""
     flags.DEFINE_string("model", None, "Tokenizer of this model (directory, Hub id in the cache, unset = bundled).")
-    flags.DEFINE_string("text", None, "Text to tokenise (escapes like \\n are interpreted).")
+    flags.DEFINE_string("text", None, "Text to tokenise (escapes like \\n are interpreted; default: a "
+                        "built-in Rust example).")
     flags.DEFINE_string("file", None, "File to tokenise.")
     flags.DEFINE_bool("corpus", False, "Tokenise a sample of the universal corpus (--sample_id).")
     flags.DEFINE_string("corpus_path", None, "Universal corpus (default: corpus/attention_samples_universal.json).")
@@ -118,4 +121,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
