@@ -35,8 +35,9 @@ pre.code{background:#f6f6f6;padding:8px;overflow:auto}
 .tok.marker{font-weight:700;text-decoration:underline 3px #7b3294}
 .tok.row{outline:2px solid #111;outline-offset:1px}
 .tok.future{background:repeating-linear-gradient(45deg,#efefef,#efefef 3px,#fff 3px,#fff 6px)!important;color:#b5b5b5!important}
-.tok.e-control::after,.tok.e-steering::after,.tok.e-knockout::after{position:absolute;top:-10px;right:-4px;font-size:10px;font-weight:700;line-height:1}
+.tok.e-control::after,.tok.e-steering::after,.tok.e-knockout::after{position:absolute;top:-11px;right:-4px;font-size:11px;font-weight:700;line-height:1}
 .tok.e-control::after{content:"○";color:#444}.tok.e-steering::after{content:"▲";color:#1a9850}.tok.e-knockout::after{content:"✕";color:#d62728}
+.tok.e-knockout.e-steering::after{content:"✕▲";color:#d62728}
 .legend{font-size:12px;color:#333;margin:8px 0}
 .cbar{position:relative;height:14px;border:1px solid #bbb;width:380px;margin:2px 0 16px}
 .cbar span{position:absolute;top:15px;font-size:11px;transform:translateX(-50%);color:#333}
@@ -83,6 +84,7 @@ JS = r"""
     var s = t.replace(/ /g, "\u00b7").replace(/\t/g, "\u2192").replace(/\r/g, "\u240d").replace(/\n/g, "\u23ce");
     return s === "" ? "\u2205" : s;
   }
+  function quote(t) { return "\u201c" + label(t) + "\u201d"; }
   function row() { var s = S(); return preview !== null ? preview : st.q !== null ? st.q : s.marker !== null ? s.marker : s.n_tokens - 1; }
   function edgesAt(q) {
     var out = {};
@@ -132,11 +134,11 @@ JS = r"""
       if (v === null) { sp.style.background = ""; sp.style.color = ""; sp.dataset.v = ""; sp.title = "key " + k + " comes after row " + q + ": not visible to it"; return; }
       sp.style.background = colour(v); sp.style.color = Math.sqrt(v) > 0.6 ? "#fff" : "";
       sp.dataset.v = v.toPrecision(6);
-      sp.title = "row " + q + " \u2192 key " + k + " " + JSON.stringify(s.tokens[k]) + ": " + pct(v) + (ed[k] ? " [" + ed[k].join(", ") + "]" : "");
+      sp.title = "row " + q + " \u2192 key " + k + " " + quote(s.tokens[k]) + ": " + pct(v) + (ed[k] ? " [" + ed[k].join(", ") + "]" : "");
       top.push([v, k]);
     });
     var head = st.h < 0 ? "mean over heads" : "head " + st.h;
-    $("attn-row").textContent = "row " + q + " " + JSON.stringify(s.tokens[q]) + (q === s.marker ? " (marker)" : "") + (preview !== null ? " \u2014 hover preview" : "");
+    $("attn-row").textContent = "row " + q + " " + quote(s.tokens[q]) + (q === s.marker ? " (marker)" : "") + (preview !== null ? " \u2014 hover preview" : "");
     $("attn-where").textContent = "layer " + st.l + ", " + head;
     var ts = targetSum(st.l, st.h, q), tm = targetMean(st.l, st.h, q), tsum = $("attn-target-sum"), tmean = $("attn-target-mean");
     tsum.textContent = s.targets.length ? pct(ts) : "\u2014"; tsum.dataset.v = ts.toPrecision(6);
@@ -144,11 +146,11 @@ JS = r"""
     var tl = $("attn-targets"); tl.textContent = "";
     s.targets.filter(function (k, i, a) { return a.indexOf(k) === i; }).forEach(function (k) { var v = value(st.l, st.h, q, k), li = document.createElement("li");
       li.dataset.k = k; li.dataset.v = v === null ? "" : v.toPrecision(6);
-      li.textContent = "token " + k + " " + JSON.stringify(s.tokens[k]) + ": " + (v === null ? "after the row" : pct(v)); tl.appendChild(li); });
+      li.textContent = "token " + k + " " + quote(s.tokens[k]) + ": " + (v === null ? "after the row" : pct(v)); tl.appendChild(li); });
     top.sort(function (a, b) { return b[0] - a[0]; });
     var tk = $("attn-top"); tk.textContent = "";
     top.slice(0, 5).forEach(function (x) { var li = document.createElement("li");
-      li.textContent = "token " + x[1] + " " + JSON.stringify(s.tokens[x[1]]) + ": " + pct(x[0]); tk.appendChild(li); });
+      li.textContent = "token " + x[1] + " " + quote(s.tokens[x[1]]) + ": " + pct(x[0]); tk.appendChild(li); });
     grid(q);
     if (preview === null) try { history.replaceState(null, "", "#s=" + encodeURIComponent(s.id) + "&l=" + st.l + "&h=" + (st.h < 0 ? "mean" : st.h) + (st.q !== null ? "&q=" + st.q : "")); } catch (e) {}
   }

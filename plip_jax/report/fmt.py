@@ -7,6 +7,7 @@ Formats: "pct" (fraction 0..1 shown as 12.34%), "p" (p- or q-value, 2 significan
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any, Iterable
@@ -48,7 +49,10 @@ def show(value: Any, fmt: str) -> str:
         return "—"
     if fmt == "bool":
         return "yes" if value else "no"
-    if fmt in ("int", "str"):
+    if fmt == "str":  # quoted when whitespace would vanish on the page (e.g. a token ' >>>' or '}\n')
+        v = str(value)
+        return json.dumps(v, ensure_ascii=False) if v != v.strip() or "\n" in v or not v else v
+    if fmt == "int":
         return str(value)
     v = float(value)
     if not math.isfinite(v):
@@ -64,13 +68,13 @@ def show(value: Any, fmt: str) -> str:
 
 def parse(text: str, fmt: str) -> Any:
     """Inverse of `show` (up to its rounding): the value a reader takes from the text."""
+    if fmt == "str":
+        return json.loads(text) if len(text) >= 2 and text[0] == text[-1] == '"' else text
     text = text.strip()
     if fmt == "none":
         return None
     if fmt == "bool":
         return text == "yes"
-    if fmt == "str":
-        return text
     if fmt == "int":
         return int(text)
     head = text.split()[0]

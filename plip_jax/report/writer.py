@@ -153,7 +153,7 @@ def write_report(output_dir: Union[str, Path] = "outputs", model: Any = None,
     else:
         note = "Attention view not built (attention=False)."
     models = sorted({d.get("model") for d in results.values() if isinstance(d, dict) and isinstance(d.get("model"), str)})
-    meta = f"{output_dir.resolve()}: {len(sections)} result file(s); model(s): {', '.join(models) or '?'}."
+    meta = f"{output_dir}: {len(sections)} result file(s); model(s): {', '.join(models) or '?'}."
     out = Path(output) if output else output_dir / "index.html"
     out.write_text(html_.page(f"plip-jax report — {output_dir.name}", sections, payload, note, meta), encoding="utf-8")
     return out
