@@ -4,6 +4,7 @@ headline numbers, tables, plots and provenance, and an interactive attention vie
     python -m bin.report                                    # outputs/ -> outputs/index.html
     python -m bin.report --outputs=runs/qwen7b --samples=all
     python -m bin.report --samples=py_simple_add,rust_simple_add --bits=16
+    python -m bin.report --outputs=runs/qwen7b --layers=10,14,18   # a 7B model: keep the page small
     python -m bin.report --noattention                      # sections only, no model run
 
 The attention view runs the model once per chosen sample: the model the runs' provenance names (the
@@ -23,6 +24,8 @@ flags.DEFINE_string("samples", "default", "Samples of the attention view: 'defau
 flags.DEFINE_string("corpus", None, "Universal corpus of those samples (default: the runs', else the shipped one).")
 flags.DEFINE_bool("attention", True, "Build the attention view (runs the model); --noattention: sections only.")
 flags.DEFINE_enum("bits", "8", ["8", "16"], "Quantisation of the embedded attention (sqrt-scaled).")
+flags.DEFINE_list("layers", None, "Layers the attention view keeps (default: all). The page grows with "
+                  "layers x heads x tokens^2 / 2 bytes per sample: keep a few layers of a 7B model.")
 flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where the attention view's forwards run.")
 FLAGS = flags.FLAGS
 
@@ -36,7 +39,8 @@ def main(argv):
     from plip_jax.report import write_report
 
     out = write_report(FLAGS.outputs, model=FLAGS.model, samples=FLAGS.samples, attention=FLAGS.attention,
-                       corpus=FLAGS.corpus, dtype=FLAGS.dtype, bits=int(FLAGS.bits), output=FLAGS.output)
+                       corpus=FLAGS.corpus, dtype=FLAGS.dtype, bits=int(FLAGS.bits), output=FLAGS.output,
+                       layers=[int(x) for x in FLAGS.layers] if FLAGS.layers else None)
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 

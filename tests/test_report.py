@@ -267,3 +267,14 @@ def test_bin_report_sections_only(outputs):
     html = (outputs / "index.html").read_text()
     assert "Wrote" in r.stdout and 'id="plip-attn-data"' not in html and "<script>" not in html
     assert sorted(Page(html).files) == sorted(p.name for p in outputs.glob("*.json"))
+
+
+def test_attention_layer_subset(outputs, bundled_model):
+    page = Page(write_report(outputs, model=bundled_model, samples="py_simple_add", layers=[5, 2], bits=16).read_text())
+    (s,) = json.loads(next(x["text"] for x in page.scripts if x["attrs"].get("id") == "plip-attn-data"))["samples"]
+    full = Page(write_report(outputs, model=bundled_model, samples="py_simple_add", bits=16).read_text())
+    (f,) = json.loads(next(x["text"] for x in full.scripts if x["attrs"].get("id") == "plip-attn-data"))["samples"]
+    assert s["layers"] == [2, 5] and f["layers"] == list(range(bundled_model.cfg.num_layers))
+    sub, every = attention_data.decode(s), attention_data.decode(f)
+    assert sub.shape[0] == 2 and np.allclose(sub, every[[2, 5]], atol=2e-5)
+    assert len(s["data"]) < 0.3 * len(f["data"])

@@ -63,8 +63,9 @@ JS = r"""
       for (var j = 0; j < b.length; j++) u[j] = b.charCodeAt(j); cache[i] = u; }
     return cache[i];
   }
-  function raw(l, h, q, k) {  // decoded probability of key k in row q (layer l, head h); lower triangle
-    var s = S(), T = s.n_tokens, u = bytes(st.s), i = (l * s.n_heads + h) * (T * (T + 1) / 2) + q * (q + 1) / 2 + k;
+  function raw(l, h, q, k) {  // decoded probability of key k in row q (model layer l, head h); lower triangle
+    var s = S(), T = s.n_tokens, u = bytes(st.s), li = s.layers.indexOf(l);
+    var i = (li * s.n_heads + h) * (T * (T + 1) / 2) + q * (q + 1) / 2 + k;
     var x = s.bits === 16 ? (u[2 * i] | (u[2 * i + 1] << 8)) / 65535 : u[i] / 255;
     return x * x;
   }
@@ -99,10 +100,10 @@ JS = r"""
   function buildSample() {
     var s = S(), box = $("attn-tokens"), ls = $("attn-layer"), hs = $("attn-head");
     box.textContent = ""; ls.textContent = ""; hs.textContent = "";
-    for (var l = 0; l < s.n_layers; l++) opt(ls, l, "layer " + l + (l === D.best_layer ? " (best in layer scan)" : ""));
+    s.layers.forEach(function (l) { opt(ls, l, "layer " + l + (l === D.best_layer ? " (best in layer scan)" : "")); });
     opt(hs, -1, "mean over heads");
     for (var h = 0; h < s.n_heads; h++) opt(hs, h, "head " + h);
-    st.l = Math.min(st.l, s.n_layers - 1); st.h = Math.min(st.h, s.n_heads - 1);
+    if (s.layers.indexOf(st.l) < 0) st.l = s.layers[s.layers.length - 1]; st.h = Math.min(st.h, s.n_heads - 1);
     if (st.q !== null && st.q >= s.n_tokens) st.q = null;
     s.tokens.forEach(function (t, k) {
       var sp = document.createElement("span");
@@ -160,7 +161,7 @@ JS = r"""
     var tr = document.createElement("tr"), th = document.createElement("th"); tr.appendChild(th);
     for (var h = -1; h < s.n_heads; h++) { th = document.createElement("th"); th.textContent = h < 0 ? "mean" : h; tr.appendChild(th); }
     g.appendChild(tr);
-    for (var l = 0; l < s.n_layers; l++) {
+    s.layers.forEach(function (l) {
       tr = document.createElement("tr"); th = document.createElement("th"); th.textContent = "L" + l; tr.appendChild(th);
       for (h = -1; h < s.n_heads; h++) {
         var v = targetMean(l, h, q), td = document.createElement("td");
@@ -171,7 +172,7 @@ JS = r"""
         tr.appendChild(td);
       }
       g.appendChild(tr);
-    }
+    });
   }
   function fromHash() {
     var m = {}; location.hash.replace(/^#/, "").split("&").forEach(function (kv) { var p = kv.split("="); if (p[0]) m[p[0]] = decodeURIComponent(p[1] || ""); });
@@ -187,6 +188,7 @@ JS = r"""
     [0, 0.01, 0.05, 0.1, 0.25, 0.5, 1].forEach(function (v) { var sp = document.createElement("span");
       sp.style.left = (100 * Math.sqrt(v)) + "%"; sp.textContent = (100 * v) + "%"; bar.appendChild(sp); });
   }
+  D.samples.forEach(function (s) { if (!s.layers) s.layers = Array.from({length: s.n_layers}, function (_, i) { return i; }); });
   D.samples.forEach(function (s, i) { opt($("attn-sample"), i, s.id + " (" + s.group + ", " + s.n_tokens + " tokens)"); });
   $("attn-sample").addEventListener("change", function () { st.s = +this.value; st.q = null; buildSample(); paint(); });
   $("attn-layer").addEventListener("change", function () { st.l = +this.value; paint(); });

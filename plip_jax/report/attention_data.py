@@ -40,7 +40,8 @@ class MarkedEdge:
 class AttentionSample:
     """Full attention patterns of one code sample.
 
-    probs: float [L, H, T, T], row = query, column = key (rows sum to 1); tokens: the T token texts;
+    probs: float [L, H, T, T], row = query, column = key (rows sum to 1), for the model layers `layers`
+    (None: all, 0..L-1); tokens: the T token texts;
     marker: the marker's token position (None if unresolved); targets: the function-token positions, with
     multiplicity (a target listed twice counts twice in the layer-scan metric, their mean)."""
 
@@ -52,12 +53,14 @@ class AttentionSample:
     targets: list = dataclasses.field(default_factory=list)
     edges: list = dataclasses.field(default_factory=list)  # of MarkedEdge
     model: str = ""
+    layers: Optional[list] = None
 
     def to_json(self, bits: int = 8) -> dict:
         """The page's JSON for this sample (attention quantised, base64)."""
         L, H, T, _ = self.probs.shape
         return {"id": self.id, "group": self.group, "model": self.model, "tokens": list(self.tokens),
-                "n_layers": L, "n_heads": H, "n_tokens": T, "marker": self.marker,
+                "n_layers": L, "layers": list(self.layers) if self.layers is not None else list(range(L)),
+                "n_heads": H, "n_tokens": T, "marker": self.marker,
                 "targets": [int(t) for t in self.targets], "edges": [e.to_json() for e in self.edges],
                 **encode(self.probs, bits)}
 
@@ -87,8 +90,10 @@ def decode(sample_json: dict) -> np.ndarray:
     return out
 
 
-def attention_probs(model: Any, token_ids: Sequence[int], rope_mode: str = "hf") -> np.ndarray:
-    """THE model call of the report: attention probabilities [L, H, T, T] (float32) of one sequence.
+def attention_probs(model: Any, token_ids: Sequence[int], rope_mode: str = "hf",
+                    layers: Optional[Sequence[int]] = None) -> np.ndarray:
+    """THE model call of the report: attention probabilities [L, H, T, T] (float32) of one sequence, for
+    every layer or only `layers` (then L = len(layers), in that order, sorted).
 
     `model` is a LoadedModel (transformer). Tokens are padded to a multiple of 64 so that samples of
     similar length share one compilation; padding never changes the rows of real tokens (causal)."""
@@ -98,7 +103,8 @@ def attention_probs(model: Any, token_ids: Sequence[int], rope_mode: str = "hf")
     padded = np.zeros(-(-n // 64) * 64, np.int32)
     padded[:n] = token_ids
     out = jit_forward(model.params, padded, model.cfg, length=np.int32(n),
-                      capture=Capture(logits="none", attn_probs=True), rope_mode=rope_mode)
+                      capture=Capture(logits="none", attn_probs=tuple(layers) if layers else True),
+                      rope_mode=rope_mode)
     return np.asarray(out["attn_probs"], np.float32)[:, :, :n, :n]
 
 
@@ -110,10 +116,12 @@ def token_texts(tokenizer: Any, token_ids: Sequence[int], offsets: Sequence, cod
     return out
 
 
-def sample_attention(model: Any, tokenized: Any, rope_mode: str = "hf", edges: Sequence = ()) -> AttentionSample:
-    """`AttentionSample` of a `positions.TokenizedSample` (one forward)."""
+def sample_attention(model: Any, tokenized: Any, rope_mode: str = "hf", edges: Sequence = (),
+                     layers: Optional[Sequence[int]] = None) -> AttentionSample:
+    """`AttentionSample` of a `positions.TokenizedSample` (one forward; `layers`: a sorted subset, None = all)."""
     s = tokenized.sample
+    layers = sorted(set(int(l) for l in layers)) if layers else None
     return AttentionSample(
         id=s.id, group=s.group, tokens=token_texts(model.tokenizer, tokenized.token_ids, tokenized.offsets, s.code),
-        probs=attention_probs(model, tokenized.token_ids, rope_mode), marker=tokenized.marker_token,
-        targets=list(tokenized.target_tokens), edges=list(edges), model=getattr(model, "name", ""))
+        probs=attention_probs(model, tokenized.token_ids, rope_mode, layers), marker=tokenized.marker_token,
+        targets=list(tokenized.target_tokens), edges=list(edges), model=getattr(model, "name", ""), layers=layers)

@@ -82,7 +82,8 @@ def _best_layer(results: dict) -> Optional[int]:
 
 
 def attention_payload(results: dict, model: Any = None, samples=DEFAULT_SAMPLES, corpus: Optional[Path] = None,
-                      dtype: Optional[str] = None, bits: int = 8, rope_mode: Optional[str] = None) -> tuple[dict, str]:
+                      dtype: Optional[str] = None, bits: int = 8, rope_mode: Optional[str] = None,
+                      layers: Optional[Sequence[int]] = None) -> tuple[dict, str]:
     """(the view's data, a sentence saying where it came from). `model`: a LoadedModel, a model spec string,
     or None (the model the runs' provenance names)."""
     from plip_jax.corpus import load_universal_corpus
@@ -111,7 +112,7 @@ def attention_payload(results: dict, model: Any = None, samples=DEFAULT_SAMPLES,
         ts = tokenize_sample(model.tokenizer, s)
         edges, notes = edges_for_sample(results, s.id, ts.marker_token, sorted(set(ts.target_tokens)),
                                         len(ts.token_ids), model_name=model.name)
-        j = sample_attention(model, ts, rope_mode, edges).to_json(bits)
+        j = sample_attention(model, ts, rope_mode, edges, layers).to_json(bits)
         j["notes"] = notes
         out.append(j)
     import numpy as np
@@ -124,7 +125,7 @@ def attention_payload(results: dict, model: Any = None, samples=DEFAULT_SAMPLES,
 def write_report(output_dir: Union[str, Path] = "outputs", model: Any = None,
                  samples: Union[str, Sequence[str], None] = DEFAULT_SAMPLES, *, attention: bool = True,
                  corpus: Optional[Union[str, Path]] = None, dtype: Optional[str] = None, bits: int = 8,
-                 output: Optional[Union[str, Path]] = None) -> Path:
+                 output: Optional[Union[str, Path]] = None, layers: Optional[Sequence[int]] = None) -> Path:
     """Write `<output_dir>/index.html` (or `output`) for every result JSON in `output_dir`; return its path.
 
     model: a LoadedModel, a model spec (local dir or Hub id), or None = the model named by the runs'
@@ -132,6 +133,8 @@ def write_report(output_dir: Union[str, Path] = "outputs", model: Any = None,
     samples: "default" (first Python doctest + first Rust test), "all", or sample ids ("a,b" or a list).
     attention: False -> no model run at all (sections only).
     bits: 8 or 16, the quantisation of the embedded attention (8: ~|error| <= sqrt(p)/255).
+    layers: model layers the view keeps (None: all); the page grows with layers x heads x tokens^2 / 2
+        bytes per sample, so keep a few layers of a large model (28 x 28 heads, 60 tokens: ~2 MB a sample).
     An attention view that cannot be built (no model offline, RWKV...) becomes a note on the page, unless
     the model was passed explicitly, in which case the error is raised."""
     output_dir = Path(output_dir)
@@ -144,7 +147,8 @@ def write_report(output_dir: Union[str, Path] = "outputs", model: Any = None,
     payload, note = None, ""
     if attention:
         try:
-            payload, note = attention_payload(results, model, samples, Path(corpus) if corpus else None, dtype, bits)
+            payload, note = attention_payload(results, model, samples, Path(corpus) if corpus else None, dtype, bits,
+                                              layers=layers)
         except Exception as e:
             if model is not None or (samples not in (None, DEFAULT_SAMPLES, "all")):
                 raise
