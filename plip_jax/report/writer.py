@@ -89,7 +89,7 @@ def attention_payload(results: dict, model: Any = None, samples=DEFAULT_SAMPLES,
     from plip_jax.corpus import load_universal_corpus
     from plip_jax.positions import tokenize_sample
 
-    why = "given"
+    why = "the model passed to write_report"
     if model is None or isinstance(model, str):
         from plip_jax.models.registry import load_any_model
 
