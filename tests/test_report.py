@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plip_jax.report import attention_data, fmt, write_report, writer
+from plip_jax.report import attention_data, fmt, view, write_report
 from plip_jax.report.model import MISSING, get
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "report_outputs"
@@ -188,25 +188,25 @@ def test_encode_decode_bounds():
 
 
 def test_select_samples(universal_corpus):
-    d = writer.select_samples(universal_corpus, "default")
+    d = view.select_samples(universal_corpus, "default")
     assert [s.group for s in d] == ["python_doctest", "rust_test"]
     assert [s.id for s in d] == [universal_corpus.group("python_doctest")[0].id, universal_corpus.group("rust_test")[0].id]
-    assert len(writer.select_samples(universal_corpus, "all")) == len(universal_corpus.samples)
-    assert [s.id for s in writer.select_samples(universal_corpus, "rust_simple_add, py_simple_add")] == \
+    assert len(view.select_samples(universal_corpus, "all")) == len(universal_corpus.samples)
+    assert [s.id for s in view.select_samples(universal_corpus, "rust_simple_add, py_simple_add")] == \
         ["rust_simple_add", "py_simple_add"]
     with pytest.raises(ValueError, match="nope"):
-        writer.select_samples(universal_corpus, "nope")
+        view.select_samples(universal_corpus, "nope")
 
 
 def test_model_from_provenance(tmp_path):
     res = _load(FIXTURE)
-    assert writer.model_from_provenance(res)[:2] == (None, "float32")  # the bundled model
+    assert view.model_from_provenance(res)[:2] == (None, "float32")  # the bundled model
     res = {"a.json": {"provenance": {"model": {"name": "org/m", "kind": "hub", "path": str(tmp_path / "gone")}}},
            "b.json": {"provenance": {"model": {"name": "org/m", "kind": "hub", "path": str(tmp_path / "gone")}}},
            "c.json": {"provenance": {"model": {"name": "local", "kind": "local", "path": str(tmp_path)}}}}
-    assert writer.model_from_provenance(res)[0] == "org/m"
+    assert view.model_from_provenance(res)[0] == "org/m"
     del res["a.json"]
-    assert writer.model_from_provenance({"c.json": res["c.json"]})[0] == str(tmp_path)
+    assert view.model_from_provenance({"c.json": res["c.json"]})[0] == str(tmp_path)
 
 
 def test_attention_view_without_a_model_is_a_note(outputs, monkeypatch):
@@ -278,3 +278,20 @@ def test_attention_layer_subset(outputs, bundled_model):
     sub, every = attention_data.decode(s), attention_data.decode(f)
     assert sub.shape[0] == 2 and np.allclose(sub, every[[2, 5]], atol=2e-5)
     assert len(s["data"]) < 0.3 * len(f["data"])
+
+
+def test_samples_saved_by_an_experiment_join_the_view_without_a_model(outputs):
+    probs = np.tril(np.ones((2, 3, 4, 4)))
+    probs /= probs.sum(-1, keepdims=True)
+    knocked = attention_data.MarkedEdge("knockout", ((3, 0), (3, 1)), (1,), None, "marker -> targets at layer 1")
+    s = attention_data.AttentionSample("toy", "rust_test", ["fn", " f", "()", "#["], probs, marker=3, targets=[0, 1],
+                                       edges=[knocked], model="toy-model")
+    attention_data.save_attention_samples(outputs / "knockout_view_toy.json", [s], provenance={"note": "test"})
+    html = write_report(outputs, attention=False).read_text()
+    page = Page(html)
+    (data,) = [json.loads(x["text"]) for x in page.scripts if x["attrs"].get("id") == "plip-attn-data"]
+    (got,) = data["samples"]
+    assert got["id"] == "toy" and got["edges"] == [knocked.to_json()] and got["layers"] == [0, 1]
+    assert np.allclose(attention_data.decode(got), probs, atol=1 / 255)
+    assert "knockout_view_toy.json" in page.files and "1 attention sample(s) saved by this run" in html
+    assert "No model run for this page" in html and "saved by the runs themselves" in html

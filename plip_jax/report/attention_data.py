@@ -15,6 +15,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+EMITTED_KEY = "attention_samples"  # a result JSON with this list of AttentionSample.to_json() joins the view
+
 
 @dataclasses.dataclass(frozen=True)
 class MarkedEdge:
@@ -63,6 +65,14 @@ class AttentionSample:
                 "n_heads": H, "n_tokens": T, "marker": self.marker,
                 "targets": [int(t) for t in self.targets], "edges": [e.to_json() for e in self.edges],
                 **encode(self.probs, bits)}
+
+
+def save_attention_samples(path: Any, samples: Sequence[AttentionSample], bits: int = 8, **fields: Any) -> Any:
+    """Write {"attention_samples": [...], **fields} (e.g. provenance) as JSON: how an experiment puts its own
+    samples (say a knockout's, with its knocked edges as `MarkedEdge`s) into the output folder's report."""
+    from plip_jax.provenance import write_json
+
+    return write_json(path, {EMITTED_KEY: [s.to_json(bits) for s in samples], **fields})
 
 
 def encode(probs: np.ndarray, bits: int = 8) -> dict:

@@ -281,7 +281,10 @@ def verify_positions(b: SectionBuilder, d: dict) -> None:
 def generic(b: SectionBuilder, d: dict) -> None:
     """Unknown result: its top-level scalars, and the names of its other fields."""
     b.scalars()
-    rest = [k for k, v in d.items() if k != "provenance" and not (v is None or isinstance(v, (bool, int, float, str)))]
+    if isinstance(d.get("attention_samples"), list):
+        b.note(f"{len(d['attention_samples'])} attention sample(s) saved by this run: see the attention view.")
+    rest = [k for k, v in d.items() if k not in ("provenance", "attention_samples")
+            and not (v is None or isinstance(v, (bool, int, float, str)))]
     if rest:
         b.note("Other fields (see the JSON): " + ", ".join(rest))
 
