@@ -272,6 +272,16 @@ def state_steering(b: SectionBuilder, d: dict) -> None:
             "rust_stats.mean_kl", "welch_t_statistic", "welch_p_value"), hide=_STAT_HIDE)
 
 
+@register("attention_patterns", "attention_patterns", "Attention patterns",
+          "Top attended tokens of the marker rows of two snippets, per layer (head mean).")
+def attention_patterns(b: SectionBuilder, d: dict) -> None:
+    for k in ("n_layers", "top_k"):
+        b.headline(k, (k,))
+    for i, sn in enumerate(d.get("snippets") or []):
+        for j, q in enumerate(sn.get("queries") or [] if isinstance(sn, dict) else []):
+            b.headline(f"{sn.get('name', i)}: query {q.get('pattern', j)!r} at token", ("snippets", i, "queries", j, "token_pos"))
+
+
 @register("verify_positions_universal", "verify_positions", "Position verification")
 def verify_positions(b: SectionBuilder, d: dict) -> None:
     for k in ("total_samples", "successful_conversions", "partial_conversions", "failed_conversions"):
