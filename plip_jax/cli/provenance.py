@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from plip_jax.models.sources import file_sha256
+from plip_jax.util.io import write_json  # noqa: F401 (binaries import it from here)
 
 _PACKAGES = ("plip-jax", "jax", "jaxlib", "flax", "numpy", "scipy", "transformers", "tokenizers", "optax")
 _HASH_CACHE: dict = {}
@@ -72,11 +73,3 @@ def provenance(*, model: Any = None, corpus_path: Optional[Path] = None, dtype: 
     if extra:
         block.update(extra)
     return block
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    """Write `payload` as indented JSON, creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
