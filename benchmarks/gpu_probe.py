@@ -6,7 +6,7 @@
                                                                      # layer scan needs (trunk weights + the call)
     python benchmarks/gpu_probe.py knockout --shape=... --groups=4,7 # knockout scan compile/run per group size
 
-Random (or, for `memory`, constant) weights at the shape; 20 samples x 64 tokens as in bin/bench. Prints one
+Random (or, for `memory`, constant) weights at the shape; 20 samples x 64 tokens as in benchmarks/bench. Prints one
 JSON line per measurement (and writes the optimized HLO of the layer scan with --hlo_dir).
 """
 
@@ -24,8 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from plip_jax.bench import harness, models, shapes  # noqa: E402
-from plip_jax.bench import workloads as wl  # noqa: E402
+from benchmarks.harness import harness, models, shapes  # noqa: E402
+from benchmarks.harness import workloads as wl  # noqa: E402
 
 
 def emit(**kw):

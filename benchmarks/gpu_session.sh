@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device-tool call: record the machine, then run bin.bench for the given flagfiles, saving logs,
+# One device-tool call: record the machine, then run benchmarks.bench for the given flagfiles, saving logs,
 # JSON and the Markdown section under $OUT (the device tool brings $OUT back).
-#   bash benchmarks/gpu_session.sh configs/bench_h100_qwen7b.flags [more.flags ...]
+#   bash benchmarks/gpu_session.sh benchmarks/presets/bench_h100_qwen7b.flags [more.flags ...]
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_session}
 mkdir -p "$OUT"
@@ -11,5 +11,5 @@ export PYTHONUNBUFFERED=1
 } 2>&1 | tee "$OUT/env.txt"
 for f in "$@"; do
   name=$(basename "$f" .flags)
-  python3 -m bin.bench --flagfile="$f" --output="$OUT/$name.json" --markdown="$OUT/$name.md" 2>&1 | tee "$OUT/$name.log"
+  python3 -m benchmarks.bench --flagfile="$f" --output="$OUT/$name.json" --markdown="$OUT/$name.md" 2>&1 | tee "$OUT/$name.log"
 done

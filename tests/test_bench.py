@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plip_jax.bench import harness, models, report, runner, shapes, workloads
+from benchmarks.harness import harness, models, report, runner, shapes, workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ def test_table_and_json(tiny_result):
 def test_binary_end_to_end(tmp_path):
     out, md = tmp_path / "bench.json", tmp_path / "RESULTS.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "bin.bench", "--tiny", "--device=cpu", "--dtype=float32", "--repeats=1",
+        [sys.executable, "-m", "benchmarks.bench", "--tiny", "--device=cpu", "--dtype=float32", "--repeats=1",
          "--workloads=layer_scan,steering_sweep", f"--output={out}", f"--markdown={md}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -134,15 +134,19 @@ def test_configs_build_the_same_model_in_transformers():
         assert sum(p.numel() for p in m.parameters()) == shapes.sizes(shapes.model_config(name)).total_params, name
 
 
-@pytest.mark.parametrize("flagfile", sorted(p.name for p in (ROOT / "configs").glob("*.flags")))
+PRESETS = sorted(str(p.relative_to(ROOT)) for p in [*(ROOT / "configs").glob("*.flags"),
+                                                      *(ROOT / "benchmarks" / "presets").glob("*.flags")])
+
+
+@pytest.mark.parametrize("flagfile", PRESETS)
 def test_flagfiles_parse_with_their_binary(flagfile):
-    """The first line of each preset names its binary (`python -m bin.X --flagfile=...`); every flag in it
-    must be one that binary defines."""
+    """The first line of each preset names its binary (`python -m bin.X` / `python -m benchmarks.bench`
+    `--flagfile=...`); every flag in it must be one that binary defines."""
     import re
 
-    text = (ROOT / "configs" / flagfile).read_text()
-    binary = re.search(r"python -m (bin\.\w+)", text.splitlines()[0]).group(1)
+    text = (ROOT / flagfile).read_text()
+    binary = re.search(r"python -m ((?:bin|benchmarks)\.\w+)", text.splitlines()[0]).group(1)
     code = (f"import importlib; from absl import flags; importlib.import_module('{binary}'); "
-            f"flags.FLAGS(['x', '--flagfile=configs/{flagfile}'])")
+            f"flags.FLAGS(['x', '--flagfile={flagfile}'])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-1500:]

@@ -4,6 +4,8 @@ callers jit and vmap."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,3 +78,30 @@ def test_same_generation_code_on_every_family(loaded):
     assert res.tokens.shape == (2, 5) and (res.n_generated == 5).all()
     for p, seq in zip(prompts, res.sequences()):
         assert seq == gen.generate_reference(loaded.model, p, max_new_tokens=5)
+
+
+def _dot_precisions(jaxpr) -> set:
+    """Every dot_general's precision in a jaxpr, sub-jaxprs (scan, cond, pjit) included."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.add(eqn.params["precision"])
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    out |= _dot_precisions(inner)
+    return out
+
+
+def test_float32_forwards_use_full_precision_matmuls(loaded):
+    """On GPUs JAX's default f32 matmul is TF32; f32 models trace every matmul at HIGHEST (bf16 unchanged)."""
+    toks = jnp.zeros((8,), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda m, t: m(t, capture=Capture(logits="last")).logits)(loaded.model, toks)
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    precisions = _dot_precisions(jaxpr.jaxpr)
+    assert len(precisions) == 1 and precisions == {highest}, precisions
+    m16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), loaded.model)
+    m16 = m16.replace(cfg=dataclasses.replace(loaded.cfg, dtype="bfloat16"))
+    jaxpr16 = jax.make_jaxpr(lambda m, t: m(t, capture=Capture(logits="last")).logits)(m16, toks)
+    assert highest not in _dot_precisions(jaxpr16.jaxpr)

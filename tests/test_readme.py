@@ -22,4 +22,5 @@ def test_readme_commands_match_ci():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -e . && python -m bin.layer_scan" in text
     test_cmd = 'pip install -e ".[test]" && python -m pytest -q'
-    assert test_cmd in text and test_cmd in ci
+    assert test_cmd in text
+    assert 'pip install -e ".[test]" && lint-imports && python -m pytest -q' in ci

@@ -34,6 +34,7 @@ import numpy as np
 from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture, Output
 from plip_jax.core.errors import InterventionError
+from plip_jax.models.precision import matmul_precision
 from plip_jax.models.rwkv6_checkpoint import RwkvConfig
 
 # ============================================================================== state & edits
@@ -270,8 +271,9 @@ class Rwkv6(flax.struct.PyTreeNode):
 
     def __call__(self, tokens, *, length=None, interventions=None, capture: Capture = Capture(), query_rows=None,
                  positions=None, cache: Optional[RwkvState] = None) -> Output:
-        return forward(self.params, tokens, self.cfg, length=length, interventions=interventions, capture=capture,
-                       query_rows=query_rows, positions=positions, cache=cache)
+        with matmul_precision(self.cfg.dtype):
+            return forward(self.params, tokens, self.cfg, length=length, interventions=interventions,
+                           capture=capture, query_rows=query_rows, positions=positions, cache=cache)
 
     def init_cache(self, size: int = 0) -> RwkvState:
         """The zero state (its size does not depend on the sequence length)."""
@@ -288,7 +290,8 @@ class Rwkv6(flax.struct.PyTreeNode):
                            self.cfg.layer_norm_epsilon)
 
     def logits(self, hidden) -> jax.Array:
-        return _unembed(self.params, hidden, jnp.dtype(self.cfg.dtype))
+        with matmul_precision(self.cfg.dtype):
+            return _unembed(self.params, hidden, jnp.dtype(self.cfg.dtype))
 
     @property
     def unembedding(self) -> jax.Array:

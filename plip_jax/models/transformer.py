@@ -24,6 +24,7 @@ from plip_jax.core.capture import Capture, Output
 from plip_jax.core.errors import InterventionError
 from plip_jax.models import rope as rope_lib
 from plip_jax.models.config import ModelConfig
+from plip_jax.models.precision import matmul_precision
 
 NO_WINDOW = np.iinfo(np.int32).max
 
@@ -272,8 +273,9 @@ class Transformer(struct.PyTreeNode):
 
     def __call__(self, tokens, *, length=None, interventions=None, capture: Capture = Capture(), query_rows=None,
                  positions=None, cache: Optional[KVCache] = None) -> Output:
-        return forward(self.params, tokens, self.cfg, length=length, interventions=interventions,
-                       capture=capture, query_rows=query_rows, positions=positions, cache=cache)
+        with matmul_precision(self.cfg.dtype):
+            return forward(self.params, tokens, self.cfg, length=length, interventions=interventions,
+                           capture=capture, query_rows=query_rows, positions=positions, cache=cache)
 
     def init_cache(self, size: int) -> KVCache:
         """Empty keys/values for one sequence of up to `size` positions (params' dtype)."""
@@ -288,7 +290,8 @@ class Transformer(struct.PyTreeNode):
         return norm(hidden, self.params["final_norm"], self.cfg)
 
     def logits(self, hidden) -> jax.Array:
-        return unembed(self.params, hidden, self.cfg)
+        with matmul_precision(self.cfg.dtype):
+            return unembed(self.params, hidden, self.cfg)
 
     @property
     def unembedding(self) -> jax.Array:
@@ -314,4 +317,5 @@ class Transformer(struct.PyTreeNode):
         """Block `layer` (params `layer_params`, e.g. from `layers.group`) on h [T, D]; `kv` = (k, v) arrays
         [L', S, KV, hd] holding this layer at `cache_layer`. Returns (h, probs [H, T, Tk] f32, kv)."""
         window = layer_windows(self.cfg)[layer]
-        return apply_block(h, layer_params, layer, window, self.cfg, ctx, interventions, kv, cache_layer)
+        with matmul_precision(self.cfg.dtype):
+            return apply_block(h, layer_params, layer, window, self.cfg, ctx, interventions, kv, cache_layer)

@@ -2,7 +2,7 @@
 selected workloads on both sides, add floors and targets. Returns a JSON-ready dict.
 
 The platform must already be selected (`plip_jax.cli.select_device`) and, on GPU, JAX's preallocation
-disabled (XLA_PYTHON_CLIENT_PREALLOCATE=false) so that torch can share the card; `bin/bench.py` does both.
+disabled (XLA_PYTHON_CLIENT_PREALLOCATE=false) so that torch can share the card; `benchmarks/bench.py` does both.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Callable, Optional, Sequence
 
 import jax
 
-from plip_jax.bench import harness, models, report
-from plip_jax.bench import shapes as shp
-from plip_jax.bench import workloads as wl
+from benchmarks.harness import harness, models, report
+from benchmarks.harness import shapes as shp
+from benchmarks.harness import workloads as wl
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax.bench import shapes
+from benchmarks.harness import shapes
 from plip_jax.models.config import ModelConfig
 from plip_jax.models.layers import make_layers
 from plip_jax.models.loading import load_params, parse_dtype

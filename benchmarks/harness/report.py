@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from plip_jax.bench.harness import GIB, DevicePeaks
+from benchmarks.harness.harness import GIB, DevicePeaks
 
 LAYER_SCAN_FLOOR_RATIO = 1.3
 KNOCKOUT_SPEEDUP = 3.0

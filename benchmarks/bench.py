@@ -2,12 +2,12 @@
 code-model shapes, same weights and dtype, same run. Prints a table of medians, torch/JAX ratios,
 arithmetic and memory floors, compile times and peak memory; writes JSON (and optionally Markdown).
 
-    python -m bin.bench --tiny --device=cpu                             # CI smoke test shape (seconds)
-    python -m bin.bench --device=gpu --shapes=qwen2.5-coder-7b --markdown=benchmarks/RESULTS.md
-    python -m bin.bench --flagfile=configs/bench_h100_qwen7b.flags      # = plip bench_h100_qwen7b
+    python -m benchmarks.bench --tiny --device=cpu                             # CI smoke test shape (seconds)
+    python -m benchmarks.bench --device=gpu --shapes=qwen2.5-coder-7b --markdown=benchmarks/RESULTS.md
+    python -m benchmarks.bench --flagfile=benchmarks/presets/bench_h100_qwen7b.flags      # = plip bench_h100_qwen7b
 
 Shapes: tiny, qwen2.5-coder-3b, qwen2.5-coder-7b, starcoder2-3b, codegemma-7b, codellama-7b (configs/).
-Workloads: layer_scan, knockout_scan, steering_sweep, generation (see plip_jax/bench/workloads.py).
+Workloads: layer_scan, knockout_scan, steering_sweep, generation (see benchmarks/harness/workloads.py).
 A shape whose weights do not fit the device (or host RAM on CPU) is refused with a message.
 Presets (configs/, `plip --list`): bench_cpu_tiny, and bench_h100_<shape> for each shape on a GPU.
 """
@@ -59,7 +59,7 @@ REAL_SHAPES = ("qwen2.5-coder-3b", "qwen2.5-coder-7b", "starcoder2-3b", "codegem
 
 
 def _sizes():
-    from plip_jax.bench import workloads
+    from benchmarks.harness import workloads
 
     base = workloads.TINY_SIZES if FLAGS.tiny else workloads.Sizes()
     over = {k: FLAGS[k].value for k in ("samples", "seq_len", "gen_prompts", "gen_prompt_len", "gen_tokens",
@@ -73,7 +73,7 @@ def _sizes():
 def main(argv):
     del argv
     platform = cli.select_device(FLAGS.device, compile_cache=False)  # compile times are measured
-    from plip_jax.bench import runner, shapes
+    from benchmarks.harness import runner, shapes
 
     names = ["tiny"] if (FLAGS.tiny and not FLAGS["shapes"].present) else list(FLAGS.shapes)
     if names == ["all"]:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax.bench import harness, shapes
+from benchmarks.harness import harness, shapes
 from plip_jax.models.config import ModelConfig
 
 WORKLOADS = ("layer_scan", "knockout_scan", "steering_sweep", "generation")
