@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-REF = ROOT.parent / "shared" / "reference"
+REF = ROOT / "tests" / "data" / "reference"
 
 
 def _run(args, tmp_path):
@@ -29,12 +29,11 @@ def test_ablation_single_layer_matches_plip_schema(tmp_path):
     got = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 5000
     ref_file = REF / "ablation_qwen7b_layer2.json"
-    if ref_file.is_file():
-        ref = json.loads(ref_file.read_text())
-        assert set(ref) <= set(got)
-        assert set(ref["sample_results"][0]) <= set(got["sample_results"][0])
-        assert set(ref["python_stats"]) == set(got["python_stats"])
-        assert set(ref["sample_results"][0]["top_changed_tokens"][0]) == set(got["sample_results"][0]["top_changed_tokens"][0])
+    ref = json.loads(ref_file.read_text())
+    assert set(ref) <= set(got)
+    assert set(ref["sample_results"][0]) <= set(got["sample_results"][0])
+    assert set(ref["python_stats"]) == set(got["python_stats"])
+    assert set(ref["sample_results"][0]["top_changed_tokens"][0]) == set(got["sample_results"][0]["top_changed_tokens"][0])
     assert all(r["kl_divergence"] >= 0 for r in got["sample_results"])
     assert got["random_edge_control"]["python"]["n"] == 10
     assert {s["id"] for s in got["skipped_samples"]} >= {"rust_derive_debug"}  # future targets: reported, not 0

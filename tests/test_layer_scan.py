@@ -13,7 +13,7 @@ from scipy import stats as sps
 from plip_jax.experiments.layer_scan import run_layer_scan
 
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = ROOT.parent / "shared" / "reference" / "layer_scan_universal_qwen7b.json"
+REFERENCE = ROOT / "tests" / "data" / "reference" / "layer_scan_universal_qwen7b.json"
 
 
 def _keys(x):
@@ -49,12 +49,11 @@ def test_layer_scan_binary_writes_plip_schema(tmp_path):
     assert "Best Layer" in proc.stdout and "Python μ (%)" in proc.stdout
     got = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 10_000
-    if REFERENCE.is_file():  # PLIP-rs's stored output: every field name is present with the same nesting
-        ref = json.loads(REFERENCE.read_text())
-        ref_keys, got_keys = _keys(ref), _keys(got)
-        for k, v in ref_keys.items():
-            assert k in got_keys, k
-            assert got_keys[k] == v or k == "scanned_layers", k
+    ref = json.loads(REFERENCE.read_text())
+    ref_keys, got_keys = _keys(ref), _keys(got)
+    for k, v in ref_keys.items():
+        assert k in got_keys, k
+        assert got_keys[k] == v or k == "scanned_layers", k
     assert got["scanned_layers"] == list(range(2, 8))
     prov = got["provenance"]
     assert prov["model"]["kind"] == "bundled" and len(prov["model"]["weights_sha256"]) == 3

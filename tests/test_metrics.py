@@ -14,7 +14,7 @@ from scipy import special
 
 from plip_jax.analysis import metrics as M
 
-REF = str(Path(__file__).resolve().parents[2] / "shared" / "reference")
+REF = str(Path(__file__).resolve().parent / "data" / "reference")
 
 
 def _softmax64(x):
@@ -236,7 +236,6 @@ def test_format_top_changed_escaping():
     assert M.escape_token_text("a\\b\r") == "a\\b\r"  # only \n and \t are escaped
 
 
-@pytest.mark.skipif(not os.path.isdir(REF), reason="shared reference outputs not available")
 def test_top_changed_reproduces_stored_rows():
     """Build logits whose distributions contain a stored sample's five rows (rest of the mass spread
     thinly) and check we return the same rows, order, escaped text and (positive, absolute) diff."""

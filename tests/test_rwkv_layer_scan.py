@@ -16,7 +16,7 @@ from plip_jax.core.capture import Capture
 from plip_jax.models.registry import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = ROOT.parent / "shared" / "reference" / "layer_scan_universal_RWKV_v6_Finch_1B6_HF.json"
+REFERENCE = ROOT / "tests" / "data" / "reference" / "layer_scan_universal_RWKV_v6_Finch_1B6_HF.json"
 LAYERS = 3  # = conftest.TINY_RWKV_LAYERS
 
 
@@ -76,9 +76,8 @@ def test_layer_scan_binary_on_rwkv(rwkv_dir, tmp_path):
     assert got["n_layers"] == LAYERS and got["scanned_layers"] == list(range(LAYERS))
     expected = {"model", "corpus_format", "n_layers", "scanned_layers", "best_layer", "best_p_value",
                 "position_conversion_stats", "results"}
-    if REFERENCE.is_file():
-        expected = set(json.loads(REFERENCE.read_text()))
-        ref_row = set(json.loads(REFERENCE.read_text())["results"][0])
-        assert ref_row <= set(got["results"][0])
+    expected = set(json.loads(REFERENCE.read_text()))
+    ref_row = set(json.loads(REFERENCE.read_text())["results"][0])
+    assert ref_row <= set(got["results"][0])
     assert expected <= set(got)
     assert got["provenance"]["model"]["kind"] == "local"

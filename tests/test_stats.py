@@ -15,8 +15,7 @@ from scipy import stats as sps
 
 from plip_jax.analysis import stats as S
 
-REF = str(Path(__file__).resolve().parents[2] / "shared" / "reference")
-needs_ref = pytest.mark.skipif(not os.path.isdir(REF), reason="shared reference outputs not available")
+REF = str(Path(__file__).resolve().parent / "data" / "reference")
 
 
 def _load(name):
@@ -134,7 +133,6 @@ def test_welch_plip_parity_keeps_old_conventions():
     assert _tdp(S.welch_t_test_plip(a, b)) == pytest.approx(_tdp(S.welch_t_test(a, b)), rel=1e-12)
 
 
-@needs_ref
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REF, "layer_scan_universal_*.json"))))
 def test_welch_from_stats_reproduces_layer_scans(path):
     with open(path) as f:
@@ -153,7 +151,6 @@ def test_welch_from_stats_reproduces_layer_scans(path):
     assert p == pytest.approx(d["best_p_value"], rel=1e-12)
 
 
-@needs_ref
 def test_qwen7b_best_layer_spec_8_1():
     d = _load("layer_scan_universal_qwen7b.json")
     r = next(x for x in d["results"] if x["layer"] == 16)
@@ -191,7 +188,6 @@ def _assert_stats_json(ours, stored):
             assert ours[k] == v, k
 
 
-@needs_ref
 @pytest.mark.parametrize("name", ABLATION_FILES)
 def test_group_stats_reproduce_stored_ablation(name):
     d = _load(name)
@@ -200,7 +196,6 @@ def test_group_stats_reproduce_stored_ablation(name):
         _assert_stats_json(ours, d[f"{lang}_stats"])
 
 
-@needs_ref
 def test_group_stats_reproduce_state_steering():
     d = _load("state_steering_rwkv6.json")
     for dose in d["dose_response"]:
@@ -212,7 +207,6 @@ def test_group_stats_reproduce_state_steering():
 # ----------------------------------------------------------------------------- PLIP f32 approximate Welch
 
 
-@needs_ref
 @pytest.mark.parametrize("name", ABLATION_FILES)
 def test_plip_kl_welch_reproduces_stored(name):
     d = _load(name)
@@ -224,7 +218,6 @@ def test_plip_kl_welch_reproduces_stored(name):
     assert abs(S.welch_t_test(py, rs).p_value - p) < 5e-3
 
 
-@needs_ref
 def test_plip_kl_welch_spec_8_2_qwen7b():
     d = _load("ablation_qwen7b_layer2.json")
     py, rs = _kls(d["sample_results"], "python"), _kls(d["sample_results"], "rust")
@@ -232,7 +225,6 @@ def test_plip_kl_welch_spec_8_2_qwen7b():
     assert round(S.welch_t_test(py, rs).p_value, 4) == 0.3419
 
 
-@needs_ref
 def test_plip_kl_welch_reproduces_state_steering():
     d = _load("state_steering_rwkv6.json")
     for dose in d["dose_response"]:
@@ -270,7 +262,6 @@ def test_mcnemar_exact():
         S.mcnemar_exact(-1, 2)
 
 
-@needs_ref
 def test_mcnemar_from_n50_outcomes():
     d = _load("n50_scale_3.0.json")
     base = [s["baseline_has_test"] for s in d["samples"]]

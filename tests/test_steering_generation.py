@@ -13,7 +13,7 @@ from plip_jax.data.corpus import load_generation_prompts
 from plip_jax.experiments import steering_generation as sg
 from plip_jax.models.registry import load_model
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "n50_scale_3.0.json"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference" / "n50_scale_3.0.json"
 MAX_TOKENS = 6
 
 
@@ -57,12 +57,11 @@ def test_interventions_default_and_plip_compat(model, prompts):
 def test_run_fields_and_baseline_equals_plain_generation(model, prompts):
     cfg = sg.SteeringGenerationConfig(max_tokens=MAX_TOKENS, scale=8.0)
     res = sg.run_steering_generation(model, prompts, cfg)
-    if REFERENCE.is_file():
-        ref = json.loads(REFERENCE.read_text())
-        assert set(ref) <= set(res)
-        assert set(ref["summary"]) <= set(res["summary"])
-        assert set(ref["samples"][0]) <= set(res["samples"][0])
-        assert set(next(iter(ref["by_category"].values()))) <= set(res["by_category"]["arithmetic"])
+    ref = json.loads(REFERENCE.read_text())
+    assert set(ref) <= set(res)
+    assert set(ref["summary"]) <= set(res["summary"])
+    assert set(ref["samples"][0]) <= set(res["samples"][0])
+    assert set(next(iter(ref["by_category"].values()))) <= set(res["by_category"]["arithmetic"])
     assert res["intervention_is_noop"] is False and res["layer"] == 2 * model.cfg.num_layers // 3
     assert res["summary"]["total"] == 2 and set(res["mcnemar"]) == {"plip_detector", "strict"}
     mc = res["mcnemar"]["plip_detector"]
