@@ -12,6 +12,7 @@ from plip_jax.analysis import generation as gen
 from plip_jax.core import interventions as ivs
 from plip_jax.models.registry import load_model
 from tests.hf_fixtures import build_hf_model, save_hf_model
+from tests.model_helpers import generate_reference
 
 MAX_NEW = 6
 
@@ -67,7 +68,7 @@ def test_cached_equals_full_recompute(tiny, kind):
             iv = gen.steer_generated_rows(size, len(p), [0, 2], n_layers=cfg.num_layers, n_heads=cfg.num_heads,
                                           value=0.45, layers=[1, 2])
         cached = gen.generate(model, [p], max_new_tokens=MAX_NEW, interventions=iv, cache_size=size)
-        full = gen.generate_reference(model, p, max_new_tokens=MAX_NEW, interventions=iv, cache_size=size)
+        full = generate_reference(model, p, max_new_tokens=MAX_NEW, interventions=iv, cache_size=size)
         assert cached.sequences()[0] == full, f"{kind}, prompt {i}"
         if kind != "none" and i == 0:
             assert full != baseline.sequences()[0], f"{kind}: the intervention did not change the tokens (vacuous test)"

@@ -21,6 +21,7 @@ from plip_jax.experiments import causal
 from plip_jax.experiments.families import rules_for
 from plip_jax.experiments.layer_scan import run_layer_scan, tokenize_groups
 from plip_jax.models.registry import load_model
+from tests.model_helpers import generate_reference
 
 
 @pytest.fixture(scope="module", params=["transformer", "rwkv6"])
@@ -77,7 +78,7 @@ def test_same_generation_code_on_every_family(loaded):
     res = gen.generate(loaded.model, prompts, max_new_tokens=5, stop_ids=())
     assert res.tokens.shape == (2, 5) and (res.n_generated == 5).all()
     for p, seq in zip(prompts, res.sequences()):
-        assert seq == gen.generate_reference(loaded.model, p, max_new_tokens=5)
+        assert seq == generate_reference(loaded.model, p, max_new_tokens=5)
 
 
 def _dot_precisions(jaxpr) -> set:

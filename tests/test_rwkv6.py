@@ -25,7 +25,7 @@ from plip_jax.core.capture import Capture
 from plip_jax.models import rwkv6, rwkv6_checkpoint
 from plip_jax.models.registry import load_model
 from tests import rwkv_fixtures
-from tests.model_helpers import run
+from tests.model_helpers import generate_reference, run
 
 VOCAB = 65536  # the real World vocabulary size
 LAYERS = 3
@@ -262,7 +262,7 @@ def test_state_edited_generation_equals_full_recomputation(model, tokens):
     the same edit, and the edit changes the continuation (not a no-op)."""
     iv = _state(ivs.state_steering(LAYERS, T, positions=[2, 3, 8], scale=9.0))
     cached = gen.generate(model, [tokens.tolist()], max_new_tokens=6, interventions=iv, stop_ids=())
-    full = gen.generate_reference(model, tokens.tolist(), max_new_tokens=6, interventions=iv)
+    full = generate_reference(model, tokens.tolist(), max_new_tokens=6, interventions=iv)
     assert cached.sequences()[0] == full
     ref_first = int(np.argmax(np.asarray(run(model, tokens, interventions=iv).logits)))
     assert full[0] == ref_first

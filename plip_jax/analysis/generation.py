@@ -435,26 +435,3 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     for b in range(out.shape[0]):
         out[b, n[b]:] = pad_id
     return GenerationResult(tokens=out, n_generated=n, stopped=stopped, prompt_lengths=lengths, cache_size=size)
-
-
-def generate_reference(model, prompt: Sequence[int], *, max_new_tokens: int, stop_ids: Sequence[int] = (),
-                       interventions: Optional[ivs.Interventions] = None,
-                       cache_size: Optional[int] = None) -> list[int]:
-    """Greedy generation by full recomputation (no cache): the whole sequence, padded to S, is re-run at
-    every step. Slow; the ground truth that cached decoding is tested against."""
-    size = cache_size or cache_size_for([len(prompt)], max_new_tokens, model.cfg)
-    run = jax.jit(lambda m, t, n, iv: m(t, length=n, interventions=iv, capture=Capture(logits="last")).logits)
-    iv = fit_interventions(interventions, size)
-    seq = list(prompt)
-    out: list[int] = []
-    stops = set(int(s) for s in stop_ids)
-    for _ in range(max_new_tokens):
-        tokens = np.zeros((size,), np.int32)
-        tokens[: len(seq)] = seq
-        logits = run(model, jnp.asarray(tokens), jnp.int32(len(seq)), iv)
-        tok = int(jnp.argmax(logits))
-        if tok in stops:
-            break
-        out.append(tok)
-        seq.append(tok)
-    return out
