@@ -268,9 +268,14 @@ def fit_interventions(iv: Optional[ivs.Interventions], size: int) -> Optional[iv
                                   f"pass cache_size={kind.edges.shape[-1]}")
     if iv.residual is not None and iv.residual.where.shape[-1] != size:
         raise GenerationError(f"residual edit covers {iv.residual.where.shape[-1]} positions, the cache has {size}")
+    shift = iv.logit_shift
+    if shift is not None:
+        n = shift.shift.shape[-1]
+        pad = [(0, 0)] * (shift.shift.ndim - 2) + [(0, size - n), (0, size - n)]
+        shift = shift.replace(shift=jnp.pad(shift.shift, pad))
     return ivs.Interventions(knockout=_fit_edges(iv.knockout, size), scale=_fit_edges(iv.scale, size),
                              set_value=_fit_edges(iv.set_value, size), residual=iv.residual,
-                             state=_fit_state(iv.state, size))
+                             state=_fit_state(iv.state, size), logit_shift=shift)
 
 
 def empty_like_interventions(iv: ivs.Interventions) -> ivs.Interventions:
@@ -280,8 +285,9 @@ def empty_like_interventions(iv: ivs.Interventions) -> ivs.Interventions:
         return None if kind is None else kind.replace(edges=jnp.zeros_like(kind.edges))
     res = None if iv.residual is None else iv.residual.replace(where=jnp.zeros_like(iv.residual.where))
     state = None if iv.state is None else iv.state.replace(scale=jnp.ones_like(iv.state.scale))
+    shift = None if iv.logit_shift is None else iv.logit_shift.replace(shift=jnp.zeros_like(iv.logit_shift.shift))
     return ivs.Interventions(knockout=clear(iv.knockout), scale=clear(iv.scale), set_value=clear(iv.set_value),
-                             residual=res, state=state)
+                             residual=res, state=state, logit_shift=shift)
 
 
 # --------------------------------------------------------------------------- sampling

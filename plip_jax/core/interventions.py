@@ -66,6 +66,17 @@ class ResidualEdit:
 
 
 @struct.dataclass
+class AttentionLogitShift:
+    """A continuous, differentiable edit of the pre-softmax scores: shift[l, h, q, k] (f32 [L, H, T, T], absolute
+    positions) is added to the score of every visible edge (0 = no change). shift = log(1 - alpha) is a continuous
+    knockout of strength alpha in [0, 1) (alpha -> 1 is the -inf knockout), so d metric / d alpha at 0 is
+    -d metric / d shift: one backward pass gives the first-order effect of knocking out every edge (attribution
+    patching; `plip_jax.experiments.head_map`)."""
+
+    shift: jnp.ndarray  # f32 [L, H, T, T]
+
+
+@struct.dataclass
 class StateEdit:
     """RWKV-6 WKV-state edit over absolute positions: the kv write of position t in layer l is scaled by
     scale[l, t] (positions past the matrix are unedited). The output o_t at t itself is unchanged."""
@@ -80,10 +91,11 @@ class Interventions:
     set_value: Optional[AttentionSetValue] = None
     residual: Optional[ResidualEdit] = None
     state: Optional[StateEdit] = None
+    logit_shift: Optional[AttentionLogitShift] = None
 
     def attention_kinds(self) -> list[str]:
         """Names of the softmax-attention kinds present (what RWKV-6 refuses)."""
-        return [n for n in ("knockout", "scale", "set_value") if getattr(self, n) is not None]
+        return [n for n in ("knockout", "scale", "set_value", "logit_shift") if getattr(self, n) is not None]
 
 
 # --------------------------------------------------------------------------- in-graph application
@@ -100,6 +112,14 @@ def knockout_mask(iv: Optional[Interventions], layer, q_pos, n_keys):
     if iv is None or iv.knockout is None:
         return None
     return _edge_mask(iv.knockout, layer, q_pos, n_keys)
+
+
+def score_shift(iv: Optional[Interventions], layer, q_pos, n_keys):
+    """f32 [H, Tq, Tk] added to the pre-softmax scores at `layer` (AttentionLogitShift), or None."""
+    if iv is None or iv.logit_shift is None:
+        return None
+    rows = jnp.take(iv.logit_shift.shift[layer], q_pos, axis=1, mode="clip")  # [H, Tq, T]
+    return rows[:, :, :n_keys].astype(jnp.float32)
 
 
 def steer_probs(probs: jnp.ndarray, visible: jnp.ndarray, iv: Optional[Interventions], layer, q_pos) -> jnp.ndarray:

@@ -119,6 +119,9 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     qp, kp = ctx.q_pos[:, None], ctx.k_pos[None, :]
     allowed = (kp <= qp) & ctx.k_valid[None, :] & ((qp - kp) < window)
     allowed = allowed[None]
+    shift = ivs.score_shift(iv, layer, ctx.q_pos, tk)
+    if shift is not None:
+        scores = scores + shift
     ko = ivs.knockout_mask(iv, layer, ctx.q_pos, tk)
     if ko is not None:
         allowed = allowed & ~ko

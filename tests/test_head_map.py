@@ -1,0 +1,111 @@
+"""The per-(layer, head) map: each exact cell equals a separate single-head knockout run, the no-op cell is an
+exact identity, and the gradient estimate equals a finite difference of the continuous knockout strength."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from plip_jax.analysis import metrics
+from plip_jax.core import interventions as ivs
+from plip_jax.core.errors import WrongFamilyError
+from plip_jax.data.batching import pad_batch
+from plip_jax.experiments import causal, head_map
+from plip_jax.experiments.layer_scan import tokenize_groups
+from plip_jax.models.registry import load_model
+from tests.hf_fixtures import FAMILIES, build_hf_model, save_hf_model
+
+
+def _batch(loaded, samples):
+    tokens, lengths = pad_batch([s.token_ids for s in samples], pad_id=loaded.cfg.pad_token_id or 0)
+    edges = head_map.target_edge_mask(tokens.shape[1], [s.marker_token for s in samples],
+                                      [s.target_tokens for s in samples])
+    return tokens, lengths, edges
+
+
+@pytest.fixture(scope="module")
+def bundled_batch(bundled_model, universal_corpus):
+    usable, _ = tokenize_groups(bundled_model.tokenizer, universal_corpus)
+    return _batch(bundled_model, [usable[0], usable[-1]])
+
+
+def _single_head_kls(loaded, tokens, lengths, edges, cells):
+    """KL and delta top-1 logprob of separate single-head knockout runs (the oracle)."""
+    cfg = loaded.cfg
+    base = np.asarray(causal.run_batch(loaded.model, tokens, lengths, None)["last"], np.float64)
+    out = {}
+    for (l, h) in cells:
+        items = []
+        for b in range(tokens.shape[0]):
+            pairs = [tuple(map(int, e)) for e in np.argwhere(edges[b])]
+            items.append(ivs.Interventions(knockout=ivs.knockout(tokens.shape[1], pairs, length=int(lengths[b]),
+                                                                 n_layers=cfg.num_layers, n_heads=cfg.num_heads,
+                                                                 layers=[l], heads=[h])))
+        knocked = np.asarray(causal.run_batch(loaded.model, tokens, lengths, ivs.stack(items))["last"], np.float64)
+        kl = metrics.kl_divergence_f64(base, knocked)
+        top = base.argmax(-1)
+        lp = lambda x: x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+        dlp = lp(knocked)[np.arange(len(top)), top] - lp(base)[np.arange(len(top)), top]
+        out[(l, h)] = (kl, dlp)
+    return out
+
+
+def test_exact_cells_equal_separate_single_head_runs_bundled(bundled_model, bundled_batch):
+    tokens, lengths, edges = bundled_batch
+    grid = head_map.exact_head_map(bundled_model.model, tokens, lengths, edges, cells_per_call=16)
+    L, H = bundled_model.cfg.num_layers, bundled_model.cfg.num_heads
+    assert grid["kl"].shape == (2, L, H) and grid["delta_logprob"].shape == (2, L, H)
+    assert np.all(grid["floor_kl"] < 1e-9)  # a separately compiled plain forward vs the no-op cell: f32 noise only
+    cells = [(0, 0), (2, 3), (L - 1, H - 1)]
+    ref = _single_head_kls(bundled_model, tokens, lengths, edges, cells)
+    for (l, h), (kl, dlp) in ref.items():
+        np.testing.assert_allclose(grid["kl"][:, l, h], kl, atol=1e-6, rtol=1e-3)
+        np.testing.assert_allclose(grid["delta_logprob"][:, l, h], dlp, atol=1e-5)
+    assert (grid["kl"] > 0).mean() > 0.5  # the knockouts do something
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_cells_equal_separate_runs_every_family(family, tmp_path):
+    loaded = load_model(str(save_hf_model(build_hf_model(family, seed=11), tmp_path)))
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(0, loaded.cfg.vocab_size, size=(2, 12)).astype(np.int32)
+    lengths = np.array([12, 9], np.int32)
+    edges = head_map.target_edge_mask(12, [7, 6], [[0, 2, 5], [1, 3]])
+    grid = head_map.exact_head_map(loaded.model, tokens, lengths, edges, cells_per_call=None)
+    cells = [(0, 1), (loaded.cfg.num_layers - 1, loaded.cfg.num_heads - 1)]
+    for (l, h), (kl, dlp) in _single_head_kls(loaded, tokens, lengths, edges, cells).items():
+        np.testing.assert_allclose(grid["kl"][:, l, h], kl, atol=1e-6, rtol=1e-3)
+        np.testing.assert_allclose(grid["delta_logprob"][:, l, h], dlp, atol=1e-5)
+
+
+def test_gradient_equals_central_finite_difference(bundled_model, bundled_batch):
+    tokens, lengths, edges = bundled_batch
+    g = head_map.gradient_head_map(bundled_model.model, tokens, lengths, edges)
+    assert g["estimate"].shape == (2, bundled_model.cfg.num_layers, bundled_model.cfg.num_heads)
+    # the cells with the largest estimates (differences far above f32 rounding), plus a fixed one
+    cells = [(b, tuple(int(i) for i in np.unravel_index(np.abs(g["estimate"][b]).argmax(), g["estimate"][b].shape)))
+             for b in range(2)] + [(0, (2, 3))]
+    for b, (l, h) in cells:
+        f = lambda a: head_map.continuous_knockout_logprob(bundled_model.model, tokens[b], int(lengths[b]), edges[b],
+                                                           l, h, a)
+        central = lambda e: (f(e) - f(-e)) / (2 * e)
+        # Richardson extrapolation of the central difference (error O(eps^4)); eps large enough that f32
+        # rounding of the log-probabilities (~1e-6) stays far below the differences
+        fd = (4 * central(0.05) - central(0.1)) / 3  # d logp / d alpha at 0
+        assert g["estimate"][b, l, h] == pytest.approx(fd, rel=2e-2, abs=5e-6)
+    assert np.abs(g["estimate"]).max() > 1e-4  # not a trivially zero map
+
+
+def test_gradient_and_exact_agree_in_rank(bundled_model, bundled_batch):
+    tokens, lengths, edges = bundled_batch
+    grid = head_map.exact_head_map(bundled_model.model, tokens, lengths, edges)
+    g = head_map.gradient_head_map(bundled_model.model, tokens, lengths, edges)
+    agree = head_map.compare_exact_and_gradient(grid["delta_logprob"], g["estimate"])
+    assert agree.spearman_all is not None and -1 <= agree.spearman_all <= 1
+    assert len(agree.worst) == 5 and {"layer", "head", "rank_gap"} <= set(agree.worst[0])
+
+
+def test_rwkv_is_refused(tiny_rwkv_dir):
+    loaded = load_model(tiny_rwkv_dir)
+    with pytest.raises(WrongFamilyError, match="attention heads"):
+        head_map.exact_head_map(loaded.model, np.zeros((1, 4), np.int32), np.array([4]), np.zeros((1, 4, 4), bool))
