@@ -91,6 +91,11 @@ def format_head_map(hm: HeadMap, top: int = 10, alpha: float = lt.ALPHA) -> str:
                     f"observed / positional null, geometric mean; test: exact permutation on log-lift, BH q over "
                     f"all cells):", "  ")
     lines.append(f"  cells with BH q < {alpha}: Python > Rust {len(up)}, Rust > Python {len(down)}")
+    dropped = [c for c in hm.cells if c["n_undefined_log_lift"]]
+    if dropped:
+        lines += lt.wrap(f"{len(dropped)} cells dropped samples whose lift is undefined (observed 0, e.g. an RWKV-6 "
+                         f"head with no positive contribution): {sum(c['n_undefined_log_lift'] for c in dropped)} "
+                         f"sample-cells in all; see n_undefined_log_lift in the JSON.", "    ", "  ")
     ranked = sorted((c for c in hm.cells if c["log_lift_permutation"]["q_bh"] is not None),
                     key=lambda c: (c["log_lift_permutation"]["q_bh"], c["log_lift_permutation"]["p_value"],
                                    c["layer"], c["head"]))[:top]
