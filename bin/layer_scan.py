@@ -1,4 +1,5 @@
-"""Layer scan: marker -> function-token attention per layer, Python doctests vs Rust tests (Welch t).
+"""Layer scan: marker -> function-token attention per layer, Python doctests vs Rust tests (Welch t, Holm p),
+the positional null and the lift over it (Welch and exact permutation tests on log-lift), and per head.
 
     python -m bin.layer_scan                      # bundled plip-tiny-code, shipped universal corpus
     python -m bin.layer_scan --model=Qwen/Qwen2.5-Coder-7B-Instruct --dtype=bfloat16 --plot
@@ -22,7 +23,10 @@ flags.DEFINE_string("output", None, "JSON output (default: outputs/layer_scan_un
 flags.DEFINE_integer("start_layer", None, "First layer to scan (default: n_layers // 3).")
 flags.DEFINE_integer("end_layer", None, "Last layer to scan, inclusive (default: n_layers - 1).")
 flags.DEFINE_integer("batch_size", None, "Samples per forward (default: all at once).")
-flags.DEFINE_bool("plot", False, "Also write a PNG of per-layer means with error bars next to the JSON.")
+flags.DEFINE_bool("plot", False, "Also write PNGs next to the JSON: per-layer means ± s.e. with the positional null "
+                  "and the lift over it (<output>.png), and the layer x head lift map (<output>_heads.png).")
+flags.DEFINE_integer("seed", 0, "Seed of the Monte Carlo permutation tests (used only when a design has more than "
+                     "200,000 relabelings; the 10 vs 10 corpus is tested exactly).")
 FLAGS = flags.FLAGS
 
 
@@ -35,7 +39,8 @@ def main(argv):
 
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
     corpus = load_universal_corpus(corpus_path)
-    result = layer_scan.run_layer_scan(model, corpus, start_layer=FLAGS.start_layer, end_layer=FLAGS.end_layer, batch_size=FLAGS.batch_size)
+    result = layer_scan.run_layer_scan(model, corpus, start_layer=FLAGS.start_layer, end_layer=FLAGS.end_layer,
+                                       batch_size=FLAGS.batch_size, seed=FLAGS.seed)
     stats_ = result.position_conversion_stats
     print(f"Corpus: {corpus_path} — {stats_['successful_conversions']}/{stats_['total_samples']} samples converted, "
           f"{stats_['fuzzy_matches']} fuzzy matches")
@@ -44,12 +49,12 @@ def main(argv):
     payload = result.to_json()
     payload["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype,
                                        timings={"load_s": t_load, **result.timings},
-                                       flags={k: FLAGS[k].value for k in ("start_layer", "end_layer", "batch_size")})
+                                       flags={k: FLAGS[k].value for k in ("start_layer", "end_layer", "batch_size", "seed")})
     write_json(out, payload)
     print(f"Wrote {out}")
     if FLAGS.plot:
-        png = layer_scan.plot_layer_scan(result, out.with_suffix(".png"))
-        print(f"Wrote {png}")
+        print(f"Wrote {layer_scan.plot_layer_scan(result, out.with_suffix('.png'))}")
+        print(f"Wrote {layer_scan.plot_head_map(result, out.with_name(out.stem + '_heads.png'))}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ flags.DEFINE_string("code", DEFAULT_LENS_CODE, "Code snippet, taken literally (e
 flags.DEFINE_integer("top_k", 5, "Top-k tokens per layer.")
 flags.DEFINE_bool("detailed", False, "Print every layer's top-k with probabilities (default: top-1 only).")
 flags.DEFINE_string("output", None, "Optional JSON output path.")
+flags.DEFINE_bool("plot", False, "Also write a PNG: each PLIP pattern's rank trajectory against chance and the top-1 "
+                  "prediction per layer (next to --output, else outputs/logit_lens_<model>.png).")
 FLAGS = flags.FLAGS
 
 
@@ -35,10 +37,14 @@ def main(argv):
     t_run = time.perf_counter() - t0 - t_load
     print(lens_experiments.format_logit_lens(rep, FLAGS.detailed))
     if FLAGS.output:
-        rep["provenance"] = provenance(model=model, dtype=model.dtype,
-                                       timings={"load_s": t_load, "lens_s": t_run},
-                                       flags={"top_k": FLAGS.top_k, "code": FLAGS.code})
-        print(f"Wrote {write_json(Path(FLAGS.output), rep)}")
+        payload = rep.to_json()
+        payload["provenance"] = provenance(model=model, dtype=model.dtype,
+                                           timings={"load_s": t_load, "lens_s": t_run},
+                                           flags={"top_k": FLAGS.top_k, "code": FLAGS.code})
+        print(f"Wrote {write_json(Path(FLAGS.output), payload)}")
+    if FLAGS.plot:
+        out = Path(FLAGS.output) if FLAGS.output else cli.default_output("logit_lens", model.source.slug)
+        print(f"Wrote {lens_experiments.plot_logit_lens(rep, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

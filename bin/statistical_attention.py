@@ -1,5 +1,7 @@
 """Statistical attention (PLIP-rs `statistical_attention`): marker -> target attention at one layer for the
-four groups of the legacy corpus, Welch's t-tests and PLIP's H1/H2/H3 verdicts.
+four groups of the legacy corpus, Welch's t-tests and PLIP's H1/H2/H3 verdicts; with the positional null,
+log-lift tests, Holm over the three comparisons, and groups whose targets the marker cannot see (0 by
+causality) marked undefined instead of "significant".
 
 The legacy corpus stores token positions made for the Qwen2.5 tokenizer. By default they are re-derived
 from the code as character positions (spec 3.3) and re-tokenised with the model's tokenizer (the report
@@ -23,14 +25,17 @@ flags.DEFINE_string("output", None, "JSON output (default: outputs/statistical_a
 flags.DEFINE_integer("layer", None, "Layer to analyse (default: the last layer).")
 flags.DEFINE_bool("use_legacy_token_positions", False, "Use the corpus's stored token positions (valid only for "
                   "the tokenizer they were made for; checked) instead of converting char positions from the code.")
-flags.DEFINE_bool("plot", False, "Also write a PNG of per-sample values per group next to the JSON.")
+flags.DEFINE_bool("plot", False, "Also write a PNG of per-sample values per group (mean ± SD, positional null) "
+                  "next to the JSON.")
+flags.DEFINE_integer("seed", 0, "Seed of Monte Carlo permutation tests (only for designs with > 200,000 relabelings).")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     from plip_jax.data.corpus import default_corpus_path, load_legacy_corpus
-    from plip_jax.experiments import attention_analysis as aa
+    from plip_jax.experiments import statistical_attention as sa
+    from plip_jax.experiments.legacy_positions import LegacyPositionError
     from plip_jax.cli.provenance import provenance, write_json
 
     corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path("attention_samples.json")
@@ -38,20 +43,22 @@ def main(argv):
     model, t_load = cli.load_model_from_flags()
     print(f"Corpus: {corpus_path} ({len(samples)} samples)")
     try:
-        result = aa.run_statistical_attention(model, samples, layer=FLAGS.layer,
-                                              use_legacy_token_positions=FLAGS.use_legacy_token_positions)
-    except aa.LegacyPositionError as e:
+        result = sa.run_statistical_attention(model, samples, layer=FLAGS.layer,
+                                              use_legacy_token_positions=FLAGS.use_legacy_token_positions,
+                                              seed=FLAGS.seed)
+    except LegacyPositionError as e:
         raise SystemExit(f"error: {e}") from None
-    print(aa.format_statistical_attention(result))
+    print(sa.format_statistical_attention(result))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("statistical_attention", model.source.slug)
     payload = result.to_json()
     payload["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype, timings={"load_s": t_load, **result.timings},
                                        flags={"layer": result.layer,
-                                              "use_legacy_token_positions": FLAGS.use_legacy_token_positions})
+                                              "use_legacy_token_positions": FLAGS.use_legacy_token_positions,
+                                              "seed": FLAGS.seed})
     write_json(out, payload)
     print(f"Wrote {out}")
     if FLAGS.plot:
-        print(f"Wrote {aa.plot_statistical_attention(result, out.with_suffix('.png'))}")
+        print(f"Wrote {sa.plot_statistical_attention(result, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

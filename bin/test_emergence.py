@@ -1,5 +1,6 @@
 """Test-syntax emergence: for 8 prompts whose natural continuation is test syntax (`#[test]`, `>>>`,
-`assert`, `test_*`), the first layer whose logit-lens top-k contains the target, top-3 at layers
+`assert`, `test_*`), the rank of the target through the logit lens at every layer against chance, the
+first layer whose top-k holds it (flagged SATURATED when most prompts have it at layer 0), top-3 at layers
 0, n/3, 2n/3, n-1 and the final top-10. Prompts: `plip_jax.experiments.lens_experiments.EMERGENCE_PROMPTS`.
 
     python -m bin.test_emergence                           # bundled plip-tiny-code
@@ -18,6 +19,9 @@ from plip_jax import cli
 cli.define_model_flags()
 flags.DEFINE_integer("top_k", 100, "A target counts as present at a layer if one of the top-k tokens matches it.")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/test_emergence_<model>.json).")
+flags.DEFINE_enum("match", "strict", ["strict", "plip"], "Which tokens count as the target: strict = the token "
+                  "begins with the whole target (`as` is not `assert`); plip = PLIP-rs's contains-or-prefix rule.")
+flags.DEFINE_bool("plot", False, "Also write a PNG of the rank and probability trajectories against chance.")
 FLAGS = flags.FLAGS
 
 
@@ -29,13 +33,17 @@ def main(argv):
     from plip_jax.cli.provenance import provenance, write_json
 
     t0 = time.perf_counter() - t_load
-    rep = lens_experiments.test_emergence(model, top_k=FLAGS.top_k)
+    rep = lens_experiments.run_test_emergence(model, top_k=FLAGS.top_k, match=FLAGS.match)
     t_run = time.perf_counter() - t0 - t_load
     print(lens_experiments.format_emergence(rep))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("test_emergence", model.source.slug)
-    rep["provenance"] = provenance(model=model, dtype=model.dtype,
-                                   timings={"load_s": t_load, "emergence_s": t_run}, flags={"top_k": FLAGS.top_k})
-    print(f"Wrote {write_json(out, rep)}")
+    payload = rep.to_json()
+    payload["provenance"] = provenance(model=model, dtype=model.dtype,
+                                       timings={"load_s": t_load, "emergence_s": t_run},
+                                       flags={"top_k": FLAGS.top_k, "match": FLAGS.match})
+    print(f"Wrote {write_json(out, payload)}")
+    if FLAGS.plot:
+        print(f"Wrote {lens_experiments.plot_emergence(rep, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

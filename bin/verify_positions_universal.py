@@ -26,7 +26,7 @@ flags.DEFINE_bool("verbose", False, "Print every sample's marker and target conv
 def main(argv):
     del argv
     from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
-    from plip_jax.experiments.attention_analysis import format_verify_report
+    from plip_jax.experiments.verify_positions import format_verify_report
     from plip_jax.models.registry import load_tokenizer
     from plip_jax.models.sources import resolve_model
     from plip_jax.data.positions import verify_report

@@ -129,6 +129,8 @@ def test_probe_experiment_on_bundled_model(probe_result, tmp_path):
         ctl = [row["control"]["kfold"]["mean"] for row in js["features"][kind]["layers"]]
         assert np.mean(ctl) < 0.7  # shuffled labels: near chance
     assert js["baseline_bag_of_tokens"]["kfold"]["mean"] >= 0.9
+    # the bag-of-tokens baseline is near ceiling too: the verdict flags the probe as saturated
+    assert js["verdict"]["saturated"] and "SATURATED" in PE.format_table(r)
     json.dumps(js)
     png = PE.plot_probe_results(r, tmp_path / "p.png")
     assert png.stat().st_size > 1000
@@ -156,3 +158,25 @@ def test_bin_probe(tmp_path):
     assert len(js["per_layer_accuracy"]) == 8 and "provenance" in js
     assert js["provenance"]["corpus"]["path"].endswith("samples.json")
     assert out.with_suffix(".png").is_file()
+
+
+def _grid(kfold_means, kfold_sds):
+    from plip_jax.analysis.probes import ProbeGridResult
+
+    kf = [{"mean": m, "sd": sd} for m, sd in zip(kfold_means, kfold_sds)]
+    return ProbeGridResult(split=[{}] * len(kf), kfold=kf, control_split=[{}] * len(kf),
+                           control_kfold=[{}] * len(kf), iterations_max=0, grad_norm_max=0.0)
+
+
+def test_probe_saturation_verdict_rule():
+    from plip_jax.experiments import probe_experiment as PE
+
+    def result(probe_means, base_mean, sd=0.02):
+        return PE.ProbeExperimentResult("m", 10, 5, 5, 8, 2, {}, {"last_token": _grid(probe_means, [sd] * 3)},
+                                        _grid([base_mean], [sd]), 7, {})
+
+    v = PE.baseline_verdict(result([0.70, 0.95, 0.80], 0.60))  # beats the baseline by 0.35 >> SD 0.02
+    assert not v["saturated"] and (v["best_feature"], v["best_layer"]) == ("last_token", 1)
+    assert v["text"].startswith("The probe beats the bag-of-tokens baseline")
+    v = PE.baseline_verdict(result([0.97, 1.0, 0.99], 0.99))  # 1.00 vs 0.99: within the fold-to-fold SD
+    assert v["saturated"] and v["best_layer"] == 1 and v["text"].startswith("SATURATED")

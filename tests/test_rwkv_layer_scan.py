@@ -60,6 +60,11 @@ def test_run_layer_scan_on_rwkv(rwkv_model, universal_corpus):
     for j, row in enumerate(res.results):
         assert row.python_mean == pytest.approx(py[:, j].mean(), rel=1e-9)
         assert row.rust_mean == pytest.approx(rs[:, j].mean(), rel=1e-9)
+    # positional null with no window (RWKV-6): 1 / (marker + 1); lift = value / null; a head map
+    for smp in res.samples:
+        np.testing.assert_allclose(smp["null"], [1.0 / (smp["marker_token_pos"] + 1)] * LAYERS, rtol=1e-12)
+    assert res.windows == [None] * LAYERS and "effective attention" in res.attention_kind
+    assert len(res.lift_rows) == LAYERS and res.head_map.n_heads == rwkv_model.cfg.num_heads
     # one sample checked against the full matrix through the scan path (batched with all others)
     s0 = tokenize_groups(rwkv_model.tokenizer, universal_corpus)[0][0]
     np.testing.assert_allclose(py[0], _direct_metric(rwkv_model, s0), rtol=1e-5, atol=1e-7)

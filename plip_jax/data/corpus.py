@@ -188,3 +188,96 @@ def load_probe_samples(path: Optional[Path] = None) -> list[ProbeSample]:
             raise CorpusError(f"{path}: samples[{i}] needs code and language 'python' or 'rust' (got {lang!r})")
         out.append(ProbeSample(item["code"], lang))
     return out
+
+
+def _snippet_list(path: Path, what: str) -> list:
+    raw = _load_json(path)
+    items = raw.get("snippets") if isinstance(raw, dict) else None
+    if not isinstance(items, list) or not items:
+        raise CorpusError(f"{path}: expected a non-empty 'snippets' list of {what}")
+    return items
+
+
+def _text_field(item, key: str, where: str) -> str:
+    v = item.get(key) if isinstance(item, dict) else None
+    if not isinstance(v, str) or not v:
+        raise CorpusError(f"{where}: field {key!r} must be a non-empty string (got {v!r})")
+    return v
+
+
+def _string_list(item, key: str, where: str) -> tuple:
+    v = item.get(key) if isinstance(item, dict) else None
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+        raise CorpusError(f"{where}: field {key!r} must be a non-empty list of non-empty strings (got {v!r})")
+    return tuple(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiSnippet:
+    """A `multi_sample_attention` snippet: the marker token contains `marker`; a token containing one of
+    `names` (and shorter than 10 bytes) is a target."""
+
+    name: str
+    language: str  # "python" | "rust"
+    marker: str
+    names: tuple
+    code: str
+
+
+def load_multi_snippets(path: Optional[Path] = None) -> list[MultiSnippet]:
+    """PLIP-rs's multi_sample_attention snippets (`corpus/multi_sample_snippets.json`), validated: each
+    names a language python/rust, a marker and target names that occur in its code; (name, language) unique."""
+    path = Path(path) if path else default_corpus_path("multi_sample_snippets.json")
+    out, seen = [], set()
+    for i, item in enumerate(_snippet_list(path, "{name, language, marker, names, code}")):
+        where = f"{path}: snippets[{i}]"
+        name, lang = _text_field(item, "name", where), _text_field(item, "language", where)
+        marker, code = _text_field(item, "marker", where), _text_field(item, "code", where)
+        names = _string_list(item, "names", where)
+        where = f"{path}: snippet {name!r} ({lang})"
+        if lang not in ("python", "rust"):
+            raise CorpusError(f"{where}: language must be 'python' or 'rust'")
+        if (name, lang) in seen:
+            raise CorpusError(f"{where}: duplicate (name, language); make the name unique")
+        seen.add((name, lang))
+        if marker not in code:
+            raise CorpusError(f"{where}: the marker {marker!r} does not occur in the code; fix 'marker' or 'code'")
+        absent = [n for n in names if n not in code]
+        if absent:
+            raise CorpusError(f"{where}: names {absent} do not occur in the code; fix 'names'")
+        out.append(MultiSnippet(name, lang, marker, names, code))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternSnippet:
+    """An `attention_patterns` snippet: per query, alternative substrings (the first found in a token wins);
+    the first query is the marker."""
+
+    name: str
+    language: str
+    code: str
+    queries: tuple  # of tuples of alternatives
+
+
+def load_pattern_snippets(path: Optional[Path] = None) -> list[PatternSnippet]:
+    """PLIP-rs's attention_patterns snippets (`corpus/attention_pattern_snippets.json`), validated: unique
+    names, >= 1 query, each with >= 1 alternative that occurs in the code."""
+    path = Path(path) if path else default_corpus_path("attention_pattern_snippets.json")
+    out, seen = [], set()
+    for i, item in enumerate(_snippet_list(path, "{name, language, code, queries}")):
+        where = f"{path}: snippets[{i}]"
+        name, lang, code = (_text_field(item, k, where) for k in ("name", "language", "code"))
+        where = f"{path}: snippet {name!r}"
+        if name in seen:
+            raise CorpusError(f"{where}: duplicate name")
+        seen.add(name)
+        queries = item.get("queries")
+        if not isinstance(queries, list) or not queries:
+            raise CorpusError(f"{where}: 'queries' must be a non-empty list of lists of patterns")
+        alts = tuple(_string_list({"q": q}, "q", f"{where}: queries[{j}]") for j, q in enumerate(queries))
+        for j, a in enumerate(alts):
+            if not any(x in code for x in a):
+                raise CorpusError(f"{where}: none of queries[{j}] = {list(a)} occurs in the code")
+        out.append(PatternSnippet(name, lang, code, alts))
+    return out

@@ -3,9 +3,11 @@ padded corpus in one batched forward: for sample s and layer l,
 
     x[s, l] = mean_k mean_h P_l[h, marker_s, target_{s,k}]
 
-(mean over all query heads, then over the target tokens; a target listed twice counts twice).
-Only the marker rows leave the forward ([L, H, 1, T] per sample), never full patterns. The same code
-serves every family: a transformer's softmax rows, RWKV-6's effective-attention rows (spec 1.8).
+(mean over all query heads, then over the target tokens; a target listed twice counts twice), or per head
+x[s, l, h] (`per_head=True`). Only the marker rows leave the forward ([L, H, 1, T] per sample), never full
+patterns. The same code serves every family: a transformer's softmax rows, RWKV-6's effective-attention
+rows (spec 1.8). `positional_null` gives the same metric under uniform attention over the keys the marker
+row may see (analysis/nulls.py), with the family's per-layer windows.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plip_jax.analysis import nulls
 from plip_jax.core.capture import Capture
 from plip_jax.data.batching import check_context, pad_batch
 from plip_jax.data.positions import TokenizedSample
+from plip_jax.experiments.families import rules_for
 from plip_jax.models import sharding
 from plip_jax.util.progress import Progress
 
@@ -56,6 +60,21 @@ def reduce_marker_rows(attn_rows: jnp.ndarray, target_counts: jnp.ndarray) -> jn
     return jnp.einsum("blt,bt->bl", head_mean, target_counts) / total
 
 
+def reduce_marker_rows_per_head(attn_rows: jnp.ndarray, target_counts: jnp.ndarray) -> jnp.ndarray:
+    """attn_rows [B, L, H, 1, T], target_counts [B, T] -> per-head metric [B, L, H] (f32); NaN without targets."""
+    rows = attn_rows[:, :, :, 0, :].astype(jnp.float32)  # [B, L, H, T]
+    total = target_counts.sum(-1)[:, None, None]
+    return jnp.einsum("blht,bt->blh", rows, target_counts) / total
+
+
+@jax.jit
+def marker_metric_heads(model, tokens, lengths, markers, counts):
+    """Per-head marker -> targets metric [B, L, H] of a padded batch (arguments as `marker_metric`)."""
+    rows = jax.vmap(lambda t, n, m: model(t, length=n, capture=Capture(logits="none", attn_rows=True),
+                                          query_rows=m).attn_rows)(tokens, lengths, markers)
+    return reduce_marker_rows_per_head(rows, counts)
+
+
 @jax.jit
 def marker_metric(model, tokens, lengths, markers, counts):
     """Marker -> targets metric [B, L] of a padded batch for any `Model` (pass `model.trunk()` to keep an
@@ -66,15 +85,18 @@ def marker_metric(model, tokens, lengths, markers, counts):
     return reduce_marker_rows(rows, counts)
 
 
-def marker_target_attention(model: Any, samples: Sequence[TokenizedSample], batch_size: Optional[int] = None
-                            ) -> np.ndarray:
-    """Metric [N, L] (fraction of the marker's attention, 0..1) for every sample and layer.
+def marker_target_attention(model: Any, samples: Sequence[TokenizedSample], batch_size: Optional[int] = None,
+                            per_head: bool = False) -> np.ndarray:
+    """Metric [N, L] (fraction of the marker's attention, 0..1) for every sample and layer; with
+    `per_head`, [N, L, H] (its mean over H is the [N, L] metric).
 
     `model` is a LoadedModel (any family); samples must all have a marker. Runs in batches of `batch_size`
     (None = all at once), each one jitted forward with on-device reduction; with a mesh, samples are split
     over its "data" axis."""
     if not samples:
-        return np.zeros((0, model.cfg.num_layers), np.float32)
+        shape = (0, model.cfg.num_layers) + ((model.cfg.num_heads,) if per_head else ())
+        return np.zeros(shape, np.float32)
+    metric_fn = marker_metric_heads if per_head else marker_metric
     rows = []
     step = batch_size or len(samples)
     n_batches = -(-len(samples) // step)
@@ -88,6 +110,19 @@ def marker_target_attention(model: Any, samples: Sequence[TokenizedSample], batc
             if model.mesh is not None:  # data-parallel: split samples over the mesh's "data" axis
                 *arrays, n = sharding.pad_to_multiple(*arrays[:2], model.mesh.shape["data"], *arrays[2:])
                 arrays = sharding.shard_batch(tuple(arrays), model.mesh)
-            rows.append(np.asarray(marker_metric(net, *arrays))[:n])
+            rows.append(np.asarray(metric_fn(net, *arrays))[:n])
             progress.step()
     return np.concatenate(rows, axis=0)
+
+
+def positional_null(model: Any, samples: Sequence[TokenizedSample]) -> np.ndarray:
+    """The metric under uniform attention over the keys each marker row may see, float64 [N, L] (0..1).
+
+    Causal prefix, the family's per-layer sliding window (RWKV-6: none) and padding, with the metric's own
+    normalisation (targets beyond the sequence dropped, a repeated target counted twice): for full
+    attention 1 / (marker + 1). See analysis/nulls.py."""
+    windows = rules_for(model.cfg).attention_windows(model.cfg)
+    if not samples:
+        return np.zeros((0, len(windows)), np.float64)
+    b = make_metric_batch(samples, model.cfg.max_position_embeddings)
+    return nulls.uniform_null_batch(b.markers, b.target_counts, b.lengths, windows)

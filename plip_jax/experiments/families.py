@@ -30,19 +30,32 @@ def _state_marker_knockout(cfg, n_positions: int, marker: int, targets: Sequence
     return ivs.Interventions(state=ivs.state_knockout(cfg.num_layers, n_positions, [marker], layers))
 
 
+def _transformer_windows(cfg) -> tuple:
+    """Per layer: the sliding window (None = full causal attention), as the forward masks it."""
+    return tuple(cfg.layer_windows)
+
+
+def _no_windows(cfg) -> tuple:
+    """RWKV-6's effective attention reaches every earlier position: no window at any layer."""
+    return (None,) * cfg.num_layers
+
+
 @dataclasses.dataclass(frozen=True)
 class FamilyRules:
     """marker_knockout(cfg, n_positions, marker, targets, length, layers) -> Interventions: the family's way
     of cutting what the marker takes from the function's tokens; `attention_kind`: what its "attention"
-    rows are (for reports)."""
+    rows are (for reports); attention_windows(cfg) -> per-layer window (None = full causal), the keys a
+    query row may see (positional nulls)."""
 
     marker_knockout: Callable[..., ivs.Interventions]
     attention_kind: str
+    attention_windows: Callable[..., tuple] = _transformer_windows
 
 
 FAMILY_RULES = {
-    "transformer": FamilyRules(_attention_marker_knockout, "softmax attention"),
-    "rwkv6": FamilyRules(_state_marker_knockout, "effective attention of the WKV recurrence (spec 1.8)"),
+    "transformer": FamilyRules(_attention_marker_knockout, "softmax attention", _transformer_windows),
+    "rwkv6": FamilyRules(_state_marker_knockout, "effective attention of the WKV recurrence (spec 1.8)",
+                         _no_windows),
 }
 
 

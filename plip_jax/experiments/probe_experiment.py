@@ -10,6 +10,7 @@ A probe at 100% says little on its own when the bag-of-tokens baseline is also a
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -107,6 +108,7 @@ class ProbeExperimentResult:
                                        "fit": {"iterations_max": self.baseline.iterations_max,
                                                "grad_norm_max": self.baseline.grad_norm_max}},
             "timings_s": self.timings,
+            "verdict": baseline_verdict(self),
         }
 
 
@@ -142,6 +144,27 @@ def run_probe_experiment(model: Any, samples: Sequence[ProbeSample], *, seed: in
     )
 
 
+def baseline_verdict(result: ProbeExperimentResult) -> dict:
+    """Is the probe better than the bag-of-tokens baseline (no model)? Saturated when the best layer's k-fold
+    mean accuracy (over all feature kinds) exceeds the baseline's k-fold mean by no more than the larger
+    of the two fold-to-fold SDs: the probe then shows nothing beyond surface tokens."""
+    b = result.baseline.kfold[0]
+    kind, layer = max(((k, l) for k, r in result.features.items() for l in range(len(r.kfold))),
+                      key=lambda kl: (result.features[kl[0]].kfold[kl[1]]["mean"], -kl[1]))
+    best = result.features[kind].kfold[layer]
+    margin = max(best["sd"], b["sd"])
+    saturated = best["mean"] - b["mean"] <= margin
+    what = (f"the best probe ({kind}, layer {layer}: k-fold {best['mean']:.3f} ± {best['sd']:.3f} SD) vs the "
+            f"bag-of-tokens baseline with no model ({b['mean']:.3f} ± {b['sd']:.3f} SD)")
+    text = (f"SATURATED: {what}: no better than surface tokens, so the probe's accuracy shows nothing about the "
+            f"model's representations." if saturated else
+            f"The probe beats the bag-of-tokens baseline by more than the fold-to-fold SD: {what}.")
+    return {"saturated": bool(saturated), "best_feature": kind, "best_layer": int(layer),
+            "best_kfold_mean": best["mean"], "best_kfold_sd": best["sd"], "baseline_kfold_mean": b["mean"],
+            "baseline_kfold_sd": b["sd"], "margin": margin, "rule": "saturated when best k-fold mean - baseline "
+            "k-fold mean <= max(the two k-fold SDs)", "text": text}
+
+
 def format_table(result: ProbeExperimentResult) -> str:
     """Per-layer table: split accuracy [Wilson CI], F1, k-fold mean +- SD, shuffled control, for each kind."""
     lines = [f"Linear probe (Python=0 vs Rust=1) on {result.model}: n={result.n_samples} "
@@ -159,6 +182,7 @@ def format_table(result: ProbeExperimentResult) -> str:
     lines.append(f"\nBag-of-tokens baseline ({result.baseline_vocab_size} token types, no model): split acc "
                  f"{b.split[0]['accuracy']:.3f} [{b.split[0]['accuracy_ci'][0]:.3f}, {b.split[0]['accuracy_ci'][1]:.3f}], "
                  f"kfold {b.kfold[0]['mean']:.3f} +- {b.kfold[0]['sd']:.3f}; shuffled control {b.control_split[0]['accuracy']:.3f}")
+    lines += textwrap.wrap(baseline_verdict(result)["text"], 100, initial_indent="Verdict: ", subsequent_indent="  ")
     return "\n".join(lines)
 
 
@@ -189,6 +213,10 @@ def plot_probe_results(result: ProbeExperimentResult, path: Path) -> Path:
         ax.set_title(f"{result.model}: {kind}")
         ax.set_xlabel("layer")
         ax.set_ylim(0.0, 1.05)
+    verdict = baseline_verdict(result)
+    if verdict["saturated"]:
+        fig.suptitle("SATURATED: the best probe is no better than the bag-of-tokens baseline (no model)",
+                     fontsize=9, color="darkred")
     axes[0][0].set_ylabel("accuracy (Python vs Rust)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     return save_figure(fig, path)
