@@ -391,6 +391,8 @@ def test_persistence_token_distances_pairing_and_reproducibility(model):
     assert set(r1["results"][0]) >= {"prompt", "distance", "token_distance", "scale", "temperature", "n_runs",
                                      "test_hits", "rate", "rate_ci95", "strict_hits", "strict_n_evaluated"}
     assert [(e["scale"], e["plip_detector"]["n_pairs"]) for e in r1["scale_effects"]] == [(3.0, 2), (5.0, 2), (9.0, 2)]
+    d = r1["distance_effects"][0]
+    assert d["distance"] == "close" and d["steered_rate"]["n"] == 3 * 2 and d["baseline_rate_scale_1"]["n"] == 2
 
 
 def test_persistence_scale_effect_pairs_run_r_with_run_r():

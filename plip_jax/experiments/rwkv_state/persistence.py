@@ -125,8 +125,8 @@ class StatePersistenceResult:
             "conditions": {"scales": self.scales, "temperatures": self.temperatures, "distances": distances},
             "results": [c.to_json(self.keep_outputs) for c in self.conditions],
             "scale_effects": effects,
-            "distance_effects": [{"temperature": t, "distance": d,
-                                  f"steered_rate_scales_above_{STEERED_ABOVE:g}": self.pooled_rate(t, None, d, True),
+            "distance_effects": [{"temperature": t, "distance": d, "steered_scales_above": STEERED_ABOVE,
+                                  "steered_rate": self.pooled_rate(t, None, d, True),
                                   "baseline_rate_scale_1": self.pooled_rate(t, 1.0, d)}
                                  for t in self.temperatures for d in distances],
             "model": self.model, "architecture": "rwkv6", "layer": self.layer, "max_tokens": self.max_tokens,
