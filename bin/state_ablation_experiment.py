@@ -27,14 +27,19 @@ flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/at
 flags.DEFINE_string("output", None, "JSON output (default: outputs/state_ablation_<model>_<mode>.json).")
 flags.DEFINE_bool("verbose", False, "Print per-sample KLs and token positions.")
 flags.DEFINE_integer("chunk", 64, "Forwards per vmapped step (bounds memory; 0 = all (sample, edit) pairs at once).")
+flags.DEFINE_integer("control_max_offset", 2, "The control knocks out one position per sample at most this many "
+                     "tokens from the marker (distance-matched to the read-out position; not a target token); a "
+                     "sample with no such position is skipped from the control comparison and counted.")
+flags.DEFINE_bool("plot", False, "Also write a PNG next to the JSON: KL mean ± s.e. per language for marker vs "
+                  "control (single layer/window) or per layer/window (scans), with the noise floor drawn.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
-    from plip_jax.experiments import state_experiments as se
     from plip_jax.experiments import windows as windows_lib
+    from plip_jax.experiments.rwkv_state import ablation, plots as state_plots, samples as state_samples
     from plip_jax.cli.provenance import provenance, write_json
 
     t0 = time.perf_counter()
@@ -42,7 +47,7 @@ def main(argv):
     try:
         model, t_load = cli.load_model_from_flags(family="rwkv6")
         corpus = load_universal_corpus(corpus_path)
-        samples, failures = se.prepare_samples(model.tokenizer, corpus, FLAGS.include_baselines)
+        samples, failures = state_samples.prepare_samples(model.tokenizer, corpus, FLAGS.include_baselines)
     except (PlipError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     n = model.cfg.num_layers
@@ -52,7 +57,7 @@ def main(argv):
         for s in samples:
             print(f"  {s.id}: marker token {s.marker_token_pos}, targets {s.target_token_positions}, "
                   f"{len(s.token_ids)} tokens")
-    layer = FLAGS.layer if FLAGS.layer is not None else se.default_state_layer(n)
+    layer = FLAGS.layer if FLAGS.layer is not None else state_samples.default_state_layer(n)
     name = FLAGS.model or model.name
     try:
         if FLAGS.scan_layers or FLAGS.slide_window is not None or FLAGS.scan_windows:
@@ -65,32 +70,36 @@ def main(argv):
                 center = FLAGS.window_center if FLAGS.window_center is not None else layer
                 windows, mode = windows_lib.radius_windows(center, FLAGS.max_radius, n), "scan_windows"
                 tag = f"windows_c{center}_r{FLAGS.max_radius}"
-            payload = se.run_knockout_windows(model, samples, windows, chunk=FLAGS.chunk or None, model_name=name, mode=mode)
-            print(se.format_window_table(payload))
+            result = ablation.run_knockout_windows(model, samples, windows, chunk=FLAGS.chunk or None,
+                                                   model_name=name, mode=mode)
+            print(ablation.format_window_table(result))
+            plot = state_plots.plot_windows
         else:
             if (FLAGS.layer_start is None) != (FLAGS.layer_end is None):
                 raise ValueError("--layer_start and --layer_end go together (a window needs both ends)")
             start, end = ((FLAGS.layer_start, FLAGS.layer_end) if FLAGS.layer_start is not None else (layer, layer))
             seed = FLAGS.control_seed if FLAGS.control_seed >= 0 else None
-            payload = se.run_state_ablation(model, samples, start, end, control_seed=seed, chunk=FLAGS.chunk or None,
-                                            model_name=name)
+            result = ablation.run_state_ablation(model, samples, start, end, control_seed=seed,
+                                                 control_max_offset=FLAGS.control_max_offset,
+                                                 chunk=FLAGS.chunk or None, model_name=name)
             tag = f"layer{start}" if start == end else f"layers{start}-{end}"
-            if FLAGS.verbose:
-                for r in payload["sample_results"]:
-                    print(f"  {r['id']}: KL = {r['kl_divergence']:.6e} (control {r['random_control_kl']})")
-            print(se.format_ablation_summary(payload))
+            print(ablation.format_ablation_summary(result, verbose=FLAGS.verbose))
+            plot = state_plots.plot_ablation
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("state_ablation", f"{model.source.slug}_{tag}")
-    timings = {"load_s": t_load, **payload.pop("timings_s"), "total_s": time.perf_counter() - t0}
+    payload = result.to_json()
+    timings = {"load_s": t_load, **result.timings, "total_s": time.perf_counter() - t0}
     payload["provenance"] = provenance(
         model=model, corpus_path=corpus_path, dtype=model.dtype, timings=timings,
         flags={k: FLAGS[k].value for k in ("layer", "layer_start", "layer_end", "scan_layers", "scan_windows",
                                            "window_center", "max_radius", "slide_window", "include_baselines",
-                                           "control_seed", "chunk")},
+                                           "control_seed", "control_max_offset", "chunk")},
         extra={"skipped_samples": failures})
     write_json(out, payload)
     print(f"Wrote {out}")
+    if FLAGS.plot:
+        print(f"Wrote {plot(result, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ flags.DEFINE_list("scales", ["0.0", "0.5", "1.0", "2.0", "5.0", "9.0"], "Comma-s
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/state_steering_<model>_layer<L>.json).")
 flags.DEFINE_bool("verbose", False, "Print per-sample KLs.")
-flags.DEFINE_bool("plot", False, "Also write a dose-response PNG (mean ± s.e.) next to the JSON.")
+flags.DEFINE_bool("plot", False, "Also write a dose-response PNG (KL mean ± s.e. per language, noise floor drawn) "
+                  "next to the JSON.")
 flags.DEFINE_integer("chunk", 64, "Forwards per vmapped step (bounds memory; 0 = all (sample, scale) pairs at once).")
 FLAGS = flags.FLAGS
 
@@ -29,7 +30,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
-    from plip_jax.experiments import state_experiments as se
+    from plip_jax.experiments.rwkv_state import plots as state_plots, samples as state_samples, steering
     from plip_jax.cli.provenance import provenance, write_json
 
     t0 = time.perf_counter()
@@ -41,28 +42,30 @@ def main(argv):
     try:
         model, t_load = cli.load_model_from_flags(family="rwkv6")
         corpus = load_universal_corpus(corpus_path)
-        samples, failures = se.prepare_samples(model.tokenizer, corpus, False)
+        samples, failures = state_samples.prepare_samples(model.tokenizer, corpus, False)
         n = model.cfg.num_layers
-        layer = FLAGS.layer if FLAGS.layer is not None else se.default_state_layer(n)
+        layer = FLAGS.layer if FLAGS.layer is not None else state_samples.default_state_layer(n)
         print(f"Layer {layer}; scales {scales}")
-        payload = se.run_state_steering(model, samples, layer, scales, chunk=FLAGS.chunk or None,
-                                        model_name=FLAGS.model or model.name)
+        result = steering.run_state_steering(model, samples, layer, scales, chunk=FLAGS.chunk or None,
+                                             model_name=FLAGS.model or model.name)
     except (PlipError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if FLAGS.verbose:
-        for p in payload["dose_response"]:
-            for r in p["sample_results"]:
-                print(f"  scale {p['scale']:.2f} {r['id']}: KL = {r['kl_divergence']:.6e}")
-    print(se.format_dose_table(payload))
+        for p in result.dose_response:
+            for r in p.sample_results:
+                print(f"  scale {p.scale:.2f} {r['id']}: KL = {r['kl_divergence']:.6e}"
+                      f"{' (at noise floor)' if r['below_noise_floor'] else ''}")
+    print(steering.format_dose_table(result))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("state_steering", f"{model.source.slug}_layer{layer}")
-    timings = {"load_s": t_load, **payload.pop("timings_s"), "total_s": time.perf_counter() - t0}
+    payload = result.to_json()
+    timings = {"load_s": t_load, **result.timings, "total_s": time.perf_counter() - t0}
     payload["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype, timings=timings,
                                        flags={"layer": layer, "scales": scales, "chunk": FLAGS.chunk},
                                        extra={"skipped_samples": failures})
     write_json(out, payload)
     print(f"Wrote {out}")
     if FLAGS.plot:
-        print(f"Wrote {se.plot_dose_response(payload, out.with_suffix('.png'))}")
+        print(f"Wrote {state_plots.plot_dose_response(result, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

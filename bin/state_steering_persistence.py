@@ -14,6 +14,7 @@ from absl import flags
 
 from plip_jax import cli
 from plip_jax.core.errors import PlipError
+from plip_jax.analysis.test_preservation import EXECUTE_DOCTESTS_HELP
 
 cli.define_model_flags(mesh=None)
 flags.DEFINE_integer("layer", 2, "Layer whose marker state write is scaled.")
@@ -24,13 +25,19 @@ flags.DEFINE_bool("rust_only", False, "Only the Rust prompts.")
 flags.DEFINE_integer("seed", 0, "PRNG seed (every run's key is derived from it: reproducible).")
 flags.DEFINE_bool("keep_outputs", False, "Store the generated texts in the JSON.")
 flags.DEFINE_string("output", None, "JSON output (default: outputs/state_steering_persistence_<model>.json).")
+flags.DEFINE_string("corpus", None, "Prompts file (default corpus/state_steering_persistence_prompts.json, PLIP-rs's "
+                    "6 prompts: py/rs x close/medium/far).")
+flags.DEFINE_bool("execute_doctests", True, EXECUTE_DOCTESTS_HELP)
+flags.DEFINE_bool("plot", False, "Also write a PNG next to the JSON: test rate vs scale per marker distance and "
+                  "temperature, with Wilson 95% CIs.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    from plip_jax.experiments import state_experiments as se
+    from plip_jax.experiments.rwkv_state import persistence, plots as state_plots
     from plip_jax.cli.provenance import provenance, write_json
+    from plip_jax.data.corpus import default_corpus_path
 
     t0 = time.perf_counter()
     try:
@@ -42,23 +49,31 @@ def main(argv):
     try:
         model, t_load = cli.load_model_from_flags(family="rwkv6")
         print(f"layer {FLAGS.layer}, "
-              f"scales {list(se.PERSISTENCE_SCALES)}, temperatures {temps}, {FLAGS.max_tokens} tokens, "
+              f"scales {list(persistence.PERSISTENCE_SCALES)}, temperatures {temps}, {FLAGS.max_tokens} tokens, "
               f"{FLAGS.n_samples} samples at T>0, seed {FLAGS.seed}")
-        payload = se.run_state_steering_persistence(model, layer=FLAGS.layer, max_tokens=FLAGS.max_tokens,
-                                                    n_samples=FLAGS.n_samples, temperatures=temps,
-                                                    rust_only=FLAGS.rust_only, seed=FLAGS.seed,
-                                                    keep_outputs=FLAGS.keep_outputs,
-                                                    model_name=FLAGS.model or model.name)
+        prompts_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path(persistence.PERSISTENCE_PROMPTS_FILE)
+        prompts = persistence.load_persistence_prompts(prompts_path)
+        result = persistence.run_state_steering_persistence(model, layer=FLAGS.layer, max_tokens=FLAGS.max_tokens,
+                                                            n_samples=FLAGS.n_samples, temperatures=temps,
+                                                            rust_only=FLAGS.rust_only, seed=FLAGS.seed,
+                                                            prompts=prompts, keep_outputs=FLAGS.keep_outputs,
+                                                            execute_doctests=FLAGS.execute_doctests,
+                                                            model_name=FLAGS.model or model.name)
     except (PlipError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(se.format_persistence_tables(payload))
+    print(persistence.format_persistence_tables(result))
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output("state_steering_persistence", model.source.slug)
-    timings = {"load_s": t_load, **payload.pop("timings_s"), "total_s": time.perf_counter() - t0}
-    payload["provenance"] = provenance(model=model, dtype=model.dtype, timings=timings,
+    payload = result.to_json()
+    timings = {"load_s": t_load, **result.timings, "total_s": time.perf_counter() - t0}
+    payload["provenance"] = provenance(model=model, corpus_path=prompts_path, dtype=model.dtype,
+                                       timings=timings,
                                        flags={k: FLAGS[k].value for k in ("layer", "max_tokens", "n_samples",
-                                                                          "temperatures", "rust_only", "seed")})
+                                                                          "temperatures", "rust_only", "seed",
+                                                                          "execute_doctests")})
     write_json(out, payload)
     print(f"Wrote {out}")
+    if FLAGS.plot:
+        print(f"Wrote {state_plots.plot_persistence(result, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ by the strict one, exact McNemar on the paired outcomes.
     python -m bin.steering_generate --plip_compat        # PLIP's target (last `fn `): reported as a no-op
 
 Default intervention: Scale(--scale) at --layer (default ⌊2n/3⌋, PLIP's non-Qwen rule) on every edge from
-a row after the `#[test]` marker (rest of the prompt + generated tokens) to the marker token and the
-function-name tokens that precede the row. Stops at EOS by default (PLIP-rs stopped only under --chat;
+a row after the `#[test]` marker (the rest of the prompt AND every generated token) to the marker token and
+the function-name tokens that precede the row. Stops at EOS by default (PLIP-rs stopped only under --chat;
 --nostop_at_eos for that behaviour).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,10 @@ def define_steering_flags(default_max_tokens: int) -> None:
     """Flags shared by steering_generate and steering_generate_n50."""
     cli.define_model_flags()
     flags.DEFINE_integer("layer", None, "Layer to steer (default ⌊2n/3⌋; PLIP's N=50 run used --layer=20 on Qwen-3B).")
-    flags.DEFINE_float("scale", 3.0, "Scale factor on the steered attention edges (rows renormalised).")
+    flags.DEFINE_float("scale", 3.0, "Scale factor on the steered attention edges (rows renormalised), a finite "
+                       "number >= 0.")
+    flags.register_validator("scale", lambda v: math.isfinite(v) and v >= 0,
+                             message="--scale must be a finite number >= 0 (inf or nan would give NaN attention)")
     flags.DEFINE_integer("max_tokens", default_max_tokens, "Maximum new tokens per completion.")
     flags.DEFINE_float("temperature", 0.0, "0 = greedy (first max on ties); > 0 samples with --seed.")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the most likely tokens up to this "
@@ -42,6 +46,8 @@ def define_steering_flags(default_max_tokens: int) -> None:
     flags.DEFINE_integer("batch_size", 0, "Prompts per decode call (2 sequences each); 0 = all at once.")
     flags.DEFINE_bool("show_outputs", False, "Print the completions.")
     flags.DEFINE_string("output", None, "JSON output path (default outputs/<experiment>_<model>.json).")
+    flags.DEFINE_bool("plot", False, "Also write a PNG next to the JSON: kept / gained / lost / none counts per "
+                      "prompt category, PLIP's and the strict detector, with the exact McNemar p.")
 
 
 def run_binary(prompts, experiment: str, corpus_path=None) -> None:
@@ -84,6 +90,8 @@ def run_binary(prompts, experiment: str, corpus_path=None) -> None:
                                       timings={"load_s": t_load, "run_s": result["duration_secs"]})
     out = Path(FLAGS.output) if FLAGS.output else cli.default_output(experiment, model.source.slug)
     print(f"Wrote {write_json(out, result)}")
+    if FLAGS.plot:
+        print(f"Wrote {sg.plot_generation(result, out.with_suffix('.png'))}")
 
 
 def main(argv):

@@ -172,3 +172,30 @@ def test_bundled_stop_tokens_and_templates():
     ids = gen.encode(m.tokenizer, "fn add(a: i32) -> i32 {")
     out = gen.generate(m.model, [ids], max_new_tokens=4, stop_ids=(0,))
     assert 0 < out.n_generated[0] <= 4 and isinstance(gen.decode(m.tokenizer, out.sequences()[0]), str)
+
+
+def test_non_finite_logits_raise_naming_the_sequence_and_step(tiny):
+    """Scale(inf) on the generated rows gives NaN attention from the first generated row on: generation stops
+    with an error naming the sequence and the step instead of sampling token 0 from NaN logits. The bad prompt
+    fills the padded prefill width (16), so no padded prefill row is steered and the first NaN logits are
+    those of decode step 1 (the prefill's logits, step 0, are finite)."""
+    _, cfg, model = tiny
+    prompts = _prompts(cfg, lengths=(16, 8))
+    size = gen.cache_size_for([len(p) for p in prompts], MAX_NEW, cfg)
+    ok = gen.steer_generated_rows(size, 8, [0, 1], n_layers=cfg.num_layers, n_heads=cfg.num_heads, scale=1.0)
+    bad = gen.steer_generated_rows(size, 16, [0, 1], n_layers=cfg.num_layers, n_heads=cfg.num_heads, scale=float("inf"))
+    iv = ivs.stack([bad, ok])
+    with pytest.raises(gen.GenerationError, match=r"prompt A \(steered\) at step 1 \(") as err:
+        gen.generate(model, prompts, max_new_tokens=MAX_NEW, interventions=iv, batched_interventions=True,
+                     cache_size=size, ids=["prompt A (steered)", "prompt B"])
+    assert "prompt B" not in str(err.value)  # the finite sequence is not blamed
+    # the same call with finite scales runs (the check does not fire on ordinary logits)
+    fine = gen.generate(model, prompts, max_new_tokens=MAX_NEW, interventions=ivs.stack([ok, ok]),
+                        batched_interventions=True, cache_size=size)
+    assert fine.tokens.shape == (2, MAX_NEW)
+
+
+def test_check_finite_logits_lists_every_bad_sequence():
+    gen.check_finite_logits(np.array([-1, -1]))  # nothing non-finite: no error
+    with pytest.raises(gen.GenerationError, match=r"sequence 0 at step 0; sequence 2 at step 4"):
+        gen.check_finite_logits(np.array([0, -1, 4]))

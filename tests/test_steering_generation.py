@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from plip_jax.analysis import generation as gen
+from plip_jax.core.errors import ConfigError
 from plip_jax.data.corpus import load_generation_prompts
 from plip_jax.experiments import steering_generation as sg
 from plip_jax.models.registry import load_model
@@ -99,10 +100,26 @@ def test_binary_writes_a_reloadable_report(tmp_path):
     out = tmp_path / "sg.json"
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-m", "bin.steering_generate", f"--max_tokens={MAX_TOKENS}",
-                           "--layer_layout=per_layer", f"--output={out}"], cwd=root, capture_output=True,
+                           "--layer_layout=per_layer", f"--output={out}", "--plot"], cwd=root, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["max_tokens"] == MAX_TOKENS and report["samples"]
     assert report["intervention_is_noop"] is False
     assert all(0 < s["baseline_tokens"] <= MAX_TOKENS for s in report["samples"])
+    assert report["mcnemar"]["plip_detector"]["verdict"] in proc.stdout
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("bad", ["inf", "nan", "-1"])
+def test_non_finite_or_negative_scale_is_refused_naming_the_flag(bad, tmp_path):
+    """--scale=inf used to give NaN attention and empty completions reported as "lost 3"."""
+    import subprocess
+    import sys
+
+    with pytest.raises(ConfigError, match="--scale"):
+        sg.SteeringGenerationConfig(scale=float(bad))
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "bin.steering_generate", f"--scale={bad}",
+                           f"--output={tmp_path / 'x.json'}"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--scale" in proc.stderr and not (tmp_path / "x.json").exists()

@@ -346,6 +346,9 @@ def _generate_jit(model, tokens, lengths, stop_ids, key, sample_ids, temperature
 
     rows = jnp.arange(b)
 
+    def non_finite(logits):  # [B, V] -> bool [B]: a NaN or +inf logit, or no finite one (no distribution)
+        return (jnp.isnan(logits) | jnp.isposinf(logits)).any(-1) | jnp.isneginf(logits).all(-1)
+
     def record(done, n, out, tok):
         stop = jnp.isin(tok, stop_ids)
         new_done = done | stop
@@ -356,15 +359,17 @@ def _generate_jit(model, tokens, lengths, stop_ids, key, sample_ids, temperature
     cache, logits = jax.vmap(prefill_one, in_axes=(0, 0, iv_axis))(tokens, lengths, interventions)
     out = jnp.zeros((b, max_new_tokens), jnp.int32)
     tok = choose(logits, 0)
+    bad_step = jnp.where(non_finite(logits), 0, -1).astype(jnp.int32)  # first step with non-finite logits
     done, n, out, stopped = record(jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), out, tok)
 
     def cond(state):
-        i, _, _, done, _, _, _ = state
+        i, _, _, done, _, _, _, _ = state
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        i, cache, last_tok, done, n, out, stopped = state
+        i, cache, last_tok, done, n, out, stopped, bad_step = state
         cache, logits = jax.vmap(decode_one, in_axes=(0, 0, 0, iv_axis))(cache, last_tok, lengths + i - 1, interventions)
+        bad_step = jnp.where((bad_step < 0) & ~done & non_finite(logits), i, bad_step)
         tok = choose(logits, i)
         was_done = done
         done, n, out, stop = record(done, n, out, tok)
@@ -372,11 +377,25 @@ def _generate_jit(model, tokens, lengths, stop_ids, key, sample_ids, temperature
         last_tok = jnp.where(was_done, last_tok, tok)
         if progress:
             jax.debug.callback(_report_step, call_id, i + 1, jnp.sum(~done))
-        return i + 1, cache, last_tok, done, n, out, stopped
+        return i + 1, cache, last_tok, done, n, out, stopped, bad_step
 
-    state = (jnp.int32(1), cache, tok, done, n, out, stopped)
-    _, _, _, _, n, out, stopped = jax.lax.while_loop(cond, body, state)
-    return out, n, stopped
+    state = (jnp.int32(1), cache, tok, done, n, out, stopped, bad_step)
+    _, _, _, _, n, out, stopped, bad_step = jax.lax.while_loop(cond, body, state)
+    return out, n, stopped, bad_step
+
+
+def check_finite_logits(bad_step: np.ndarray, ids: Optional[Sequence[str]] = None) -> None:
+    """Raise GenerationError naming each sequence whose logits became non-finite (NaN or +inf, or all -inf)
+    and the step (0 = the first generated token): sampling from them would return an arbitrary token
+    (argmax of NaN = token 0, often a stop token), i.e. a silently wrong completion. bad_step int [B], -1 = ok."""
+    bad = [(b, int(s)) for b, s in enumerate(np.asarray(bad_step)) if s >= 0]
+    if not bad:
+        return
+    name = (lambda b: ids[b]) if ids is not None else (lambda b: f"sequence {b}")
+    listed = "; ".join(f"{name(b)} at step {s}" for b, s in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise GenerationError(f"non-finite logits (NaN/inf) during generation: {listed} (step 0 = the first generated "
+                          f"token). The model or the intervention overflowed: lower the steering scale, or run with "
+                          f"--dtype=float32")
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -396,7 +415,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     stop_ids: token ids that end a sequence (not included in its output).
     on_step: called on the host as on_step(tokens_done, sequences_still_running) after each decode step
     (progress display; compiled as a `jax.debug.callback`).
-    Returns a GenerationResult (host numpy arrays).
+    ids: names of the sequences for error messages (default "sequence b").
+    Returns a GenerationResult (host numpy arrays). Non-finite logits of a running sequence raise
+    GenerationError naming it and the step (`check_finite_logits`).
     """
     cfg = model.cfg
     if not len(prompts):
@@ -429,14 +450,15 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     if on_step is not None:
         _STEP_CALLBACKS[call_id] = on_step
     try:
-        out, n, stopped = _generate_jit(
+        out, n, stopped, bad_step = _generate_jit(
             model, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(stops), key, jnp.asarray(sids, jnp.int32),
             jnp.float32(sampling.temperature if not sampling.greedy else 1.0), jnp.float32(sampling.top_p), iv,
             jnp.int32(call_id), max_new_tokens=int(max_new_tokens), cache_size=size, greedy=sampling.greedy,
             iv_batched=bool(batched_interventions and iv is not None), progress=on_step is not None)
-        out, n, stopped = jax.block_until_ready((out, n, stopped))
+        out, n, stopped, bad_step = jax.block_until_ready((out, n, stopped, bad_step))
     finally:
         _STEP_CALLBACKS.pop(call_id, None)
+    check_finite_logits(np.asarray(bad_step), ids)
     out, n, stopped = np.array(out), np.array(n), np.array(stopped)
     for b in range(out.shape[0]):
         out[b, n[b]:] = pad_id

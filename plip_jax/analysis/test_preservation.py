@@ -464,6 +464,14 @@ def assess_rust(prompt: str, completion: str) -> PreservationVerdict:
     return PreservationVerdict("rust", name, syn, n > 0, n, note=note)
 
 
+# --execute_doctests of the binaries that score Python completions
+EXECUTE_DOCTESTS_HELP = (
+    "Execute the doctests of Python completions to score strict test preservation (default true). Runs "
+    "model-generated code in a sandboxed child process: throwaway home, resource limits, an audit hook against "
+    "network, processes and writes, and no network and a read-only file system where `unshare`/`bwrap` work. "
+    "With false, nothing is executed and the strict Python verdict is null (only the syntactic doctest check is "
+    "reported).")
+
 NOT_EXECUTED_NOTE = ("not executed (execute=False): strict is None; `wellformed` is the syntactic check "
                      "(doctest examples present and compiling)")
 

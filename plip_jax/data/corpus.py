@@ -281,3 +281,55 @@ def load_pattern_snippets(path: Optional[Path] = None) -> list[PatternSnippet]:
                 raise CorpusError(f"{where}: none of queries[{j}] = {list(a)} occurs in the code")
         out.append(PatternSnippet(name, lang, code, alts))
     return out
+
+
+STATE_PROMPT_CATEGORIES = {"python_doctest": ">>>", "rust_test": "#[test]"}  # category -> marker text
+STATE_PROMPT_DISTANCES = ("close", "medium", "far")
+
+
+@dataclasses.dataclass(frozen=True)
+class StatePrompt:
+    """A prompt of the RWKV-6 state-steered generation tools: code ending inside the function to complete,
+    with a test marker (`>>>` or `#[test]`) earlier in it. `distance` (persistence prompts only): the
+    padding between the marker's example and that function, "close" | "medium" | "far" ("" if none)."""
+
+    id: str
+    category: str  # "python_doctest" | "rust_test"
+    prompt: str
+    distance: str = ""
+
+    @property
+    def language(self) -> str:
+        return "python" if self.category == "python_doctest" else "rust"
+
+    @property
+    def marker(self) -> str:
+        return STATE_PROMPT_CATEGORIES[self.category]
+
+
+def load_state_prompts(path: Path, *, need_distance: bool = False) -> list[StatePrompt]:
+    """State-steering prompts (`{prompts: [{id, category, prompt, distance?}]}`, e.g.
+    corpus/state_steering_generate_prompts.json): unique ids, category python_doctest or rust_test, the
+    category's marker in the prompt, and (need_distance) a distance close/medium/far; else CorpusError."""
+    path = Path(path)
+    raw = _load_json(path)
+    items = raw.get("prompts") if isinstance(raw, dict) else None
+    if not isinstance(items, list) or not items:
+        raise CorpusError(f"{path}: expected a non-empty 'prompts' list of {{id, category, prompt}}")
+    out, seen = [], set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "id" not in item:
+            raise CorpusError(f"{path}: prompts[{i}] needs 'id', 'category' and 'prompt' (a string)")
+        p = StatePrompt(str(item["id"]), str(item.get("category", "")), item["prompt"], str(item.get("distance", "")))
+        where = f"{path}: prompt {p.id!r}"
+        if p.id in seen:
+            raise CorpusError(f"{where}: duplicate id; ids must be unique")
+        seen.add(p.id)
+        if p.category not in STATE_PROMPT_CATEGORIES:
+            raise CorpusError(f"{where}: category {p.category!r} must be one of {sorted(STATE_PROMPT_CATEGORIES)}")
+        if p.marker not in p.prompt:
+            raise CorpusError(f"{where}: no {p.marker!r} marker in the prompt ({p.category} prompts need one)")
+        if need_distance and p.distance not in STATE_PROMPT_DISTANCES:
+            raise CorpusError(f"{where}: distance {p.distance!r} must be one of {list(STATE_PROMPT_DISTANCES)}")
+        out.append(p)
+    return out

@@ -26,8 +26,10 @@ with the exact McNemar test; PLIP's one-tailed Fisher p is reported for comparis
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -37,8 +39,10 @@ from plip_jax.analysis import generation as gen
 from plip_jax.core import interventions as ivs
 from plip_jax.analysis import stats
 from plip_jax.analysis import test_preservation as tp
+from plip_jax.core.errors import ConfigError
 from plip_jax.data.corpus import GenerationPrompt
 from plip_jax.data.positions import char_to_token_exact, encode_with_offsets
+from plip_jax.experiments import preservation
 
 MARKER = "#[test]"
 
@@ -87,6 +91,11 @@ class SteeringGenerationConfig:
     plip_compat: bool = False
     stop_at_eos: bool = True
     batch_size: int = 0  # prompts per decode call (each contributes 2 sequences); 0 = all at once
+
+    def __post_init__(self):
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale >= 0):
+            raise ConfigError(f"--scale={self.scale}: the steering scale must be a finite number >= 0 "
+                              f"(inf or nan would give NaN attention and empty completions)")
 
 
 @dataclasses.dataclass
@@ -151,10 +160,6 @@ def build_intervention(p: PreparedPrompt, cache_size: int, layer: int, cfg: Stee
     return iv, None
 
 
-def _change(b: bool, s: bool) -> str:
-    return {(False, True): "GAINED", (True, False): "LOST", (True, True): "KEPT", (False, False): "NONE"}[(b, s)]
-
-
 def _summary(base: Sequence[bool], steer: Sequence[bool], with_fisher: bool = True) -> dict:
     n = len(base)
     b, s = int(sum(base)), int(sum(steer))
@@ -166,10 +171,9 @@ def _summary(base: Sequence[bool], steer: Sequence[bool], with_fisher: bool = Tr
     return out
 
 
-def _mcnemar(base: Sequence[bool], steer: Sequence[bool]) -> dict:
-    r = stats.mcnemar_from_outcomes(base, steer)
-    return {"gained": r.gained, "lost": r.lost, "kept": r.kept, "none": r.none, "p_value": r.p_value,
-            "test": "exact two-sided McNemar on discordant pairs (gained vs lost)"}
+def _mcnemar(detector: str, base: Sequence[bool], steer: Sequence[bool]) -> dict:
+    """Exact McNemar fields (gained, lost, kept, none, p_value, test) plus the verdict line."""
+    return preservation.paired_outcomes(detector, base, steer).to_json()
 
 
 def run_steering_generation(model: Any, prompts: Sequence[GenerationPrompt], cfg: SteeringGenerationConfig,
@@ -224,7 +228,8 @@ def run_steering_generation(model: Any, prompts: Sequence[GenerationPrompt], cfg
         res = gen.generate(model.model, prompt_ids + prompt_ids, max_new_tokens=cfg.max_tokens,
                            sampling=sampling, key=key, sample_ids=part + part, stop_ids=stop_ids,
                            interventions=iv, batched_interventions=True, cache_size=size,
-                           ids=[ids[i] for i in part] * 2, on_step=hook)
+                           ids=[f"prompt {ids[i]} (baseline)" for i in part] + [f"prompt {ids[i]} (steered)" for i in part],
+                           on_step=hook)
         seqs = res.sequences()
         m = len(part)
         for j, i in enumerate(part):
@@ -241,9 +246,9 @@ def run_steering_generation(model: Any, prompts: Sequence[GenerationPrompt], cfg
             "baseline_has_test": b_as.syntactic, "steered_has_test": s_as.syntactic,
             "baseline_tokens": len(base_seqs[i]), "steered_tokens": len(steer_seqs[i]),
             "baseline_output": b_text, "steered_output": s_text,
-            "change": _change(b_as.syntactic, s_as.syntactic),
+            "change": preservation.change(b_as.syntactic, s_as.syntactic),
             "baseline_has_test_strict": b_as.strict, "steered_has_test_strict": s_as.strict,
-            "change_strict": _change(b_as.strict, s_as.strict),
+            "change_strict": preservation.change(b_as.strict, s_as.strict),
             "baseline_stopped": bool(base_stop[i]), "steered_stopped": bool(steer_stop[i]),
             "outputs_identical": base_seqs[i] == steer_seqs[i],
             "prompt_tokens": len(p.ids), "function_name": p.fn_name, "marker_token": p.marker_index,
@@ -282,7 +287,8 @@ def run_steering_generation(model: Any, prompts: Sequence[GenerationPrompt], cfg
         "summary": _summary(base, steer),
         "by_category": by_cat,
         "summary_strict": _summary(base_x, steer_x),
-        "mcnemar": {"plip_detector": _mcnemar(base, steer), "strict": _mcnemar(base_x, steer_x)},
+        "mcnemar": {"plip_detector": _mcnemar("PLIP detector", base, steer),
+                    "strict": _mcnemar("strict detector", base_x, steer_x)},
         "intervention": intervention, "intervention_is_noop": all_noop,
         "settings": {"top_p": cfg.top_p, "seed": cfg.seed, "chat_template_source": cfg.chat_template if cfg.chat else None,
                      "stop_ids": list(stop_ids), "stop_at_eos": cfg.stop_at_eos, **mcfg.numerics(),
@@ -310,12 +316,22 @@ def format_report(result: dict, show_outputs: bool = False) -> str:
                            ("strict", result["summary_strict"], result["mcnemar"]["strict"])):
         fisher = summ["fisher_exact_p"]
         lines.append(f"{name}: baseline {summ['baseline_preserved']}/{summ['total']} -> steered "
-                     f"{summ['steered_preserved']}/{summ['total']} ({summ['improvement']:+d}); gained {mc['gained']}, "
-                     f"lost {mc['lost']}, kept {mc['kept']}, none {mc['none']}; McNemar exact p = {mc['p_value']:.4g}"
-                     f" (PLIP's one-tailed Fisher p = {'n/a' if fisher is None else f'{fisher:.4g}'}, unpaired: for comparison only)")
+                     f"{summ['steered_preserved']}/{summ['total']} ({summ['improvement']:+d}); PLIP's one-tailed "
+                     f"Fisher p = {'n/a' if fisher is None else f'{fisher:.4g}'} (unpaired: for comparison only)")
+        lines.append(f"  {mc['verdict']}")
     lines.append(f"{'category':12s} {'n':>3s} {'base':>5s} {'steer':>6s} {'base*':>6s} {'steer*':>7s}   (* = strict)")
     for cat, c in sorted(result["by_category"].items()):
         lines.append(f"{cat:12s} {c['total']:3d} {c['baseline_preserved']:5d} {c['steered_preserved']:6d} "
                      f"{c['baseline_preserved_strict']:6d} {c['steered_preserved_strict']:7d}")
     lines.append(f"duration {result['duration_secs']:.1f} s (generation {result['timings_s']['generation']:.1f} s)")
     return "\n".join(lines)
+
+
+def plot_generation(result: dict, path: Path) -> Path:
+    """PNG: KEPT / GAINED / LOST / NONE counts per prompt category (and all), PLIP's and the strict detector."""
+    mc = result["mcnemar"]
+    title = (f"{result['model']}: {result['experiment']}, layer {result['layer']}, scale {result['scale']} "
+             f"(exact McNemar p: PLIP {mc['plip_detector']['p_value']:.3g}, strict {mc['strict']['p_value']:.3g})"
+             + (" — NO-OP intervention" if result["intervention_is_noop"] else ""))
+    return preservation.plot_change_bars(result["samples"], [("PLIP detector", "change"),
+                                                              ("strict detector", "change_strict")], title, path)

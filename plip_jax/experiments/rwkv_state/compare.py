@@ -1,0 +1,110 @@
+"""What every KL of the state tools is printed beside: the Python vs Rust Welch test (exact, with PLIP's
+approximation as an extra), the no-op noise floor, and a paired comparison with a control."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from plip_jax.analysis import metrics, stats
+from plip_jax.experiments.rwkv_state.edits import FLOOR_FACTOR
+
+FLOOR_DEFINITION = ("KL(baseline || no-op edit) in nats: a state edit with scale 1 everywhere, run in the same "
+                    "compiled program and batch as the baseline and the real edits; KLs at or below "
+                    f"{FLOOR_FACTOR:g}x a sample's floor are marked below_noise_floor (not resolved)")
+KL_DEFINITION = ("KL(baseline || edited) in nats, next-token distribution at the last real position, float64 on "
+                 "the host, exact (no probability floor); PLIP's floored value in kl_divergence_plip_filtered")
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageComparison:
+    """Python vs Rust test-sample KLs (nats): PLIP's group stats and Welch fields (exact p, scipy) plus extras."""
+
+    python: stats.GroupStats
+    rust: stats.GroupStats
+    welch: stats.WelchResult
+    t_plip: float
+    p_plip: float
+
+    @property
+    def ratio(self) -> float:
+        """PLIP's Python/Rust mean ratio (0 when the Rust mean is <= 1e-10)."""
+        return self.python.mean / self.rust.mean if self.rust.mean > 1e-10 else 0.0
+
+    def to_json(self) -> dict:
+        out = {"python_stats": self.python.to_json(), "rust_stats": self.rust.to_json(),
+               "welch_t_statistic": self.welch.t, "welch_p_value": self.welch.p_value,
+               "significant_difference": stats.significant(self.welch.p_value), "welch_df": self.welch.df,
+               "welch_p_value_plip": self.p_plip, "welch_t_statistic_plip": self.t_plip}
+        if self.welch.note:
+            out["welch_note"] = self.welch.note
+        return out
+
+
+def compare_languages(py: Sequence[float], rs: Sequence[float], with_baseline_field: bool = True
+                      ) -> LanguageComparison:
+    """Group stats (population SD, PLIP's convention) and Welch's test of mean(py) - mean(rs)."""
+    flag = False if with_baseline_field else None
+    t_plip, p_plip = stats.plip_kl_welch(py, rs)
+    return LanguageComparison(stats.group_stats(py, "python", flag), stats.group_stats(rs, "rust", flag),
+                              stats.welch_t_test(py, rs), float(t_plip), float(p_plip))
+
+
+def floor_block(floor_kl: np.ndarray, effects: Sequence[float], below: Sequence[bool], dtype: str) -> dict:
+    """JSON `noise_floor`: the per-sample floors and their summary, how many of the reported `effects`
+    (KLs, nats) are not resolved above FLOOR_FACTOR x their floor (`below`), and the reduced-precision
+    warning (`metrics.floor_warning`: floor median > 10 % of the median effect), or None."""
+    floor = metrics.noise_floor_summary(floor_kl)
+    return {"definition": FLOOR_DEFINITION, "factor": FLOOR_FACTOR, **floor.to_json(),
+            "n_effects": len(effects), "n_effects_below_floor": int(np.sum(below)),
+            "warning": metrics.floor_warning(floor, effects, dtype, factor=FLOOR_FACTOR) if len(effects) else None}
+
+
+def floor_line(block: dict) -> str:
+    """One table line: the floor and how many effects it leaves unresolved (+ the warning, if any)."""
+    line = (f"Noise floor (no-op edit, same program): max {block['max']:.2e}, median {block['median']:.2e} nats; "
+            f"{block['n_effects_below_floor']}/{block['n_effects']} effects at or below {block['factor']:g}x their "
+            f"sample's floor (marked ~)")
+    return line + (f"\nWARNING: {block['warning']}" if block.get("warning") else "")
+
+
+def mark(below: bool) -> str:
+    """Table mark of a KL not resolved above its noise floor."""
+    return "~" if below else " "
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedComparison:
+    """Paired test of treatment - control KLs (nats) over the same samples; undefined (p None, `note`) with
+    fewer than 2 pairs or when every difference is 0. Wilcoxon signed-rank decides the verdict (KLs are
+    skewed); the paired t is reported beside it."""
+
+    n: int
+    mean_treatment: Optional[float]
+    mean_control: Optional[float]
+    mean_diff: Optional[float]
+    t: Optional[float]
+    t_p_value: Optional[float]
+    wilcoxon_statistic: Optional[float]
+    wilcoxon_p_value: Optional[float]
+    defined: bool
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def paired_comparison(treatment: Sequence[float], control: Sequence[float]) -> PairedComparison:
+    x, y = np.asarray(treatment, np.float64), np.asarray(control, np.float64)
+    n = int(x.size)
+    mt, mc = (float(x.mean()), float(y.mean())) if n else (None, None)
+    md = None if not n else float((x - y).mean())
+    if n < 2:
+        return PairedComparison(n, mt, mc, md, None, None, None, None, False, f"{n} pair(s): a test needs >= 2")
+    if np.all(x == y):
+        return PairedComparison(n, mt, mc, md, None, None, None, None, False,
+                                "every difference is 0: no test (treatment and control identical)")
+    r = stats.paired_test(x, y)
+    return PairedComparison(n, mt, mc, md, r.t, r.t_p_value, r.wilcoxon_statistic, r.wilcoxon_p_value, True, r.note)

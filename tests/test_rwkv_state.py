@@ -1,0 +1,485 @@
+"""RWKV-6 state tools on a tiny random checkpoint (real World tokenizer): knockout / steering KL with the no-op
+noise floor (float64 on the host), the distance-matched control, scans, state-steered generation and its
+test-preservation scoring, and the four binaries end to end with PLIP's JSON field names and --plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from plip_jax.analysis import generation as gen
+from plip_jax.analysis.metrics import kl_divergence
+from plip_jax.core import interventions as ivs
+from plip_jax.core.errors import ConfigError, CorpusError
+from plip_jax.data.corpus import load_state_prompts
+from plip_jax.experiments import preservation
+from plip_jax.experiments.rwkv_state import ablation, compare, edits, generation, persistence, samples as S, steering
+from plip_jax.experiments.windows import radius_windows, sliding_windows
+from plip_jax.models.registry import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+REF_DIR = ROOT / "tests" / "data" / "reference"
+LAYERS = 3  # = conftest.TINY_RWKV_LAYERS
+
+
+@pytest.fixture(scope="module")
+def rwkv_dir(tiny_rwkv_dir):
+    return tiny_rwkv_dir
+
+
+@pytest.fixture(scope="module")
+def model(rwkv_dir):
+    return load_model(rwkv_dir)
+
+
+@pytest.fixture(scope="module")
+def samples(model, universal_corpus):
+    s, failures = S.prepare_samples(model.tokenizer, universal_corpus, include_baselines=True)
+    assert not failures
+    return s
+
+
+@pytest.fixture(scope="module")
+def ablation_run(model, samples):
+    return ablation.run_state_ablation(model, samples, 1, 1, control_seed=7)
+
+
+def _keys(x):
+    if isinstance(x, dict):
+        return {k: _keys(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_keys(x[0])] if x else []
+    return None
+
+
+def _assert_reference_keys(got: dict, ref_name: str) -> None:
+    """Every field of PLIP's stored output is present with the same nesting (extras allowed)."""
+    path = REF_DIR / ref_name
+
+    def check(ref, g, where):
+        if isinstance(ref, dict):
+            assert isinstance(g, dict), where
+            for k, v in ref.items():
+                assert k in g, f"{where}.{k} missing"
+                check(v, g[k], f"{where}.{k}")
+        elif isinstance(ref, list) and ref and isinstance(ref[0], dict):
+            assert isinstance(g, list) and g, where
+            check(ref[0], g[0], where + "[0]")
+
+    check(_keys(json.loads(path.read_text())), _keys(got), "root")
+
+
+# Batched vs unbatched (or differently chunked) runs differ by f32 kernel rounding: on this tiny random
+# model ~3e-7 nats absolute in a KL of ~3e-4, hence the tolerances below.
+
+
+def _direct_kl(model, s, scale_matrix) -> float:
+    """Unpadded, unbatched KL(baseline || edited) at the last position."""
+    toks = np.asarray(s.token_ids, np.int32)
+    base = model.model(toks).logits
+    edit = model.model(toks, interventions=ivs.Interventions(state=ivs.StateEdit(scale=scale_matrix))).logits
+    return float(kl_divergence(base, edit))
+
+
+# ------------------------------------------------------------------------------------------ edits kernel
+def test_noop_edit_kl_is_exactly_zero_and_the_kl_is_float64(model, samples):
+    """Baseline, floor and a scale-1 edit share one program: their logits are identical in f32, so the floor
+    and the no-op KL are exactly 0. The reported KL is the host float64 one: it resolves the quadratic
+    KL(eps) ~ eps^2 law of a tiny edit (1e-9 nats), far below the ~1e-7 floor of the device f32 KL."""
+    few = samples[:3]
+    L = LAYERS
+
+    def edit(s, x):
+        return ivs.state_steering(L, len(s.token_ids), [s.marker_token_pos], [1], x)
+
+    out = edits.run_edits(model, [s.token_ids for s in few], [[edit(s, 1.0), edit(s, 1 + 1e-3), edit(s, 1 + 2e-3)]
+                                                              for s in few])
+    assert out.kl.dtype == np.float64 and out.floor_kl.dtype == np.float64
+    assert np.all(out.floor_kl == 0.0) and np.all(out.kl[:, 0] == 0.0)
+    assert out.floor.max == 0.0 and out.below_floor()[:, 0].all()
+    small, double = out.kl[:, 1], out.kl[:, 2]
+    assert np.all(small > 0) and np.all(small < 1e-6)
+    np.testing.assert_allclose(double / small, 4.0, rtol=0.1)  # KL ~ eps^2
+    assert not out.below_floor()[:, 1:].any()  # floor 0: any positive KL is resolved
+
+
+def test_below_floor_marks_and_floor_warning():
+    o = edits.EditOutcomes(kl=np.array([[1e-3, 2e-9, np.nan]]), kl_plip=np.zeros((1, 3), np.float32),
+                           floor_kl=np.array([1e-9]), top=None, argmax=np.zeros((1, 3), int), forward_s=0.0)
+    assert o.below_floor().tolist() == [[False, True, False]]  # 2e-9 <= 3 x 1e-9; a missing edit is never marked
+    block = compare.floor_block(np.array([4e-4, 6e-4]), [1e-3, 2e-3], [False, False], "bfloat16")
+    assert block["median"] == pytest.approx(5e-4) and block["n_effects_below_floor"] == 0
+    assert "bfloat16" in block["warning"] and "--dtype=float32" in block["warning"]
+    assert "WARNING" in compare.floor_line(block)
+    assert compare.floor_block(np.zeros(2), [1e-3, 2e-3], [False, False], "float32")["warning"] is None
+
+
+def test_run_edits_refuses_a_wrong_shape_and_reports_per_sample(model, samples):
+    s = samples[0]
+    with pytest.raises(ivs.InterventionError, match=rf"{s.id}: edit 0 has scale shape"):
+        edits.run_edits(model, [s.token_ids], [[ivs.state_knockout(LAYERS, 3, [0], [0])]], ids=[s.id])
+
+
+# ------------------------------------------------------------------------------------------ ablation
+def test_knockout_kl_positive_finite_and_equals_unbatched(model, samples, ablation_run):
+    kls = np.array([r.kl_divergence for r in ablation_run.samples])
+    assert kls.shape == (len(samples),) and np.all(np.isfinite(kls)) and np.all(kls > 0)
+    for i in (0, len(samples) - 1):  # batched + padded == direct single-sample computation
+        s = samples[i]
+        edit = ivs.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [1])
+        assert kls[i] == pytest.approx(_direct_kl(model, s, edit.scale), rel=1e-2, abs=1e-6)
+    r0 = ablation_run.samples[0]
+    assert r0.layers_knocked_out == 1 and len(r0.top_changed_tokens) == 5
+    assert r0.kl_divergence_plip_filtered <= r0.kl_divergence + 1e-6
+    assert all(r.noise_floor_kl == 0.0 and not r.below_noise_floor for r in ablation_run.samples)
+
+
+def test_ablation_json_matches_plip_schema_and_stats(ablation_run, samples):
+    got = ablation_run.to_json()
+    json.dumps(got)
+    assert got["architecture"] == "rwkv6" and got["intervention_type"] == "state_knockout"
+    assert got["layer"] == 1 and "python_baseline_stats" in got
+    py = [r["kl_divergence"] for r in got["sample_results"] if r["language"] == "python" and not r["is_baseline"]]
+    rs = [r["kl_divergence"] for r in got["sample_results"] if r["language"] == "rust" and not r["is_baseline"]]
+    assert got["python_stats"]["n_samples"] == len(py) == 10
+    assert got["python_stats"]["std_kl"] == pytest.approx(np.std(py), rel=1e-9)  # population SD
+    ref = sps.ttest_ind(py, rs, equal_var=False)
+    assert got["welch_p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert abs(got["welch_p_value_plip"] - ref.pvalue) < 0.01
+    nf = got["noise_floor"]
+    assert nf["n"] == len(samples) and nf["max"] == 0.0 and nf["n_effects"] == 20 and nf["warning"] is None
+    _assert_reference_keys(got, "state_ablation_layer2.json")
+
+
+def test_distance_matched_control_within_its_offset(samples, ablation_run):
+    rc = ablation_run.control
+    assert rc.seed == 7 and rc.max_offset == 2 and not rc.skipped
+    assert rc.by_language["python"].comparison.n == 10 and rc.by_language["rust"].comparison.n == 10
+    for s, r in zip(samples, ablation_run.samples):
+        p = r.random_control_position
+        assert p is not None and p != s.marker_token_pos and p not in s.target_token_positions
+        assert abs(p - s.marker_token_pos) <= 2 and 0 <= p < s.readout_pos
+        assert r.random_control_distance == s.readout_pos - p
+        assert r.random_control_marker_distance == s.readout_pos - s.marker_token_pos
+        assert abs(r.random_control_distance - r.random_control_marker_distance) <= 2
+        assert np.isfinite(r.random_control_kl)
+    assert [c.position for c in ablation.control_positions(samples, 7)] == [r.random_control_position
+                                                                            for r in ablation_run.samples]
+    py = rc.by_language["python"]
+    m = [r.kl_divergence for r in ablation_run.samples if r.language == "python" and not r.is_baseline]
+    c = [r.random_control_kl for r in ablation_run.samples if r.language == "python" and not r.is_baseline]
+    assert py.comparison.wilcoxon_p_value == pytest.approx(sps.wilcoxon(np.subtract(m, c)).pvalue, rel=1e-9)
+    assert py.comparison.mean_diff == pytest.approx(np.mean(m) - np.mean(c))
+    assert "marker vs distance-matched control" in py.verdict and "marker - control" in py.verdict
+    text = ablation.format_ablation_summary(ablation_run, verbose=True)
+    assert "Noise floor (no-op edit, same program)" in text and py.verdict in text
+
+
+def test_control_without_a_matched_position_is_skipped_and_counted(model, samples):
+    s = samples[0]
+    m = s.marker_token_pos
+    blocked = dataclasses.replace(s, id="blocked", target_token_positions=(m - 2, m - 1, m + 1, m + 2))
+    res = ablation.run_state_ablation(model, [blocked] + samples[1:20], 1, 1, control_seed=0)
+    row = res.samples[0]
+    assert row.random_control_position is None and row.random_control_kl is None
+    assert "within 2 token(s)" in row.random_control_note
+    assert res.control.skipped == (("blocked", row.random_control_note),)
+    assert res.control.by_language["python"].comparison.n == 9  # the blocked sample left the comparison
+    assert res.to_json()["random_control"]["n_skipped"] == 1
+    assert "1 sample(s) without one: blocked" in ablation.format_ablation_summary(res)
+    # unit rule: the marker as read-out has no control either
+    last = dataclasses.replace(s, marker_token_pos=s.readout_pos)
+    assert "read-out" in ablation.control_positions([last], 0)[0].reason
+
+
+def test_paired_comparison_undefined_cases():
+    assert not compare.paired_comparison([1.0], [0.5]).defined
+    same = compare.paired_comparison([1.0, 2.0], [1.0, 2.0])
+    assert not same.defined and same.wilcoxon_p_value is None and "every difference is 0" in same.note
+    verdict = ablation.ControlComparison("rust", same, 3.0, 3.0).verdict
+    assert "undefined" in verdict
+
+
+def test_scan_layers_equals_single_layer_runs(model, samples, ablation_run):
+    scan = ablation.run_knockout_windows(model, samples, [(l, l) for l in range(LAYERS)], mode="scan_layers")
+    assert scan.kl.shape == (len(samples), LAYERS)
+    single1 = np.array([r.kl_divergence for r in ablation_run.samples])
+    np.testing.assert_allclose(scan.kl[:, 1], single1, rtol=1e-2, atol=1e-6)
+    single0 = ablation.run_state_ablation(model, samples, 0, 0, control_seed=None)
+    np.testing.assert_allclose(scan.kl[:, 0], [r.kl_divergence for r in single0.samples], rtol=1e-2, atol=1e-6)
+    assert single0.control is None and single0.to_json()["random_control"] is None
+    assert scan.windows[1].tests.python.mean == pytest.approx(ablation_run.tests.python.mean, rel=1e-2)
+    ps = [w.tests.welch.p_value for w in scan.windows]
+    np.testing.assert_allclose([w.p_holm for w in scan.windows],
+                               np.minimum(1, np.maximum.accumulate(np.sort(ps) * [3, 2, 1]))[np.argsort(np.argsort(ps))])
+    table = ablation.format_window_table(scan)
+    assert "Top 3 layers by python KL" in table and "p (Holm)" in table and "Best layer" in table
+    js = scan.to_json()
+    assert js["best_layer_selection"]["adjustment"] == "holm" and len(js["sample_results"][0]["kl_divergence"]) == 3
+    unchunked = ablation.run_knockout_windows(model, samples, [(l, l) for l in range(LAYERS)], chunk=None)
+    np.testing.assert_allclose(unchunked.kl, scan.kl, rtol=1e-2, atol=1e-6)
+
+
+def test_window_knockout_and_an_undefined_welch(model, samples):
+    assert radius_windows(1, 3, LAYERS) == [(1, 1), (0, 2), (0, 2), (0, 2)]
+    assert sliding_windows(2, LAYERS) == [(0, 1), (1, 2)]
+    with pytest.raises(ValueError, match="--slide_window"):
+        sliding_windows(4, LAYERS)
+    w = ablation.run_state_ablation(model, samples[:4] + samples[10:14], 0, 2, control_seed=None).to_json()
+    assert w["layer_start"] == 0 and w["layer_end"] == 2 and w["n_layers_knocked_out"] == 3 and "layer" not in w
+    s = samples[0]
+    edit = ivs.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [0, 1, 2])
+    assert w["sample_results"][0]["kl_divergence"] == pytest.approx(_direct_kl(model, s, edit.scale), rel=1e-2, abs=1e-6)
+    with pytest.raises(ValueError, match="out of range"):
+        ablation.run_state_ablation(model, samples, 0, LAYERS)
+    with pytest.raises(ConfigError, match="--layer_start=2 is after --layer_end=1"):
+        ablation.run_state_ablation(model, samples, 2, 1)
+    one_each = ablation.run_knockout_windows(model, [samples[0], samples[10]], [(0, 0), (1, 1)], mode="slide_window")
+    assert all(r.tests.welch.p_value is None and r.p_holm is None for r in one_each.windows)
+    assert "undefined" in ablation.format_window_table(one_each)
+    assert not any(r["significant_difference"] or r["significant_after_holm"] for r in one_each.to_json()["windows"])
+
+
+# ------------------------------------------------------------------------------------------ steering
+def test_steering_dose_response_with_floor_and_holm(model, samples, ablation_run):
+    st = steering.run_state_steering(model, samples, 1, (0.0, 0.5, 1.0, 2.0, 9.0))
+    got = st.to_json()
+    assert got["intervention_type"] == "state_steering" and "is_baseline" not in got["dose_response"][0]["python_stats"]
+    by = {p["scale"]: p for p in got["dose_response"]}
+    assert all(r["kl_divergence"] == 0.0 and r["below_noise_floor"] for r in by[1.0]["sample_results"])
+    assert st.sanity_checks["identity"]["status"] == "PASS" and by[1.0]["welch_p_value"] is None
+    ko = {r.id: r.kl_divergence for r in ablation_run.samples}  # scale 0 is the knockout
+    for r in by[0.0]["sample_results"]:
+        assert r["kl_divergence"] == pytest.approx(ko[r["id"]], rel=1e-2, abs=1e-6)
+    assert all(r["kl_divergence"] > 0 and not r["below_noise_floor"] for r in by[9.0]["sample_results"])
+    assert len(by[2.0]["sample_results"]) == 20  # baselines are not part of the steering experiment
+    raw = [p["welch_p_value"] for p in got["dose_response"]]
+    holm = [p["welch_p_value_holm"] for p in got["dose_response"]]
+    assert holm[2] is None and all(h >= p for h, p in zip(holm, raw) if p is not None)
+    assert got["noise_floor"]["n_effects"] == 4 * 20  # scale 1 is not an effect
+    table = steering.format_dose_table(st)
+    assert "Sanity: scale=1.0 identity: PASS" in table and "Noise floor" in table and "p Holm" in table
+    with pytest.raises(ConfigError, match="--scales"):
+        steering.run_state_steering(model, samples, 1, (-1.0,))
+    with pytest.raises(ConfigError, match="--scales"):
+        steering.run_state_steering(model, samples, 1, (float("inf"),))
+    _assert_reference_keys(got, "state_steering_rwkv6.json")
+
+
+def test_monotonicity_unresolved_at_the_floor():
+    def point(x, py, rs):
+        t = compare.compare_languages([py, py * 1.1], [rs, rs * 1.1], with_baseline_field=False)
+        return steering.DosePoint(x, t, None, [{"kl_divergence": 0.0, "below_noise_floor": True}])
+
+    dose = [point(1.0, 0.0, 0.0), point(2.0, 1e-9, 1e-9), point(5.0, 1e-3, 1e-3)]
+    floor = {"max": 1e-9}
+    checks = steering.steering_sanity_checks(dose, floor)
+    assert checks["monotonic_python"]["status"] == "UNRESOLVED"
+    assert checks["monotonic_python"]["scales_at_noise_floor"] == [2.0]
+    assert steering.steering_sanity_checks(dose, {"max": 0.0})["monotonic_python"]["status"] == "PASS"
+
+
+# ------------------------------------------------------------------------------------------ generation
+PY_PROMPT = 'def add(a, b):\n    """\n    >>> add(2, 3)\n    5\n    """\n    return a + b\n\ndef multiply(a, b):\n    """'
+PASSING_TRUNCATED = '\n    >>> multiply(2, 3)\n    6\n    """\n    return a * b\n\ndef divide(a, b):\n    return a /'
+
+
+def test_prompts_come_from_the_corpus_and_are_validated(tmp_path):
+    g, p = generation.load_generate_prompts(), persistence.load_persistence_prompts()
+    assert [x.id for x in g] == ["py_simple_add", "py_factorial", "rs_max_function", "rs_is_even", "rs_sum_array"]
+    assert g[0].prompt == PY_PROMPT and g[0].marker == ">>>" and g[2].marker == "#[test]"
+    assert [(x.id, x.distance) for x in p][3:] == [("rs_close", "close"), ("rs_medium", "medium"), ("rs_far", "far")]
+    bad = tmp_path / "bad.json"
+    for items, msg in (([{"id": "a", "category": "python_doctest", "prompt": "def f():"}], "no '>>>' marker"),
+                       ([{"id": "a", "category": "go_test", "prompt": "x"}], "category 'go_test'"),
+                       ([{"id": "a", "category": "rust_test", "prompt": "#[test]"}] * 2, "duplicate id"),
+                       ([{"id": "a", "prompt": 3}], "needs 'id', 'category' and 'prompt'"), ([], "non-empty")):
+        bad.write_text(json.dumps({"prompts": items}))
+        with pytest.raises(CorpusError, match=msg):
+            load_state_prompts(bad)
+    bad.write_text(json.dumps({"prompts": [{"id": "a", "category": "rust_test", "prompt": "#[test] fn"}]}))
+    with pytest.raises(CorpusError, match="distance ''"):
+        load_state_prompts(bad, need_distance=True)
+
+
+def test_truncated_completion_with_a_passing_doctest_is_strict_true_and_counted():
+    a = preservation.Assessor(execute=True)
+    p = generation.load_generate_prompts()[0]
+    s = generation.score_pair(a, p, 10, 30, PASSING_TRUNCATED, "\n    nothing here", 20, 20, False)
+    assert s.baseline.strict is True and s.baseline.truncated_tail and s.baseline.executed
+    assert s.steered.strict is False and not s.steered.executed
+    js = s.to_json()
+    assert js["baseline_truncated_tail"] is True and js["strict_change"] == "LOST"
+    log = a.to_json()
+    assert log["n_python_completions"] == 2 and log["n_executed"] == 1 and log["n_truncated_tail"] == 1
+    assert log["containment"]["bootstrap_completed"] is True and log["execute_doctests"] is True
+    assert "1 with a truncated tail" in a.summary_line()
+
+
+def test_execute_doctests_false_runs_nothing_and_gives_null_strict_verdicts(monkeypatch, model):
+    from plip_jax.analysis import sandbox
+
+    def boom(*a, **k):
+        raise AssertionError("the sandbox must not be started with execute_doctests=False")
+
+    monkeypatch.setattr(sandbox, "run_python_sandboxed", boom)
+    a = preservation.Assessor(execute=False)
+    p = generation.load_generate_prompts()[0]
+    s = generation.score_pair(a, p, 10, 30, PASSING_TRUNCATED, PASSING_TRUNCATED, 20, 20, True)
+    assert s.baseline.strict is None and s.baseline.wellformed is True and not s.baseline.executed
+    assert s.to_json()["strict_change"] == "NOT_EVALUATED" and s.to_json()["baseline_strict_has_test"] is None
+    assert a.to_json()["containment"] is None and a.to_json()["n_executed"] == 0
+    res = generation.run_state_steering_generate(model, layer=1, max_tokens=3, execute_doctests=False)
+    js = res.to_json()
+    py = [x for x in js["samples"] if x["category"] == "python_doctest"]
+    rs = [x for x in js["samples"] if x["category"] == "rust_test"]
+    assert py and all(x["baseline_strict_has_test"] is None and x["steered_strict_has_test"] is None for x in py)
+    assert all(isinstance(x["baseline_strict_has_test"], bool) for x in rs)  # Rust strict never executes anything
+    sm = js["summary"]
+    assert sm["strict_n_evaluated"] == len(rs) and sm["strict_n_not_evaluated"] == len(py)
+    assert js["test_execution"]["execute_doctests"] is False
+    assert f"{len(py)} pair(s) not evaluated" in js["mcnemar"]["strict"]["verdict"]
+    table = generation.format_generate_table(res)
+    assert "NOT executed" in table and "n/a" in table
+    only_py = generation.run_state_steering_generate(model, layer=1, max_tokens=3, execute_doctests=False,
+                                                     prompts=generation.load_generate_prompts()[:1])
+    assert only_py.summary()["baseline_strict_preserved"] is None  # not 0 passing
+    assert "undefined: none of the 1 pairs was evaluated" in only_py.outcomes("strict").verdict
+
+
+def test_generation_baseline_equals_plain_and_seeded_sampling(model):
+    p = generation.load_generate_prompts()[2]
+    ids, m = generation.marker_token(model.tokenizer, p)
+    assert p.prompt[p.prompt.find("#[test]"):].startswith("#[test]")
+    key = jax.random.PRNGKey(0)
+    greedy = generation.generate_runs(model, ids, m, 1, [1.0, 1.0, 9.0], 6, 0.0, key, [0, 1, 2])
+    plain = gen.generate(model.model, [list(ids)], max_new_tokens=6, stop_ids=()).tokens[0]
+    np.testing.assert_array_equal(greedy[0], plain)
+    np.testing.assert_array_equal(greedy[1], plain)
+    a = generation.generate_runs(model, ids, m, 1, [3.0, 3.0], 6, 0.8, key, [0, 1])
+    b = generation.generate_runs(model, ids, m, 1, [3.0, 3.0], 6, 0.8, key, [0, 1])
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[0], a[1])  # different sample ids: different random streams
+    with pytest.raises(ConfigError, match="--scale=inf"):
+        generation.run_state_steering_generate(model, layer=1, scale=float("inf"))
+
+
+def test_persistence_token_distances_pairing_and_reproducibility(model):
+    prompts = [p for p in persistence.load_persistence_prompts() if p.language == "rust"]
+    dists = []
+    for p in prompts:
+        ids, m = generation.marker_token(model.tokenizer, p)
+        dists.append(len(ids) - (m + 1))
+    assert dists == [86, 126, 207]  # spec 8.4 (same tokenizer as RWKV/v6-Finch-1B6-HF)
+    kw = dict(layer=1, max_tokens=4, n_samples=2, temperatures=(0.7,), rust_only=True, seed=5,
+              prompts=prompts[:1], keep_outputs=True)
+    r1 = persistence.run_state_steering_persistence(model, **kw).to_json()
+    r2 = persistence.run_state_steering_persistence(model, **kw).to_json()
+    assert [r["outputs"] for r in r1["results"]] == [r["outputs"] for r in r2["results"]]
+    assert [r["scale"] for r in r1["results"]] == [1.0, 3.0, 5.0, 9.0]
+    assert set(r1["conditions"]) == {"scales", "temperatures", "distances"}
+    assert set(r1["results"][0]) >= {"prompt", "distance", "token_distance", "scale", "temperature", "n_runs",
+                                     "test_hits", "rate", "rate_ci95", "strict_hits", "strict_n_evaluated"}
+    assert [(e["scale"], e["plip_detector"]["n_pairs"]) for e in r1["scale_effects"]] == [(3.0, 2), (5.0, 2), (9.0, 2)]
+    d = r1["distance_effects"][0]
+    assert d["distance"] == "close" and d["steered_rate"]["n"] == 3 * 2 and d["baseline_rate_scale_1"]["n"] == 2
+
+
+def test_persistence_scale_effect_pairs_run_r_with_run_r():
+    from plip_jax.analysis.test_preservation import PreservationVerdict
+
+    p = persistence.load_persistence_prompts()[3]
+
+    def cond(scale, hits):
+        vs = tuple(PreservationVerdict("rust", "min", h, h, int(h)) for h in hits)
+        return persistence.Condition(p, 86, scale, 0.7, vs, ("",) * len(vs))
+
+    res = persistence.StatePersistenceResult("m", 1, 4, 4, 0, True, [1.0, 3.0], [0.7],
+                                             [cond(1.0, [True, False, False, True]), cond(3.0, [True, True, True, False])],
+                                             False, {}, "", {})
+    eff = res.scale_effect(0.7, 3.0)
+    m = eff.mcnemar
+    assert (m.gained, m.lost, m.kept, m.none) == (2, 1, 1, 0) and "scale 3 changed 3 of 4" in eff.verdict
+    assert res.pooled_rate(0.7, 3.0)["rate"] == 0.75 and res.pooled_rate(0.7, 3.0)["ci95"][1] < 1.0
+    assert "scale 3 vs 1" in persistence.format_persistence_tables(res)
+
+
+def test_default_state_layer():
+    assert S.default_state_layer(24) == 14
+
+
+# ------------------------------------------------------------------------------------------ binaries
+def _run(args, timeout=600):
+    return subprocess.run([sys.executable, "-m", *args, "--device=cpu"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_binary_refuses_transformer_model():
+    proc = _run(["bin.state_steering_experiment"])
+    assert proc.returncode != 0
+    assert "this experiment needs an RWKV-6 checkpoint" in proc.stderr + proc.stdout
+
+
+def test_state_ablation_binary(rwkv_dir, tmp_path):
+    out = tmp_path / "abl.json"
+    proc = _run(["bin.state_ablation_experiment", f"--model={rwkv_dir}", f"--output={out}", "--include_baselines",
+                 "--plot"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["layer"] == (3 * LAYERS) // 5 and "Welch t" in proc.stdout and "Noise floor" in proc.stdout
+    assert "distance-matched control knockout" in proc.stdout and got["noise_floor"]["max"] == 0.0
+    assert got["provenance"]["model"]["kind"] == "local" and got["provenance"]["corpus"]["sha256"]
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    _assert_reference_keys(got, "state_ablation_layer2.json")
+    out2 = tmp_path / "scan.json"
+    proc = _run(["bin.state_ablation_experiment", f"--model={rwkv_dir}", f"--output={out2}", "--slide_window=2",
+                 "--plot"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scan = json.loads(out2.read_text())
+    assert scan["mode"] == "slide_window" and [(w["layer_start"], w["layer_end"]) for w in scan["windows"]] == [(0, 1), (1, 2)]
+    assert out2.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_state_steering_binary(rwkv_dir, tmp_path):
+    out = tmp_path / "steer.json"
+    proc = _run(["bin.state_steering_experiment", f"--model={rwkv_dir}", f"--output={out}", "--layer=1",
+                 "--scales=0,1,4", "--plot"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert [p["scale"] for p in got["dose_response"]] == [0.0, 1.0, 4.0]
+    assert got["sanity_checks"]["identity"]["status"] == "PASS" and "PASS" in proc.stdout
+    assert "Noise floor" in proc.stdout and got["noise_floor"]["n_effects"] == 40
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    _assert_reference_keys(got, "state_steering_rwkv6.json")
+
+
+def test_generation_binaries(rwkv_dir, tmp_path):
+    out = tmp_path / "gen.json"
+    proc = _run(["bin.state_steering_generate", f"--model={rwkv_dir}", f"--output={out}", "--layer=1",
+                 "--max_tokens=5", "--execute_doctests=false", "--plot"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert [s["name"] for s in got["samples"]] == [p.id for p in generation.load_generate_prompts()]
+    assert got["summary"]["total"] == 5 and "Baseline test preservation" in proc.stdout
+    assert {"baseline_has_test", "steered_has_test", "baseline_strict_has_test", "change"} <= set(got["samples"][0])
+    assert got["samples"][0]["baseline_strict_has_test"] is None and got["test_execution"]["execute_doctests"] is False
+    assert got["provenance"]["flags"]["execute_doctests"] is False and got["provenance"]["corpus"]["sha256"]
+    assert "McNemar" in proc.stdout and out.with_suffix(".png").stat().st_size > 10_000
+    out = tmp_path / "pers.json"
+    proc = _run(["bin.state_steering_persistence", f"--model={rwkv_dir}", f"--output={out}", "--layer=1",
+                 "--max_tokens=3", "--n_samples=2", "--temperatures=0,0.7", "--rust_only", "--seed=1", "--plot"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["experiment"] == "state_steering_persistence" and len(got["results"]) == 3 * 4 * 2
+    assert {r["n_runs"] for r in got["results"]} == {1, 2} and got["provenance"]["flags"]["seed"] == 1
+    assert got["test_execution"]["execute_doctests"] is True and out.with_suffix(".png").stat().st_size > 10_000
+    proc = _run(["bin.state_steering_generate", f"--model={rwkv_dir}", "--scale=inf"])
+    assert proc.returncode != 0 and "--scale" in proc.stderr
