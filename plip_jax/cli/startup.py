@@ -1,4 +1,5 @@
-"""Shared pieces of the absl binaries: common flags, device choice, output paths, progress."""
+"""Start-up shared by the absl binaries: quiet logging, complete --help, the common flags (--model, --dtype,
+--mesh, ..., --report, --debug), device choice, compile cache, and loading the model the flags name."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Callable, Optional
 
 from absl import app, flags
 
-from plip_jax.util.progress import Progress  # noqa: F401 (binaries use cli.Progress)
+from plip_jax.cli import distributed
+from plip_jax.core.errors import FlagError, WrongFamilyError
+from plip_jax.util import progress
 
 FLAGS = flags.FLAGS
 # The define_*_flags helpers below define flags on behalf of the binary that calls them: attribute those
@@ -70,17 +73,21 @@ def _asked_for_help(argv: list[str]) -> bool:
     return False
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, except that --help / --helpfull exit with status 0 (absl exits 1)."""
+USAGE_STATUS = 2  # a bad flag (see plip_jax.cli.boundary.EXIT_STATUSES)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, except for the exit statuses: --help / --helpfull exit 0 (absl: 1), and a flag that
+    does not parse (unknown flag, bad value) exits 2, the usage status (absl: 1)."""
     try:
         return app.parse_flags_with_usage(argv)
     except SystemExit as e:
-        if e.code == 1 and _asked_for_help(argv):
-            raise SystemExit(0) from None
+        if e.code == 1:
+            raise SystemExit(0 if _asked_for_help(argv) else USAGE_STATUS) from None
         raise
 
 
-def _list_every_flag_in_help() -> None:
+def list_every_flag_in_help() -> None:
     """Make every flag the binary accepts a key flag of it, so that --help (not only --helpfull) lists it:
     flags defined by the binary's helpers in other plip-jax modules (e.g. steering_generate_n50 takes its
     steering flags from bin/steering_generate.py) and --verbosity (with plip-jax's default explained)."""
@@ -91,13 +98,6 @@ def _list_every_flag_in_help() -> None:
                 FLAGS.register_key_flag_for_module(main, flag)
     FLAGS["verbosity"].help = _VERBOSITY_HELP
     FLAGS.register_key_flag_for_module(main, FLAGS["verbosity"])
-
-
-def run(main: Callable[[list[str]], object]) -> None:
-    """`app.run(main)` for the plip-jax binaries: --help lists every flag the binary accepts and exits with
-    status 0; start-up as `quiet_startup`."""
-    _list_every_flag_in_help()
-    app.run(main, flags_parser=_parse_flags)
 
 
 # What --mesh splits, per binary (see define_model_flags): every transformer binary loads its weights onto
@@ -126,7 +126,16 @@ def define_model_flags(default_dtype: str = "float32", mesh: Optional[str] = "we
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where to run: auto = GPU if JAX sees one.")
     if mesh is not None:
         flags.DEFINE_string("mesh", None, MESH_HELP[mesh])
+        distributed.define_flags()
     define_layer_layout_flag()
+    flags.DEFINE_bool("report", False, "After writing the result, (re)build the HTML report of its folder "
+                      "(<output folder>/index.html: every result there, with an attention view of the model).")
+
+
+def define_unknown_groups_flag() -> None:
+    """--allow_unknown_groups, for binaries that read a universal-format corpus (see `cli.Run`)."""
+    flags.DEFINE_bool("allow_unknown_groups", False, "Skip corpus groups other than python_doctest, rust_test, "
+                      "python_baseline and rust_baseline with a warning (default: such a group is an error).")
 
 
 def define_layer_layout_flag() -> None:
@@ -198,7 +207,7 @@ def select_device(choice: str, compile_cache: bool = True) -> str:
             if not jax.devices("gpu"):
                 raise RuntimeError
         except RuntimeError:
-            raise SystemExit("--device=gpu but JAX sees no GPU (install jax[cuda12] or use --device=cpu)") from None
+            raise FlagError("--device=gpu but JAX sees no GPU (install jax[cuda12] or use --device=cpu)") from None
         jax.config.update("jax_default_device", jax.devices("gpu")[0])
     platform = jax.devices()[0].platform
     if compile_cache:
@@ -211,22 +220,16 @@ def load_model_from_flags(family: Optional[str] = None):
     --layer_layout (sharded over --mesh when the binary defines that flag and it is set), print a one-line
     header. `family` ('transformer' | 'rwkv6'): refuse any other family before a weight is read.
     Returns (LoadedModel, load seconds)."""
-    from plip_jax.core.errors import WrongFamilyError
     from plip_jax.models import registry, sharding
 
     platform = select_device(FLAGS.device)
     if family is not None:
-        found = registry.family_of(registry.model_type_of(FLAGS.model), FLAGS.model)
-        if found != family:
-            what = {"rwkv6": "an RWKV-6 checkpoint (--model=DIR or a Hub id like RWKV/v6-Finch-1B6-HF; convert "
-                             ".pth files with bin.convert_rwkv_to_safetensors)",
-                    "transformer": "a transformer (qwen2, starcoder2, gemma, llama, phi3)"}[family]
-            raise WrongFamilyError(f"this experiment needs {what}; --model={FLAGS.model or 'bundled plip-tiny-code'} "
-                                   f"is a {found} model")
-    t0 = time.perf_counter()
+        check_family(registry.family_of(registry.model_type_of(FLAGS.model), FLAGS.model), family)
     mesh = None
     if "mesh" in FLAGS and FLAGS.mesh:  # params go from host memory straight to their shards
         mesh = sharding.parse_mesh(FLAGS.mesh)
+    t0 = time.perf_counter()
+    progress.note(f"loading {FLAGS.model or 'the bundled plip-tiny-code'} ({FLAGS.dtype}) ...")
     rope_mode = FLAGS.rope_mode if "rope_mode" in FLAGS else "hf"
     model = registry.load_model(FLAGS.model, FLAGS.dtype, mesh=mesh, layer_layout=FLAGS.layer_layout,
                                 rope_mode=rope_mode)
@@ -238,5 +241,19 @@ def load_model_from_flags(family: Optional[str] = None):
     return model, load_s
 
 
+def check_family(found: str, family: str) -> None:
+    """WrongFamilyError unless the --model's family `found` is the experiment's `family`."""
+    if found != family:
+        what = {"rwkv6": "an RWKV-6 checkpoint (--model=DIR or a Hub id like RWKV/v6-Finch-1B6-HF; convert "
+                         ".pth files with bin.convert_rwkv_to_safetensors)",
+                "transformer": "a transformer (qwen2, starcoder2, gemma, llama, phi3)"}[family]
+        raise WrongFamilyError(f"this experiment needs {what}; --model={FLAGS.model or 'bundled plip-tiny-code'} "
+                               f"is a {found} model")
+
+
+OUTPUT_DIR = Path("outputs")  # default folder of every result (relative to the working directory)
+
+
 def default_output(prefix: str, slug: str, suffix: str = ".json") -> Path:
-    return Path("outputs") / f"{prefix}_{slug}{suffix}"
+    """outputs/<prefix>_<slug><suffix>, the default result path."""
+    return OUTPUT_DIR / f"{prefix}_{slug}{suffix}"
