@@ -8,9 +8,6 @@ parameter/function name (shorter than 10 bytes); mean ± population SD, Cohen's 
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
@@ -22,27 +19,20 @@ flags.DEFINE_bool("plot", False, "Also write a PNG of per-sample sums by group n
 FLAGS = flags.FLAGS
 
 
+def validate(cfg):
+    cli.check_layer("layer", cfg.num_layers)
+
+
 def main(argv):
     del argv
-    model, load_s = cli.load_model_from_flags()
+    run = cli.Run("multi_sample_attention", model="any", validate=validate)
     from plip_jax.experiments import attention_analysis as aa
-    from plip_jax.cli.provenance import provenance, write_json
+    from plip_jax.experiments.plots import plot_group_values
 
-    t1 = time.perf_counter()
-    result = aa.run_multi_sample_attention(model, FLAGS.layer)
-    t2 = time.perf_counter()
+    result = aa.run_multi_sample_attention(run.model, FLAGS.layer)
     print(aa.format_multi_sample(result))
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("multi_sample_attention", model.source.slug)
-    payload = dict(result)
-    payload["provenance"] = provenance(model=model, dtype=model.dtype,
-                                       timings={"load_s": load_s, "analysis_s": t2 - t1},
-                                       flags={"layer": result["layer"]})
-    write_json(out, payload)
-    print(f"Wrote {out}")
-    if FLAGS.plot:
-        from plip_jax.experiments.plots import plot_group_values
-
-        print(f"Wrote {plot_group_values(result, out.with_suffix('.png'), 'summed attention to name tokens (%)')}")
+    run.flags["layer"] = result["layer"]
+    return run.finish(result, plot=lambda r, png: plot_group_values(r, png, "summed attention to name tokens (%)"))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,9 @@ let the steered state carry into decoding; baseline = scale 1.0 (PLIP-rs `state_
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
-from plip_jax.core.errors import PlipError
 
 cli.define_model_flags(mesh=None)
 flags.DEFINE_integer("layer", 2, "Layer whose marker state write is scaled.")
@@ -24,33 +20,29 @@ flags.DEFINE_string("output", None, "JSON output (default: outputs/state_steerin
 FLAGS = flags.FLAGS
 
 
+def validate(cfg):
+    cli.check_layer("layer", cfg.num_layers)
+    cli.check_at_least("max_tokens", 1)
+    cli.check_at_least("temperature", 0.0, "0 = greedy")
+
+
 def main(argv):
     del argv
+    run = cli.Run("state_steering_generate", model="rwkv6", validate=validate)
     from plip_jax.experiments import state_experiments as se
-    from plip_jax.cli.provenance import provenance, write_json
 
-    t0 = time.perf_counter()
-    try:
-        model, t_load = cli.load_model_from_flags(family="rwkv6")
-        print(f"layer {FLAGS.layer}, "
-              f"scale {FLAGS.scale}x, {FLAGS.max_tokens} tokens, temperature {FLAGS.temperature}")
-        payload = se.run_state_steering_generate(model, layer=FLAGS.layer, scale=FLAGS.scale,
-                                                 max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
-                                                 seed=FLAGS.seed, model_name=FLAGS.model or model.name)
-    except (PlipError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    print(f"layer {FLAGS.layer}, "
+          f"scale {FLAGS.scale}x, {FLAGS.max_tokens} tokens, temperature {FLAGS.temperature}")
+    payload = se.run_state_steering_generate(run.model, layer=FLAGS.layer, scale=FLAGS.scale,
+                                             max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
+                                             seed=FLAGS.seed, model_name=FLAGS.model or run.model.name)
     for s in payload["samples"]:
         print(f"--- {s['name']} ({s['category']}), marker token {s['marker_token_pos']}")
         print(f"  baseline: {s['baseline_output'][:150]!r}")
         print(f"  steered:  {s['steered_output'][:150]!r}")
     print(se.format_generate_table(payload))
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("state_steering_generate", model.source.slug)
-    timings = {"load_s": t_load, **payload.pop("timings_s"), "total_s": time.perf_counter() - t0}
-    payload["provenance"] = provenance(model=model, dtype=model.dtype, timings=timings,
-                                       flags={k: FLAGS[k].value for k in ("layer", "scale", "max_tokens",
-                                                                          "temperature", "seed")})
-    write_json(out, payload)
-    print(f"Wrote {out}")
+    run.timings.update(payload.pop("timings_s"))
+    return run.finish(payload, record=("layer", "scale", "max_tokens", "temperature", "seed"))
 
 
 if __name__ == "__main__":

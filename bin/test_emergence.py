@@ -8,9 +8,6 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
@@ -21,21 +18,18 @@ flags.DEFINE_string("output", None, "JSON output (default: outputs/test_emergenc
 FLAGS = flags.FLAGS
 
 
+def validate(cfg):
+    cli.check_count("top_k", cfg.vocab_size, f"the vocabulary has {cfg.vocab_size} tokens")
+
+
 def main(argv):
     del argv
-
-    model, t_load = cli.load_model_from_flags()
+    run = cli.Run("test_emergence", model="any", validate=validate)
     from plip_jax.experiments import lens_experiments
-    from plip_jax.cli.provenance import provenance, write_json
 
-    t0 = time.perf_counter() - t_load
-    rep = lens_experiments.test_emergence(model, top_k=FLAGS.top_k)
-    t_run = time.perf_counter() - t0 - t_load
+    rep = lens_experiments.test_emergence(run.model, top_k=FLAGS.top_k)
     print(lens_experiments.format_emergence(rep))
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("test_emergence", model.source.slug)
-    rep["provenance"] = provenance(model=model, dtype=model.dtype,
-                                   timings={"load_s": t_load, "emergence_s": t_run}, flags={"top_k": FLAGS.top_k})
-    print(f"Wrote {write_json(out, rep)}")
+    return run.finish(rep, record=("top_k",))
 
 
 if __name__ == "__main__":
