@@ -63,6 +63,7 @@ class Run:
     def __init__(self, output: OutputName, *, model: Optional[str] = "transformer", corpus: Optional[str] = None,
                  validate: Optional[Callable[[Any], None]] = None):
         from plip_jax.models import registry
+        from plip_jax.models.sources import weight_files
 
         self.t0 = time.perf_counter()
         self.timings: dict = {}
@@ -78,6 +79,8 @@ class Run:
             self.source, family, self.cfg = registry.read_model_config(FLAGS.model)
             if model in ("transformer", "rwkv6"):
                 check_family(family, model)
+            if model != "tokenizer":
+                weight_files(self.source.path)  # every weight file is there (a listing, nothing read)
         if validate is not None:
             validate(self.cfg)
         self.output = self._output_path(output)
