@@ -17,6 +17,7 @@ from plip_jax import cli
 
 cli.define_model_flags()
 flags.DEFINE_string("corpus", None, "Legacy token-position corpus (default: corpus/attention_samples.json).")
+cli.define_unknown_groups_flag()
 flags.DEFINE_string("output", None, "JSON output (default: outputs/statistical_attention_<model>.json).")
 flags.DEFINE_integer("layer", None, "Layer to analyse (default: the last layer).")
 flags.DEFINE_bool("use_legacy_token_positions", False, "Use the corpus's stored token positions (valid only for "

@@ -111,7 +111,8 @@ class Run:
 
         loader, default = CORPORA[kind]
         path = Path(_flag("corpus")) if _flag("corpus") else corpus_lib.default_corpus_path(default)
-        kwargs = {"allow_unknown_groups": bool(_flag("allow_unknown_groups", False))} if kind == "universal" else {}
+        kwargs = ({"allow_unknown_groups": bool(_flag("allow_unknown_groups", False))}
+                  if kind in ("universal", "legacy") else {})
         corpus = getattr(corpus_lib, loader)(path, **kwargs)
         skipped = dict(getattr(corpus, "skipped_groups", ()))
         if skipped:

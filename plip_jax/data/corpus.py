@@ -65,6 +65,19 @@ def _load_json(path: Path) -> dict:
         raise CorpusError(f"{path} is not valid JSON: {e}") from None
 
 
+def _unknown_groups(path: Path, raw: dict, known, allow: bool) -> dict:
+    """{group: n_samples} of the keys of `raw` that are neither a known group nor metadata ('_' prefix);
+    CorpusError listing them and the known groups unless `allow`."""
+    unknown = {k: len(v) if isinstance(v, list) else 1 for k, v in raw.items()
+               if not str(k).startswith("_") and k not in known}
+    if unknown and not allow:
+        listed = ", ".join(f"{k!r} ({n} samples)" for k, n in unknown.items())
+        raise CorpusError(f"{path}: unknown group(s) {listed}; the known groups are {', '.join(known)} "
+                          f"(keys starting with '_' are metadata). Rename the group, or pass "
+                          f"--allow_unknown_groups to skip it")
+    return unknown
+
+
 def load_universal_corpus(path: Optional[Path] = None, groups=UNIVERSAL_GROUPS,
                           allow_unknown_groups: bool = False) -> UniversalCorpus:
     """Load and validate a universal-format (v2) corpus: unique ids, positions inside the code, and the
@@ -80,13 +93,7 @@ def load_universal_corpus(path: Optional[Path] = None, groups=UNIVERSAL_GROUPS,
             f"{path} has none of the groups {list(groups)}: it is not a universal-format corpus "
             f"(legacy token-position corpora are converted with `python -m bin.convert_corpus`)"
         )
-    unknown = {k: len(v) if isinstance(v, list) else 1 for k, v in raw.items()
-               if not k.startswith("_") and k not in UNIVERSAL_GROUPS}
-    if unknown and not allow_unknown_groups:
-        listed = ", ".join(f"{k!r} ({n} samples)" for k, n in unknown.items())
-        raise CorpusError(f"{path}: unknown group(s) {listed}; the known groups are {', '.join(UNIVERSAL_GROUPS)} "
-                          f"(keys starting with '_' are metadata). Rename the group, or pass "
-                          f"--allow_unknown_groups to skip it")
+    unknown = _unknown_groups(path, raw, UNIVERSAL_GROUPS, allow_unknown_groups)
     samples, seen = [], set()
     for group in groups:
         for i, item in enumerate(raw.get(group, [])):
@@ -139,9 +146,12 @@ _LEGACY_FIELDS = {  # group -> (marker field aliases, targets field aliases), PL
 }
 
 
-def load_legacy_corpus(path: Path) -> list[LegacySample]:
-    """Load a legacy token-position corpus (`corpus/attention_samples.json`)."""
+def load_legacy_corpus(path: Path, allow_unknown_groups: bool = False) -> list[LegacySample]:
+    """Load a legacy token-position corpus (`corpus/attention_samples.json`); unknown groups as in
+    `load_universal_corpus` (an error, or skipped with `allow_unknown_groups`)."""
     raw = _load_json(path)
+    if isinstance(raw, dict):
+        _unknown_groups(path, raw, tuple(_LEGACY_FIELDS), allow_unknown_groups)
     out = []
     for group, (marker_keys, target_keys) in _LEGACY_FIELDS.items():
         for i, item in enumerate(raw.get(group, [])):
