@@ -169,11 +169,12 @@ def test_layer_scan_bad_models_corpora_flags_outputs(bad, tmp_path):
 @pytest.mark.slow
 def test_layer_scan_runs_that_must_not_print_a_wrong_number(bad, tmp_path):
     """Row 24 under --allow_unknown_groups (skipped and counted, not silently dropped); row 26 (n = 1 per
-    language: undefined tests are null in the file, 'undefined' in the table, never NaN); row 44 (a full disk:
-    the earlier result survives, the new one goes to the fallback folder)."""
+    language: undefined tests are null in the file, 'undefined' in the table, never NaN; with --plot and
+    --report, the final line lists the three outputs); row 44 (a full disk: the earlier result survives, the
+    new one goes to the fallback folder)."""
     allow, one = tmp_path / "allow.json", tmp_path / "one.json"
     cases = [[f"--corpus={bad['unknown_extra']}", "--allow_unknown_groups", f"--output={allow}"],
-             [f"--corpus={bad['one_each']}", f"--output={one}"]]
+             [f"--corpus={bad['one_each']}", f"--output={one}", "--plot", "--report"]]
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(tiny)],
@@ -190,6 +191,10 @@ def test_layer_scan_runs_that_must_not_print_a_wrong_number(bad, tmp_path):
         assert results[1]["status"] == 0, results[1]["stderr"][-3000:]
         assert "undefined" in results[1]["stdout"] and "nan" not in results[1]["stdout"].lower()
         scan = json.loads(one.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the result file"))
+        final = results[1]["stdout"].rstrip().splitlines()[-1]  # the tail's last line: time and every output
+        assert final.startswith("done in ") and final.endswith(f": {one}, {one.with_suffix('.png')}, "
+                                                               f"{tmp_path / 'index.html'}"), final
+        assert one.with_suffix(".png").stat().st_size > 5000 and (tmp_path / "index.html").stat().st_size > 5000
         assert [r["p_value"] for r in scan["results"]] == [None] * len(scan["results"]) == [None] * 6
         if mounted:
             check(results[2], 6, "No space left on device", "previous file there is unchanged",
