@@ -15,20 +15,18 @@ Paper preset (PLIP-rs's knockout scan on Qwen2.5-Coder-7B-Instruct): `plip qwen7
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-from absl import app, flags
+from absl import flags
 
 from plip_jax import cli
 from plip_jax.analysis import stats
 
 cli.define_model_flags(mesh="samples")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: the shipped one).")
+cli.define_unknown_groups_flag()
 flags.DEFINE_string("output", None, "JSON output (default: outputs/ablation_<mode>_<model>.json).")
 cli.define_knockout_mode_flags("marker -> target attention", "PLIP's heuristic, n//2 for small models")
 flags.DEFINE_bool("all_edges", False, "Knock out every later row -> marker column (marker invisible to later tokens).")
-flags.DEFINE_list("heads", None, "Query heads to knock out (default: all).")
+cli.define_int_list("heads", None, "Query heads to knock out, comma-separated (default: all).", minimum=0)
 flags.DEFINE_string("logit_token", None, "Also report each sample's logit difference (baseline - knocked) of this "
                     "single token, e.g. '\\n' or ' assert'.")
 flags.DEFINE_integer("sweep_batch", None, "Run this many sweep points (windows / doses) at a time to bound "
@@ -37,55 +35,66 @@ flags.DEFINE_bool("plot", False, "Write a PNG next to the JSON.")
 FLAGS = flags.FLAGS
 
 
+def knockout_mode() -> str:
+    """PLIP-rs's dispatch order: scan_layers -> slide_window -> scan_windows -> explicit window -> single layer."""
+    if FLAGS.scan_layers:
+        return "scan_layers"
+    if FLAGS.slide_window:
+        return "slide_window"
+    if FLAGS.scan_windows:
+        return "scan_windows"
+    return "window" if FLAGS.layer_start is not None or FLAGS.layer_end is not None else "layer"
+
+
+def validate(cfg):
+    n = cfg.num_layers
+    cli.check_layer("layer", n)
+    cli.check_layer("window_center", n)
+    cli.check_layer_range("layer_start", "layer_end", n, together=True)
+    cli.check_heads("heads", cfg.num_heads)
+    cli.check_count("slide_window", n, f"a window of at most the model's {n} layers")
+    cli.check_at_least("max_radius", 0)
+    cli.check_at_least("sweep_batch", 1)
+
+
+def output_name(cfg):
+    from plip_jax.experiments import knockout
+
+    target = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(cfg.num_layers)
+    mode = knockout_mode()
+    return "ablation_" + {"layer": f"layer{target}", "window": f"layers{FLAGS.layer_start}_{FLAGS.layer_end}"}.get(mode, mode)
+
+
 def main(argv):
     del argv
-    t0 = time.perf_counter()
-    model, _ = cli.load_model_from_flags(family="transformer")
-    from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
+    run = cli.Run(output_name, model="transformer", corpus="universal", validate=validate)
     from plip_jax.experiments import knockout, plots
     from plip_jax.experiments import windows as windows_lib
-    from plip_jax.cli.provenance import provenance, write_json
 
-    corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
-    corpus = load_universal_corpus(corpus_path)
+    model, corpus, mode = run.model, run.corpus, knockout_mode()
     n = model.cfg.num_layers
-    heads = [int(h) for h in FLAGS.heads] if FLAGS.heads else None
+    heads = list(FLAGS.heads) if FLAGS.heads else None
     target = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(n)
     common = dict(heads=heads, all_edges=FLAGS.all_edges)
-    if FLAGS.scan_layers:
-        mode = "scan_layers"
+    if mode == "scan_layers":
         result = knockout.run_layer_scan_knockout(model, corpus, **common)
         print(knockout_table_scan(result))
-    elif FLAGS.slide_window or FLAGS.scan_windows:
-        if FLAGS.slide_window:
-            mode, windows = "slide_window", windows_lib.sliding_windows(FLAGS.slide_window, n)
+    elif mode in ("slide_window", "scan_windows"):
+        if mode == "slide_window":
+            windows = windows_lib.sliding_windows(FLAGS.slide_window, n)
         else:
             center = FLAGS.window_center if FLAGS.window_center is not None else target
-            mode, windows = "scan_windows", windows_lib.radius_windows(center, FLAGS.max_radius, n)
+            windows = windows_lib.radius_windows(center, FLAGS.max_radius, n)
         result = knockout.run_window_sweep(model, corpus, windows, sweep_batch=FLAGS.sweep_batch, **common)
         print(knockout_table_windows(result))
     else:
-        if FLAGS.layer_start is not None or FLAGS.layer_end is not None:
-            if FLAGS.layer_start is None or FLAGS.layer_end is None:
-                raise app.UsageError("--layer_start and --layer_end go together")
-            if FLAGS.layer_start > FLAGS.layer_end:
-                raise app.UsageError(f"--layer_start={FLAGS.layer_start} is after --layer_end={FLAGS.layer_end}")
-            mode, layers = "window", list(range(FLAGS.layer_start, FLAGS.layer_end + 1))
-        else:
-            mode, layers = "layer", [target]
+        layers = list(range(FLAGS.layer_start, FLAGS.layer_end + 1)) if mode == "window" else [target]
         result = knockout.run_knockout(model, corpus, layers=layers, include_baselines=FLAGS.include_baselines,
                                        control_seed=None if FLAGS.control_seed < 0 else FLAGS.control_seed,
                                        logit_token=FLAGS.logit_token, **common)
         print(knockout_table_single(result))
-    suffix = {"layer": f"layer{target}", "window": f"layers{FLAGS.layer_start}_{FLAGS.layer_end}"}.get(mode, mode)
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output(f"ablation_{suffix}", model.source.slug)
-    result["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype, timings={"wall_s": time.perf_counter() - t0},
-                                      flags={"mode": mode, "heads": heads, "all_edges": FLAGS.all_edges})
-    write_json(out, result)
-    print(f"Wrote {out}")
-    if FLAGS.plot:
-        png = plots.plot_knockout(result, out.with_suffix(".png"))
-        print(f"Wrote {png}")
+    run.flags.update(mode=mode, heads=heads)
+    return run.finish(result, record=("all_edges",), plot=plots.plot_knockout)
 
 
 def _fmt_stats(s):

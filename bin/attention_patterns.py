@@ -8,9 +8,6 @@ snippet (corpus/attention_pattern_snippets.json), the top-5 visible tokens atten
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
@@ -24,29 +21,23 @@ flags.DEFINE_bool("plot", False, "Also write a heatmap PNG (one colour scale) of
 FLAGS = flags.FLAGS
 
 
+def validate(cfg):
+    cli.check_count("layers", cfg.num_layers, f"the model has {cfg.num_layers} layers")
+    cli.check_at_least("top_k", 1)
+
+
 def main(argv):
     del argv
-    model, load_s = cli.load_model_from_flags()
+    run = cli.Run("attention_patterns", model="any", validate=validate)
     from plip_jax.experiments import attention_patterns as ap
-    from plip_jax.cli.provenance import provenance, write_json
 
-    t1 = time.perf_counter()
-    layers = ap.default_pattern_layers(model.cfg.num_layers, FLAGS.layers)
-    result = ap.run_attention_patterns(model, layers, top_k=FLAGS.top_k)
-    t2 = time.perf_counter()
+    layers = ap.default_pattern_layers(run.model.cfg.num_layers, FLAGS.layers)
+    result = ap.run_attention_patterns(run.model, layers, top_k=FLAGS.top_k)
     for sn in result.snippets:
         print(f"\n{sn['name']} code:\n{sn['code']}")
     print()
     print(ap.format_attention_patterns(result))
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("attention_patterns", model.source.slug)
-    payload = result.to_json()
-    payload["provenance"] = provenance(model=model, dtype=model.dtype,
-                                       timings={"load_s": load_s, "analysis_s": t2 - t1},
-                                       flags={"layers": FLAGS.layers, "top_k": FLAGS.top_k})
-    write_json(out, payload)
-    print(f"\nWrote {out}")
-    if FLAGS.plot:
-        print(f"Wrote {ap.plot_attention_patterns(result, out.with_suffix('.png'))}")
+    return run.finish(result, record=("layers", "top_k"), plot=ap.plot_attention_patterns)
 
 
 if __name__ == "__main__":

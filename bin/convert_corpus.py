@@ -36,10 +36,11 @@ def main(argv):
     if not FLAGS.input or not FLAGS.output:
         raise app.UsageError("--input (legacy corpus) and --output (universal corpus to write) are required")
     from plip_jax.data.corpus import load_universal_corpus
-    from plip_jax.cli.provenance import write_json
 
+    out = cli.check_output_path(FLAGS.output)
+    rep_path = cli.check_output_path(FLAGS.report, "--report") if FLAGS.report else out.with_name(out.stem + "_report.json")
     universal, report = convert_legacy(Path(FLAGS.input))
-    out = write_json(Path(FLAGS.output), universal)
+    cli.write_json(out, universal)
     load_universal_corpus(out)  # validate what we wrote (marker pattern at its position, targets in range)
     if FLAGS.compare:
         report["compared_with"] = FLAGS.compare
@@ -55,8 +56,7 @@ def main(argv):
         print(f"NOT CONVERTED {p['id']} ({p['group']}): {p['reason']}")
     if "differences" in report:
         print(f"{len(report['differences'])} sample(s) differ from {FLAGS.compare}")
-    rep_path = Path(FLAGS.report) if FLAGS.report else out.with_name(out.stem + "_report.json")
-    write_json(rep_path, report)
+    cli.write_json(rep_path, report)
     print(f"Wrote {out} ({report['n_converted']}/{report['n_input']} samples) and {rep_path}")
 
 

@@ -3,6 +3,8 @@
     python -m bin.convert_rwkv_to_safetensors --input ckpt.pth --output_dir models/rwkv6
 """
 
+from pathlib import Path
+
 from absl import flags
 
 from plip_jax import cli
@@ -16,6 +18,7 @@ flags.mark_flags_as_required(["input", "output_dir"])
 
 def main(argv: list[str]) -> None:
     del argv
+    cli.check_output_path(Path(FLAGS.output_dir) / "config.json", "--output_dir")  # a folder we can write in
     st_path, cfg_path = rwkv6.convert_to_hf_safetensors(FLAGS.input, FLAGS.output_dir)
     cfg = rwkv6.load_config(FLAGS.output_dir)  # re-reads the written files
     print(f"wrote {st_path} and {cfg_path}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "

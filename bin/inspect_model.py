@@ -7,8 +7,6 @@ headers, parameter count and memory estimates (weights at f32/bf16, activations 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
@@ -23,13 +21,18 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from plip_jax.core.errors import ConfigError
     from plip_jax.models import hf_cache
-    from plip_jax.cli.provenance import write_json
 
+    out = cli.check_output_path(FLAGS.output) if FLAGS.output else None
     summary = hf_cache.model_summary(FLAGS.model, FLAGS.seq_len)
     print(hf_cache.format_summary(summary, FLAGS.tensors, FLAGS.max_tensors))
-    if FLAGS.output:
-        print(f"Wrote {write_json(Path(FLAGS.output), summary)}")
+    if out:
+        print(f"Wrote {cli.write_json(out, summary)}")
+    bad = summary["shape_mismatches"]
+    if bad:
+        raise ConfigError(f"config.json of {summary['path']} does not match its weights ({len(bad)} tensor(s)): "
+                          f"{bad[0]}; a load would fail. Fix or re-download config.json")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ Paper presets (PLIP-rs's layer scans, flagfiles in configs/): `plip qwen7b_layer
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
 
 cli.define_model_flags(mesh="samples")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")
+cli.define_unknown_groups_flag()
 flags.DEFINE_string("output", None, "JSON output (default: outputs/layer_scan_universal_<model>.json).")
 flags.DEFINE_integer("start_layer", None, "First layer to scan (default: n_layers // 3).")
 flags.DEFINE_integer("end_layer", None, "Last layer to scan, inclusive (default: n_layers - 1).")
@@ -30,31 +29,25 @@ flags.DEFINE_integer("seed", 0, "Seed of the Monte Carlo permutation tests (used
 FLAGS = flags.FLAGS
 
 
+def validate(cfg):
+    cli.check_layer_range("start_layer", "end_layer", cfg.num_layers)
+    cli.check_at_least("batch_size", 1)
+
+
 def main(argv):
     del argv
-    model, t_load = cli.load_model_from_flags()
-    from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
+    run = cli.Run("layer_scan_universal", model="any", corpus="universal", validate=validate)
     from plip_jax.experiments import layer_scan
-    from plip_jax.cli.provenance import provenance, write_json
 
-    corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
-    corpus = load_universal_corpus(corpus_path)
-    result = layer_scan.run_layer_scan(model, corpus, start_layer=FLAGS.start_layer, end_layer=FLAGS.end_layer,
+    result = layer_scan.run_layer_scan(run.model, run.corpus, start_layer=FLAGS.start_layer, end_layer=FLAGS.end_layer,
                                        batch_size=FLAGS.batch_size, seed=FLAGS.seed)
     stats_ = result.position_conversion_stats
-    print(f"Corpus: {corpus_path} — {stats_['successful_conversions']}/{stats_['total_samples']} samples converted, "
+    print(f"Corpus: {run.corpus_path} — {stats_['successful_conversions']}/{stats_['total_samples']} samples converted, "
           f"{stats_['fuzzy_matches']} fuzzy matches")
     print(layer_scan.format_table(result))
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("layer_scan_universal", model.source.slug)
-    payload = result.to_json()
-    payload["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype,
-                                       timings={"load_s": t_load, **result.timings},
-                                       flags={k: FLAGS[k].value for k in ("start_layer", "end_layer", "batch_size", "seed")})
-    write_json(out, payload)
-    print(f"Wrote {out}")
-    if FLAGS.plot:
-        print(f"Wrote {layer_scan.plot_layer_scan(result, out.with_suffix('.png'))}")
-        print(f"Wrote {layer_scan.plot_head_map(result, out.with_name(out.stem + '_heads.png'))}")
+    return run.finish(result, record=("start_layer", "end_layer", "batch_size", "seed"),
+                      plot=lambda r, png: [layer_scan.plot_layer_scan(r, png),
+                                           layer_scan.plot_head_map(r, png.with_name(png.stem + "_heads.png"))])
 
 
 if __name__ == "__main__":

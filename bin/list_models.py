@@ -22,15 +22,15 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from plip_jax.models import hf_cache
-    from plip_jax.cli.provenance import write_json
 
+    out = cli.check_output_path(FLAGS.output) if FLAGS.output else None
     cache = Path(FLAGS.cache_dir) if FLAGS.cache_dir else hf_cache.hub_cache_dir()
     models = hf_cache.list_models(cache)
     if FLAGS.supported_only:
         models = [m for m in models if m.supported]
     print(hf_cache.format_models(models, cache))
-    if FLAGS.output:
-        print(f"Wrote {write_json(Path(FLAGS.output), {'cache_dir': str(cache), 'models': [m.to_json() for m in models]})}")
+    if out:
+        print(f"Wrote {cli.write_json(out, {'cache_dir': str(cache), 'models': [m.to_json() for m in models]})}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,6 @@ corpus/multi_sample_snippets.json (PLIP-rs's).
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
@@ -26,26 +23,20 @@ flags.DEFINE_string("snippets", None, "Snippet file (default: corpus/multi_sampl
 FLAGS = flags.FLAGS
 
 
+def validate(cfg):
+    cli.check_layer("layer", cfg.num_layers)
+
+
 def main(argv):
     del argv
-    model, load_s = cli.load_model_from_flags()
+    run = cli.Run("multi_sample_attention", model="any", validate=validate)
     from plip_jax.data.corpus import load_multi_snippets
     from plip_jax.experiments import multi_sample_attention as ms
-    from plip_jax.cli.provenance import provenance, write_json
 
-    t1 = time.perf_counter()
-    result = ms.run_multi_sample_attention(model, FLAGS.layer, snippets=load_multi_snippets(FLAGS.snippets))
-    t2 = time.perf_counter()
+    result = ms.run_multi_sample_attention(run.model, FLAGS.layer, snippets=load_multi_snippets(FLAGS.snippets))
     print(ms.format_multi_sample(result))
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("multi_sample_attention", model.source.slug)
-    payload = result.to_json()
-    payload["provenance"] = provenance(model=model, dtype=model.dtype,
-                                       timings={"load_s": load_s, "analysis_s": t2 - t1},
-                                       flags={"layer": result.layer, "snippets": FLAGS.snippets})
-    write_json(out, payload)
-    print(f"Wrote {out}")
-    if FLAGS.plot:
-        print(f"Wrote {ms.plot_multi_sample(result, out.with_suffix('.png'))}")
+    run.flags["layer"] = result.layer
+    return run.finish(result, record=("snippets",), plot=ms.plot_multi_sample)
 
 
 if __name__ == "__main__":

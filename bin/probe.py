@@ -7,8 +7,6 @@ shuffled-label control and a bag-of-tokens baseline.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
@@ -26,30 +24,27 @@ flags.DEFINE_bool("plot", False, "Also write a PNG (accuracy by layer, CI, contr
 FLAGS = flags.FLAGS
 
 
+def validate(cfg):
+    cli.check_between("train_frac", 0.0, 1.0, "the fraction of samples in the training split", low_open=True)
+    cli.check_at_least("k_folds", 2)
+    cli.check_at_least("l2", 0.0)
+    cli.check_at_least("max_iter", 1)
+    cli.check_at_least("batch_size", 1)
+
+
 def main(argv):
     del argv
-    from plip_jax.data.corpus import default_corpus_path, load_probe_samples
+    run = cli.Run("plip_results", model="any", corpus="probe", validate=validate)
     from plip_jax.experiments import probe_experiment
-    from plip_jax.cli.provenance import provenance, write_json
 
-    corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path("samples.json")
-    samples = load_probe_samples(corpus_path)
-    model, t_load = cli.load_model_from_flags()
-    print(f"Corpus: {corpus_path} ({len(samples)} samples)")
+    samples = run.corpus
+    print(f"Corpus: {run.corpus_path} ({len(samples)} samples)")
     result = probe_experiment.run_probe_experiment(
-        model, samples, seed=FLAGS.seed, frac=FLAGS.train_frac, k_folds=FLAGS.k_folds, l2=FLAGS.l2,
+        run.model, samples, seed=FLAGS.seed, frac=FLAGS.train_frac, k_folds=FLAGS.k_folds, l2=FLAGS.l2,
         max_iter=FLAGS.max_iter, batch_size=FLAGS.batch_size)
     print(probe_experiment.format_table(result))
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("plip_results", model.source.slug)
-    payload = result.to_json()
-    payload["provenance"] = provenance(
-        model=model, corpus_path=corpus_path, dtype=model.dtype,
-        timings={"load_s": t_load, **result.timings},
-        flags={k: FLAGS[k].value for k in ("seed", "train_frac", "k_folds", "l2", "max_iter", "batch_size")})
-    write_json(out, payload)
-    print(f"Wrote {out}")
-    if FLAGS.plot:
-        print(f"Wrote {probe_experiment.plot_probe_results(result, out.with_suffix('.png'))}")
+    return run.finish(result, record=("seed", "train_frac", "k_folds", "l2", "max_iter", "batch_size"),
+                      plot=probe_experiment.plot_probe_results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ bundled one if none), unless --model is given. The page needs no network and ope
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
+
+from plip_jax import cli
 
 flags.DEFINE_string("outputs", "outputs", "Folder of result JSONs (and their PNGs).")
 flags.DEFINE_string("output", None, "HTML path (default: <outputs>/index.html).")
@@ -24,25 +26,25 @@ flags.DEFINE_string("samples", "default", "Samples of the attention view: 'defau
 flags.DEFINE_string("corpus", None, "Universal corpus of those samples (default: the runs', else the shipped one).")
 flags.DEFINE_bool("attention", True, "Build the attention view (runs the model); --noattention: sections only.")
 flags.DEFINE_enum("bits", "8", ["8", "16"], "Quantisation of the embedded attention (sqrt-scaled).")
-flags.DEFINE_list("layers", None, "Layers the attention view keeps (default: all). The page grows with "
-                  "layers x heads x tokens^2 / 2 bytes per sample: keep a few layers of a 7B model.")
+cli.define_int_list("layers", None, "Layers the attention view keeps (default: all). The page grows with "
+                   "layers x heads x tokens^2 / 2 bytes per sample: keep a few layers of a 7B model.", minimum=0)
 flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where the attention view's forwards run.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
+    if FLAGS.output:
+        cli.check_output_path(FLAGS.output)
     if FLAGS.attention:
-        from plip_jax import cli
-
         cli.select_device(FLAGS.device)
     from plip_jax.report import write_report
 
     out = write_report(FLAGS.outputs, model=FLAGS.model, samples=FLAGS.samples, attention=FLAGS.attention,
                        corpus=FLAGS.corpus, dtype=FLAGS.dtype, bits=int(FLAGS.bits), output=FLAGS.output,
-                       layers=[int(x) for x in FLAGS.layers] if FLAGS.layers else None)
+                       layers=list(FLAGS.layers) if FLAGS.layers else None)
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,17 +13,14 @@ Mode order as PLIP: --scan_layers, --slide_window, --scan_windows, --layer_start
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
-from plip_jax.core.errors import PlipError
 
 cli.define_model_flags(mesh=None)
 cli.define_knockout_mode_flags("state contribution of the target tokens", "floor(3 * n_layers / 5), 14 for 24 layers")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")
+cli.define_unknown_groups_flag()
 flags.DEFINE_string("output", None, "JSON output (default: outputs/state_ablation_<model>_<mode>.json).")
 flags.DEFINE_bool("verbose", False, "Print per-sample KLs and token positions.")
 flags.DEFINE_integer("chunk", 64, "Forwards per vmapped step (bounds memory; 0 = all (sample, edit) pairs at once).")
@@ -35,71 +32,77 @@ flags.DEFINE_bool("plot", False, "Also write a PNG next to the JSON: KL mean ± 
 FLAGS = flags.FLAGS
 
 
+def state_layer(n: int) -> int:
+    from plip_jax.experiments.rwkv_state.samples import default_state_layer
+
+    return FLAGS.layer if FLAGS.layer is not None else default_state_layer(n)
+
+
+def run_tag(n: int) -> str:
+    """The mode part of the output name (PLIP's mode order)."""
+    if FLAGS.scan_layers:
+        return "scan_layers"
+    if FLAGS.slide_window is not None:
+        return f"slide{FLAGS.slide_window}"
+    if FLAGS.scan_windows:
+        center = FLAGS.window_center if FLAGS.window_center is not None else state_layer(n)
+        return f"windows_c{center}_r{FLAGS.max_radius}"
+    start, end = (FLAGS.layer_start, FLAGS.layer_end) if FLAGS.layer_start is not None else (state_layer(n),) * 2
+    return f"layer{start}" if start == end else f"layers{start}-{end}"
+
+
+def validate(cfg):
+    n = cfg.num_layers
+    cli.check_layer("layer", n)
+    cli.check_layer("window_center", n)
+    cli.check_layer_range("layer_start", "layer_end", n, together=True)
+    cli.check_count("slide_window", n, f"a window of at most the model's {n} layers")
+    cli.check_at_least("max_radius", 0)
+    cli.check_at_least("chunk", 0, "0 = all at once")
+
+
 def main(argv):
     del argv
-    from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
+    run = cli.Run(lambda cfg: f"state_ablation_{{model}}_{run_tag(cfg.num_layers)}", model="rwkv6",
+                  corpus="universal", validate=validate)
     from plip_jax.experiments import windows as windows_lib
     from plip_jax.experiments.rwkv_state import ablation, plots as state_plots, samples as state_samples
-    from plip_jax.cli.provenance import provenance, write_json
 
-    t0 = time.perf_counter()
-    corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
-    try:
-        model, t_load = cli.load_model_from_flags(family="rwkv6")
-        corpus = load_universal_corpus(corpus_path)
-        samples, failures = state_samples.prepare_samples(model.tokenizer, corpus, FLAGS.include_baselines)
-    except (PlipError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    model = run.model
+    samples, failures = state_samples.prepare_samples(model.tokenizer, run.corpus, FLAGS.include_baselines)
     n = model.cfg.num_layers
-    print(f"Corpus: {corpus_path} — {len(samples)} samples usable"
+    print(f"Corpus: {run.corpus_path} — {len(samples)} samples usable"
           + (f", {len(failures)} skipped: {'; '.join(failures)}" if failures else ""))
     if FLAGS.verbose:
         for s in samples:
             print(f"  {s.id}: marker token {s.marker_token_pos}, targets {s.target_token_positions}, "
                   f"{len(s.token_ids)} tokens")
-    layer = FLAGS.layer if FLAGS.layer is not None else state_samples.default_state_layer(n)
+    layer = state_layer(n)
     name = FLAGS.model or model.name
-    try:
-        if FLAGS.scan_layers or FLAGS.slide_window is not None or FLAGS.scan_windows:
-            if FLAGS.scan_layers:
-                windows, mode, tag = [(l, l) for l in range(n)], "scan_layers", "scan_layers"
-            elif FLAGS.slide_window is not None:
-                windows, mode = windows_lib.sliding_windows(FLAGS.slide_window, n), "slide_window"
-                tag = f"slide{FLAGS.slide_window}"
-            else:
-                center = FLAGS.window_center if FLAGS.window_center is not None else layer
-                windows, mode = windows_lib.radius_windows(center, FLAGS.max_radius, n), "scan_windows"
-                tag = f"windows_c{center}_r{FLAGS.max_radius}"
-            result = ablation.run_knockout_windows(model, samples, windows, chunk=FLAGS.chunk or None,
-                                                   model_name=name, mode=mode)
-            print(ablation.format_window_table(result))
-            plot = state_plots.plot_windows
+    if FLAGS.scan_layers or FLAGS.slide_window is not None or FLAGS.scan_windows:
+        if FLAGS.scan_layers:
+            windows, mode = [(l, l) for l in range(n)], "scan_layers"
+        elif FLAGS.slide_window is not None:
+            windows, mode = windows_lib.sliding_windows(FLAGS.slide_window, n), "slide_window"
         else:
-            if (FLAGS.layer_start is None) != (FLAGS.layer_end is None):
-                raise ValueError("--layer_start and --layer_end go together (a window needs both ends)")
-            start, end = ((FLAGS.layer_start, FLAGS.layer_end) if FLAGS.layer_start is not None else (layer, layer))
-            seed = FLAGS.control_seed if FLAGS.control_seed >= 0 else None
-            result = ablation.run_state_ablation(model, samples, start, end, control_seed=seed,
-                                                 control_max_offset=FLAGS.control_max_offset,
-                                                 chunk=FLAGS.chunk or None, model_name=name)
-            tag = f"layer{start}" if start == end else f"layers{start}-{end}"
-            print(ablation.format_ablation_summary(result, verbose=FLAGS.verbose))
-            plot = state_plots.plot_ablation
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("state_ablation", f"{model.source.slug}_{tag}")
-    payload = result.to_json()
-    timings = {"load_s": t_load, **result.timings, "total_s": time.perf_counter() - t0}
-    payload["provenance"] = provenance(
-        model=model, corpus_path=corpus_path, dtype=model.dtype, timings=timings,
-        flags={k: FLAGS[k].value for k in ("layer", "layer_start", "layer_end", "scan_layers", "scan_windows",
-                                           "window_center", "max_radius", "slide_window", "include_baselines",
-                                           "control_seed", "control_max_offset", "chunk")},
-        extra={"skipped_samples": failures})
-    write_json(out, payload)
-    print(f"Wrote {out}")
-    if FLAGS.plot:
-        print(f"Wrote {plot(result, out.with_suffix('.png'))}")
+            center = FLAGS.window_center if FLAGS.window_center is not None else layer
+            windows, mode = windows_lib.radius_windows(center, FLAGS.max_radius, n), "scan_windows"
+        result = ablation.run_knockout_windows(model, samples, windows, chunk=FLAGS.chunk or None, model_name=name,
+                                               mode=mode)
+        print(ablation.format_window_table(result))
+        plot = state_plots.plot_windows
+    else:
+        start, end = ((FLAGS.layer_start, FLAGS.layer_end) if FLAGS.layer_start is not None else (layer, layer))
+        seed = FLAGS.control_seed if FLAGS.control_seed >= 0 else None
+        result = ablation.run_state_ablation(model, samples, start, end, control_seed=seed,
+                                             control_max_offset=FLAGS.control_max_offset,
+                                             chunk=FLAGS.chunk or None, model_name=name)
+        print(ablation.format_ablation_summary(result, verbose=FLAGS.verbose))
+        plot = state_plots.plot_ablation
+    return run.finish(result, extra={"skipped_samples": failures}, plot=plot,
+                      record=("layer", "layer_start", "layer_end", "scan_layers", "scan_windows", "window_center",
+                              "max_radius", "slide_window", "include_baselines", "control_seed", "control_max_offset",
+                              "chunk"))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,11 @@ let the steered state carry into decoding; baseline = scale 1.0 (PLIP-rs `state_
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 from absl import flags
 
 from plip_jax import cli
-from plip_jax.core.errors import PlipError
 from plip_jax.analysis.test_preservation import EXECUTE_DOCTESTS_HELP
 
 cli.define_model_flags(mesh=None)
@@ -32,42 +30,35 @@ flags.DEFINE_bool("plot", False, "Also write a PNG next to the JSON: baseline vs
 FLAGS = flags.FLAGS
 
 
+def validate(cfg):
+    cli.check_layer("layer", cfg.num_layers)
+    cli.check_at_least("max_tokens", 1)
+    cli.check_at_least("temperature", 0.0, "0 = greedy")
+
+
 def main(argv):
     del argv
-    from plip_jax.experiments.rwkv_state import generation, plots as state_plots
-    from plip_jax.cli.provenance import provenance, write_json
     from plip_jax.data.corpus import default_corpus_path
+    from plip_jax.experiments.rwkv_state import generation, plots as state_plots
 
-    t0 = time.perf_counter()
-    try:
-        model, t_load = cli.load_model_from_flags(family="rwkv6")
-        print(f"layer {FLAGS.layer}, "
-              f"scale {FLAGS.scale}x, {FLAGS.max_tokens} tokens, temperature {FLAGS.temperature}")
-        prompts_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path(generation.GENERATE_PROMPTS_FILE)
-        prompts = generation.load_generate_prompts(prompts_path)
-        result = generation.run_state_steering_generate(model, layer=FLAGS.layer, scale=FLAGS.scale,
-                                                        max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
-                                                        seed=FLAGS.seed, prompts=prompts,
-                                                        execute_doctests=FLAGS.execute_doctests,
-                                                        model_name=FLAGS.model or model.name)
-    except (PlipError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    prompts_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path(generation.GENERATE_PROMPTS_FILE)
+    prompts = generation.load_generate_prompts(prompts_path)  # validated before the model loads
+    run = cli.Run("state_steering_generate", model="rwkv6", validate=validate)
+    run.corpus_path = prompts_path
+    model = run.model
+    print(f"layer {FLAGS.layer}, scale {FLAGS.scale}x, {FLAGS.max_tokens} tokens, temperature {FLAGS.temperature}")
+    result = generation.run_state_steering_generate(model, layer=FLAGS.layer, scale=FLAGS.scale,
+                                                    max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
+                                                    seed=FLAGS.seed, prompts=prompts,
+                                                    execute_doctests=FLAGS.execute_doctests,
+                                                    model_name=FLAGS.model or model.name)
     for s in result.samples:
         print(f"--- {s.name} ({s.category}), marker token {s.marker_token_pos}")
         print(f"  baseline: {s.baseline_output[:150]!r}")
         print(f"  steered:  {s.steered_output[:150]!r}")
     print(generation.format_generate_table(result))
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("state_steering_generate", model.source.slug)
-    payload = result.to_json()
-    timings = {"load_s": t_load, **result.timings, "total_s": time.perf_counter() - t0}
-    payload["provenance"] = provenance(model=model, corpus_path=prompts_path, dtype=model.dtype,
-                                       timings=timings,
-                                       flags={k: FLAGS[k].value for k in ("layer", "scale", "max_tokens",
-                                                                          "temperature", "seed", "execute_doctests")})
-    write_json(out, payload)
-    print(f"Wrote {out}")
-    if FLAGS.plot:
-        print(f"Wrote {state_plots.plot_generate(result, out.with_suffix('.png'))}")
+    return run.finish(result, record=("layer", "scale", "max_tokens", "temperature", "seed", "execute_doctests"),
+                      plot=state_plots.plot_generate)
 
 
 if __name__ == "__main__":

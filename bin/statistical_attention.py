@@ -13,14 +13,13 @@ says how many changed); `--use_legacy_token_positions` keeps them only if every 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
 
 cli.define_model_flags()
 flags.DEFINE_string("corpus", None, "Legacy token-position corpus (default: corpus/attention_samples.json).")
+cli.define_unknown_groups_flag()
 flags.DEFINE_string("output", None, "JSON output (default: outputs/statistical_attention_<model>.json).")
 flags.DEFINE_integer("layer", None, "Layer to analyse (default: the last layer).")
 flags.DEFINE_bool("use_legacy_token_positions", False, "Use the corpus's stored token positions (valid only for "
@@ -31,34 +30,23 @@ flags.DEFINE_integer("seed", 0, "Seed of Monte Carlo permutation tests (only for
 FLAGS = flags.FLAGS
 
 
+def validate(cfg):
+    cli.check_layer("layer", cfg.num_layers)
+
+
 def main(argv):
     del argv
-    from plip_jax.data.corpus import default_corpus_path, load_legacy_corpus
+    run = cli.Run("statistical_attention", model="any", corpus="legacy", validate=validate)
     from plip_jax.experiments import statistical_attention as sa
-    from plip_jax.experiments.legacy_positions import LegacyPositionError
-    from plip_jax.cli.provenance import provenance, write_json
 
-    corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path("attention_samples.json")
-    samples = load_legacy_corpus(corpus_path)
-    model, t_load = cli.load_model_from_flags()
-    print(f"Corpus: {corpus_path} ({len(samples)} samples)")
-    try:
-        result = sa.run_statistical_attention(model, samples, layer=FLAGS.layer,
-                                              use_legacy_token_positions=FLAGS.use_legacy_token_positions,
-                                              seed=FLAGS.seed)
-    except LegacyPositionError as e:
-        raise SystemExit(f"error: {e}") from None
+    samples = run.corpus
+    print(f"Corpus: {run.corpus_path} ({len(samples)} samples)")
+    result = sa.run_statistical_attention(run.model, samples, layer=FLAGS.layer,
+                                          use_legacy_token_positions=FLAGS.use_legacy_token_positions,
+                                          seed=FLAGS.seed)
     print(sa.format_statistical_attention(result))
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("statistical_attention", model.source.slug)
-    payload = result.to_json()
-    payload["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype, timings={"load_s": t_load, **result.timings},
-                                       flags={"layer": result.layer,
-                                              "use_legacy_token_positions": FLAGS.use_legacy_token_positions,
-                                              "seed": FLAGS.seed})
-    write_json(out, payload)
-    print(f"Wrote {out}")
-    if FLAGS.plot:
-        print(f"Wrote {sa.plot_statistical_attention(result, out.with_suffix('.png'))}")
+    run.flags["layer"] = result.layer
+    return run.finish(result, record=("use_legacy_token_positions", "seed"), plot=sa.plot_statistical_attention)
 
 
 if __name__ == "__main__":

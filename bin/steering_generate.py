@@ -15,9 +15,7 @@ the function-name tokens that precede the row. Stops at EOS by default (PLIP-rs 
 from __future__ import annotations
 
 import math
-import sys
-import time
-from pathlib import Path
+from typing import Optional
 
 from absl import flags
 
@@ -50,55 +48,43 @@ def define_steering_flags(default_max_tokens: int) -> None:
                       "prompt category, PLIP's and the strict detector, with the exact McNemar p.")
 
 
-def run_binary(prompts, experiment: str, corpus_path=None) -> None:
-    """Load the model, run the experiment with the flags, print the report and write the JSON."""
-    FLAGS = flags.FLAGS
-    from plip_jax.experiments import steering_generation as sg
-    from plip_jax.cli.provenance import provenance, write_json
+def validate(cfg):
+    cli.check_layer("layer", cfg.num_layers)
+    cli.check_at_least("max_tokens", 1)
+    cli.check_at_least("temperature", 0.0, "0 = greedy")
+    cli.check_between("top_p", 0.0, 1.0, "the nucleus probability mass", low_open=True)
+    cli.check_at_least("batch_size", 0, "0 = all prompts at once")
+    cli.check_at_least("limit", 0, "0 = all prompts")
 
-    model, t_load = cli.load_model_from_flags(family="transformer")
+
+def run_binary(experiment: str, corpus: Optional[str] = None, limit: int = 0) -> int:
+    """Load the prompts (the fixed 5, or `corpus`'s file: --corpus) and the model, run the experiment with
+    the flags, print the report and write the JSON; returns the exit status."""
+    FLAGS = flags.FLAGS
+    run = cli.Run(experiment, model="transformer", corpus=corpus, validate=validate)
+    from plip_jax.experiments import steering_generation as sg
+
+    prompts = list(run.corpus) if corpus else list(sg.FIXED_PROMPTS)
+    prompts = prompts[:limit] if limit else prompts
+    model = run.model
     print(f"{len(prompts)} prompts x 2 runs, max_tokens {FLAGS.max_tokens}")
     cfg = sg.SteeringGenerationConfig(layer=FLAGS.layer, scale=FLAGS.scale, max_tokens=FLAGS.max_tokens,
                                       temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
                                       chat=FLAGS.chat, chat_template=FLAGS.chat_template,
                                       plip_compat=FLAGS.plip_compat, stop_at_eos=FLAGS.stop_at_eos,
                                       batch_size=FLAGS.batch_size)
-    start = time.perf_counter()
-    last = [0.0]
-
-    def progress(msg: str) -> None:  # at most ~2 updates a second
-        now = time.perf_counter() - start
-        if now - last[0] >= 0.5 or now == 0.0:
-            last[0] = now
-            sys.stderr.write(f"\r[{now:6.1f}s] {msg}   ")
-            sys.stderr.flush()
-
-    progress("compiling prefill + decode loop ...")
-    from plip_jax.analysis.generation import GenerationError
-    from plip_jax.core.interventions import InterventionError
-
-    try:
+    with cli.Status("generation") as progress:  # one updating line (a line every few seconds in a log)
         result = sg.run_steering_generation(model, prompts, cfg, experiment=experiment, on_progress=progress)
-    except (GenerationError, InterventionError) as e:
-        raise SystemExit(f"\nerror: {e}") from None
-    sys.stderr.write("\n")
     print(sg.format_report(result, FLAGS.show_outputs))
-    flag_values = {k: getattr(FLAGS, k) for k in ("model", "dtype", "rope_mode", "layer", "scale", "max_tokens",
-                                                   "temperature", "top_p", "seed", "chat", "chat_template",
-                                                   "plip_compat", "stop_at_eos", "batch_size")}
-    result["provenance"] = provenance(model=model, corpus_path=corpus_path, dtype=model.dtype, flags=flag_values,
-                                      timings={"load_s": t_load, "run_s": result["duration_secs"]})
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output(experiment, model.source.slug)
-    print(f"Wrote {write_json(out, result)}")
-    if FLAGS.plot:
-        print(f"Wrote {sg.plot_generation(result, out.with_suffix('.png'))}")
+    run.timings["generation_s"] = result["duration_secs"]
+    return run.finish(result, record=("model", "dtype", "rope_mode", "layer", "scale", "max_tokens", "temperature",
+                                      "top_p", "seed", "chat", "chat_template", "plip_compat", "stop_at_eos",
+                                      "batch_size"), plot=sg.plot_generation)
 
 
 def main(argv):
     del argv
-    from plip_jax.experiments.steering_generation import FIXED_PROMPTS
-
-    run_binary(list(FIXED_PROMPTS), "steering_generation")
+    return run_binary("steering_generation")
 
 
 if __name__ == "__main__":

@@ -30,13 +30,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from plip_jax.data.corpus import default_corpus_path, load_generation_prompts
-
-    path = FLAGS.corpus or default_corpus_path("generation_prompts_n50.json")
-    prompts = load_generation_prompts(path)
-    if FLAGS.limit:
-        prompts = prompts[: FLAGS.limit]
-    run_binary(prompts, "steering_generation_n50", corpus_path=path)
+    return run_binary("steering_generation_n50", corpus="generation_prompts", limit=FLAGS.limit)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,6 @@ first layer whose top-k holds it (flagged SATURATED when most prompts have it at
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
@@ -25,25 +22,18 @@ flags.DEFINE_bool("plot", False, "Also write a PNG of the rank and probability t
 FLAGS = flags.FLAGS
 
 
+def validate(cfg):
+    cli.check_count("top_k", cfg.vocab_size, f"the vocabulary has {cfg.vocab_size} tokens")
+
+
 def main(argv):
     del argv
-
-    model, t_load = cli.load_model_from_flags()
+    run = cli.Run("test_emergence", model="any", validate=validate)
     from plip_jax.experiments import lens_experiments
-    from plip_jax.cli.provenance import provenance, write_json
 
-    t0 = time.perf_counter() - t_load
-    rep = lens_experiments.run_test_emergence(model, top_k=FLAGS.top_k, match=FLAGS.match)
-    t_run = time.perf_counter() - t0 - t_load
+    rep = lens_experiments.run_test_emergence(run.model, top_k=FLAGS.top_k, match=FLAGS.match)
     print(lens_experiments.format_emergence(rep))
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("test_emergence", model.source.slug)
-    payload = rep.to_json()
-    payload["provenance"] = provenance(model=model, dtype=model.dtype,
-                                       timings={"load_s": t_load, "emergence_s": t_run},
-                                       flags={"top_k": FLAGS.top_k, "match": FLAGS.match})
-    print(f"Wrote {write_json(out, payload)}")
-    if FLAGS.plot:
-        print(f"Wrote {lens_experiments.plot_emergence(rep, out.with_suffix('.png'))}")
+    return run.finish(rep, record=("top_k", "match"), plot=lens_experiments.plot_emergence)
 
 
 if __name__ == "__main__":

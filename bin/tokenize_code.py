@@ -83,8 +83,8 @@ def main(argv):
     del argv
     from plip_jax.models.loading import load_tokenizer
     from plip_jax.models.sources import resolve_model
-    from plip_jax.cli.provenance import write_json
 
+    out = cli.check_output_path(FLAGS.output) if FLAGS.output else None
     chosen = sum(bool(x) for x in (FLAGS.text, FLAGS.file, FLAGS.corpus))
     if chosen > 1:
         raise app.UsageError("give only one of --text, --file, --corpus")
@@ -115,8 +115,8 @@ def main(argv):
     a = annotate(tok, text, extra)
     print(f"Tokenizer: {src.name}")
     print(format_annotation(a))
-    if FLAGS.output:
-        print(f"Wrote {write_json(Path(FLAGS.output), {'model': src.name, **a})}")
+    if out:
+        print(f"Wrote {cli.write_json(out, {'model': src.name, **a})}")
 
 
 if __name__ == "__main__":

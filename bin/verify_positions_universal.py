@@ -8,9 +8,6 @@ in it; status perfect / ok / partial / failed per sample. Exits with status 1 if
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from absl import flags
 
 from plip_jax import cli
@@ -19,31 +16,22 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model whose tokenizer to use (directory, Hub id in the HF cache, or unset "
                     "for the bundled plip-tiny-code). Only the tokenizer is loaded.")
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")
+cli.define_unknown_groups_flag()
 flags.DEFINE_string("output", None, "JSON report (default: outputs/verify_positions_universal_<model>.json).")
 flags.DEFINE_bool("verbose", False, "Print every sample's marker and target conversions.")
 
 
 def main(argv):
     del argv
-    from plip_jax.data.corpus import default_corpus_path, load_universal_corpus
-    from plip_jax.experiments.verify_positions import format_verify_report
-    from plip_jax.models.registry import load_tokenizer
-    from plip_jax.models.sources import resolve_model
+    run = cli.Run("verify_positions_universal", model="tokenizer", corpus="universal")
     from plip_jax.data.positions import verify_report
-    from plip_jax.cli.provenance import provenance, write_json
+    from plip_jax.experiments.verify_positions import format_verify_report
 
-    corpus_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path()
-    corpus = load_universal_corpus(corpus_path)
-    name, tokenizer = load_tokenizer(FLAGS.model)
-    report = verify_report(name, f"universal_v{corpus.format_version}", tokenizer, list(corpus.samples))
+    report = verify_report(run.source.name, f"universal_v{run.corpus.format_version}", run.tokenizer,
+                           list(run.corpus.samples))
     print(format_verify_report(report, FLAGS.verbose))
-    out = Path(FLAGS.output) if FLAGS.output else cli.default_output("verify_positions_universal",
-                                                                     resolve_model(FLAGS.model).slug)
-    report["provenance"] = provenance(corpus_path=corpus_path, extra={"tokenizer_of": name})
-    write_json(out, report)
-    print(f"Wrote {out}")
-    if report["failed_conversions"]:
-        sys.exit(1)
+    run.status = 1 if report["failed_conversions"] else 0  # after writing the report
+    return run.finish(report)
 
 
 if __name__ == "__main__":

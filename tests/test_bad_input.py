@@ -137,3 +137,34 @@ def test_sample_longer_than_context(tmp_path, bundled_model):
     p = _write_corpus(tmp_path, grow)
     with pytest.raises(ValueError, match=r"context of 2048 tokens: rust_simple_add \(\d+ tokens\)"):
         run_layer_scan(bundled_model, load_universal_corpus(p))
+
+
+def test_unknown_groups_are_an_error_or_skipped_and_counted(tmp_path):
+    go = {"id": "go_1", "code": "func TestX() {}", "marker_char_pos": 0, "marker_pattern": "func",
+          "target_char_positions": [5]}
+    p = _write_corpus(tmp_path, lambda r: r.__setitem__("go_test", [go, {**go, "id": "go_2"}]))
+    with pytest.raises(CorpusError, match=r"unknown group\(s\) 'go_test' \(2 samples\); the known groups are "
+                                          r"python_doctest, rust_test.*--allow_unknown_groups"):
+        load_universal_corpus(p)
+    corpus = load_universal_corpus(p, allow_unknown_groups=True)
+    assert corpus.skipped_groups == (("go_test", 2),) and len(corpus.samples) == 30
+    assert load_universal_corpus().skipped_groups == ()  # '_format_version', '_description' are metadata
+
+
+def test_a_corpus_without_any_sample_is_refused(tmp_path):
+    p = _write_corpus(tmp_path, lambda r: [r.__setitem__(g, []) for g in ("python_doctest", "rust_test",
+                                                                         "python_baseline", "rust_baseline")])
+    with pytest.raises(CorpusError, match="no sample in any of the groups"):
+        load_universal_corpus(p)
+
+
+def test_legacy_corpus_unknown_groups(tmp_path):
+    from plip_jax.data.corpus import CORPUS_DIR, load_legacy_corpus
+
+    raw = json.loads((CORPUS_DIR / "attention_samples.json").read_text())
+    raw["go_test"] = [{"code": "x"}]
+    p = tmp_path / "legacy.json"
+    p.write_text(json.dumps(raw))
+    with pytest.raises(CorpusError, match=r"unknown group\(s\) 'go_test'"):
+        load_legacy_corpus(p)
+    assert len(load_legacy_corpus(p, allow_unknown_groups=True)) == 30

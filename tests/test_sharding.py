@@ -37,5 +37,7 @@ def test_mesh_spec_parsing_and_errors():
 
     with pytest.raises(ValueError, match="needs 8 devices"):
         sharding.make_mesh(data=4, model=2)
-    with pytest.raises(ValueError, match="bad mesh spec"):
+    with pytest.raises(ValueError, match="--mesh='rows:2' is not a mesh spec"):
         sharding.parse_mesh("rows:2")
+    with pytest.raises(ValueError, match=r"--mesh=data:64: .*needs 64 devices.*smaller mesh"):
+        sharding.parse_mesh("data:64")

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from plip_jax.core.errors import NonFiniteError
+
 Array = jax.Array
 
 # PLIP-rs's probability floor: KL terms with p <= 1e-10 or q <= 1e-10 are dropped.
@@ -59,7 +61,7 @@ def kl_divergence_f64(base_logits, other_logits) -> np.ndarray:
         raise ValueError(f"logits need a non-empty vocabulary axis, got shape {x.shape}")
     for name, a in (("base_logits", x), ("other_logits", y)):
         if np.isnan(a).any() or np.isposinf(a).any():
-            raise ValueError(f"{name} contains NaN or +inf; the KL is undefined")
+            raise NonFiniteError(f"{name} contains NaN or +inf; the KL is undefined")
         if np.isneginf(a).all(axis=-1).any():
             raise ValueError(f"{name} has a row with every logit -inf (no distribution)")
     if np.isneginf(x).any() or np.isneginf(y).any():

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import stats as sps
 
+from plip_jax.core.errors import NonFiniteError
+
 
 @dataclasses.dataclass(frozen=True)
 class WelchResult:
@@ -39,7 +41,7 @@ def _check_finite(x: np.ndarray, name: str) -> None:
     bad = ~np.isfinite(x)
     if bad.any():
         n_nan, n_inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
-        raise ValueError(f"{name} contains {n_nan} NaN and {n_inf} infinite value(s) (first at index "
+        raise NonFiniteError(f"{name} contains {n_nan} NaN and {n_inf} infinite value(s) (first at index "
                          f"{int(np.flatnonzero(bad.ravel())[0])}); a test on them is meaningless, drop or fix them")
 
 

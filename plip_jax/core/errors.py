@@ -8,9 +8,8 @@ FileNotFoundError), so `except ValueError` keeps working.
 
 from __future__ import annotations
 
-
-class PlipError(Exception):
-    """Base of every error plip-jax raises on purpose (the message says what and how to fix it)."""
+# The root and the errors of the bottom layer (writing results, non-finite numbers) live in plip_jax.util.
+from plip_jax.util.errors import NonFiniteError, OutputError, PlipError  # noqa: F401 (re-exported)
 
 
 class ConfigError(PlipError, ValueError):
@@ -54,3 +53,7 @@ class GenerationError(PlipError, ValueError):
 
 class WrongFamilyError(PlipError, ValueError):
     """An experiment that needs one model family (e.g. RWKV-6 state tools) was given another."""
+
+
+class FlagError(PlipError, ValueError):
+    """A command-line flag has a bad value or a bad combination with another flag; the message names it."""

@@ -49,6 +49,7 @@ class UniversalCorpus:
     path: Path
     format_version: str
     samples: tuple
+    skipped_groups: tuple = ()  # (group, n_samples) of unknown groups skipped under allow_unknown_groups
 
     def group(self, name: str) -> list[UniversalSample]:
         return [s for s in self.samples if s.group == name]
@@ -64,16 +65,35 @@ def _load_json(path: Path) -> dict:
         raise CorpusError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_universal_corpus(path: Optional[Path] = None, groups=UNIVERSAL_GROUPS) -> UniversalCorpus:
+def _unknown_groups(path: Path, raw: dict, known, allow: bool) -> dict:
+    """{group: n_samples} of the keys of `raw` that are neither a known group nor metadata ('_' prefix);
+    CorpusError listing them and the known groups unless `allow`."""
+    unknown = {k: len(v) if isinstance(v, list) else 1 for k, v in raw.items()
+               if not str(k).startswith("_") and k not in known}
+    if unknown and not allow:
+        listed = ", ".join(f"{k!r} ({n} samples)" for k, n in unknown.items())
+        raise CorpusError(f"{path}: unknown group(s) {listed}; the known groups are {', '.join(known)} "
+                          f"(keys starting with '_' are metadata). Rename the group, or pass "
+                          f"--allow_unknown_groups to skip it")
+    return unknown
+
+
+def load_universal_corpus(path: Optional[Path] = None, groups=UNIVERSAL_GROUPS,
+                          allow_unknown_groups: bool = False) -> UniversalCorpus:
     """Load and validate a universal-format (v2) corpus: unique ids, positions inside the code, and the
-    marker pattern present at `marker_char_pos` (else `CorpusError` naming the sample and the fix)."""
+    marker pattern present at `marker_char_pos` (else `CorpusError` naming the sample and the fix).
+
+    A group other than UNIVERSAL_GROUPS (keys starting with '_' are metadata) is an error listing the known
+    groups, unless `allow_unknown_groups`: then it is skipped and listed in `skipped_groups`. A corpus with
+    no sample at all is an error."""
     path = Path(path) if path else default_corpus_path()
     raw = _load_json(path)
-    if not any(g in raw for g in groups):
+    if not isinstance(raw, dict) or not any(g in raw for g in groups):
         raise CorpusError(
             f"{path} has none of the groups {list(groups)}: it is not a universal-format corpus "
             f"(legacy token-position corpora are converted with `python -m bin.convert_corpus`)"
         )
+    unknown = _unknown_groups(path, raw, UNIVERSAL_GROUPS, allow_unknown_groups)
     samples, seen = [], set()
     for group in groups:
         for i, item in enumerate(raw.get(group, [])):
@@ -101,7 +121,10 @@ def load_universal_corpus(path: Optional[Path] = None, groups=UNIVERSAL_GROUPS) 
             if bad:
                 raise CorpusError(f"{where}: target_char_positions {bad} are outside the code (length {len(code)})")
             samples.append(UniversalSample(sid, group, code, marker, pattern, targets))
-    return UniversalCorpus(path=path, format_version=str(raw.get("_format_version", "2.0")), samples=tuple(samples))
+    if not samples:
+        raise CorpusError(f"{path}: no sample in any of the groups {', '.join(groups)}; add samples")
+    return UniversalCorpus(path=path, format_version=str(raw.get("_format_version", "2.0")), samples=tuple(samples),
+                           skipped_groups=tuple(unknown.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +146,12 @@ _LEGACY_FIELDS = {  # group -> (marker field aliases, targets field aliases), PL
 }
 
 
-def load_legacy_corpus(path: Path) -> list[LegacySample]:
-    """Load a legacy token-position corpus (`corpus/attention_samples.json`)."""
+def load_legacy_corpus(path: Path, allow_unknown_groups: bool = False) -> list[LegacySample]:
+    """Load a legacy token-position corpus (`corpus/attention_samples.json`); unknown groups as in
+    `load_universal_corpus` (an error, or skipped with `allow_unknown_groups`)."""
     raw = _load_json(path)
+    if isinstance(raw, dict):
+        _unknown_groups(path, raw, tuple(_LEGACY_FIELDS), allow_unknown_groups)
     out = []
     for group, (marker_keys, target_keys) in _LEGACY_FIELDS.items():
         for i, item in enumerate(raw.get(group, [])):

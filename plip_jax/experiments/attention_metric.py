@@ -110,7 +110,7 @@ def marker_target_attention(model: Any, samples: Sequence[TokenizedSample], batc
             if model.mesh is not None:  # data-parallel: split samples over the mesh's "data" axis
                 *arrays, n = sharding.pad_to_multiple(*arrays[:2], model.mesh.shape["data"], *arrays[2:])
                 arrays = sharding.shard_batch(tuple(arrays), model.mesh)
-            rows.append(np.asarray(metric_fn(net, *arrays))[:n])
+            rows.append(sharding.to_host(metric_fn(net, *arrays))[:n])
             progress.step()
     return np.concatenate(rows, axis=0)
 

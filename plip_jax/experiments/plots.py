@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plip_jax.util import io
+
 
 def pyplot():
     """matplotlib.pyplot on the headless Agg backend."""
@@ -18,13 +20,16 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> Path:
-    """tight_layout, write `path` (parents created) at 120 dpi, close the figure."""
+    """tight_layout, write `path` at 120 dpi (atomically, parents created, process 0 only: see
+    `plip_jax.util.io.write_bytes`; the format from the suffix, PNG by default), close the figure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
-    return path
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    try:
+        data = io.rendered_bytes(lambda f: fig.savefig(f, format=fmt, dpi=120))
+    finally:
+        pyplot().close(fig)
+    return io.write_bytes(path, data)
 
 
 def _mean_se(block) -> tuple[float, float]:

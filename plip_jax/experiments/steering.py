@@ -78,6 +78,7 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
     base = causal.run_batch(model.model, tokens, lengths, None, markers_d)
     steered = causal.run_sweep(model.model, tokens, lengths, stacked, markers_d,
                                sweep_batch=sweep_batch)
+    base, steered = sharding.to_host((base, steered))  # gathered from every process in a multi-process run
     kl = np.asarray(metrics.kl_divergence(base["last"][None], steered["last"]))  # [D, B]
     agree = np.asarray(np.argmax(steered["last"], -1) == np.argmax(base["last"], -1)[None])
     dnll = np.asarray(steered["nll"] - base["nll"][None])

@@ -153,13 +153,15 @@ def model_summary(model: Optional[str] = None, seq_len: int = 512) -> dict:
     from plip_jax.models.safetensors_io import WeightStore
     from plip_jax.models.sources import resolve_model, weight_files
 
+    from plip_jax.models.loading import config_shape_mismatches
+
     src = resolve_model(model)
     raw = read_config_json(src.path)
     try:
-        cfg = dataclasses.asdict(config_from_hf(raw, source=str(src.path / "config.json")))
-        cfg_note = ""
+        model_cfg = config_from_hf(raw, source=str(src.path / "config.json"))
+        cfg, cfg_note = dataclasses.asdict(model_cfg), ""
     except UnsupportedModelError as e:
-        cfg, cfg_note = None, str(e)
+        model_cfg, cfg, cfg_note = None, None, str(e)
     files = weight_files(src.path)
     store = WeightStore(files)
     tensors, n_params, by_dtype = [], 0, {}
@@ -178,7 +180,9 @@ def model_summary(model: Optional[str] = None, seq_len: int = 512) -> dict:
            "config": cfg, "config_note": cfg_note, "weight_files": [str(f.name) for f in files],
            "size_on_disk_bytes": sum(f.stat().st_size for f in files),
            "n_tensors": len(tensors), "n_params": n_params, "params_by_stored_dtype": by_dtype,
-           "memory_bytes": {"weights_f32": 4 * n_params, "weights_bf16": 2 * n_params}, "tensors": tensors}
+           "memory_bytes": {"weights_f32": 4 * n_params, "weights_bf16": 2 * n_params}, "tensors": tensors,
+           "shape_mismatches": config_shape_mismatches(model_cfg, {t["name"]: t["shape"] for t in tensors})
+           if model_cfg is not None else []}
     if cfg is not None:
         t, L, D = seq_len, cfg["num_layers"], cfg["hidden_size"]
         kv, hd, H, V = cfg["num_kv_heads"], cfg["head_dim"], cfg["num_heads"], cfg["vocab_size"]
@@ -220,4 +224,8 @@ def format_summary(s: dict, show_tensors: bool = True, max_tensors: int = 0) -> 
         lines += [f"  {t['name']:<{w}}  {t['dtype']:<5} {t['shape']}" for t in tensors]
         if max_tensors and len(s["tensors"]) > max_tensors:
             lines.append(f"  ... {len(s['tensors']) - max_tensors} more (--max_tensors=0 shows all)")
+    bad = s.get("shape_mismatches") or []
+    if bad:
+        lines.append(f"WARNING: config.json does not match the weights ({len(bad)} tensor(s)); the estimates above "
+                     f"follow config.json. First: {bad[0]}")
     return "\n".join(lines)

@@ -78,6 +78,19 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
             "proj_b": (d,), "qkv_w": ((h + 2 * kv) * hd, d), "gate_up_w": (2 * i, d)}
 
 
+def config_shape_mismatches(cfg: ModelConfig, shapes: dict) -> list[str]:
+    """Tensors whose stored shape (`shapes`: name -> shape, e.g. from the safetensors headers) differs from
+    what config.json implies, as readable lines (tensors absent from `shapes` are not checked here)."""
+    expected = _expected_shapes(cfg)
+    want = {pattern.format(i=i): expected[leaf] for leaf, pattern in _layer_names(cfg).items()
+            for i in range(cfg.num_layers)}
+    want.update({"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)})
+    if not cfg.tie_embeddings:
+        want["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    return [f"tensor {name!r} has shape {list(shapes[name])} but config.json implies {list(shape)}"
+            for name, shape in want.items() if name in shapes and tuple(shapes[name]) != tuple(shape)]
+
+
 def _set(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:

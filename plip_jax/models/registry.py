@@ -12,7 +12,7 @@ import numpy as np
 
 from plip_jax.core.errors import ConfigError, UnsupportedModelError
 from plip_jax.models import rwkv6_checkpoint
-from plip_jax.models.config import SUPPORTED_MODEL_TYPES, TRANSFORMER_MODEL_TYPES, read_config_json
+from plip_jax.models.config import SUPPORTED_MODEL_TYPES, TRANSFORMER_MODEL_TYPES, config_from_hf, read_config_json
 from plip_jax.models.loading import load_tokenizer, load_transformer, parse_dtype
 from plip_jax.models.rwkv6 import Rwkv6
 from plip_jax.models.rwkv_tokenizer import RwkvWorldTokenizer
@@ -34,6 +34,24 @@ def family_of(model_type: str, model: Optional[str] = None) -> str:
     what = f"model {model!r} has model_type" if model else "model_type"
     raise UnsupportedModelError(f"{what} {model_type!r}, which plip-jax does not support. "
                                 f"Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+
+
+def read_model_config(model: Optional[str] = None) -> tuple[ModelSource, str, Any]:
+    """(source, family, config) of `model` from its config.json alone, without reading a weight: enough to
+    check layer, head and vocabulary flags before a load. The config has num_layers, num_attention_heads
+    and vocab_size whatever the family."""
+    source = resolve_model(model)
+    raw = read_config_json(source.path)
+    family = family_of(str(raw.get("model_type")), model)
+    where = str(source.path / "config.json")
+    if family == "transformer":
+        return source, family, config_from_hf(raw, where)
+    try:
+        return source, family, rwkv6_checkpoint.RwkvConfig.from_dict(raw)
+    except KeyError as e:
+        raise ConfigError(f"{where}: required field {e.args[0]!r} is missing from the config") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}; re-download or re-save the model") from None
 
 
 def _load_rwkv6(source: ModelSource, dtype: Any, mesh: Any, layer_layout: str, rope_mode: str) -> Rwkv6:

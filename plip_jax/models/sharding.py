@@ -6,6 +6,10 @@ that do not fit on one device). `jit` (GSPMD) inserts the collectives; results e
     params = shard_params(params, cfg, mesh)       # or load_model(..., mesh=mesh): sharded as read
     tokens, lengths = shard_batch((tokens, lengths), mesh)
     out = jax.jit(jax.vmap(lambda t, n: model(t, length=n)))(tokens, lengths)
+    logits = to_host(out.logits)                   # numpy, gathered from every process in a multi-process run
+
+The mesh spans every process's devices (`jax.devices()`) in a multi-process run; `device_put` of the same host
+batch on every process places each process's shards, and `to_host` gathers the results.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from plip_jax.core.errors import FlagError
 from plip_jax.models.config import ModelConfig
 
 
@@ -30,14 +35,21 @@ def make_mesh(data: Optional[int] = None, model: int = 1, devices: Optional[list
 
 
 def parse_mesh(spec: str) -> Mesh:
-    """'data:4,model:2' -> mesh (a missing axis is 1; 'data:-1' uses every remaining device)."""
+    """'data:4,model:2' -> mesh (a missing axis is 1; 'data:-1' uses every remaining device) over every
+    process's devices (a multi-process run: `jax.distributed`). `FlagError` naming --mesh when the spec is
+    malformed or needs more devices than there are."""
     sizes = {"data": None, "model": 1}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, val = part.partition(":")
         if name not in sizes or not val.lstrip("-").isdigit():
-            raise ValueError(f"bad mesh spec {spec!r}: use e.g. 'data:4,model:2'")
+            raise FlagError(f"--mesh={spec!r} is not a mesh spec: use e.g. 'data:4,model:2' (axes data and model)")
         sizes[name] = None if int(val) < 0 else int(val)
-    return make_mesh(sizes["data"], sizes["model"])
+    try:
+        return make_mesh(sizes["data"], sizes["model"])
+    except ValueError as e:
+        devs = jax.devices()
+        raise FlagError(f"--mesh={spec}: {e} ({devs[0].platform}); use a smaller mesh (on CPU, "
+                        f"XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices)") from None
 
 
 def _divisible(n: int, k: int) -> bool:
@@ -89,6 +101,20 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
         return jax.device_put(x, NamedSharding(mesh, P("data", *([None] * (x.ndim - 1)))))
 
     return jax.tree_util.tree_map(put, tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Every array of `tree` as a host numpy array. An array spread over several processes' devices (a
+    multi-process run, see `plip_jax.cli.distributed`) is gathered from all of them first; every process
+    must call this at the same point (it is a collective)."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x) if isinstance(x, jax.Array) else x
+
+    return jax.tree_util.tree_map(get, tree)
 
 
 def pad_to_multiple(tokens: np.ndarray, lengths: np.ndarray, multiple: int, *extra: np.ndarray):

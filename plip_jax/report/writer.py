@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence, Union
 from plip_jax.report import extractors
 from plip_jax.report import html as html_
 from plip_jax.report.view import DEFAULT_SAMPLES, attention_payload, emitted_samples
+from plip_jax.util.io import write_text
 
 
 def load_results(output_dir: Path) -> dict:
@@ -72,5 +73,4 @@ def write_report(output_dir: Union[str, Path] = "outputs", model: Any = None,
     models = sorted({d.get("model") for d in results.values() if isinstance(d, dict) and isinstance(d.get("model"), str)})
     meta = f"{output_dir}: {len(sections)} result file(s); model(s): {', '.join(models) or '?'}."
     out = Path(output) if output else output_dir / "index.html"
-    out.write_text(html_.page(f"plip-jax report — {output_dir.name}", sections, payload, note, meta), encoding="utf-8")
-    return out
+    return write_text(out, html_.page(f"plip-jax report — {output_dir.name}", sections, payload, note, meta))
