@@ -192,7 +192,8 @@ def test_layer_scan_runs_that_must_not_print_a_wrong_number(bad, tmp_path):
         assert "undefined" in results[1]["stdout"] and "nan" not in results[1]["stdout"].lower()
         scan = json.loads(one.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the result file"))
         final = results[1]["stdout"].rstrip().splitlines()[-1]  # the tail's last line: time and every output
-        assert final.startswith("done in ") and final.endswith(f": {one}, {one.with_suffix('.png')}, "
+        heads = one.with_name(one.stem + "_heads.png")
+        assert final.startswith("done in ") and final.endswith(f": {one}, {one.with_suffix('.png')}, {heads}, "
                                                                f"{tmp_path / 'index.html'}"), final
         assert one.with_suffix(".png").stat().st_size > 5000 and (tmp_path / "index.html").stat().st_size > 5000
         assert [r["p_value"] for r in scan["results"]] == [None] * len(scan["results"]) == [None] * 6
@@ -248,7 +249,7 @@ def test_steering_generation_rows(bad, tmp_path):
         ([f"--corpus={bad['g_zero']}"], 4, ("expected a non-empty 'prompts' list",), True),
         ([f"--corpus={bad['g_nomarker']}", "--max_tokens=4"], 5, ("cannot be built for some prompts", "no #[test] marker in the prompt"), False),
         (["--layer=-1"], 2, ("--layer=-1 is out of range",), True),
-        (["--scale=inf"], 2, ("--scale=inf is not a finite number",), True),
+        (["--scale=inf"], 2, ("--scale must be a finite number",), True),
         (["--max_tokens=0"], 2, ("--max_tokens=0", "below 1"), True),
         (["--temperature=-1"], 2, ("--temperature=-1", "below 0"), True),
         (["--top_p=0"], 2, ("--top_p=0 must be in (0, 1]",), True),
@@ -292,7 +293,8 @@ def test_other_binaries_rows(bad, tmp_path):
 def test_ctrl_c_during_a_compile_exits_130_at_once_and_writes_nothing(tmp_path):
     out = tmp_path / "scan.json"
     out.write_text('{"earlier": "result"}\n')
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PLIP_PROGRESS_INTERVAL": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PLIP_PROGRESS_INTERVAL": "0",
+           "PLIP_COMPILE_NOTICE_S": "0.2"}  # announce (and so interrupt) even a fast machine's compile
     proc = subprocess.Popen([sys.executable, "-m", "bin.ablation_experiment", "--scan_layers", "--device=cpu",
                              f"--output={out}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -66,7 +66,7 @@ def test_layer_scan_binary_writes_plip_schema(tmp_path):
                  "Verdict (adjusted p < 0.05)", "After dividing by the positional null", "layers 0-1 not scanned",
                  "SIGNIFICANT after Holm", "Per head (6 layers x 6 heads = 36 cells"):
         assert text in proc.stdout, text
-    table = proc.stdout[proc.stdout.index("Scanned layers"):proc.stdout.index("Wrote")]
+    table = proc.stdout[proc.stdout.index("Scanned layers"):proc.stdout.index("done in ")]
     assert max(len(line) for line in table.splitlines()) <= 100
     got = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 10_000

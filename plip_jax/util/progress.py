@@ -22,7 +22,7 @@ from typing import Optional
 
 TTY_INTERVAL_S = 0.1
 START_DELAY_S = 1.0  # a loop or compile shorter than this prints nothing
-COMPILE_NOTICE_S = 1.0
+COMPILE_NOTICE_S = float(os.environ.get("PLIP_COMPILE_NOTICE_S", "1.0"))  # announce compiles longer than this
 
 
 def log_interval_s() -> float:
