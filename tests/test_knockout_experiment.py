@@ -137,3 +137,18 @@ def test_tables_never_print_a_nonzero_kl_as_zero(single):
     assert "3.000e-15~" in table and "Noise floor" in table
     full = causal_tables.knockout_single(single)
     assert "0.000e+00" not in full and "Mass-matched control" in full and "no control for py_simple_add" in full
+
+
+def test_window_sweep_reports_floor_adjusted_p_and_best_window(bundled_model, universal_corpus):
+    from plip_jax.experiments import windows as windows_lib
+
+    wins = windows_lib.radius_windows(3, 2, bundled_model.cfg.num_layers)  # starts 3, 2, 1: three entries
+    r = knockout.run_window_sweep(bundled_model, universal_corpus, wins)
+    assert [(w["layer_start"], w["layer_end"]) for w in r["windows"]] == wins
+    ps = [w["welch_p_value"] for w in r["windows"]]
+    assert [w["welch_p_holm"] for w in r["windows"]] == stats.holm_bonferroni(ps)
+    assert r["best_window"]["selection"].startswith("min Holm-adjusted Welch p over the 3 windows")
+    assert r["noise_floor"]["n"] == len(r["samples"]) and r["noise_floor"]["max"] < 1e-9
+    assert all(kl > 0 for s in r["samples"] for kl in s["kl_by_window"])
+    table = causal_tables.knockout_windows(r)
+    assert "Noise floor" in table and "Best window:" in table and "3..3" in table

@@ -13,6 +13,7 @@ Conventions (see docs/methods/causal.md):
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -124,7 +125,7 @@ def best_unit(rows: Sequence[dict], unit_ids: Sequence[int], what: str = "layers
                                    direction="mean KL Python > Rust")
     out = best.to_json()
     if what != "layers":
-        out["selection"] = out["selection"].replace("scanned layers", f"{what}")
+        out["selection"] = re.sub(r"scanned layers \S+", f"the {len(rows)} {what}", out["selection"])
         out[f"best_{what.rstrip('s').replace(' ', '_')}"] = out.pop("best_layer")
     if best.layer is not None:
         r = rows[list(unit_ids).index(best.layer)]
