@@ -147,3 +147,18 @@ def test_entry_layers_and_prefix_rules():
     assert causal.shared_prefix(iv, [40, 40]) == 16
     assert causal.shared_prefix(iv, [40, 12]) == 8  # before the shortest sample's last token
     assert causal.shared_prefix(iv, [40, 40], markers=[7, 30]) == 0  # a marker row read before the edits
+
+
+def test_per_layer_layout_and_small_groups_give_the_same_sweep(bundled_model, small, steering_sweep):
+    """Long groups are split into scan bodies of at most group_layers layers (a per-layer layout copies one
+    body's weights at a time): same results on either layout."""
+    from plip_jax.models.registry import load_model
+
+    samples, batch, markers = small
+    points, res = steering_sweep
+    per_layer = load_model(None, "float32", layer_layout="per_layer")
+    for model in (per_layer.model, bundled_model.model):
+        got = causal.sweep_points(model, batch.tokens, batch.lengths, points, [LAYER] * len(points), markers,
+                                  group_layers=2)
+        np.testing.assert_allclose(got.last, res.last, atol=1e-5)
+        np.testing.assert_array_equal(got.kl[DOSES.index(1.0)], 0.0)

@@ -131,13 +131,15 @@ def entry_layers(starts: Sequence[int], n_layers: int, group_layers: int = DEFAU
 # --------------------------------------------------------------------------- shared-prefix engine: device
 
 
-def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, unroll: bool) -> dict:
+def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, unroll: bool,
+               group_layers: int = DEFAULT_GROUP_LAYERS) -> dict:
     """Baseline + S sweep points of ONE sequence on a transformer (see the module docstring).
 
     iv: Interventions with a leading S axis; point 0 must be a no-op (same structure, nothing selected)
     and entries[0] == min(entries); entries (static, non-decreasing) is each point's entry layer. Points
     entering at layer a start as copies of point 0's stream there (the baseline's stream for the first
-    entry); only rows >= `prefix` are computed. Returns base_last [V], base_nll [], last [S, V],
+    entry); only rows >= `prefix` are computed. Layers run in scan bodies of at most `group_layers` layers
+    (a per-layer weight layout copies one body's layers at a time). Returns base_last [V], base_nll [], last [S, V],
     nll [S], marker_rows [S, L, H, T] (the marker's attention rows, when `marker` is given; layers below
     a point's entry are the reference's, below entries[0] the baseline's) and, when iv steers,
     failed_row int32 [S, L] (the first row whose steering failed at that layer, -1 if none)."""
@@ -160,7 +162,8 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
     ctx = model.block_context(t - p, length=length, positions=jnp.arange(p, t, dtype=jnp.int32), cache_size=t)
     marker_row = None if not want_rows else jnp.clip(marker - p, 0, t - p - 1)
 
-    bounds = sorted(set(entries))
+    g = max(1, min(int(group_layers), n_layers))
+    bounds = sorted(set(entries) | set(range(-(-min(entries) // g) * g, n_layers, g)))
     streams = None
     ys_all = []
     for gi, a in enumerate(bounds):
@@ -227,17 +230,17 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("entries", "prefix", "unroll"))
+@functools.partial(jax.jit, static_argnames=("entries", "prefix", "unroll", "group_layers"))
 def shared_sweep_jit(model, tokens, lengths, iv, markers=None, *, entries: tuple, prefix: int = 0,
-                     unroll: bool = False) -> dict:
+                     unroll: bool = False, group_layers: int = DEFAULT_GROUP_LAYERS) -> dict:
     """`shared_sweep` under jit: static `entries` and `prefix` (it MUST be <= every edited query row, every
     marker and every sample's last real position: use `shared_prefix`)."""
-    return jax.vmap(lambda t, n, i, m: _sweep_one(model, t, n, i, m, entries, prefix, unroll),
+    return jax.vmap(lambda t, n, i, m: _sweep_one(model, t, n, i, m, entries, prefix, unroll, group_layers),
                     in_axes=(0, 0, 1, 0))(tokens, lengths, iv, markers)
 
 
 def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[int], prefix: Optional[int] = None,
-                 unroll: bool = False) -> dict:
+                 unroll: bool = False, group_layers: int = DEFAULT_GROUP_LAYERS) -> dict:
     """Baseline, no-op reference and sweep points of a batch in ONE program on a transformer `model`.
 
     tokens [B, T], lengths [B]; iv: Interventions with leading [S, B] on every leaf, point 0 a no-op (same
@@ -245,6 +248,7 @@ def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[
     smallest; at most its first intervened layer, e.g. from `entry_layers`); markers int [B] (optional):
     whose attention rows to return. prefix: shared rows (None: `shared_prefix`). unroll: trace every layer
     inline instead of `lax.scan` bodies (longer compile; lets XLA's cost analysis count the work).
+    group_layers: at most this many layers per scan body.
     Returns {"base_last": [B, V], "base_nll": [B], "last": [B, S, V], "nll": [B, S],
     "marker_rows"?: [B, S, L, H, T], "failed_row"?: int32 [B, S, L] (-1: steering applied)}."""
     entries = tuple(int(e) for e in entries)
@@ -258,7 +262,8 @@ def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[
         raise InterventionError(f"entry layers {bad} out of range for a model of {model.cfg.num_layers} layers")
     if prefix is None:
         prefix = shared_prefix(iv, lengths, markers)
-    return shared_sweep_jit(model, tokens, lengths, iv, markers, entries=entries, prefix=int(prefix), unroll=unroll)
+    return shared_sweep_jit(model, tokens, lengths, iv, markers, entries=entries, prefix=int(prefix), unroll=unroll,
+                            group_layers=int(group_layers))
 
 
 # --------------------------------------------------------------------------- all-layer knockout scan
@@ -278,7 +283,7 @@ def layer_knockout_scan_jit(model, tokens, lengths, edges, heads, group_layers: 
         s = n_layers + 1
         iv = ivs.Interventions(knockout=ivs.AttentionKnockout(
             edges=jnp.broadcast_to(e, (s,) + e.shape), layers=layer_on, heads=jnp.broadcast_to(h, (s,) + h.shape)))
-        return _sweep_one(model, t, n, iv, None, entries, prefix, unroll)
+        return _sweep_one(model, t, n, iv, None, entries, prefix, unroll, g)
 
     out = jax.vmap(one)(tokens, lengths, edges, heads)
     return {"last": jnp.concatenate([out["base_last"][:, None], out["last"][:, 1:]], axis=1),
@@ -386,7 +391,8 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         args = (tokens, lengths, stacked, markers)
         if distribute is not None:
             args = distribute(args)
-        out = jax.tree_util.tree_map(np.asarray, shared_sweep(model, *args, entries=entries, prefix=prefix))
+        out = jax.tree_util.tree_map(np.asarray, shared_sweep(model, *args, entries=entries, prefix=prefix,
+                                                              group_layers=group_layers))
         check_finite_logits(out["base_last"], "baseline", sample_ids)
         check_finite_logits(out["last"].transpose(1, 0, 2), "sweep", sample_ids)
         floors.append(metrics.kl_divergence_f64(out["base_last"], out["last"][:, 0]))
