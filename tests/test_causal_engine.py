@@ -162,3 +162,57 @@ def test_per_layer_layout_and_small_groups_give_the_same_sweep(bundled_model, sm
                                   group_layers=2)
         np.testing.assert_allclose(got.last, res.last, atol=1e-5)
         np.testing.assert_array_equal(got.kl[DOSES.index(1.0)], 0.0)
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """A tiny random Qwen2 with untied embeddings and a sliding window of 5 keys on layers 1 and 2."""
+    import json
+
+    from plip_jax.models.registry import load_model
+    from tests.hf_fixtures import build_hf_model, save_hf_model
+
+    path = save_hf_model(build_hf_model("qwen2", seed=5), tmp_path_factory.mktemp("qwen2_window"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(use_sliding_window=True, sliding_window=5,
+               layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = load_model(str(path)).model
+    assert model.cfg.layer_windows == (None, 5, 5) and not model.cfg.tie_embeddings
+    return model
+
+
+def test_sliding_windows_padding_and_untied_head(windowed):
+    cfg = windowed.cfg
+    rng = np.random.RandomState(0)
+    lengths = np.asarray([24, 22, 21], np.int32)  # padding < the window (see the report: longer padding NaNs)
+    tokens = rng.randint(1, cfg.vocab_size, size=(3, 24)).astype(np.int32)
+    markers = lengths - 3  # the last row sees the marker through the window at layer 2
+    edges = [[(int(m), int(m) - 1), (int(m), int(m) - 3)] for m in markers]  # inside the window of 5
+    with pytest.raises(ivs.InterventionError, match="outside the sliding window"):
+        ivs.scale(24, [(21, 2)], 2.0, length=24, n_layers=3, n_heads=cfg.num_heads, layers=[1],
+                  layer_windows=cfg.layer_windows)
+    points = [ivs.stack([ivs.Interventions(scale=ivs.scale(24, e, d, length=int(n), n_layers=3, n_heads=cfg.num_heads,
+                                                           layers=[1], layer_windows=cfg.layer_windows))
+                         for e, n in zip(edges, lengths)]) for d in (0.5, 1.0, 4.0)]
+    res = causal.sweep_points(windowed, tokens, lengths, points, [1, 1, 1], markers)
+    assert res.kl.shape == (3, 3) and np.all(res.kl[1] == 0.0) and np.all(res.kl[[0, 2]] > 0)
+    plain = causal.run_sweep(windowed, tokens, lengths, ivs.stack(points), markers)
+    np.testing.assert_allclose(res.last, plain["last"], atol=1e-4)
+    np.testing.assert_allclose(res.nll, plain["nll"], atol=1e-5)
+    np.testing.assert_allclose(res.marker_rows[1:], plain["marker_rows"], atol=1e-5)
+    ko = np.zeros((3, 24, 24), bool)
+    for i, e in enumerate(edges):
+        for q, k in e:
+            ko[i, q, k] = True
+    scan = causal.to_numpy(causal.layer_knockout_scan(windowed, tokens, lengths, ko, np.ones((3, cfg.num_heads), bool),
+                                                      group_layers=2))
+    for layer in range(3):
+        iv = ivs.stack([ivs.Interventions(knockout=ivs.knockout(24, e, length=int(n), n_layers=3,
+                                                                n_heads=cfg.num_heads, layers=[layer]))
+                        for e, n in zip(edges, lengths)])
+        full = causal.run_batch(windowed, tokens, lengths, iv)
+        np.testing.assert_allclose(scan["last"][:, layer + 1], full["last"], atol=1e-4)
+        np.testing.assert_allclose(scan["nll"][:, layer + 1], full["nll"], atol=1e-5)
+    rows = np.asarray(causal.marker_rows(windowed.trunk(), tokens, lengths, markers))  # no lm_head needed
+    np.testing.assert_allclose(rows, res.marker_rows[0], atol=1e-5)

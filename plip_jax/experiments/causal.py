@@ -61,6 +61,15 @@ def run_batch(model, tokens, lengths, iv, markers=None):
     return jax.vmap(lambda t, n, i, m: _one(model, t, n, i, m))(tokens, lengths, iv, markers)
 
 
+@jax.jit
+def marker_rows(model, tokens, lengths, markers):
+    """Baseline attention rows of each sample's marker: [B, L, H, T] f32 (no logits computed; pass
+    `model.trunk()` to keep an unused lm_head off the device). tokens [B, T], lengths [B], markers int [B]."""
+    cap = Capture(logits="none", attn_rows=True)
+    return jax.vmap(lambda t, n, m: model(t, length=n, capture=cap, query_rows=m[None]).attn_rows[:, :, 0, :])(
+        tokens, lengths, markers)
+
+
 @functools.partial(jax.jit, static_argnames=("sweep_batch",))
 def run_sweep(model, tokens, lengths, iv, markers=None, sweep_batch: Optional[int] = None):
     """Like `run_batch` with an extra leading sweep axis S on every leaf of `iv` ([S, B, ...]): one

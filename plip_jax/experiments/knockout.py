@@ -192,8 +192,8 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     markers = np.asarray([s.tokenized.marker_token for s in samples], np.int32)
     mass = ctl = None
     if not all_edges:  # the removed attention mass, from the baseline's marker rows
-        rows0 = causal.run_batch(model.model, *sharding.distribute(model, (batch.tokens, batch.lengths)), None,
-                                 sharding.distribute(model, markers))["marker_rows"]
+        rows0 = causal.marker_rows(model.model.trunk(), *sharding.distribute(model, (batch.tokens, batch.lengths,
+                                                                                      markers)))
         mass = knockout_control.removed_mass_rows(rows0, layers, heads_mask)  # [B, T]
         if control_seed is not None:
             ctl = knockout_control.choose_controls(samples, mass, control_seed, control_rel_tol, control_abs_tol)

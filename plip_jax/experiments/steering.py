@@ -110,7 +110,7 @@ def _baseline_rows(model, samples: Sequence[KnockoutSample], layer: int):
     batch = make_batch(model, samples)
     markers = np.asarray([s.tokenized.marker_token for s in samples], np.int32)
     tokens, lengths, m = sharding.distribute(model, (batch.tokens, batch.lengths, markers))
-    rows = np.asarray(causal.run_batch(model.model.trunk(), tokens, lengths, None, m)["marker_rows"])
+    rows = np.asarray(causal.marker_rows(model.model.trunk(), tokens, lengths, m))
     return batch, rows[:, layer], edge_counts(samples, batch.tokens.shape[1])
 
 
