@@ -25,7 +25,7 @@ def test_ablation_single_layer_matches_plip_schema(tmp_path):
     out = tmp_path / "abl.json"
     stdout = _run(["bin.ablation_experiment", f"--output={out}", "--include_baselines", "--plot",
                    "--logit_token=\n"], tmp_path)
-    assert "Welch t" in stdout and "random-edge control" in stdout
+    assert "Welch t" in stdout and "Mass-matched control" in stdout and "Noise floor" in stdout
     got = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 5000
     ref_file = REF / "ablation_qwen7b_layer2.json"
@@ -35,7 +35,9 @@ def test_ablation_single_layer_matches_plip_schema(tmp_path):
     assert set(ref["python_stats"]) == set(got["python_stats"])
     assert set(ref["sample_results"][0]["top_changed_tokens"][0]) == set(got["sample_results"][0]["top_changed_tokens"][0])
     assert all(r["kl_divergence"] >= 0 for r in got["sample_results"])
-    assert got["random_edge_control"]["python"]["n"] == 10
+    ctl = got["mass_matched_control"]
+    assert ctl["python"]["n_samples"] == 10 and ctl["n_matched"] + ctl["n_skipped"] == len(got["sample_results"])
+    assert got["noise_floor"]["n"] == len(got["sample_results"]) and got["floor_warning"] is None
     assert {s["id"] for s in got["skipped_samples"]} >= {"rust_derive_debug"}  # future targets: reported, not 0
     assert got["provenance"]["model"]["kind"] == "bundled"
     assert all(r["logit_diff_token"]["token"] == "\n" for r in got["sample_results"])
@@ -47,6 +49,7 @@ def test_ablation_scan_layers_covers_every_layer_and_sample(tmp_path):
     got = json.loads(out.read_text())
     assert [p["layer"] for p in got["per_layer"]] == list(range(8))
     assert len(got["samples"]) == 20 and all(len(s["kl_by_layer"]) == 8 for s in got["samples"])
+    assert got["best_layer"]["adjustment"] == "holm" and all("welch_p_holm" in p for p in got["per_layer"])
     assert out.with_suffix(".png").is_file()
 
 
@@ -59,7 +62,8 @@ def test_steering_experiment_dose_one_is_identity(tmp_path):
     att = [d["mean_attention_achieved"] for d in got["dose_results"]]
     assert att == sorted(att)  # more dose, more attention on the targets
     kls = [d["mean_kl_divergence"] for d in got["dose_results"]]
-    assert kls[1] < 1e-6 < kls[-1]  # correct KL: ~0 at dose 1 (PLIP's buggy "KL" was ~470 at every dose)
+    assert kls[1] == 0.0 < 1e-6 < kls[-1]  # exactly 0 at dose 1 (PLIP's buggy "KL" was ~470 at every dose)
+    assert got["sanity_checks"]["monotonic_in_distance_from_identity"] and "noise_floor" in got
     for k in ("model", "layer", "intervention_type", "target_attention"):
         assert k in got
     assert out.with_suffix(".png").is_file()
@@ -75,8 +79,16 @@ def test_steering_set_value_and_calibrate(tmp_path):
         assert d["mean_attention_achieved"] == pytest.approx(d["target_attention"], abs=1e-5)
     cal = tmp_path / "cal.json"
     stdout = _run(["bin.steering_calibrate", f"--output={cal}", "--plot"], tmp_path)
-    assert "ratio" in stdout and json.loads(cal.read_text())["rust_n"] == 10
+    assert "ratio" in stdout and "Positional null" in stdout
+    c = json.loads(cal.read_text())
+    assert c["rust_n"] == 10 and c["dose_table"][-1]["expected_attention"] < c["dose_table"][-1]["expected_attention_plip"]
     assert cal.with_suffix(".png").is_file()
+
+
+def test_steering_refuses_non_finite_doses_before_loading(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bin.steering_experiment", "--scales=inf", "--device=cpu",
+                           f"--output={tmp_path / 'x.json'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "not finite" in proc.stderr and not (tmp_path / "x.json").exists()
 
 
 def test_multi_sample_attention_and_attention_patterns_binaries(tmp_path):

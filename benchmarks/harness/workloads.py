@@ -6,12 +6,13 @@
   torch: one batched forward with `output_attentions=True` (logits of the last row only), same reduction.
 * knockout_scan: baseline + one knockout of the marker -> target edges per layer, every layer: last
   logits [B, L+1, V] and next-token NLL [B, L+1].
-  JAX: `causal.layer_knockout_scan` (baseline layers and rows shared, one call). torch: L+1 forwards, the knocked layer's
+  JAX: `causal.layer_knockout_scan` (baseline layers and rows shared, plus the no-op reference, one call). torch: L+1 forwards, the knocked layer's
   attention gets the edges masked (finfo.min) through a forward pre-hook on its `self_attn` that edits the
   4-D additive `attention_mask` (HF's own eager attention code runs unchanged).
 * steering_sweep: Scale(f) of the marker -> target edges at one layer for 6 doses: last logits, NLL and
   the marker's attention rows [S, B, ...].
-  JAX: `causal.run_sweep` over the stacked interventions (one compiled call). torch: one forward per dose
+  JAX: `causal.shared_sweep` (the library's steering engine: baseline, no-op reference and every dose in one
+  compiled call; layers below the steered one and rows before the marker shared). torch: one forward per dose
   with a pre-hook adding log(f) to the edges' scores, which is exactly Scale(f) with row renormalisation
   (softmax(s + log f * m) = p * f^m / sum(p * f^m)); `output_attentions=True` for the marker rows.
 * generation: greedy batched generation of `new_tokens` tokens for prompts of varied lengths, no stop
@@ -257,11 +258,14 @@ def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_d
     lens = corpus.lengths.tolist()
     rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None}
     rec["jax"].update(calls=len(chunks), samples_per_call=bs, shared_prefix_rows=prefix)
-    # the work a knockout can change: the baseline (L blocks, all rows) + for the run knocked at layer k,
-    # L - k blocks over the rows from the first knocked query row on (`prefix` rows are the baseline's)
+    # the work the engine does: the baseline (L blocks, all rows) + the no-op reference (L blocks) + for the
+    # run knocked at layer k, L - entry(k) blocks (entry = k rounded down to a multiple of the group size),
+    # over the rows from the first knocked query row on (`prefix` rows are the baseline's)
+    g = max(1, min(causal.DEFAULT_GROUP_LAYERS, L))
+    blocks = L + sum(L - k // g * g for k in range(L))
     rec["flops"] = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
-                    shapes.forward_flops(cfg, [n - prefix for n in lens], blocks_per_sample=L * (L + 1) / 2,
-                                         logits_rows_per_sample=L))
+                    shapes.forward_flops(cfg, [n - prefix for n in lens], blocks_per_sample=blocks,
+                                         logits_rows_per_sample=L + 1))
     rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
     rec["tokens"] = int(sum(lens))
     jax_last, jax_nll = np.asarray(out["last"], np.float64), np.asarray(out["nll"], np.float64)
@@ -299,7 +303,9 @@ def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_d
 
 
 def _steering_interventions(cfg: ModelConfig, corpus: Corpus, doses: Sequence[float], layer: int):
-    """Stacked Scale interventions [S, B, ...] of the marker -> target edges at `layer`."""
+    """Stacked Scale interventions [1 + S, B, ...] of the marker -> target edges at `layer`: the no-op
+    reference (no edge selected) first, then one point per dose."""
+    from plip_jax.analysis.generation import empty_like_interventions
     from plip_jax.core import interventions as ivs
 
     t = corpus.tokens.shape[1]
@@ -309,30 +315,42 @@ def _steering_interventions(cfg: ModelConfig, corpus: Corpus, doses: Sequence[fl
                                                         n_layers=cfg.num_layers, n_heads=cfg.num_heads, layers=[layer]))
                       for m, tg, n in zip(corpus.markers, corpus.targets, corpus.lengths)]
         per_dose.append(ivs.stack(per_sample))
-    return ivs.stack(per_dose)
+    return ivs.stack([empty_like_interventions(per_dose[0])] + per_dose)
 
 
 def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
                    dtype: str = "float32", doses: Sequence[float] = DEFAULT_DOSES) -> dict:
-    """Time a Scale dose sweep at the middle layer: S doses x B samples in one compiled call."""
+    """Time a Scale dose sweep at the middle layer: the baseline, the no-op reference and S doses x B samples
+    in one compiled call of the library's shared-prefix engine (`causal.shared_sweep_jit`)."""
     from plip_jax.experiments import causal
 
     cfg = model.cfg
     layer = steering_layer(cfg)
     iv = _steering_interventions(cfg, corpus, doses, layer)
     tokens, lengths, markers = (jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers))
-    compiled, compile_s, xla_mem = _aot(causal.run_sweep, model, tokens, lengths, iv, markers=markers)
-    timing, out = harness.time_calls(lambda: compiled(model, tokens, lengths, iv, markers=markers), repeats, harness.jax_sync)
-    lens = corpus.lengths.tolist()
     s = len(doses)
+    entries = (layer,) * (s + 1)
+    prefix = causal.shared_prefix(iv, corpus.lengths, corpus.markers)
+    compiled, compile_s, xla_mem = _aot(causal.shared_sweep_jit, model, tokens, lengths, iv, markers,
+                                        entries=entries, prefix=prefix)
+    timing, out = harness.time_calls(lambda: compiled(model, tokens, lengths, iv, markers), repeats, harness.jax_sync)
+    lens = corpus.lengths.tolist()
+    L = cfg.num_layers
     rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None, "doses": list(map(float, doses)),
            "layer": layer, "one_compiled_call": True}
     rec["jax"]["calls_per_sweep"] = 1
-    rec["flops"] = s * shapes.forward_flops(cfg, lens, logits_rows_per_sample=1)
+    rec["jax"]["shared_prefix_rows"] = prefix
+    # the engine's work: the baseline (L blocks, all rows, NLL + last logits) + for the reference and each
+    # dose, L - layer blocks over the rows from `prefix` on (and their NLL rows)
+    rec["flops"] = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
+                    shapes.forward_flops(cfg, [n - prefix for n in lens], blocks_per_sample=(s + 1) * (L - layer),
+                                         logits_rows_per_sample=s + 1))
     rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
     rec["tokens"] = int(sum(lens)) * s
-    jax_last = np.asarray(out["last"], np.float64)  # [S, B, V]
-    rows = np.asarray(out["marker_rows"], np.float64)  # [S, B, L, H, T]
+    # the engine returns [B, 1 + S, ...] (point 0: the reference); the comparisons below use [S, B, ...]
+    jax_last = np.asarray(out["last"], np.float64)[:, 1:].transpose(1, 0, 2)  # [S, B, V]
+    rows = np.asarray(out["marker_rows"], np.float64)[:, 1:].transpose(1, 0, 2, 3, 4)  # [S, B, L, H, T]
+    out = {"nll": np.asarray(out["nll"])[:, 1:].T}  # [S, B]
     achieved = np.stack([(rows[:, i, layer].mean(1) * corpus.counts[i]).sum(-1) for i in range(rows.shape[1])], 1)
     rec["result_summary"] = {"achieved_attention_by_dose": achieved.mean(1).tolist()}
     if torch_model is not None:

@@ -19,7 +19,13 @@ attention) with `InterventionError`.
 
 Builders validate on the host (numpy) and raise `InterventionError` naming the problem: layers or heads
 out of range, an edge to a future (causally masked) or padded position, a knockout that would empty an
-attention row, a SetValue that cannot be renormalised.
+attention row, a non-finite dose, a Scale(0) that would empty a row or a SetValue that cannot be
+renormalised (given the sliding windows and the knocked-out keys the caller passes).
+
+What the host cannot know (the rest of a row holding no mass at run time, e.g. by f32 underflow) is
+handled in the graph: such a row is left unsteered (it still sums to 1, never NaN) and
+`failed_steering_rows` finds it in the returned probabilities, so the caller can raise an error naming
+sample, layer and row.
 """
 
 from __future__ import annotations
@@ -100,6 +106,8 @@ class Interventions:
 
 # --------------------------------------------------------------------------- in-graph application
 
+SET_VALUE_TOL = 1e-6  # |count * value - 1| up to this: the edges alone may hold the whole row
+
 
 def _edge_mask(kind, layer, q_pos, n_keys):
     """bool [H, Tq, Tk] of the edges this kind touches at `layer` for query positions `q_pos`."""
@@ -124,26 +132,63 @@ def score_shift(iv: Optional[Interventions], layer, q_pos, n_keys):
 
 def steer_probs(probs: jnp.ndarray, visible: jnp.ndarray, iv: Optional[Interventions], layer, q_pos) -> jnp.ndarray:
     """Apply post-softmax steering to probs [H, Tq, Tk] (f32); `visible` [H|1, Tq, Tk] marks the
-    entries the row may hold mass on (causal, unpadded, not knocked out)."""
+    entries the row may hold mass on (causal, unpadded, not knocked out). Only visible edges are steered.
+
+    A row that cannot be steered as asked (Scale(0) on all of its mass, or SetValue whose other visible
+    keys hold no mass while the edges' values do not sum to 1) is left unchanged, so every row still sums
+    to 1; `failed_steering_rows` reports it. No division can overflow into inf or NaN."""
     if iv is None:
         return probs
     n_keys = probs.shape[-1]
     if iv.scale is not None:
-        m = _edge_mask(iv.scale, layer, q_pos, n_keys)
+        m = _edge_mask(iv.scale, layer, q_pos, n_keys) & visible
         scaled = probs * jnp.where(m, iv.scale.factor.astype(jnp.float32), 1.0)
         before = probs.sum(-1, keepdims=True)
         after = scaled.sum(-1, keepdims=True)
-        # mass-preserving renormalisation: an untouched row is multiplied by exactly 1
-        probs = scaled * jnp.where(after > 0, before / jnp.where(after > 0, after, 1.0), 0.0)
+        # mass-preserving renormalisation: an untouched row is multiplied by exactly 1 (before / after == 1);
+        # a ratio that overflows (after tiny) divides entries by the sum instead; an emptied row stays as it was
+        safe_after = jnp.where(after > 0, after, 1.0)
+        ratio = before / safe_after
+        renorm = jnp.where(jnp.isfinite(ratio), scaled * ratio, scaled / safe_after * before)
+        probs = jnp.where(after > 0, renorm, probs)
+    if iv.set_value is not None:
+        m = _edge_mask(iv.set_value, layer, q_pos, n_keys) & visible
+        v = iv.set_value.value.astype(jnp.float32)
+        count = m.sum(-1, keepdims=True).astype(jnp.float32)
+        rest_probs = jnp.where(m | ~visible, 0.0, probs)
+        rest = rest_probs.sum(-1, keepdims=True)
+        share = jnp.maximum(1.0 - count * v, 0.0)  # the builder allows count * v up to 1 + 1e-6
+        steered = jnp.where(m, v, rest_probs / jnp.where(rest > 0, rest, 1.0) * share)
+        possible = (rest > 0) | (jnp.abs(count * v - 1.0) <= SET_VALUE_TOL)
+        probs = jnp.where((count > 0) & possible, steered, probs)
+    return probs
+
+
+def failed_steering_rows(probs: jnp.ndarray, iv: Optional[Interventions], layer, q_pos) -> jnp.ndarray:
+    """bool [Tq]: rows of the *returned* (post-`steer_probs`) probs [H, Tq, Tk] where some head's steering
+    at `layer` could not be applied, so `steer_probs` left the row unchanged.
+
+    Scale(0) failed iff the row holds no mass off its edges (a steered row has all of it there). SetValue
+    failed iff the row holds no mass off its edges and an edge holds neither 0 (invisible) nor the value
+    (a steered row has exactly `value` on every visible edge; with no mass off the edges it can only be
+    steered when the edges' values sum to 1). Scale(f > 0) never fails: with all the mass on its edges it
+    is an identity."""
+    n_q = probs.shape[1]
+    bad = jnp.zeros((n_q,), bool)
+    if iv is None:
+        return bad
+    n_keys = probs.shape[-1]
+    if iv.scale is not None:
+        m = _edge_mask(iv.scale, layer, q_pos, n_keys)
+        off = jnp.where(m, 0.0, probs).sum(-1)  # [H, Tq]
+        bad = bad | (m.any(-1) & (iv.scale.factor == 0) & (off == 0)).any(0)
     if iv.set_value is not None:
         m = _edge_mask(iv.set_value, layer, q_pos, n_keys)
         v = iv.set_value.value.astype(jnp.float32)
-        count = m.sum(-1, keepdims=True).astype(jnp.float32)
-        rest = jnp.where(m | ~visible, 0.0, probs).sum(-1, keepdims=True)
-        factor = jnp.where(rest > 0, (1.0 - count * v) / jnp.where(rest > 0, rest, 1.0), 0.0)
-        steered = jnp.where(m, v, probs * factor)
-        probs = jnp.where(count > 0, steered, probs)
-    return probs
+        off = jnp.where(m, 0.0, probs).sum(-1)
+        unset = (m & (probs != 0) & (probs != v)).any(-1)
+        bad = bad | (m.any(-1) & (off == 0) & unset).any(0)
+    return bad
 
 
 def state_scales(iv: Optional[Interventions], positions, n_layers: int):
@@ -260,41 +305,86 @@ def knockout(n_positions: int, edges: Sequence[tuple[int, int]], *, length: int,
                              heads=jnp.asarray(head_mask(n_heads, heads)))
 
 
+def _steered_layer_windows(n_layers: int, layers, layer_windows) -> list:
+    """Distinct sliding windows (None = full) of the steered layers; [None] when unknown."""
+    if layer_windows is None:
+        return [None]
+    if len(layer_windows) != n_layers:
+        raise InterventionError(f"layer_windows has {len(layer_windows)} entries for a model of {n_layers} layers")
+    return sorted({layer_windows[i] or None for i in np.flatnonzero(layer_mask(n_layers, layers))},
+                  key=lambda w: -1 if w is None else w)
+
+
+def _visible(n: int, length: int, window, knocked: Optional[np.ndarray]) -> np.ndarray:
+    """bool [T, T]: keys each query row may attend to (causal, unpadded, in the window, not knocked out)."""
+    q = np.arange(n)[:, None]
+    k = np.arange(n)[None, :]
+    vis = (k <= q) & (k < length) & (q < length)
+    if window:
+        vis &= (q - k) < int(window)
+    if knocked is not None:
+        vis &= ~np.asarray(knocked, bool)
+    return vis
+
+
+def _check_steered_edges(kind: str, m: np.ndarray, vis: np.ndarray, window, context: str) -> None:
+    hidden = np.argwhere(m & ~vis)
+    if hidden.size:
+        q, k = (int(x) for x in hidden[0])
+        why = (f"outside the sliding window of {window} keys" if window and q - k >= int(window)
+               else "knocked out in the same intervention")
+        raise InterventionError(f"{kind} edge {q}->{k} ({context}) is {why}: the key holds no attention to steer; "
+                                f"drop it or steer a visible key")
+
+
 def scale(n_positions: int, edges: Sequence[tuple[int, int]], factor: float, *, length: int, n_layers: int,
           n_heads: int, layers: Optional[Iterable[int]] = None, heads: Optional[Iterable[int]] = None,
-          context: str = "") -> AttentionScale:
-    """Post-softmax Scale(factor) of `edges`, rows renormalised (factor >= 0; 1 = identity)."""
-    if not factor >= 0:
-        raise InterventionError(f"scale factor must be >= 0, got {factor}")
+          context: str = "", layer_windows: Optional[Sequence] = None,
+          knocked: Optional[np.ndarray] = None) -> AttentionScale:
+    """Post-softmax Scale(factor) of `edges`, rows renormalised (factor finite and >= 0; 1 = identity).
+
+    layer_windows: the model's per-layer sliding windows [L] (None entries = full attention; e.g.
+    cfg.layer_windows) and `knocked` bool [T, T]: edges knocked out in the same `Interventions`. With
+    them, an edge the row cannot see and a Scale(0) that would leave a row with no visible key are refused."""
+    if not (np.isfinite(factor) and factor >= 0):
+        raise InterventionError(f"scale factor must be a finite number >= 0, got {factor}")
     m = edge_matrix(n_positions, edges, length, context)
-    if factor == 0:
-        rows = np.where(m.any(-1))[0]
-        for r in rows:
-            if m[r, : r + 1].sum() == r + 1:
-                raise InterventionError(f"Scale(0) on every visible key of row {r} ({context}) leaves the row empty")
+    for window in _steered_layer_windows(n_layers, layers, layer_windows):
+        vis = _visible(n_positions, length, window, knocked)
+        _check_steered_edges("Scale", m, vis, window, context)
+        if factor == 0:
+            empty = np.flatnonzero(m.any(-1) & ~(vis & ~m).any(-1))
+            if empty.size:
+                raise InterventionError(
+                    f"Scale(0) on every visible key of row {int(empty[0])} ({context}) leaves the row empty (no "
+                    f"attention left to renormalise); keep at least one visible key of the row unscaled")
     return AttentionScale(edges=jnp.asarray(m), layers=jnp.asarray(layer_mask(n_layers, layers)),
                           heads=jnp.asarray(head_mask(n_heads, heads)), factor=jnp.float32(factor))
 
 
 def set_value(n_positions: int, edges: Sequence[tuple[int, int]], value: float, *, length: int, n_layers: int,
               n_heads: int, layers: Optional[Iterable[int]] = None, heads: Optional[Iterable[int]] = None,
-              context: str = "") -> AttentionSetValue:
+              context: str = "", layer_windows: Optional[Sequence] = None,
+              knocked: Optional[np.ndarray] = None) -> AttentionSetValue:
     """Post-softmax SetValue(value): each edge gets probability `value`; the row's other visible keys share
-    1 - (#edges in row) * value in proportion to their current mass."""
-    if not 0.0 <= value <= 1.0:
-        raise InterventionError(f"SetValue needs 0 <= value <= 1, got {value}")
+    1 - (#edges in row) * value in proportion to their current mass. `layer_windows`, `knocked`: as `scale`
+    (a row whose other keys are all invisible cannot be renormalised unless the values sum to 1)."""
+    if not (np.isfinite(value) and 0.0 <= value <= 1.0):
+        raise InterventionError(f"SetValue needs a finite value with 0 <= value <= 1, got {value}")
     m = edge_matrix(n_positions, edges, length, context)
-    for r in np.where(m.any(-1))[0]:
-        c = int(m[r].sum())
-        if c * value > 1.0 + 1e-6:
-            raise InterventionError(
-                f"SetValue({value}) on {c} edges of row {r} ({context}) asks for {c * value:.3f} > 1 of the row's mass"
-            )
-        if c == r + 1 and abs(c * value - 1.0) > 1e-6:
-            raise InterventionError(
-                f"SetValue({value}) covers every visible key of row {r} ({context}), so the row cannot sum to 1; "
-                f"use value = 1/{c}"
-            )
+    for window in _steered_layer_windows(n_layers, layers, layer_windows):
+        vis = _visible(n_positions, length, window, knocked)
+        _check_steered_edges("SetValue", m, vis, window, context)
+        for r in np.where(m.any(-1))[0]:
+            c = int(m[r].sum())
+            if c * value > 1.0 + SET_VALUE_TOL:
+                raise InterventionError(
+                    f"SetValue({value}) on {c} edges of row {r} ({context}) asks for {c * value:.3f} > 1 of the "
+                    f"row's mass")
+            if not (vis[r] & ~m[r]).any() and abs(c * value - 1.0) > SET_VALUE_TOL:
+                raise InterventionError(
+                    f"SetValue({value}) covers every visible key of row {r} ({context}), so the row cannot sum "
+                    f"to 1; use value = 1/{c}")
     return AttentionSetValue(edges=jnp.asarray(m), layers=jnp.asarray(layer_mask(n_layers, layers)),
                              heads=jnp.asarray(head_mask(n_heads, heads)), value=jnp.float32(value))
 

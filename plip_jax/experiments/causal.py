@@ -4,20 +4,37 @@ Everything here is one jitted computation over a right-padded batch of samples (
 stacked axis of interventions): no Python loop of forwards. Outputs stay small: last-position logits
 [.., V] and the per-sample next-token NLL, computed from the final hidden states with a vocabulary-chunked
 log-sum-exp, so [T, V] logits never exist, on the device or the host.
+
+Two engines:
+* `run_batch` / `run_sweep`: full forwards of every sample and sweep point (any `Model`).
+* `shared_sweep` (transformers, per-block API): ONE program runs the baseline forward, a no-op reference
+  point and the intervened points, sharing the baseline's work no intervention can change: layers below a
+  point's first intervened layer run once (the baseline's), and only the rows from the first edited query
+  row on are recomputed, attending to the baseline's cached keys/values for earlier rows. Every point
+  starts as a copy of the no-op reference and runs the very same operations, so an identity intervention
+  (Scale 1, an empty edge set) reproduces the reference bit for bit (KL exactly 0), while the KL between
+  the full baseline and the reference (two mathematically equal computations that round differently) is
+  the run's numerical noise floor. `layer_knockout_scan` (every layer knocked in turn) and `sweep_points`
+  (host side: effects in float64) are built on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from plip_jax.analysis import metrics
+from plip_jax.analysis.generation import empty_like_interventions
 from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
+from plip_jax.models import sharding
+from plip_jax.core.errors import InterventionError
+from plip_jax.models.precision import matmul_precision
 
 
 def _row_logits(model, hidden, row):
@@ -45,6 +62,15 @@ def run_batch(model, tokens, lengths, iv, markers=None):
     return jax.vmap(lambda t, n, i, m: _one(model, t, n, i, m))(tokens, lengths, iv, markers)
 
 
+@jax.jit
+def marker_rows(model, tokens, lengths, markers):
+    """Baseline attention rows of each sample's marker: [B, L, H, T] f32 (no logits computed; pass
+    `model.trunk()` to keep an unused lm_head off the device). tokens [B, T], lengths [B], markers int [B]."""
+    cap = Capture(logits="none", attn_rows=True)
+    return jax.vmap(lambda t, n, m: model(t, length=n, capture=cap, query_rows=m[None]).attn_rows[:, :, 0, :])(
+        tokens, lengths, markers)
+
+
 @functools.partial(jax.jit, static_argnames=("sweep_batch",))
 def run_sweep(model, tokens, lengths, iv, markers=None, sweep_batch: Optional[int] = None):
     """Like `run_batch` with an extra leading sweep axis S on every leaf of `iv` ([S, B, ...]): one
@@ -58,15 +84,38 @@ def run_sweep(model, tokens, lengths, iv, markers=None, sweep_batch: Optional[in
     return jax.lax.map(per_batch, iv, batch_size=sweep_batch)
 
 
-DEFAULT_GROUP_LAYERS = 4  # layers per compiled scan body in `layer_knockout_scan` (see there)
+DEFAULT_GROUP_LAYERS = 4  # layers per compiled scan body when sweep points enter at many layers
 PREFIX_MULTIPLE = 8  # the shared prefix is rounded down to a multiple of this (fewer distinct compilations)
 
 
+# --------------------------------------------------------------------------- shared-prefix engine: plan
+
+
+def _edited_rows(iv) -> np.ndarray:
+    """Host: sorted query rows that carry an edge of any attention kind (any leading axes)."""
+    rows = set()
+    for kind in (iv.knockout, iv.scale, iv.set_value):
+        if kind is not None:
+            e = np.asarray(kind.edges)
+            rows.update(np.nonzero(e.reshape(-1, *e.shape[-2:]).any(axis=(0, 2)))[0].tolist())
+    return np.asarray(sorted(rows), np.int64)
+
+
+def shared_prefix(iv, lengths, markers=None) -> int:
+    """Rows every point of a sweep shares with the baseline: the causal prefix before the first query row
+    any edge edits (attention is causal, so earlier rows are untouched in every layer), before every
+    marker whose attention row is read (`markers`, optional) and before each sample's last real token;
+    rounded down to a multiple of PREFIX_MULTIPLE. `iv`: Interventions with any leading axes (host arrays)."""
+    rows = _edited_rows(iv)
+    first = int(rows.min()) if rows.size else int(np.max(np.asarray(lengths)))
+    if markers is not None and np.size(markers):
+        first = min(first, int(np.min(np.asarray(markers))))
+    p = min(first, int(np.min(np.asarray(lengths))) - 1)
+    return max(0, p) // PREFIX_MULTIPLE * PREFIX_MULTIPLE
+
+
 def knockout_prefix(edges, lengths) -> int:
-    """Rows every run of a knockout scan shares with the baseline: the causal prefix before the first query
-    row that any edge removes (attention is causal, so rows before it are untouched in every layer), and
-    before each sample's last real token; rounded down to a multiple of PREFIX_MULTIPLE.
-    edges bool [B, T, T] (host array), lengths int [B]."""
+    """`shared_prefix` of a knockout given by its edges bool [B, T, T] (host array) and lengths int [B]."""
     e = np.asarray(edges)
     rows = np.nonzero(e.any(axis=-1))[1]
     first = int(rows.min()) if rows.size else e.shape[1]
@@ -74,99 +123,318 @@ def knockout_prefix(edges, lengths) -> int:
     return max(0, p) // PREFIX_MULTIPLE * PREFIX_MULTIPLE
 
 
-def _layer_knockout_scan_one(model, tokens, length, edges, heads, group_layers: int, prefix: int):
-    """Baseline plus one single-layer knockout per layer for ONE sequence, sharing all the baseline's work
-    that a knockout cannot change (a transformer: uses the model's per-block API).
+def entry_layers(starts: Sequence[int], n_layers: int, group_layers: int = DEFAULT_GROUP_LAYERS) -> tuple:
+    """The layer at which each sweep point enters the shared computation, given its first intervened
+    layer (`starts`). Entering earlier is exact (the point runs unedited blocks until its own layers);
+    each distinct entry is one compiled block body, so when the distinct starts outnumber
+    ceil(L / group_layers) they are rounded down to multiples of `group_layers`."""
+    starts = [int(x) for x in starts]
+    bad = [x for x in starts if not 0 <= x < n_layers]
+    if bad:
+        raise InterventionError(f"start layers {bad} out of range for a model of {n_layers} layers")
+    g = max(1, min(int(group_layers), n_layers))
+    if len(set(starts)) <= -(-n_layers // g):
+        return tuple(starts)
+    return tuple(x // g * g for x in starts)
 
-    * Layers: the run knocked at layer k equals the baseline below layer k, so it starts there from the
-      baseline's residual stream (sum_j (j + 1) knocked blocks instead of L^2).
-    * Rows: the first `prefix` rows come before every removed edge's query row, so they are the baseline's
-      in every run and layer; knocked runs compute only the T - prefix suffix rows, attending to the
-      baseline's cached keys/values for the prefix and their own for the suffix.
-    * Compilation: layers go in groups of `group_layers`, one `lax.scan` body per group; runs knocked
-      inside a group start at its first layer as copies of the baseline and get the baseline's update until
-      their own layer (exact), so XLA compiles ceil(L / g) block bodies rather than L.
-    Returns last logits [L + 1, V] (row 0 = baseline, row k + 1 = knocked at layer k) and NLL [L + 1]."""
+
+# --------------------------------------------------------------------------- shared-prefix engine: device
+
+
+def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, unroll: bool,
+               group_layers: int = DEFAULT_GROUP_LAYERS) -> dict:
+    """Baseline + S sweep points of ONE sequence on a transformer (see the module docstring).
+
+    iv: Interventions with a leading S axis; point 0 must be a no-op (same structure, nothing selected)
+    and entries[0] == min(entries); entries (static, non-decreasing) is each point's entry layer. Points
+    entering at layer a start as copies of point 0's stream there (the baseline's stream for the first
+    entry); only rows >= `prefix` are computed. Layers run in scan bodies of at most `group_layers` layers
+    (a per-layer weight layout copies one body's layers at a time). Returns base_last [V], base_nll [], last [S, V],
+    nll [S], marker_rows [S, L, H, T] (the marker's attention rows, when `marker` is given; layers below
+    a point's entry are the reference's, below entries[0] the baseline's) and, when iv steers,
+    failed_row int32 [S, L] (the first row whose steering failed at that layer, -1 if none)."""
     cfg = model.cfg
-    L = cfg.num_layers
-    g = max(1, min(int(group_layers), L))
+    n_layers = cfg.num_layers
     t = tokens.shape[0]
     p = int(prefix)
-    s = t - p
+    n_points = len(entries)
     w = model.unembedding
-    base = model(tokens, length=length, cache=model.init_cache(t),
-                 capture=Capture(logits="none", final_hidden=True, resid_post="all"))
+    want_rows = marker is not None
+    steering = iv.scale is not None or iv.set_value is not None
+    cap = Capture(logits="none", final_hidden=True, resid_post="all", attn_rows=want_rows)
+    base = model(tokens, length=length, cache=model.init_cache(t), capture=cap,
+                 query_rows=marker[None] if want_rows else None)
     kc, vc = base.cache.k, base.cache.v  # [L, T, KV, hd]: the baseline's keys/values
-    embedded = model.embed(tokens)
-    base_lp = metrics.token_logprobs_from_hidden(base.final_hidden[:-1], w, tokens[1:])  # [T - 1]
+    with matmul_precision(cfg.dtype):
+        base_lp = metrics.token_logprobs_from_hidden(base.final_hidden[:-1], w, tokens[1:])  # [T - 1]
     base_last = _row_logits(model, base.final_hidden, length - 1)
     base_nll = metrics.mean_nll_of_rows(base_lp, length)
+    ctx = model.block_context(t - p, length=length, positions=jnp.arange(p, t, dtype=jnp.int32), cache_size=t)
+    marker_row = None if not want_rows else jnp.clip(marker - p, 0, t - p - 1)
 
-    ctx = model.block_context(s, length=length, positions=jnp.arange(p, t, dtype=jnp.int32), cache_size=t)
-    streams = jnp.zeros((0, s, embedded.shape[-1]), embedded.dtype)  # stream k = run knocked at layer k
-    for a in range(0, L, g):
-        b = min(a + g, L)
-        start = (embedded if a == 0 else base.resid_post[a - 1])[p:]  # the baseline entering layer a
-        streams = jnp.concatenate([streams, jnp.broadcast_to(start, (b - a,) + start.shape)], axis=0)
-        n = b
-        e_n = jnp.broadcast_to(edges, (n,) + edges.shape)
-        h_n = jnp.broadcast_to(heads, (n,) + heads.shape)
-        group, offset = model.layers.group(a, b)  # per-layer layout: a copy of g layers, not the model
+    g = max(1, min(int(group_layers), n_layers))
+    bounds = sorted(set(entries) | set(range(-(-min(entries) // g) * g, n_layers, g)))
+    streams = None
+    ys_all = []
+    for gi, a in enumerate(bounds):
+        b = bounds[gi + 1] if gi + 1 < len(bounds) else n_layers
+        n_new = entries.count(a)
+        if streams is None:  # the baseline's stream entering layer a, suffix rows
+            start = (model.embed(tokens) if a == 0 else base.resid_post[a - 1])[p:]
+            streams = jnp.broadcast_to(start, (n_new,) + start.shape)
+        else:  # later points start as copies of the reference (point 0): the same operations so far
+            streams = jnp.concatenate([streams, jnp.broadcast_to(streams[0], (n_new,) + streams.shape[1:])])
+        n = streams.shape[0]
+        iv_n = jax.tree_util.tree_map(lambda x, n=n: x[:n], iv)
 
-        def body(h, j, n=n, e_n=e_n, h_n=h_n, group=group, offset=offset):
-            lp = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, j - offset, 0, keepdims=False),
-                                        group)
-            layer_on = (jnp.arange(n) == j)[:, None] & (jnp.arange(L) == j)[None, :]
-            iv = ivs.Interventions(knockout=ivs.AttentionKnockout(edges=e_n, layers=layer_on, heads=h_n))
+        def step(h, lp, j, iv_n=iv_n):
             kv = (jax.lax.dynamic_slice_in_dim(kc, j, 1, 0), jax.lax.dynamic_slice_in_dim(vc, j, 1, 0))
-            out = jax.vmap(lambda x, i: model.apply_block(x, lp, j, ctx, i, kv, 0)[0])(h, iv)
-            return out, None
+            out, probs, _ = jax.vmap(lambda x, i: model.apply_block(x, lp, j, ctx, i, kv, 0))(h, iv_n)
+            y = {}
+            if want_rows:
+                y["rows"] = jax.lax.dynamic_index_in_dim(probs, marker_row, 2, keepdims=False)  # [n, H, T]
+            if steering:
+                bad = jax.vmap(lambda pr, i: ivs.failed_steering_rows(pr, i, j, ctx.q_pos))(probs, iv_n)  # [n, Tq]
+                y["fail"] = jnp.where(bad.any(-1), p + jnp.argmax(bad, -1), -1).astype(jnp.int32)
+            return out, y
 
-        streams, _ = jax.lax.scan(body, streams, jnp.arange(a, b))
+        if unroll:  # every layer inline: no while loop (XLA's cost analysis counts all of it)
+            ys = []
+            for j in range(a, b):
+                streams, y = step(streams, model.layers.layer(j), j)
+                ys.append(y)
+            ys = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *ys) if ys and ys[0] else {}
+        else:  # one scan body per group; per-layer layouts copy only this group's layers
+            group, offset = model.layers.group(a, b)
 
-    hidden = jax.vmap(model.final_norm)(streams)  # [L, S, D]
-    last = jax.vmap(lambda h: _row_logits(model, h, length - 1 - p))(hidden)  # [L, V]
-    suffix_lp = jax.vmap(lambda h: metrics.token_logprobs_from_hidden(h[:-1], w, tokens[p + 1:]))(hidden)  # [L, S-1]
-    all_lp = jnp.concatenate([jnp.broadcast_to(base_lp[:p], (L, p)), suffix_lp], axis=1)  # [L, T - 1]
+            def body(h, j, group=group, offset=offset, step=step):
+                lp = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, j - offset, 0, keepdims=False),
+                                            group)
+                return step(h, lp, j)
+
+            streams, ys = jax.lax.scan(body, streams, jnp.arange(a, b))
+        missing = n_points - n  # points not entered yet: copies of the reference
+        if "rows" in ys:
+            r = ys["rows"]
+            ys["rows"] = jnp.concatenate([r, jnp.broadcast_to(r[:, :1], (r.shape[0], missing) + r.shape[2:])], 1)
+        if "fail" in ys:
+            ys["fail"] = jnp.pad(ys["fail"], ((0, 0), (0, missing)), constant_values=-1)
+        ys_all.append(ys)
+
+    with matmul_precision(cfg.dtype):
+        hidden = jax.vmap(model.final_norm)(streams)  # [S, T - p, D]
+        last = jax.vmap(lambda h: _row_logits(model, h, length - 1 - p))(hidden)  # [S, V]
+        suffix_lp = jax.vmap(lambda h: metrics.token_logprobs_from_hidden(h[:-1], w, tokens[p + 1:]))(hidden)
+    all_lp = jnp.concatenate([jnp.broadcast_to(base_lp[:p], (n_points, p)), suffix_lp], axis=1)  # [S, T - 1]
     nll = jax.vmap(lambda lp: metrics.mean_nll_of_rows(lp, length))(all_lp)
-    return jnp.concatenate([base_last[None], last]), jnp.concatenate([base_nll[None], nll])
+    out = {"base_last": base_last, "base_nll": base_nll, "last": last, "nll": nll}
+    a0 = bounds[0]
+    if want_rows:
+        below = jnp.broadcast_to(base.attn_rows[None, :a0, :, 0, :], (n_points, a0) + base.attn_rows.shape[1:2]
+                                 + base.attn_rows.shape[3:])
+        above = jnp.concatenate([y["rows"] for y in ys_all], axis=0).transpose(1, 0, 2, 3)  # [S, L - a0, H, T]
+        out["marker_rows"] = jnp.concatenate([below, above], axis=1)
+    if steering:
+        above = jnp.concatenate([y["fail"] for y in ys_all], axis=0).T  # [S, L - a0]
+        out["failed_row"] = jnp.concatenate([jnp.full((n_points, a0), -1, jnp.int32), above], axis=1)
+    return out
 
 
-@functools.partial(jax.jit, static_argnames=("group_layers", "prefix"))
+@functools.partial(jax.jit, static_argnames=("entries", "prefix", "unroll", "group_layers"))
+def shared_sweep_jit(model, tokens, lengths, iv, markers=None, *, entries: tuple, prefix: int = 0,
+                     unroll: bool = False, group_layers: int = DEFAULT_GROUP_LAYERS) -> dict:
+    """`shared_sweep` under jit: static `entries` and `prefix` (it MUST be <= every edited query row, every
+    marker and every sample's last real position: use `shared_prefix`)."""
+    return jax.vmap(lambda t, n, i, m: _sweep_one(model, t, n, i, m, entries, prefix, unroll, group_layers),
+                    in_axes=(0, 0, 1, 0))(tokens, lengths, iv, markers)
+
+
+def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[int], prefix: Optional[int] = None,
+                 unroll: bool = False, group_layers: int = DEFAULT_GROUP_LAYERS) -> dict:
+    """Baseline, no-op reference and sweep points of a batch in ONE program on a transformer `model`.
+
+    tokens [B, T], lengths [B]; iv: Interventions with leading [S, B] on every leaf, point 0 a no-op (same
+    structure, no edge selected); entries [S]: each point's entry layer (non-decreasing; entries[0] the
+    smallest; at most its first intervened layer, e.g. from `entry_layers`); markers int [B] (optional):
+    whose attention rows to return. prefix: shared rows (None: `shared_prefix`). unroll: trace every layer
+    inline instead of `lax.scan` bodies (longer compile; lets XLA's cost analysis count the work).
+    group_layers: at most this many layers per scan body.
+    Returns {"base_last": [B, V], "base_nll": [B], "last": [B, S, V], "nll": [B, S],
+    "marker_rows"?: [B, S, L, H, T], "failed_row"?: int32 [B, S, L] (-1: steering applied)}."""
+    entries = tuple(int(e) for e in entries)
+    n_points = jax.tree_util.tree_leaves(iv)[0].shape[0]
+    if len(entries) != n_points:
+        raise InterventionError(f"{len(entries)} entry layers for {n_points} sweep points")
+    if list(entries) != sorted(entries):
+        raise InterventionError(f"entry layers must be non-decreasing (point 0, the no-op, first), got {entries}")
+    bad = [e for e in entries if not 0 <= e < model.cfg.num_layers]
+    if bad:
+        raise InterventionError(f"entry layers {bad} out of range for a model of {model.cfg.num_layers} layers")
+    if prefix is None:
+        prefix = shared_prefix(iv, lengths, markers)
+    return shared_sweep_jit(model, tokens, lengths, iv, markers, entries=entries, prefix=int(prefix), unroll=unroll,
+                            group_layers=int(group_layers))
+
+
+# --------------------------------------------------------------------------- all-layer knockout scan
+
+
+@functools.partial(jax.jit, static_argnames=("group_layers", "prefix", "unroll"))
 def layer_knockout_scan_jit(model, tokens, lengths, edges, heads, group_layers: int = DEFAULT_GROUP_LAYERS,
-                            prefix: int = 0):
+                            prefix: int = 0, unroll: bool = False):
     """`layer_knockout_scan` under jit with a static shared `prefix` (0 = none; it MUST be <= every edge's
     query row and every sample's last real position: use `knockout_prefix`)."""
-    last, nll = jax.vmap(lambda t, n, e, h: _layer_knockout_scan_one(model, t, n, e, h, group_layers, prefix))(
-        tokens, lengths, edges, heads)
-    return {"last": last, "nll": nll}
+    n_layers = model.cfg.num_layers
+    g = max(1, min(int(group_layers), n_layers))
+    entries = (0,) + tuple(k // g * g for k in range(n_layers))
+    layer_on = jnp.concatenate([jnp.zeros((1, n_layers), bool), jnp.eye(n_layers, dtype=bool)])  # [L + 1, L]
+
+    def one(t, n, e, h):
+        s = n_layers + 1
+        iv = ivs.Interventions(knockout=ivs.AttentionKnockout(
+            edges=jnp.broadcast_to(e, (s,) + e.shape), layers=layer_on, heads=jnp.broadcast_to(h, (s,) + h.shape)))
+        return _sweep_one(model, t, n, iv, None, entries, prefix, unroll, g)
+
+    out = jax.vmap(one)(tokens, lengths, edges, heads)
+    return {"last": jnp.concatenate([out["base_last"][:, None], out["last"][:, 1:]], axis=1),
+            "nll": jnp.concatenate([out["base_nll"][:, None], out["nll"][:, 1:]], axis=1),
+            "noop_last": out["last"][:, 0], "noop_nll": out["nll"][:, 0]}
 
 
 def layer_knockout_scan(model, tokens, lengths, edges, heads, group_layers: int = DEFAULT_GROUP_LAYERS,
-                        prefix: Optional[int] = None):
+                        prefix: Optional[int] = None, unroll: bool = False):
     """Per-layer knockout scan of a batch on a transformer `model`: tokens [B, T], lengths [B], edges bool
-    [B, T, T], heads bool [B, H]. Returns {"last": [B, L + 1, V], "nll": [B, L + 1]} (index 0 = baseline,
-    k + 1 = knockout at layer k). `group_layers`: layers per compiled scan body; `prefix`: rows shared with the
-    baseline (None: computed from the edges with `knockout_prefix`). Results do not depend on either (see
-    `_layer_knockout_scan_one`)."""
+    [B, T, T], heads bool [B, H]. Returns {"last": [B, L + 1, V], "nll": [B, L + 1]} (index 0 = the
+    baseline's full forward, k + 1 = knockout at layer k) and the no-op reference of the same engine,
+    {"noop_last": [B, V], "noop_nll": [B]}: every knocked run is a copy of it up to its own layer, so KLs
+    are taken against it and KL(baseline || no-op) is the scan's noise floor.
+
+    Work shared (see `shared_sweep`): the run knocked at layer k enters at k rounded down to a multiple of
+    `group_layers` (one compiled scan body per group), and only rows from `prefix` on are recomputed (None:
+    `knockout_prefix`). Results do not depend on either beyond rounding."""
     if prefix is None:
         try:
             prefix = knockout_prefix(edges, lengths)
         except jax.errors.TracerArrayConversionError:  # called under jit: the edges are not known yet
             prefix = 0
-    return layer_knockout_scan_jit(model, tokens, lengths, edges, heads, group_layers, prefix)
+    return layer_knockout_scan_jit(model, tokens, lengths, edges, heads, group_layers, prefix, unroll)
 
 
-def kl_and_effects(base_last, other_last, base_nll, other_nll):
-    """Per-sample effect metrics on device: KL(base || other) nats, top-1 agreement, logit diff of the
-    baseline's top-1 token (base - other), and the change of mean next-token NLL (other - base)."""
-    top = jnp.argmax(base_last, axis=-1)
-    kl = metrics.kl_divergence(base_last, other_last)
-    agree = jnp.argmax(other_last, axis=-1) == top
-    diff = jnp.take_along_axis(base_last, top[..., None], -1)[..., 0] - jnp.take_along_axis(other_last, top[..., None], -1)[..., 0]
-    return {"kl": kl, "top1_agree": agree, "logit_diff_top1": diff, "top1_token": top,
-            "delta_nll": other_nll - base_nll}
+# --------------------------------------------------------------------------- host side: sweeps and effects
 
 
-def to_numpy(tree):
-    return jax.tree_util.tree_map(np.asarray, tree)
+def check_finite_logits(logits, what: str, sample_ids: Optional[Sequence[str]] = None) -> None:
+    """InterventionError naming the samples whose logits [..., B, V] hold NaN or inf (never a silent NaN KL)."""
+    x = np.asarray(logits)
+    bad = ~np.isfinite(x).all(axis=-1)
+    if bad.any():
+        cols = sorted(set(np.nonzero(bad.reshape(-1, bad.shape[-1]))[1].tolist()))
+        names = [sample_ids[i] if sample_ids is not None else f"#{i}" for i in cols]
+        raise InterventionError(f"{what}: non-finite logits for sample(s) {names[:10]}; the intervention broke the "
+                                "forward (check the doses and edges)")
+
+
+def effects_f64(ref_last, other_last, ref_nll, other_nll) -> dict:
+    """Per-sample effects on the host in float64, against a reference run: KL(ref || other) in nats
+    (`metrics.kl_divergence_f64`: never clamped, 0 only for identical distributions), top-1 agreement,
+    logit difference of the reference's top-1 token (ref - other), change of mean next-token NLL
+    (other - ref, nats/token). Inputs [..., V] and [...] (the reference broadcasts); outputs [...]."""
+    o = np.asarray(other_last, np.float64)
+    r = np.broadcast_to(np.asarray(ref_last, np.float64), o.shape)
+    top = np.argmax(r, axis=-1)
+    kl = metrics.kl_divergence_f64(r, o)
+    diff = np.take_along_axis(r, top[..., None], -1)[..., 0] - np.take_along_axis(o, top[..., None], -1)[..., 0]
+    return {"kl": kl, "top1_agree": np.argmax(o, axis=-1) == top, "logit_diff_top1": diff, "top1_token": top,
+            "delta_nll": np.asarray(other_nll, np.float64) - np.asarray(ref_nll, np.float64)}
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """Host (numpy) results of `sweep_points`: P points over B samples.
+
+    base_last [B, V] / base_nll [B]: the baseline's plain forward; ref_last / ref_nll: the no-op reference
+    of each point's program ([P, B, V] / [P, B]; one program, so all equal, unless `point_batch` split
+    the points); last [P, B, V], nll [P, B]; effects: `effects_f64(ref, point)` per point ([P, B] each);
+    floor_kl [B]: KL(baseline || reference) in nats, the largest over programs (the noise floor);
+    marker_rows [P + 1, B, L, H, T] (index 0 = reference) when markers were given; failed_row [P, B, L]
+    (steering only; -1 = applied)."""
+
+    base_last: np.ndarray
+    base_nll: np.ndarray
+    ref_last: np.ndarray
+    ref_nll: np.ndarray
+    last: np.ndarray
+    nll: np.ndarray
+    effects: dict
+    floor_kl: np.ndarray
+    marker_rows: Optional[np.ndarray] = None
+    failed_row: Optional[np.ndarray] = None
+
+    @property
+    def kl(self) -> np.ndarray:
+        return self.effects["kl"]
+
+
+def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int], markers=None, *,
+                 group_layers: int = DEFAULT_GROUP_LAYERS, point_batch: Optional[int] = None,
+                 sample_ids: Optional[Sequence[str]] = None, distribute=None) -> SweepResult:
+    """Run P intervention points (each an `Interventions` with a leading B axis, all the same structure)
+    on a batch, with their no-op reference and the baseline, on the shared-prefix engine; effects in
+    float64 against the reference. starts [P]: each point's first intervened layer. point_batch: at most
+    this many points per program (each program carries its own reference; None = all in one).
+    distribute: optional callable placing (tokens, lengths, iv, markers) on devices (e.g. a mesh)."""
+    n_layers = model.cfg.num_layers
+    if len(points) != len(starts) or not len(points):
+        raise InterventionError(f"{len(points)} sweep points for {len(starts)} start layers (need >= 1 of each)")
+    k = len(points) if not point_batch else max(1, int(point_batch))
+    chunks = [list(range(i, min(i + k, len(points)))) for i in range(0, len(points), k)]
+    noop = empty_like_interventions(points[0])
+    res, floors = {}, []
+    for chunk in chunks:
+        pad = max(starts[i] for i in chunk)  # padding no-ops enter last: no extra compiled body
+        idx = chunk + [None] * (k - len(chunk))  # every chunk has the same shape
+        ent = entry_layers([starts[i] if i is not None else pad for i in idx], n_layers, group_layers)
+        order = sorted(range(k), key=lambda j: ent[j])
+        stacked = ivs.stack([noop] + [points[idx[j]] if idx[j] is not None else noop for j in order])
+        entries = (min(ent),) + tuple(ent[j] for j in order)
+        prefix = shared_prefix(stacked, lengths, markers)
+        args = (tokens, lengths, stacked, markers)
+        if distribute is not None:
+            args = distribute(args)
+        out = sharding.to_host(shared_sweep(model, *args, entries=entries, prefix=prefix,
+                                            group_layers=group_layers))  # gathered in a multi-process run
+        check_finite_logits(out["base_last"], "baseline", sample_ids)
+        check_finite_logits(out["last"].transpose(1, 0, 2), "sweep", sample_ids)
+        floors.append(metrics.kl_divergence_f64(out["base_last"], out["last"][:, 0]))
+        for j, pos in enumerate(order):
+            if idx[pos] is not None:
+                res[idx[pos]] = (out, j + 1)
+    n = len(points)
+    first = res[0][0]
+    ref_last = np.stack([res[i][0]["last"][:, 0] for i in range(n)])  # [P, B, V]
+    ref_nll = np.stack([res[i][0]["nll"][:, 0] for i in range(n)])
+    last = np.stack([res[i][0]["last"][:, res[i][1]] for i in range(n)])
+    nll = np.stack([res[i][0]["nll"][:, res[i][1]] for i in range(n)])
+    rows = failed = None
+    if "marker_rows" in first:
+        rows = np.stack([first["marker_rows"][:, 0]] + [res[i][0]["marker_rows"][:, res[i][1]] for i in range(n)])
+    if "failed_row" in first:
+        failed = np.stack([res[i][0]["failed_row"][:, res[i][1]] for i in range(n)])
+    return SweepResult(first["base_last"], first["base_nll"], ref_last, ref_nll, last, nll,
+                       effects_f64(ref_last, last, ref_nll, nll), np.max(np.stack(floors), axis=0), rows, failed)
+
+
+def raise_on_failed_steering(failed_row, sample_ids: Sequence[str], point_labels: Sequence[str]) -> None:
+    """InterventionError naming sample, point, layer and row for every steering that could not be applied
+    in the graph (failed_row int [P, B, L], -1 = applied; see `ivs.failed_steering_rows`)."""
+    f = np.asarray(failed_row)
+    hits = np.argwhere(f >= 0)
+    if not hits.size:
+        return
+    where = [f"sample {sample_ids[b]}, {point_labels[p]}, layer {l}, row {int(f[p, b, l])}" for p, b, l in hits[:5]]
+    more = f" (and {len(hits) - 5} more)" if len(hits) > 5 else ""
+    raise InterventionError(
+        "steering could not be applied (the rest of the attention row holds no mass at run time, e.g. f32 "
+        "underflow, or Scale(0) would empty the row): " + "; ".join(where) + more +
+        ". Lower the dose, steer fewer keys of the row, or use Scale instead of SetValue")
+

@@ -5,11 +5,13 @@ unlike PLIP, the marker's attention to itself is kept, so no row is ever emptied
 future position (e.g. Rust baselines, whose targets follow the marker) are causally masked already:
 they are dropped and counted, and a sample left with none is reported as skipped — never a silent 0.
 
-Every mode is one batched computation: a single layer / window is one vmapped run; a scan over all
-layers shares the baseline's layers below each knocked one and its rows before the first knocked query
-(`causal.layer_knockout_scan`); window scans vmap over stacked
-interventions. A random-edge control (same number of edges from the marker row to random non-target
-visible keys, seeded) is compared with the real knockout by a paired test.
+Every mode is one program on the shared-prefix engine (`causal.shared_sweep`): the baseline, a no-op
+reference and the knockouts (single layer or window, its mass-matched control; every layer for a scan;
+every window for a sweep). KL(reference || knocked) in nats, float64 on the host; the noise floor
+KL(baseline || reference) is reported per sample and overall, and effects below 3x the floor are marked.
+Scans and sweeps adjust the per-layer / per-window Welch p over the units (Holm, BH) and choose the best
+unit by the Holm-adjusted p. The control (`knockout_control`) removes the same attention mass as the
+targets; a sample without one is skipped with a note.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from plip_jax.analysis import controls, metrics
+from plip_jax.analysis.generation import empty_like_interventions
 from plip_jax.core import interventions as ivs
-from plip_jax.analysis import metrics
-from plip_jax.models import sharding
-from plip_jax.analysis import stats
 from plip_jax.data.batching import check_context, pad_batch
 from plip_jax.data.corpus import UNIVERSAL_GROUPS, UniversalCorpus
-from plip_jax.experiments import causal
 from plip_jax.data.positions import TokenizedSample, tokenize_sample
+from plip_jax.experiments import causal, causal_stats, knockout_control
+from plip_jax.models import sharding
 
 
 def default_intervention_layer(n_layers: int) -> int:
@@ -80,18 +82,6 @@ def prepare(model: Any, corpus: UniversalCorpus, *, all_edges: bool = False, inc
     return usable, skipped
 
 
-def random_control_edges(sample: KnockoutSample, seed: int) -> list:
-    """Same number of edges from the marker row to random visible non-target keys (seeded by sample id)."""
-    m = sample.tokenized.marker_token
-    targets = {k for _, k in sample.edges}
-    pool = [k for k in range(m + 1) if k not in targets]
-    rng = np.random.default_rng([seed, *map(ord, sample.id)])
-    k = min(len(sample.edges), len(pool))
-    if k == 0:
-        return []
-    return [(m, int(c)) for c in sorted(rng.choice(pool, size=k, replace=False))]
-
-
 @dataclasses.dataclass
 class Batch:
     tokens: np.ndarray
@@ -109,83 +99,120 @@ def make_batch(model: Any, samples: Sequence[KnockoutSample]) -> Batch:
 
 def knockout_ivs(model: Any, samples: Sequence[KnockoutSample], batch: Batch, layers: Sequence[int],
                  heads: Optional[Sequence[int]] = None, edges_of=None) -> ivs.Interventions:
-    """Per-sample knockout pytrees stacked on a leading B axis (validated: no emptied row, no future edge)."""
+    """Per-sample knockout pytrees stacked on a leading B axis (validated: no emptied row, no future edge).
+    edges_of(sample) -> edge list, or None for a no-op entry (same structure, no edge selected)."""
     cfg = model.cfg
     t = batch.tokens.shape[1]
     items = []
     for s, n in zip(samples, batch.lengths):
         edges = edges_of(s) if edges_of else s.edges
-        items.append(ivs.Interventions(knockout=ivs.knockout(
-            t, edges, length=int(n), n_layers=cfg.num_layers, n_heads=cfg.num_heads, layers=layers, heads=heads,
-            context=f"sample {s.id}", windows=cfg.layer_windows)))
+        iv = ivs.Interventions(knockout=ivs.knockout(  # a no-op entry keeps the layer/head masks, no edge
+            t, edges or s.edges, length=int(n), n_layers=cfg.num_layers, n_heads=cfg.num_heads, layers=layers,
+            heads=heads, context=f"sample {s.id}", windows=cfg.layer_windows))
+        items.append(iv if edges else empty_like_interventions(iv))
     return ivs.stack(items)
 
 
-def _sample_json(model, s: KnockoutSample, effects: dict, i: int, base_last, other_last, n_edges: int) -> dict:
-    top = metrics.top_changed_tokens(base_last[i], other_last[i], k=5)
-    row = {
-        "id": s.id, "language": s.tokenized.sample.language, "is_baseline": s.tokenized.sample.is_baseline,
-        "kl_divergence": float(effects["kl"][i]), "marker_token_pos": int(s.tokenized.marker_token),
-        "target_token_positions": [int(t) for t in s.tokenized.target_tokens], "edges_knocked_out": n_edges,
-        "top_changed_tokens": metrics.format_top_changed(top, lambda tid: model.tokenizer.decode([int(tid)])),
-        "top1_agreement": bool(effects["top1_agree"][i]),
-        "logit_diff_top1": float(effects["logit_diff_top1"][i]),
-        "delta_nll": float(effects["delta_nll"][i]),
-        "future_edges_dropped": s.dropped_future_edges,
-    }
-    return row
 
 
-def _group_block(rows: list, language: str, is_baseline: bool, key: str = "kl_divergence") -> Optional[dict]:
-    vals = [r[key] for r in rows if r["language"] == language and r["is_baseline"] == is_baseline]
-    return stats.group_stats(vals, language, is_baseline).to_json() if vals else None
-
-
-def _comparison(rows: list) -> dict:
-    py = [r["kl_divergence"] for r in rows if r["language"] == "python" and not r["is_baseline"]]
-    rs = [r["kl_divergence"] for r in rows if r["language"] == "rust" and not r["is_baseline"]]
-    w = stats.welch_t_test(py, rs)
-    _, plip_p = stats.plip_kl_welch(py, rs) if len(py) > 1 and len(rs) > 1 else (0.0, 1.0)
-    out = {"welch_t_statistic": w.t, "welch_p_value": w.p_value, "welch_df": w.df,
-           "welch_p_value_plip_approx": float(plip_p), "significant_difference": stats.significant(w.p_value)}
-    if w.note:
-        out["welch_note"] = w.note
-    return out
+def distributor(model: Any):
+    """(tokens, lengths, iv [S, B, ...], markers) -> the same split over the model's mesh (samples axis)."""
+    def put(args):
+        tokens, lengths, iv, markers = args
+        return (*sharding.distribute(model, (tokens, lengths)), sharding.distribute(model, iv, axis=1),
+                sharding.distribute(model, markers))
+    return put
 
 
 def token_id(tokenizer: Any, text: str) -> int:
     """The id of `text` when it is exactly one token (for logit differences), else a clear error."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"--logit_token={text!r} is {len(ids)} tokens ({ids}) for this tokenizer; give a single token")
+        raise ivs.InterventionError(f"--logit_token={text!r} is {len(ids)} tokens ({ids}) for this tokenizer; "
+                                    "give a single token")
     return int(ids[0])
+
+
+def _sample_json(model, s: KnockoutSample, res: causal.SweepResult, i: int, floor: float) -> dict:
+    eff = res.effects
+    top = metrics.top_changed_tokens(res.ref_last[0, i], res.last[0, i], k=5)
+    kl = float(eff["kl"][0, i])
+    return {
+        "id": s.id, "language": s.tokenized.sample.language, "is_baseline": s.tokenized.sample.is_baseline,
+        "kl_divergence": kl, "marker_token_pos": int(s.tokenized.marker_token),
+        "target_token_positions": [int(t) for t in s.tokenized.target_tokens], "edges_knocked_out": len(s.edges),
+        "top_changed_tokens": metrics.format_top_changed(top, lambda tid: model.tokenizer.decode([int(tid)])),
+        "top1_agreement": bool(eff["top1_agree"][0, i]),
+        "logit_diff_top1": float(eff["logit_diff_top1"][0, i]),
+        "delta_nll": float(eff["delta_nll"][0, i]),
+        "future_edges_dropped": s.dropped_future_edges,
+        "noise_floor_kl": floor, "below_noise_floor": bool(causal_stats.below_floor(kl, floor)),
+    }
+
+
+def _group_blocks(rows: list, include_baselines: bool) -> dict:
+    out = {}
+    for lang in ("python", "rust"):
+        for base in ((False, True) if include_baselines else (False,)):
+            vals = [r["kl_divergence"] for r in rows if r["language"] == lang and r["is_baseline"] == base]
+            out[f"{lang}_baseline_stats" if base else f"{lang}_stats"] = causal_stats.group_block(vals, lang, base)
+    return out
+
+
+def _python_vs_rust(rows: list) -> dict:
+    py = [r["kl_divergence"] for r in rows if r["language"] == "python" and not r["is_baseline"]]
+    rs = [r["kl_divergence"] for r in rows if r["language"] == "rust" and not r["is_baseline"]]
+    w = causal_stats.welch_block(py, rs)
+    return w | {"significant_difference": bool(w["welch_p_value"] is not None and w["welch_p_value"] < 0.05)}
+
+
+KL_REFERENCE = ("KL(reference || knocked) in nats at the last real token, float64 on the host; the reference is "
+                "the no-op point of the same compiled program (identical operations, no edge selected)")
 
 
 def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], heads=None, all_edges: bool = False,
                  include_baselines: bool = False, control_seed: Optional[int] = 0,
+                 control_rel_tol: float = controls.REL_TOL, control_abs_tol: float = controls.ABS_TOL,
                  logit_token: Optional[str] = None) -> dict:
-    """Knock out the edges at `layers` (one layer, or a window) for every sample in ONE batched run (plus
-    the baseline and, unless control_seed is None, the random-edge control). Returns PLIP's JSON dict;
-    with `logit_token` each sample also gets the logit difference (baseline - knocked) of that token."""
+    """Knock out the edges at `layers` (one layer, or a window) for every sample: one program runs the
+    baseline, the no-op reference, the knockout and (unless control_seed is None or all_edges) the
+    mass-matched control. Returns PLIP's JSON dict plus the noise floor, the removed masses and the control
+    analysis; with `logit_token` each sample also gets the logit difference (reference - knocked) of it."""
     t0 = time.perf_counter()
     cfg = model.cfg
     for l in layers:
         ivs.check_layer(l, cfg.num_layers, "--layer" if len(layers) == 1 else "window layer")
+    tid = token_id(model.tokenizer, logit_token) if logit_token is not None else None
     samples, skipped = prepare(model, corpus, all_edges=all_edges, include_baselines=include_baselines)
+    if not samples:
+        raise ivs.InterventionError("no usable sample to knock out: " + "; ".join(
+            f"{s['id']}: {s['reason']}" for s in skipped[:5]))
     batch = make_batch(model, samples)
-    tokens, lengths = sharding.distribute(model, (batch.tokens, batch.lengths))
-    base = causal.run_batch(model.model, tokens, lengths, None)
-    iv = knockout_ivs(model, samples, batch, layers, heads)
-    ko = causal.run_batch(model.model, tokens, lengths, sharding.distribute(model, iv))
-    eff = causal.to_numpy(causal.kl_and_effects(base["last"], ko["last"], base["nll"], ko["nll"]))
-    base_last, ko_last = np.asarray(base["last"]), np.asarray(ko["last"])
-    rows = [_sample_json(model, s, eff, i, base_last, ko_last, len(s.edges)) for i, s in enumerate(samples)]
-    if logit_token is not None:
-        tid = token_id(model.tokenizer, logit_token)
-        diffs = np.asarray(metrics.logit_diff(base["last"], ko["last"], tid))
-        for r, d in zip(rows, diffs):
-            r["logit_diff_token"] = {"token": logit_token, "token_id": tid, "diff": float(d)}
-
+    heads_mask = ivs.head_mask(cfg.num_heads, heads)
+    markers = np.asarray([s.tokenized.marker_token for s in samples], np.int32)
+    mass = ctl = None
+    if not all_edges:  # the removed attention mass, from the baseline's marker rows
+        rows0 = causal.marker_rows(model.model.trunk(), *sharding.distribute(model, (batch.tokens, batch.lengths,
+                                                                                      markers)))
+        mass = knockout_control.removed_mass_rows(rows0, layers, heads_mask)  # [B, T]
+        if control_seed is not None:
+            ctl = knockout_control.choose_controls(samples, mass, control_seed, control_rel_tol, control_abs_tol)
+    points = [knockout_ivs(model, samples, batch, layers, heads)]
+    if ctl is not None:
+        by_id = {s.id: c for s, c in zip(samples, ctl)}
+        points.append(knockout_ivs(model, samples, batch, layers, heads,
+                                   edges_of=lambda s: [(s.tokenized.marker_token, k) for k in by_id[s.id].keys]))
+    res = causal.sweep_points(model.model, batch.tokens, batch.lengths, points, [min(layers)] * len(points),
+                              sample_ids=batch.ids, distribute=distributor(model))
+    floor = res.floor_kl
+    rows = [_sample_json(model, s, res, i, float(floor[i])) for i, s in enumerate(samples)]
+    if mass is not None:
+        for r, s, m in zip(rows, samples, mass):
+            r["removed_mass"] = float(m[[k for _, k in s.edges]].sum())
+    if tid is not None:
+        for i, r in enumerate(rows):
+            d = float(np.float64(res.ref_last[0, i, tid]) - np.float64(res.last[0, i, tid]))
+            r["logit_diff_token"] = {"token": logit_token, "token_id": tid, "diff": d}
     result: dict = {"model": model.name}
     if len(layers) == 1:
         result["layer"] = int(layers[0])
@@ -194,90 +221,113 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
                        "n_layers_knocked_out": len(layers)})
     result["n_heads"] = cfg.num_heads
     result["sample_results"] = rows
-    result["python_stats"] = _group_block(rows, "python", False)
-    result["rust_stats"] = _group_block(rows, "rust", False)
-    if include_baselines:
-        result["python_baseline_stats"] = _group_block(rows, "python", True)
-        result["rust_baseline_stats"] = _group_block(rows, "rust", True)
-    result.update(_comparison(rows))
+    result.update(_group_blocks(rows, include_baselines))
+    result.update(_python_vs_rust(rows))
     result["edge_set"] = "all_rows_to_marker" if all_edges else "marker_to_targets"
+    result["kl_reference"] = KL_REFERENCE
+    effects = np.asarray([r["kl_divergence"] for r in rows])
+    result["noise_floor"], result["floor_warning"] = causal_stats.floor_block(floor, effects, model.dtype)
+    if ctl is not None:
+        result["mass_matched_control"] = _control_json(rows, samples, ctl, res, control_seed, control_rel_tol,
+                                                       control_abs_tol)
     result["skipped_samples"] = skipped
-
-    if control_seed is not None and not all_edges:
-        civ = knockout_ivs(model, samples, batch, layers, heads,
-                           edges_of=lambda s: random_control_edges(s, control_seed) or s.edges)
-        ctl = causal.run_batch(model.model, tokens, lengths, sharding.distribute(model, civ))
-        ceff = causal.to_numpy(causal.kl_and_effects(base["last"], ctl["last"], base["nll"], ctl["nll"]))
-        for i, r in enumerate(rows):
-            r["control_kl_divergence"] = float(ceff["kl"][i])
-            r["control_edges"] = [int(k) for _, k in random_control_edges(samples[i], control_seed)]
-        ctrl = {"seed": control_seed, "description": "same number of edges from the marker row to random "
-                "visible non-target keys; paired test of knockout KL vs control KL per group"}
-        for lang in ("python", "rust"):
-            sel = [r for r in rows if r["language"] == lang and not r["is_baseline"]]
-            if len(sel) >= 2:
-                pt = stats.paired_test([r["kl_divergence"] for r in sel], [r["control_kl_divergence"] for r in sel])
-                ctrl[lang] = dataclasses.asdict(pt)
-        result["random_edge_control"] = ctrl
     result["timings_s"] = {"total_s": time.perf_counter() - t0}
     return result
 
 
+def _control_json(rows, samples, ctl, res: causal.SweepResult, seed, rel_tol, abs_tol) -> dict:
+    """Per-sample control fields (in `rows`) and the control block: skipped samples, per-language analysis."""
+    skipped = []
+    for i, (r, s, c) in enumerate(zip(rows, samples, ctl)):
+        r["control"] = c.to_json()
+        if not c.matched:
+            r["control_kl_divergence"] = None
+            skipped.append({"id": s.id, "reason": c.reason})
+            continue
+        kl = float(res.kl[1, i])
+        r["control_kl_divergence"] = kl
+        r["control_edges"] = [int(k) for k in c.keys]
+        r["control_removed_mass"] = float(c.control_mass)
+        r["control_below_noise_floor"] = bool(causal_stats.below_floor(kl, r["noise_floor_kl"]))
+    return {"seed": seed, "rel_tol": rel_tol, "abs_tol": abs_tol, "mass_definition": knockout_control.MASS_DEFINITION,
+            "description": "same number of edges from the marker row, the sink (token 0) included iff the targets "
+                           "include it, removing the targets' attention mass within max(rel_tol x mass, abs_tol); "
+                           "a sample without such a set is skipped (never replaced by the real edges)",
+            "n_matched": sum(c.matched for c in ctl), "n_skipped": len(skipped), "skipped": skipped,
+            **knockout_control.analyse(rows)}
+
+
+def _unit_data(kl_bu: np.ndarray, langs: Sequence[str], floor: np.ndarray) -> list[causal_stats.UnitData]:
+    """kl [B, U] -> one UnitData per unit."""
+    return [causal_stats.UnitData(kl_bu[:, u], langs, floor) for u in range(kl_bu.shape[1])]
+
+
 def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, all_edges: bool = False) -> dict:
     """Single-layer knockout at EVERY layer for EVERY sample (PLIP used only the first sample), sharing the
-    baseline's unchanged work (see `causal.layer_knockout_scan`). Returns {"layers": [...], "per_layer": [{layer, python_stats, rust_stats, welch...}],
-    "samples": [{id, language, kl_by_layer}]}."""
+    baseline's unchanged work (`causal.layer_knockout_scan`); KL against the scan's no-op reference, whose
+    distance from the baseline is the noise floor. Returns {"layers", "per_layer": [{layer, python_stats,
+    rust_stats, welch..., welch_p_holm, welch_q_bh}], "best_layer", "noise_floor", "samples": [...]}."""
     t0 = time.perf_counter()
     cfg = model.cfg
     samples, skipped = prepare(model, corpus, all_edges=all_edges)
+    if not samples:
+        raise ivs.InterventionError("no usable sample to knock out")
     batch = make_batch(model, samples)
     iv = knockout_ivs(model, samples, batch, layers=[0], heads=heads)  # validated edges/heads
     args = sharding.distribute(model, (batch.tokens, batch.lengths, iv.knockout.edges, iv.knockout.heads))
-    out = causal.layer_knockout_scan(model.model, *args)
-    last, nll = out["last"], out["nll"]  # [B, L+1, V], [B, L+1]
-    kl = np.asarray(metrics.kl_divergence(last[:, :1], last[:, 1:]))  # [B, L]
-    dnll = np.asarray(nll[:, 1:] - nll[:, :1])
+    out = sharding.to_host(causal.layer_knockout_scan(model.model, *args))
+    base, ref = out["last"][:, 0], out["noop_last"]  # [B, V]
+    causal.check_finite_logits(out["last"].transpose(1, 0, 2), "knockout scan", batch.ids)
+    eff = causal.effects_f64(ref[:, None], out["last"][:, 1:], out["noop_nll"][:, None], out["nll"][:, 1:])
+    kl = eff["kl"]  # [B, L]
+    floor = metrics.kl_divergence_f64(base, ref)
     langs = [s.tokenized.sample.language for s in samples]
-    per_layer = []
-    for l in range(cfg.num_layers):
-        rows = [{"kl_divergence": float(kl[i, l]), "language": langs[i], "is_baseline": False}
-                for i in range(len(samples))]
-        per_layer.append({"layer": l, "python_stats": _group_block(rows, "python", False),
-                          "rust_stats": _group_block(rows, "rust", False), **_comparison(rows)})
+    per_layer = causal_stats.unit_rows(_unit_data(kl, langs, floor))
+    for l, row in enumerate(per_layer):
+        row["layer"] = l
+    floor_json, warning = causal_stats.floor_block(floor, kl.T, model.dtype)
+    below = causal_stats.below_floor(kl, floor[:, None])
     return {"model": model.name, "mode": "scan_layers", "n_heads": cfg.num_heads,
             "edge_set": "all_rows_to_marker" if all_edges else "marker_to_targets",
+            "kl_reference": KL_REFERENCE.replace("no edge selected", "no edge selected; each knocked run is a copy "
+                                                 "of it below its layer"),
             "layers": list(range(cfg.num_layers)), "per_layer": per_layer,
+            "best_layer": causal_stats.best_unit(per_layer, list(range(cfg.num_layers))),
+            "noise_floor": floor_json, "floor_warning": warning,
             "samples": [{"id": s.id, "language": langs[i], "kl_by_layer": kl[i].tolist(),
-                         "delta_nll_by_layer": dnll[i].tolist()} for i, s in enumerate(samples)],
+                         "below_noise_floor_by_layer": below[i].tolist(), "noise_floor_kl": float(floor[i]),
+                         "delta_nll_by_layer": eff["delta_nll"][i].tolist()} for i, s in enumerate(samples)],
             "skipped_samples": skipped, "timings_s": {"total_s": time.perf_counter() - t0}}
 
 
 def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tuple[int, int]], *, heads=None,
                      all_edges: bool = False, sweep_batch: Optional[int] = None) -> dict:
-    """Knockout over each layer window [start, end] (inclusive), all windows x samples in one compiled run
-    (`sweep_batch` windows at a time, None = all: see `causal.run_sweep`)."""
+    """Knockout over each layer window [start, end] (inclusive) on the shared-prefix engine: one program
+    for all windows x samples (`sweep_batch` windows per program, each with its own no-op reference; None =
+    all), layers below a window shared with the baseline. Per window: Welch p, Holm p and BH q over the
+    windows; the best window by Holm p."""
     t0 = time.perf_counter()
     cfg = model.cfg
     samples, skipped = prepare(model, corpus, all_edges=all_edges)
+    if not samples:
+        raise ivs.InterventionError("no usable sample to knock out")
     batch = make_batch(model, samples)
-    per_window = [knockout_ivs(model, samples, batch, list(range(a, b + 1)), heads) for a, b in windows]
-    stacked = sharding.distribute(model, ivs.stack(per_window), axis=1)  # [W, B, ...]
-    tokens, lengths = sharding.distribute(model, (batch.tokens, batch.lengths))
-    base = causal.run_batch(model.model, tokens, lengths, None)
-    swept = causal.run_sweep(model.model, tokens, lengths, stacked, sweep_batch=sweep_batch)
-    kl = np.asarray(metrics.kl_divergence(base["last"][None], swept["last"]))  # [W, B]
+    points = [knockout_ivs(model, samples, batch, list(range(a, b + 1)), heads) for a, b in windows]
+    res = causal.sweep_points(model.model, batch.tokens, batch.lengths, points, [a for a, _ in windows],
+                              point_batch=sweep_batch, sample_ids=batch.ids, distribute=distributor(model))
+    kl = res.kl.T  # [B, W]
     langs = [s.tokenized.sample.language for s in samples]
-    rows_out = []
-    for w, (a, b) in enumerate(windows):
-        rows = [{"kl_divergence": float(kl[w, i]), "language": langs[i], "is_baseline": False}
-                for i in range(len(samples))]
-        py = [r["kl_divergence"] for r in rows if r["language"] == "python"]
-        rs = [r["kl_divergence"] for r in rows if r["language"] == "rust"]
-        rows_out.append({"layer_start": a, "layer_end": b, "n_layers_knocked_out": b - a + 1,
-                         "python_stats": _group_block(rows, "python", False),
-                         "rust_stats": _group_block(rows, "rust", False),
-                         "ratio": float(np.mean(py) / max(np.mean(rs), 1e-10)), **_comparison(rows)})
+    rows_out = causal_stats.unit_rows(_unit_data(kl, langs, res.floor_kl))
+    for row, (a, b) in zip(rows_out, windows):
+        py, rs = row["python_stats"], row["rust_stats"]
+        row.update({"layer_start": a, "layer_end": b, "n_layers_knocked_out": b - a + 1,
+                    "ratio": float(py["mean_kl"] / rs["mean_kl"]) if py and rs and rs["mean_kl"] > 0 else None})
+    floor_json, warning = causal_stats.floor_block(res.floor_kl, res.kl, model.dtype)
+    below = causal_stats.below_floor(kl, res.floor_kl[:, None])
     return {"model": model.name, "n_heads": cfg.num_heads, "windows": rows_out,
-            "samples": [{"id": s.id, "language": langs[i], "kl_by_window": kl[:, i].tolist()}
+            "best_window": causal_stats.best_unit(rows_out, list(range(len(windows))), what="windows"),
+            "kl_reference": KL_REFERENCE, "noise_floor": floor_json, "floor_warning": warning,
+            "samples": [{"id": s.id, "language": langs[i], "kl_by_window": kl[i].tolist(),
+                         "below_noise_floor_by_window": below[i].tolist(), "noise_floor_kl": float(res.floor_kl[i])}
                         for i, s in enumerate(samples)],
             "skipped_samples": skipped, "timings_s": {"total_s": time.perf_counter() - t0}}

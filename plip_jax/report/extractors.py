@@ -107,18 +107,21 @@ def knockout(b: SectionBuilder, d: dict) -> None:
                 "rust_stats.mean_kl", "welch_p_value"), hide=_STAT_HIDE)
     else:
         _knockout_groups(b, d)
-        c = ("random_edge_control",)
+        b.headline("noise floor (median KL(baseline ‖ no-op), nats)", ("noise_floor", "median"), fmt="sci")
+        c = ("mass_matched_control",)
         for lang in ("python", "rust"):
-            b.headline(f"{lang.capitalize()} mean ΔKL (knockout − random-edge control, nats)", c + (lang, "mean_diff"),
-                       fmt="sci")
-            b.headline(f"{lang.capitalize()} control Wilcoxon p", c + (lang, "wilcoxon_p_value"))
-            md = get(d, c + (lang, "mean_diff"))
-            if isinstance(md, float) and md < 0:
-                b.note(f"{lang.capitalize()}: random edges change the output more than the targeted edges "
-                       f"(mean ΔKL < 0): the knockout effect is not specific to the function's tokens.")
+            b.headline(f"{lang.capitalize()} median ΔKL (knockout − mass-matched control, nats)",
+                       c + (lang, "median_diff"), fmt="sci")
+            b.headline(f"{lang.capitalize()} control Wilcoxon p (Holm)", c + (lang, "wilcoxon_p_holm"))
+            verdict = get(d, c + (lang, "verdict"))
+            if isinstance(verdict, str):
+                b.note(verdict)
+        if isinstance(d.get("floor_warning"), str):
+            b.note(d["floor_warning"])
         b.table("Per sample (KL in nats)", ("sample_results",), prefer=("id", "language", "kl_divergence",
-                "control_kl_divergence", "top1_agreement", "delta_nll", "edges_knocked_out"),
-                hide=("is_baseline", "marker_token_pos"), collapsed=True)
+                "noise_floor_kl", "removed_mass", "control_kl_divergence", "control_removed_mass", "top1_agreement",
+                "delta_nll", "edges_knocked_out"),
+                hide=("is_baseline", "marker_token_pos", "control"), collapsed=True)
     if d.get("skipped_samples"):
         b.note(f"{len(d['skipped_samples'])} sample(s) skipped (see the JSON's skipped_samples).")
 
@@ -130,14 +133,19 @@ def _knockout_scan(b: SectionBuilder, d: dict) -> None:
     rows = [r for r in d.get("per_layer") or [] if isinstance(r, dict)]
     ps = [(r.get("welch_p_value"), r.get("layer")) for r in rows if isinstance(r.get("welch_p_value"), float)]
     if ps:
-        i = min(range(len(rows)), key=lambda j: rows[j].get("welch_p_value", 2.0))
+        i = min(range(len(rows)), key=lambda j: rows[j]["welch_p_value"]
+                if isinstance(rows[j].get("welch_p_value"), float) else 2.0)  # undefined tests (None) last
         b.headline("layer with the smallest p", ("per_layer", i, "layer"))
         b.headline("its Welch p (uncorrected)", ("per_layer", i, "welch_p_value"))
         b.headline("its Python / Rust mean KL", ("per_layer", i, "python_stats", "mean_kl"),
                    ("per_layer", i, "rust_stats", "mean_kl"), sep=" / ")
+    b.headline("best layer (min Holm-adjusted p, Python > Rust)", ("best_layer", "best_layer"))
+    b.headline("its Holm-adjusted p", ("best_layer", "p_adjusted"))
+    b.headline("noise floor (median KL(baseline ‖ no-op), nats)", ("noise_floor", "median"), fmt="sci")
     b.table("Per layer (KL in nats; each layer knocked out on its own)", ("per_layer",),
             prefer=("layer", "python_stats.mean_kl", "python_stats.std_kl", "rust_stats.mean_kl",
-                    "rust_stats.std_kl", "welch_t_statistic", "welch_p_value"), hide=_STAT_HIDE)
+                    "rust_stats.std_kl", "welch_t_statistic", "welch_p_value", "welch_p_holm", "welch_q_bh"),
+            hide=_STAT_HIDE)
 
 
 @register("steering_generation", "steering_generation", "Steered generation",
@@ -177,13 +185,15 @@ def steering(b: SectionBuilder, d: dict) -> None:
 
 
 @register("steering_calibrate", "steering_calibrate", "Steering calibration",
-          "Baseline marker → function-token attention per language at one layer, and the dose that would bring "
-          "Rust to the Python level (ignoring renormalisation).")
+          "Baseline marker → function-token attention per language at one layer, its positional null and lift, "
+          "and the attention each Scale dose reaches on the Rust samples (row renormalisation included).",
+          pct=ATTN_PCT + ("python_null", "rust_null", "expected_attention_plip", "steered_baseline_attention"))
 def steering_calibrate(b: SectionBuilder, d: dict) -> None:
-    for k in ("layer", "python_baseline", "python_n", "rust_baseline", "rust_n", "ratio",
-              "recommended_target_attention", "scale_to_python_level"):
+    for k in ("layer", "python_baseline", "python_n", "rust_baseline", "rust_n", "ratio", "python_null", "rust_null",
+              "python_geo_mean_lift", "rust_geo_mean_lift", "recommended_target_attention", "scale_to_python_level",
+              "scale_to_python_level_plip", "scale_to_python_lift"):
         b.headline(k, (k,))
-    b.table("Dose table (expected attention, before renormalisation)", ("dose_table",))
+    b.table("Dose table (expected attention after renormalisation; PLIP's d × a beside it)", ("dose_table",))
 
 
 @register("statistical_attention", "statistical_attention", "Statistical attention",

@@ -1,0 +1,134 @@
+"""Statistics shared by the knockout and steering experiments: the noise floor block, KL group summaries
+and per-unit (layer or window) Python-vs-Rust tests with selection-corrected p-values.
+
+Conventions (see docs/methods/causal.md):
+* KLs are nats, KL(reference || intervened) at the last real token, computed on the host in float64.
+* The noise floor of a sample is KL(baseline || no-op reference): two mathematically equal computations
+  of the same engine that round differently. An effect <= FLOOR_FACTOR x its sample's floor is marked
+  "below floor" (not resolved); a group mean is compared with FLOOR_FACTOR x the group's mean floor.
+* Scans and sweeps test Python vs Rust per unit (Welch, exact t); Holm and BH adjust over the units;
+  "significant" and the best unit use the Holm-adjusted p, among units with Python > Rust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+
+from plip_jax.analysis import metrics, stats
+
+FLOOR_FACTOR = 3.0
+FLOOR_DEFINITION = ("KL(baseline || no-op reference) per sample: the baseline's plain forward against the "
+                    "engine's no-op point (same operations as the intervened points, nothing selected); "
+                    "effects <= 3x their sample's floor are marked below_noise_floor")
+
+
+def floor_block(floor_kl, effects, dtype: str) -> tuple[dict, Optional[str]]:
+    """(JSON block of the noise floor, warning text or None). floor_kl [N] nats per sample; effects [..., N]:
+    the KLs it is compared with (sample axis last); the warning compares medians (`metrics.floor_warning`)."""
+    summary = metrics.noise_floor_summary(floor_kl)
+    dtype = dtype_name(dtype)
+    eff = np.asarray(effects, np.float64)
+    n_below = int(below_floor(eff, summary.per_sample).sum()) if eff.size else 0
+    warning = metrics.floor_warning(summary, eff.ravel(), dtype=dtype, factor=FLOOR_FACTOR)
+    block = summary.to_json() | {"factor": FLOOR_FACTOR, "definition": FLOOR_DEFINITION, "dtype": dtype,
+                                 "n_effects": int(eff.size), "n_effects_below_floor": n_below, "warning": warning}
+    return block, warning
+
+
+def dtype_name(dtype) -> str:
+    """'float32', 'bfloat16'... from a dtype-like (numpy/JAX dtype, type or name)."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
+def below_floor(kl, floor) -> np.ndarray:
+    """bool, kl's shape: kl <= FLOOR_FACTOR x floor (floor broadcast against kl)."""
+    return metrics.mark_below_floor(kl, floor, FLOOR_FACTOR)
+
+
+def group_block(values: Sequence[float], language: str, is_baseline: bool = False) -> Optional[dict]:
+    """PLIP's GroupStats JSON (mean_kl, std_kl (population SD), ...), unchanged; None if empty."""
+    return stats.group_stats(values, language, is_baseline).to_json() if len(values) else None
+
+
+def se_of(block: Optional[dict]) -> Optional[float]:
+    """Standard error of the mean of a GroupStats block (its std_kl is the population SD); None if n < 2."""
+    if not block or block["n_samples"] < 2:
+        return None
+    n = block["n_samples"]
+    return float(block["std_kl"] * np.sqrt(n / (n - 1)) / np.sqrt(n))
+
+
+def welch_block(py: Sequence[float], rs: Sequence[float]) -> dict:
+    """Welch test of Python vs Rust KLs (exact t; undefined -> None with a note) plus PLIP's f32 approximation
+    (for parity only). Field names as PLIP-rs's JSON."""
+    w = stats.welch_t_test(py, rs)
+    plip_p = float(stats.plip_kl_welch(py, rs)[1]) if len(py) > 1 and len(rs) > 1 else None
+    out = {"welch_t_statistic": w.t, "welch_p_value": w.p_value, "welch_df": w.df,
+           "welch_p_value_plip_approx": plip_p, "welch_defined": w.defined}
+    if w.note:
+        out["welch_note"] = w.note
+    return out
+
+
+@dataclasses.dataclass
+class UnitData:
+    """KLs of one unit (a layer, a window) for every sample: kl [N], language [N], floor [N]."""
+
+    kl: np.ndarray
+    language: Sequence[str]
+    floor: np.ndarray
+
+
+def unit_rows(units: Sequence[UnitData]) -> list[dict]:
+    """Per unit: Python/Rust group blocks (PLIP's), their floors ({lang}_floor: mean floor, count of KLs below
+    3x their floor, whether the mean is), Welch p, Holm p and BH q over the units, significant_difference
+    (Holm p < 0.05; the raw-p verdict as significant_difference_unadjusted)."""
+    rows = []
+    for u in units:
+        lang = np.asarray(u.language)
+        kl, fl = np.asarray(u.kl, np.float64), np.asarray(u.floor, np.float64)
+        row: dict = {}
+        for name in ("python", "rust"):
+            sel = lang == name
+            row[f"{name}_stats"] = group_block(kl[sel].tolist(), name)
+            row[f"{name}_floor"] = None if not sel.any() else {
+                "mean_floor_kl": float(fl[sel].mean()), "n_below_noise_floor": int(below_floor(kl[sel], fl[sel]).sum()),
+                "mean_below_noise_floor": bool(below_floor(kl[sel].mean(), fl[sel].mean()))}
+        row.update(welch_block(kl[lang == "python"].tolist(), kl[lang == "rust"].tolist()))
+        rows.append(row)
+    ps = [r["welch_p_value"] for r in rows]
+    for r, h, q in zip(rows, stats.holm_bonferroni(ps), stats.benjamini_hochberg(ps)):
+        r["welch_p_holm"] = h
+        r["welch_q_bh"] = q
+        r["significant_difference"] = stats.significant(h)
+        r["significant_difference_unadjusted"] = stats.significant(r["welch_p_value"])
+    return rows
+
+
+def python_above_rust(row: dict) -> bool:
+    py, rs = row.get("python_stats"), row.get("rust_stats")
+    return bool(py and rs and py["mean_kl"] > rs["mean_kl"])
+
+
+def best_unit(rows: Sequence[dict], unit_ids: Sequence[int], what: str = "layers") -> dict:
+    """The unit with the smallest Holm-adjusted Welch p among those with mean Python KL > Rust
+    (`stats.select_best_layer`), as JSON with the rule that chose it; `what` names the units."""
+    best = stats.select_best_layer(list(unit_ids), [r["welch_p_value"] for r in rows],
+                                   [python_above_rust(r) for r in rows], adjust="holm", test="Welch",
+                                   direction="mean KL Python > Rust")
+    out = best.to_json()
+    if what != "layers":
+        out["selection"] = re.sub(r"scanned layers \S+", f"the {len(rows)} {what}", out["selection"])
+        out[f"best_{what.rstrip('s').replace(' ', '_')}"] = out.pop("best_layer")
+    if best.layer is not None:
+        r = rows[list(unit_ids).index(best.layer)]
+        if r["python_floor"] and r["python_floor"]["mean_below_noise_floor"]:
+            out["note"] = "the chosen unit's mean Python KL is below 3x the noise floor: not resolved"
+    return out

@@ -1,0 +1,219 @@
+"""The shared-prefix causal engine (experiments/causal.py): the no-op reference is exact, sweeps equal full
+recomputation, KLs are float64 from the logits, the noise floor is measured by the same engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from plip_jax.analysis import metrics
+from plip_jax.core import interventions as ivs
+from plip_jax.experiments import causal, knockout
+from plip_jax.models import sharding
+
+LAYER = 3
+DOSES = (0.5, 1.0, 3.0)
+
+
+@pytest.fixture(scope="module")
+def small(bundled_model, universal_corpus):
+    samples, _ = knockout.prepare(bundled_model, universal_corpus)
+    samples = samples[:2] + samples[-2:]
+    batch = knockout.make_batch(bundled_model, samples)
+    markers = np.asarray([s.tokenized.marker_token for s in samples], np.int32)
+    return samples, batch, markers
+
+
+def _scale_points(model, samples, batch, doses, layer=LAYER):
+    cfg, t = model.cfg, batch.tokens.shape[1]
+    return [ivs.stack([ivs.Interventions(scale=ivs.scale(t, s.edges, d, length=int(n), n_layers=cfg.num_layers,
+                                                         n_heads=cfg.num_heads, layers=[layer]))
+                       for s, n in zip(samples, batch.lengths)]) for d in doses]
+
+
+@pytest.fixture(scope="module")
+def steering_sweep(bundled_model, small):
+    samples, batch, markers = small
+    points = _scale_points(bundled_model, samples, batch, DOSES)
+    res = causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, points, [LAYER] * len(points),
+                              markers, sample_ids=batch.ids)
+    return points, res
+
+
+def test_identity_point_reads_exactly_zero_against_the_same_program_reference(steering_sweep):
+    _, res = steering_sweep
+    j = DOSES.index(1.0)
+    np.testing.assert_array_equal(res.last[j], res.ref_last[j])  # bit for bit: same operations
+    assert np.all(res.kl[j] == 0.0)
+    assert np.all(res.kl[[i for i in range(len(DOSES)) if i != j]] > 0)  # real doses do something
+    # the floor is the baseline's plain forward against that reference: tiny in f32, and measured
+    np.testing.assert_array_equal(res.floor_kl, metrics.kl_divergence_f64(res.base_last, res.ref_last[0]))
+    assert np.all(res.floor_kl < 1e-9)
+
+
+def test_reported_kl_is_the_float64_one_from_the_logits(steering_sweep, monkeypatch):
+    _, res = steering_sweep
+    np.testing.assert_array_equal(res.kl, metrics.kl_divergence_f64(res.ref_last, res.last))
+    # the f32 in-graph KL clamps and loses tiny divergences; the f64 one resolves them
+    base = np.zeros(8192, np.float32)
+    other = base.copy()
+    other[:4096] += np.float32(2e-6)
+    assert float(metrics.kl_divergence(base, other)) == 0.0
+    eff = causal.effects_f64(base, other, 0.0, 0.0)
+    assert eff["kl"] > 0 and np.isclose(eff["kl"], 0.5 * np.var(np.r_[np.full(4096, 2e-6), np.zeros(4096)]),
+                                        rtol=1e-3)
+    monkeypatch.setattr(metrics, "kl_divergence", lambda *a: (_ for _ in ()).throw(AssertionError("f32 KL used")))
+    causal.effects_f64(res.ref_last, res.last, res.ref_nll, res.nll)  # never touches the f32 path
+
+
+def test_shared_steering_sweep_equals_full_recomputation_and_the_plain_sweep(bundled_model, small, steering_sweep):
+    samples, batch, markers = small
+    points, res = steering_sweep
+    assert causal.shared_prefix(ivs.stack(points), batch.lengths, markers) > 0  # rows really are shared
+    plain = causal.run_sweep(bundled_model.model, batch.tokens, batch.lengths, ivs.stack(points), markers)
+    np.testing.assert_allclose(res.last, plain["last"], atol=1e-4)
+    np.testing.assert_allclose(res.nll, plain["nll"], atol=1e-5)
+    np.testing.assert_allclose(res.marker_rows[1:], plain["marker_rows"], atol=1e-5)
+    for j, iv in enumerate(points):
+        full = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, iv, markers)
+        np.testing.assert_allclose(res.last[j], full["last"], atol=1e-4)
+        np.testing.assert_allclose(res.nll[j], full["nll"], atol=1e-5)
+    base = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, None, markers)
+    np.testing.assert_allclose(res.base_last, base["last"], atol=1e-5)
+    np.testing.assert_allclose(res.ref_last[0], base["last"], atol=1e-4)
+    np.testing.assert_allclose(res.marker_rows[0], base["marker_rows"], atol=1e-5)
+    assert np.all(res.failed_row == -1)
+
+
+def test_window_sweep_with_several_entry_layers_and_point_batches_equals_full_recomputation(bundled_model, small):
+    samples, batch, _ = small
+    windows = [(5, 7), (1, 2), (3, 3)]  # unsorted starts: the engine orders them and maps results back
+    points = [knockout.knockout_ivs(bundled_model, samples, batch, list(range(a, b + 1))) for a, b in windows]
+    res = causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, points, [a for a, _ in windows])
+    chunked = causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, points, [a for a, _ in windows],
+                                  point_batch=2)
+    for j, iv in enumerate(points):
+        full = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, iv)
+        np.testing.assert_allclose(res.last[j], full["last"], atol=1e-4)
+        np.testing.assert_allclose(res.nll[j], full["nll"], atol=1e-5)
+        np.testing.assert_allclose(chunked.last[j], full["last"], atol=1e-4)
+    assert np.all(res.kl > 0) and np.all(chunked.kl > 0)
+    assert np.all(chunked.floor_kl < 1e-9)
+
+
+def test_scan_runs_are_copies_of_the_no_op_reference_below_their_layer(bundled_model, small):
+    """With no head selected every knocked run is the reference's computation: KL exactly 0 at every layer
+    (so a nonzero KL is the knockout, not the engine)."""
+    samples, batch, _ = small
+    iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
+    no_heads = np.zeros_like(np.asarray(iv0.knockout.heads))
+    out = sharding.to_host(causal.layer_knockout_scan(bundled_model.model, batch.tokens, batch.lengths,
+                                                     iv0.knockout.edges, no_heads, group_layers=3))
+    for k in range(bundled_model.cfg.num_layers):
+        np.testing.assert_array_equal(out["last"][:, k + 1], out["noop_last"])
+    real = sharding.to_host(causal.layer_knockout_scan(bundled_model.model, batch.tokens, batch.lengths,
+                                                      iv0.knockout.edges, iv0.knockout.heads, group_layers=3))
+    np.testing.assert_array_equal(real["noop_last"], out["noop_last"])
+    kl = causal.effects_f64(real["noop_last"][:, None], real["last"][:, 1:], 0.0, 0.0)["kl"]
+    assert (kl[:, :4] > 0).all()
+
+
+def test_failed_steering_is_flagged_in_graph_and_named_on_the_host(bundled_model, small):
+    """SetValue(0.5) on row 0's only key cannot renormalise (built directly: the builder refuses it)."""
+    samples, batch, markers = small
+    cfg, t = bundled_model.cfg, batch.tokens.shape[1]
+    edges = np.zeros((t, t), bool)
+    edges[0, 0] = True
+    one = ivs.Interventions(set_value=ivs.AttentionSetValue(
+        edges=edges, layers=ivs.layer_mask(cfg.num_layers, [2]), heads=ivs.head_mask(cfg.num_heads, None),
+        value=np.float32(0.5)))
+    point = ivs.stack([one] * len(samples))
+    res = causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, [point], [2], markers)
+    assert res.failed_row.shape == (1, len(samples), cfg.num_layers)
+    assert np.all(res.failed_row[0, :, 2] == 0) and np.all(np.delete(res.failed_row, 2, axis=-1) == -1)
+    assert np.all(res.kl == 0.0)  # the row was left unchanged (sums to 1), not emptied
+    with pytest.raises(ivs.InterventionError, match=rf"sample {samples[0].id}, SetValue\(0.5\), layer 2, row 0"):
+        causal.raise_on_failed_steering(res.failed_row, batch.ids, ["SetValue(0.5)"])
+
+
+def test_entry_layers_and_prefix_rules():
+    assert causal.entry_layers([3, 3, 5], 8, 4) == (3, 3, 5)  # few distinct starts: exact
+    assert causal.entry_layers(list(range(8)), 8, 4) == (0, 0, 0, 0, 4, 4, 4, 4)  # many: groups of 4
+    with pytest.raises(ivs.InterventionError, match="out of range"):
+        causal.entry_layers([8], 8)
+    e = np.zeros((2, 40, 40), bool)
+    e[0, 21, 3] = e[1, 30, 2] = True
+    iv = ivs.Interventions(knockout=ivs.AttentionKnockout(edges=e, layers=np.ones((2, 8), bool),
+                                                          heads=np.ones((2, 6), bool)))
+    assert causal.shared_prefix(iv, [40, 40]) == 16
+    assert causal.shared_prefix(iv, [40, 12]) == 8  # before the shortest sample's last token
+    assert causal.shared_prefix(iv, [40, 40], markers=[7, 30]) == 0  # a marker row read before the edits
+
+
+def test_per_layer_layout_and_small_groups_give_the_same_sweep(bundled_model, small, steering_sweep):
+    """Long groups are split into scan bodies of at most group_layers layers (a per-layer layout copies one
+    body's weights at a time): same results on either layout."""
+    from plip_jax.models.registry import load_model
+
+    samples, batch, markers = small
+    points, res = steering_sweep
+    per_layer = load_model(None, "float32", layer_layout="per_layer")
+    for model in (per_layer.model, bundled_model.model):
+        got = causal.sweep_points(model, batch.tokens, batch.lengths, points, [LAYER] * len(points), markers,
+                                  group_layers=2)
+        np.testing.assert_allclose(got.last, res.last, atol=1e-5)
+        np.testing.assert_array_equal(got.kl[DOSES.index(1.0)], 0.0)
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """A tiny random Qwen2 with untied embeddings and a sliding window of 5 keys on layers 1 and 2."""
+    import json
+
+    from plip_jax.models.registry import load_model
+    from tests.hf_fixtures import build_hf_model, save_hf_model
+
+    path = save_hf_model(build_hf_model("qwen2", seed=5), tmp_path_factory.mktemp("qwen2_window"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(use_sliding_window=True, sliding_window=5,
+               layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = load_model(str(path)).model
+    assert model.cfg.layer_windows == (None, 5, 5) and not model.cfg.tie_embeddings
+    return model
+
+
+def test_sliding_windows_padding_and_untied_head(windowed):
+    cfg = windowed.cfg
+    rng = np.random.RandomState(0)
+    lengths = np.asarray([24, 22, 21], np.int32)  # padding < the window (see the report: longer padding NaNs)
+    tokens = rng.randint(1, cfg.vocab_size, size=(3, 24)).astype(np.int32)
+    markers = lengths - 3  # the last row sees the marker through the window at layer 2
+    edges = [[(int(m), int(m) - 1), (int(m), int(m) - 3)] for m in markers]  # inside the window of 5
+    with pytest.raises(ivs.InterventionError, match="outside the sliding window"):
+        ivs.scale(24, [(21, 2)], 2.0, length=24, n_layers=3, n_heads=cfg.num_heads, layers=[1],
+                  layer_windows=cfg.layer_windows)
+    points = [ivs.stack([ivs.Interventions(scale=ivs.scale(24, e, d, length=int(n), n_layers=3, n_heads=cfg.num_heads,
+                                                           layers=[1], layer_windows=cfg.layer_windows))
+                         for e, n in zip(edges, lengths)]) for d in (0.5, 1.0, 4.0)]
+    res = causal.sweep_points(windowed, tokens, lengths, points, [1, 1, 1], markers)
+    assert res.kl.shape == (3, 3) and np.all(res.kl[1] == 0.0) and np.all(res.kl[[0, 2]] > 0)
+    plain = causal.run_sweep(windowed, tokens, lengths, ivs.stack(points), markers)
+    np.testing.assert_allclose(res.last, plain["last"], atol=1e-4)
+    np.testing.assert_allclose(res.nll, plain["nll"], atol=1e-5)
+    np.testing.assert_allclose(res.marker_rows[1:], plain["marker_rows"], atol=1e-5)
+    ko = np.zeros((3, 24, 24), bool)
+    for i, e in enumerate(edges):
+        for q, k in e:
+            ko[i, q, k] = True
+    scan = sharding.to_host(causal.layer_knockout_scan(windowed, tokens, lengths, ko, np.ones((3, cfg.num_heads), bool),
+                                                      group_layers=2))
+    for layer in range(3):
+        iv = ivs.stack([ivs.Interventions(knockout=ivs.knockout(24, e, length=int(n), n_layers=3,
+                                                                n_heads=cfg.num_heads, layers=[layer]))
+                        for e, n in zip(edges, lengths)])
+        full = causal.run_batch(windowed, tokens, lengths, iv)
+        np.testing.assert_allclose(scan["last"][:, layer + 1], full["last"], atol=1e-4)
+        np.testing.assert_allclose(scan["nll"][:, layer + 1], full["nll"], atol=1e-5)
+    rows = np.asarray(causal.marker_rows(windowed.trunk(), tokens, lengths, markers))  # no lm_head needed
+    np.testing.assert_allclose(rows, res.marker_rows[0], atol=1e-5)
