@@ -88,7 +88,7 @@ def test_steering_set_value_and_calibrate(tmp_path):
 def test_steering_refuses_non_finite_doses_before_loading(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bin.steering_experiment", "--scales=inf", "--device=cpu",
                            f"--output={tmp_path / 'x.json'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "not finite" in proc.stderr and not (tmp_path / "x.json").exists()
+    assert proc.returncode == 2 and "is not a finite number" in proc.stderr and not (tmp_path / "x.json").exists()
 
 
 def test_multi_sample_attention_and_attention_patterns_binaries(tmp_path):
