@@ -115,6 +115,21 @@ def test_bf16_compute_is_close_to_fp32(family_model):
     assert float(jnp.abs(pa - pb).max()) < 0.05
 
 
+def test_padding_longer_than_the_sliding_window_stays_finite(tmp_path):
+    """A padded row that sees no key (window 3, 12 padding rows) must not turn real rows into NaN."""
+    hf = build_hf_model("starcoder2", seed=12, sliding_window=3)
+    model = load_model(str(save_hf_model(hf, tmp_path)))
+    rng = np.random.RandomState(3)
+    tokens = rng.randint(0, model.cfg.vocab_size, size=(2, 20)).astype(np.int32)
+    lengths = np.array([20, 8], np.int32)
+    out = run_batch(model.model, jnp.asarray(tokens), jnp.asarray(lengths), capture=Capture(logits="all"))
+    assert np.isfinite(np.asarray(out.logits)).all()
+    ref_logits, _ = hf_outputs(hf, tokens[1:2, :8])
+    assert np.abs(np.asarray(out.logits[1, :8]) - ref_logits[0]).max() <= LOGIT_TOL
+    single = run(model.model, jnp.asarray(tokens[1, :8]), capture=Capture(logits="all"))
+    np.testing.assert_allclose(out.logits[1, :8], single.logits, atol=1e-5)
+
+
 def test_sliding_window_matches_hf(tmp_path):
     hf = build_hf_model("starcoder2", seed=6, sliding_window=5)
     save_hf_model(hf, tmp_path)

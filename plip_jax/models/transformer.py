@@ -126,7 +126,12 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     if ko is not None:
         allowed = allowed & ~ko
     scores = jnp.where(allowed, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
+    # A right-padding row may see no key at all (a sliding window shorter than the padding): give it finite
+    # scores and zero probabilities instead of a NaN softmax, whose NaN (0 * NaN in P @ V) would otherwise reach
+    # real rows at the next layer. Rows with a visible key are bit-identical (both `where`s are no-ops there).
+    row_visible = allowed.any(axis=-1, keepdims=True)
+    probs = jax.nn.softmax(jnp.where(row_visible, scores, 0.0), axis=-1)
+    probs = jnp.where(row_visible, probs, 0.0)
     probs = ivs.steer_probs(probs, allowed, iv, layer, ctx.q_pos)
     pv = probs.astype(v.dtype).reshape(kvh, g, tq, tk)
     out = jnp.einsum("kgqs,skd->qkgd", pv, v).reshape(tq, h * hd)
