@@ -55,7 +55,9 @@ def test_exact_cells_equal_separate_single_head_runs_bundled(bundled_model, bund
     grid = head_map.exact_head_map(bundled_model.model, tokens, lengths, edges, cells_per_call=16)
     L, H = bundled_model.cfg.num_layers, bundled_model.cfg.num_heads
     assert grid["kl"].shape == (2, L, H) and grid["delta_logprob"].shape == (2, L, H)
-    assert np.all(grid["floor_kl"] < 1e-9)  # a separately compiled plain forward vs the no-op cell: f32 noise only
+    assert np.all(grid["floor_kl"] < 1e-9)  # the baseline forward vs the engine's no-op reference: f32 noise only
+    one_call = head_map.exact_head_map(bundled_model.model, tokens, lengths, edges, cells_per_call=L * H)
+    np.testing.assert_allclose(one_call["kl"], grid["kl"], atol=1e-6)  # chunking: f32 rounding only
     cells = [(0, 0), (2, 3), (L - 1, H - 1)]
     ref = _single_head_kls(bundled_model, tokens, lengths, edges, cells)
     for (l, h), (kl, dlp) in ref.items():
@@ -71,7 +73,7 @@ def test_exact_cells_equal_separate_runs_every_family(family, tmp_path):
     tokens = rng.randint(0, loaded.cfg.vocab_size, size=(2, 12)).astype(np.int32)
     lengths = np.array([12, 9], np.int32)
     edges = head_map.target_edge_mask(12, [7, 6], [[0, 2, 5], [1, 3]])
-    grid = head_map.exact_head_map(loaded.model, tokens, lengths, edges, cells_per_call=None)
+    grid = head_map.exact_head_map(loaded.model, tokens, lengths, edges)
     cells = [(0, 1), (loaded.cfg.num_layers - 1, loaded.cfg.num_heads - 1)]
     for (l, h), (kl, dlp) in _single_head_kls(loaded, tokens, lengths, edges, cells).items():
         np.testing.assert_allclose(grid["kl"][:, l, h], kl, atol=1e-6, rtol=1e-3)
@@ -109,3 +111,45 @@ def test_rwkv_is_refused(tiny_rwkv_dir):
     loaded = load_model(tiny_rwkv_dir)
     with pytest.raises(WrongFamilyError, match="attention heads"):
         head_map.exact_head_map(loaded.model, np.zeros((1, 4), np.int32), np.array([4]), np.zeros((1, 4, 4), bool))
+
+
+def test_run_head_map_statistics_and_json(bundled_model, universal_corpus):
+    import json
+
+    from plip_jax.analysis import stats
+
+    r = head_map.run_head_map(bundled_model, universal_corpus, method="both", max_samples=3)
+    L, H = bundled_model.cfg.num_layers, bundled_model.cfg.num_heads
+    assert len(r.cells) == L * H and r.languages.count("python") == r.languages.count("rust") == 3
+    cell = next(c for c in r.cells if (c["layer"], c["head"]) == (2, 4))
+    py = r.exact_kl[np.asarray(r.languages) == "python", 2, 4]
+    rs = r.exact_kl[np.asarray(r.languages) == "rust", 2, 4]
+    assert cell["python_kl_mean"] == pytest.approx(py.mean()) and cell["rust_kl_mean"] == pytest.approx(rs.mean())
+    assert cell["welch"]["p_value"] == pytest.approx(stats.welch_t_test(py, rs).p_value)
+    perm = [c["permutation"]["p_value"] for c in r.cells]
+    np.testing.assert_allclose([c["permutation"]["q_bh"] for c in r.cells], stats.benjamini_hochberg(perm))
+    assert r.agreement is not None and r.agreement.spearman_all > 0.5  # first order tracks the exact grid here
+    text = head_map.format_head_map(r)
+    assert "Noise floor" in text and "Spearman rho" in text and "Verdict" in text
+    js = json.loads(json.dumps(r.to_json(), allow_nan=False))
+    assert len(js["samples"]) == 6 and np.asarray(js["samples"][0]["exact_kl"]).shape == (L, H)
+    g = head_map.run_head_map(bundled_model, universal_corpus, method="gradient", max_samples=2)
+    assert g.exact_kl is None and g.agreement is None and g.cells[0]["test_on"] == "gradient estimate"
+
+
+@pytest.mark.slow
+def test_head_map_binary(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "hm.json"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "bin.head_map", "--device=cpu", "--max_samples=2", "--plot",
+                           f"--output={out}"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Gradient vs exact" in proc.stdout and out.is_file()
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert (tmp_path / "hm_gradient.png").stat().st_size > 10_000
+    assert json.loads(out.read_text())["method"] == "both"

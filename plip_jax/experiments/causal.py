@@ -337,14 +337,17 @@ def check_finite_logits(logits, what: str, sample_ids: Optional[Sequence[str]] =
 def effects_f64(ref_last, other_last, ref_nll, other_nll) -> dict:
     """Per-sample effects on the host in float64, against a reference run: KL(ref || other) in nats
     (`metrics.kl_divergence_f64`: never clamped, 0 only for identical distributions), top-1 agreement,
-    logit difference of the reference's top-1 token (ref - other), change of mean next-token NLL
-    (other - ref, nats/token). Inputs [..., V] and [...] (the reference broadcasts); outputs [...]."""
+    logit difference of the reference's top-1 token (ref - other), the change of that token's log-probability
+    (other - ref, nats), change of mean next-token NLL (other - ref, nats/token). Inputs [..., V] and [...]
+    (the reference broadcasts); outputs [...]."""
     o = np.asarray(other_last, np.float64)
     r = np.broadcast_to(np.asarray(ref_last, np.float64), o.shape)
     top = np.argmax(r, axis=-1)
     kl = metrics.kl_divergence_f64(r, o)
-    diff = np.take_along_axis(r, top[..., None], -1)[..., 0] - np.take_along_axis(o, top[..., None], -1)[..., 0]
-    return {"kl": kl, "top1_agree": np.argmax(o, axis=-1) == top, "logit_diff_top1": diff, "top1_token": top,
+    at_top = lambda x: np.take_along_axis(x, top[..., None], -1)[..., 0]
+    lse = lambda x: x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1))
+    return {"kl": kl, "top1_agree": np.argmax(o, axis=-1) == top, "logit_diff_top1": at_top(r) - at_top(o),
+            "delta_logprob_top1": (at_top(o) - lse(o)) - (at_top(r) - lse(r)), "top1_token": top,
             "delta_nll": np.asarray(other_nll, np.float64) - np.asarray(ref_nll, np.float64)}
 
 

@@ -19,17 +19,22 @@ Both work on any transformer through the `Model` interface (RWKV-6 has no attent
 from __future__ import annotations
 
 import dataclasses
-import functools
+import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plip_jax.analysis import metrics
 from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
+from plip_jax.analysis import stats
 from plip_jax.core.errors import WrongFamilyError
+from plip_jax.data.batching import check_context, pad_batch
+from plip_jax.experiments import causal
+from plip_jax.experiments.layer_scan import tokenize_groups
+from plip_jax.experiments.plots import pyplot, save_figure
 
 
 def target_edge_mask(n_positions: int, markers: Sequence[int], targets: Sequence[Sequence[int]]) -> np.ndarray:
@@ -100,68 +105,53 @@ def continuous_knockout_logprob(model, tokens, length, edges, layer: int, head: 
 # --------------------------------------------------------------------------- exact grid
 
 
-def cell_interventions(cfg, edges: np.ndarray) -> ivs.Interventions:
-    """Stacked single-(layer, head) knockouts of `edges` bool [T, T]: leaves with a leading axis of 1 + L*H
-    (index 0 = no-op: the same knockout structure with no edge, the noise floor; then cell (l, h) at 1 + l*H + h)."""
+def cell_points(cfg, edges: np.ndarray, cells: Sequence[tuple]) -> list:
+    """One `Interventions` per (layer, head) cell, each with a leading batch axis: the marker -> target edges
+    (edges bool [B, T, T]) knocked out in that one query head at that one layer."""
+    B = edges.shape[0]
     L, H = cfg.num_layers, cfg.num_heads
-    n = 1 + L * H
-    layers = np.zeros((n, L), bool)
-    heads = np.zeros((n, H), bool)
-    layers[0, 0] = heads[0, 0] = True  # the no-op: a cell with no edge selected
-    cell_edges = np.broadcast_to(edges, (n,) + edges.shape).copy()
-    cell_edges[0] = False
-    for l in range(L):
-        for h in range(H):
-            layers[1 + l * H + h, l] = True
-            heads[1 + l * H + h, h] = True
-    return ivs.Interventions(knockout=ivs.AttentionKnockout(edges=jnp.asarray(cell_edges),
-                                                            layers=jnp.asarray(layers), heads=jnp.asarray(heads)))
+    out = []
+    for l, h in cells:
+        layers = np.zeros((B, L), bool)
+        heads = np.zeros((B, H), bool)
+        layers[:, l] = True
+        heads[:, h] = True
+        out.append(ivs.Interventions(knockout=ivs.AttentionKnockout(
+            edges=jnp.asarray(edges), layers=jnp.asarray(layers), heads=jnp.asarray(heads))))
+    return out
 
 
-@functools.partial(jax.jit, static_argnames=("cells_per_call",))
-def _cells_one(model, tokens, length, cell_ivs, cells_per_call: Optional[int]):
-    """Last-position logits [1 + L*H, V] of every cell of one sequence (index 0: the no-op)."""
-    def one(iv):
-        return model(tokens, length=length, interventions=iv, capture=Capture(logits="last")).logits
-
-    if cells_per_call is None:
-        return jax.vmap(one)(cell_ivs)
-    return jax.lax.map(one, cell_ivs, batch_size=cells_per_call)
-
-
-def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.ndarray,
-                   cells_per_call: Optional[int] = 64) -> dict:
-    """Every (layer, head) single-head knockout of each sample's edges. tokens int [B, T], lengths [B], edges bool
-    [B, T, T]. The baseline is the no-op cell of the same compiled program (so an identity is exactly 0).
+def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.ndarray, cells_per_call: int = 64,
+                   sample_ids: Optional[Sequence[str]] = None, distribute=None, progress=None) -> dict:
+    """Every (layer, head) single-head knockout of each sample's edges, on the shared-prefix engine
+    (`causal.sweep_points`: a cell at layer l reuses the baseline's layers below l and its rows before the
+    marker; `cells_per_call` cells per compiled program bound memory). tokens int [B, T], lengths [B], edges
+    bool [B, T, T]. Effects are against the no-op reference of the same program (an identity is exactly 0).
     Returns {"kl": f64 [B, L, H] nats KL(baseline || knocked), "delta_logprob": f64 [B, L, H] (knocked -
-    baseline, of the baseline's top-1 token), "floor_kl": f64 [B] (KL between the no-op cell and a separately
-    compiled plain forward: the numerical noise a different program adds, below which a cell's KL means
-    nothing), "top1": int [B]}."""
+    baseline, log-probability of the baseline's top-1 token), "floor_kl": f64 [B] (KL(baseline || reference):
+    the numerical noise floor), "top1": int [B]}. `progress(done, total)` is called after each program."""
     cfg = model.cfg
     _check_transformer(cfg)
     L, H = cfg.num_layers, cfg.num_heads
-    kls, dlps, floors, tops = [], [], [], []
-    base_fn = jax.jit(lambda m, t, n: m(t, length=n, capture=Capture(logits="last")).logits)
-    for b in range(tokens.shape[0]):
-        tok, n = jnp.asarray(tokens[b]), jnp.int32(lengths[b])
-        logits = np.asarray(_cells_one(model, tok, n, cell_interventions(cfg, edges[b]), cells_per_call),
-                            np.float64)  # [1 + L*H, V]
-        base = logits[0]  # the no-op cell: the baseline, in the same program
-        kl = metrics.kl_divergence_f64(np.broadcast_to(base, logits.shape), logits)
-        top1 = int(np.argmax(base))
-        lp = logits[:, top1] - _logsumexp(logits)
-        kls.append(kl[1:].reshape(L, H))
-        dlps.append((lp[1:] - lp[0]).reshape(L, H))
-        plain = np.asarray(base_fn(model, tok, n), np.float64)
-        floors.append(float(metrics.kl_divergence_f64(plain, base)))
-        tops.append(top1)
-    return {"kl": np.stack(kls), "delta_logprob": np.stack(dlps), "floor_kl": np.asarray(floors),
-            "top1": np.asarray(tops)}
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1)
-    return m + np.log(np.exp(x - m[..., None]).sum(axis=-1))
+    for b in range(edges.shape[0]):  # refuse a knockout that would empty a row, as the builders do
+        ivs.check_knockout_rows(edges[b], int(lengths[b]), f"sample {b if sample_ids is None else sample_ids[b]}",
+                                windows=cfg.layer_windows)
+    cells = [(l, h) for l in range(L) for h in range(H)]
+    kl = np.zeros((edges.shape[0], L, H))
+    dlp = np.zeros_like(kl)
+    floors, top1 = [], None
+    for start in range(0, len(cells), cells_per_call):
+        chunk = cells[start:start + cells_per_call]
+        res = causal.sweep_points(model, tokens, lengths, cell_points(cfg, edges, chunk), [l for l, _ in chunk],
+                                  sample_ids=sample_ids, distribute=distribute)
+        for j, (l, h) in enumerate(chunk):
+            kl[:, l, h] = res.kl[j]
+            dlp[:, l, h] = res.effects["delta_logprob_top1"][j]
+        floors.append(res.floor_kl)
+        top1 = res.effects["top1_token"][0]
+        if progress is not None:
+            progress(min(start + cells_per_call, len(cells)), len(cells))
+    return {"kl": kl, "delta_logprob": dlp, "floor_kl": np.max(np.stack(floors), axis=0), "top1": top1}
 
 
 # --------------------------------------------------------------------------- comparison
@@ -182,7 +172,7 @@ class Agreement:
 
 def compare_exact_and_gradient(exact_dlp: np.ndarray, estimate: np.ndarray, n_worst: int = 5) -> Agreement:
     """exact_dlp, estimate: f64 [B, L, H] (change of the top-1 log-probability: exact, first-order)."""
-    from scipy import stats as sps
+    from scipy import stats as sps  # (scipy.stats is slow to import)
 
     a, b = np.asarray(exact_dlp, np.float64), np.asarray(estimate, np.float64)
     rho_all = sps.spearmanr(a.ravel(), b.ravel()).statistic if a.size > 2 else None
@@ -196,3 +186,243 @@ def compare_exact_and_gradient(exact_dlp: np.ndarray, estimate: np.ndarray, n_wo
               "gradient_mean": float(mb.ravel()[i]), "rank_gap": float(abs(ra[i] - rb[i]))} for i in order]
     fix = lambda x: None if x is None or not np.isfinite(x) else float(x)
     return Agreement(fix(rho_all), fix(rho_mean), worst)
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+METHODS = ("exact", "gradient", "both")
+
+
+@dataclasses.dataclass
+class HeadMapResult:
+    """The per-(layer, head) causal map of a corpus. Arrays are [n_samples, L, H] (per sample) or [L, H].
+
+    exact_kl / exact_delta_logprob: the exact grid (None with method "gradient"); gradient_estimate: the
+    first-order estimate of exact_delta_logprob (None with method "exact"); floor_kl [n_samples]: the exact
+    grid's noise floor; cells: per (layer, head) per-language means (± s.e.), the Python-vs-Rust tests on the
+    cell's KL (Welch, and an exact permutation test of the language labels) with BH q over all cells, and
+    whether the cell's effect is resolved above 3x the noise floor."""
+
+    model: str
+    method: str
+    n_layers: int
+    n_heads: int
+    sample_ids: list
+    languages: list
+    exact_kl: Optional[np.ndarray]
+    exact_delta_logprob: Optional[np.ndarray]
+    floor_kl: Optional[np.ndarray]
+    gradient_estimate: Optional[np.ndarray]
+    cells: list
+    agreement: Optional[Agreement]
+    timings: dict
+
+    def to_json(self) -> dict:
+        arr = lambda x: None if x is None else np.round(np.asarray(x, np.float64), 12).tolist()
+        return {
+            "model": self.model, "method": self.method, "n_layers": self.n_layers, "n_heads": self.n_heads,
+            "metric": "exact: KL(baseline || knocked) in nats at the last position and the change of the baseline "
+                      "top-1 token's log-probability; gradient: first-order estimate of that change",
+            "edges": "marker -> each target token (function name, def/fn, parameters) at or before the marker, "
+                     "one query head at one layer per cell (a GQA model's KV group is shared)",
+            "noise_floor": None if self.floor_kl is None else {
+                "per_sample_kl": arr(self.floor_kl), "max_kl": float(np.max(self.floor_kl)),
+                "rule": "a cell is resolved when its mean KL exceeds 3x the largest per-sample floor"},
+            "cells": self.cells, "agreement": None if self.agreement is None else self.agreement.to_json(),
+            "samples": [{"id": i, "language": lang,
+                         "exact_kl": None if self.exact_kl is None else arr(self.exact_kl[k]),
+                         "exact_delta_logprob": None if self.exact_delta_logprob is None
+                         else arr(self.exact_delta_logprob[k]),
+                         "gradient_estimate": None if self.gradient_estimate is None
+                         else arr(self.gradient_estimate[k])}
+                        for k, (i, lang) in enumerate(zip(self.sample_ids, self.languages))],
+            "timings_s": self.timings,
+        }
+
+    def grid(self, key: str, language: Optional[str] = None) -> np.ndarray:
+        """[L, H] mean over samples (of one language) of 'exact_kl' | 'exact_delta_logprob' | 'gradient_estimate'."""
+        x = getattr(self, key)
+        sel = np.ones(len(self.languages), bool) if language is None else np.asarray(self.languages) == language
+        return x[sel].mean(axis=0)
+
+
+def _cell_stats(kl: Optional[np.ndarray], dlp: Optional[np.ndarray], grad: Optional[np.ndarray], is_py: np.ndarray,
+                floor: Optional[np.ndarray], seed: int) -> list:
+    """One JSON dict per (layer, head): means ± s.e. per language, the language tests on the exact KL (or on the
+    gradient estimate when there is no exact grid), BH q over cells, resolution above the floor."""
+    main = kl if kl is not None else grad
+    B, L, H = main.shape
+    se = lambda v: float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
+    cells, welch_p, perm_p = [], [], []
+    for l in range(L):
+        for h in range(H):
+            cell = {"layer": l, "head": h}
+            for name, x in (("kl", kl), ("delta_logprob", dlp), ("gradient_estimate", grad)):
+                if x is not None:
+                    for lang, sel in (("python", is_py), ("rust", ~is_py)):
+                        cell[f"{lang}_{name}_mean"] = float(x[sel, l, h].mean())
+                        cell[f"{lang}_{name}_se"] = se(x[sel, l, h])
+            a, b = main[is_py, l, h], main[~is_py, l, h]
+            w = stats.welch_t_test(a, b)
+            p = stats.permutation_test_mean_diff(a, b, seed=seed)
+            cell["test_on"] = "exact KL" if kl is not None else "gradient estimate"
+            cell["welch"] = {"t": w.t, "df": w.df, "p_value": w.p_value, "note": w.note}
+            cell["permutation"] = {"statistic": p.statistic, "p_value": p.p_value, "method": p.method}
+            if kl is not None and floor is not None:
+                cell["resolved"] = bool(kl[:, l, h].mean() > 3 * np.max(floor))
+            welch_p.append(w.p_value)
+            perm_p.append(p.p_value if p.defined else None)
+            cells.append(cell)
+    for cell, qw, qp in zip(cells, stats.benjamini_hochberg(welch_p), stats.benjamini_hochberg(perm_p)):
+        cell["welch"]["q_bh"] = qw
+        cell["permutation"]["q_bh"] = qp
+    return cells
+
+
+def run_head_map(loaded: Any, corpus: Any, *, method: str = "both", cells_per_call: int = 64, seed: int = 0,
+                 max_samples: Optional[int] = None, distribute=None, progress=None) -> HeadMapResult:
+    """The per-(layer, head) map over the corpus's Python doctest and Rust test samples (`loaded`: a
+    LoadedModel transformer). method: "exact" (the knockout grid), "gradient" (attribution patching) or
+    "both" (and their agreement)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    cfg = loaded.cfg
+    _check_transformer(cfg)
+    usable, _ = tokenize_groups(loaded.tokenizer, corpus)
+    usable = [s for s in usable if any(t <= s.marker_token for t in s.target_tokens)]
+    if max_samples:
+        py = [s for s in usable if s.sample.language == "python"][:max_samples]
+        usable = py + [s for s in usable if s.sample.language == "rust"][:max_samples]
+    ids = [s.sample.id for s in usable]
+    check_context([len(s.token_ids) for s in usable], cfg.max_position_embeddings, ids)
+    tokens, lengths = pad_batch([s.token_ids for s in usable], pad_id=cfg.pad_token_id or 0)
+    edges = target_edge_mask(tokens.shape[1], [s.marker_token for s in usable], [s.target_tokens for s in usable])
+    langs = [s.sample.language for s in usable]
+    is_py = np.asarray([lang == "python" for lang in langs])
+    timings, exact, grad = {}, None, None
+    if method in ("exact", "both"):
+        t0 = time.perf_counter()
+        exact = exact_head_map(loaded.model, tokens, lengths, edges, cells_per_call=cells_per_call,
+                               sample_ids=ids, distribute=distribute, progress=progress)
+        timings["exact_s"] = time.perf_counter() - t0
+    if method in ("gradient", "both"):
+        t0 = time.perf_counter()
+        grad = gradient_head_map(loaded.model, tokens, lengths, edges)
+        timings["gradient_s"] = time.perf_counter() - t0
+    kl = None if exact is None else exact["kl"]
+    dlp = None if exact is None else exact["delta_logprob"]
+    est = None if grad is None else grad["estimate"]
+    floor = None if exact is None else exact["floor_kl"]
+    agree = compare_exact_and_gradient(dlp, est) if exact is not None and grad is not None else None
+    return HeadMapResult(model=loaded.name, method=method, n_layers=cfg.num_layers, n_heads=cfg.num_heads,
+                         sample_ids=ids, languages=langs, exact_kl=kl, exact_delta_logprob=dlp, floor_kl=floor,
+                         gradient_estimate=est, cells=_cell_stats(kl, dlp, est, is_py, floor, seed),
+                         agreement=agree, timings=timings)
+
+
+def format_head_map(r: HeadMapResult, top: int = 8) -> str:
+    """The strongest cells (by mean exact KL, else |gradient estimate|), per-language means, the test and its
+    BH q, resolution above the floor; the exact-vs-gradient agreement; a one-line verdict."""
+    n_py = sum(lang == "python" for lang in r.languages)
+    lines = [f"Head map of {r.model}: {r.n_layers} layers x {r.n_heads} heads, {n_py} Python + "
+             f"{len(r.languages) - n_py} Rust samples; each cell knocks out marker -> function-token edges of one "
+             f"query head at one layer ({r.method})."]
+    key = "kl" if r.exact_kl is not None else "gradient_estimate"
+    score = lambda c: (c[f"python_{key}_mean"] + c[f"rust_{key}_mean"]) / 2
+    ranked = sorted(r.cells, key=lambda c: -abs(score(c)))[:top]
+    if r.floor_kl is not None:
+        lines.append(f"Noise floor: KL(baseline || same-program reference) max {np.max(r.floor_kl):.2e} nats; "
+                     f"cells with mean KL <= 3x that are marked ~.")
+    unit = "KL (nats)" if key == "kl" else "d log p(top-1) estimate"
+    lines.append(f"{'cell':>7} | {'Python ' + unit:>24} | {'Rust ' + unit:>22} | {'perm p':>8} | {'BH q':>8}")
+    for c in ranked:
+        mark = "" if c.get("resolved", True) else " ~"
+        fmt = lambda lang: (f"{c[f'{lang}_{key}_mean']:.3e} ± {c[f'{lang}_{key}_se']:.1e}"
+                            if c[f"{lang}_{key}_se"] is not None else f"{c[f'{lang}_{key}_mean']:.3e}")
+        lines.append(f"L{c['layer']:>2}H{c['head']:<3} | {fmt('python'):>24} | {fmt('rust'):>22} | "
+                     f"{stats.fmt_stat(c['permutation']['p_value'], '>8.3g')} | "
+                     f"{stats.fmt_stat(c['permutation']['q_bh'], '>8.3g')}{mark}")
+    sig = [c for c in r.cells if c["permutation"]["q_bh"] is not None and c["permutation"]["q_bh"] < 0.05]
+    lines.append(f"(mean ± s.e. over samples; test: exact permutation of the language labels on the cell's "
+                 f"{'KL' if key == 'kl' else 'estimate'}, BH q over all {len(r.cells)} cells)")
+    if sig:
+        more = sum(c["permutation"]["statistic"] > 0 for c in sig)
+        lines.append(f"Verdict: {len(sig)} cell(s) differ between languages at BH q < 0.05 ({more} with the larger "
+                     f"effect on Python, {len(sig) - more} on Rust): " +
+                     ", ".join(f"L{c['layer']}H{c['head']}" for c in sig[:10]) +
+                     ". The languages' target sets differ in size and attention mass (Python's hold more): a "
+                     "larger KL may only mean more mass was removed (compare with the mass-matched control of "
+                     "bin.ablation_experiment).")
+    else:
+        lines.append("Verdict: no cell differs between Python and Rust at BH q < 0.05.")
+    if r.agreement is not None:
+        a = r.agreement
+        rho = lambda x: "undefined" if x is None else f"{x:.3f}"
+        lines.append(f"Gradient vs exact (change of the top-1 log-probability): Spearman rho {rho(a.spearman_all)} over "
+                     f"all sample-cells, {rho(a.spearman_mean)} over cell means; largest rank gaps: " +
+                     ", ".join(f"L{w['layer']}H{w['head']}" for w in a.worst))
+    return "\n".join(lines)
+
+
+def plot_head_map(r: HeadMapResult, path) -> list:
+    """PNG(s): mean exact KL per cell for Python, Rust and their difference (log colour scale for KL), and, with
+    both methods, the exact change of the top-1 log-probability next to its gradient estimate. Returns the
+    paths written."""
+    from matplotlib.colors import LogNorm, TwoSlopeNorm  # matplotlib is imported only when plotting
+
+    plt = pyplot()
+    path = Path(path)
+    out = []
+    key = "exact_kl" if r.exact_kl is not None else "gradient_estimate"
+    py, rs = r.grid(key, "python"), r.grid(key, "rust")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.35 * r.n_layers + 2.5))
+    if key == "exact_kl":
+        lo = max(min(py[py > 0].min(initial=1e-12), rs[rs > 0].min(initial=1e-12)), 1e-12)
+        norm = LogNorm(vmin=lo, vmax=max(py.max(), rs.max(), lo * 10))
+        title = "mean KL(baseline || knocked), nats"
+    else:
+        v = max(abs(py).max(), abs(rs).max(), 1e-12)
+        norm = TwoSlopeNorm(0.0, -v, v)
+        title = "mean first-order change of log p(top-1)"
+    for ax, grid, name in ((axes[0], py, "Python doctest"), (axes[1], rs, "Rust #[test]")):
+        im = ax.imshow(np.maximum(grid, norm.vmin) if key == "exact_kl" else grid, aspect="auto", norm=norm,
+                       cmap="viridis" if key == "exact_kl" else "coolwarm")
+        ax.set_title(f"{name}: {title}", fontsize=9)
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    diff = py - rs
+    v = max(abs(diff).max(), 1e-12)
+    im = axes[2].imshow(diff, aspect="auto", cmap="coolwarm", norm=TwoSlopeNorm(0.0, -v, v))
+    axes[2].set_title("Python - Rust (same units)", fontsize=9)
+    axes[2].set_xlabel("query head")
+    axes[2].set_ylabel("layer")
+    fig.colorbar(im, ax=axes[2], fraction=0.046)
+    for c in r.cells:
+        if c["permutation"]["q_bh"] is not None and c["permutation"]["q_bh"] < 0.05:
+            axes[2].text(c["head"], c["layer"], "*", ha="center", va="center", color="black")
+    fig.suptitle(f"{r.model}: per-(layer, head) knockout of the marker -> function-token edges "
+                 f"(* BH q < 0.05, permutation test of the language labels)", fontsize=10)
+    out.append(save_figure(fig, path))
+    if r.agreement is not None:
+        ex, gr = r.exact_delta_logprob.mean(0), r.gradient_estimate.mean(0)
+        fig, axes = plt.subplots(1, 3, figsize=(15, 0.35 * r.n_layers + 2.5))
+        v = max(abs(ex).max(), abs(gr).max(), 1e-12)
+        for ax, grid, name in ((axes[0], ex, "exact"), (axes[1], gr, "gradient (first order)")):
+            im = ax.imshow(grid, aspect="auto", cmap="coolwarm", norm=TwoSlopeNorm(0.0, -v, v))
+            ax.set_title(f"{name}: mean change of log p(top-1), nats", fontsize=9)
+            ax.set_xlabel("query head")
+            ax.set_ylabel("layer")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        axes[2].scatter(r.exact_delta_logprob.ravel(), r.gradient_estimate.ravel(), s=6, alpha=0.5)
+        lim = [min(axes[2].get_xlim()[0], axes[2].get_ylim()[0]), max(axes[2].get_xlim()[1], axes[2].get_ylim()[1])]
+        axes[2].plot(lim, lim, "k--", lw=0.8, label="y = x")
+        axes[2].set_xlabel("exact change of log p(top-1) (nats)")
+        axes[2].set_ylabel("gradient estimate (nats)")
+        rho = r.agreement.spearman_all
+        axes[2].set_title(f"every sample x cell (Spearman rho {rho:.3f})" if rho is not None else "every sample x cell",
+                          fontsize=9)
+        axes[2].legend(fontsize=8)
+        out.append(save_figure(fig, path.with_name(path.stem + "_gradient.png")))
+    return out

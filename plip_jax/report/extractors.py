@@ -148,6 +148,22 @@ def _knockout_scan(b: SectionBuilder, d: dict) -> None:
             hide=_STAT_HIDE)
 
 
+@register("head_map", "head_map", "Head map (per-(layer, head) knockout)",
+          "For every (layer, query head), the marker → function-token edges of that one head are knocked out: "
+          "KL(baseline ‖ knocked) in nats and the change of the top-1 log-probability, Python vs Rust per cell "
+          "(exact permutation test, BH q over cells), and the first-order (gradient) estimate's agreement.")
+def head_map(b: SectionBuilder, d: dict) -> None:
+    for k in ("method", "n_layers", "n_heads"):
+        b.headline(k, (k,))
+    b.headline("noise floor (max KL(baseline ‖ reference), nats)", ("noise_floor", "max_kl"), fmt="sci")
+    b.headline("gradient vs exact: Spearman rho (all sample-cells / cell means)", ("agreement", "spearman_all"),
+               ("agreement", "spearman_mean"), sep=" / ")
+    b.table("Per cell (KL in nats; mean and s.e. over samples)", ("cells",),
+            prefer=("layer", "head", "python_kl_mean", "python_kl_se", "rust_kl_mean", "rust_kl_se",
+                    "python_gradient_estimate_mean", "rust_gradient_estimate_mean", "permutation.p_value",
+                    "permutation.q_bh", "resolved"), collapsed=True)
+
+
 @register("steering_generation", "steering_generation", "Steered generation",
           "Does steering the marker's attention change whether the model writes a test? Baseline vs steered "
           "greedy continuations, paired (McNemar).")

@@ -1,0 +1,109 @@
+"""Benchmark of the per-(layer, head) map against the references it must beat, measured in the same run.
+
+    python -m benchmarks.head_map                                   # bundled model, CPU (the README's numbers)
+    python -m benchmarks.head_map --shape=qwen2.5-coder-7b --device=gpu --dtype=bfloat16   # 28 x 28 cells
+
+Rows (median of --repeats calls after a warm-up; compile time reported separately):
+* exact grid: every (layer, head) single-head knockout of 20 samples on the shared-prefix engine
+  (`head_map.exact_head_map`), and its time per cell;
+* layer knockout scan: the same engine knocking all heads of one layer per run (`causal.layer_knockout_scan`),
+  time per cell = per layer; target: exact grid per cell <= 3x the scan per cell;
+* gradient map: one forward + backward per sample (`head_map.gradient_head_map`);
+* plain forward + backward: the gradient of the same top-1 log-probability with respect to the residual stream
+  (no per-edge input), per sample; target: gradient map <= 2x this.
+Random weights at a named shape (benchmarks/harness/shapes.py) or the bundled model; random tokens with a marker
+in the second half and 3 earlier targets, as the other benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from benchmarks.harness import harness, models, shapes, workloads
+from plip_jax import cli
+from plip_jax.core import interventions as ivs
+from plip_jax.core.capture import Capture
+from plip_jax.experiments import causal, head_map
+from plip_jax.models.registry import load_model
+
+flags.DEFINE_string("shape", None, "A benchmark shape (benchmarks/harness/shapes.py); unset: the bundled model.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and activations dtype.")
+flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "JAX platform.")
+flags.DEFINE_integer("samples", 20, "Samples.")
+flags.DEFINE_integer("seq_len", 64, "Tokens per sample.")
+flags.DEFINE_integer("cells_per_call", 64, "Exact grid: cells per compiled program.")
+flags.DEFINE_integer("repeats", 3, "Timed calls after one warm-up call (median reported).")
+FLAGS = flags.FLAGS
+
+
+def _timed(fn, repeats):
+    timing, out = harness.time_calls(fn, repeats, harness.jax_sync)
+    return timing.median_s, timing.first_s - timing.median_s, out
+
+
+@jax.jit
+def _forward_backward(model, tokens, length):
+    """The top-1 log-probability's gradient with respect to the residual stream (a plain forward + backward)."""
+    cfg = model.cfg
+    t = tokens.shape[0]
+    zero = jnp.zeros((cfg.num_layers, t, cfg.hidden_size), jnp.float32)
+    top1 = jnp.argmax(model(tokens, length=length, capture=Capture(logits="last")).logits)
+
+    def value(add):
+        iv = ivs.Interventions(residual=ivs.ResidualEdit(where=jnp.ones((cfg.num_layers, t), bool),
+                                                         keep=jnp.float32(1.0), add=add))
+        return jax.nn.log_softmax(model(tokens, length=length, interventions=iv,
+                                        capture=Capture(logits="last")).logits)[top1]
+
+    return jax.value_and_grad(value)(zero)
+
+
+def main(argv):
+    del argv
+    platform = cli.select_device(FLAGS.device, compile_cache=False)
+    if FLAGS.shape:
+        cfg = shapes.model_config(FLAGS.shape)
+        model = models.random_model(cfg, FLAGS.dtype, layer_layout="auto")
+        name = FLAGS.shape
+    else:
+        model = load_model(None, FLAGS.dtype).model
+        cfg, name = model.cfg, "plip-tiny-code (bundled)"
+    corpus = workloads.make_corpus(cfg, FLAGS.samples, FLAGS.seq_len)
+    tokens, lengths, edges = corpus.tokens, corpus.lengths, corpus.edges
+    L, H, B = cfg.num_layers, cfg.num_heads, FLAGS.samples
+    rows = []
+    grid_s, grid_c, _ = _timed(lambda: head_map.exact_head_map(model, tokens, lengths, edges,
+                                                               cells_per_call=FLAGS.cells_per_call), FLAGS.repeats)
+    heads = np.ones((B, H), bool)
+    scan_s, scan_c, _ = _timed(lambda: causal.layer_knockout_scan(model, tokens, lengths, edges, heads),
+                               FLAGS.repeats)
+    grad_s, grad_c, _ = _timed(lambda: head_map.gradient_head_map(model, tokens, lengths, edges), FLAGS.repeats)
+
+    def plain():
+        return [_forward_backward(model, jnp.asarray(tokens[b]), jnp.int32(lengths[b])) for b in range(B)]
+
+    fb_s, fb_c, _ = _timed(plain, FLAGS.repeats)
+    rows.append(("exact grid (all cells)", grid_s, grid_c, f"{L * H} cells, {grid_s / (L * H) * 1e3:.2f} ms/cell"))
+    rows.append(("layer knockout scan", scan_s, scan_c, f"{L} cells (layers), {scan_s / L * 1e3:.2f} ms/cell"))
+    rows.append(("gradient map", grad_s, grad_c, "one forward + backward per sample"))
+    rows.append(("plain forward + backward", fb_s, fb_c, "d log p(top-1) / d residual stream"))
+    per_cell_ratio = (grid_s / (L * H)) / (scan_s / L)
+    print(f"head-map benchmark: {name}, {L} layers x {H} heads, {B} samples x {FLAGS.seq_len} tokens, "
+          f"{FLAGS.dtype} on {platform} ({jax.devices()[0].device_kind})")
+    print(f"{'workload':<26} {'median':>10} {'compile':>10}  note")
+    for label, s, c, note in rows:
+        print(f"{label:<26} {s * 1e3:>8.1f}ms {c:>9.1f}s  {note}")
+    print(f"exact grid per cell / knockout scan per cell: {per_cell_ratio:.2f}x (target <= 3x): "
+          f"{'met' if per_cell_ratio <= 3 else 'MISSED'}")
+    print(f"gradient map / plain forward + backward: {grad_s / fb_s:.2f}x (target <= 2x): "
+          f"{'met' if grad_s / fb_s <= 2 else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
