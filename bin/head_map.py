@@ -41,7 +41,7 @@ def main(argv):
     del argv
     run = cli.Run("head_map", model="transformer", corpus="universal", validate=validate)
     from plip_jax.experiments import head_map
-    from plip_jax.experiments.knockout import distributor
+    from plip_jax.experiments.causal_samples import distributor
 
     with cli.Status("head map") as status:
         result = head_map.run_head_map(run.model, run.corpus, method=FLAGS.method,

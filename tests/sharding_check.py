@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from plip_jax.data.corpus import load_universal_corpus
-from plip_jax.experiments import causal, knockout
+from plip_jax.experiments import causal, causal_samples, knockout
 from plip_jax.core import interventions as iv_lib
 from plip_jax.data.positions import tokenize_sample
 from plip_jax.experiments.attention_metric import make_metric_batch, marker_metric
@@ -49,8 +49,8 @@ def main() -> int:
     print(f"per-layer layout on data=4 model=2: layer-scan metric max error {err:.2e}")
     assert err < 1e-6, err
     # a knockout sweep (vmapped stacked interventions) on data x model sharding
-    ks, _ = knockout.prepare(model, corpus)
-    batch = knockout.make_batch(model, ks[:8])
+    ks, _ = causal_samples.prepare(model, corpus)
+    batch = causal_samples.make_batch(model, ks[:8])
     ivs = iv_lib.stack([knockout.knockout_ivs(model, ks[:8], batch, [l]) for l in (1, 2)])
     ref = np.asarray(causal.run_sweep(model.model, batch.tokens, batch.lengths, ivs)["last"])
     mesh = sharding.make_mesh(data=4, model=2)

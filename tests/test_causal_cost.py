@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from plip_jax.core import interventions as ivs
-from plip_jax.experiments import causal, knockout
+from plip_jax.experiments import causal, causal_samples, knockout
 
 LAYER = 4
 DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
@@ -30,9 +30,9 @@ def per_layer_model():
 
 @pytest.fixture(scope="module")
 def batch(per_layer_model, universal_corpus):
-    samples, _ = knockout.prepare(per_layer_model, universal_corpus)
+    samples, _ = causal_samples.prepare(per_layer_model, universal_corpus)
     samples = [s for s in samples if s.tokenized.sample.language == "rust"][:4]
-    return samples, knockout.make_batch(per_layer_model, samples)
+    return samples, causal_samples.make_batch(per_layer_model, samples)
 
 
 def _flops(fn, *args, **static) -> float:

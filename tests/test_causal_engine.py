@@ -8,7 +8,7 @@ import pytest
 
 from plip_jax.analysis import metrics
 from plip_jax.core import interventions as ivs
-from plip_jax.experiments import causal, knockout
+from plip_jax.experiments import causal, causal_samples, knockout
 from plip_jax.models import sharding
 
 LAYER = 3
@@ -17,9 +17,9 @@ DOSES = (0.5, 1.0, 3.0)
 
 @pytest.fixture(scope="module")
 def small(bundled_model, universal_corpus):
-    samples, _ = knockout.prepare(bundled_model, universal_corpus)
+    samples, _ = causal_samples.prepare(bundled_model, universal_corpus)
     samples = samples[:2] + samples[-2:]
-    batch = knockout.make_batch(bundled_model, samples)
+    batch = causal_samples.make_batch(bundled_model, samples)
     markers = np.asarray([s.tokenized.marker_token for s in samples], np.int32)
     return samples, batch, markers
 

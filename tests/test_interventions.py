@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from plip_jax.core import interventions as ivs
-from plip_jax.experiments import causal, knockout
+from plip_jax.experiments import causal, causal_samples, knockout
 from plip_jax.core.capture import Capture
 from tests.model_helpers import run
 
@@ -136,9 +136,9 @@ def test_residual_builders(bundled_model, sample):
 
 
 def test_vmapped_sweep_equals_loop(bundled_model, universal_corpus):
-    samples, _ = knockout.prepare(bundled_model, universal_corpus)
+    samples, _ = causal_samples.prepare(bundled_model, universal_corpus)
     samples = samples[:3] + samples[-2:]
-    batch = knockout.make_batch(bundled_model, samples)
+    batch = causal_samples.make_batch(bundled_model, samples)
     per_layer = [knockout.knockout_ivs(bundled_model, samples, batch, [l]) for l in (1, 4, 6)]
     swept = causal.run_sweep(bundled_model.model, batch.tokens, batch.lengths, ivs.stack(per_layer))
     chunked = causal.run_sweep(bundled_model.model, batch.tokens, batch.lengths, ivs.stack(per_layer), sweep_batch=2)
@@ -151,9 +151,9 @@ def test_vmapped_sweep_equals_loop(bundled_model, universal_corpus):
 
 @pytest.mark.parametrize("group_layers,prefix", [(1, None), (3, 0), (causal.DEFAULT_GROUP_LAYERS, None), (8, None)])
 def test_shared_prefix_layer_scan_equals_full_recomputation(bundled_model, universal_corpus, group_layers, prefix):
-    samples, _ = knockout.prepare(bundled_model, universal_corpus)
+    samples, _ = causal_samples.prepare(bundled_model, universal_corpus)
     samples = samples[:2] + samples[-2:]
-    batch = knockout.make_batch(bundled_model, samples)
+    batch = causal_samples.make_batch(bundled_model, samples)
     iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
     shared = causal.knockout_prefix(iv0.knockout.edges, batch.lengths)
     first_row = int(np.nonzero(np.asarray(iv0.knockout.edges).any(-1))[1].min())
@@ -204,9 +204,9 @@ def test_refused_interventions(call, match):
 
 
 def test_all_edges_knockout_never_empties_a_row_even_when_marker_is_token_0(bundled_model, universal_corpus):
-    samples, skipped = knockout.prepare(bundled_model, universal_corpus, all_edges=True, include_baselines=True)
+    samples, skipped = causal_samples.prepare(bundled_model, universal_corpus, all_edges=True, include_baselines=True)
     assert any(s.tokenized.marker_token == 0 for s in samples)  # Rust baselines: marker at token 0
-    batch = knockout.make_batch(bundled_model, samples)
+    batch = causal_samples.make_batch(bundled_model, samples)
     iv = knockout.knockout_ivs(bundled_model, samples, batch, [1])
     out = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, iv)
     assert np.isfinite(np.asarray(out["last"])).all()
@@ -214,9 +214,9 @@ def test_all_edges_knockout_never_empties_a_row_even_when_marker_is_token_0(bund
 
 def test_knockout_scan_under_jit_falls_back_to_no_shared_rows(bundled_model, universal_corpus):
     """Inside a caller's jit the edges are traced, so no rows can be shared: same results as eager."""
-    samples, _ = knockout.prepare(bundled_model, universal_corpus)
+    samples, _ = causal_samples.prepare(bundled_model, universal_corpus)
     samples = samples[:2]
-    batch = knockout.make_batch(bundled_model, samples)
+    batch = causal_samples.make_batch(bundled_model, samples)
     iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
     eager = causal.layer_knockout_scan(bundled_model.model, batch.tokens, batch.lengths, iv0.knockout.edges,
                                        iv0.knockout.heads)

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats as sps
 
 from plip_jax.analysis import stats
-from plip_jax.experiments import causal_stats, causal_tables, knockout, knockout_control
+from plip_jax.experiments import causal_samples, causal_stats, causal_tables, knockout, knockout_control
 
 LAYER = 4
 
@@ -53,7 +53,7 @@ def test_mass_matched_control_is_within_tolerance_or_skipped_with_a_note(single,
 
 
 def test_removed_mass_is_the_head_mean_baseline_row_at_the_layer(single, bundled_model, universal_corpus):
-    samples, _ = knockout.prepare(bundled_model, universal_corpus)
+    samples, _ = causal_samples.prepare(bundled_model, universal_corpus)
     from plip_jax.experiments.attention_metric import make_metric_batch, marker_metric
 
     b = make_metric_batch([s.tokenized for s in samples], bundled_model.cfg.max_position_embeddings)

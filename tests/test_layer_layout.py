@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from plip_jax.core import interventions as ivs
 from plip_jax.analysis import generation as gen
 from plip_jax.core.capture import Capture
-from plip_jax.experiments import causal, knockout
+from plip_jax.experiments import causal, causal_samples, knockout
 from plip_jax.models import layers as layouts
 from plip_jax.models import registry
 from tests.model_helpers import run
@@ -58,9 +58,9 @@ def test_forward_captures_equal_across_layouts(bundled_model, per_layer_model):
 
 
 def test_knockout_scan_and_sweep_equal_across_layouts(bundled_model, per_layer_model, universal_corpus):
-    samples, _ = knockout.prepare(bundled_model, universal_corpus)
+    samples, _ = causal_samples.prepare(bundled_model, universal_corpus)
     samples = samples[:2] + samples[-2:]
-    batch = knockout.make_batch(bundled_model, samples)
+    batch = causal_samples.make_batch(bundled_model, samples)
     iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
     args = (batch.tokens, batch.lengths, iv0.knockout.edges, iv0.knockout.heads)
     a = causal.layer_knockout_scan(bundled_model.model, *args, group_layers=3)

@@ -31,9 +31,8 @@ from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
 from plip_jax.analysis import stats
 from plip_jax.core.errors import WrongFamilyError
-from plip_jax.data.batching import check_context, pad_batch
 from plip_jax.experiments import causal
-from plip_jax.experiments.layer_scan import tokenize_groups
+from plip_jax.experiments.causal_samples import make_batch, prepare
 from plip_jax.experiments.plots import pyplot, save_figure
 
 
@@ -289,16 +288,17 @@ def run_head_map(loaded: Any, corpus: Any, *, method: str = "both", cells_per_ca
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     cfg = loaded.cfg
     _check_transformer(cfg)
-    usable, _ = tokenize_groups(loaded.tokenizer, corpus)
-    usable = [s for s in usable if any(t <= s.marker_token for t in s.target_tokens)]
+    usable, _ = prepare(loaded, corpus)  # PLIP's exact positions; causal marker -> target edges only
     if max_samples:
-        py = [s for s in usable if s.sample.language == "python"][:max_samples]
-        usable = py + [s for s in usable if s.sample.language == "rust"][:max_samples]
-    ids = [s.sample.id for s in usable]
-    check_context([len(s.token_ids) for s in usable], cfg.max_position_embeddings, ids)
-    tokens, lengths = pad_batch([s.token_ids for s in usable], pad_id=cfg.pad_token_id or 0)
-    edges = target_edge_mask(tokens.shape[1], [s.marker_token for s in usable], [s.target_tokens for s in usable])
-    langs = [s.sample.language for s in usable]
+        usable = ([s for s in usable if s.tokenized.sample.language == "python"][:max_samples] +
+                  [s for s in usable if s.tokenized.sample.language == "rust"][:max_samples])
+    batch = make_batch(loaded, usable)
+    tokens, lengths, ids = batch.tokens, batch.lengths, batch.ids
+    edges = np.zeros((len(usable),) + (tokens.shape[1],) * 2, bool)
+    for b, s in enumerate(usable):
+        for q, k in s.edges:
+            edges[b, q, k] = True
+    langs = [s.tokenized.sample.language for s in usable]
     is_py = np.asarray([lang == "python" for lang in langs])
     timings, exact, grad = {}, None, None
     if method in ("exact", "both"):

@@ -25,7 +25,7 @@ from plip_jax.core import interventions as ivs
 from plip_jax.data.corpus import UniversalCorpus
 from plip_jax.experiments import causal, causal_stats
 from plip_jax.experiments.attention_metric import make_metric_batch, marker_target_attention
-from plip_jax.experiments.knockout import KnockoutSample, distributor, make_batch, prepare
+from plip_jax.experiments.causal_samples import KnockoutSample, distributor, make_batch, prepare
 from plip_jax.models import sharding
 
 DOSE_LEVELS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
