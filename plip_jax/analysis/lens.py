@@ -85,13 +85,9 @@ def first_layer_with(result: LensResult, pattern: str, k: Optional[int] = None) 
     return None
 
 
-def run_logit_lens(model: Any, texts: Sequence[str], top_k: int = 5, pad_multiple: int = 16) -> list[LensResult]:
-    """Logit lens of the last token of each text, all texts in one padded batched forward.
-
-    model: a `LoadedModel`. Returns one `LensResult` per text (top_k per layer, probabilities in [0, 1]).
-    """
-    if top_k < 1 or top_k > model.cfg.vocab_size:
-        raise ValueError(f"top_k={top_k} must be in [1, vocab_size={model.cfg.vocab_size}]")
+def encode_texts(model: Any, texts: Sequence[str], pad_multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of each text, right-padded: (tokens int32 [B, T], lengths [B]); a text that tokenises to
+    nothing or exceeds the model's context is refused naming it."""
     seqs = []
     for i, text in enumerate(texts):
         ids, _ = encode_with_offsets(model.tokenizer, text)
@@ -100,7 +96,17 @@ def run_logit_lens(model: Any, texts: Sequence[str], top_k: int = 5, pad_multipl
         seqs.append(ids)
     check_context([len(s) for s in seqs], model.cfg.max_position_embeddings, [f"text #{i}" for i in range(len(seqs))])
     pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
-    tokens, lengths = pad_batch(seqs, pad_id=pad, multiple=pad_multiple)
+    return pad_batch(seqs, pad_id=pad, multiple=pad_multiple)
+
+
+def run_logit_lens(model: Any, texts: Sequence[str], top_k: int = 5, pad_multiple: int = 16) -> list[LensResult]:
+    """Logit lens of the last token of each text, all texts in one padded batched forward.
+
+    model: a `LoadedModel`. Returns one `LensResult` per text (top_k per layer, probabilities in [0, 1]).
+    """
+    if top_k < 1 or top_k > model.cfg.vocab_size:
+        raise ValueError(f"top_k={top_k} must be in [1, vocab_size={model.cfg.vocab_size}]")
+    tokens, lengths = encode_texts(model, texts, pad_multiple)
     out = _lens_batch(model.model, jnp.asarray(tokens), jnp.asarray(lengths), top_k)
     top_ids = np.asarray(out["top_ids"])
     top_probs = np.exp(np.asarray(out["top_logprobs"], dtype=np.float64))

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from plip_jax.core.errors import InterventionError
 from plip_jax.data.batching import check_context, pad_batch
 from plip_jax.data.corpus import UNIVERSAL_GROUPS, UniversalCorpus
 from plip_jax.data.positions import TokenizedSample, tokenize_sample
@@ -30,7 +31,8 @@ class KnockoutSample:
 
 def prepare(model: Any, corpus: UniversalCorpus, *, all_edges: bool = False, include_baselines: bool = False
             ) -> tuple[list[KnockoutSample], list[dict]]:
-    """(usable samples, skipped-sample notes). Exact position conversion only (as PLIP's causal tools)."""
+    """(usable samples, skipped-sample notes). Exact position conversion only (as PLIP's causal tools);
+    InterventionError when no sample is usable."""
     groups = UNIVERSAL_GROUPS if include_baselines else UNIVERSAL_GROUPS[:2]
     usable, skipped = [], []
     for g in groups:
@@ -52,6 +54,10 @@ def prepare(model: Any, corpus: UniversalCorpus, *, all_edges: bool = False, inc
                                 "the marker are already invisible to it)"})
                 continue
             usable.append(KnockoutSample(ts, cand, future))
+    if not usable:
+        reasons = "; ".join(f"{x['id']}: {x['reason']}" for x in skipped[:5])
+        raise InterventionError(f"no usable sample in the corpus ({len(skipped)} skipped: {reasons}); the causal "
+                                "tools need a marker on a token and at least one target at or before it")
     return usable, skipped
 
 

@@ -117,9 +117,6 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
         ivs.check_layer(l, cfg.num_layers, "--layer" if len(layers) == 1 else "window layer")
     tid = token_id(model.tokenizer, logit_token) if logit_token is not None else None
     samples, skipped = prepare(model, corpus, all_edges=all_edges, include_baselines=include_baselines)
-    if not samples:
-        raise ivs.InterventionError("no usable sample to knock out: " + "; ".join(
-            f"{s['id']}: {s['reason']}" for s in skipped[:5]))
     batch = make_batch(model, samples)
     heads_mask = ivs.head_mask(cfg.num_heads, heads)
     markers = np.asarray([s.tokenized.marker_token for s in samples], np.int32)
@@ -203,8 +200,6 @@ def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, 
     t0 = time.perf_counter()
     cfg = model.cfg
     samples, skipped = prepare(model, corpus, all_edges=all_edges)
-    if not samples:
-        raise ivs.InterventionError("no usable sample to knock out")
     batch = make_batch(model, samples)
     iv = knockout_ivs(model, samples, batch, layers=[0], heads=heads)  # validated edges/heads
     args = sharding.distribute(model, (batch.tokens, batch.lengths, iv.knockout.edges, iv.knockout.heads))
@@ -242,8 +237,6 @@ def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tupl
     t0 = time.perf_counter()
     cfg = model.cfg
     samples, skipped = prepare(model, corpus, all_edges=all_edges)
-    if not samples:
-        raise ivs.InterventionError("no usable sample to knock out")
     batch = make_batch(model, samples)
     points = [knockout_ivs(model, samples, batch, list(range(a, b + 1)), heads) for a, b in windows]
     res = causal.sweep_points(model.model, batch.tokens, batch.lengths, points, [a for a, _ in windows],

@@ -28,8 +28,6 @@ import numpy as np
 
 from plip_jax.analysis import lens
 from plip_jax.core.capture import Capture
-from plip_jax.data.batching import check_context, pad_batch
-from plip_jax.data.positions import encode_with_offsets
 
 MATCH_RULES = ("strict", "plip")
 
@@ -123,15 +121,7 @@ def target_trajectories(model: Any, texts: Sequence[str], targets: Sequence[str]
     v = int(model.cfg.vocab_size)
     vocab = vocab_texts(model.tokenizer, v)
     masks = np.stack([target_mask(vocab, t, rule) for t in targets])
-    seqs = []
-    for i, text in enumerate(texts):
-        ids, _ = encode_with_offsets(model.tokenizer, text)
-        if not ids:
-            raise ValueError(f"text #{i} ({text!r}) tokenises to nothing; give a non-empty prompt")
-        seqs.append(ids)
-    check_context([len(s) for s in seqs], model.cfg.max_position_embeddings, [f"text #{i}" for i in range(len(seqs))])
-    pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
-    tokens, lengths = pad_batch(seqs, pad_id=pad, multiple=pad_multiple)
+    tokens, lengths = lens.encode_texts(model, texts, pad_multiple)
     rank, best_id, prob, mass = (np.asarray(x) for x in _trajectories(model.model, jnp.asarray(tokens),
                                                                        jnp.asarray(lengths), jnp.asarray(masks)))
     out = []
