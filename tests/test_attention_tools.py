@@ -50,6 +50,7 @@ def stat_result(bundled_model, legacy_samples):
     return sa.run_statistical_attention(bundled_model, legacy_samples)
 
 
+@pytest.mark.slow
 def test_statistical_attention_schema_and_values(bundled_model, legacy_samples, stat_result):
     r = stat_result
     assert r.layer == bundled_model.cfg.num_layers - 1  # default: last layer
@@ -270,6 +271,7 @@ def test_statistical_attention_null_and_lift_tests(stat_result):
     assert "After the positional null:" in sa.format_statistical_attention(r)
 
 
+@pytest.mark.slow
 def test_statistical_attention_binary_end_to_end(tmp_path):
     out = tmp_path / "stat.json"
     proc = subprocess.run([sys.executable, "-m", "bin.statistical_attention", "--device=cpu", f"--output={out}"],
@@ -285,6 +287,7 @@ def test_statistical_attention_binary_end_to_end(tmp_path):
     assert "undefined" in proc.stdout and "Holm p" in proc.stdout
 
 
+@pytest.mark.slow
 def test_verify_positions_universal_binary(tmp_path):
     out = tmp_path / "verify.json"
     proc = subprocess.run([sys.executable, "-m", "bin.verify_positions_universal", f"--output={out}", "--verbose"],
@@ -296,6 +299,7 @@ def test_verify_positions_universal_binary(tmp_path):
     assert "30/30 successful" in proc.stdout
 
 
+@pytest.mark.slow
 def test_head_mean_rows_rwkv6_padded_batch_equals_direct_effective_attention(tmp_path):
     from tests import rwkv_fixtures
 

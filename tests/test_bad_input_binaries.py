@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "corpus"
 LOADING = "loading "  # the line the tail prints when the weights start to load
@@ -166,7 +168,6 @@ def test_layer_scan_bad_models_corpora_flags_outputs(bad, tmp_path):
     assert not (tmp_path / "scan.json").exists()
 
 
-@pytest.mark.slow
 def test_layer_scan_runs_that_must_not_print_a_wrong_number(bad, tmp_path):
     """Row 24 under --allow_unknown_groups (skipped and counted, not silently dropped); row 26 (n = 1 per
     language: undefined tests are null in the file, 'undefined' in the table, never NaN; with --plot and
@@ -289,7 +290,6 @@ def test_other_binaries_rows(bad, tmp_path):
 # Row 61: Ctrl-C during an XLA compile
 
 
-@pytest.mark.slow
 def test_ctrl_c_during_a_compile_exits_130_at_once_and_writes_nothing(tmp_path):
     out = tmp_path / "scan.json"
     out.write_text('{"earlier": "result"}\n')

@@ -14,6 +14,8 @@ import pytest
 
 from benchmarks.harness import harness, models, report, runner, shapes, workloads
 
+pytestmark = pytest.mark.parity
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from plip_jax.data.corpus import UNIVERSAL_GROUPS
@@ -10,6 +11,8 @@ from plip_jax.experiments.attention_metric import make_metric_batch, marker_targ
 from plip_jax.core.capture import Capture
 from plip_jax.data.positions import tokenize_sample
 from tests.model_helpers import run_batch
+
+pytestmark = pytest.mark.parity
 
 
 def test_bundled_model_config(bundled_model):

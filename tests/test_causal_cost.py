@@ -56,6 +56,7 @@ def _full_forward(cfg, t):
     return cfg.num_layers * block(t, t) + unembed(t)  # T - 1 NLL rows + the last-logit row
 
 
+@pytest.mark.slow
 def test_steering_sweep_flops_fall_with_the_shared_layers_and_rows(per_layer_model, batch):
     samples, b = batch
     cfg, t = per_layer_model.cfg, b.tokens.shape[1]
@@ -86,6 +87,7 @@ def test_steering_sweep_flops_fall_with_the_shared_layers_and_rows(per_layer_mod
     assert ratio < 0.6  # stated bound for this shape: 4 of 8 layers and the prefix rows shared
 
 
+@pytest.mark.slow
 def test_knockout_scan_flops_fall_with_the_shared_layers_and_rows(per_layer_model, batch):
     samples, b = batch
     cfg, t = per_layer_model.cfg, b.tokens.shape[1]

@@ -40,6 +40,7 @@ def steering_sweep(bundled_model, small):
     return points, res
 
 
+@pytest.mark.slow
 def test_identity_point_reads_exactly_zero_against_the_same_program_reference(steering_sweep):
     _, res = steering_sweep
     j = DOSES.index(1.0)
@@ -66,6 +67,7 @@ def test_reported_kl_is_the_float64_one_from_the_logits(steering_sweep, monkeypa
     causal.effects_f64(res.ref_last, res.last, res.ref_nll, res.nll)  # never touches the f32 path
 
 
+@pytest.mark.slow
 def test_shared_steering_sweep_equals_full_recomputation_and_the_plain_sweep(bundled_model, small, steering_sweep):
     samples, batch, markers = small
     points, res = steering_sweep
@@ -85,6 +87,7 @@ def test_shared_steering_sweep_equals_full_recomputation_and_the_plain_sweep(bun
     assert np.all(res.failed_row == -1)
 
 
+@pytest.mark.slow
 def test_window_sweep_with_several_entry_layers_and_point_batches_equals_full_recomputation(bundled_model, small):
     samples, batch, _ = small
     windows = [(5, 7), (1, 2), (3, 3)]  # unsorted starts: the engine orders them and maps results back
@@ -101,6 +104,7 @@ def test_window_sweep_with_several_entry_layers_and_point_batches_equals_full_re
     assert np.all(chunked.floor_kl < 1e-9)
 
 
+@pytest.mark.slow
 def test_scan_runs_are_copies_of_the_no_op_reference_below_their_layer(bundled_model, small):
     """With no head selected every knocked run is the reference's computation: KL exactly 0 at every layer
     (so a nonzero KL is the knockout, not the engine)."""
@@ -118,6 +122,7 @@ def test_scan_runs_are_copies_of_the_no_op_reference_below_their_layer(bundled_m
     assert (kl[:, :4] > 0).all()
 
 
+@pytest.mark.slow
 def test_failed_steering_is_flagged_in_graph_and_named_on_the_host(bundled_model, small):
     """SetValue(0.5) on row 0's only key cannot renormalise (built directly: the builder refuses it)."""
     samples, batch, markers = small
@@ -150,6 +155,7 @@ def test_entry_layers_and_prefix_rules():
     assert causal.shared_prefix(iv, [40, 40], markers=[7, 30]) == 0  # a marker row read before the edits
 
 
+@pytest.mark.slow
 def test_per_layer_layout_and_small_groups_give_the_same_sweep(bundled_model, small, steering_sweep):
     """Long groups are split into scan bodies of at most group_layers layers (a per-layer layout copies one
     body's weights at a time): same results on either layout."""
@@ -183,6 +189,7 @@ def windowed(tmp_path_factory):
     return model
 
 
+@pytest.mark.slow
 def test_sliding_windows_padding_and_untied_head(windowed):
     cfg = windowed.cfg
     rng = np.random.RandomState(0)

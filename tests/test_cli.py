@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from plip_jax import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,12 +75,14 @@ def test_help_lists_inherited_flags_and_exits_0():
     assert "plip qwen3b_steering_generate_n50" in text  # the paper preset
 
 
+@pytest.mark.slow
 def test_mesh_help_says_what_it_splits_per_binary():
     assert "the corpus samples are split over 'data'" in _help("bin.layer_scan")
     assert "This binary does not split samples" in _help("bin.logit_lens")
     assert "--mesh" not in _help("bin.state_steering_generate")  # RWKV-6 state binaries: no mesh
 
 
+@pytest.mark.slow
 def test_startup_is_quiet_unless_verbosity_is_given():
     """Under app.run (via cli.run), with torch hidden as in the quickstart install and --device=auto: no JAX
     INFO lines (the TPU probe) and no transformers 'PyTorch was not found' notice on stderr; an explicit

@@ -31,6 +31,7 @@ def _prompts(cfg, lengths=(5, 11, 3), seed=0):
     return [rng.randint(1, cfg.vocab_size, size=n).tolist() for n in lengths]
 
 
+@pytest.mark.slow
 def test_batched_equals_one_at_a_time(tiny):
     _, cfg, model = tiny
     prompts = _prompts(cfg)
@@ -50,6 +51,7 @@ def _knockout_prompt_edges(cfg, size, n_prompt):
                                                    n_heads=cfg.num_heads, layers=[0, 1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["none", "knockout", "scale_generated", "set_value_generated"])
 def test_cached_equals_full_recompute(tiny, kind):
     _, cfg, model = tiny
@@ -74,6 +76,7 @@ def test_cached_equals_full_recompute(tiny, kind):
             assert full != baseline.sequences()[0], f"{kind}: the intervention did not change the tokens (vacuous test)"
 
 
+@pytest.mark.slow
 def test_batched_interventions_and_empty_baseline(tiny):
     """Per-sequence interventions in one call: a steered sequence equals its own single run, and the
     baseline with no selected edge equals generation without any intervention."""
@@ -91,6 +94,7 @@ def test_batched_interventions_and_empty_baseline(tiny):
     assert out.sequences()[1] == steered.sequences()[0]
 
 
+@pytest.mark.slow
 def test_sampling_reproducible(tiny):
     _, cfg, model = tiny
     prompts = _prompts(cfg, lengths=(5, 8))
@@ -111,6 +115,7 @@ def test_sampling_reproducible(tiny):
     assert nucleus.sequences() == g.sequences()
 
 
+@pytest.mark.parity
 def test_greedy_matches_hf_generate(tiny):
     import torch
 

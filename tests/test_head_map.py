@@ -50,6 +50,7 @@ def _single_head_kls(loaded, tokens, lengths, edges, cells):
     return out
 
 
+@pytest.mark.slow
 def test_exact_cells_equal_separate_single_head_runs_bundled(bundled_model, bundled_batch):
     tokens, lengths, edges = bundled_batch
     grid = head_map.exact_head_map(bundled_model.model, tokens, lengths, edges, cells_per_call=16)
@@ -66,6 +67,7 @@ def test_exact_cells_equal_separate_single_head_runs_bundled(bundled_model, bund
     assert (grid["kl"] > 0).mean() > 0.5  # the knockouts do something
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_cells_equal_separate_runs_every_family(family, tmp_path):
     loaded = load_model(str(save_hf_model(build_hf_model(family, seed=11), tmp_path)))
@@ -80,6 +82,7 @@ def test_exact_cells_equal_separate_runs_every_family(family, tmp_path):
         np.testing.assert_allclose(grid["delta_logprob"][:, l, h], dlp, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_equals_central_finite_difference(bundled_model, bundled_batch):
     tokens, lengths, edges = bundled_batch
     g = head_map.gradient_head_map(bundled_model.model, tokens, lengths, edges)
@@ -98,6 +101,7 @@ def test_gradient_equals_central_finite_difference(bundled_model, bundled_batch)
     assert np.abs(g["estimate"]).max() > 1e-4  # not a trivially zero map
 
 
+@pytest.mark.slow
 def test_gradient_and_exact_agree_in_rank(bundled_model, bundled_batch):
     tokens, lengths, edges = bundled_batch
     grid = head_map.exact_head_map(bundled_model.model, tokens, lengths, edges)
@@ -113,6 +117,7 @@ def test_rwkv_is_refused(tiny_rwkv_dir):
         head_map.exact_head_map(loaded.model, np.zeros((1, 4), np.int32), np.array([4]), np.zeros((1, 4, 4), bool))
 
 
+@pytest.mark.slow
 def test_run_head_map_statistics_and_json(bundled_model, universal_corpus):
     import json
 

@@ -135,6 +135,7 @@ def test_residual_builders(bundled_model, sample):
         ivs.residual_zero(n, cfg.hidden_size, length=n, n_layers=cfg.num_layers, layers=[1], positions=[n])
 
 
+@pytest.mark.slow
 def test_vmapped_sweep_equals_loop(bundled_model, universal_corpus):
     samples, _ = causal_samples.prepare(bundled_model, universal_corpus)
     samples = samples[:3] + samples[-2:]
@@ -149,6 +150,7 @@ def test_vmapped_sweep_equals_loop(bundled_model, universal_corpus):
         np.testing.assert_allclose(chunked["nll"][j], single["nll"], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_layers,prefix", [(1, None), (3, 0), (causal.DEFAULT_GROUP_LAYERS, None), (8, None)])
 def test_shared_prefix_layer_scan_equals_full_recomputation(bundled_model, universal_corpus, group_layers, prefix):
     samples, _ = causal_samples.prepare(bundled_model, universal_corpus)
@@ -212,6 +214,7 @@ def test_all_edges_knockout_never_empties_a_row_even_when_marker_is_token_0(bund
     assert np.isfinite(np.asarray(out["last"])).all()
 
 
+@pytest.mark.slow
 def test_knockout_scan_under_jit_falls_back_to_no_shared_rows(bundled_model, universal_corpus):
     """Inside a caller's jit the edges are traced, so no rows can be shared: same results as eager."""
     samples, _ = causal_samples.prepare(bundled_model, universal_corpus)

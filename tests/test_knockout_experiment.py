@@ -18,6 +18,7 @@ def single(bundled_model, universal_corpus):
     return knockout.run_knockout(bundled_model, universal_corpus, layers=[LAYER])
 
 
+@pytest.mark.slow
 def test_every_kl_has_its_floor_and_marks(single):
     f = single["noise_floor"]
     rows = single["sample_results"]
@@ -114,6 +115,7 @@ def test_unit_rows_adjust_over_units_and_pick_best_by_holm():
     assert "Holm-adjusted" in best["selection"]
 
 
+@pytest.mark.slow
 def test_layer_scan_reports_floor_and_adjusted_p(bundled_model, universal_corpus):
     r = knockout.run_layer_scan_knockout(bundled_model, universal_corpus)
     assert len(r["per_layer"]) == bundled_model.cfg.num_layers
@@ -139,6 +141,7 @@ def test_tables_never_print_a_nonzero_kl_as_zero(single):
     assert "0.000e+00" not in full and "Mass-matched control" in full and "no control for py_simple_add" in full
 
 
+@pytest.mark.slow
 def test_window_sweep_reports_floor_adjusted_p_and_best_window(bundled_model, universal_corpus):
     from plip_jax.experiments import windows as windows_lib
 

@@ -38,6 +38,7 @@ def test_layouts_and_auto_resolution(bundled_model, per_layer_model):
         layouts.resolve_layer_layout("rows")
 
 
+@pytest.mark.slow
 def test_forward_captures_equal_across_layouts(bundled_model, per_layer_model):
     cfg = bundled_model.cfg
     tokens = np.asarray(bundled_model.tokenizer.encode("def add(a, b):\n    return a + b\n"), np.int32)
@@ -57,6 +58,7 @@ def test_forward_captures_equal_across_layouts(bundled_model, per_layer_model):
     assert np.abs(np.asarray(plain.logits) - np.asarray(outs[1].logits)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_knockout_scan_and_sweep_equal_across_layouts(bundled_model, per_layer_model, universal_corpus):
     samples, _ = causal_samples.prepare(bundled_model, universal_corpus)
     samples = samples[:2] + samples[-2:]
@@ -73,6 +75,7 @@ def test_knockout_scan_and_sweep_equal_across_layouts(bundled_model, per_layer_m
     np.testing.assert_allclose(s2["last"], s1["last"], atol=2e-5)
 
 
+@pytest.mark.slow
 def test_generation_equal_across_layouts(bundled_model, per_layer_model):
     prompts = [bundled_model.tokenizer.encode(p) for p in ("def square(x):\n", "fn main() {\n    let x =")]
     a = gen.generate(bundled_model.model, prompts, max_new_tokens=12, stop_ids=())

@@ -55,6 +55,7 @@ def test_scan_statistics_equal_scipy_on_the_per_sample_values(bundled_model, uni
     assert np.all((py > 0) & (py < 1))
 
 
+@pytest.mark.slow
 def test_layer_scan_binary_writes_plip_schema(tmp_path):
     out = tmp_path / "scan.json"
     proc = subprocess.run([sys.executable, "-m", "bin.layer_scan", "--device=cpu", f"--output={out}", "--plot"],
@@ -90,6 +91,7 @@ def test_layer_scan_binary_writes_plip_schema(tmp_path):
     assert {"load_s", "forward_s", "total_s"} <= set(prov["timings_s"])
 
 
+@pytest.mark.slow
 def test_plip_rope_mode_gives_a_different_scan(bundled_model, universal_corpus):
     from plip_jax.models.registry import load_model
 
@@ -100,6 +102,7 @@ def test_plip_rope_mode_gives_a_different_scan(bundled_model, universal_corpus):
     assert any(abs(a.python_mean - b.python_mean) > 1e-4 for a, b in zip(hf.results, plip.results))
 
 
+@pytest.mark.slow
 def test_batched_in_chunks_equals_all_at_once(bundled_model, universal_corpus):
     whole = run_layer_scan(bundled_model, universal_corpus)
     chunked = run_layer_scan(bundled_model, universal_corpus, batch_size=7)

@@ -93,6 +93,7 @@ def test_target_trajectory_equals_a_direct_lens_computation(model):
     assert t.chance_mass == pytest.approx(t.n_matching / model.cfg.vocab_size)
 
 
+@pytest.mark.slow
 def test_run_test_emergence_trajectories_and_saturation(model, tmp_path):
     rep = E.run_test_emergence(model, top_k=20)
     assert len(rep.prompts) == 8 == len(E.EMERGENCE_PROMPTS) and rep.match == "strict"
@@ -129,6 +130,7 @@ def _run_bin(name: str, *args: str, timeout: int = 240) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_bin_logit_lens(tmp_path):
     out = tmp_path / "lens.json"
     stdout = _run_bin("logit_lens", "--detailed", f"--output={out}", "--plot")
@@ -142,6 +144,7 @@ def test_bin_logit_lens(tmp_path):
     assert "provenance" in rep and rep["provenance"]["model"]["kind"] == "bundled"
 
 
+@pytest.mark.slow
 def test_bin_test_emergence(tmp_path):
     out = tmp_path / "em.json"
     stdout = _run_bin("test_emergence", "--top_k=50", f"--output={out}", "--plot")

@@ -299,6 +299,7 @@ def test_sequence_nll_hand_and_padding_invariance():
     assert np.isnan(float(M.sequence_nll(logits, tokens, 1)))
 
 
+@pytest.mark.slow
 def test_batched_padded_perplexity_and_kl_at_last_position():
     rng = np.random.default_rng(5)
     t, v = 10, 40

@@ -40,6 +40,7 @@ def test_models_implement_the_protocol_and_are_pytrees(loaded):
     np.testing.assert_allclose(model.logits(out.final_hidden[-1]), out.logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_same_layer_scan_code_on_every_family(loaded, universal_corpus):
     scan = run_layer_scan(loaded, universal_corpus, start_layer=0)
     assert [r.layer for r in scan.results] == list(range(loaded.cfg.num_layers))
@@ -48,6 +49,7 @@ def test_same_layer_scan_code_on_every_family(loaded, universal_corpus):
     assert (values > 0).any() and (values <= 1).all()
 
 
+@pytest.mark.slow
 def test_same_knockout_code_on_every_family(loaded, universal_corpus):
     """The family's marker knockout (attention edges / WKV state write) through the one causal runner:
     finite KLs, positive where the marker can matter, and an exact identity for the empty edit."""
@@ -72,6 +74,7 @@ def test_same_knockout_code_on_every_family(loaded, universal_corpus):
     np.testing.assert_allclose(out["last"][0], base["last"], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_same_generation_code_on_every_family(loaded):
     prompts = [loaded.tokenizer("def square(x):\n")["input_ids"], loaded.tokenizer("fn main() {")["input_ids"]]
     prompts = [list(p) for p in prompts]
@@ -95,6 +98,7 @@ def _dot_precisions(jaxpr) -> set:
     return out
 
 
+@pytest.mark.slow
 def test_float32_forwards_use_full_precision_matmuls(loaded):
     """On GPUs JAX's default f32 matmul is TF32; f32 models trace every matmul at HIGHEST (bf16 unchanged)."""
     toks = jnp.zeros((8,), jnp.int32)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -65,7 +67,6 @@ def _numbers(payload: dict) -> dict:
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ["bin.layer_scan"],
     ["bin.steering_experiment", "--scales=0.5,2", "--max_samples=8"],

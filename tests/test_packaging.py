@@ -17,6 +17,8 @@ import pytest
 from plip_jax.cli import launcher
 from plip_jax.util import resources
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -81,7 +83,6 @@ def _parent_site_dirs() -> list[str]:
     return [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
 
 
-@pytest.mark.slow
 def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     """Build the wheel (no build isolation, no network), install it with --no-deps into a fresh venv that sees
     this environment's dependencies through a .pth file (not its editable plip-jax: .pth files of those

@@ -24,6 +24,7 @@ def _separable(n=60, d=5, seed=0):
     return x, y
 
 
+@pytest.mark.slow
 def test_separates_linearly_separable_set():
     x, y = _separable()
     params, iters, gnorm = P.fit_logistic(jnp.asarray(x), jnp.asarray(y))
@@ -35,6 +36,7 @@ def test_separates_linearly_separable_set():
     assert res.split[0]["f1"] == 1.0 and res.split[0]["accuracy_ci"][1] == 1.0
 
 
+@pytest.mark.slow
 def test_shuffled_labels_of_random_set_near_chance():
     rng = np.random.default_rng(1)
     n = 200
@@ -76,6 +78,7 @@ def test_stratified_kfold_balanced_and_seeded():
     assert sorted(ys) == sorted(y) and not np.array_equal(ys, y)
 
 
+@pytest.mark.slow
 def test_grid_vmap_equals_single_fits():
     rng = np.random.default_rng(2)
     n, d, L = 40, 6, 3
@@ -115,6 +118,7 @@ def probe_result():
     return PE.run_probe_experiment(model, samples, k_folds=3)
 
 
+@pytest.mark.slow
 def test_probe_experiment_on_bundled_model(probe_result, tmp_path):
     from plip_jax.experiments import probe_experiment as PE
 
@@ -148,6 +152,7 @@ def test_probe_features_padding_invariant():
     np.testing.assert_allclose(mean2[:, 0], mean1[:, 0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bin_probe(tmp_path):
     out = tmp_path / "plip_results.json"
     proc = subprocess.run([sys.executable, "-m", "bin.probe", "--device=cpu", "--k_folds=3", "--plot",

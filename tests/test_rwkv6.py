@@ -94,6 +94,7 @@ def test_config_from_checkpoint(model, ckpt):
 
 
 # ------------------------------------------------------------------------------------- parity
+@pytest.mark.parity
 def test_logits_match_rwkv_package_every_position(model, ref_model, tokens, base):
     ref, st = ref_model.forward([int(t) for t in tokens], None, full_output=True)
     ref = ref.numpy()
@@ -109,6 +110,7 @@ def test_logits_match_rwkv_package_every_position(model, ref_model, tokens, base
     np.testing.assert_allclose(np.asarray(s.ffn_x), fx, atol=1e-5)
 
 
+@pytest.mark.parity
 def test_logits_match_rwkv_package_other_shapes(tmp_path):
     """head_size 32, 2 layers, small vocab, default LoRA widths (32 / 64), longer sequence."""
     pytest.importorskip("rwkv")
@@ -126,6 +128,7 @@ def test_logits_match_rwkv_package_other_shapes(tmp_path):
     assert np.abs(got - ref.numpy()).max() < 1e-4
 
 
+@pytest.mark.parity
 def test_one_token_steps_with_the_state_cache_match_package(model, ref_model, tokens, base):
     state = model.init_cache(T)
     ref_state = None
@@ -137,6 +140,7 @@ def test_one_token_steps_with_the_state_cache_match_package(model, ref_model, to
         np.testing.assert_allclose(np.asarray(lg), np.asarray(base.logits[t]), atol=1e-4)
 
 
+@pytest.mark.parity
 def test_greedy_generation_matches_package(model, ref_model, tokens):
     n_new = 12
     out = gen.generate(model, [tokens.tolist()], max_new_tokens=n_new, stop_ids=(0,))
@@ -154,6 +158,7 @@ def test_greedy_generation_matches_package(model, ref_model, tokens):
     assert len(set(ref_ids)) > 1  # not a degenerate constant continuation
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_with_key(model, tokens):
     hot = gen.SamplingParams(temperature=1.0)
     prompts = [tokens.tolist(), tokens[:7].tolist()]
@@ -168,6 +173,7 @@ def test_sampling_is_reproducible_with_key(model, tokens):
 
 
 # ---------------------------------------------------------------------- effective attention
+@pytest.mark.slow
 def test_effective_attention_properties(model, tokens, base):
     cfg = model.cfg
     out = run(model, tokens, capture=Capture(logits="all", attn_probs=True, resid_post="all"))
@@ -257,6 +263,7 @@ def test_state_edit_builders_validate():
     assert s.shape == (3, 10) and s.sum() == 30 + 4 and s[0, 1] == s[2, 4] == 2.0 and s[1, 1] == 1.0
 
 
+@pytest.mark.slow
 def test_state_edited_generation_equals_full_recomputation(model, tokens):
     """Decoding with the state cache under a state edit equals re-running the whole sequence each step with
     the same edit, and the edit changes the continuation (not a no-op)."""
@@ -271,6 +278,7 @@ def test_state_edited_generation_equals_full_recomputation(model, tokens):
 
 
 # --------------------------------------------------------------------------- padding and vmap
+@pytest.mark.slow
 def test_vmapped_padded_batch_equals_single(model, tokens):
     cfg = model.cfg
     lengths = np.array([T, 7], np.int32)
@@ -310,6 +318,7 @@ def test_bf16_compute_runs(ckpt, tokens, base):
 
 
 # ------------------------------------------------------------------------ loading / converter
+@pytest.mark.slow
 def test_sharded_bf16_and_hf_bin_loading(model, ckpt, tmp_path, tokens):
     import torch
     from safetensors.torch import load_file, save_file

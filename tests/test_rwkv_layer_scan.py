@@ -40,6 +40,7 @@ def _direct_metric(model, sample) -> np.ndarray:
     return np.mean([row[:, t] for t in targets], axis=0)
 
 
+@pytest.mark.slow
 def test_rwkv_metric_equals_full_effective_attention(rwkv_model, universal_corpus):
     assert rwkv_model.cfg.family == "rwkv6"
     usable, _ = tokenize_groups(rwkv_model.tokenizer, universal_corpus)
@@ -70,6 +71,7 @@ def test_run_layer_scan_on_rwkv(rwkv_model, universal_corpus):
     np.testing.assert_allclose(py[0], _direct_metric(rwkv_model, s0), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_layer_scan_binary_on_rwkv(rwkv_dir, tmp_path):
     out = tmp_path / "scan.json"
     proc = subprocess.run([sys.executable, "-m", "bin.layer_scan", "--device=cpu", f"--model={rwkv_dir}",

@@ -129,6 +129,7 @@ def test_run_edits_refuses_a_wrong_shape_and_reports_per_sample(model, samples):
 
 
 # ------------------------------------------------------------------------------------------ ablation
+@pytest.mark.slow
 def test_knockout_kl_positive_finite_and_equals_unbatched(model, samples, ablation_run):
     kls = np.array([r.kl_divergence for r in ablation_run.samples])
     assert kls.shape == (len(samples),) and np.all(np.isfinite(kls)) and np.all(kls > 0)
@@ -208,6 +209,7 @@ def test_paired_comparison_undefined_cases():
     assert "undefined" in verdict
 
 
+@pytest.mark.slow
 def test_scan_layers_equals_single_layer_runs(model, samples, ablation_run):
     scan = ablation.run_knockout_windows(model, samples, [(l, l) for l in range(LAYERS)], mode="scan_layers")
     assert scan.kl.shape == (len(samples), LAYERS)
@@ -228,6 +230,7 @@ def test_scan_layers_equals_single_layer_runs(model, samples, ablation_run):
     np.testing.assert_allclose(unchunked.kl, scan.kl, rtol=1e-2, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_window_knockout_and_an_undefined_welch(model, samples):
     assert radius_windows(1, 3, LAYERS) == [(1, 1), (0, 2), (0, 2), (0, 2)]
     assert sliding_windows(2, LAYERS) == [(0, 1), (1, 2)]
@@ -324,6 +327,7 @@ def test_truncated_completion_with_a_passing_doctest_is_strict_true_and_counted(
     assert "1 with a truncated tail" in a.summary_line()
 
 
+@pytest.mark.slow
 def test_execute_doctests_false_runs_nothing_and_gives_null_strict_verdicts(monkeypatch, model):
     from plip_jax.analysis import sandbox
 
@@ -355,6 +359,7 @@ def test_execute_doctests_false_runs_nothing_and_gives_null_strict_verdicts(monk
     assert "undefined: none of the 1 pairs was evaluated" in only_py.outcomes("strict").verdict
 
 
+@pytest.mark.slow
 def test_generation_baseline_equals_plain_and_seeded_sampling(model):
     p = generation.load_generate_prompts()[2]
     ids, m = generation.marker_token(model.tokenizer, p)
@@ -372,6 +377,7 @@ def test_generation_baseline_equals_plain_and_seeded_sampling(model):
         generation.run_state_steering_generate(model, layer=1, scale=float("inf"))
 
 
+@pytest.mark.slow
 def test_persistence_token_distances_pairing_and_reproducibility(model):
     prompts = [p for p in persistence.load_persistence_prompts() if p.language == "rust"]
     dists = []
@@ -428,6 +434,7 @@ def test_binary_refuses_transformer_model():
     assert "this experiment needs an RWKV-6 checkpoint" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_state_ablation_binary(rwkv_dir, tmp_path):
     out = tmp_path / "abl.json"
     proc = _run(["bin.state_ablation_experiment", f"--model={rwkv_dir}", f"--output={out}", "--include_baselines",
@@ -448,6 +455,7 @@ def test_state_ablation_binary(rwkv_dir, tmp_path):
     assert out2.with_suffix(".png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_state_steering_binary(rwkv_dir, tmp_path):
     out = tmp_path / "steer.json"
     proc = _run(["bin.state_steering_experiment", f"--model={rwkv_dir}", f"--output={out}", "--layer=1",
@@ -461,6 +469,7 @@ def test_state_steering_binary(rwkv_dir, tmp_path):
     _assert_reference_keys(got, "state_steering_rwkv6.json")
 
 
+@pytest.mark.slow
 def test_generation_binaries(rwkv_dir, tmp_path):
     out = tmp_path / "gen.json"
     proc = _run(["bin.state_steering_generate", f"--model={rwkv_dir}", f"--output={out}", "--layer=1",

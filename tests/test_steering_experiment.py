@@ -49,6 +49,7 @@ def test_monotonic_check_fails_on_a_curve_at_the_noise_floor():
     assert steering._sanity_checks(doses, resolved, kl, floor, "scale")[0]["monotonic_in_distance_from_identity"]
 
 
+@pytest.mark.slow
 def test_calibrate_predicts_what_the_sweep_achieves(calib, sweep):
     """The renormalised expectation equals the achieved attention to f32 rounding (PLIP's d x a was 22.29%
     against 12.18% achieved at dose 6)."""
@@ -62,6 +63,7 @@ def test_calibrate_predicts_what_the_sweep_achieves(calib, sweep):
         assert abs(d["expected_attention"] - d["mean_attention_achieved"]) <= steering.EXPECTED_ATOL
 
 
+@pytest.mark.slow
 def test_calibrate_scale_to_python_level_reaches_it(calib, sweep, bundled_model, universal_corpus):
     d = calib["scale_to_python_level"]
     assert d is not None and d > calib["scale_to_python_level_plip"]  # renormalisation needs a larger dose
@@ -98,6 +100,7 @@ def test_bad_doses_are_refused_before_any_work(doses, mode, match):
         steering.check_doses(doses, mode)
 
 
+@pytest.mark.slow
 def test_set_value_sweep_hits_its_targets_exactly(bundled_model, universal_corpus):
     res = steering.run_steering(bundled_model, universal_corpus, LAYER, doses=[0.05, 0.2], mode="set_value",
                                 max_samples=4)

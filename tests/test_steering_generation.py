@@ -55,6 +55,7 @@ def test_interventions_default_and_plip_compat(model, prompts):
     assert iv is None and "causally masked" in why
 
 
+@pytest.mark.slow
 def test_run_fields_and_baseline_equals_plain_generation(model, prompts):
     cfg = sg.SteeringGenerationConfig(max_tokens=MAX_TOKENS, scale=8.0)
     res = sg.run_steering_generation(model, prompts, cfg)
@@ -92,6 +93,7 @@ def test_fixed_prompts_are_plip_shaped():
         assert p.prompt.rfind("fn ") > p.prompt.find("#[test]")
 
 
+@pytest.mark.slow
 def test_binary_writes_a_reloadable_report(tmp_path):
     """bin.steering_generate end to end (per-layer layout forced, so the GPU default runs here too)."""
     import subprocess
@@ -111,6 +113,7 @@ def test_binary_writes_a_reloadable_report(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["inf", "nan", "-1"])
 def test_non_finite_or_negative_scale_is_refused_naming_the_flag(bad, tmp_path):
     """--scale=inf used to give NaN attention and empty completions reported as "lost 3"."""

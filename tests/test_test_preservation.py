@@ -161,6 +161,7 @@ def test_wrong_doctest_fails():
     assert not TP.python_has_passing_doctests(src, "add", timeout_s=10)
 
 
+@pytest.mark.slow
 def test_infinite_loop_times_out_without_hanging():
     src = 'def spin():\n    """\n    >>> spin()\n    """\n    while True:\n        pass\n'
     t0 = time.monotonic()

@@ -14,6 +14,8 @@ from plip_jax.models.registry import load_model
 from tests.hf_fixtures import FAMILIES, build_hf_model, hf_outputs, save_hf_model
 from tests.model_helpers import run, run_batch
 
+pytestmark = pytest.mark.parity
+
 LOGIT_TOL = 1e-4
 PROB_TOL = 1e-5
 

@@ -145,6 +145,7 @@ def test_tokenize_annotations():
             assert r["start"] <= c < r["end"]
 
 
+@pytest.mark.slow
 def test_bin_tokenize_code(tmp_path):
     out = tmp_path / "tok.json"
     stdout = _run_bin("tokenize_code", "--corpus", "--sample_id=rust_simple_add", f"--output={out}")
