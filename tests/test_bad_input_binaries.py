@@ -1,4 +1,4 @@
-"""The bad-input probe (shared/reviews/ux_and_bad_input_probe.md, Part B), row by row, on the binaries:
+"""The bad-input probe (the UX review's table of 61 bad inputs, Part B), row by row, on the binaries:
 every bad input ends with one `error:` line that names the thing and the fix, the exit status of its class
 (README "Exit statuses"), no traceback, and, where the check needs no weights, before the model loads.
 
