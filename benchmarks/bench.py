@@ -6,7 +6,7 @@ arithmetic and memory floors, compile times and peak memory; writes JSON (and op
     python -m benchmarks.bench --device=gpu --shapes=qwen2.5-coder-7b --markdown=benchmarks/RESULTS.md
     python -m benchmarks.bench --flagfile=benchmarks/presets/bench_h100_qwen7b.flags      # = plip bench_h100_qwen7b
 
-Shapes: tiny, qwen2.5-coder-3b, qwen2.5-coder-7b, starcoder2-3b, codegemma-7b, codellama-7b (configs/).
+Shapes: tiny, qwen2.5-coder-3b, qwen2.5-coder-7b, starcoder2-3b, codegemma-7b, codellama-7b, phi-3-mini-4k (configs/).
 Workloads: layer_scan, knockout_scan, steering_sweep, generation (see benchmarks/harness/workloads.py).
 A shape whose weights do not fit the device (or host RAM on CPU) is refused with a message.
 Presets (configs/, `plip --list`): bench_cpu_tiny, and bench_h100_<shape> for each shape on a GPU.
@@ -29,7 +29,7 @@ from absl import flags  # noqa: E402
 from plip_jax import cli  # noqa: E402
 
 flags.DEFINE_list("shapes", ["qwen2.5-coder-7b"], "Shapes to benchmark: tiny, qwen2.5-coder-3b, qwen2.5-coder-7b, "
-                  "starcoder2-3b, codegemma-7b, codellama-7b (or 'all' for the five real ones).")
+                  "starcoder2-3b, codegemma-7b, codellama-7b, phi-3-mini-4k (or 'all' for the six real ones).")
 flags.DEFINE_bool("tiny", False, "Smoke test: --shapes=tiny with small workload sizes (unless given explicitly).")
 flags.DEFINE_list("workloads", ["layer_scan", "knockout_scan", "steering_sweep", "generation"], "Workloads to run.")
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float16"], "Weights and activations dtype (both sides).")
@@ -55,7 +55,8 @@ flags.DEFINE_integer("knockout_batch", None, "Samples per knockout-scan call (de
 cli.define_layer_layout_flag()
 FLAGS = flags.FLAGS
 
-REAL_SHAPES = ("qwen2.5-coder-3b", "qwen2.5-coder-7b", "starcoder2-3b", "codegemma-7b", "codellama-7b")
+REAL_SHAPES = ("qwen2.5-coder-3b", "qwen2.5-coder-7b", "starcoder2-3b", "codegemma-7b", "codellama-7b",
+               "phi-3-mini-4k")
 
 
 def _sizes():

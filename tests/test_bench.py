@@ -104,7 +104,7 @@ def test_param_counts_match_the_public_models():
     counts = {n: shapes.sizes(shapes.model_config(n)).total_params / 1e9 for n in workloads_shapes()}
     assert abs(counts["qwen2.5-coder-7b"] - 7.62) < 0.01 and abs(counts["qwen2.5-coder-3b"] - 3.09) < 0.01
     assert abs(counts["codellama-7b"] - 6.74) < 0.01 and abs(counts["codegemma-7b"] - 8.54) < 0.01
-    assert abs(counts["starcoder2-3b"] - 3.03) < 0.01
+    assert abs(counts["starcoder2-3b"] - 3.03) < 0.01 and abs(counts["phi-3-mini-4k"] - 3.82) < 0.01
 
 
 def workloads_shapes():

@@ -25,6 +25,7 @@ SHAPE_FILES = {
     "starcoder2-3b": "starcoder2-3b.json",
     "codegemma-7b": "codegemma-7b.json",
     "codellama-7b": "codellama-7b.json",
+    "phi-3-mini-4k": "phi-3-mini-4k.json",
 }
 
 # A small qwen2-like config (GQA, biases on q/k/v, untied head): compiles and runs in seconds on CPU.
