@@ -247,7 +247,7 @@ def multi_sample(b: SectionBuilder, d: dict) -> None:
 
 @register("test_emergence", "test_emergence", "Test-token emergence (logit lens)",
           "For prompts that should continue with test syntax: the first layer whose top-k contains the target.")
-def test_emergence(b: SectionBuilder, d: dict) -> None:
+def emergence_section(b: SectionBuilder, d: dict) -> None:
     b.headline("found / prompts", ("summary", "n_found"), ("summary", "n_prompts"), sep=" / ")
     b.headline("mean first layer", ("summary", "mean_first_layer"))
     b.headline("top-k", ("top_k",))
