@@ -174,24 +174,28 @@ class GenerationPrompt:
     prompt: str
 
 
+def _prompt_records(path: Path, *, fields: str, allow_bare_list: bool = False) -> list:
+    """The validated records of a prompts file (`{prompts: [{id, prompt, ...}]}`): a non-empty list of dicts,
+    each with an 'id' (unique) and a string 'prompt'; else CorpusError naming the file, the entry and `fields`."""
+    raw = _load_json(path)
+    items = raw.get("prompts") if isinstance(raw, dict) else (raw if allow_bare_list else None)
+    if not isinstance(items, list) or not items:
+        raise CorpusError(f"{path}: expected a non-empty 'prompts' list of {{{fields}}}")
+    seen = set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "id" not in item:
+            raise CorpusError(f"{path}: prompts[{i}] needs {fields} (the prompt a string)")
+        if str(item["id"]) in seen:
+            raise CorpusError(f"{path}: prompt {str(item['id'])!r}: duplicate id; ids must be unique")
+        seen.add(str(item["id"]))
+    return items
+
+
 def load_generation_prompts(path: Optional[Path] = None) -> list[GenerationPrompt]:
     """The N=50 Rust completion prompts (`{prompts: [{id, category, prompt}]}`)."""
     path = Path(path) if path else default_corpus_path("generation_prompts_n50.json")
-    raw = _load_json(path)
-    items = raw.get("prompts") if isinstance(raw, dict) else raw
-    if not isinstance(items, list) or not items:
-        raise CorpusError(f"{path}: expected a non-empty 'prompts' list")
-    out, seen = [], set()
-    for i, item in enumerate(items):
-        try:
-            p = GenerationPrompt(str(item["id"]), str(item.get("category", "uncategorised")), item["prompt"])
-        except (KeyError, TypeError):
-            raise CorpusError(f"{path}: prompts[{i}] needs 'id' and 'prompt'") from None
-        if p.id in seen:
-            raise CorpusError(f"{path}: duplicate prompt id {p.id!r}")
-        seen.add(p.id)
-        out.append(p)
-    return out
+    return [GenerationPrompt(str(item["id"]), str(item.get("category", "uncategorised")), item["prompt"])
+            for item in _prompt_records(path, fields="'id' and 'prompt'", allow_bare_list=True)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,19 +342,10 @@ def load_state_prompts(path: Path, *, need_distance: bool = False) -> list[State
     corpus/state_steering_generate_prompts.json): unique ids, category python_doctest or rust_test, the
     category's marker in the prompt, and (need_distance) a distance close/medium/far; else CorpusError."""
     path = Path(path)
-    raw = _load_json(path)
-    items = raw.get("prompts") if isinstance(raw, dict) else None
-    if not isinstance(items, list) or not items:
-        raise CorpusError(f"{path}: expected a non-empty 'prompts' list of {{id, category, prompt}}")
-    out, seen = [], set()
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "id" not in item:
-            raise CorpusError(f"{path}: prompts[{i}] needs 'id', 'category' and 'prompt' (a string)")
+    out = []
+    for item in _prompt_records(path, fields="'id', 'category' and 'prompt'"):
         p = StatePrompt(str(item["id"]), str(item.get("category", "")), item["prompt"], str(item.get("distance", "")))
         where = f"{path}: prompt {p.id!r}"
-        if p.id in seen:
-            raise CorpusError(f"{where}: duplicate id; ids must be unique")
-        seen.add(p.id)
         if p.category not in STATE_PROMPT_CATEGORIES:
             raise CorpusError(f"{where}: category {p.category!r} must be one of {sorted(STATE_PROMPT_CATEGORIES)}")
         if p.marker not in p.prompt:
