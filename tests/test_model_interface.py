@@ -15,7 +15,7 @@ from plip_jax.analysis import generation as gen
 from plip_jax.analysis.metrics import kl_divergence
 from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture, Output
-from plip_jax.core.model import Model
+from plip_jax.core.model import ArchConfig, Model
 from plip_jax.data.batching import pad_batch
 from plip_jax.experiments import causal
 from plip_jax.experiments.families import rules_for
@@ -31,7 +31,7 @@ def loaded(request, bundled_model, tiny_rwkv_dir):
 
 def test_models_implement_the_protocol_and_are_pytrees(loaded):
     model = loaded.model
-    assert isinstance(model, Model) and loaded.cfg.family in ("transformer", "rwkv6")
+    assert isinstance(model, Model) and isinstance(loaded.cfg, ArchConfig) and loaded.cfg.family in ("transformer", "rwkv6")
     leaves = jax.tree_util.tree_leaves(model)
     assert leaves and all(isinstance(x, jax.Array) for x in leaves)
     toks = jnp.asarray(loaded.tokenizer("def add(a, b):\n    return a + b")["input_ids"], jnp.int32)

@@ -20,9 +20,6 @@ import jax
 from plip_jax.core.capture import Capture, Output
 from plip_jax.core.interventions import Interventions
 
-FAMILIES = ("transformer", "rwkv6")
-
-
 @runtime_checkable
 class ArchConfig(Protocol):
     """Static (hashable) config fields every family's config has."""

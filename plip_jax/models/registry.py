@@ -13,7 +13,8 @@ import numpy as np
 from plip_jax.core.errors import ConfigError, UnsupportedModelError
 from plip_jax.models import rwkv6_checkpoint
 from plip_jax.models.config import SUPPORTED_MODEL_TYPES, TRANSFORMER_MODEL_TYPES, config_from_hf, read_config_json
-from plip_jax.models.loading import load_tokenizer, load_transformer, parse_dtype
+from plip_jax.models import loading
+from plip_jax.models.loading import parse_dtype
 from plip_jax.models.rwkv6 import Rwkv6
 from plip_jax.models.rwkv_tokenizer import RwkvWorldTokenizer
 from plip_jax.models.sources import ModelSource, resolve_model, weight_files
@@ -23,6 +24,10 @@ def model_type_of(model: Optional[str]) -> str:
     """The `model_type` in the resolved model's config.json."""
     src = resolve_model(model)
     return str(read_config_json(src.path).get("model_type"))
+
+
+def _family(source: ModelSource, model: Optional[str]) -> str:
+    return family_of(str(read_config_json(source.path).get("model_type")), model)
 
 
 def family_of(model_type: str, model: Optional[str] = None) -> str:
@@ -79,7 +84,7 @@ class Family:
 
 
 FAMILIES = {
-    "transformer": Family(load=load_transformer, tokenizer=load_tokenizer),
+    "transformer": Family(load=loading.load_transformer, tokenizer=loading.load_tokenizer),
     "rwkv6": Family(load=_load_rwkv6, tokenizer=_rwkv_tokenizer),
 }
 
@@ -128,7 +133,7 @@ def load_model(model: Optional[str] = None, dtype: Any = "float32", mesh: Any = 
     they are read; layer_layout: "auto" | "stacked" | "per_layer" (`plip_jax.models.layers`); rope_mode: "hf" |
     "plip" (transformers only)."""
     source = resolve_model(model)
-    family = family_of(str(read_config_json(source.path).get("model_type")), model)
+    family = _family(source, model)
     net = FAMILIES[family].load(source, dtype, mesh, layer_layout, rope_mode)
     return LoadedModel(model=net, source=source, weight_files=weight_files(source.path), mesh=mesh)
 
@@ -136,5 +141,5 @@ def load_model(model: Optional[str] = None, dtype: Any = "float32", mesh: Any = 
 def load_tokenizer(model: Optional[str] = None) -> tuple[str, Any]:
     """(name, tokenizer) of `model` without reading any weight (for tools that only tokenise)."""
     source = resolve_model(model)
-    family = family_of(str(read_config_json(source.path).get("model_type")), model)
+    family = _family(source, model)
     return source.name, FAMILIES[family].tokenizer(source.path)

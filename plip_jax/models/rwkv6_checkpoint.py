@@ -10,10 +10,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from plip_jax.core.errors import ConfigError, MissingFileError, MissingTensorError
+from plip_jax.models.config import read_config_json
 from plip_jax.models.layers import make_layers
 from plip_jax.models.safetensors_io import WeightStore
 from plip_jax.models.sources import weight_files
@@ -95,6 +97,10 @@ class RwkvConfig:
         mt = d.get("model_type", MODEL_TYPE)
         if mt not in (MODEL_TYPE, "rwkv6_finch"):
             raise ConfigError(f"config model_type is {mt!r}, expected 'rwkv6'")
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k not in d]
+        if missing:
+            raise ConfigError(f"RWKV-6 config.json lacks {', '.join(missing)}; re-save it with "
+                              "bin/convert_rwkv_to_safetensors.py or copy it from the model's Hub page")
         kw: dict[str, Any] = dict(
             hidden_size=int(d["hidden_size"]),
             num_hidden_layers=int(d["num_hidden_layers"]),
@@ -189,12 +195,7 @@ def _open_checkpoint(model_dir_or_file: str) -> tuple[WeightStore, str]:
 
 def load_config(model_dir: str) -> RwkvConfig:
     """Reads `config.json` and derives the LoRA widths from the checkpoint's weight shapes."""
-    cfg_path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(cfg_path):
-        raise MissingFileError(f"{cfg_path} not found (RWKV-6 checkpoints need an HF config.json; "
-                                "bin/convert_rwkv_to_safetensors.py writes one)")
-    with open(cfg_path) as f:
-        d = json.load(f)
+    d = read_config_json(Path(model_dir))
     tensors, src = _open_checkpoint(model_dir)
     over = {}
     for key, field_name, axis, div in (("rwkv.blocks.0.attention.time_maa_w1", "time_mix_extra_dim", 1, 5),
@@ -234,8 +235,9 @@ def load_params(model_dir: str, cfg: RwkvConfig | None = None, dtype: Any = "flo
 
     D, V = cfg.hidden_size, cfg.vocab_size
 
-    def cast(a: np.ndarray, f32: bool = False) -> jnp.ndarray:
-        return jnp.asarray(a.astype(np.float32) if f32 else a, dtype=jnp.float32 if f32 else dtype)
+    def cast(a: np.ndarray, f32: bool = False) -> np.ndarray:
+        """On the host: the layout below splits host arrays into views, device arrays into copies."""
+        return a.astype(np.float32 if f32 else dtype, copy=False)
 
     params: Params = {
         "embeddings": cast(get("rwkv.embeddings.weight", (V, D))),
@@ -244,12 +246,9 @@ def load_params(model_dir: str, cfg: RwkvConfig | None = None, dtype: Any = "flo
         "ln_out": {"weight": cast(get("rwkv.ln_out.weight", (D,))),
                    "bias": cast(get("rwkv.ln_out.bias", (D,)))},
     }
-    if "head.weight" in tensors:
-        params["head"] = cast(get("head.weight", (V, D)))
-    elif cfg.tie_word_embeddings:
-        params["head"] = params["embeddings"]
-    else:
-        get("head.weight", (V, D))  # raises the missing-tensor error
+    tied = "head.weight" not in tensors and cfg.tie_word_embeddings
+    if not tied:
+        params["head"] = cast(get("head.weight", (V, D)))  # raises the missing-tensor error when absent
     blocks = {}
     for key, shape in block_shapes(cfg).items():
         f32 = key in F32_BLOCK_KEYS
@@ -260,6 +259,9 @@ def load_params(model_dir: str, cfg: RwkvConfig | None = None, dtype: Any = "flo
     if extra_layer in tensors:
         raise ConfigError(f"{src}: checkpoint has more layers than config.json's num_hidden_layers="
                          f"{cfg.num_hidden_layers}")
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    if tied:
+        params["head"] = params["embeddings"]  # one device buffer
     return params, cfg
 
 
