@@ -246,6 +246,21 @@ def test_structurally_zero_group_makes_its_test_undefined(stat_result, tmp_path)
     assert sa.plot_statistical_attention(r, tmp_path / "s.png").stat().st_size > 10_000
 
 
+def test_raw_test_is_welch_on_the_sample_values():
+    """Two constant groups with different means have no test (their float SDs are ~1e-17, not 0, so a test
+    from the group summaries reported t = -1e16, p = 4e-166); ordinary groups equal scipy's Welch."""
+    def groups(a, b):
+        rows = lambda xs: [{"mean_attention": x} for x in xs]
+        return {g: sa.group_summary(rows(xs)) for g, xs in (("a", a), ("b", b))}
+
+    t = sa._raw_test(groups([0.1] * 7, [0.3] * 10), "a", "b")
+    assert (t["p_value"], t["defined"]) == (None, False) and "constant" in t["note"]
+    a, b = [0.1, 0.4, 0.2, 0.35], [0.05, 0.02, 0.11, 0.07, 0.09]
+    t = sa._raw_test(groups(a, b), "a", "b")
+    ref = sps.ttest_ind(a, b, equal_var=False)
+    assert t["t"] == pytest.approx(ref.statistic, rel=1e-12) and t["p_value"] == pytest.approx(ref.pvalue, rel=1e-10)
+
+
 def stats_significant_anywhere(r) -> bool:
     """Is the undefined comparison reported significant in any form (raw, Holm, log-lift)?"""
     t, lf = r.tests["rust_test_vs_baseline"], r.lift_tests["rust_test_vs_baseline"]

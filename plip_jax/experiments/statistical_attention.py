@@ -105,12 +105,14 @@ def _zero_reason(groups: dict, names: Sequence[str]) -> Optional[str]:
 
 
 def _raw_test(groups: dict, a: str, b: str) -> dict:
-    """PLIP's Welch test from group summaries, or undefined when a group is structurally zero."""
+    """Welch's test of the samples' values a vs b, or undefined when a group is structurally zero. From the
+    values, not the rounded group SDs: a constant group's float SD is not exactly 0 (1.5e-17 for seven 0.1s),
+    which would turn the undefined both-constant case into t = 1e16."""
     reason = _zero_reason(groups, (a, b))
     if reason:
         return {"t": None, "df": None, "p_value": None, "defined": False, "note": reason}
-    ga, gb = groups[a], groups[b]
-    w = stats.welch_from_stats(ga["mean"], ga["std_dev"], ga["n"], gb["mean"], gb["std_dev"], gb["n"])
+    values = [[r["mean_attention"] for r in groups[g]["samples"]] for g in (a, b)]
+    w = stats.welch_t_test(*values)
     return {"t": w.t, "df": w.df, "p_value": w.p_value, "defined": w.defined, "note": w.note}
 
 
