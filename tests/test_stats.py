@@ -322,11 +322,14 @@ def test_paired_test_matches_scipy():
 
 
 def test_paired_test_degenerate():
+    # No test is undefined, never p = 1 ("no difference"): identical samples, or fewer than 2 pairs.
     r = S.paired_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
-    assert (r.t_p_value, r.wilcoxon_p_value, r.mean_diff) == (1.0, 1.0, 0.0)
-    assert "zero" in r.note
+    assert (r.t_p_value, r.wilcoxon_p_value, r.mean_diff, r.defined) == (None, None, 0.0, False)
+    assert "zero" in r.note or "is 0" in r.note
     r = S.paired_test([1.0], [0.0])
-    assert r.t_p_value == 1.0 and r.wilcoxon_p_value == 1.0
+    assert (r.t_p_value, r.wilcoxon_p_value, r.defined) == (None, None, False)
+    with pytest.raises(ValueError):
+        S.paired_test([1.0, float("nan")], [0.0, 1.0])
     r = S.paired_test([2.0, 3.0, 4.0, 5.0, 6.0, 7.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # constant diff
     assert r.t == math.inf and r.t_p_value == 0.0
     assert r.wilcoxon_p_value == pytest.approx(2 / 64)  # exact: all 6 ranks positive

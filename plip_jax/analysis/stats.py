@@ -426,33 +426,37 @@ def fisher_exact_2x2(table: Sequence[Sequence[int]], alternative: str = "two-sid
 
 @dataclasses.dataclass(frozen=True)
 class PairedResult:
-    """Paired t-test and Wilcoxon signed-rank test of x - y."""
+    """Paired t-test and Wilcoxon signed-rank test of x - y; statistics and p None when `defined` is False."""
 
     n: int
-    mean_diff: float
-    t: float
-    t_p_value: float
-    wilcoxon_statistic: float
-    wilcoxon_p_value: float
+    mean_diff: Optional[float]
+    t: Optional[float]
+    t_p_value: Optional[float]
+    wilcoxon_statistic: Optional[float]
+    wilcoxon_p_value: Optional[float]
+    defined: bool = True
     note: str = ""
 
 
 def paired_test(x: Sequence[float], y: Sequence[float]) -> PairedResult:
     """Paired t (scipy.stats.ttest_rel) and two-sided Wilcoxon signed-rank (scipy.stats.wilcoxon) on x - y.
 
-    Degenerate inputs never raise: all-zero differences -> p = 1 for both tests with a note; n < 2 -> p = 1.
+    Degenerate inputs give no test, never a p that reads "no difference": fewer than 2 pairs, or every
+    difference 0 -> undefined (p None, `defined` False, with a note). NaN/inf -> ValueError.
     """
     a = np.asarray(x, dtype=np.float64).ravel()
     b = np.asarray(y, dtype=np.float64).ravel()
     if a.shape != b.shape:
         raise ValueError(f"paired samples must have equal length: {a.size} vs {b.size}")
+    _check_finite(a, "paired sample x")
+    _check_finite(b, "paired sample y")
     n = int(a.size)
     d = a - b
-    mean_diff = float(d.mean()) if n else 0.0
+    mean_diff = float(d.mean()) if n else None
     if n < 2:
-        return PairedResult(n, mean_diff, 0.0, 1.0, 0.0, 1.0, "fewer than 2 pairs")
+        return PairedResult(n, mean_diff, None, None, None, None, False, f"{n} pair(s): a paired test needs >= 2")
     if np.all(d == 0):
-        return PairedResult(n, 0.0, 0.0, 1.0, 0.0, 1.0, "all differences are zero")
+        return PairedResult(n, 0.0, None, None, None, None, False, "every difference is 0: no test")
     notes = []
     if np.all(d == d[0]):
         # Constant non-zero difference: SE = 0, t infinite.
@@ -465,7 +469,7 @@ def paired_test(x: Sequence[float], y: Sequence[float]) -> PairedResult:
     if nz < n:
         notes.append(f"{n - nz} zero differences dropped by Wilcoxon (zero_method='wilcox')")
     w = sps.wilcoxon(d, zero_method="wilcox")
-    return PairedResult(n, mean_diff, t, tp, float(w.statistic), float(w.pvalue), "; ".join(notes))
+    return PairedResult(n, mean_diff, t, tp, float(w.statistic), float(w.pvalue), True, "; ".join(notes))
 
 
 # ---------------------------------------------------------------------------

@@ -70,15 +70,9 @@ def paired_block(kl_target: Sequence[float], kl_control: Sequence[float]) -> dic
     n = int(x.size)
     base = {"n": n, "mean_diff": float((x - y).mean()) if n else None,
             "median_diff": float(np.median(x - y)) if n else None}
-    if n < 2:
-        return base | {"t": None, "t_p_value": None, "wilcoxon_statistic": None, "wilcoxon_p_value": None,
-                       "defined": False, "note": f"{n} matched pair(s): a paired test needs >= 2"}
-    if np.all(x == y):
-        return base | {"t": None, "t_p_value": None, "wilcoxon_statistic": None, "wilcoxon_p_value": None,
-                       "defined": False, "note": "every difference is 0: no test"}
     pt = stats.paired_test(x, y)
     return base | {"t": pt.t, "t_p_value": pt.t_p_value, "wilcoxon_statistic": pt.wilcoxon_statistic,
-                   "wilcoxon_p_value": pt.wilcoxon_p_value, "defined": True, "note": pt.note}
+                   "wilcoxon_p_value": pt.wilcoxon_p_value, "defined": pt.defined, "note": pt.note}
 
 
 def verdict(language: str, paired: dict, p_holm: Optional[float], n_below_floor: int) -> str:

@@ -101,10 +101,6 @@ def paired_comparison(treatment: Sequence[float], control: Sequence[float]) -> P
     n = int(x.size)
     mt, mc = (float(x.mean()), float(y.mean())) if n else (None, None)
     md = None if not n else float((x - y).mean())
-    if n < 2:
-        return PairedComparison(n, mt, mc, md, None, None, None, None, False, f"{n} pair(s): a test needs >= 2")
-    if np.all(x == y):
-        return PairedComparison(n, mt, mc, md, None, None, None, None, False,
-                                "every difference is 0: no test (treatment and control identical)")
     r = stats.paired_test(x, y)
-    return PairedComparison(n, mt, mc, md, r.t, r.t_p_value, r.wilcoxon_statistic, r.wilcoxon_p_value, True, r.note)
+    return PairedComparison(n, mt, mc, md, r.t, r.t_p_value, r.wilcoxon_statistic, r.wilcoxon_p_value, r.defined,
+                            r.note)
