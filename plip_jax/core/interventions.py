@@ -276,14 +276,11 @@ def edge_matrix(n_positions: int, edges: Sequence[tuple[int, int]], length: int,
 
 
 def check_knockout_rows(edges: np.ndarray, length: int, context: str = "", windows: Sequence = (None,)) -> None:
-    """Refuse a knockout that would leave some query row with no visible key (its softmax would be NaN)."""
+    """Refuse a knockout that would leave some query row with no visible key (its softmax would be NaN).
+    windows: the sliding windows (None = full attention) of the layers the knockout applies to."""
     n = edges.shape[0]
-    q = np.arange(n)[:, None]
-    k = np.arange(n)[None, :]
     for window in set(windows):
-        visible = (k <= q) & (k < length) & (q < length)
-        if window:
-            visible &= (q - k) < window
+        visible = _visible(n, length, window, None)
         left = (visible & ~edges).sum(-1)
         empty = np.where((visible.sum(-1) > 0) & (left == 0))[0]
         if empty.size:
@@ -297,16 +294,18 @@ def check_knockout_rows(edges: np.ndarray, length: int, context: str = "", windo
 
 def knockout(n_positions: int, edges: Sequence[tuple[int, int]], *, length: int, n_layers: int, n_heads: int,
              layers: Optional[Iterable[int]] = None, heads: Optional[Iterable[int]] = None,
-             context: str = "", windows: Sequence = (None,)) -> AttentionKnockout:
-    """Pre-softmax knockout of `edges` (query, key) in `layers` x `heads` (None = all)."""
+             context: str = "", layer_windows: Optional[Sequence] = None) -> AttentionKnockout:
+    """Pre-softmax knockout of `edges` (query, key) in `layers` x `heads` (None = all). Given the model's
+    per-layer sliding windows (`layer_windows`, e.g. cfg.layer_windows; None = full attention everywhere), a
+    knockout that would empty a row of a knocked layer is refused."""
     m = edge_matrix(n_positions, edges, length, context)
-    check_knockout_rows(m, length, context, windows)
+    check_knockout_rows(m, length, context, _steered_layer_windows(n_layers, layers, layer_windows))
     return AttentionKnockout(edges=jnp.asarray(m), layers=jnp.asarray(layer_mask(n_layers, layers)),
                              heads=jnp.asarray(head_mask(n_heads, heads)))
 
 
 def _steered_layer_windows(n_layers: int, layers, layer_windows) -> list:
-    """Distinct sliding windows (None = full) of the steered layers; [None] when unknown."""
+    """Distinct sliding windows (None = full) of the intervened layers; [None] when unknown."""
     if layer_windows is None:
         return [None]
     if len(layer_windows) != n_layers:

@@ -19,7 +19,7 @@ def _attention_marker_knockout(cfg, n_positions: int, marker: int, targets: Sequ
     edges = [(marker, t) for t in sorted(set(int(t) for t in targets)) if t <= marker]
     return ivs.Interventions(knockout=ivs.knockout(n_positions, edges, length=length, n_layers=cfg.num_layers,
                                                    n_heads=cfg.num_heads, layers=layers,
-                                                   windows=cfg.layer_windows))
+                                                   layer_windows=cfg.layer_windows))
 
 
 def _state_marker_knockout(cfg, n_positions: int, marker: int, targets: Sequence[int], length: int,

@@ -52,7 +52,7 @@ def knockout_ivs(model: Any, samples: Sequence[KnockoutSample], batch: Batch, la
         edges = edges_of(s) if edges_of else s.edges
         iv = ivs.Interventions(knockout=ivs.knockout(  # a no-op entry keeps the layer/head masks, no edge
             t, edges or s.edges, length=int(n), n_layers=cfg.num_layers, n_heads=cfg.num_heads, layers=layers,
-            heads=heads, context=f"sample {s.id}", windows=cfg.layer_windows))
+            heads=heads, context=f"sample {s.id}", layer_windows=cfg.layer_windows))
         items.append(iv if edges else empty_like_interventions(iv))
     return ivs.stack(items)
 
