@@ -204,3 +204,16 @@ def test_check_finite_logits_lists_every_bad_sequence():
     gen.check_finite_logits(np.array([-1, -1]))  # nothing non-finite: no error
     with pytest.raises(gen.GenerationError, match=r"sequence 0 at step 0; sequence 2 at step 4"):
         gen.check_finite_logits(np.array([0, -1, 4]))
+
+
+def test_on_step_reports_every_progress_interval_and_changes_nothing(tiny):
+    """on_step runs on the host every PROGRESS_EVERY decode steps (not each step) with the tokens done and the
+    sequences still running; the tokens equal a run without it."""
+    _, cfg, model = tiny
+    prompts = _prompts(cfg, lengths=(5, 9))
+    n_new = 2 * gen.PROGRESS_EVERY + 3
+    calls = []
+    seen = gen.generate(model, prompts, max_new_tokens=n_new, on_step=lambda step, active: calls.append((step, active)))
+    plain = gen.generate(model, prompts, max_new_tokens=n_new)
+    assert calls == [(gen.PROGRESS_EVERY, 2), (2 * gen.PROGRESS_EVERY, 2)]
+    np.testing.assert_array_equal(seen.tokens, plain.tokens)

@@ -311,6 +311,7 @@ def sample_token(logits: jnp.ndarray, key, temperature, top_p, greedy: bool) -> 
 # --------------------------------------------------------------------------- the jitted generation
 
 
+PROGRESS_EVERY = 16  # decode steps between two on_step calls (each one is a device -> host round trip)
 _STEP_CALLBACKS: dict[int, Callable[[int, int], None]] = {}  # call id -> on_step of a running `generate`
 _CALL_IDS = itertools.count(1)
 
@@ -375,8 +376,9 @@ def _generate_jit(model, tokens, lengths, stop_ids, key, sample_ids, temperature
         done, n, out, stop = record(done, n, out, tok)
         stopped = stopped | (stop & ~was_done)
         last_tok = jnp.where(was_done, last_tok, tok)
-        if progress:
-            jax.debug.callback(_report_step, call_id, i + 1, jnp.sum(~done))
+        if progress:  # a host round trip every PROGRESS_EVERY steps, not every step
+            jax.lax.cond((i + 1) % PROGRESS_EVERY == 0,
+                         lambda: jax.debug.callback(_report_step, call_id, i + 1, jnp.sum(~done)), lambda: None)
         return i + 1, cache, last_tok, done, n, out, stopped, bad_step
 
     state = (jnp.int32(1), cache, tok, done, n, out, stopped, bad_step)
@@ -413,8 +415,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     key / sample_ids: PRNG key (default PRNGKey(0)) and per-sequence stream ids (default 0..B-1) for
     sampling; give two sequences the same id to make them draw the same random numbers.
     stop_ids: token ids that end a sequence (not included in its output).
-    on_step: called on the host as on_step(tokens_done, sequences_still_running) after each decode step
-    (progress display; compiled as a `jax.debug.callback`).
+    on_step: called on the host as on_step(tokens_done, sequences_still_running) every PROGRESS_EVERY decode
+    steps (progress display; compiled as a `jax.debug.callback`, so None compiles no host call at all).
     ids: names of the sequences for error messages (default "sequence b").
     Returns a GenerationResult (host numpy arrays). Non-finite logits of a running sequence raise
     GenerationError naming it and the step (`check_finite_logits`).

@@ -210,9 +210,10 @@ def run_steering_generation(model: Any, prompts: Sequence[GenerationPrompt], cfg
         prompt_ids = [prepared[i].ids for i in part]
         label = f"prompts {start + 1}-{part[-1] + 1}/{n}"
 
-        def hook(step, active, label=label):
-            if on_progress:
-                on_progress(f"{label}: token {step}/{cfg.max_tokens}, {active} sequences running")
+        def report(step, active, label=label):
+            on_progress(f"{label}: token {step}/{cfg.max_tokens}, {active} sequences running")
+
+        hook = report if on_progress else None  # no host callback in the decode loop unless it is shown
 
         if all_noop:
             res = gen.generate(model.model, prompt_ids, max_new_tokens=cfg.max_tokens, sampling=sampling,
