@@ -217,3 +217,17 @@ def test_on_step_reports_every_progress_interval_and_changes_nothing(tiny):
     plain = gen.generate(model, prompts, max_new_tokens=n_new)
     assert calls == [(gen.PROGRESS_EVERY, 2), (2 * gen.PROGRESS_EVERY, 2)]
     np.testing.assert_array_equal(seen.tokens, plain.tokens)
+
+
+def test_wider_prompt_width_and_cache_give_the_same_tokens(tiny):
+    """prompt_width / cache_size (shared static shapes for prompts generated one call at a time) pad further
+    and change nothing; a width below the prompts' own or above the cache is refused."""
+    _, cfg, model = tiny
+    prompts = _prompts(cfg, lengths=(5, 9))
+    plain = gen.generate(model, prompts, max_new_tokens=MAX_NEW)
+    wide = gen.generate(model, prompts, max_new_tokens=MAX_NEW, prompt_width=48, cache_size=64)
+    np.testing.assert_array_equal(wide.tokens, plain.tokens)
+    assert plain.cache_size < 64 == wide.cache_size
+    for width in (8, 80):
+        with pytest.raises(gen.GenerationError, match="prompt_width"):
+            gen.generate(model, prompts, max_new_tokens=MAX_NEW, prompt_width=width, cache_size=64)

@@ -39,7 +39,7 @@ import numpy as np
 from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
 from plip_jax.core.errors import GenerationError
-from plip_jax.data.batching import bucket_length
+from plip_jax.data.batching import bucket_length, pad_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,7 +404,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), key: Optional[jax.Array] = None,
              sample_ids: Optional[Sequence[int]] = None, stop_ids: Sequence[int] = (),
              interventions: Optional[ivs.Interventions] = None, batched_interventions: bool = False,
-             cache_size: Optional[int] = None, pad_id: int = 0, ids: Optional[Sequence[str]] = None,
+             cache_size: Optional[int] = None, prompt_width: Optional[int] = None, pad_id: int = 0,
+             ids: Optional[Sequence[str]] = None,
              on_step: Optional[Callable[[int, int], None]] = None) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after each prompt (token id lists of any lengths), batched,
     with any `Model` (a transformer's KV cache or RWKV-6's recurrent state carries the context).
@@ -418,23 +419,26 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     on_step: called on the host as on_step(tokens_done, sequences_still_running) every PROGRESS_EVERY decode
     steps (progress display; compiled as a `jax.debug.callback`, so None compiles no host call at all).
     ids: names of the sequences for error messages (default "sequence b").
+    cache_size / prompt_width: the KV-cache size and the padded prompt width (static shapes: each new pair
+    compiles once). Callers that generate prompts of different lengths one call at a time pass the values
+    for all of them (`cache_size_for`, `bucket_length` of the longest) to compile once.
     Returns a GenerationResult (host numpy arrays). Non-finite logits of a running sequence raise
     GenerationError naming it and the step (`check_finite_logits`).
     """
     cfg = model.cfg
     if not len(prompts):
         raise GenerationError("no prompts to generate from")
-    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    tokens, lengths = pad_batch(prompts, pad_id)
     size = cache_size_for(lengths, max_new_tokens, cfg, ids=ids)
     if cache_size is not None:
         if cache_size < size:
             raise GenerationError(f"cache_size={cache_size} is too small: these prompts need {size} positions")
         size = int(cache_size)
-    width = bucket_length(int(lengths.max()), 16)
-    width = min(width, size)
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
+    if prompt_width is not None:
+        if not tokens.shape[1] <= prompt_width <= size:
+            raise GenerationError(f"prompt_width={prompt_width} must lie between the padded prompts' width "
+                                  f"{tokens.shape[1]} and the cache size {size}")
+        tokens = np.pad(tokens, ((0, 0), (0, int(prompt_width) - tokens.shape[1])), constant_values=pad_id)
     if tokens.max() >= cfg.vocab_size or tokens.min() < 0:
         raise GenerationError(f"token ids must lie in 0..{cfg.vocab_size - 1} (model vocabulary)")
     iv = fit_interventions(interventions, size)

@@ -22,6 +22,7 @@ from plip_jax.analysis import generation as gen
 from plip_jax.analysis import test_preservation as tp
 from plip_jax.core import interventions as ivs
 from plip_jax.core.errors import ConfigError, CorpusError
+from plip_jax.data.batching import bucket_length
 from plip_jax.data.corpus import StatePrompt, default_corpus_path, load_state_prompts
 from plip_jax.data.positions import char_to_token_exact, encode_with_offsets
 from plip_jax.experiments import preservation
@@ -52,20 +53,29 @@ def marker_token(tokenizer: Any, prompt: StatePrompt) -> tuple[list[int], int]:
     return ids, int(tok)
 
 
+def shared_shapes(model: Any, id_lists: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[int, int]:
+    """(cache_size, prompt_width) that fit every prompt of a run, so that generating them one prompt at a
+    time compiles one program (per batch size and sampling mode), not one per prompt length."""
+    lengths = [len(ids) for ids in id_lists]
+    return gen.cache_size_for(lengths, int(max_new_tokens), model.cfg), bucket_length(max(lengths))
+
+
 def generate_runs(model: Any, prompt_ids: Sequence[int], marker: int, layer: int, scales: Sequence[float],
                   max_new_tokens: int, temperature: float, key: jax.Array, sample_ids: Sequence[int],
-                  names: Optional[Sequence[str]] = None) -> np.ndarray:
+                  names: Optional[Sequence[str]] = None, shapes: Optional[tuple[int, int]] = None) -> np.ndarray:
     """Generate once per (scale, sample id) pair in one batched call: scales f32[R] -> tokens int32[R, max_new].
 
     The marker's state write at `layer` is scaled during the prompt prefill; decoding then carries the
     steered state. Runs with the same sample id draw the same random numbers (common random numbers for
     baseline vs steered). No stop token (as PLIP), so every run has max_new_tokens tokens. names: run
-    names for error messages (non-finite logits name the run and step)."""
+    names for error messages (non-finite logits name the run and step). shapes: `shared_shapes` of the run's
+    prompts (default: this prompt's own)."""
     L, T = model.cfg.num_layers, len(prompt_ids)
     edits = ivs.stack([ivs.Interventions(state=ivs.state_steering(L, T, [marker], [layer], float(s))) for s in scales])
     res = gen.generate(model.model, [list(prompt_ids)] * len(scales), max_new_tokens=int(max_new_tokens),
                        sampling=gen.SamplingParams(temperature=float(temperature)), key=key,
                        sample_ids=list(sample_ids), interventions=edits, batched_interventions=True,
+                       cache_size=shapes[0] if shapes else None, prompt_width=shapes[1] if shapes else None,
                        ids=list(names) if names is not None else [f"scale {s}" for s in scales])
     return res.tokens
 
@@ -179,11 +189,13 @@ def run_state_steering_generate(model: Any, *, layer: int = 2, scale: float = 3.
     assessor = preservation.Assessor(execute=execute_doctests)
     samples = []
     t0 = time.perf_counter()
-    for pi, p in enumerate(prompts):
-        ids, m = marker_token(tok, p)
+    tokenized = [marker_token(tok, p) for p in prompts]
+    shapes = shared_shapes(model, [ids for ids, _ in tokenized], max_tokens)
+    for pi, (p, (ids, m)) in enumerate(zip(prompts, tokenized)):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), pi)
         out = generate_runs(model, ids, m, layer, [1.0, scale], max_tokens, temperature, key, [0, 0],
-                            names=[f"prompt {p.id} (baseline)", f"prompt {p.id} (steered, scale {scale})"])
+                            names=[f"prompt {p.id} (baseline)", f"prompt {p.id} (steered, scale {scale})"],
+                            shapes=shapes)
         texts = [decode_run(tok, g) for g in out]
         samples.append(score_pair(assessor, p, m, len(ids), texts[0], texts[1], len(out[0]), len(out[1]),
                                   bool(np.array_equal(out[0], out[1]))))

@@ -21,7 +21,8 @@ from plip_jax.core import interventions as ivs
 from plip_jax.core.errors import ConfigError
 from plip_jax.data.corpus import STATE_PROMPT_DISTANCES, StatePrompt, default_corpus_path, load_state_prompts
 from plip_jax.experiments import preservation
-from plip_jax.experiments.rwkv_state.generation import check_scale, decode_run, generate_runs, marker_token
+from plip_jax.experiments.rwkv_state.generation import (check_scale, decode_run, generate_runs, marker_token,
+                                                        shared_shapes)
 
 PERSISTENCE_SCALES = (1.0, 3.0, 5.0, 9.0)
 PERSISTENCE_TEMPERATURES = (0.0, 0.6)
@@ -156,10 +157,10 @@ def run_state_steering_persistence(model: Any, *, layer: int = 2, max_tokens: in
     conditions = []
     t0 = time.perf_counter()
     base_key = jax.random.PRNGKey(seed)
-    for pi, p in enumerate(prompts):
-        if rust_only and p.language != "rust":
-            continue
-        ids, m = marker_token(tok, p)
+    prompts = [p for p in prompts if not rust_only or p.language == "rust"]
+    tokenized = [marker_token(tok, p) for p in prompts]
+    shapes = shared_shapes(model, [ids for ids, _ in tokenized], max_tokens) if prompts else None
+    for pi, (p, (ids, m)) in enumerate(zip(prompts, tokenized)):
         dist = len(ids) - (m + 1)
         for ti, temp in enumerate(temperatures):
             n_runs = 1 if temp == 0.0 else int(n_samples)
@@ -167,7 +168,7 @@ def run_state_steering_persistence(model: Any, *, layer: int = 2, max_tokens: in
             run_ids = [r for _ in scales for r in range(n_runs)]  # run r of every scale shares its random stream
             key = jax.random.fold_in(jax.random.fold_in(base_key, pi), ti)
             names = [f"prompt {p.id} T={temp:g} scale {s:g} run {r}" for s, r in zip(run_scales, run_ids)]
-            out = generate_runs(model, ids, m, layer, run_scales, max_tokens, temp, key, run_ids, names)
+            out = generate_runs(model, ids, m, layer, run_scales, max_tokens, temp, key, run_ids, names, shapes)
             for si, s in enumerate(scales):
                 texts = tuple(decode_run(tok, out[si * n_runs + r]) for r in range(n_runs))
                 verdicts = tuple(assessor(p.language, p.prompt, t) for t in texts)
