@@ -339,7 +339,16 @@ def effects_f64(ref_last, other_last, ref_nll, other_nll) -> dict:
     (`metrics.kl_divergence_f64`: never clamped, 0 only for identical distributions), top-1 agreement,
     logit difference of the reference's top-1 token (ref - other), the change of that token's log-probability
     (other - ref, nats), change of mean next-token NLL (other - ref, nats/token). Inputs [..., V] and [...]
-    (the reference broadcasts); outputs [...]."""
+    (the reference broadcasts); outputs [...]. Computed one leading index at a time: the float64 temporaries
+    are ~10x the logits of a [B, V] slice, not of the whole [P, B, V] sweep (GBs at a 152k vocabulary)."""
+    other_last = np.asarray(other_last)
+    if other_last.ndim > 2:
+        ref_last = np.broadcast_to(np.asarray(ref_last), other_last.shape)
+        nll_shape = other_last.shape[:-1]
+        ref_nll = np.broadcast_to(np.asarray(ref_nll), nll_shape)
+        other_nll = np.broadcast_to(np.asarray(other_nll), nll_shape)
+        parts = [effects_f64(ref_last[i], other_last[i], ref_nll[i], other_nll[i]) for i in range(len(other_last))]
+        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
     o = np.asarray(other_last, np.float64)
     r = np.broadcast_to(np.asarray(ref_last, np.float64), o.shape)
     top = np.argmax(r, axis=-1)
