@@ -48,17 +48,17 @@ def _timed(fn, repeats):
 
 @jax.jit
 def _forward_backward(model, tokens, length):
-    """The top-1 log-probability's gradient with respect to the residual stream (a plain forward + backward)."""
+    """The top-1 log-probability's gradient with respect to the residual stream: one plain forward + backward
+    (the top-1 token read inside the differentiated forward, as the gradient map does)."""
     cfg = model.cfg
     t = tokens.shape[0]
     zero = jnp.zeros((cfg.num_layers, t, cfg.hidden_size), jnp.float32)
-    top1 = jnp.argmax(model(tokens, length=length, capture=Capture(logits="last")).logits)
 
     def value(add):
         iv = ivs.Interventions(residual=ivs.ResidualEdit(where=jnp.ones((cfg.num_layers, t), bool),
                                                          keep=jnp.float32(1.0), add=add))
-        return jax.nn.log_softmax(model(tokens, length=length, interventions=iv,
-                                        capture=Capture(logits="last")).logits)[top1]
+        logits = model(tokens, length=length, interventions=iv, capture=Capture(logits="last")).logits
+        return jax.nn.log_softmax(logits)[jnp.argmax(jax.lax.stop_gradient(logits))]
 
     return jax.value_and_grad(value)(zero)
 

@@ -57,35 +57,33 @@ def _check_transformer(cfg) -> None:
 
 
 @jax.jit
-def _gradient_one(model, tokens, length):
-    """(baseline top-1 log-prob, its token, d logp / d shift [L, H, T, T]) for one sequence: every edge of every
-    head and layer gets its gradient (callers sum it over the edges they knock out)."""
+def _gradient_one(model, tokens, length, edges):
+    """(baseline top-1 log-prob, its token, -sum over `edges` [T, T] of d logp / d shift per (layer, head) [L, H])
+    for one sequence: one forward and one backward. The top-1 token is read inside the differentiated forward
+    (its argmax carries no gradient); the [L, H, T, T] gradient is reduced over the edges on the device."""
     cfg = model.cfg
     t = tokens.shape[0]
     zero = jnp.zeros((cfg.num_layers, cfg.num_heads, t, t), jnp.float32)
-    base = model(tokens, length=length, capture=Capture(logits="last")).logits
-    top1 = jnp.argmax(base)
 
     def top1_logprob(shift):
         iv = ivs.Interventions(logit_shift=ivs.AttentionLogitShift(shift=shift))
         logits = model(tokens, length=length, interventions=iv, capture=Capture(logits="last")).logits
-        return jax.nn.log_softmax(logits)[top1]
+        top1 = jnp.argmax(jax.lax.stop_gradient(logits))
+        return jax.nn.log_softmax(logits)[top1], top1
 
-    value, grad = jax.value_and_grad(top1_logprob)(zero)
-    return value, top1, grad
+    (value, top1), grad = jax.value_and_grad(top1_logprob, has_aux=True)(zero)
+    return value, top1, -jnp.sum(jnp.where(edges, grad, 0.0), axis=(-1, -2))
 
 
 def gradient_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.ndarray) -> dict:
     """First-order estimate of each cell's change of the baseline top-1 log-probability when its target edges are
     knocked out. tokens int [B, T], lengths [B], edges bool [B, T, T]. Returns {"estimate": f64 [B, L, H]
-    (= -sum over the cell's edges of d logp / d shift), "edge_gradient": f64 [B, L, H, T, T], "top1": int [B],
-    "top1_logprob": f64 [B]}."""
+    (= -sum over the cell's edges of d logp / d shift), "top1": int [B], "top1_logprob": f64 [B]}."""
     _check_transformer(model.cfg)
-    outs = [_gradient_one(model, jnp.asarray(tokens[b]), jnp.int32(lengths[b])) for b in range(tokens.shape[0])]
-    grad = np.stack([np.asarray(o[2], np.float64) for o in outs])  # [B, L, H, T, T]
-    est = -(grad * edges[:, None, None, :, :]).sum(axis=(-1, -2))
-    return {"estimate": est, "edge_gradient": grad, "top1": np.asarray([int(o[1]) for o in outs]),
-            "top1_logprob": np.asarray([float(o[0]) for o in outs])}
+    outs = [_gradient_one(model, jnp.asarray(tokens[b]), jnp.int32(lengths[b]), jnp.asarray(edges[b]))
+            for b in range(tokens.shape[0])]
+    return {"estimate": np.stack([np.asarray(o[2], np.float64) for o in outs]),
+            "top1": np.asarray([int(o[1]) for o in outs]), "top1_logprob": np.asarray([float(o[0]) for o in outs])}
 
 
 def continuous_knockout_logprob(model, tokens, length, edges, layer: int, head: int, alpha: float) -> float:
