@@ -477,12 +477,13 @@ def paired_test(x: Sequence[float], y: Sequence[float]) -> PairedResult:
 # ---------------------------------------------------------------------------
 
 
-def cohens_d(a: Sequence[float], b: Sequence[float]) -> float:
-    """(mean(a) - mean(b)) / sqrt((s1² + s2²)/2) with sample SDs (ddof=1), as multi_sample_attention; 0 if pooled SD is 0."""
+def cohens_d(a: Sequence[float], b: Sequence[float], ddof: int = 1) -> float:
+    """(mean(a) - mean(b)) / sqrt((s1² + s2²)/2); s1, s2 sample SDs (ddof=1) or, with ddof=0, population SDs
+    (PLIP's multi_sample_attention); 0 if the pooled SD is 0."""
     x = np.asarray(a, dtype=np.float64).ravel()
     y = np.asarray(b, dtype=np.float64).ravel()
-    s1 = x.std(ddof=1) if x.size > 1 else 0.0
-    s2 = y.std(ddof=1) if y.size > 1 else 0.0
+    s1 = x.std(ddof=ddof) if x.size > ddof else 0.0
+    s2 = y.std(ddof=ddof) if y.size > ddof else 0.0
     pooled = float(np.sqrt((s1 * s1 + s2 * s2) / 2.0))
     return float((x.mean() - y.mean()) / pooled) if pooled > 0 else 0.0
 

@@ -252,8 +252,3 @@ def check_family(found: str, family: str) -> None:
 
 
 OUTPUT_DIR = Path("outputs")  # default folder of every result (relative to the working directory)
-
-
-def default_output(prefix: str, slug: str, suffix: str = ".json") -> Path:
-    """outputs/<prefix>_<slug><suffix>, the default result path."""
-    return OUTPUT_DIR / f"{prefix}_{slug}{suffix}"

@@ -112,7 +112,7 @@ def run_multi_sample_attention(model: Any, layer: Optional[int] = None,
                         "log_lifts": [float(np.log(v)) for v in lifts]}
     py, rs = groups["python"], groups["rust"]
     pooled = float(np.sqrt((py["std_dev_population"] ** 2 + rs["std_dev_population"] ** 2) / 2.0))
-    d = (py["mean"] - rs["mean"]) / pooled if pooled > 0 else 0.0
+    d = stats.cohens_d(py["values"], rs["values"], ddof=0) if py["n"] and rs["n"] else 0.0
     w = stats.welch_t_test(py["values"], rs["values"])
     lw = stats.welch_t_test(py["log_lifts"], rs["log_lifts"])
     perm = stats.permutation_test_mean_diff(py["log_lifts"], rs["log_lifts"], n_resamples=n_resamples, seed=seed)

@@ -165,21 +165,3 @@ def plot_calibration(result: dict, path: Path) -> Path:
     a2.legend(fontsize=7)
     fig.suptitle(f"{result['model']}: steering calibration at layer {result['layer']}", fontsize=9)
     return save_figure(fig, path)
-
-
-def plot_group_values(result: dict, path: Path, ylabel: str = "attention (%)") -> Path:
-    """Per-sample values of the "python" and "rust" groups (fractions, shown in %) with mean ± 1 SD."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    for x, (lang, color) in enumerate((("python", "tab:blue"), ("rust", "tab:orange"))):
-        vals = 100 * np.asarray(result[lang]["values"], float)
-        ax.scatter(np.full(vals.shape, x) + np.linspace(-0.08, 0.08, len(vals)), vals, color=color, zorder=3)
-        if len(vals):
-            ax.errorbar([x + 0.25], [vals.mean()], yerr=[vals.std()], fmt="s", color="k", capsize=4)
-    ax.set_xticks([0, 1])
-    ax.set_xticklabels(["Python doctest", "Rust #[test]"])
-    ax.set_ylabel(ylabel)
-    d = result.get("cohens_d")
-    extra = f" (Cohen's d = {d:.2f})" if d is not None and np.isfinite(d) else ""
-    ax.set_title(f"{result['model']}, layer {result['layer']}{extra}", fontsize=9)
-    return save_figure(fig, path)
