@@ -168,3 +168,24 @@ def test_legacy_corpus_unknown_groups(tmp_path):
     with pytest.raises(CorpusError, match=r"unknown group\(s\) 'go_test'"):
         load_legacy_corpus(p)
     assert len(load_legacy_corpus(p, allow_unknown_groups=True)) == 30
+
+
+@pytest.mark.parametrize("family", ["phi3", "starcoder2"])
+def test_config_shape_mismatches_cover_every_stored_tensor(family):
+    """inspect_model's config-vs-weights check names a wrong shape in any tensor the loader reads, including
+    Phi-3's fused qkv_proj / gate_up_proj and StarCoder2's final norm bias (the HF model's own state dict is
+    the reference for what is stored)."""
+    import torch
+
+    from plip_jax.models.loading import config_shape_mismatches
+    from tests.hf_fixtures import build_hf_model
+
+    hf = build_hf_model(family)
+    cfg = config_from_hf(hf.config.to_dict())
+    shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert config_shape_mismatches(cfg, shapes) == []
+    for name in {"phi3": ("model.layers.1.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"),
+                 "starcoder2": ("model.norm.bias", "model.layers.0.self_attn.q_proj.bias")}[family]:
+        bad = dict(shapes, **{name: (3,) + shapes[name][1:]})
+        (line,) = config_shape_mismatches(cfg, bad)
+        assert repr(name) in line and "config.json implies" in line

@@ -69,6 +69,13 @@ def _layer_names(cfg: ModelConfig) -> dict[str, str]:
     return names
 
 
+def _fused_layer_names(cfg: ModelConfig) -> dict[str, str]:
+    """Phi-3's fused per-layer tensors (split into q/k/v and gate/up on loading): leaf -> HF name pattern."""
+    if cfg.model_type != "phi3":
+        return {}
+    return {"qkv_w": "model.layers.{i}.self_attn.qkv_proj.weight", "gate_up_w": "model.layers.{i}.mlp.gate_up_proj.weight"}
+
+
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     d, h, kv, hd, i = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
     return {"attn_norm.scale": (d,), "attn_norm.bias": (d,), "mlp_norm.scale": (d,), "mlp_norm.bias": (d,),
@@ -82,9 +89,11 @@ def config_shape_mismatches(cfg: ModelConfig, shapes: dict) -> list[str]:
     """Tensors whose stored shape (`shapes`: name -> shape, e.g. from the safetensors headers) differs from
     what config.json implies, as readable lines (tensors absent from `shapes` are not checked here)."""
     expected = _expected_shapes(cfg)
-    want = {pattern.format(i=i): expected[leaf] for leaf, pattern in _layer_names(cfg).items()
-            for i in range(cfg.num_layers)}
+    per_layer = _layer_names(cfg) | _fused_layer_names(cfg)
+    want = {pattern.format(i=i): expected[leaf] for leaf, pattern in per_layer.items() for i in range(cfg.num_layers)}
     want.update({"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)})
+    if cfg.norm_bias:
+        want["model.norm.bias"] = (cfg.hidden_size,)
     if not cfg.tie_embeddings:
         want["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
     return [f"tensor {name!r} has shape {list(shapes[name])} but config.json implies {list(shape)}"
@@ -126,11 +135,12 @@ def load_params(store: WeightStore, cfg: ModelConfig, dtype: Any = jnp.float32, 
     layers: dict = {}
     for leaf, pattern in _layer_names(cfg).items():
         _set(layers, leaf, stack(pattern, expected[leaf]))
-    if cfg.model_type == "phi3":
-        qkv = stack("model.layers.{i}.self_attn.qkv_proj.weight", expected["qkv_w"])
+    fused = _fused_layer_names(cfg)
+    if fused:
+        qkv = stack(fused["qkv_w"], expected["qkv_w"])
         hq, hk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         layers["q_w"], layers["k_w"], layers["v_w"] = qkv[:, :hq], qkv[:, hq:hq + hk], qkv[:, hq + hk:]
-        gu = stack("model.layers.{i}.mlp.gate_up_proj.weight", expected["gate_up_w"])
+        gu = stack(fused["gate_up_w"], expected["gate_up_w"])
         layers["gate_w"], layers["up_w"] = gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:]
 
     d = cfg.hidden_size
