@@ -24,7 +24,7 @@ from plip_jax.analysis import nulls, stats, steering_math
 from plip_jax.core import interventions as ivs
 from plip_jax.data.corpus import UniversalCorpus
 from plip_jax.experiments import causal, causal_stats
-from plip_jax.experiments.attention_metric import make_metric_batch, marker_target_attention
+from plip_jax.experiments.attention_metric import marker_target_attention, positional_null
 from plip_jax.experiments.causal_samples import KnockoutSample, distributor, make_batch, prepare
 from plip_jax.models import sharding
 
@@ -114,16 +114,9 @@ def _baseline_rows(model, samples: Sequence[KnockoutSample], layer: int):
     return batch, rows[:, layer], edge_counts(samples, batch.tokens.shape[1])
 
 
-def _null_args(model, samples: Sequence[KnockoutSample]):
-    """(markers [B, 1], target_counts [B, T], lengths [B]) of PLIP's metric for `uniform_null_batch`."""
-    pad_id = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
-    b = make_metric_batch([s.tokenized for s in samples], model.cfg.max_position_embeddings, pad_id=pad_id)
-    return b.markers, b.target_counts, b.lengths
-
-
 def _lift_block(model, samples: Sequence[KnockoutSample], layer: int, values: np.ndarray) -> dict:
     """The positional null of PLIP's metric (uniform attention over the keys the marker sees) and the lift."""
-    null = nulls.uniform_null_batch(*_null_args(model, samples), model.cfg.layer_windows)[:, layer]
+    null = positional_null(model, [s.tokenized for s in samples])[:, layer]
     log_lift = nulls.log_lift(values, null)
     ok = ~np.isnan(log_lift)
     return {"null": null, "log_lift": log_lift, "mean_null": float(np.nanmean(null)),
@@ -171,7 +164,7 @@ def calibrate(model: Any, corpus: UniversalCorpus, layer: int, doses: Sequence[f
     out["scale_to_python_level"] = dose_for_metric(out["python_baseline"], rows, counts)
     out["scale_to_python_level_plip"] = out["ratio"]  # PLIP's ratio: ignores renormalisation
     py_lift = out["python_geo_mean_lift"]
-    rs_null = float(np.mean(nulls.uniform_null_batch(*_null_args(model, steered), model.cfg.layer_windows)[:, layer]))
+    rs_null = float(np.mean(groups["rust"][2]["null"][:len(steered)]))  # the steered samples' null
     out["scale_to_python_lift"] = (dose_for_metric(py_lift * rs_null, rows, counts) if py_lift is not None else None)
     out["dose_table"] = [{"scale": d, "expected_attention": float(expected_metric(d, rows, counts).mean()),
                           "expected_attention_plip": d * out["steered_baseline_attention"]} for d in doses]
