@@ -28,15 +28,21 @@ def lens_logits(model: Any, resid: jnp.ndarray) -> jnp.ndarray:
     return model.logits(model.final_norm(resid))
 
 
-@functools.partial(jax.jit, static_argnames=("top_k",))
-def _lens_batch(model, tokens, lengths, top_k: int):
+def lens_outputs(model, tokens, lengths, top_k: int) -> tuple[dict, jnp.ndarray]:
+    """One batched forward (traced; callers jit): the per-layer lens top-k and the model's own top-k at each
+    sequence's last token, and the lens log-probabilities logp [B, L, V] (f32) for further reductions."""
     out = jax.vmap(lambda t, n: model(t, length=n, capture=Capture(logits="last", resid_post="last")))(tokens, lengths)
     logp = jax.nn.log_softmax(lens_logits(model, out.resid_post), axis=-1)  # [B, L, V]
     top_lp, top_ids = jax.lax.top_k(logp, top_k)  # [B, L, k]
     final_lp = jax.nn.log_softmax(out.logits, axis=-1)  # [B, V]
     final_top_lp, final_top_ids = jax.lax.top_k(final_lp, top_k)
     return {"top_logprobs": top_lp, "top_ids": top_ids, "final_logits": out.logits,
-            "final_top_logprobs": final_top_lp, "final_top_ids": final_top_ids}
+            "final_top_logprobs": final_top_lp, "final_top_ids": final_top_ids}, logp
+
+
+@functools.partial(jax.jit, static_argnames=("top_k",))
+def _lens_batch(model, tokens, lengths, top_k: int):
+    return lens_outputs(model, tokens, lengths, top_k)[0]
 
 
 @dataclasses.dataclass
@@ -104,10 +110,18 @@ def run_logit_lens(model: Any, texts: Sequence[str], top_k: int = 5, pad_multipl
 
     model: a `LoadedModel`. Returns one `LensResult` per text (top_k per layer, probabilities in [0, 1]).
     """
+    check_top_k(model, top_k)
+    tokens, lengths = encode_texts(model, texts, pad_multiple)
+    return lens_results(model, texts, lengths, _lens_batch(model.model, jnp.asarray(tokens), jnp.asarray(lengths), top_k))
+
+
+def check_top_k(model: Any, top_k: int) -> None:
     if top_k < 1 or top_k > model.cfg.vocab_size:
         raise ValueError(f"top_k={top_k} must be in [1, vocab_size={model.cfg.vocab_size}]")
-    tokens, lengths = encode_texts(model, texts, pad_multiple)
-    out = _lens_batch(model.model, jnp.asarray(tokens), jnp.asarray(lengths), top_k)
+
+
+def lens_results(model: Any, texts: Sequence[str], lengths: np.ndarray, out: dict) -> list[LensResult]:
+    """One `LensResult` per text from the outputs of `lens_outputs` (on the host)."""
     top_ids = np.asarray(out["top_ids"])
     top_probs = np.exp(np.asarray(out["top_logprobs"], dtype=np.float64))
     final = np.asarray(out["final_logits"])

@@ -18,7 +18,7 @@ import numpy as np
 from plip_jax.analysis import lens
 from plip_jax.experiments import lift_tables as lt
 from plip_jax.experiments.attention_rows import token_label
-from plip_jax.experiments.lens_targets import TargetTrajectory, target_trajectories
+from plip_jax.experiments.lens_targets import TargetTrajectory, lens_with_targets
 from plip_jax.experiments.plots import pyplot, save_figure
 
 DEFAULT_LENS_CODE = "fn add(a: i32, b: i32) -> i32 { a + b }\n"
@@ -102,9 +102,8 @@ def logit_lens_experiment(model: Any, code: str = DEFAULT_LENS_CODE, top_k: int 
                           patterns: Sequence[str] = lens.PLIP_LENS_PATTERNS) -> LogitLensResult:
     """PLIP `logit_lens`: per-layer top-k at the last token of `code`, the first layer whose top-k contains
     each pattern (PLIP's rule and strict), and each pattern's rank trajectory with its chance level."""
-    res = lens.run_logit_lens(model, [code], top_k=top_k)[0]
+    (res,), (trajs,) = lens_with_targets(model, [code], [list(patterns)], "strict", top_k=top_k)
     rep = lens.lens_report(res, top_k, patterns, detailed=True)
-    trajs = target_trajectories(model, [code] * len(patterns), list(patterns), "strict")
     return LogitLensResult(model.name, rep, {p: first_within(t, top_k) for p, t in zip(patterns, trajs)},
                            dict(zip(patterns, trajs)))
 
@@ -206,8 +205,9 @@ def run_test_emergence(model: Any, top_k: int = 100, prompts: Sequence[Emergence
         raise ValueError(f"--top_k must be >= 1 (got {top_k})")
     n = model.cfg.num_layers
     texts = [p.prompt for p in prompts]
-    results = lens.run_logit_lens(model, texts, top_k=max(final_k, checkpoint_k))
-    trajs = target_trajectories(model, texts, [p.target for p in prompts], match)
+    results, per_text = lens_with_targets(model, texts, [[p.target] for p in prompts], match,
+                                          top_k=max(final_k, checkpoint_k))
+    trajs = [row[0] for row in per_text]
     rows = []
     for p, res, t in zip(prompts, results, trajs):
         first = first_within(t, top_k)

@@ -20,6 +20,7 @@ and the set has expected mass M / V (1 / V for M = 1).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -27,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from plip_jax.analysis import lens
-from plip_jax.core.capture import Capture
 
 MATCH_RULES = ("strict", "plip")
 
@@ -66,18 +66,23 @@ def target_mask(texts: Sequence[str], target: str, rule: str = "strict") -> np.n
     return np.asarray([matches(t, target, rule) for t in texts], bool)
 
 
-@jax.jit
-def _trajectories(model, tokens, lengths, masks):
-    """Per prompt and layer: (rank, best id, best prob, mass) of the masked tokens in the lens distribution."""
-    out = jax.vmap(lambda t, n: model(t, length=n, capture=Capture(logits="none", resid_post="last")))(tokens, lengths)
-    logp = jax.nn.log_softmax(lens.lens_logits(model, out.resid_post), axis=-1)  # [B, L, V]
-    m = masks[:, None, :]
-    masked = jnp.where(m, logp, -jnp.inf)
-    best_id = jnp.argmax(masked, axis=-1)  # [B, L]
+def _masked_stats(logp, masks):
+    """logp [B, L, V], masks bool [B, P, V] (P targets per prompt) -> (rank, best id, best prob, mass), each
+    [B, P, L]: the best matching token of each target per layer, and the matching tokens' total mass."""
+    lp = logp[:, None]  # [B, 1, L, V]
+    m = masks[:, :, None, :]  # [B, P, 1, V]
+    masked = jnp.where(m, lp, -jnp.inf)
     best = jnp.max(masked, axis=-1)
-    rank = 1 + jnp.sum(logp > best[..., None], axis=-1)
-    mass = jnp.sum(jnp.where(m, jnp.exp(logp), 0.0), axis=-1)
-    return rank, best_id, jnp.exp(best), mass
+    rank = 1 + jnp.sum(lp > best[..., None], axis=-1)
+    mass = jnp.sum(jnp.where(m, jnp.exp(lp), 0.0), axis=-1)
+    return rank, jnp.argmax(masked, axis=-1), jnp.exp(best), mass
+
+
+@functools.partial(jax.jit, static_argnames=("top_k",))
+def _lens_and_targets(model, tokens, lengths, masks, top_k: int):
+    """The lens top-k (`lens.lens_outputs`) and the targets' trajectories from the same single forward."""
+    out, logp = lens.lens_outputs(model, tokens, lengths, top_k)
+    return out, _masked_stats(logp, masks)
 
 
 @dataclasses.dataclass
@@ -110,27 +115,41 @@ class TargetTrajectory:
                 "token_id": self.token_id}
 
 
-def target_trajectories(model: Any, texts: Sequence[str], targets: Sequence[str], rule: str = "strict",
-                        pad_multiple: int = 16) -> list[TargetTrajectory]:
-    """Trajectory of targets[i] at the last token of texts[i], all prompts in one padded batched forward.
-    A target no vocabulary token matches gets n_matching = 0 and rank / prob None (with M = 0 it is absent)."""
-    if len(texts) != len(targets) or not texts:
-        raise ValueError(f"need one target per text (got {len(texts)} texts, {len(targets)} targets)")
+def lens_with_targets(model: Any, texts: Sequence[str], targets: Sequence[Sequence[str]], rule: str = "strict",
+                      top_k: int = 5, pad_multiple: int = 16) -> tuple[list, list[list[TargetTrajectory]]]:
+    """The logit lens of each text's last token (`lens.LensResult`, top_k per layer) and the trajectory of each
+    of its targets (targets[i]: the targets of texts[i], the same number for every text), all from ONE padded
+    batched forward. A target no vocabulary token matches gets n_matching = 0 and rank / prob None."""
+    if len(texts) != len(targets) or not texts or len({len(t) for t in targets}) != 1 or not targets[0]:
+        raise ValueError(f"need the same non-zero number of targets for each text (got {len(texts)} texts, "
+                         f"{[len(t) for t in targets]} targets)")
     if rule not in MATCH_RULES:
         raise ValueError(f"unknown match rule {rule!r}; choose one of {MATCH_RULES}")
+    lens.check_top_k(model, top_k)
     v = int(model.cfg.vocab_size)
     vocab = vocab_texts(model.tokenizer, v)
-    masks = np.stack([target_mask(vocab, t, rule) for t in targets])
+    masks = np.stack([np.stack([target_mask(vocab, t, rule) for t in ts]) for ts in targets])  # [B, P, V]
     tokens, lengths = lens.encode_texts(model, texts, pad_multiple)
-    rank, best_id, prob, mass = (np.asarray(x) for x in _trajectories(model.model, jnp.asarray(tokens),
-                                                                       jnp.asarray(lengths), jnp.asarray(masks)))
-    out = []
-    for b, target in enumerate(targets):
-        m = int(masks[b].sum())
-        ok = m > 0
-        out.append(TargetTrajectory(
-            target=target, rule=rule, n_matching=m, vocab_size=v,
-            rank=[int(x) if ok else None for x in rank[b]], prob=[float(x) if ok else None for x in prob[b]],
-            mass=[float(x) for x in mass[b]], token=[vocab[int(i)] if ok else None for i in best_id[b]],
-            token_id=[int(i) if ok else None for i in best_id[b]]))
-    return out
+    out, stats = _lens_and_targets(model.model, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(masks), top_k)
+    rank, best_id, prob, mass = (np.asarray(x) for x in stats)
+    trajectories = []
+    for b, ts in enumerate(targets):
+        row = []
+        for j, target in enumerate(ts):
+            m = int(masks[b, j].sum())
+            ok = m > 0
+            row.append(TargetTrajectory(
+                target=target, rule=rule, n_matching=m, vocab_size=v,
+                rank=[int(x) if ok else None for x in rank[b, j]], prob=[float(x) if ok else None for x in prob[b, j]],
+                mass=[float(x) for x in mass[b, j]], token=[vocab[int(i)] if ok else None for i in best_id[b, j]],
+                token_id=[int(i) if ok else None for i in best_id[b, j]]))
+        trajectories.append(row)
+    return lens.lens_results(model, texts, lengths, out), trajectories
+
+
+def target_trajectories(model: Any, texts: Sequence[str], targets: Sequence[str], rule: str = "strict",
+                        pad_multiple: int = 16) -> list[TargetTrajectory]:
+    """Trajectory of targets[i] at the last token of texts[i], all prompts in one padded batched forward."""
+    if len(texts) != len(targets) or not texts:
+        raise ValueError(f"need one target per text (got {len(texts)} texts, {len(targets)} targets)")
+    return [row[0] for row in lens_with_targets(model, texts, [[t] for t in targets], rule, 1, pad_multiple)[1]]
