@@ -158,8 +158,7 @@ def unseen_targets_batch(markers, target_counts, window=None) -> list[list[int]]
 
 
 def _welch_json(w: stats.WelchResult, holm: Optional[float], bh: Optional[float]) -> dict:
-    return {"t": w.t, "df": w.df, "p_value": w.p_value, "p_holm": holm, "q_bh": bh, "defined": w.defined,
-            "note": w.note}
+    return w.to_json() | {"p_holm": holm, "q_bh": bh}
 
 
 def lift_tests_by_layer(observed, null, in_a, layers: Optional[Sequence[int]] = None, *,

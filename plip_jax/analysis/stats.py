@@ -36,6 +36,10 @@ class WelchResult:
     defined: bool = True
     note: str = ""
 
+    def to_json(self) -> dict:
+        """{t, df, p_value, defined, note} (the JSON field names every tool uses)."""
+        return dataclasses.asdict(self)
+
 
 def _check_finite(x: np.ndarray, name: str) -> None:
     bad = ~np.isfinite(x)

@@ -264,7 +264,7 @@ def _cell_stats(kl: Optional[np.ndarray], dlp: Optional[np.ndarray], grad: Optio
             w = stats.welch_t_test(a, b)
             p = stats.permutation_test_mean_diff(a, b, seed=seed)
             cell["test_on"] = "exact KL" if kl is not None else "gradient estimate"
-            cell["welch"] = {"t": w.t, "df": w.df, "p_value": w.p_value, "note": w.note}
+            cell["welch"] = w.to_json()
             cell["permutation"] = {"statistic": p.statistic, "p_value": p.p_value, "method": p.method}
             if kl is not None and floor is not None:
                 cell["resolved"] = bool(kl[:, l, h].mean() > 3 * np.max(floor))

@@ -113,7 +113,7 @@ def _raw_test(groups: dict, a: str, b: str) -> dict:
         return {"t": None, "df": None, "p_value": None, "defined": False, "note": reason}
     values = [[r["mean_attention"] for r in groups[g]["samples"]] for g in (a, b)]
     w = stats.welch_t_test(*values)
-    return {"t": w.t, "df": w.df, "p_value": w.p_value, "defined": w.defined, "note": w.note}
+    return w.to_json()
 
 
 def _log_lifts(group: dict) -> np.ndarray:
@@ -130,8 +130,7 @@ def _lift_test(groups: dict, a: str, b: str, n_resamples: int, seed: int) -> dic
     extra = f"{dropped} sample(s) with an undefined lift (null 0 or value 0) dropped" if dropped else ""
     return {"n_a": int(la.size), "n_b": int(lb.size), "n_dropped": int(dropped),
             "mean_log_lift_diff": float(la.mean() - lb.mean()) if la.size and lb.size else None,
-            "welch": {"t": w.t, "df": w.df, "p_value": w.p_value, "defined": w.defined,
-                      "note": reason or "; ".join(x for x in (w.note, extra) if x)},
+            "welch": w.to_json() | {"note": reason or "; ".join(x for x in (w.note, extra) if x)},
             "permutation": {"mean_diff": perm.statistic, "p_value": perm.p_value, "method": perm.method,
                             "n_resamples": perm.n_resamples, "defined": perm.defined,
                             "note": reason or "; ".join(x for x in (perm.note, extra) if x)}}

@@ -150,7 +150,7 @@ def calibrate(model: Any, corpus: UniversalCorpus, layer: int, doses: Sequence[f
                                        for x, v in zip(s, lift["log_lift"])}
     py_ll, rs_ll = (groups[k][2]["log_lift"] for k in ("python", "rust"))
     w = stats.welch_t_test(py_ll[~np.isnan(py_ll)], rs_ll[~np.isnan(rs_ll)])
-    out["log_lift_welch"] = {"t": w.t, "df": w.df, "p_value": w.p_value, "defined": w.defined, "note": w.note}
+    out["log_lift_welch"] = w.to_json()
     rs = out["rust_baseline"]
     out["ratio"] = out["python_baseline"] / rs if rs > 0 else None
     out["recommended_target_attention"] = out["python_baseline"]
