@@ -31,19 +31,24 @@ def expected_scaled_attention(d, a, A) -> np.ndarray:
     return d * a / (1.0 + (d - 1.0) * A)
 
 
-def expected_scaled_marker_metric(d, row_probs, target_counts) -> np.ndarray:
-    """The head-mean marker -> targets metric after Scale(d) on every head: float64 [...].
+def expected_scaled_marker_metric(d, row_probs, target_counts, heads_mask=None) -> np.ndarray:
+    """The head-mean marker -> targets metric after Scale(d) on the steered heads (`heads_mask` bool [H],
+    default every head; the others keep dose 1): float64 [...].
 
     row_probs [..., H, T]: the marker row of each head at the steered layer (each sums to 1);
     target_counts [..., T]: multiplicity of each key as a target (as MetricBatch.target_counts); the
-    steered keys are those with a count > 0. Per head, a_h = Σ c_t p_ht / Σ c_t and A_h = Σ_{c_t>0} p_ht;
-    result mean_h d·a_h / (1 + (d − 1)·A_h) (not the formula applied to head means: it is nonlinear).
+    steered keys are those with a count > 0. Per head, a_h = Σ c_t p_ht / Σ c_t and A_h = Σ_{c_t>0} p_ht
+    (clamped to 1 against rounding); result mean_h d_h·a_h / (1 + (d_h − 1)·A_h) (not the formula applied to
+    head means: it is nonlinear).
     """
     p = np.asarray(row_probs, dtype=np.float64)
     c = np.asarray(target_counts, dtype=np.float64)[..., None, :]  # [..., 1, T]
     a_h = (p * c).sum(-1) / c.sum(-1)
-    A_h = np.where(c > 0, p, 0.0).sum(-1)
-    return expected_scaled_attention(np.asarray(d, np.float64)[..., None], a_h, A_h).mean(-1)
+    A_h = np.minimum(np.where(c > 0, p, 0.0).sum(-1), 1.0)
+    d = np.asarray(d, np.float64)[..., None]
+    if heads_mask is not None:
+        d = np.where(np.asarray(heads_mask, bool), d, 1.0)
+    return expected_scaled_attention(d, a_h, A_h).mean(-1)
 
 
 __all__ = ["expected_scaled_attention", "expected_scaled_marker_metric"]

@@ -82,13 +82,7 @@ def steered_metric(rows, counts) -> np.ndarray:
 def expected_metric(dose: float, rows, counts, heads_mask=None) -> np.ndarray:
     """[B]: the head-mean metric after Scale(dose) on the steered heads (exact per head, then the mean;
     `steering_math`). rows [B, H, T] baseline marker rows at the steered layer, counts [B, T]."""
-    p = np.asarray(rows, np.float64)
-    h = np.ones(p.shape[-2], bool) if heads_mask is None else np.asarray(heads_mask, bool)
-    c = np.asarray(counts, np.float64)[:, None, :]
-    a_h = (p * c).sum(-1) / c.sum(-1)
-    big_a = np.where(c > 0, p, 0.0).sum(-1)
-    d = np.where(h[None, :], float(dose), 1.0)
-    return steering_math.expected_scaled_attention(d, a_h, np.minimum(big_a, 1.0)).mean(-1)
+    return steering_math.expected_scaled_marker_metric(float(dose), rows, counts, heads_mask)
 
 
 def dose_for_metric(target: float, rows, counts, heads_mask=None, hi: float = 1e6) -> Optional[float]:
