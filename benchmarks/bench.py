@@ -20,13 +20,13 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from absl import flags  # noqa: E402
 
 from plip_jax import cli  # noqa: E402
+from plip_jax.util import io as plip_io  # noqa: E402
 
 flags.DEFINE_list("shapes", ["qwen2.5-coder-7b"], "Shapes to benchmark: tiny, qwen2.5-coder-3b, qwen2.5-coder-7b, "
                   "starcoder2-3b, codegemma-7b, codellama-7b, phi-3-mini-4k (or 'all' for the six real ones).")
@@ -81,10 +81,11 @@ def main(argv):
         names = list(REAL_SHAPES)
     unknown = [n for n in names if n not in shapes.SHAPE_NAMES]
     if unknown:
-        raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(shapes.SHAPE_NAMES)}")
+        raise cli.FlagError(f"--shapes: unknown shape(s) {', '.join(unknown)}; known: {', '.join(shapes.SHAPE_NAMES)}")
     bad = [w for w in FLAGS.workloads if w not in ("layer_scan", "knockout_scan", "steering_sweep", "generation")]
     if bad:
-        raise SystemExit(f"unknown workload(s) {', '.join(bad)}; known: layer_scan, knockout_scan, steering_sweep, generation")
+        raise cli.FlagError(f"--workloads: unknown workload(s) {', '.join(bad)}; known: layer_scan, knockout_scan, "
+                            "steering_sweep, generation")
     if FLAGS.torch_threads:
         import torch
 
@@ -93,10 +94,10 @@ def main(argv):
     opts = runner.Options(shapes=names, workloads=list(FLAGS.workloads), dtype=FLAGS.dtype, repeats=repeats,
                           sizes=_sizes(), with_torch=FLAGS.torch, seed=FLAGS.seed, layer_layout=FLAGS.layer_layout)
     out = Path(FLAGS.output) if FLAGS.output else Path("outputs") / f"bench_{platform}_{FLAGS.dtype}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    cli.check_output_path(out)
 
-    def save(partial):  # after each workload, so a run cut short keeps what it measured
-        out.write_text(json.dumps(partial, indent=1, default=float))
+    def save(partial):  # after each workload, atomically, so a run cut short keeps what it measured
+        plip_io.write_json(out, partial)
 
     result = runner.run(opts, log=lambda s: print(s, file=sys.stderr, flush=True), on_record=save)
     print(runner.text_table(result))
@@ -104,11 +105,10 @@ def main(argv):
     print(f"Wrote {out}")
     if FLAGS.markdown:
         md = Path(FLAGS.markdown)
-        md.parent.mkdir(parents=True, exist_ok=True)
         text = runner.markdown(result)
         if md.exists():
             text = md.read_text().rstrip("\n") + "\n\n" + text
-        md.write_text(text)
+        plip_io.write_text(md, text)
         print(f"Wrote {md}")
     if not result["records"]:
         raise SystemExit("nothing was benchmarked: every shape was refused (see the messages above)")
