@@ -4,6 +4,8 @@ parser (`cli.parse_flags`) and its `main` through the error boundary (`cli.bound
 {args, status, stdout, stderr}.
 
     python -m tests.binary_harness bin.layer_scan '[["--model=/nope"], ["--start_layer=9"]]'
+
+`run_binary` is the other way, shared by the tests that run a binary end to end: one `python -m` process.
 """
 
 from __future__ import annotations
@@ -12,7 +14,23 @@ import contextlib
 import importlib
 import io
 import json
+import subprocess
 import sys
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_binary(module: str, *args: str, device: Optional[str] = "cpu", env: Optional[dict] = None,
+               timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m module *args [--device=device]` in the repository root, output captured as text. check: assert
+    exit status 0 (the message shows the tails of stdout and stderr); check=False leaves the status to the test."""
+    cmd = [sys.executable, "-m", module, *args] + ([f"--device={device}"] if device else [])
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert proc.returncode == 0, f"{module} exited {proc.returncode}\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
 
 
 def run_cases(module_name: str, cases: list) -> list:

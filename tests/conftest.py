@@ -22,6 +22,14 @@ def bundled_model():
 
 
 @pytest.fixture(scope="session")
+def per_layer_model():
+    """The bundled model with the per-layer weight layout (unrolled forward, the GPU default), float32."""
+    from plip_jax.models.registry import load_model
+
+    return load_model(None, "float32", layer_layout="per_layer")
+
+
+@pytest.fixture(scope="session")
 def bundled_hf_model():
     import torch
     import transformers
@@ -39,15 +47,20 @@ def universal_corpus():
     return load_universal_corpus()
 
 
-TINY_RWKV_LAYERS = 3
-
-
 @pytest.fixture(scope="session")
 def tiny_rwkv_dir(tmp_path_factory):
     """A tiny random RWKV-6 checkpoint (HF layout, real World-vocab size) shared by the RWKV tests."""
     from tests import rwkv_fixtures
 
     d = str(tmp_path_factory.mktemp("rwkv6_tiny"))
-    rwkv_fixtures.write_hf_checkpoint(d, vocab=65536, hidden=32, layers=TINY_RWKV_LAYERS, head_size=16,
+    rwkv_fixtures.write_hf_checkpoint(d, vocab=65536, hidden=32, layers=rwkv_fixtures.TINY_RWKV_LAYERS, head_size=16,
                                       mix_lora=4, decay_lora=8, intermediate=64, seed=3)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_rwkv_model(tiny_rwkv_dir):
+    """The tiny RWKV-6 checkpoint loaded once (float32)."""
+    from plip_jax.models.registry import load_model
+
+    return load_model(tiny_rwkv_dir)

@@ -76,3 +76,18 @@ def hf_outputs(model, tokens: np.ndarray):
     with torch.no_grad():
         out = model(torch.as_tensor(np.asarray(tokens)), output_attentions=True)
     return out.logits.float().numpy(), [a.float().numpy() for a in out.attentions]
+
+
+def hf_hidden_states(model, tokens: np.ndarray, lens_layers=()):
+    """(hidden_states [L+1][B, T, D], {l: lens logits [B, T, V]}) from HF eager fp32 with output_hidden_states.
+
+    hidden_states[0] is the embedding output, hidden_states[l + 1] the residual after block l for l < L - 1, and
+    the last entry is after the final norm. The lens of block l is HF's own final norm + lm_head applied to
+    hidden_states[l + 1]."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(tokens)), output_hidden_states=True)
+        hs = out.hidden_states
+        lens = {l: model.lm_head(model.model.norm(hs[l + 1])).float().numpy() for l in lens_layers}
+    return [h.float().numpy() for h in hs], lens

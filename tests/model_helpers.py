@@ -1,9 +1,12 @@
-"""Test helpers: a jitted call of any `Model` (the library leaves jit to callers)."""
+"""Test helpers: a jitted call of any `Model` (the library leaves jit to callers), greedy generation by full
+recomputation, and the check of an output against PLIP's stored JSON field tree."""
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,3 +55,49 @@ def generate_reference(model, prompt: Sequence[int], *, max_new_tokens: int, sto
         out.append(tok)
         seq.append(tok)
     return out
+
+
+REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
+
+
+def plip_schema_missing(got: Any, reference: Any, *, keyed: Sequence[str] = (), where: str = "") -> list[str]:
+    """Paths of `reference`'s field tree that `got` lacks (ours may add fields, never drop PLIP's).
+
+    Dicts: every key of the reference, recursively. A non-empty reference list needs a non-empty list, and every
+    element of `got` is checked against the reference's first element. `keyed`: paths (e.g. "by_category") of
+    dicts whose keys are data (category names), not fields: each of got's values is checked against the
+    reference's first value."""
+    here = where or "root"
+    if isinstance(reference, dict):
+        if not isinstance(got, dict):
+            return [f"{here} (a dict in the reference, {type(got).__name__} here)"]
+        if where.lstrip(".") in keyed:
+            if not reference:
+                return []
+            proto = next(iter(reference.values()))
+            if not got:
+                return [f"{here} (empty)"]
+            return [m for k, v in got.items() for m in plip_schema_missing(v, proto, keyed=(), where=f"{where}[{k!r}]")]
+        out = []
+        for k, v in reference.items():
+            if k not in got:
+                out.append(f"{where}.{k}")
+            else:
+                out += plip_schema_missing(got[k], v, keyed=keyed, where=f"{where}.{k}")
+        return out
+    if isinstance(reference, list) and reference:
+        if not isinstance(got, list) or not got:
+            return [f"{here}[] (a non-empty list in the reference)"]
+        return [m for i, g in enumerate(got)
+                for m in plip_schema_missing(g, reference[0], keyed=keyed, where=f"{where}[{i}]")]
+    return []
+
+
+def assert_plip_schema(got: dict, reference: Any, *, keyed: Sequence[str] = ()) -> None:
+    """Every field of PLIP's stored output (`reference`: a file name under tests/data/reference, a path, or the
+    loaded JSON) is present in `got` with the same nesting (see `plip_schema_missing`)."""
+    if isinstance(reference, (str, Path)):
+        path = Path(reference)
+        reference = json.loads((path if path.is_absolute() else REFERENCE_DIR / path).read_text())
+    missing = plip_schema_missing(got, reference, keyed=keyed)
+    assert missing == [], f"fields of the PLIP reference missing from the output: {missing[:20]}"

@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+TINY_RWKV_LAYERS = 3  # layers of conftest's shared tiny checkpoint (`tiny_rwkv_dir`, `tiny_rwkv_model`)
+
 
 def random_blinkdl_state_dict(*, vocab: int = 512, hidden: int = 64, layers: int = 2, head_size: int = 16,
                               mix_lora: int = 8, decay_lora: int = 16, intermediate: int | None = None,

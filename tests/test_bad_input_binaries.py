@@ -32,7 +32,10 @@ def harness(binary: str, cases: list, tmp_path: Path, env: dict = None) -> list:
     proc = subprocess.run([sys.executable, "-m", "tests.binary_harness", f"bin.{binary}", json.dumps(cases)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert "@@RESULTS@@" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(proc.stdout.split("@@RESULTS@@", 1)[1])
+    results = json.loads(proc.stdout.split("@@RESULTS@@", 1)[1])
+    assert len(results) == len(cases), f"{len(results)} results for {len(cases)} cases"  # zip would drop the rest
+    assert [r["args"] for r in results] == cases
+    return results
 
 
 def check(result: dict, status: int, *phrases: str, before_load: bool = False) -> None:
@@ -163,7 +166,7 @@ def test_layer_scan_bad_models_corpora_flags_outputs(bad, tmp_path):
     }
     results = harness("layer_scan", [r[0] for r in rows.values()], tmp_path,
                       env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": bad["empty_hub"]})
-    for (row, (_, status, phrases, before_load)), result in zip(rows.items(), results):
+    for (row, (_, status, phrases, before_load)), result in zip(rows.items(), results, strict=True):
         check(result, status, *phrases, before_load=before_load)
     assert not (tmp_path / "scan.json").exists()
 
@@ -222,7 +225,8 @@ def test_ablation_rows(bad, tmp_path):
         (["--heads=a"], 2, ("flag --heads=a", "'a' is not an integer")),
         (["--layer_start=3"], 2, ("--layer_start and --layer_end go together",)),
     ]
-    for (args, status, phrases), result in zip(rows, harness("ablation_experiment", [r[0] for r in rows], tmp_path)):
+    for (args, status, phrases), result in zip(rows, harness("ablation_experiment", [r[0] for r in rows], tmp_path),
+                                                      strict=True):
         check(result, status, *phrases, before_load=True)
 
 
@@ -238,7 +242,7 @@ def test_steering_experiment_rows(bad, tmp_path):
         (["--set_values=0.1,2"], 2, ("above the maximum 1",), True),
     ]
     for (args, status, phrases, before), result in zip(rows, harness("steering_experiment", [r[0] for r in rows],
-                                                                     tmp_path)):
+                                                                     tmp_path), strict=True):
         check(result, status, *phrases, before_load=before)
     assert not list(tmp_path.glob("outputs/*"))
 
@@ -256,7 +260,7 @@ def test_steering_generation_rows(bad, tmp_path):
         (["--top_p=0"], 2, ("--top_p=0 must be in (0, 1]",), True),
     ]
     for (args, status, phrases, before), result in zip(rows, harness("steering_generate_n50", [r[0] for r in rows],
-                                                                     tmp_path)):
+                                                                     tmp_path), strict=True):
         check(result, status, *phrases, before_load=before)
 
 
@@ -280,7 +284,8 @@ def test_other_binaries_rows(bad, tmp_path):
                             ("is not valid JSON",), True)],
     }
     for binary, rows in groups.items():
-        for (args, status, phrases, before), result in zip(rows, harness(binary, [r[0] for r in rows], tmp_path)):
+        for (args, status, phrases, before), result in zip(rows, harness(binary, [r[0] for r in rows], tmp_path),
+                                                              strict=True):
             check(result, status, *phrases, before_load=before)
             if binary == "tokenize_code":
                 assert len(result["stderr"].splitlines()) == 1  # not the whole usage text

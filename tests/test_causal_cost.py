@@ -22,13 +22,6 @@ DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 
 
 @pytest.fixture(scope="module")
-def per_layer_model():
-    from plip_jax.models.registry import load_model
-
-    return load_model(None, "float32", layer_layout="per_layer")
-
-
-@pytest.fixture(scope="module")
 def batch(per_layer_model, universal_corpus):
     samples, _ = causal_samples.prepare(per_layer_model, universal_corpus)
     samples = [s for s in samples if s.tokenized.sample.language == "rust"][:4]

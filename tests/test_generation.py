@@ -4,7 +4,6 @@ sampling reproducibility, HF greedy parity, stop tokens, context errors, edge bu
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

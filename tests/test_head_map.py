@@ -109,6 +109,46 @@ def test_gradient_and_exact_agree_in_rank(bundled_model, bundled_batch):
     agree = head_map.compare_exact_and_gradient(grid["delta_logprob"], g["estimate"])
     assert agree.spearman_all is not None and -1 <= agree.spearman_all <= 1
     assert len(agree.worst) == 5 and {"layer", "head", "rank_gap"} <= set(agree.worst[0])
+    _check_agreement(grid["delta_logprob"], g["estimate"], agree)
+
+
+def _check_agreement(exact, estimate, agree, n_worst=5):
+    """`agree` against scipy on the same arrays: Spearman rho over the flattened [B, L, H] cells and over the
+    per-(layer, head) means; the worst cells are the n_worst largest gaps between the means' normalised ranks
+    (rankdata / n), each naming its own layer, head, means and gap."""
+    from scipy import stats as sps
+
+    a, b = np.asarray(exact, np.float64), np.asarray(estimate, np.float64)
+    assert agree.spearman_all == pytest.approx(sps.spearmanr(a.ravel(), b.ravel()).statistic, abs=1e-12)
+    ma, mb = a.mean(0), b.mean(0)
+    assert agree.spearman_mean == pytest.approx(sps.spearmanr(ma.ravel(), mb.ravel()).statistic, abs=1e-12)
+    gap = np.abs(sps.rankdata(ma.ravel()) - sps.rankdata(mb.ravel())).reshape(ma.shape) / ma.size
+    assert len(agree.worst) == min(n_worst, ma.size)
+    for w in agree.worst:
+        l, h = w["layer"], w["head"]
+        assert w["rank_gap"] == pytest.approx(gap[l, h], abs=1e-12)
+        assert w["exact_mean"] == pytest.approx(ma[l, h], abs=1e-12)
+        assert w["gradient_mean"] == pytest.approx(mb[l, h], abs=1e-12)
+    assert len({(w["layer"], w["head"]) for w in agree.worst}) == len(agree.worst)
+    np.testing.assert_allclose([w["rank_gap"] for w in agree.worst], np.sort(gap.ravel())[::-1][:len(agree.worst)],
+                               atol=1e-12)
+
+
+def test_compare_exact_and_gradient_equals_scipy_on_known_arrays():
+    rng = np.random.default_rng(0)
+    exact = rng.normal(size=(4, 3, 5))
+    noisy = exact + 0.5 * rng.normal(size=exact.shape)
+    _check_agreement(exact, noisy, head_map.compare_exact_and_gradient(exact, noisy))
+    same = head_map.compare_exact_and_gradient(exact, 2 * exact + 1)  # a monotone map: perfect rank agreement
+    assert same.spearman_all == pytest.approx(1.0) and same.spearman_mean == pytest.approx(1.0)
+    assert all(w["rank_gap"] == 0.0 for w in same.worst)
+    flipped = head_map.compare_exact_and_gradient(exact, -exact)
+    assert flipped.spearman_all == pytest.approx(-1.0) and flipped.spearman_mean == pytest.approx(-1.0)
+    # the mean cell ranked lowest by one and highest by the other is the worst cell, gap (n - 1) / n
+    ma = exact.mean(0)
+    l, h = np.unravel_index(ma.argmax(), ma.shape)
+    assert flipped.worst[0]["rank_gap"] == pytest.approx((ma.size - 1) / ma.size)
+    assert (flipped.worst[0]["layer"], flipped.worst[0]["head"]) in {(l, h), np.unravel_index(ma.argmin(), ma.shape)}
 
 
 def test_rwkv_is_refused(tiny_rwkv_dir):

@@ -11,6 +11,7 @@ import pytest
 from plip_jax.core import interventions as ivs
 from plip_jax.experiments import causal, causal_samples, knockout
 from plip_jax.core.capture import Capture
+from plip_jax.core.errors import InterventionError
 from tests.model_helpers import run
 
 CAP = Capture(logits="all", attn_probs=True)
@@ -131,6 +132,15 @@ def test_residual_builders(bundled_model, sample):
     iv = ivs.Interventions(residual=ivs.residual_patch(base.resid_post, length=n, layers=[5], positions=None))
     out = run(bundled_model.model, toks, interventions=iv, capture=Capture(logits="all"))
     np.testing.assert_allclose(out.logits, base.logits, atol=1e-4)  # patching a run with itself: identity
+    # patching the last layer with ANOTHER run's residual: the outputs become that run's (not an identity)
+    other = jnp.asarray(bundled_model.tokenizer("fn add(a: i32) -> i32 { a }\n#[test]\nfn t() {}")["input_ids"][:n])
+    other = jnp.pad(other, (0, n - other.shape[0]))
+    o = run(bundled_model.model, other, capture=Capture(logits="all", resid_post="all"))
+    iv = ivs.Interventions(residual=ivs.residual_patch(o.resid_post, length=n, layers=[cfg.num_layers - 1],
+                                                       positions=None))
+    out = run(bundled_model.model, toks, interventions=iv, capture=Capture(logits="all"))
+    np.testing.assert_allclose(out.logits, o.logits, atol=1e-4)
+    assert float(jnp.abs(out.logits - base.logits).max()) > 1e-1
     with pytest.raises(ivs.InterventionError, match="outside the sequence"):
         ivs.residual_zero(n, cfg.hidden_size, length=n, n_layers=cfg.num_layers, layers=[1], positions=[n])
 
@@ -268,3 +278,16 @@ def test_in_graph_steering_never_breaks_a_row_and_flags_what_it_could_not_do(kin
         np.testing.assert_array_equal(out[0, 3], probs[0, 3])  # left unsteered
     elif kind == "set_value":
         np.testing.assert_allclose(np.asarray(out[0, 3])[np.asarray(edges, bool)], value["value"], atol=1e-7)
+
+
+def test_knockout_checks_only_the_windows_of_the_knocked_layers():
+    """Row 3 of a 2-key sliding window sees keys 2 and 3 only: knocking both out empties it in the windowed
+    layer (refused), but not in a full-attention layer, where keys 0 and 1 remain (allowed)."""
+    edges, windows = [(3, 2), (3, 3)], (None, 2)
+    kw = dict(length=5, n_layers=2, n_heads=1, layer_windows=windows)
+    ko = ivs.knockout(5, edges, layers=[0], **kw)
+    assert np.asarray(ko.edges)[3, 2:4].all() and np.asarray(ko.layers).tolist() == [True, False]
+    with pytest.raises(InterventionError, match="would remove every key of query row"):
+        ivs.knockout(5, edges, layers=[1], **kw)
+    with pytest.raises(InterventionError, match=r"row\(s\) \[3\]"):
+        ivs.knockout(5, edges, **kw)  # all layers: the windowed one empties row 3

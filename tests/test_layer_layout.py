@@ -14,13 +14,7 @@ from plip_jax.analysis import generation as gen
 from plip_jax.core.capture import Capture
 from plip_jax.experiments import causal, causal_samples, knockout
 from plip_jax.models import layers as layouts
-from plip_jax.models import registry
 from tests.model_helpers import run
-
-
-@pytest.fixture(scope="module")
-def per_layer_model():
-    return registry.load_model(None, "float32", layer_layout="per_layer")
 
 
 def test_layouts_and_auto_resolution(bundled_model, per_layer_model):

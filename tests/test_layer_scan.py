@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,28 +12,11 @@ from scipy import stats as sps
 from plip_jax.analysis import stats as S
 from plip_jax.experiments.attention_heads import format_head_map
 from plip_jax.experiments.layer_scan import run_layer_scan
+from tests.binary_harness import run_binary
+from tests.model_helpers import assert_plip_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tests" / "data" / "reference" / "layer_scan_universal_qwen7b.json"
-
-
-def _keys(x):
-    if isinstance(x, dict):
-        return {k: _keys(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_keys(x[0])] if x else []
-    return None
-
-
-def _missing(ref, got, where="") -> list:
-    """Field paths of `ref`'s key tree absent from `got`'s (ours may add fields, never drop PLIP's)."""
-    if isinstance(ref, dict):
-        if not isinstance(got, dict):
-            return [where or "."]
-        return [m for k, v in ref.items() for m in (_missing(v, got[k], f"{where}.{k}") if k in got else [f"{where}.{k}"])]
-    if isinstance(ref, list) and ref:
-        return _missing(ref[0], got[0], f"{where}[0]") if isinstance(got, list) and got else [f"{where}[]"]
-    return []
 
 
 def test_scan_statistics_equal_scipy_on_the_per_sample_values(bundled_model, universal_corpus):
@@ -58,9 +39,7 @@ def test_scan_statistics_equal_scipy_on_the_per_sample_values(bundled_model, uni
 @pytest.mark.slow
 def test_layer_scan_binary_writes_plip_schema(tmp_path):
     out = tmp_path / "scan.json"
-    proc = subprocess.run([sys.executable, "-m", "bin.layer_scan", "--device=cpu", f"--output={out}", "--plot"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_binary("bin.layer_scan", f"--output={out}", "--plot", timeout=300)
     assert "Best Layer" in proc.stdout and "Python μ (%)" in proc.stdout
     # observed (PLIP's table), null, lift and both log-lift tests, the correction and the skipped layers
     for text in ("Holm p", "null Py %", "null Rs %", "lift Py", "lift Rs", "Welch p", "perm p", "BH q",
@@ -82,8 +61,7 @@ def test_layer_scan_binary_writes_plip_schema(tmp_path):
     plip_row = {"layer", "python_mean", "python_std", "python_n", "rust_mean", "rust_std", "rust_n", "ratio",
                 "t_statistic", "df", "p_value"}
     assert plip_row <= set(got["results"][0])
-    ref = json.loads(REFERENCE.read_text())  # PLIP-rs's stored output: every field name, with the same nesting
-    assert _missing(_keys(ref), _keys(got)) == []
+    assert_plip_schema(got, REFERENCE)  # PLIP-rs's stored output: every field name, with the same nesting
     assert got["scanned_layers"] == list(range(2, 8))
     prov = got["provenance"]
     assert prov["model"]["kind"] == "bundled" and len(prov["model"]["weights_sha256"]) == 3
@@ -159,6 +137,32 @@ def test_scan_verdict_on_the_bundled_model(full_scan):
     assert 2 in v["raw_python_gt_rust"] and v["raw_rust_gt_python"] == []
     assert v["lift_python_gt_rust"] == [2] and v["lift_rust_gt_python"] == [4, 5, 6, 7]
     assert "Rust > Python at layers 4-7" in v["text"]
+    # The rule, recomputed from the result's own numbers: a layer is listed when its Holm-adjusted p < alpha,
+    # on the side of its effect. Raw: Holm over the layers' Welch p, direction of the per-sample mean
+    # difference. Lift: Holm over the layers' exact permutation p on log-lift, direction of the geometric-mean
+    # lifts (computed here from the per-sample lifts).
+    alpha = v["alpha"]
+    assert alpha == 0.05
+    layers = [r.layer for r in full_scan.results]
+    group = np.array([s["group"] for s in full_scan.samples])
+    vals = np.array([s["values"] for s in full_scan.samples])
+    lifts = np.array([s["lift"] for s in full_scan.samples], dtype=np.float64)
+    assert np.all(lifts > 0)  # every log-lift is defined on the bundled model
+    raw_holm = S.holm_bonferroni([r.p_value for r in full_scan.results])
+    raw_diff = vals[group == "python_doctest"].mean(0) - vals[group == "rust_test"].mean(0)
+    geo_py = np.exp(np.log(lifts[group == "python_doctest"]).mean(0))
+    geo_rs = np.exp(np.log(lifts[group == "rust_test"]).mean(0))
+    for j, row in enumerate(full_scan.lift_rows):
+        assert (row["geo_mean_lift_a"], row["geo_mean_lift_b"]) == pytest.approx((geo_py[j], geo_rs[j]), rel=1e-9)
+    lift_holm = S.holm_bonferroni([r["log_lift_permutation"]["p_value"] for r in full_scan.lift_rows])
+
+    def sides(p_adj, up):
+        return ([l for l, p, u in zip(layers, p_adj, up) if p < alpha and u],
+                [l for l, p, u in zip(layers, p_adj, up) if p < alpha and not u])
+
+    assert (v["raw_python_gt_rust"], v["raw_rust_gt_python"]) == sides(raw_holm, raw_diff > 0)
+    assert (v["lift_python_gt_rust"], v["lift_rust_gt_python"]) == sides(lift_holm, geo_py > geo_rs)
+    assert not np.any(raw_diff == 0) and not np.any(geo_py == geo_rs)  # no tie left out of both lists
 
 
 def test_head_map_cells_and_head_mean(full_scan, bundled_model, universal_corpus):

@@ -4,9 +4,6 @@ the PLIP-style experiments and their binaries."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,28 +14,21 @@ from plip_jax.analysis import lens
 from plip_jax.experiments import lens_experiments as E
 from plip_jax.experiments import lens_targets as T
 from plip_jax.core.capture import Capture
-from plip_jax.models.registry import load_model
+from tests.binary_harness import run_binary
 from tests.model_helpers import run
 
-REPO = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model()
-
-
-def test_last_layer_lens_equals_model_output(model):
+def test_last_layer_lens_equals_model_output(bundled_model):
     text = "fn add(a: i32, b: i32) -> i32 { a + b }\n"
-    ids, _ = lens.encode_with_offsets(model.tokenizer, text)
-    out = run(model.model, jnp.asarray(ids, jnp.int32), capture=Capture(logits="last", resid_post="last"))
+    ids, _ = lens.encode_with_offsets(bundled_model.tokenizer, text)
+    out = run(bundled_model.model, jnp.asarray(ids, jnp.int32), capture=Capture(logits="last", resid_post="last"))
     resid = out.resid_post
-    assert resid.shape == (model.cfg.num_layers, model.cfg.hidden_size)
-    lens_logits = lens.lens_logits(model.model, resid)
-    assert lens_logits.shape == (model.cfg.num_layers, model.cfg.vocab_size)
+    assert resid.shape == (bundled_model.cfg.num_layers, bundled_model.cfg.hidden_size)
+    lens_logits = lens.lens_logits(bundled_model.model, resid)
+    assert lens_logits.shape == (bundled_model.cfg.num_layers, bundled_model.cfg.vocab_size)
     np.testing.assert_allclose(np.asarray(lens_logits[-1]), np.asarray(out.logits), rtol=1e-5, atol=1e-5)
     # Through the batched lens too: the top-k of the last layer is the top-k of the model's distribution.
-    res = lens.run_logit_lens(model, [text], top_k=5)[0]
+    res = lens.run_logit_lens(bundled_model, [text], top_k=5)[0]
     np.testing.assert_allclose(res.final_logits, np.asarray(out.logits), rtol=1e-5, atol=1e-4)
     p = np.asarray(jax.nn.softmax(out.logits))
     np.testing.assert_array_equal(res.top_ids[-1], np.argsort(-p)[:5])
@@ -47,10 +37,10 @@ def test_last_layer_lens_equals_model_output(model):
     assert np.all(np.diff(res.top_probs, axis=1) <= 1e-7)  # sorted descending
 
 
-def test_batched_lens_padding_invariant(model):
+def test_batched_lens_padding_invariant(bundled_model):
     a, b = "def f(x):\n    return", "fn main() {\n    let v = vec![1, 2, 3];\n    for x in v {"
-    both = lens.run_logit_lens(model, [a, b], top_k=4)
-    alone = lens.run_logit_lens(model, [a], top_k=4)[0]
+    both = lens.run_logit_lens(bundled_model, [a, b], top_k=4)
+    alone = lens.run_logit_lens(bundled_model, [a], top_k=4)[0]
     np.testing.assert_array_equal(both[0].top_ids, alone.top_ids)
     np.testing.assert_allclose(both[0].top_probs, alone.top_probs, rtol=1e-4, atol=1e-6)
 
@@ -74,30 +64,30 @@ def test_strict_matching_rule():
         T.matches("a", "a", "fuzzy")
 
 
-def test_target_trajectory_equals_a_direct_lens_computation(model):
+def test_target_trajectory_equals_a_direct_lens_computation(bundled_model):
     prompt = "fn add(a: i32, b: i32) -> i32 {\n    a + b\n}\n\n#["
-    (t,) = T.target_trajectories(model, [prompt], ["test"])
-    ids, _ = lens.encode_with_offsets(model.tokenizer, prompt)
-    out = run(model.model, jnp.asarray(ids, jnp.int32), capture=Capture(logits="last", resid_post="last"))
-    logp = np.asarray(jax.nn.log_softmax(lens.lens_logits(model.model, out.resid_post), axis=-1), np.float64)
-    vocab = [model.tokenizer.decode([i]) for i in range(model.cfg.vocab_size)]
+    (t,) = T.target_trajectories(bundled_model, [prompt], ["test"])
+    ids, _ = lens.encode_with_offsets(bundled_model.tokenizer, prompt)
+    out = run(bundled_model.model, jnp.asarray(ids, jnp.int32), capture=Capture(logits="last", resid_post="last"))
+    logp = np.asarray(jax.nn.log_softmax(lens.lens_logits(bundled_model.model, out.resid_post), axis=-1), np.float64)
+    vocab = [bundled_model.tokenizer.decode([i]) for i in range(bundled_model.cfg.vocab_size)]
     mask = np.asarray([T.strict_match(v, "test") for v in vocab])
-    assert t.n_matching == mask.sum() > 0 and t.vocab_size == model.cfg.vocab_size
-    for layer in range(model.cfg.num_layers):
+    assert t.n_matching == mask.sum() > 0 and t.vocab_size == bundled_model.cfg.vocab_size
+    for layer in range(bundled_model.cfg.num_layers):
         best = int(np.flatnonzero(mask)[np.argmax(logp[layer, mask])])
         assert t.token_id[layer] == best and t.token[layer] == vocab[best]
         assert t.rank[layer] == 1 + int((logp[layer] > logp[layer, best] + 1e-6).sum())  # ties at f32 noise
         assert t.prob[layer] == pytest.approx(np.exp(logp[layer, best]), rel=1e-4)
         assert t.mass[layer] == pytest.approx(np.exp(logp[layer, mask]).sum(), rel=1e-4)
-    assert t.chance_rank == pytest.approx((model.cfg.vocab_size + 1) / (t.n_matching + 1))
-    assert t.chance_mass == pytest.approx(t.n_matching / model.cfg.vocab_size)
+    assert t.chance_rank == pytest.approx((bundled_model.cfg.vocab_size + 1) / (t.n_matching + 1))
+    assert t.chance_mass == pytest.approx(t.n_matching / bundled_model.cfg.vocab_size)
 
 
 @pytest.mark.slow
-def test_run_test_emergence_trajectories_and_saturation(model, tmp_path):
-    rep = E.run_test_emergence(model, top_k=20)
+def test_run_test_emergence_trajectories_and_saturation(bundled_model, tmp_path):
+    rep = E.run_test_emergence(bundled_model, top_k=20)
     assert len(rep.prompts) == 8 == len(E.EMERGENCE_PROMPTS) and rep.match == "strict"
-    n = model.cfg.num_layers
+    n = bundled_model.cfg.num_layers
     assert rep.checkpoint_layers == [0, n // 3, 2 * n // 3, n - 1]
     for r in rep.prompts:
         assert len(r["final_top"]) == 10 and len(r["trajectory"]["rank"]) == n
@@ -113,21 +103,18 @@ def test_run_test_emergence_trajectories_and_saturation(model, tmp_path):
     assert by_id["rust_after_fn"]["final_layer_rank"] is not None
     assert by_id["python_unittest_method"]["final_top"][0]["token"].strip() == "test"
     # with top-100 most targets are "found" at layer 0: flagged as saturated, in the summary and the text
-    wide = E.run_test_emergence(model, top_k=100)
+    wide = E.run_test_emergence(bundled_model, top_k=100)
     assert wide.summary["saturated"] and wide.summary["n_found_at_layer_0"] > 4
     text = E.format_emergence(wide)
     assert "SATURATED" in text and max(len(line) for line in text.splitlines()) <= 100
-    narrow = E.run_test_emergence(model, top_k=1)
+    narrow = E.run_test_emergence(bundled_model, top_k=1)
     assert not narrow.summary["saturated"]
     json.dumps(wide.to_json())
     assert E.plot_emergence(wide, tmp_path / "e.png").stat().st_size > 10_000
 
 
 def _run_bin(name: str, *args: str, timeout: int = 240) -> str:
-    proc = subprocess.run([sys.executable, "-m", f"bin.{name}", "--device=cpu", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_binary(f"bin.{name}", *args, timeout=timeout).stdout
 
 
 @pytest.mark.slow

@@ -37,11 +37,12 @@ def test_ten_vs_ten_complete_separation_and_agreement_with_permutation_test_labe
     a, b = np.arange(10.0) + 100, np.arange(10.0)
     r = S.permutation_test_mean_diff(a, b)
     assert r.n_resamples == 184_756 and r.p_value == pytest.approx(2 / 184_756)  # the two extreme splits
+    assert r.method == "exact"
     rng = np.random.default_rng(5)
     a, b = rng.normal(size=10), rng.normal(0.4, size=10)
-    assert r.method == "exact"
-    assert S.permutation_test_mean_diff(a, b).p_value == pytest.approx(S.permutation_test_labels(a, b).p_value,
-                                                                       rel=1e-12)
+    r = S.permutation_test_mean_diff(a, b)
+    assert r.method == "exact" and r.n_resamples == 184_756
+    assert r.p_value == pytest.approx(S.permutation_test_labels(a, b).p_value, rel=1e-12)
 
 
 def test_monte_carlo_is_seeded_and_close_to_exact():

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from plip_jax.analysis import probes as P
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.binary_harness import run_binary
 
 
 def _separable(n=60, d=5, seed=0):
@@ -108,14 +104,12 @@ def test_binary_metrics_and_bag_of_tokens():
 
 
 @pytest.fixture(scope="module")
-def probe_result():
+def probe_result(bundled_model):
     from plip_jax.data.corpus import load_probe_samples
     from plip_jax.experiments import probe_experiment as PE
-    from plip_jax.models.registry import load_model
 
-    model = load_model()
     samples = load_probe_samples()
-    return PE.run_probe_experiment(model, samples, k_folds=3)
+    return PE.run_probe_experiment(bundled_model, samples, k_folds=3)
 
 
 @pytest.mark.slow
@@ -140,14 +134,12 @@ def test_probe_experiment_on_bundled_model(probe_result, tmp_path):
     assert png.stat().st_size > 1000
 
 
-def test_probe_features_padding_invariant():
+def test_probe_features_padding_invariant(bundled_model):
     from plip_jax.experiments import probe_experiment as PE
-    from plip_jax.models.registry import load_model
 
-    model = load_model()
     codes = ["def f(x):\n    return x", "fn main() {\n    let v = vec![1, 2, 3];\n    println!(\"{:?}\", v);\n}"]
-    last2, mean2, _ = PE.extract_features(model, codes, batch_size=2)
-    last1, mean1, _ = PE.extract_features(model, codes[:1], batch_size=1)
+    last2, mean2, _ = PE.extract_features(bundled_model, codes, batch_size=2)
+    last1, mean1, _ = PE.extract_features(bundled_model, codes[:1], batch_size=1)
     np.testing.assert_allclose(last2[:, 0], last1[:, 0], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(mean2[:, 0], mean1[:, 0], rtol=1e-4, atol=1e-4)
 
@@ -155,9 +147,7 @@ def test_probe_features_padding_invariant():
 @pytest.mark.slow
 def test_bin_probe(tmp_path):
     out = tmp_path / "plip_results.json"
-    proc = subprocess.run([sys.executable, "-m", "bin.probe", "--device=cpu", "--k_folds=3", "--plot",
-                           f"--output={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_binary("bin.probe", "--k_folds=3", "--plot", f"--output={out}", timeout=300)
     assert "Bag-of-tokens baseline" in proc.stdout
     js = json.loads(out.read_text())
     assert len(js["per_layer_accuracy"]) == 8 and "provenance" in js

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +11,13 @@ import pytest
 from plip_jax.experiments.attention_metric import marker_target_attention
 from plip_jax.experiments.layer_scan import run_layer_scan, tokenize_groups
 from plip_jax.core.capture import Capture
-from plip_jax.models.registry import load_model
+from tests.binary_harness import run_binary
+from tests.model_helpers import assert_plip_schema
+from tests.rwkv_fixtures import TINY_RWKV_LAYERS
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tests" / "data" / "reference" / "layer_scan_universal_RWKV_v6_Finch_1B6_HF.json"
-LAYERS = 3  # = conftest.TINY_RWKV_LAYERS
-
-
-@pytest.fixture(scope="module")
-def rwkv_dir(tiny_rwkv_dir):
-    return tiny_rwkv_dir
-
-
-@pytest.fixture(scope="module")
-def rwkv_model(rwkv_dir):
-    return load_model(rwkv_dir)
+LAYERS = TINY_RWKV_LAYERS
 
 
 def _direct_metric(model, sample) -> np.ndarray:
@@ -41,19 +31,19 @@ def _direct_metric(model, sample) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_rwkv_metric_equals_full_effective_attention(rwkv_model, universal_corpus):
-    assert rwkv_model.cfg.family == "rwkv6"
-    usable, _ = tokenize_groups(rwkv_model.tokenizer, universal_corpus)
+def test_rwkv_metric_equals_full_effective_attention(tiny_rwkv_model, universal_corpus):
+    assert tiny_rwkv_model.cfg.family == "rwkv6"
+    usable, _ = tokenize_groups(tiny_rwkv_model.tokenizer, universal_corpus)
     picked = [usable[0], usable[-1], usable[3]]  # python and rust, different lengths -> padding
-    got = marker_target_attention(rwkv_model, picked)
+    got = marker_target_attention(tiny_rwkv_model, picked)
     assert got.shape == (3, LAYERS)
     for i, s in enumerate(picked):
-        np.testing.assert_allclose(got[i], _direct_metric(rwkv_model, s), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got[i], _direct_metric(tiny_rwkv_model, s), rtol=1e-5, atol=1e-7)
     assert np.all((got >= 0) & (got <= 1))
 
 
-def test_run_layer_scan_on_rwkv(rwkv_model, universal_corpus):
-    res = run_layer_scan(rwkv_model, universal_corpus, start_layer=0)
+def test_run_layer_scan_on_rwkv(tiny_rwkv_model, universal_corpus):
+    res = run_layer_scan(tiny_rwkv_model, universal_corpus, start_layer=0)
     assert res.scanned_layers == list(range(LAYERS)) and res.n_layers == LAYERS
     py = np.array([s["values"] for s in res.samples if s["group"] == "python_doctest"])
     rs = np.array([s["values"] for s in res.samples if s["group"] == "rust_test"])
@@ -65,26 +55,18 @@ def test_run_layer_scan_on_rwkv(rwkv_model, universal_corpus):
     for smp in res.samples:
         np.testing.assert_allclose(smp["null"], [1.0 / (smp["marker_token_pos"] + 1)] * LAYERS, rtol=1e-12)
     assert res.windows == [None] * LAYERS and "effective attention" in res.attention_kind
-    assert len(res.lift_rows) == LAYERS and res.head_map.n_heads == rwkv_model.cfg.num_heads
+    assert len(res.lift_rows) == LAYERS and res.head_map.n_heads == tiny_rwkv_model.cfg.num_heads
     # one sample checked against the full matrix through the scan path (batched with all others)
-    s0 = tokenize_groups(rwkv_model.tokenizer, universal_corpus)[0][0]
-    np.testing.assert_allclose(py[0], _direct_metric(rwkv_model, s0), rtol=1e-5, atol=1e-7)
+    s0 = tokenize_groups(tiny_rwkv_model.tokenizer, universal_corpus)[0][0]
+    np.testing.assert_allclose(py[0], _direct_metric(tiny_rwkv_model, s0), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow
-def test_layer_scan_binary_on_rwkv(rwkv_dir, tmp_path):
+def test_layer_scan_binary_on_rwkv(tiny_rwkv_dir, tmp_path):
     out = tmp_path / "scan.json"
-    proc = subprocess.run([sys.executable, "-m", "bin.layer_scan", "--device=cpu", f"--model={rwkv_dir}",
-                           f"--output={out}", "--start_layer=0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_binary("bin.layer_scan", f"--model={tiny_rwkv_dir}", f"--output={out}", "--start_layer=0")
     assert "Best Layer" in proc.stdout
     got = json.loads(out.read_text())
     assert got["n_layers"] == LAYERS and got["scanned_layers"] == list(range(LAYERS))
-    expected = {"model", "corpus_format", "n_layers", "scanned_layers", "best_layer", "best_p_value",
-                "position_conversion_stats", "results"}
-    expected = set(json.loads(REFERENCE.read_text()))
-    ref_row = set(json.loads(REFERENCE.read_text())["results"][0])
-    assert ref_row <= set(got["results"][0])
-    assert expected <= set(got)
+    assert_plip_schema(got, REFERENCE)  # every field of PLIP's stored RWKV scan, with the same nesting
     assert got["provenance"]["model"]["kind"] == "local"

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -23,58 +20,23 @@ from plip_jax.data.corpus import load_state_prompts
 from plip_jax.experiments import preservation
 from plip_jax.experiments.rwkv_state import ablation, compare, edits, generation, persistence, samples as S, steering
 from plip_jax.experiments.windows import radius_windows, sliding_windows
-from plip_jax.models.registry import load_model
+from tests.binary_harness import run_binary
+from tests.model_helpers import assert_plip_schema
+from tests.rwkv_fixtures import TINY_RWKV_LAYERS
 
-ROOT = Path(__file__).resolve().parent.parent
-REF_DIR = ROOT / "tests" / "data" / "reference"
-LAYERS = 3  # = conftest.TINY_RWKV_LAYERS
-
-
-@pytest.fixture(scope="module")
-def rwkv_dir(tiny_rwkv_dir):
-    return tiny_rwkv_dir
+LAYERS = TINY_RWKV_LAYERS
 
 
 @pytest.fixture(scope="module")
-def model(rwkv_dir):
-    return load_model(rwkv_dir)
-
-
-@pytest.fixture(scope="module")
-def samples(model, universal_corpus):
-    s, failures = S.prepare_samples(model.tokenizer, universal_corpus, include_baselines=True)
+def samples(tiny_rwkv_model, universal_corpus):
+    s, failures = S.prepare_samples(tiny_rwkv_model.tokenizer, universal_corpus, include_baselines=True)
     assert not failures
     return s
 
 
 @pytest.fixture(scope="module")
-def ablation_run(model, samples):
-    return ablation.run_state_ablation(model, samples, 1, 1, control_seed=7)
-
-
-def _keys(x):
-    if isinstance(x, dict):
-        return {k: _keys(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_keys(x[0])] if x else []
-    return None
-
-
-def _assert_reference_keys(got: dict, ref_name: str) -> None:
-    """Every field of PLIP's stored output is present with the same nesting (extras allowed)."""
-    path = REF_DIR / ref_name
-
-    def check(ref, g, where):
-        if isinstance(ref, dict):
-            assert isinstance(g, dict), where
-            for k, v in ref.items():
-                assert k in g, f"{where}.{k} missing"
-                check(v, g[k], f"{where}.{k}")
-        elif isinstance(ref, list) and ref and isinstance(ref[0], dict):
-            assert isinstance(g, list) and g, where
-            check(ref[0], g[0], where + "[0]")
-
-    check(_keys(json.loads(path.read_text())), _keys(got), "root")
+def ablation_run(tiny_rwkv_model, samples):
+    return ablation.run_state_ablation(tiny_rwkv_model, samples, 1, 1, control_seed=7)
 
 
 # Batched vs unbatched (or differently chunked) runs differ by f32 kernel rounding: on this tiny random
@@ -90,7 +52,7 @@ def _direct_kl(model, s, scale_matrix) -> float:
 
 
 # ------------------------------------------------------------------------------------------ edits kernel
-def test_noop_edit_kl_is_exactly_zero_and_the_kl_is_float64(model, samples):
+def test_noop_edit_kl_is_exactly_zero_and_the_kl_is_float64(tiny_rwkv_model, samples):
     """Baseline, floor and a scale-1 edit share one program: their logits are identical in f32, so the floor
     and the no-op KL are exactly 0. The reported KL is the host float64 one: it resolves the quadratic
     KL(eps) ~ eps^2 law of a tiny edit (1e-9 nats), far below the ~1e-7 floor of the device f32 KL."""
@@ -100,8 +62,8 @@ def test_noop_edit_kl_is_exactly_zero_and_the_kl_is_float64(model, samples):
     def edit(s, x):
         return ivs.state_steering(L, len(s.token_ids), [s.marker_token_pos], [1], x)
 
-    out = edits.run_edits(model, [s.token_ids for s in few], [[edit(s, 1.0), edit(s, 1 + 1e-3), edit(s, 1 + 2e-3)]
-                                                              for s in few])
+    out = edits.run_edits(tiny_rwkv_model, [s.token_ids for s in few],
+                          [[edit(s, 1.0), edit(s, 1 + 1e-3), edit(s, 1 + 2e-3)] for s in few])
     assert out.kl.dtype == np.float64 and out.floor_kl.dtype == np.float64
     assert np.all(out.floor_kl == 0.0) and np.all(out.kl[:, 0] == 0.0)
     assert out.floor.max == 0.0 and out.below_floor()[:, 0].all()
@@ -122,21 +84,21 @@ def test_below_floor_marks_and_floor_warning():
     assert compare.floor_block(np.zeros(2), [1e-3, 2e-3], [False, False], "float32")["warning"] is None
 
 
-def test_run_edits_refuses_a_wrong_shape_and_reports_per_sample(model, samples):
+def test_run_edits_refuses_a_wrong_shape_and_reports_per_sample(tiny_rwkv_model, samples):
     s = samples[0]
     with pytest.raises(ivs.InterventionError, match=rf"{s.id}: edit 0 has scale shape"):
-        edits.run_edits(model, [s.token_ids], [[ivs.state_knockout(LAYERS, 3, [0], [0])]], ids=[s.id])
+        edits.run_edits(tiny_rwkv_model, [s.token_ids], [[ivs.state_knockout(LAYERS, 3, [0], [0])]], ids=[s.id])
 
 
 # ------------------------------------------------------------------------------------------ ablation
 @pytest.mark.slow
-def test_knockout_kl_positive_finite_and_equals_unbatched(model, samples, ablation_run):
+def test_knockout_kl_positive_finite_and_equals_unbatched(tiny_rwkv_model, samples, ablation_run):
     kls = np.array([r.kl_divergence for r in ablation_run.samples])
     assert kls.shape == (len(samples),) and np.all(np.isfinite(kls)) and np.all(kls > 0)
     for i in (0, len(samples) - 1):  # batched + padded == direct single-sample computation
         s = samples[i]
         edit = ivs.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [1])
-        assert kls[i] == pytest.approx(_direct_kl(model, s, edit.scale), rel=1e-2, abs=1e-6)
+        assert kls[i] == pytest.approx(_direct_kl(tiny_rwkv_model, s, edit.scale), rel=1e-2, abs=1e-6)
     r0 = ablation_run.samples[0]
     assert r0.layers_knocked_out == 1 and len(r0.top_changed_tokens) == 5
     assert r0.kl_divergence_plip_filtered <= r0.kl_divergence + 1e-6
@@ -157,7 +119,7 @@ def test_ablation_json_matches_plip_schema_and_stats(ablation_run, samples):
     assert abs(got["welch_p_value_plip"] - ref.pvalue) < 0.01
     nf = got["noise_floor"]
     assert nf["n"] == len(samples) and nf["max"] == 0.0 and nf["n_effects"] == 20 and nf["warning"] is None
-    _assert_reference_keys(got, "state_ablation_layer2.json")
+    assert_plip_schema(got, "state_ablation_layer2.json")
 
 
 def test_distance_matched_control_within_its_offset(samples, ablation_run):
@@ -184,11 +146,11 @@ def test_distance_matched_control_within_its_offset(samples, ablation_run):
     assert "Noise floor (no-op edit, same program)" in text and py.verdict in text
 
 
-def test_control_without_a_matched_position_is_skipped_and_counted(model, samples):
+def test_control_without_a_matched_position_is_skipped_and_counted(tiny_rwkv_model, samples):
     s = samples[0]
     m = s.marker_token_pos
     blocked = dataclasses.replace(s, id="blocked", target_token_positions=(m - 2, m - 1, m + 1, m + 2))
-    res = ablation.run_state_ablation(model, [blocked] + samples[1:20], 1, 1, control_seed=0)
+    res = ablation.run_state_ablation(tiny_rwkv_model, [blocked] + samples[1:20], 1, 1, control_seed=0)
     row = res.samples[0]
     assert row.random_control_position is None and row.random_control_kl is None
     assert "within 2 token(s)" in row.random_control_note
@@ -210,12 +172,12 @@ def test_paired_comparison_undefined_cases():
 
 
 @pytest.mark.slow
-def test_scan_layers_equals_single_layer_runs(model, samples, ablation_run):
-    scan = ablation.run_knockout_windows(model, samples, [(l, l) for l in range(LAYERS)], mode="scan_layers")
+def test_scan_layers_equals_single_layer_runs(tiny_rwkv_model, samples, ablation_run):
+    scan = ablation.run_knockout_windows(tiny_rwkv_model, samples, [(l, l) for l in range(LAYERS)], mode="scan_layers")
     assert scan.kl.shape == (len(samples), LAYERS)
     single1 = np.array([r.kl_divergence for r in ablation_run.samples])
     np.testing.assert_allclose(scan.kl[:, 1], single1, rtol=1e-2, atol=1e-6)
-    single0 = ablation.run_state_ablation(model, samples, 0, 0, control_seed=None)
+    single0 = ablation.run_state_ablation(tiny_rwkv_model, samples, 0, 0, control_seed=None)
     np.testing.assert_allclose(scan.kl[:, 0], [r.kl_divergence for r in single0.samples], rtol=1e-2, atol=1e-6)
     assert single0.control is None and single0.to_json()["random_control"] is None
     assert scan.windows[1].tests.python.mean == pytest.approx(ablation_run.tests.python.mean, rel=1e-2)
@@ -226,34 +188,36 @@ def test_scan_layers_equals_single_layer_runs(model, samples, ablation_run):
     assert "Top 3 layers by python KL" in table and "p (Holm)" in table and "Best layer" in table
     js = scan.to_json()
     assert js["best_layer_selection"]["adjustment"] == "holm" and len(js["sample_results"][0]["kl_divergence"]) == 3
-    unchunked = ablation.run_knockout_windows(model, samples, [(l, l) for l in range(LAYERS)], chunk=None)
+    unchunked = ablation.run_knockout_windows(tiny_rwkv_model, samples, [(l, l) for l in range(LAYERS)], chunk=None)
     np.testing.assert_allclose(unchunked.kl, scan.kl, rtol=1e-2, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_window_knockout_and_an_undefined_welch(model, samples):
+def test_window_knockout_and_an_undefined_welch(tiny_rwkv_model, samples):
     assert radius_windows(1, 3, LAYERS) == [(1, 1), (0, 2), (0, 2), (0, 2)]
     assert sliding_windows(2, LAYERS) == [(0, 1), (1, 2)]
     with pytest.raises(ValueError, match="--slide_window"):
         sliding_windows(4, LAYERS)
-    w = ablation.run_state_ablation(model, samples[:4] + samples[10:14], 0, 2, control_seed=None).to_json()
+    w = ablation.run_state_ablation(tiny_rwkv_model, samples[:4] + samples[10:14], 0, 2, control_seed=None).to_json()
     assert w["layer_start"] == 0 and w["layer_end"] == 2 and w["n_layers_knocked_out"] == 3 and "layer" not in w
     s = samples[0]
     edit = ivs.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [0, 1, 2])
-    assert w["sample_results"][0]["kl_divergence"] == pytest.approx(_direct_kl(model, s, edit.scale), rel=1e-2, abs=1e-6)
+    assert w["sample_results"][0]["kl_divergence"] == pytest.approx(_direct_kl(tiny_rwkv_model, s, edit.scale),
+                                                                   rel=1e-2, abs=1e-6)
     with pytest.raises(ValueError, match="out of range"):
-        ablation.run_state_ablation(model, samples, 0, LAYERS)
+        ablation.run_state_ablation(tiny_rwkv_model, samples, 0, LAYERS)
     with pytest.raises(ConfigError, match="--layer_start=2 is after --layer_end=1"):
-        ablation.run_state_ablation(model, samples, 2, 1)
-    one_each = ablation.run_knockout_windows(model, [samples[0], samples[10]], [(0, 0), (1, 1)], mode="slide_window")
+        ablation.run_state_ablation(tiny_rwkv_model, samples, 2, 1)
+    one_each = ablation.run_knockout_windows(tiny_rwkv_model, [samples[0], samples[10]], [(0, 0), (1, 1)],
+                                             mode="slide_window")
     assert all(r.tests.welch.p_value is None and r.p_holm is None for r in one_each.windows)
     assert "undefined" in ablation.format_window_table(one_each)
     assert not any(r["significant_difference"] or r["significant_after_holm"] for r in one_each.to_json()["windows"])
 
 
 # ------------------------------------------------------------------------------------------ steering
-def test_steering_dose_response_with_floor_and_holm(model, samples, ablation_run):
-    st = steering.run_state_steering(model, samples, 1, (0.0, 0.5, 1.0, 2.0, 9.0))
+def test_steering_dose_response_with_floor_and_holm(tiny_rwkv_model, samples, ablation_run):
+    st = steering.run_state_steering(tiny_rwkv_model, samples, 1, (0.0, 0.5, 1.0, 2.0, 9.0))
     got = st.to_json()
     assert got["intervention_type"] == "state_steering" and "is_baseline" not in got["dose_response"][0]["python_stats"]
     by = {p["scale"]: p for p in got["dose_response"]}
@@ -271,10 +235,10 @@ def test_steering_dose_response_with_floor_and_holm(model, samples, ablation_run
     table = steering.format_dose_table(st)
     assert "Sanity: scale=1.0 identity: PASS" in table and "Noise floor" in table and "p Holm" in table
     with pytest.raises(ConfigError, match="--scales"):
-        steering.run_state_steering(model, samples, 1, (-1.0,))
+        steering.run_state_steering(tiny_rwkv_model, samples, 1, (-1.0,))
     with pytest.raises(ConfigError, match="--scales"):
-        steering.run_state_steering(model, samples, 1, (float("inf"),))
-    _assert_reference_keys(got, "state_steering_rwkv6.json")
+        steering.run_state_steering(tiny_rwkv_model, samples, 1, (float("inf"),))
+    assert_plip_schema(got, "state_steering_rwkv6.json")
 
 
 def test_monotonicity_unresolved_at_the_floor():
@@ -328,7 +292,7 @@ def test_truncated_completion_with_a_passing_doctest_is_strict_true_and_counted(
 
 
 @pytest.mark.slow
-def test_execute_doctests_false_runs_nothing_and_gives_null_strict_verdicts(monkeypatch, model):
+def test_execute_doctests_false_runs_nothing_and_gives_null_strict_verdicts(monkeypatch, tiny_rwkv_model):
     from plip_jax.analysis import sandbox
 
     def boom(*a, **k):
@@ -341,7 +305,7 @@ def test_execute_doctests_false_runs_nothing_and_gives_null_strict_verdicts(monk
     assert s.baseline.strict is None and s.baseline.wellformed is True and not s.baseline.executed
     assert s.to_json()["strict_change"] == "NOT_EVALUATED" and s.to_json()["baseline_strict_has_test"] is None
     assert a.to_json()["containment"] is None and a.to_json()["n_executed"] == 0
-    res = generation.run_state_steering_generate(model, layer=1, max_tokens=3, execute_doctests=False)
+    res = generation.run_state_steering_generate(tiny_rwkv_model, layer=1, max_tokens=3, execute_doctests=False)
     js = res.to_json()
     py = [x for x in js["samples"] if x["category"] == "python_doctest"]
     rs = [x for x in js["samples"] if x["category"] == "rust_test"]
@@ -353,42 +317,49 @@ def test_execute_doctests_false_runs_nothing_and_gives_null_strict_verdicts(monk
     assert f"{len(py)} pair(s) not evaluated" in js["mcnemar"]["strict"]["verdict"]
     table = generation.format_generate_table(res)
     assert "NOT executed" in table and "n/a" in table
-    only_py = generation.run_state_steering_generate(model, layer=1, max_tokens=3, execute_doctests=False,
+    only_py = generation.run_state_steering_generate(tiny_rwkv_model, layer=1, max_tokens=3, execute_doctests=False,
                                                      prompts=generation.load_generate_prompts()[:1])
     assert only_py.summary()["baseline_strict_preserved"] is None  # not 0 passing
     assert "undefined: none of the 1 pairs was evaluated" in only_py.outcomes("strict").verdict
 
 
 @pytest.mark.slow
-def test_generation_baseline_equals_plain_and_seeded_sampling(model):
+def test_generation_baseline_equals_plain_and_seeded_sampling(tiny_rwkv_model):
     p = generation.load_generate_prompts()[2]
-    ids, m = generation.marker_token(model.tokenizer, p)
+    ids, m = generation.marker_token(tiny_rwkv_model.tokenizer, p)
     assert p.prompt[p.prompt.find("#[test]"):].startswith("#[test]")
     key = jax.random.PRNGKey(0)
-    greedy = generation.generate_runs(model, ids, m, 1, [1.0, 1.0, 9.0], 6, 0.0, key, [0, 1, 2])
-    plain = gen.generate(model.model, [list(ids)], max_new_tokens=6, stop_ids=()).tokens[0]
+    greedy = generation.generate_runs(tiny_rwkv_model, ids, m, 1, [1.0, 1.0, 9.0], 6, 0.0, key, [0, 1, 2])
+    plain = gen.generate(tiny_rwkv_model.model, [list(ids)], max_new_tokens=6, stop_ids=()).tokens[0]
     np.testing.assert_array_equal(greedy[0], plain)
     np.testing.assert_array_equal(greedy[1], plain)
-    a = generation.generate_runs(model, ids, m, 1, [3.0, 3.0], 6, 0.8, key, [0, 1])
-    b = generation.generate_runs(model, ids, m, 1, [3.0, 3.0], 6, 0.8, key, [0, 1])
+    # the scale-9 run is the generation under the marker's state write scaled by 9 at layer 1 (one direct,
+    # unbatched call), and that steering changes the greedy completion on this model
+    steer9 = ivs.Interventions(state=ivs.state_steering(LAYERS, len(ids), [m], [1], 9.0))
+    direct = gen.generate(tiny_rwkv_model.model, [list(ids)], max_new_tokens=6, stop_ids=(),
+                          interventions=steer9).tokens[0]
+    np.testing.assert_array_equal(greedy[2], direct)
+    assert not np.array_equal(greedy[2], plain)
+    a = generation.generate_runs(tiny_rwkv_model, ids, m, 1, [3.0, 3.0], 6, 0.8, key, [0, 1])
+    b = generation.generate_runs(tiny_rwkv_model, ids, m, 1, [3.0, 3.0], 6, 0.8, key, [0, 1])
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a[0], a[1])  # different sample ids: different random streams
     with pytest.raises(ConfigError, match="--scale=inf"):
-        generation.run_state_steering_generate(model, layer=1, scale=float("inf"))
+        generation.run_state_steering_generate(tiny_rwkv_model, layer=1, scale=float("inf"))
 
 
 @pytest.mark.slow
-def test_persistence_token_distances_pairing_and_reproducibility(model):
+def test_persistence_token_distances_pairing_and_reproducibility(tiny_rwkv_model):
     prompts = [p for p in persistence.load_persistence_prompts() if p.language == "rust"]
     dists = []
     for p in prompts:
-        ids, m = generation.marker_token(model.tokenizer, p)
+        ids, m = generation.marker_token(tiny_rwkv_model.tokenizer, p)
         dists.append(len(ids) - (m + 1))
     assert dists == [86, 126, 207]  # spec 8.4 (same tokenizer as RWKV/v6-Finch-1B6-HF)
     kw = dict(layer=1, max_tokens=4, n_samples=2, temperatures=(0.7,), rust_only=True, seed=5,
               prompts=prompts[:1], keep_outputs=True)
-    r1 = persistence.run_state_steering_persistence(model, **kw).to_json()
-    r2 = persistence.run_state_steering_persistence(model, **kw).to_json()
+    r1 = persistence.run_state_steering_persistence(tiny_rwkv_model, **kw).to_json()
+    r2 = persistence.run_state_steering_persistence(tiny_rwkv_model, **kw).to_json()
     assert [r["outputs"] for r in r1["results"]] == [r["outputs"] for r in r2["results"]]
     assert [r["scale"] for r in r1["results"]] == [1.0, 3.0, 5.0, 9.0]
     assert set(r1["conditions"]) == {"scales", "temperatures", "distances"}
@@ -423,32 +394,27 @@ def test_default_state_layer():
 
 
 # ------------------------------------------------------------------------------------------ binaries
-def _run(args, timeout=600):
-    return subprocess.run([sys.executable, "-m", *args, "--device=cpu"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def test_binary_refuses_transformer_model():
-    proc = _run(["bin.state_steering_experiment"])
+    proc = run_binary("bin.state_steering_experiment", check=False)
     assert proc.returncode != 0
     assert "this experiment needs an RWKV-6 checkpoint" in proc.stderr + proc.stdout
 
 
 @pytest.mark.slow
-def test_state_ablation_binary(rwkv_dir, tmp_path):
+def test_state_ablation_binary(tiny_rwkv_dir, tmp_path):
     out = tmp_path / "abl.json"
-    proc = _run(["bin.state_ablation_experiment", f"--model={rwkv_dir}", f"--output={out}", "--include_baselines",
-                 "--plot"])
+    proc = run_binary("bin.state_ablation_experiment", f"--model={tiny_rwkv_dir}", f"--output={out}",
+                      "--include_baselines", "--plot", check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["layer"] == (3 * LAYERS) // 5 and "Welch t" in proc.stdout and "Noise floor" in proc.stdout
     assert "distance-matched control knockout" in proc.stdout and got["noise_floor"]["max"] == 0.0
     assert got["provenance"]["model"]["kind"] == "local" and got["provenance"]["corpus"]["sha256"]
     assert out.with_suffix(".png").stat().st_size > 10_000
-    _assert_reference_keys(got, "state_ablation_layer2.json")
+    assert_plip_schema(got, "state_ablation_layer2.json")
     out2 = tmp_path / "scan.json"
-    proc = _run(["bin.state_ablation_experiment", f"--model={rwkv_dir}", f"--output={out2}", "--slide_window=2",
-                 "--plot"])
+    proc = run_binary("bin.state_ablation_experiment", f"--model={tiny_rwkv_dir}", f"--output={out2}",
+                      "--slide_window=2", "--plot", check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     scan = json.loads(out2.read_text())
     assert scan["mode"] == "slide_window" and [(w["layer_start"], w["layer_end"]) for w in scan["windows"]] == [(0, 1), (1, 2)]
@@ -456,24 +422,24 @@ def test_state_ablation_binary(rwkv_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_state_steering_binary(rwkv_dir, tmp_path):
+def test_state_steering_binary(tiny_rwkv_dir, tmp_path):
     out = tmp_path / "steer.json"
-    proc = _run(["bin.state_steering_experiment", f"--model={rwkv_dir}", f"--output={out}", "--layer=1",
-                 "--scales=0,1,4", "--plot"])
+    proc = run_binary("bin.state_steering_experiment", f"--model={tiny_rwkv_dir}", f"--output={out}", "--layer=1",
+                      "--scales=0,1,4", "--plot", check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert [p["scale"] for p in got["dose_response"]] == [0.0, 1.0, 4.0]
     assert got["sanity_checks"]["identity"]["status"] == "PASS" and "PASS" in proc.stdout
     assert "Noise floor" in proc.stdout and got["noise_floor"]["n_effects"] == 40
     assert out.with_suffix(".png").stat().st_size > 10_000
-    _assert_reference_keys(got, "state_steering_rwkv6.json")
+    assert_plip_schema(got, "state_steering_rwkv6.json")
 
 
 @pytest.mark.slow
-def test_generation_binaries(rwkv_dir, tmp_path):
+def test_generation_binaries(tiny_rwkv_dir, tmp_path):
     out = tmp_path / "gen.json"
-    proc = _run(["bin.state_steering_generate", f"--model={rwkv_dir}", f"--output={out}", "--layer=1",
-                 "--max_tokens=5", "--execute_doctests=false", "--plot"])
+    proc = run_binary("bin.state_steering_generate", f"--model={tiny_rwkv_dir}", f"--output={out}", "--layer=1",
+                      "--max_tokens=5", "--execute_doctests=false", "--plot", check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert [s["name"] for s in got["samples"]] == [p.id for p in generation.load_generate_prompts()]
@@ -483,12 +449,13 @@ def test_generation_binaries(rwkv_dir, tmp_path):
     assert got["provenance"]["flags"]["execute_doctests"] is False and got["provenance"]["corpus"]["sha256"]
     assert "McNemar" in proc.stdout and out.with_suffix(".png").stat().st_size > 10_000
     out = tmp_path / "pers.json"
-    proc = _run(["bin.state_steering_persistence", f"--model={rwkv_dir}", f"--output={out}", "--layer=1",
-                 "--max_tokens=3", "--n_samples=2", "--temperatures=0,0.7", "--rust_only", "--seed=1", "--plot"])
+    proc = run_binary("bin.state_steering_persistence", f"--model={tiny_rwkv_dir}", f"--output={out}", "--layer=1",
+                      "--max_tokens=3", "--n_samples=2", "--temperatures=0,0.7", "--rust_only", "--seed=1", "--plot",
+                      check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["experiment"] == "state_steering_persistence" and len(got["results"]) == 3 * 4 * 2
     assert {r["n_runs"] for r in got["results"]} == {1, 2} and got["provenance"]["flags"]["seed"] == 1
     assert got["test_execution"]["execute_doctests"] is True and out.with_suffix(".png").stat().st_size > 10_000
-    proc = _run(["bin.state_steering_generate", f"--model={rwkv_dir}", "--scale=inf"])
+    proc = run_binary("bin.state_steering_generate", f"--model={tiny_rwkv_dir}", "--scale=inf", check=False)
     assert proc.returncode != 0 and "--scale" in proc.stderr

@@ -7,12 +7,12 @@ import math
 import os
 import re
 import signal
-import socket
 import time
 
 import pytest
 
 from plip_jax.analysis import sandbox as SB
+from tests.local_listener import listener, received
 
 WRAPPER = SB.namespace_wrapper()
 needs_netns = pytest.mark.skipif(WRAPPER is None, reason="no network namespace tool works here")
@@ -72,8 +72,8 @@ def test_environment_and_home_are_throwaway(monkeypatch, tmp_path):
     assert list(home.iterdir()) == []
 
 
-_SPAWN = """
-import os, sys
+# The child records each attempt: "ran", or the exception it raised.
+_ATTEMPT = """
 out = {}
 def attempt(name, fn):
     try:
@@ -81,6 +81,9 @@ def attempt(name, fn):
         out[name] = "ran"
     except BaseException as e:
         out[name] = type(e).__name__ + ": " + str(e)
+"""
+
+_SPAWN = "\nimport os, sys\n" + _ATTEMPT + """\
 attempt("subprocess", lambda: __import__("subprocess").run(["/bin/sh", "-c", "touch " + sys.argv[1]]))
 attempt("os.system", lambda: os.system("touch " + sys.argv[1]))
 attempt("os.posix_spawn", lambda: os.posix_spawn("/bin/sh", ["sh", "-c", "touch " + sys.argv[1]], {}))
@@ -106,16 +109,7 @@ def test_process_creation_and_native_code_are_refused(tmp_path):
     assert not marker.exists()
 
 
-_WRITES = """
-import json, os, sys, shutil
-target, keep, newdir = sys.argv[1:4]
-out = {}
-def attempt(name, fn):
-    try:
-        fn()
-        out[name] = "ran"
-    except BaseException as e:
-        out[name] = type(e).__name__ + ": " + str(e)
+_WRITES = "\nimport json, os, sys, shutil\ntarget, keep, newdir = sys.argv[1:4]\n" + _ATTEMPT + """\
 attempt("open_w", lambda: open(target, "w").write("x"))
 attempt("open_a_relative_dotdot", lambda: open("../../" + os.path.basename(target), "a"))
 attempt("os.open", lambda: os.open(target, os.O_WRONLY | os.O_CREAT))
@@ -159,27 +153,6 @@ def test_read_only_mount_namespace_alone_blocks_writes(tmp_path):
     assert not target.exists()
 
 
-def _listener():
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    srv.settimeout(0.3)
-    return srv
-
-
-def _received(srv) -> bytes:
-    try:
-        conn, _ = srv.accept()
-    except (socket.timeout, TimeoutError):
-        return b""
-    with conn:
-        conn.settimeout(0.3)
-        try:
-            return conn.recv(1024) or b"<connected>"
-        except (socket.timeout, TimeoutError):
-            return b"<connected>"
-
-
 _CONNECT = """
 import socket, sys
 try:
@@ -196,10 +169,10 @@ except BaseException as e:
 def test_no_network(audit_hook):
     # audit_hook=True: the hook refuses the socket (and the namespace, if any, has no route anyway);
     # audit_hook=False: the network namespace alone.
-    srv = _listener()
+    srv = listener()
     try:
         r = run(_CONNECT, args=[str(srv.getsockname()[1])], audit_hook=audit_hook)
-        assert _received(srv) == b""
+        assert received(srv) == b""
     finally:
         srv.close()
     assert "SENT" not in r.stdout
@@ -234,12 +207,13 @@ def test_hook_cannot_be_reconfigured_from_inside(tmp_path):
     code = """
 import builtins, gc, os, sys, posixpath
 hooks = [f for f in gc.get_objects() if getattr(f, "__name__", "") == "hook" and callable(f)]
+print("HOOKS", len(hooks))
 for h in hooks:
     try:
         h.__defaults__ = ((None,) * 13, h.__defaults__[1])
         print("REDEFINED")
     except PermissionError as e:
-        print("defaults refused")
+        print("defaults refused:", e)
 builtins.isinstance = lambda *a: False
 os.path.realpath = posixpath.realpath = lambda p: os.getcwd()
 os.getcwd = lambda: "/"
@@ -252,6 +226,11 @@ except PermissionError as e:
     r = run(code, args=[str(target)])
     assert "REDEFINED" not in r.stdout and "WROTE" not in r.stdout, r.stdout
     assert "write refused" in r.stdout and not target.exists()
+    # the tampering was really attempted: the hook was found, and each attempt was refused by the audit hook
+    m = re.search(r"^HOOKS (\d+)$", r.stdout, re.M)
+    assert m and int(m.group(1)) >= 1, r.stdout
+    refusals = re.findall(r"^defaults refused: (.*)$", r.stdout, re.M)
+    assert refusals == ["plip sandbox: setting __defaults__ refused"] * int(m.group(1)), r.stdout
 
 
 def test_bootstrap_failure_runs_nothing():

@@ -81,6 +81,8 @@ def test_welch_one_zero_variance_group_uses_limit_df():
     # PLIP's convention (parity only) falls back to df = n1 + n2 - 2 = 8 and a p ~64x too small.
     plip = S.welch_t_test_plip(a, b)
     assert plip.df == 8.0 and plip.p_value == pytest.approx(9.2e-6, rel=0.01)
+    assert plip.t == pytest.approx(t_hand, rel=1e-12)  # the same t; only the df differs
+    assert plip.p_value == pytest.approx(2 * sps.t.sf(t_hand, 8), rel=1e-12)  # two-sided, hand t, df = 5 + 5 - 2
     assert r.p_value / plip.p_value > 60
 
 
@@ -302,6 +304,15 @@ def test_fisher_plip():
     odds, p = S.fisher_exact_2x2([[3, 7], [9, 2]])
     assert p == pytest.approx(0.02997312285237981, rel=1e-9)
     assert odds == pytest.approx(2 / 21)
+    # the default is two-sided: scipy's test on the same table, and the hypergeometric sum by hand (every
+    # table with the same margins no more probable than the observed one; a ~ Hypergeom(21, 12, 10))
+    assert p == pytest.approx(sps.fisher_exact([[3, 7], [9, 2]], alternative="two-sided")[1], rel=1e-12)
+    pmf = {x: math.comb(12, x) * math.comb(9, 10 - x) / math.comb(21, 10) for x in range(1, 11)}
+    assert p == pytest.approx(sum(v for v in pmf.values() if v <= pmf[3] * (1 + 1e-9)), rel=1e-12)
+    for alt in ("less", "greater"):
+        assert S.fisher_exact_2x2([[3, 7], [9, 2]], alt)[1] == pytest.approx(
+            sps.fisher_exact([[3, 7], [9, 2]], alternative=alt)[1], rel=1e-12)
+    assert S.fisher_exact_2x2([[3, 7], [9, 2]], "less")[1] == pytest.approx(sum(pmf[x] for x in range(1, 4)), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- paired tests
@@ -348,6 +359,12 @@ def test_cohens_d():
     s1, s2 = 1.0, math.sqrt(2.5)
     assert S.cohens_d(a, b) == pytest.approx((2.0 - 5.0) / math.sqrt((s1**2 + s2**2) / 2))
     assert S.cohens_d([1.0, 1.0], [1.0, 1.0]) == 0.0
+    # ddof=0 (PLIP's multi_sample_attention): population SDs, sqrt(mean squared deviation)
+    a0, b0 = [1.0, 2.0, 4.0], [3.0, 7.0]
+    p1 = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 3)
+    p2 = math.sqrt(((3 - 5) ** 2 + (7 - 5) ** 2) / 2)
+    assert S.cohens_d(a0, b0, ddof=0) == pytest.approx((7 / 3 - 5) / math.sqrt((p1**2 + p2**2) / 2), rel=1e-12)
+    assert S.cohens_d(a0, b0, ddof=0) != pytest.approx(S.cohens_d(a0, b0), rel=1e-3)  # the two conventions differ
 
 
 def test_holm_bonferroni_hand():

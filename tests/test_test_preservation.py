@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 import json
-import os
-import socket
 import time
 
 import pytest
 
 from plip_jax.analysis import sandbox as SB
 from plip_jax.analysis import test_preservation as TP
+from tests.local_listener import listener, received
 
 PROMPTS = str(Path(__file__).resolve().parents[1] / "corpus" / "generation_prompts_n50.json")
 
@@ -223,14 +222,6 @@ def test_assess_python_positional_signature_and_json():
 ADD_DOC_PROMPT = 'def add(a, b):\n    """Add two numbers.\n\n'
 
 
-def _listener():
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    srv.settimeout(0.3)
-    return srv
-
-
 def test_probe_doctest_writing_to_home_leaves_no_file(monkeypatch, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -250,7 +241,7 @@ def test_probe_doctest_writing_to_home_leaves_no_file(monkeypatch, tmp_path):
 
 
 def test_probe_doctest_cannot_reach_a_local_listener():
-    srv = _listener()
+    srv = listener()
     port = srv.getsockname()[1]
     completion = (
         f'    >>> import socket; s = socket.create_connection(("127.0.0.1", {port}), timeout=2); '
@@ -259,12 +250,7 @@ def test_probe_doctest_cannot_reach_a_local_listener():
     )
     try:
         r = TP.assess_python(ADD_DOC_PROMPT, completion, timeout_s=10)
-        try:
-            conn, _ = srv.accept()
-            conn.close()
-            got = True
-        except (socket.timeout, TimeoutError):
-            got = False
+        got = received(srv) != b""  # anything that connected, with or without data
     finally:
         srv.close()
     assert r.executed and not got and not r.strict

@@ -11,13 +11,18 @@ import pytest
 from plip_jax.core.capture import Capture
 from plip_jax.models.layers import PerLayerLayers
 from plip_jax.models.registry import load_model
-from tests.hf_fixtures import FAMILIES, build_hf_model, hf_outputs, save_hf_model
+from plip_jax.analysis.lens import lens_logits
+from tests.hf_fixtures import FAMILIES, build_hf_model, hf_hidden_states, hf_outputs, save_hf_model
 from tests.model_helpers import run, run_batch
 
 pytestmark = pytest.mark.parity
 
 LOGIT_TOL = 1e-4
 PROB_TOL = 1e-5
+# Residual stream / hidden states (values of magnitude ~1-6 on these tiny models): measured max errors against HF
+# are <= 1e-6 per layer and <= 2e-6 after the final norm and for the lens logits, every family; the logits'
+# 1e-4 leaves the same ~50-100x headroom for BLAS / threading differences across machines.
+RESID_TOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -39,6 +44,43 @@ def test_logits_and_every_layer_attention_match_hf(family_model):
     for layer, ref in enumerate(ref_attn):
         err = np.abs(np.asarray(out.attn_probs[layer]) - ref[0]).max()
         assert err <= PROB_TOL, f"{family} layer {layer}: attention error {err}"
+
+
+def test_residual_stream_and_logit_lens_match_hf_hidden_states(family_model):
+    """Capture(resid_post="all") per layer against HF output_hidden_states: hidden_states[l + 1] is the residual
+    after block l for l < L - 1; HF's last entry is after the final norm, so it is compared with our final norm
+    of the last residual. The logit lens (final norm + unembedding of a layer's residual, `lens.lens_logits`) at
+    every intermediate layer equals HF's own final norm + lm_head applied to HF's hidden state of that layer."""
+    family, hf, model = family_model
+    L = model.cfg.num_layers
+    assert L >= 3  # at least one intermediate layer besides the first
+    tokens = np.random.RandomState(11).randint(0, model.cfg.vocab_size, size=(1, 21))
+    mid = list(range(L - 1))
+    ref_hidden, ref_lens = hf_hidden_states(hf, tokens, lens_layers=mid)
+    assert len(ref_hidden) == L + 1
+    out = run(model.model, jnp.asarray(tokens[0]), capture=Capture(logits="all", resid_post="all"))
+    chex.assert_shape(out.resid_post, (L, 21, model.cfg.hidden_size))
+    resid = np.asarray(out.resid_post)
+    for layer in range(L - 1):
+        ref = ref_hidden[layer + 1][0]
+        assert np.abs(ref).max() > 0.1  # a real comparison, not two near-zero arrays
+        err = np.abs(resid[layer] - ref).max()
+        assert err <= RESID_TOL, f"{family} layer {layer}: residual error {err}"
+    normed = np.asarray(model.model.final_norm(out.resid_post[L - 1]))
+    err = np.abs(normed - ref_hidden[L][0]).max()
+    assert err <= RESID_TOL, f"{family}: final-normed hidden state error {err}"
+    # consecutive layers differ (the capture is per layer, not one array repeated)
+    assert np.abs(resid[1] - resid[0]).max() > 1e-2
+    for layer in mid:
+        got = np.asarray(lens_logits(model.model, out.resid_post[layer]))
+        ref = ref_lens[layer][0]
+        err = np.abs(got - ref).max()
+        assert err <= LOGIT_TOL, f"{family} lens at layer {layer}: logit error {err}"
+        assert np.abs(ref - np.asarray(out.logits)).max() > 1e-2  # an intermediate lens is not the output
+    # the lens of the last layer is the model's own output (HF logits)
+    ref_logits, _ = hf_outputs(hf, tokens)
+    got = np.asarray(lens_logits(model.model, out.resid_post[L - 1]))
+    assert np.abs(got - ref_logits[0]).max() <= LOGIT_TOL, family
 
 
 def test_per_layer_layout_matches_hf(family_model):

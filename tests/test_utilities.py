@@ -13,6 +13,7 @@ import pytest
 
 from plip_jax.models import hf_cache
 from plip_jax.models.sources import BUNDLED_MODEL_DIR
+from tests.binary_harness import run_binary
 
 REPO = Path(__file__).resolve().parent.parent
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -105,10 +106,7 @@ def test_model_summary_bundled_and_cached(hub, monkeypatch):
 
 
 def _run_bin(name: str, *args: str, env=None, timeout: int = 180) -> str:
-    proc = subprocess.run([sys.executable, "-m", f"bin.{name}", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_binary(f"bin.{name}", *args, device=None, env=env, timeout=timeout).stdout
 
 
 def test_bin_list_models(hub, tmp_path):
