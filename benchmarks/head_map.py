@@ -17,7 +17,6 @@ in the second half and 3 earlier targets, as the other benchmarks.
 
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,6 @@ dtype, RoPE mode, device, and timings, so a result file is enough to rebuild the
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import sys
 from importlib import metadata

@@ -16,7 +16,6 @@ targets; a sample without one is skipped with a note.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Optional, Sequence
 

@@ -21,7 +21,7 @@ from plip_jax.models import sharding
 from plip_jax.models.config import ModelConfig, config_from_hf, read_config_json
 from plip_jax.models.layers import make_layers
 from plip_jax.models.safetensors_io import WeightStore
-from plip_jax.models.sources import ModelSource, resolve_model, weight_files
+from plip_jax.models.sources import ModelSource, weight_files
 from plip_jax.models.transformer import Transformer
 
 Params = dict

@@ -29,7 +29,6 @@ from typing import Any, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture, Output

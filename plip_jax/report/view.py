@@ -8,7 +8,6 @@ import collections
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
 
 from plip_jax.data.corpus import load_universal_corpus
 from plip_jax.data.positions import tokenize_sample
