@@ -106,10 +106,11 @@ def _effective_attention(r: jax.Array, k: jax.Array, logw: jax.Array, u: jax.Arr
     return pos / (jnp.sum(pos, axis=-1, keepdims=True) + 1e-10)
 
 
-def _block(cfg: RwkvConfig, dtype, capture_ea: bool, length: jax.Array, rows: jax.Array | None,
-           h: jax.Array, p: dict, attn_x0, kv0, ffn_x0, scale) -> tuple[jax.Array, tuple, Optional[jax.Array]]:
+def _block(cfg: RwkvConfig, dtype, length: jax.Array, h: jax.Array, p: dict, attn_x0, kv0, ffn_x0,
+           scale) -> tuple[jax.Array, tuple, tuple]:
     """One RWKV-6 block on h [T, D] with layer params `p`, initial state parts and the per-position kv-write
-    scale f32[T]; returns (h, (attn_x, kv, ffn_x) after position length-1, effective attention or None)."""
+    scale f32[T]; returns (h, (attn_x, kv, ffn_x) after position length-1, (r, k, logw, u): the inputs of
+    `_effective_attention`, computed only where the caller uses them)."""
     T = h.shape[0]
     H, N = cfg.num_heads, cfg.head_size
     eps = cfg.layer_norm_epsilon
@@ -169,8 +170,7 @@ def _block(cfg: RwkvConfig, dtype, capture_ea: bool, length: jax.Array, rows: ja
         kk, p["feed_forward.value.weight"])
     h = h + ffn
 
-    ea = _effective_attention(r, k, logw, u, rows) if capture_ea else None
-    return h, (x[last], kv_final, y[last]), ea
+    return h, (x[last], kv_final, y[last]), (r, k, logw, u)
 
 
 def check_interventions(iv: Optional[ivs.Interventions]) -> None:
@@ -223,21 +223,33 @@ def forward(params: dict, tokens: jax.Array, cfg: RwkvConfig, *, length: Any = N
     h = params["embeddings"][tokens].astype(dtype)
     h = _layer_norm(h, params["pre_ln"]["weight"], params["pre_ln"]["bias"], cfg.layer_norm_epsilon)
 
-    def body(h, p, layer, xs):
-        attn_x0, kv0, ffn_x0, scale = xs
-        h, new_state, ea = _block(cfg, dtype, want_ea, length, rows, h, p, attn_x0, kv0, ffn_x0, scale)
+    def body(carry, p, layer, xs):
+        h, buf = carry
+        attn_x0, kv0, ffn_x0, scale, slot = xs
+        h, new_state, ea_inputs = _block(cfg, dtype, length, h, p, attn_x0, kv0, ffn_x0, scale)
         h = ivs.edit_residual(h, interventions, layer, positions)
         ys = {"state": new_state}
-        if want_ea:
-            ys["ea"] = ea
+        if want_ea and selected is None:  # every layer's effective attention
+            ys["ea"] = _effective_attention(*ea_inputs, rows)
+        elif selected is not None and isinstance(layer, int):  # unrolled: the slot is known statically
+            if int(slot) >= 0:
+                buf = jax.lax.dynamic_update_index_in_dim(buf, _effective_attention(*ea_inputs, rows), int(slot), 0)
+        elif selected is not None:  # computed and written only for the selected layers
+            buf = jax.lax.cond(slot >= 0, lambda b: jax.lax.dynamic_update_index_in_dim(
+                b, _effective_attention(*ea_inputs, rows), slot, 0), lambda b: b, buf)
         if capture.resid_post == "all":
             ys["resid_post"] = h
         elif capture.resid_post == "last":
             ys["resid_post"] = h[last]
-        return h, ys
+        return (h, buf), ys
 
-    xs = (state.attn_x.astype(dtype), state.attn_kv.astype(jnp.float32), state.ffn_x.astype(dtype), scales)
-    h, ys = params["blocks"].fold(body, h, xs)
+    slots = np.full((L,), -1, np.int32)
+    buf = None
+    if selected is not None:
+        slots[list(selected)] = np.arange(len(selected))
+        buf = jnp.zeros((len(selected), cfg.num_heads, T, T), jnp.float32)
+    xs = (state.attn_x.astype(dtype), state.attn_kv.astype(jnp.float32), state.ffn_x.astype(dtype), scales, slots)
+    (h, buf), ys = params["blocks"].fold(body, (h, buf), xs)
     hidden = _layer_norm(h, params["ln_out"]["weight"], params["ln_out"]["bias"], cfg.layer_norm_epsilon)
     logits = None
     if capture.logits == "all":
@@ -245,11 +257,7 @@ def forward(params: dict, tokens: jax.Array, cfg: RwkvConfig, *, length: Any = N
     elif capture.logits == "last":
         logits = _unembed(params, hidden[last], dtype)
     ea = ys.get("ea")
-    attn_probs = None
-    if capture.attn_probs is True:
-        attn_probs = ea
-    elif selected is not None:
-        attn_probs = ea[jnp.asarray(selected)]
+    attn_probs = ea if capture.attn_probs is True else buf
     ax, kv, fx = ys["state"]
     return Output(logits=logits, attn_rows=ea if capture.attn_rows else None, attn_probs=attn_probs,
                   resid_post=ys.get("resid_post"), final_hidden=hidden if capture.final_hidden else None,
