@@ -153,6 +153,9 @@ def test_entry_layers_and_prefix_rules():
     assert causal.shared_prefix(iv, [40, 40]) == 16
     assert causal.shared_prefix(iv, [40, 12]) == 8  # before the shortest sample's last token
     assert causal.shared_prefix(iv, [40, 40], markers=[7, 30]) == 0  # a marker row read before the edits
+    for lengths in ([40, 40], [40, 12]):  # the knockout-only form: the same rule from the edges alone
+        assert causal.knockout_prefix(e, lengths) == causal.shared_prefix(iv, lengths)
+    assert causal.knockout_prefix(np.zeros((2, 40, 40), bool), [40, 35]) == 32  # no edge: the last real token
 
 
 @pytest.mark.slow

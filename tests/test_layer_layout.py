@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -24,9 +25,14 @@ def test_layouts_and_auto_resolution(bundled_model, per_layer_model):
     assert per.num_layers == stacked.num_layers == bundled_model.cfg.num_layers
     assert per.layer(3)["q_w"].shape == stacked.tree["q_w"].shape[1:]
     np.testing.assert_array_equal(per.layer(3)["q_w"], stacked.layer(3)["q_w"])
-    group, offset = per.group(2, 5)
-    assert offset == 2 and group["q_w"].shape[0] == 3
-    np.testing.assert_array_equal(group["q_w"][1], stacked.tree["q_w"][3])
+    # fold_range visits layers 2, 3, 4 with their own params, scanned or unrolled, in either layout
+    for layers in (stacked, per):
+        for unroll in (False, True):
+            total, ys = layers.fold_range(lambda c, lp, j: (c + lp["q_w"], {"j": j, "w00": lp["q_w"][0, 0]}),
+                                          jnp.zeros_like(stacked.tree["q_w"][0]), 2, 5, unroll=unroll)
+            np.testing.assert_allclose(total, stacked.tree["q_w"][2:5].sum(0), rtol=1e-6)
+            np.testing.assert_array_equal(ys["j"], [2, 3, 4])
+            np.testing.assert_array_equal(ys["w00"], stacked.tree["q_w"][2:5, 0, 0])
     assert layouts.resolve_layer_layout("auto") == "stacked"  # JAX runs on CPU in the tests
     with pytest.raises(ValueError, match="layer_layout must be one of"):
         layouts.resolve_layer_layout("rows")

@@ -106,21 +106,22 @@ def shared_prefix(iv, lengths, markers=None) -> int:
     any edge edits (attention is causal, so earlier rows are untouched in every layer), before every
     marker whose attention row is read (`markers`, optional) and before each sample's last real token;
     rounded down to a multiple of PREFIX_MULTIPLE. `iv`: Interventions with any leading axes (host arrays)."""
-    rows = _edited_rows(iv)
-    first = int(rows.min()) if rows.size else int(np.max(np.asarray(lengths)))
-    if markers is not None and np.size(markers):
-        first = min(first, int(np.min(np.asarray(markers))))
-    p = min(first, int(np.min(np.asarray(lengths))) - 1)
-    return max(0, p) // PREFIX_MULTIPLE * PREFIX_MULTIPLE
+    return _prefix_before(_edited_rows(iv), lengths, markers)
 
 
 def knockout_prefix(edges, lengths) -> int:
-    """`shared_prefix` of a knockout given by its edges bool [B, T, T] (host array) and lengths int [B]."""
+    """`shared_prefix` of a knockout given by its edges bool [..., T, T] (host array) and lengths int [B]."""
     e = np.asarray(edges)
-    rows = np.nonzero(e.any(axis=-1))[1]
-    first = int(rows.min()) if rows.size else e.shape[1]
-    p = min(first, int(np.min(np.asarray(lengths))) - 1)
-    return max(0, p) // PREFIX_MULTIPLE * PREFIX_MULTIPLE
+    return _prefix_before(np.nonzero(e.reshape(-1, *e.shape[-2:]).any(axis=(0, 2)))[0], lengths)
+
+
+def _prefix_before(edited_rows: np.ndarray, lengths, markers=None) -> int:
+    """The shared prefix given the edited query rows (any order), see `shared_prefix`."""
+    last_real = int(np.min(np.asarray(lengths))) - 1
+    first = int(np.min(edited_rows)) if np.size(edited_rows) else last_real
+    if markers is not None and np.size(markers):
+        first = min(first, int(np.min(np.asarray(markers))))
+    return max(0, min(first, last_real)) // PREFIX_MULTIPLE * PREFIX_MULTIPLE
 
 
 def entry_layers(starts: Sequence[int], n_layers: int, group_layers: int = DEFAULT_GROUP_LAYERS) -> tuple:
@@ -198,21 +199,9 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
                 y["fail"] = jnp.where(bad.any(-1), p + jnp.argmax(bad, -1), -1).astype(jnp.int32)
             return out, y
 
-        if unroll:  # every layer inline: no while loop (XLA's cost analysis counts all of it)
-            ys = []
-            for j in range(a, b):
-                streams, y = step(streams, model.layers.layer(j), j)
-                ys.append(y)
-            ys = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *ys) if ys and ys[0] else {}
-        else:  # one scan body per group; per-layer layouts copy only this group's layers
-            group, offset = model.layers.group(a, b)
-
-            def body(h, j, group=group, offset=offset, step=step):
-                lp = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, j - offset, 0, keepdims=False),
-                                            group)
-                return step(h, lp, j)
-
-            streams, ys = jax.lax.scan(body, streams, jnp.arange(a, b))
+        # one scan body per group (per-layer layouts copy only this group's layers), or every layer inline
+        streams, ys = model.layers.fold_range(step, streams, a, b, unroll=unroll)
+        ys = ys or {}
         missing = n_points - n  # points not entered yet: copies of the reference
         if "rows" in ys:
             r = ys["rows"]

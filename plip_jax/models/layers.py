@@ -35,6 +35,29 @@ def _stack(trees) -> Any:
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def _stack_outputs(ys: list) -> Any:
+    """Per-layer outputs of an unrolled loop stacked on a leading axis (None / empty trees stay as they are)."""
+    leaves = [y for y in ys if y is not None and jax.tree_util.tree_leaves(y)]
+    return _stack(ys) if leaves else (ys[0] if ys else None)
+
+
+def _unrolled(layer_at: Callable, body: Callable, carry: Any, start: int, stop: int) -> tuple[Any, Any]:
+    ys = []
+    for j in range(start, stop):
+        carry, y = body(carry, layer_at(j), j)
+        ys.append(y)
+    return carry, _stack_outputs(ys)
+
+
+def _scan_range(stack: Any, offset: int, body: Callable, carry: Any, start: int, stop: int) -> tuple[Any, Any]:
+    """One `lax.scan` over layers start..stop-1 of `stack` (layer j is leaf[j - offset]; j traced)."""
+    def step(c, j):
+        lp = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, j - offset, 0, keepdims=False), stack)
+        return body(c, lp, j)
+
+    return jax.lax.scan(step, carry, jnp.arange(start, stop))
+
+
 class StackedLayers(struct.PyTreeNode):
     """Per-layer params stacked on a leading axis: `tree` leaves are [L, ...]."""
 
@@ -54,10 +77,13 @@ class StackedLayers(struct.PyTreeNode):
         n = self.num_layers
         return jax.lax.scan(lambda c, a: body(c, a[0], a[1], a[2]), carry, (self.tree, jnp.arange(n), xs))
 
-    def group(self, start: int, stop: int) -> tuple[Any, int]:
-        """(stacked params, offset) for a scan over layers start..stop-1: layer j is leaf[j - offset].
-        No copy: the whole stack with offset 0."""
-        return self.tree, 0
+    def fold_range(self, body: Callable, carry: Any, start: int, stop: int, unroll: bool = False) -> tuple[Any, Any]:
+        """carry, ys = body(carry, layer_params, j) for j = start..stop-1: one `lax.scan` over the stack (j
+        traced; no copy of the params), or with `unroll` every layer inline (j a Python int; XLA's cost
+        analysis then counts all of it). ys stacked on a leading (stop - start) axis."""
+        if unroll:
+            return _unrolled(self.layer, body, carry, start, stop)
+        return _scan_range(self.tree, 0, body, carry, start, stop)
 
     def partition_specs(self, rule: Callable[[str, int], Any]) -> "StackedLayers":
         """Same structure, a PartitionSpec per leaf: `rule(leaf_name, ndim_of_one_layer)` prefixed by the
@@ -98,12 +124,15 @@ class PerLayerLayers(struct.PyTreeNode):
             x_j = None if xs is None else jax.tree_util.tree_map(lambda a: a[j], xs)
             carry, y = body(carry, lp, j, x_j)
             ys.append(y)
-        leaves = [y for y in ys if y is not None and jax.tree_util.tree_leaves(y)]
-        return carry, (_stack(ys) if leaves else (ys[0] if ys else None))
+        return carry, _stack_outputs(ys)
 
-    def group(self, start: int, stop: int) -> tuple[Any, int]:
-        """(stacked params, offset) for a scan over layers start..stop-1 (a copy of those layers only)."""
-        return _stack(self.layers[start:stop]), start
+    def fold_range(self, body: Callable, carry: Any, start: int, stop: int, unroll: bool = False) -> tuple[Any, Any]:
+        """carry, ys = body(carry, layer_params, j) for j = start..stop-1: one `lax.scan` over a stacked copy
+        of those layers only (j traced; one compiled body), or with `unroll` every layer inline (j a Python
+        int). ys stacked on a leading (stop - start) axis."""
+        if unroll:
+            return _unrolled(self.layer, body, carry, start, stop)
+        return _scan_range(_stack(self.layers[start:stop]), start, body, carry, start, stop)
 
     def partition_specs(self, rule: Callable[[str, int], Any]) -> "PerLayerLayers":
         def spec(path, leaf):

@@ -313,7 +313,7 @@ class Transformer(struct.PyTreeNode):
     # ------------------------------------------------------------------ per-block API (knockout scans)
     @property
     def layers(self):
-        """The per-layer params (`StackedLayers` | `PerLayerLayers`): `.group(a, b)`, `.layer(j)`."""
+        """The per-layer params (`StackedLayers` | `PerLayerLayers`): `.fold_range(body, carry, a, b)`, `.layer(j)`."""
         return self.params["layers"]
 
     def block_context(self, n_tokens: int, *, length=None, positions=None, cache_size=None) -> _Ctx:
