@@ -4,6 +4,7 @@ targets and the per-layer lift tests (hand-computed cases and a brute-force refe
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -14,6 +15,45 @@ from plip_jax.analysis import stats as S
 
 
 # ----------------------------------------------------------------------------- visible keys and the null
+
+
+def _counts_from_positions(targets: Sequence[int], n: int) -> np.ndarray:
+    c = np.zeros(n, np.float64)
+    for t in targets:
+        t = int(t)
+        if t < 0:
+            raise ValueError(f"target position {t} is negative")
+        if t < n:  # targets at or beyond the end are dropped, as make_metric_batch does
+            c[t] += 1.0
+    return c
+
+
+def uniform_null(marker: int, targets: Sequence, length: int, windows: Sequence, *,
+                 counts: bool = False) -> np.ndarray:
+    """The null of one sample, written plainly as the reference for the batched `N.uniform_null_batch`:
+    float64 [L] (a fraction of the marker row's attention, 0..1).
+
+    marker: token position of the marker; targets: target token positions with multiplicity (or, with
+    counts=True, per-position multiplicities [>= length], as MetricBatch.target_counts); targets at or
+    beyond `length` are dropped like the metric drops them; length: real tokens; windows [L]: each
+    layer's sliding window (None or 0 = full causal). A target the marker cannot see counts 0. No
+    target -> NaN (the metric is NaN there too).
+    """
+    length = int(length)
+    if counts:
+        c = np.asarray(targets, dtype=np.float64).ravel()
+        if (c < 0).any():
+            raise ValueError("target counts must be >= 0")
+        c = np.where(np.arange(c.size) < length, c, 0.0)
+    else:
+        c = _counts_from_positions(targets, length)
+    w = np.asarray([math.inf if not w else float(w) for w in windows])
+    out = np.empty(w.size, np.float64)
+    total = c.sum()
+    for i, wi in enumerate(w):
+        vis = N.visible_keys(marker, length, None if np.isinf(wi) else int(wi), n_positions=c.size)
+        out[i] = (c[vis].sum() / vis.sum()) / total if total > 0 else np.nan
+    return out
 
 
 def test_visible_keys_four_token_prefix():
@@ -30,21 +70,21 @@ def test_visible_keys_four_token_prefix():
 
 def test_uniform_null_hand_cases():
     # full attention: each of keys 0..3 gets 1/4; window 2: keys 2, 3 get 1/2, keys 0, 1 get 0
-    np.testing.assert_allclose(N.uniform_null(3, [0, 2], 4, [None, 2]), [(0.25 + 0.25) / 2, (0 + 0.5) / 2])
-    np.testing.assert_allclose(N.uniform_null(3, [0], 4, [None, 2]), [0.25, 0.0])
-    np.testing.assert_allclose(N.uniform_null(3, [3], 4, [None, 2, 1]), [0.25, 0.5, 1.0])
+    np.testing.assert_allclose(uniform_null(3, [0, 2], 4, [None, 2]), [(0.25 + 0.25) / 2, (0 + 0.5) / 2])
+    np.testing.assert_allclose(uniform_null(3, [0], 4, [None, 2]), [0.25, 0.0])
+    np.testing.assert_allclose(uniform_null(3, [3], 4, [None, 2, 1]), [0.25, 0.5, 1.0])
     # a target listed twice counts twice
-    np.testing.assert_allclose(N.uniform_null(3, [0, 2, 2], 4, [None, 2]), [0.25, (0 + 0.5 + 0.5) / 3])
+    np.testing.assert_allclose(uniform_null(3, [0, 2, 2], 4, [None, 2]), [0.25, (0 + 0.5 + 0.5) / 3])
     # a target after the marker counts 0 (it is invisible at every layer)
-    np.testing.assert_allclose(N.uniform_null(3, [0, 5], 8, [None, 2]), [(0.25 + 0) / 2, 0.0])
+    np.testing.assert_allclose(uniform_null(3, [0, 5], 8, [None, 2]), [(0.25 + 0) / 2, 0.0])
     # targets at or beyond the end are dropped, as make_metric_batch does
-    np.testing.assert_allclose(N.uniform_null(3, [0, 9], 8, [None]), [0.25])
+    np.testing.assert_allclose(uniform_null(3, [0, 9], 8, [None]), [0.25])
     # padding beyond length changes nothing; with counts=True the same answer
-    np.testing.assert_allclose(N.uniform_null(3, [1, 0, 1, 0, 0, 0, 0, 0], 4, [None, 2], counts=True),
-                               N.uniform_null(3, [0, 2], 4, [None, 2]))
+    np.testing.assert_allclose(uniform_null(3, [1, 0, 1, 0, 0, 0, 0, 0], 4, [None, 2], counts=True),
+                               uniform_null(3, [0, 2], 4, [None, 2]))
     # full causal attention: 1 / (m + 1) for any visible targets (the audit's null)
-    assert N.uniform_null(10, [0, 4, 7], 30, [None])[0] == pytest.approx(1 / 11)
-    assert np.isnan(N.uniform_null(3, [], 4, [None, 2])).all()
+    assert uniform_null(10, [0, 4, 7], 30, [None])[0] == pytest.approx(1 / 11)
+    assert np.isnan(uniform_null(3, [], 4, [None, 2])).all()
 
 
 def _brute_force_null(marker, targets, length, window, n_pad):
@@ -75,7 +115,7 @@ def test_uniform_null_batch_matches_single_and_brute_force():
     got = N.uniform_null_batch(markers[:, None], counts, lengths, windows)
     assert got.shape == (b, len(windows)) and got.dtype == np.float64
     for i in range(b):
-        np.testing.assert_allclose(got[i], N.uniform_null(markers[i], targets[i], lengths[i], windows), rtol=1e-12)
+        np.testing.assert_allclose(got[i], uniform_null(markers[i], targets[i], lengths[i], windows), rtol=1e-12)
         for j, w in enumerate(windows):
             assert got[i, j] == pytest.approx(_brute_force_null(markers[i], targets[i], lengths[i], w, t), rel=1e-12)
     # more padding changes nothing; a sample without targets is NaN (like the metric)
@@ -104,15 +144,13 @@ def test_lift_and_log_lift():
     assert np.isnan(N.lift([np.nan], [0.5])).all()
 
 
-def test_unseen_targets():
-    assert N.unseen_targets(3, [0, 2, 5, 5, 9]) == [5, 9]
-    assert N.unseen_targets(3, [0, 1, 2, 3], window=2) == [0, 1]
-    assert N.unseen_targets(3, [0, 2]) == []
-    counts = np.zeros((2, 8))
-    counts[0, [0, 4, 6]] = 1
-    counts[1, [1, 2]] = [1, 2]
-    assert N.unseen_targets_batch([[3], [5]], counts) == [[4, 6], []]
-    assert N.unseen_targets_batch([3, 5], counts, window=4) == [[4, 6], [1]]
+def test_unseen_positions():
+    from plip_jax.experiments.attention_rows import unseen_positions
+
+    assert unseen_positions(3, [0, 2, 5, 5, 9], 10) == [5, 5, 9]  # after the marker, with repeats
+    assert unseen_positions(3, [0, 1, 2, 3], 10, window=2) == [0, 1]  # outside the window
+    assert unseen_positions(3, [0, 2], 4) == []
+    assert unseen_positions(3, [0, 7], 5) == [7]  # at or after the sequence end
 
 
 # ----------------------------------------------------------------------------- per-layer lift tests

@@ -50,44 +50,6 @@ def visible_keys(marker: int, length: int, window=None, n_positions: Optional[in
     return (k <= marker) & ((marker - k) < _window(window)) & (k < length)
 
 
-def _counts_from_positions(targets: Sequence[int], n: int) -> np.ndarray:
-    c = np.zeros(n, np.float64)
-    for t in targets:
-        t = int(t)
-        if t < 0:
-            raise ValueError(f"target position {t} is negative")
-        if t < n:  # targets at or beyond the end are dropped, as make_metric_batch does
-            c[t] += 1.0
-    return c
-
-
-def uniform_null(marker: int, targets: Sequence, length: int, windows: Sequence, *,
-                 counts: bool = False) -> np.ndarray:
-    """Per-layer null of one sample: float64 [L] (a fraction of the marker row's attention, 0..1).
-
-    marker: token position of the marker; targets: target token positions with multiplicity (or, with
-    counts=True, per-position multiplicities [>= length], as MetricBatch.target_counts); targets at or
-    beyond `length` are dropped like the metric drops them; length: real tokens; windows [L]: each
-    layer's sliding window (None or 0 = full causal). A target the marker cannot see counts 0. No
-    target -> NaN (the metric is NaN there too).
-    """
-    length = int(length)
-    if counts:
-        c = np.asarray(targets, dtype=np.float64).ravel()
-        if (c < 0).any():
-            raise ValueError("target counts must be >= 0")
-        c = np.where(np.arange(c.size) < length, c, 0.0)
-    else:
-        c = _counts_from_positions(targets, length)
-    w = _windows(windows)
-    out = np.empty(w.size, np.float64)
-    total = c.sum()
-    for i, wi in enumerate(w):
-        vis = visible_keys(marker, length, None if np.isinf(wi) else int(wi), n_positions=c.size)
-        out[i] = (c[vis].sum() / vis.sum()) / total if total > 0 else np.nan
-    return out
-
-
 def uniform_null_batch(markers, target_counts, lengths, windows: Sequence) -> np.ndarray:
     """Null for a padded batch, from the arrays the metric uses: float64 [B, L].
 
@@ -134,22 +96,6 @@ def log_lift(observed, null) -> np.ndarray:
     r = lift(observed, null)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(r > 0, np.log(np.where(r > 0, r, 1.0)), np.nan)
-
-
-def unseen_targets(marker: int, targets: Sequence[int], window=None) -> list[int]:
-    """Sorted distinct targets the marker row cannot see: after the marker (k > marker: zero at every
-    layer by causality) or, with `window`, outside that layer's window (marker - k >= window). Tools
-    should refuse or flag these: their attention is structurally 0, not a measurement."""
-    w = _window(window)
-    m = int(marker)
-    return sorted({int(t) for t in targets if int(t) > m or (m - int(t)) >= w})
-
-
-def unseen_targets_batch(markers, target_counts, window=None) -> list[list[int]]:
-    """Per sample, `unseen_targets` from the metric's arrays: markers [B, 1] | [B], target_counts [B, T]."""
-    m = np.asarray(markers, dtype=np.int64).reshape(-1)
-    c = np.asarray(target_counts)
-    return [unseen_targets(int(m[b]), np.flatnonzero(c[b] > 0).tolist(), window) for b in range(m.size)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,5 +186,4 @@ def lift_tests_by_layer(observed, null, in_a, layers: Optional[Sequence[int]] = 
     return {"labels": list(labels), "layers": rows, "best_layer": best.to_json()}
 
 
-__all__ = ["visible_keys", "uniform_null", "uniform_null_batch", "lift", "log_lift", "unseen_targets",
-           "unseen_targets_batch", "lift_tests_by_layer"]
+__all__ = ["visible_keys", "uniform_null_batch", "lift", "log_lift", "lift_tests_by_layer"]
