@@ -39,17 +39,6 @@ flags.DEFINE_bool("plot", False, "Write a PNG next to the JSON.")
 FLAGS = flags.FLAGS
 
 
-def knockout_mode() -> str:
-    """PLIP-rs's dispatch order: scan_layers -> slide_window -> scan_windows -> explicit window -> single layer."""
-    if FLAGS.scan_layers:
-        return "scan_layers"
-    if FLAGS.slide_window:
-        return "slide_window"
-    if FLAGS.scan_windows:
-        return "scan_windows"
-    return "window" if FLAGS.layer_start is not None or FLAGS.layer_end is not None else "layer"
-
-
 def validate(cfg):
     n = cfg.num_layers
     cli.check_layer("layer", n)
@@ -65,7 +54,7 @@ def output_name(cfg):
     from plip_jax.experiments import knockout
 
     target = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(cfg.num_layers)
-    mode = knockout_mode()
+    mode = cli.knockout_mode()
     return "ablation_" + {"layer": f"layer{target}", "window": f"layers{FLAGS.layer_start}_{FLAGS.layer_end}"}.get(mode, mode)
 
 
@@ -73,27 +62,22 @@ def main(argv):
     del argv
     run = cli.Run(output_name, model="transformer", corpus="universal", validate=validate)
     from plip_jax.experiments import causal_tables, knockout, plots
-    from plip_jax.experiments import windows as windows_lib
 
-    model, corpus, mode = run.model, run.corpus, knockout_mode()
+    model, corpus, mode = run.model, run.corpus, cli.knockout_mode()
     n = model.cfg.num_layers
     heads = list(FLAGS.heads) if FLAGS.heads else None
-    target = FLAGS.layer if FLAGS.layer is not None else knockout.default_intervention_layer(n)
+    windows = cli.knockout_windows(mode, n, knockout.default_intervention_layer(n))
     common = dict(heads=heads, all_edges=FLAGS.all_edges)
     if mode == "scan_layers":
         result = knockout.run_layer_scan_knockout(model, corpus, **common)
         print(causal_tables.knockout_scan(result))
     elif mode in ("slide_window", "scan_windows"):
-        if mode == "slide_window":
-            windows = windows_lib.sliding_windows(FLAGS.slide_window, n)
-        else:
-            center = FLAGS.window_center if FLAGS.window_center is not None else target
-            windows = windows_lib.radius_windows(center, FLAGS.max_radius, n)
         result = knockout.run_window_sweep(model, corpus, windows, sweep_batch=FLAGS.sweep_batch, **common)
         print(causal_tables.knockout_windows(result))
     else:
-        layers = list(range(FLAGS.layer_start, FLAGS.layer_end + 1)) if mode == "window" else [target]
-        result = knockout.run_knockout(model, corpus, layers=layers, include_baselines=FLAGS.include_baselines,
+        ((start, end),) = windows
+        result = knockout.run_knockout(model, corpus, layers=list(range(start, end + 1)),
+                                       include_baselines=FLAGS.include_baselines,
                                        control_seed=None if FLAGS.control_seed < 0 else FLAGS.control_seed,
                                        control_rel_tol=FLAGS.control_rel_tol, control_abs_tol=FLAGS.control_abs_tol,
                                        logit_token=FLAGS.logit_token, **common)

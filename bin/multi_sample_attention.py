@@ -29,11 +29,10 @@ def validate(cfg):
 
 def main(argv):
     del argv
-    run = cli.Run("multi_sample_attention", model="any", validate=validate)
-    from plip_jax.data.corpus import load_multi_snippets
+    run = cli.Run("multi_sample_attention", model="any", corpus="multi_snippets", validate=validate)
     from plip_jax.experiments import multi_sample_attention as ms
 
-    result = ms.run_multi_sample_attention(run.model, FLAGS.layer, snippets=load_multi_snippets(FLAGS.snippets))
+    result = ms.run_multi_sample_attention(run.model, FLAGS.layer, snippets=run.corpus)
     print(ms.format_multi_sample(result))
     run.flags["layer"] = result.layer
     return run.finish(result, record=("snippets",), plot=ms.plot_multi_sample)

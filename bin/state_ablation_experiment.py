@@ -39,15 +39,16 @@ def state_layer(n: int) -> int:
 
 
 def run_tag(n: int) -> str:
-    """The mode part of the output name (PLIP's mode order)."""
-    if FLAGS.scan_layers:
-        return "scan_layers"
-    if FLAGS.slide_window is not None:
+    """The mode part of the output name."""
+    mode = cli.knockout_mode()
+    if mode == "slide_window":
         return f"slide{FLAGS.slide_window}"
-    if FLAGS.scan_windows:
+    if mode == "scan_windows":
         center = FLAGS.window_center if FLAGS.window_center is not None else state_layer(n)
         return f"windows_c{center}_r{FLAGS.max_radius}"
-    start, end = (FLAGS.layer_start, FLAGS.layer_end) if FLAGS.layer_start is not None else (state_layer(n),) * 2
+    if mode == "scan_layers":
+        return mode
+    ((start, end),) = cli.knockout_windows(mode, n, state_layer(n))
     return f"layer{start}" if start == end else f"layers{start}-{end}"
 
 
@@ -65,7 +66,6 @@ def main(argv):
     del argv
     run = cli.Run(lambda cfg: f"state_ablation_{{model}}_{run_tag(cfg.num_layers)}", model="rwkv6",
                   corpus="universal", validate=validate)
-    from plip_jax.experiments import windows as windows_lib
     from plip_jax.experiments.rwkv_state import ablation, plots as state_plots, samples as state_samples
 
     model = run.model
@@ -77,26 +77,17 @@ def main(argv):
         for s in samples:
             print(f"  {s.id}: marker token {s.marker_token_pos}, targets {s.target_token_positions}, "
                   f"{len(s.token_ids)} tokens")
-    layer = state_layer(n)
-    name = FLAGS.model or model.name
-    if FLAGS.scan_layers or FLAGS.slide_window is not None or FLAGS.scan_windows:
-        if FLAGS.scan_layers:
-            windows, mode = [(l, l) for l in range(n)], "scan_layers"
-        elif FLAGS.slide_window is not None:
-            windows, mode = windows_lib.sliding_windows(FLAGS.slide_window, n), "slide_window"
-        else:
-            center = FLAGS.window_center if FLAGS.window_center is not None else layer
-            windows, mode = windows_lib.radius_windows(center, FLAGS.max_radius, n), "scan_windows"
-        result = ablation.run_knockout_windows(model, samples, windows, chunk=FLAGS.chunk or None, model_name=name,
-                                               mode=mode)
+    mode = cli.knockout_mode()
+    windows = cli.knockout_windows(mode, n, state_layer(n))
+    if mode in ("scan_layers", "slide_window", "scan_windows"):
+        result = ablation.run_knockout_windows(model, samples, windows, chunk=FLAGS.chunk or None, mode=mode)
         print(ablation.format_window_table(result))
         plot = state_plots.plot_windows
     else:
-        start, end = ((FLAGS.layer_start, FLAGS.layer_end) if FLAGS.layer_start is not None else (layer, layer))
+        ((start, end),) = windows
         seed = FLAGS.control_seed if FLAGS.control_seed >= 0 else None
         result = ablation.run_state_ablation(model, samples, start, end, control_seed=seed,
-                                             control_max_offset=FLAGS.control_max_offset,
-                                             chunk=FLAGS.chunk or None, model_name=name)
+                                             control_max_offset=FLAGS.control_max_offset, chunk=FLAGS.chunk or None)
         print(ablation.format_ablation_summary(result, verbose=FLAGS.verbose))
         plot = state_plots.plot_ablation
     return run.finish(result, extra={"skipped_samples": failures}, plot=plot,

@@ -47,8 +47,7 @@ def main(argv):
     samples, failures = state_samples.prepare_samples(model.tokenizer, run.corpus, False)
     layer = state_layer(model.cfg.num_layers)
     print(f"Layer {layer}; scales {scales}")
-    result = steering.run_state_steering(model, samples, layer, scales, chunk=FLAGS.chunk or None,
-                                         model_name=FLAGS.model or model.name)
+    result = steering.run_state_steering(model, samples, layer, scales, chunk=FLAGS.chunk or None)
     if FLAGS.verbose:
         for p in result.dose_response:
             for r in p.sample_results:

@@ -7,7 +7,6 @@ let the steered state carry into decoding; baseline = scale 1.0 (PLIP-rs `state_
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from absl import flags
 
@@ -38,20 +37,15 @@ def validate(cfg):
 
 def main(argv):
     del argv
-    from plip_jax.data.corpus import default_corpus_path
+    run = cli.Run("state_steering_generate", model="rwkv6", corpus="state_generate_prompts", validate=validate)
     from plip_jax.experiments.rwkv_state import generation, plots as state_plots
 
-    prompts_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path(generation.GENERATE_PROMPTS_FILE)
-    prompts = generation.load_generate_prompts(prompts_path)  # validated before the model loads
-    run = cli.Run("state_steering_generate", model="rwkv6", validate=validate)
-    run.corpus_path = prompts_path
-    model = run.model
+    model, prompts = run.model, run.corpus
     print(f"layer {FLAGS.layer}, scale {FLAGS.scale}x, {FLAGS.max_tokens} tokens, temperature {FLAGS.temperature}")
     result = generation.run_state_steering_generate(model, layer=FLAGS.layer, scale=FLAGS.scale,
                                                     max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
                                                     seed=FLAGS.seed, prompts=prompts,
-                                                    execute_doctests=FLAGS.execute_doctests,
-                                                    model_name=FLAGS.model or model.name)
+                                                    execute_doctests=FLAGS.execute_doctests)
     for s in result.samples:
         print(f"--- {s.name} ({s.category}), marker token {s.marker_token_pos}")
         print(f"  baseline: {s.baseline_output[:150]!r}")

@@ -7,7 +7,6 @@ far padding) x scale {1,3,5,9} x temperature (PLIP-rs `state_steering_persistenc
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from absl import flags
 
@@ -39,14 +38,11 @@ def validate(cfg):
 
 def main(argv):
     del argv
-    from plip_jax.data.corpus import default_corpus_path
+    run = cli.Run("state_steering_persistence", model="rwkv6", corpus="state_persistence_prompts",
+                  validate=validate)
     from plip_jax.experiments.rwkv_state import persistence, plots as state_plots
 
-    prompts_path = Path(FLAGS.corpus) if FLAGS.corpus else default_corpus_path(persistence.PERSISTENCE_PROMPTS_FILE)
-    prompts = persistence.load_persistence_prompts(prompts_path)  # validated before the model loads
-    run = cli.Run("state_steering_persistence", model="rwkv6", validate=validate)
-    run.corpus_path = prompts_path
-    model = run.model
+    model, prompts = run.model, run.corpus
     temps = [float(x) for x in FLAGS.temperatures]
     print(f"layer {FLAGS.layer}, scales {list(persistence.PERSISTENCE_SCALES)}, temperatures {temps}, "
           f"{FLAGS.max_tokens} tokens, {FLAGS.n_samples} samples at T>0, seed {FLAGS.seed}")
@@ -54,8 +50,7 @@ def main(argv):
                                                         n_samples=FLAGS.n_samples, temperatures=temps,
                                                         rust_only=FLAGS.rust_only, seed=FLAGS.seed,
                                                         prompts=prompts, keep_outputs=FLAGS.keep_outputs,
-                                                        execute_doctests=FLAGS.execute_doctests,
-                                                        model_name=FLAGS.model or model.name)
+                                                        execute_doctests=FLAGS.execute_doctests)
     print(persistence.format_persistence_tables(result))
     return run.finish(result, record=("layer", "max_tokens", "n_samples", "temperatures", "rust_only", "seed",
                                       "execute_doctests"), plot=state_plots.plot_persistence)

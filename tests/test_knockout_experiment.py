@@ -151,6 +151,7 @@ def test_window_sweep_reports_floor_adjusted_p_and_best_window(bundled_model, un
     ps = [w["welch_p_value"] for w in r["windows"]]
     assert [w["welch_p_holm"] for w in r["windows"]] == stats.holm_bonferroni(ps)
     assert r["best_window"]["selection"].startswith("min Holm-adjusted Welch p over the 3 windows")
+    assert "scanned layers" not in r["best_window"]["selection"]
     assert r["noise_floor"]["n"] == len(r["samples"]) and r["noise_floor"]["max"] < 1e-9
     assert all(kl > 0 for s in r["samples"] for kl in s["kl_by_window"])
     table = causal_tables.knockout_windows(r)

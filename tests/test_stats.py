@@ -533,7 +533,7 @@ def test_select_best_layer_by_adjusted_p():
     assert b.layer == 3 and b.p_value == 0.002 and b.p_adjusted == pytest.approx(0.008)
     assert b.p_adjusted_all[2] == pytest.approx(0.008)  # tie with layer 4 broken by the raw p
     assert b.p_adjusted_all[3] is None and (b.n_tests, b.n_undefined) == (5, 1)
-    assert b.description.startswith("min Holm-adjusted Welch p over scanned layers 2..7 (5 defined tests, "
+    assert b.description.startswith("min Holm-adjusted Welch p over scanned layers 2-7 (5 defined tests, "
                                     "1 undefined excluded) among layers with Python > Rust")
     assert b.to_json()["selection"] == b.description
     # ties in both adjusted and raw p -> lower layer
@@ -545,7 +545,7 @@ def test_select_best_layer_by_adjusted_p():
     assert raw.p_adjusted == raw.p_value == 0.002
     none = S.select_best_layer([2, 3], [None, 0.01], [True, False])
     assert none.layer is None and none.p_value is None and none.description.endswith("no layer qualifies")
-    assert "2,5" in S.select_best_layer([2, 5], [0.1, 0.2]).description
+    assert "2, 5" in S.select_best_layer([2, 5], [0.1, 0.2]).description
     with pytest.raises(ValueError):
         S.select_best_layer([1, 2], [0.1])
     with pytest.raises(ValueError):

@@ -136,7 +136,10 @@ def noise_floor_summary(floor_kls) -> NoiseFloor:
     return NoiseFloor(f, int(f.size), float(f.mean()), float(np.median(f)), float(f.max()))
 
 
-def mark_below_floor(kl, floor, factor: float = 3.0) -> np.ndarray:
+FLOOR_FACTOR = 3.0  # an effect is resolved when KL > FLOOR_FACTOR x its sample's noise floor (every causal tool)
+
+
+def mark_below_floor(kl, floor, factor: float = FLOOR_FACTOR) -> np.ndarray:
     """bool [...]: True where an effect is NOT resolved above the noise floor, i.e. kl <= factor · floor.
 
     kl [...] nats; floor: a scalar (e.g. NoiseFloor.max) or per-sample values broadcastable to kl. With
@@ -147,7 +150,8 @@ def mark_below_floor(kl, floor, factor: float = 3.0) -> np.ndarray:
     return ~(k > factor * f)
 
 
-def floor_warning(floor, effects, dtype: str = "", threshold: float = 0.1, factor: float = 3.0) -> Optional[str]:
+def floor_warning(floor, effects, dtype: str = "", threshold: float = 0.1,
+                  factor: float = FLOOR_FACTOR) -> Optional[str]:
     """Warning text when the noise floor exceeds `threshold` (10 %) of the median effect, else None.
 
     floor: scalar, per-sample values or a NoiseFloor (its median is compared); effects [N] KLs (nats);
@@ -169,6 +173,30 @@ def floor_warning(floor, effects, dtype: str = "", threshold: float = 0.1, facto
     return (f"KL noise floor {f:.2e} nats{where} is {ratio} the median effect {med:.2e} nats: effects at this "
             f"level are not resolved; treat those below {factor:g}x the floor as noise.{advice}")
 
+
+
+def dtype_name(dtype) -> str:
+    """'float32', 'bfloat16'... from a dtype-like (numpy/JAX dtype, type or name)."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
+def floor_block(floor_kl, effects, below, dtype, definition: str) -> tuple[dict, Optional[str]]:
+    """(the JSON `noise_floor` block every causal tool writes, its warning text or None).
+
+    floor_kl [N]: each sample's noise floor (nats); effects [...]: the reported KLs it is compared with;
+    below (effects' shape): which of them are not resolved above FLOOR_FACTOR x their sample's floor;
+    dtype: the compute dtype (named in the block and the warning); definition: how the floor was measured."""
+    summary = noise_floor_summary(floor_kl)
+    eff = np.asarray(effects, np.float64).ravel()
+    name = dtype_name(dtype)
+    warning = floor_warning(summary, eff, dtype=name) if eff.size else None
+    out = summary.to_json() | {"factor": FLOOR_FACTOR, "definition": definition, "dtype": name,
+                               "n_effects": int(eff.size), "n_effects_below_floor": int(np.sum(below)),
+                               "warning": warning}
+    return out, warning
 
 def kl_divergence_plip_filtered(base_logits: Array, other_logits: Array) -> Array:
     """PLIP-rs's KL: Σ p ln(p/q) over terms with p > 1e-10 and q > 1e-10 only (f32), [..., V] -> [...].

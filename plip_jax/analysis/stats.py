@@ -754,24 +754,33 @@ _ADJUST = {"holm": ("Holm-adjusted", holm_bonferroni), "bh": ("BH-adjusted (q)",
            "none": ("unadjusted", lambda p: [None if v is None else float(v) for v in p])}
 
 
-def _layer_span(layers: Sequence[int]) -> str:
+def layer_span_text(layers: Sequence[int]) -> str:
+    """Layers as runs: [2, 3, 4, 6] -> "2-4, 6"; [] -> "none"."""
     ls = sorted(int(x) for x in layers)
     if not ls:
-        return "(none)"
-    if ls == list(range(ls[0], ls[-1] + 1)):
-        return f"{ls[0]}..{ls[-1]}" if len(ls) > 1 else str(ls[0])
-    return ",".join(map(str, ls))
+        return "none"
+    runs, start, prev = [], ls[0], ls[0]
+    for x in ls[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(runs)
 
 
 def select_best_layer(layers: Sequence[int], p_values: Sequence[Optional[float]],
                       direction_ok: Optional[Sequence[bool]] = None, *, adjust: str = "holm",
-                      test: str = "Welch", direction: str = "Python > Rust") -> BestLayer:
+                      test: str = "Welch", direction: str = "Python > Rust",
+                      scope: Optional[str] = None) -> BestLayer:
     """Best layer by adjusted p: among layers with a defined test (p not None) and direction_ok, the
     smallest adjusted p; ties -> smaller raw p, then lower layer. None when no layer qualifies.
 
     layers [L], p_values [L] raw two-sided p (None = undefined), direction_ok [L] bool (None = all
     True; e.g. python_mean > rust_mean). The family for the adjustment ("holm", "bh" or "none") is every
-    layer with a defined test, whatever its direction; `test` and `direction` only word the description.
+    layer with a defined test, whatever its direction; `test`, `direction` and `scope` (what the layers are;
+    default "scanned layers <span>") only word the description.
     """
     if adjust not in _ADJUST:
         raise ValueError(f"adjust must be one of {sorted(_ADJUST)}, got {adjust!r}")
@@ -785,9 +794,9 @@ def select_best_layer(layers: Sequence[int], p_values: Sequence[Optional[float]]
     adj = fn(pv)
     n_def = sum(p is not None for p in pv)
     cand = [(adj[i], float(pv[i]), layers[i], i) for i in range(len(layers)) if pv[i] is not None and ok[i]]
-    span = _layer_span(layers)
+    scope = scope or f"scanned layers {layer_span_text(layers)}"
     undef = f", {len(pv) - n_def} undefined excluded" if n_def < len(pv) else ""
-    rule = (f"min {label} {test} p over scanned layers {span} ({n_def} defined tests{undef}) "
+    rule = (f"min {label} {test} p over {scope} ({n_def} defined tests{undef}) "
             f"among layers with {direction}; ties by raw p, then lower layer")
     if not cand:
         return BestLayer(None, None, None, adjust, n_def, len(pv) - n_def, tuple(adj),

@@ -27,7 +27,7 @@ from plip_jax.cli import boundary
 from plip_jax.cli.flagtypes import (check_at_least, check_between, check_count, check_heads, check_layer,  # noqa: F401
                                     check_layer_range, define_float_list, define_int_list)
 from plip_jax.cli.startup import (COMPILE_CACHE_ENV, MESH_HELP, OUTPUT_DIR, QUIET_VERBOSITY, compile_cache_dir,  # noqa: F401
-                                  define_knockout_mode_flags, define_layer_layout_flag,
+                                  define_knockout_mode_flags, define_layer_layout_flag, knockout_mode, knockout_windows,
                                   define_model_flags, define_unknown_groups_flag, enable_compile_cache, list_every_flag_in_help,
                                   load_model_from_flags, parse_flags, quiet_startup, select_device)
 from plip_jax.cli.tail import Run  # noqa: F401

@@ -166,6 +166,37 @@ def define_knockout_mode_flags(thing: str, default_layer: str) -> None:
                          "non-target positions; negative: no control).")
 
 
+def knockout_mode() -> str:
+    """The mode the knockout flags ask for, in PLIP-rs's dispatch order: "scan_layers" -> "slide_window" ->
+    "scan_windows" -> "window" (--layer_start/--layer_end) -> "layer" (--layer or its default)."""
+    if FLAGS.scan_layers:
+        return "scan_layers"
+    if FLAGS.slide_window is not None:
+        return "slide_window"
+    if FLAGS.scan_windows:
+        return "scan_windows"
+    return "window" if FLAGS.layer_start is not None or FLAGS.layer_end is not None else "layer"
+
+
+def knockout_windows(mode: str, n_layers: int, default_layer: int) -> list[tuple[int, int]]:
+    """The layer windows (start, end inclusive) a knockout `mode` runs: one per layer (scan_layers), a window of
+    --slide_window layers slid across the model, radii 0..--max_radius around --window_center (default
+    `default_layer`), the explicit --layer_start..--layer_end, or the single --layer (default `default_layer`)."""
+    from plip_jax.experiments import windows
+
+    layer = FLAGS.layer if FLAGS.layer is not None else default_layer
+    if mode == "scan_layers":
+        return [(l, l) for l in range(n_layers)]
+    if mode == "slide_window":
+        return windows.sliding_windows(FLAGS.slide_window, n_layers)
+    if mode == "scan_windows":
+        center = FLAGS.window_center if FLAGS.window_center is not None else layer
+        return windows.radius_windows(center, FLAGS.max_radius, n_layers)
+    if mode == "window":
+        return [(FLAGS.layer_start, FLAGS.layer_end)]
+    return [(layer, layer)]
+
+
 COMPILE_CACHE_ENV = "PLIP_JAX_COMPILE_CACHE"
 
 
@@ -215,16 +246,13 @@ def select_device(choice: str, compile_cache: bool = True) -> str:
     return platform
 
 
-def load_model_from_flags(family: Optional[str] = None):
-    """The start of every model binary: pin --device, load --model in --dtype with --rope_mode and
-    --layer_layout (sharded over --mesh when the binary defines that flag and it is set), print a one-line
-    header. `family` ('transformer' | 'rwkv6'): refuse any other family before a weight is read.
-    Returns (LoadedModel, load seconds)."""
+def load_model_from_flags():
+    """The start of every model binary (called by `cli.Run`, after the family check): pin --device, load
+    --model in --dtype with --rope_mode and --layer_layout (sharded over --mesh when the binary defines that
+    flag and it is set), print a one-line header. Returns (LoadedModel, load seconds)."""
     from plip_jax.models import registry, sharding
 
     platform = select_device(FLAGS.device)
-    if family is not None:
-        check_family(registry.family_of(registry.model_type_of(FLAGS.model), FLAGS.model), family)
     mesh = None
     if "mesh" in FLAGS and FLAGS.mesh:  # params go from host memory straight to their shards
         mesh = sharding.parse_mesh(FLAGS.mesh)

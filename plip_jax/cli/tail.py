@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 from absl import flags
 
@@ -31,12 +31,25 @@ from plip_jax.util import io, progress
 
 FLAGS = flags.FLAGS
 
-# corpus kind -> (loader name in plip_jax.data.corpus, shipped default file)
+class CorpusKind(NamedTuple):
+    """How `Run` loads one kind of input file: `loader` (a function name in plip_jax.data.corpus) applied to the
+    file named by --`flag` (else the shipped `default` under corpus/), with `kwargs`."""
+
+    loader: str
+    default: str
+    flag: str = "corpus"
+    kwargs: tuple = ()
+
+
 CORPORA = {
-    "universal": ("load_universal_corpus", "attention_samples_universal.json"),
-    "legacy": ("load_legacy_corpus", "attention_samples.json"),
-    "probe": ("load_probe_samples", "samples.json"),
-    "generation_prompts": ("load_generation_prompts", "generation_prompts_n50.json"),
+    "universal": CorpusKind("load_universal_corpus", "attention_samples_universal.json"),
+    "legacy": CorpusKind("load_legacy_corpus", "attention_samples.json"),
+    "probe": CorpusKind("load_probe_samples", "samples.json"),
+    "generation_prompts": CorpusKind("load_generation_prompts", "generation_prompts_n50.json"),
+    "multi_snippets": CorpusKind("load_multi_snippets", "multi_sample_snippets.json", flag="snippets"),
+    "state_generate_prompts": CorpusKind("load_state_prompts", "state_steering_generate_prompts.json"),
+    "state_persistence_prompts": CorpusKind("load_state_prompts", "state_steering_persistence_prompts.json",
+                                            kwargs=(("need_distance", True),)),
 }
 OutputName = Union[str, Callable[[Any], str], None]
 
@@ -52,8 +65,9 @@ class Run:
         the slug elsewhere), or a function of the model config giving it; None: write only with --output.
     model: "transformer" | "rwkv6" (that family only) | "any" | "tokenizer" (tokenizer only, no device) |
         None (no model).
-    corpus: "universal" | "legacy" | "probe" | "generation_prompts": loaded from --corpus (else the shipped
-        file) before the model; None: no corpus.
+    corpus: a kind of `CORPORA` ("universal", "legacy", "probe", "generation_prompts", "multi_snippets",
+        "state_generate_prompts", "state_persistence_prompts"): loaded and validated from its flag (--corpus, or
+        --snippets) else the shipped file, before the model; None: no corpus.
     validate: called with the model config before the weights load (raise FlagError for a bad flag).
 
     Attributes: model (LoadedModel), cfg, tokenizer, corpus, corpus_path, output (Path or None); the
@@ -109,11 +123,13 @@ class Run:
             return None, None
         from plip_jax.data import corpus as corpus_lib
 
-        loader, default = CORPORA[kind]
-        path = Path(_flag("corpus")) if _flag("corpus") else corpus_lib.default_corpus_path(default)
-        kwargs = ({"allow_unknown_groups": bool(_flag("allow_unknown_groups", False))}
-                  if kind in ("universal", "legacy") else {})
-        corpus = getattr(corpus_lib, loader)(path, **kwargs)
+        kind_ = CORPORA[kind]
+        given = _flag(kind_.flag)
+        path = Path(given) if given else corpus_lib.default_corpus_path(kind_.default)
+        kwargs = dict(kind_.kwargs)
+        if kind in ("universal", "legacy"):
+            kwargs["allow_unknown_groups"] = bool(_flag("allow_unknown_groups", False))
+        corpus = getattr(corpus_lib, kind_.loader)(path, **kwargs)
         skipped = dict(getattr(corpus, "skipped_groups", ()))
         if skipped:
             self.extra["skipped_corpus_groups"] = skipped

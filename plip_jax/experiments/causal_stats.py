@@ -13,14 +13,13 @@ Conventions (see docs/METHODS.md, "The causal tools"):
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Optional, Sequence
 
 import numpy as np
 
 from plip_jax.analysis import metrics, stats
 
-FLOOR_FACTOR = 3.0
+FLOOR_FACTOR = metrics.FLOOR_FACTOR
 FLOOR_DEFINITION = ("KL(baseline || no-op reference) per sample: the baseline's plain forward against the "
                     "engine's no-op point (same operations as the intervened points, nothing selected); "
                     "effects <= 3x their sample's floor are marked below_noise_floor")
@@ -29,22 +28,10 @@ FLOOR_DEFINITION = ("KL(baseline || no-op reference) per sample: the baseline's 
 def floor_block(floor_kl, effects, dtype: str) -> tuple[dict, Optional[str]]:
     """(JSON block of the noise floor, warning text or None). floor_kl [N] nats per sample; effects [..., N]:
     the KLs it is compared with (sample axis last); the warning compares medians (`metrics.floor_warning`)."""
-    summary = metrics.noise_floor_summary(floor_kl)
-    dtype = dtype_name(dtype)
     eff = np.asarray(effects, np.float64)
-    n_below = int(below_floor(eff, summary.per_sample).sum()) if eff.size else 0
-    warning = metrics.floor_warning(summary, eff.ravel(), dtype=dtype, factor=FLOOR_FACTOR)
-    block = summary.to_json() | {"factor": FLOOR_FACTOR, "definition": FLOOR_DEFINITION, "dtype": dtype,
-                                 "n_effects": int(eff.size), "n_effects_below_floor": n_below, "warning": warning}
-    return block, warning
-
-
-def dtype_name(dtype) -> str:
-    """'float32', 'bfloat16'... from a dtype-like (numpy/JAX dtype, type or name)."""
-    try:
-        return np.dtype(dtype).name
-    except TypeError:
-        return str(dtype)
+    floor = np.asarray(floor_kl, np.float64)
+    below = below_floor(eff, floor) if eff.size else np.zeros(0, bool)
+    return metrics.floor_block(floor, eff, below, dtype, FLOOR_DEFINITION)
 
 
 def below_floor(kl, floor) -> np.ndarray:
@@ -122,10 +109,10 @@ def best_unit(rows: Sequence[dict], unit_ids: Sequence[int], what: str = "layers
     (`stats.select_best_layer`), as JSON with the rule that chose it; `what` names the units."""
     best = stats.select_best_layer(list(unit_ids), [r["welch_p_value"] for r in rows],
                                    [python_above_rust(r) for r in rows], adjust="holm", test="Welch",
-                                   direction="mean KL Python > Rust")
+                                   direction="mean KL Python > Rust",
+                                   scope=None if what == "layers" else f"the {len(rows)} {what}")
     out = best.to_json()
     if what != "layers":
-        out["selection"] = re.sub(r"scanned layers \S+", f"the {len(rows)} {what}", out["selection"])
         out[f"best_{what.rstrip('s').replace(' ', '_')}"] = out.pop("best_layer")
     if best.layer is not None:
         r = rows[list(unit_ids).index(best.layer)]

@@ -102,7 +102,7 @@ class LayerScanResult:
             "best_layer_selection": self.best.to_json() if self.best else None,
             "layers_not_scanned": unscanned_note(self.n_layers, self.scanned_layers),
             "multiple_comparisons": {"family": f"the {len(self.results)} scanned layers "
-                                               f"{lt.span_text(self.scanned_layers)}",
+                                               f"{stats.layer_span_text(self.scanned_layers)}",
                                      "holm_p": "Holm step-down adjusted Welch p", "bh_q": "Benjamini-Hochberg q"},
             "positional_null": {"definition": lt.NULL_DEFINITION, "lift": lt.LIFT_DEFINITION,
                                 "attention": self.attention_kind, "windows": self.windows,
@@ -136,7 +136,7 @@ def unscanned_note(n_layers: int, scanned: Sequence[int]) -> Optional[str]:
         return None
     why = (f" (the default start is n_layers // 3 = {n_layers // 3}, as PLIP; --start_layer=0 scans them)"
            if scanned and scanned[0] == n_layers // 3 and left == list(range(scanned[0])) else "")
-    return f"layers {lt.span_text(left)} not scanned{why}"
+    return f"layers {stats.layer_span_text(left)} not scanned{why}"
 
 
 def layer_statistics(layer: int, py: np.ndarray, rs: np.ndarray) -> LayerStat:
@@ -238,7 +238,7 @@ def format_table(result: LayerScanResult) -> str:
     best-layer block and the per-head summary."""
     n = len(result.results)
     note = unscanned_note(result.n_layers, result.scanned_layers)
-    lines = lt.wrap(f"Scanned layers {lt.span_text(result.scanned_layers)} of 0-{result.n_layers - 1}"
+    lines = lt.wrap(f"Scanned layers {stats.layer_span_text(result.scanned_layers)} of 0-{result.n_layers - 1}"
                     + (f"; {note}" if note else "") + ".", "  ")
     lines += lt.wrap(f"Values: % of the marker row's {result.attention_kind or 'attention'} on the function's "
                      f"tokens (mean over heads, then targets). Holm p: Welch p adjusted over the {n} scanned "

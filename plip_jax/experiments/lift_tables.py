@@ -19,22 +19,6 @@ NULL_DEFINITION = ("uniform attention over the keys the marker row may see (caus
 LIFT_DEFINITION = "observed / null per sample; groups compared on log(lift), summarised by the geometric mean"
 
 
-def span_text(layers: Sequence[int]) -> str:
-    """[2, 3, 4, 6] -> "2-4, 6"; [] -> "none"."""
-    ls = sorted(int(x) for x in layers)
-    if not ls:
-        return "none"
-    runs, start, prev = [], ls[0], ls[0]
-    for x in ls[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        runs.append(str(start) if start == prev else f"{start}-{prev}")
-        if x is not None:
-            start = prev = x
-    return ", ".join(runs)
-
-
 def fmt_p(p: Optional[float], width: int = 8) -> str:
     """A p-value cell: 3 significant digits in e-notation, or "undefined" (right-aligned to `width`)."""
     return stats.fmt_stat(p, f">{width}.2e")
@@ -72,9 +56,9 @@ def direction_sentence(a: str, b: str, items: Sequence[tuple], what: str, test: 
     parts = []
     for label, keys in ((f"{a} > {b}", up), (f"{b} > {a}", down)):
         if len(keys) > 1:
-            parts.append(f"{label} at {what} {span_text(keys)} ({test} <= {worst_p(items, keys):.2g})")
+            parts.append(f"{label} at {what} {stats.layer_span_text(keys)} ({test} <= {worst_p(items, keys):.2g})")
         elif keys:
-            parts.append(f"{label} at {one} {span_text(keys)} ({test} {worst_p(items, keys):.2g})")
+            parts.append(f"{label} at {one} {stats.layer_span_text(keys)} ({test} {worst_p(items, keys):.2g})")
         else:
             parts.append(f"{label} at no {one}")
     return "; ".join(parts)

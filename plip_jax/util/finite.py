@@ -36,11 +36,3 @@ def check_finite(name: str, values: Any, axes: Sequence[tuple[str, Optional[Sequ
     at = ", ".join(where) + (f" (index {list(first)})" if arr.ndim else "")
     raise NonFiniteError(f"{name}: {int(bad.sum())} of {arr.size} values are not finite ({counts}); first at "
                          f"{at or 'the value itself'}; {hint}")
-
-
-def is_finite_number(x: Any) -> bool:
-    """True for an int or a finite float (False for NaN, +-inf, None and non-numbers)."""
-    try:
-        return bool(np.isfinite(float(x)))
-    except (TypeError, ValueError):
-        return False

@@ -182,7 +182,7 @@ def _none_if_nan(x: float) -> Optional[float]:
 
 def run_state_ablation(model: Any, samples: Sequence[StateSample], layer_start: int, layer_end: int, *,
                        control_seed: Optional[int] = 0, control_max_offset: int = CONTROL_MAX_OFFSET,
-                       chunk: Optional[int] = DEFAULT_CHUNK, model_name: Optional[str] = None) -> StateAblationResult:
+                       chunk: Optional[int] = DEFAULT_CHUNK) -> StateAblationResult:
     """Knock out the marker's state write in layers layer_start..layer_end (inclusive) for every sample, with
     the no-op floor and (control_seed not None) the distance-matched control knockout in the same program."""
     n = model.cfg.num_layers
@@ -216,11 +216,10 @@ def run_state_ablation(model: Any, samples: Sequence[StateSample], layer_start: 
         base = (stats.group_stats(select(samples, kl, "python", True), "python", True),
                 stats.group_stats(select(samples, kl, "rust", True), "rust", True))
     test_idx = [i for i, s in enumerate(samples) if not s.is_baseline]
-    floor = compare.floor_block(out.floor_kl, [kl[i] for i in test_idx], [below[i, 0] for i in test_idx],
-                                str(model.dtype))
+    floor = compare.floor_block(out.floor_kl, [kl[i] for i in test_idx], [below[i, 0] for i in test_idx], model.dtype)
     report = (_control_report(samples, out.kl[:, 0], out.kl[:, 1], ctrl, control_seed, control_max_offset)
               if control_seed is not None else None)
-    return StateAblationResult(model_name or model.name, layer_start, layer_end, rows, tests, base, report, floor,
+    return StateAblationResult(model.name, layer_start, layer_end, rows, tests, base, report, floor,
                                {"forward_s": out.forward_s})
 
 
@@ -325,8 +324,7 @@ class StateWindowsResult:
 
 
 def run_knockout_windows(model: Any, samples: Sequence[StateSample], windows: Sequence[tuple[int, int]], *,
-                         chunk: Optional[int] = DEFAULT_CHUNK, model_name: Optional[str] = None,
-                         mode: str = "scan") -> StateWindowsResult:
+                         chunk: Optional[int] = DEFAULT_CHUNK, mode: str = "scan") -> StateWindowsResult:
     """Marker knockout for every sample and every layer window (start, end inclusive) in one batched
     computation (--scan_layers, --scan_windows, --slide_window), on ALL samples (PLIP used the first Python
     and first Rust sample only), with the noise floor and Holm-adjusted Welch p over the windows."""
@@ -351,12 +349,12 @@ def run_knockout_windows(model: Any, samples: Sequence[StateSample], windows: Se
         rows.append(WindowResult(a, b, tests[k], holm[k], base, n_below))
     test_idx = [i for i, s in enumerate(samples) if not s.is_baseline]
     floor = compare.floor_block(out.floor_kl, out.kl[test_idx].ravel().tolist(), below[test_idx].ravel().tolist(),
-                                str(model.dtype))
+                                model.dtype)
     best = None
     if mode == "scan_layers":
         best = stats.select_best_layer([a for a, _ in windows], [t.welch.p_value for t in tests],
                                        [t.python.mean > t.rust.mean for t in tests], test="Welch (knockout KL)")
-    return StateWindowsResult(model_name or model.name, mode, n, rows, list(samples), out.kl, below, out.floor_kl,
+    return StateWindowsResult(model.name, mode, n, rows, list(samples), out.kl, below, out.floor_kl,
                               floor, best, {"forward_s": out.forward_s})
 
 

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from plip_jax.analysis import metrics, stats
-from plip_jax.experiments.rwkv_state.edits import FLOOR_FACTOR
+from plip_jax.analysis.metrics import FLOOR_FACTOR
 
 FLOOR_DEFINITION = ("KL(baseline || no-op edit) in nats: a state edit with scale 1 everywhere, run in the same "
                     "compiled program and batch as the baseline and the real edits; KLs at or below "
@@ -56,10 +56,7 @@ def floor_block(floor_kl: np.ndarray, effects: Sequence[float], below: Sequence[
     """JSON `noise_floor`: the per-sample floors and their summary, how many of the reported `effects`
     (KLs, nats) are not resolved above FLOOR_FACTOR x their floor (`below`), and the reduced-precision
     warning (`metrics.floor_warning`: floor median > 10 % of the median effect), or None."""
-    floor = metrics.noise_floor_summary(floor_kl)
-    return {"definition": FLOOR_DEFINITION, "factor": FLOOR_FACTOR, **floor.to_json(),
-            "n_effects": len(effects), "n_effects_below_floor": int(np.sum(below)),
-            "warning": metrics.floor_warning(floor, effects, dtype, factor=FLOOR_FACTOR) if len(effects) else None}
+    return metrics.floor_block(floor_kl, effects, below, dtype, FLOOR_DEFINITION)[0]
 
 
 def floor_line(block: dict) -> str:

@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from plip_jax.analysis import metrics
+from plip_jax.analysis.metrics import FLOOR_FACTOR
 from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
 from plip_jax.core.errors import InterventionError
 from plip_jax.data.batching import pad_batch
 
 DEFAULT_CHUNK = 64  # forwards per step: bounds memory (each forward returns f32[V] logits)
-FLOOR_FACTOR = 3.0  # an effect is resolved when KL > FLOOR_FACTOR x its sample's no-op floor
 N_FIXED = 2  # rows 0 (baseline) and 1 (no-op floor) of every sample's edit stack
 
 

@@ -178,7 +178,7 @@ class StateGenerateResult:
 
 def run_state_steering_generate(model: Any, *, layer: int = 2, scale: float = 3.0, max_tokens: int = 100,
                                 temperature: float = 0.0, seed: int = 0, prompts: Optional[Sequence[StatePrompt]] = None,
-                                execute_doctests: bool = True, model_name: Optional[str] = None) -> StateGenerateResult:
+                                execute_doctests: bool = True) -> StateGenerateResult:
     """PLIP `state_steering_generate`: per prompt, baseline (scale 1.0) and steered (`scale`) generations in one
     batched call, scored by PLIP's state detector and the strict one (Python doctests executed in the sandbox
     unless execute_doctests is False). prompts: default `load_generate_prompts()`."""
@@ -199,7 +199,7 @@ def run_state_steering_generate(model: Any, *, layer: int = 2, scale: float = 3.
         texts = [decode_run(tok, g) for g in out]
         samples.append(score_pair(assessor, p, m, len(ids), texts[0], texts[1], len(out[0]), len(out[1]),
                                   bool(np.array_equal(out[0], out[1]))))
-    return StateGenerateResult(model_name or model.name, layer, float(scale), int(max_tokens), float(temperature),
+    return StateGenerateResult(model.name, layer, float(scale), int(max_tokens), float(temperature),
                                int(seed), samples, assessor.to_json(), assessor.summary_line(),
                                {"generate_s": time.perf_counter() - t0})
 

@@ -140,8 +140,8 @@ def run_state_steering_persistence(model: Any, *, layer: int = 2, max_tokens: in
                                    temperatures: Sequence[float] = PERSISTENCE_TEMPERATURES,
                                    scales: Sequence[float] = PERSISTENCE_SCALES, rust_only: bool = False,
                                    seed: int = 0, prompts: Optional[Sequence[StatePrompt]] = None,
-                                   keep_outputs: bool = False, execute_doctests: bool = True,
-                                   model_name: Optional[str] = None) -> StatePersistenceResult:
+                                   keep_outputs: bool = False,
+                                   execute_doctests: bool = True) -> StatePersistenceResult:
     """Generate every (prompt, temperature) batch (all scales x runs in one call) and score each completion
     (`preservation.Assessor`; Python doctests executed in the sandbox unless execute_doctests is False)."""
     layer = ivs.check_layer(layer, model.cfg.num_layers)
@@ -173,7 +173,7 @@ def run_state_steering_persistence(model: Any, *, layer: int = 2, max_tokens: in
                 texts = tuple(decode_run(tok, out[si * n_runs + r]) for r in range(n_runs))
                 verdicts = tuple(assessor(p.language, p.prompt, t) for t in texts)
                 conditions.append(Condition(p, dist, s, temp, verdicts, texts))
-    return StatePersistenceResult(model_name or model.name, layer, int(max_tokens), int(n_samples), int(seed),
+    return StatePersistenceResult(model.name, layer, int(max_tokens), int(n_samples), int(seed),
                                   bool(rust_only), scales, temperatures, conditions, bool(keep_outputs),
                                   assessor.to_json(), assessor.summary_line(), {"generate_s": time.perf_counter() - t0})
 

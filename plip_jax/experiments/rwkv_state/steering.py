@@ -16,7 +16,8 @@ from plip_jax.analysis import stats
 from plip_jax.core import interventions as ivs
 from plip_jax.core.errors import ConfigError
 from plip_jax.experiments.rwkv_state import compare
-from plip_jax.experiments.rwkv_state.edits import DEFAULT_CHUNK, FLOOR_FACTOR, run_edits
+from plip_jax.analysis.metrics import FLOOR_FACTOR
+from plip_jax.experiments.rwkv_state.edits import DEFAULT_CHUNK, run_edits
 from plip_jax.experiments.rwkv_state.samples import StateSample, select
 
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 2.0, 5.0, 9.0)
@@ -67,8 +68,8 @@ def check_scales(scales: Sequence[float]) -> list[float]:
 
 
 def run_state_steering(model: Any, samples: Sequence[StateSample], layer: int,
-                       scales: Sequence[float] = DEFAULT_SCALES, *, chunk: Optional[int] = DEFAULT_CHUNK,
-                       model_name: Optional[str] = None) -> StateSteeringResult:
+                       scales: Sequence[float] = DEFAULT_SCALES, *,
+                       chunk: Optional[int] = DEFAULT_CHUNK) -> StateSteeringResult:
     """KL(baseline || steered) for every test sample (baselines are dropped) and scale of the marker's state
     write at `layer`, with the no-op floor, Holm-adjusted p over the scales and PLIP's sanity checks."""
     layer = ivs.check_layer(layer, model.cfg.num_layers)
@@ -92,8 +93,8 @@ def run_state_steering(model: Any, samples: Sequence[StateSample], layer: int,
         dose.append(DosePoint(x, tests[k], holm[k], rows))
     effect = [k for k, x in enumerate(scales) if x != 1.0]  # scale 1 is the identity, not an effect
     floor = compare.floor_block(out.floor_kl, out.kl[:, effect].ravel().tolist(), below[:, effect].ravel().tolist(),
-                                str(model.dtype))
-    return StateSteeringResult(model_name or model.name, layer, dose, floor, steering_sanity_checks(dose, floor),
+                                model.dtype)
+    return StateSteeringResult(model.name, layer, dose, floor, steering_sanity_checks(dose, floor),
                                {"forward_s": out.forward_s})
 
 
