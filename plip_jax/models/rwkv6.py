@@ -29,6 +29,7 @@ from typing import Any, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture, Output
