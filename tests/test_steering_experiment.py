@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from plip_jax.analysis import nulls
 from plip_jax.core import interventions as ivs
 from plip_jax.experiments import causal_tables, steering
+from tests.null_reference import uniform_null
 
 LAYER = 4
 
@@ -76,8 +76,8 @@ def test_calibrate_reports_the_positional_null(calib, bundled_model, universal_c
 
     samples, _ = prepare(bundled_model, universal_corpus)
     rust = [s for s in samples if s.tokenized.sample.language == "rust"]
-    null = [nulls.uniform_null(s.tokenized.marker_token, s.tokenized.target_tokens, len(s.tokenized.token_ids),
-                               bundled_model.cfg.layer_windows)[LAYER] for s in rust]
+    null = [uniform_null(s.tokenized.marker_token, s.tokenized.target_tokens, len(s.tokenized.token_ids),
+                         bundled_model.cfg.layer_windows)[LAYER] for s in rust]
     assert calib["rust_null"] == pytest.approx(np.mean(null))
     lift = np.array([calib["rust_samples"][s.id] for s in rust]) / np.array(null)
     assert calib["rust_geo_mean_lift"] == pytest.approx(np.exp(np.log(lift).mean()))
