@@ -29,6 +29,7 @@ from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
 from plip_jax.experiments import causal, head_map
 from plip_jax.models.registry import load_model
+from plip_jax.util import io as plip_io
 
 flags.DEFINE_string("shape", None, "A benchmark shape (benchmarks/harness/shapes.py); unset: the bundled model.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and activations dtype.")
@@ -37,6 +38,7 @@ flags.DEFINE_integer("samples", 20, "Samples.")
 flags.DEFINE_integer("seq_len", 64, "Tokens per sample.")
 flags.DEFINE_integer("cells_per_call", 64, "Exact grid: cells per compiled program.")
 flags.DEFINE_integer("repeats", 3, "Timed calls after one warm-up call (median reported).")
+flags.DEFINE_string("output", None, "Also write the table and the two ratios as JSON to this file.")
 FLAGS = flags.FLAGS
 
 
@@ -65,6 +67,7 @@ def _forward_backward(model, tokens, length):
 def main(argv):
     del argv
     platform = cli.select_device(FLAGS.device, compile_cache=False)
+    out = cli.check_output_path(FLAGS.output) if FLAGS.output else None
     if FLAGS.shape:
         cfg = shapes.model_config(FLAGS.shape)
         model = models.random_model(cfg, FLAGS.dtype, layer_layout="auto")
@@ -101,6 +104,14 @@ def main(argv):
           f"{'met' if per_cell_ratio <= 3 else 'MISSED'}")
     print(f"gradient map / plain forward + backward: {grad_s / fb_s:.2f}x (target <= 2x): "
           f"{'met' if grad_s / fb_s <= 2 else 'MISSED'}")
+    if out is not None:
+        plip_io.write_json(out, {
+            "model": name, "platform": platform, "device_kind": jax.devices()[0].device_kind, "dtype": FLAGS.dtype,
+            "layers": L, "heads": H, "samples": B, "seq_len": FLAGS.seq_len, "repeats": FLAGS.repeats,
+            "rows": [{"workload": label, "median_s": s, "compile_s": c, "note": note} for label, s, c, note in rows],
+            "exact_per_cell_over_scan_per_cell": per_cell_ratio, "exact_target": 3.0,
+            "gradient_over_forward_backward": grad_s / fb_s, "gradient_target": 2.0})
+        print(f"Wrote {out}")
     return 0
 
 

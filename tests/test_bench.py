@@ -163,3 +163,44 @@ def test_flagfiles_parse_with_their_binary(flagfile):
             f"flags.FLAGS(['x', '--flagfile={flagfile}'])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-1500:]
+
+
+@pytest.mark.slow
+def test_head_map_benchmark_prints_and_writes_its_table(tmp_path):
+    from tests.binary_harness import run_binary
+
+    out = tmp_path / "hm.json"
+    proc = run_binary("benchmarks.head_map", "--samples=2", "--seq_len=24", "--repeats=1", f"--output={out}")
+    js = json.loads(out.read_text())
+    rows = {r["workload"]: r for r in js["rows"]}
+    assert list(rows) == ["exact grid (all cells)", "layer knockout scan", "gradient map", "plain forward + backward"]
+    assert (js["layers"], js["heads"], js["samples"], js["platform"]) == (8, 6, 2, "cpu")
+    assert all(r["median_s"] > 0 and r["compile_s"] >= -1 for r in rows.values())
+    per_cell = (rows["exact grid (all cells)"]["median_s"] / 48) / (rows["layer knockout scan"]["median_s"] / 8)
+    assert js["exact_per_cell_over_scan_per_cell"] == pytest.approx(per_cell)
+    assert js["gradient_over_forward_backward"] == pytest.approx(
+        rows["gradient map"]["median_s"] / rows["plain forward + backward"]["median_s"])
+    assert "(target <= 3x)" in proc.stdout and "(target <= 2x)" in proc.stdout and f"Wrote {out}" in proc.stdout
+
+
+def test_gpu_session_script_runs_each_preset_and_head_map_entry(tmp_path):
+    """benchmarks/gpu_session.sh with a stand-in python3 that records its arguments: one benchmarks.bench call per
+    flagfile and one benchmarks.head_map call per head_map:SHAPE, each writing under $OUT."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls.txt"
+    (fake / "python3").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (fake / "python3").chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(out)}
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "benchmarks/presets/bench_h100_qwen7b.flags",
+                           "head_map:qwen2.5-coder-7b"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("-c ")  # the environment record
+    assert lines[1] == (f"-m benchmarks.bench --flagfile=benchmarks/presets/bench_h100_qwen7b.flags "
+                        f"--output={out}/bench_h100_qwen7b.json --markdown={out}/bench_h100_qwen7b.md")
+    assert lines[2] == (f"-m benchmarks.head_map --shape=qwen2.5-coder-7b --device=gpu --dtype=bfloat16 "
+                        f"--output={out}/head_map_qwen2.5-coder-7b.json")
+    assert (out / "env.txt").exists() and (out / "head_map_qwen2.5-coder-7b.log").exists()
