@@ -54,8 +54,9 @@ def test_scale_matches_spec_worked_example():
                                                     layers=jnp.ones(1, bool), heads=jnp.ones(1, bool),
                                                     factor=jnp.float32(2.0)))
     visible = jnp.ones((1, 1, 4), bool)
-    out = ivs.steer_probs(probs, visible, iv, 0, jnp.asarray([3]))
+    out, failed = ivs.steer_probs(probs, visible, iv, 0, jnp.asarray([3]))
     np.testing.assert_allclose(out[0, 0], [0.2, 0.4, 0.2, 0.2], atol=1e-7)
+    assert np.asarray(failed).tolist() == [False]
 
 
 def test_scale_and_set_value_rows_equal_hand_computation(bundled_model, sample):
@@ -269,11 +270,10 @@ def test_in_graph_steering_never_breaks_a_row_and_flags_what_it_could_not_do(kin
     visible = jnp.ones((1, 4, 4), bool)
     iv = _row_iv(kind, [bool(e) for e in edges], **value)
     q = jnp.arange(4)
-    out = ivs.steer_probs(probs, visible, iv, 0, q)
+    out, flags = ivs.steer_probs(probs, visible, iv, 0, q)
     assert np.isfinite(np.asarray(out)).all()
     np.testing.assert_allclose(np.asarray(out).sum(-1), 1.0, atol=1e-6)
-    flags = np.asarray(ivs.failed_steering_rows(out, iv, 0, q))
-    assert flags.tolist() == [False, False, False, failed]
+    assert np.asarray(flags).tolist() == [False, False, False, failed]
     if failed:
         np.testing.assert_array_equal(out[0, 3], probs[0, 3])  # left unsteered
     elif kind == "set_value":

@@ -28,7 +28,7 @@ def _steer(probs, d):
     iv = ivs.Interventions(scale=ivs.AttentionScale(edges=jnp.asarray(edges), layers=jnp.ones(1, bool),
                                                     heads=jnp.ones(h, bool), factor=jnp.float32(d)))
     visible = jnp.asarray(np.arange(T) <= MARKER)[None, None, :]
-    return np.asarray(ivs.steer_probs(jnp.asarray(probs), visible, iv, 0, jnp.asarray([MARKER])), np.float64)
+    return np.asarray(ivs.steer_probs(jnp.asarray(probs), visible, iv, 0, jnp.asarray([MARKER]))[0], np.float64)
 
 
 def _metric(probs):

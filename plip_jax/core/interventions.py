@@ -23,9 +23,8 @@ attention row, a non-finite dose, a Scale(0) that would empty a row or a SetValu
 renormalised (given the sliding windows and the knocked-out keys the caller passes).
 
 What the host cannot know (the rest of a row holding no mass at run time, e.g. by f32 underflow) is
-handled in the graph: such a row is left unsteered (it still sums to 1, never NaN) and
-`failed_steering_rows` finds it in the returned probabilities, so the caller can raise an error naming
-sample, layer and row.
+handled in the graph: such a row is left unsteered (it still sums to 1, never NaN) and `steer_probs`
+flags it, so the caller can raise an error naming sample, layer and row.
 """
 
 from __future__ import annotations
@@ -130,15 +129,18 @@ def score_shift(iv: Optional[Interventions], layer, q_pos, n_keys):
     return rows[:, :, :n_keys].astype(jnp.float32)
 
 
-def steer_probs(probs: jnp.ndarray, visible: jnp.ndarray, iv: Optional[Interventions], layer, q_pos) -> jnp.ndarray:
+def steer_probs(probs: jnp.ndarray, visible: jnp.ndarray, iv: Optional[Interventions], layer,
+                q_pos) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Apply post-softmax steering to probs [H, Tq, Tk] (f32); `visible` [H|1, Tq, Tk] marks the
     entries the row may hold mass on (causal, unpadded, not knocked out). Only visible edges are steered.
+    Returns (steered probs [H, Tq, Tk], failed bool [Tq]).
 
     A row that cannot be steered as asked (Scale(0) on all of its mass, or SetValue whose other visible
     keys hold no mass while the edges' values do not sum to 1) is left unchanged, so every row still sums
-    to 1; `failed_steering_rows` reports it. No division can overflow into inf or NaN."""
+    to 1, and is flagged in `failed` (any head). No division can overflow into inf or NaN."""
+    failed = jnp.zeros(probs.shape[1:2], bool)
     if iv is None:
-        return probs
+        return probs, failed
     n_keys = probs.shape[-1]
     if iv.scale is not None:
         m = _edge_mask(iv.scale, layer, q_pos, n_keys) & visible
@@ -151,6 +153,7 @@ def steer_probs(probs: jnp.ndarray, visible: jnp.ndarray, iv: Optional[Intervent
         ratio = before / safe_after
         renorm = jnp.where(jnp.isfinite(ratio), scaled * ratio, scaled / safe_after * before)
         probs = jnp.where(after > 0, renorm, probs)
+        failed = failed | (m.any(-1) & (after[..., 0] <= 0)).any(0)
     if iv.set_value is not None:
         m = _edge_mask(iv.set_value, layer, q_pos, n_keys) & visible
         v = iv.set_value.value.astype(jnp.float32)
@@ -161,34 +164,8 @@ def steer_probs(probs: jnp.ndarray, visible: jnp.ndarray, iv: Optional[Intervent
         steered = jnp.where(m, v, rest_probs / jnp.where(rest > 0, rest, 1.0) * share)
         possible = (rest > 0) | (jnp.abs(count * v - 1.0) <= SET_VALUE_TOL)
         probs = jnp.where((count > 0) & possible, steered, probs)
-    return probs
-
-
-def failed_steering_rows(probs: jnp.ndarray, iv: Optional[Interventions], layer, q_pos) -> jnp.ndarray:
-    """bool [Tq]: rows of the *returned* (post-`steer_probs`) probs [H, Tq, Tk] where some head's steering
-    at `layer` could not be applied, so `steer_probs` left the row unchanged.
-
-    Scale(0) failed iff the row holds no mass off its edges (a steered row has all of it there). SetValue
-    failed iff the row holds no mass off its edges and an edge holds neither 0 (invisible) nor the value
-    (a steered row has exactly `value` on every visible edge; with no mass off the edges it can only be
-    steered when the edges' values sum to 1). Scale(f > 0) never fails: with all the mass on its edges it
-    is an identity."""
-    n_q = probs.shape[1]
-    bad = jnp.zeros((n_q,), bool)
-    if iv is None:
-        return bad
-    n_keys = probs.shape[-1]
-    if iv.scale is not None:
-        m = _edge_mask(iv.scale, layer, q_pos, n_keys)
-        off = jnp.where(m, 0.0, probs).sum(-1)  # [H, Tq]
-        bad = bad | (m.any(-1) & (iv.scale.factor == 0) & (off == 0)).any(0)
-    if iv.set_value is not None:
-        m = _edge_mask(iv.set_value, layer, q_pos, n_keys)
-        v = iv.set_value.value.astype(jnp.float32)
-        off = jnp.where(m, 0.0, probs).sum(-1)
-        unset = (m & (probs != 0) & (probs != v)).any(-1)
-        bad = bad | (m.any(-1) & (off == 0) & unset).any(0)
-    return bad
+        failed = failed | ((count > 0) & ~possible)[..., 0].any(0)
+    return probs, failed
 
 
 def state_scales(iv: Optional[Interventions], positions, n_layers: int):

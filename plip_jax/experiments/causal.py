@@ -190,12 +190,11 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
 
         def step(h, lp, j, iv_n=iv_n):
             kv = (jax.lax.dynamic_slice_in_dim(kc, j, 1, 0), jax.lax.dynamic_slice_in_dim(vc, j, 1, 0))
-            out, probs, _ = jax.vmap(lambda x, i: model.apply_block(x, lp, j, ctx, i, kv, 0))(h, iv_n)
+            out, probs, _, bad = jax.vmap(lambda x, i: model.apply_block(x, lp, j, ctx, i, kv, 0))(h, iv_n)
             y = {}
             if want_rows:
                 y["rows"] = jax.lax.dynamic_index_in_dim(probs, marker_row, 2, keepdims=False)  # [n, H, T]
             if steering:
-                bad = jax.vmap(lambda pr, i: ivs.failed_steering_rows(pr, i, j, ctx.q_pos))(probs, iv_n)  # [n, Tq]
                 y["fail"] = jnp.where(bad.any(-1), p + jnp.argmax(bad, -1), -1).astype(jnp.int32)
             return out, y
 
@@ -427,7 +426,7 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
 
 def raise_on_failed_steering(failed_row, sample_ids: Sequence[str], point_labels: Sequence[str]) -> None:
     """InterventionError naming sample, point, layer and row for every steering that could not be applied
-    in the graph (failed_row int [P, B, L], -1 = applied; see `ivs.failed_steering_rows`)."""
+    in the graph (failed_row int [P, B, L], -1 = applied; see `ivs.steer_probs`)."""
     f = np.asarray(failed_row)
     hits = np.argwhere(f >= 0)
     if not hits.size:

@@ -87,7 +87,8 @@ def _rope(x, ctx: _Ctx):
 
 
 def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None, cache_layer=None):
-    """Self-attention of x [Tq, D]. Returns (out [Tq, D], probs [H, Tq, Tk] f32, new (k, v) cache).
+    """Self-attention of x [Tq, D]. Returns (out [Tq, D], probs [H, Tq, Tk] f32, new (k, v) cache, failed bool
+    [Tq]: rows whose steering could not be applied and were left unsteered, see `ivs.steer_probs`).
 
     With `kv_cache` = (k [L', S, KV, hd], v [L', S, KV, hd]) for several layers, the new keys/values are written
     in place at (layer, q_pos) and the queries attend over this layer's whole cache (Tk = S); otherwise
@@ -132,10 +133,10 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     row_visible = allowed.any(axis=-1, keepdims=True)
     probs = jax.nn.softmax(jnp.where(row_visible, scores, 0.0), axis=-1)
     probs = jnp.where(row_visible, probs, 0.0)
-    probs = ivs.steer_probs(probs, allowed, iv, layer, ctx.q_pos)
+    probs, failed = ivs.steer_probs(probs, allowed, iv, layer, ctx.q_pos)
     pv = probs.astype(v.dtype).reshape(kvh, g, tq, tk)
     out = jnp.einsum("kgqs,skd->qkgd", pv, v).reshape(tq, h * hd)
-    return linear(out, lp["o_w"], lp.get("o_b")), probs, new_cache
+    return linear(out, lp["o_w"], lp.get("o_b")), probs, new_cache, failed
 
 
 @struct.dataclass
@@ -194,12 +195,13 @@ def layer_windows(cfg: ModelConfig) -> jnp.ndarray:
 def apply_block(h, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv=None, cache=None, cache_layer=None):
     """One decoder block on h [T, D] with layer params `lp` (one layer's slice), the intervention applied
     as at `layer`; `cache` is None or the (k, v) cache, this layer at index `cache_layer` (default `layer`;
-    see `attention`). Returns (h_out [T, D], attention probs [H, Tq, Tk] f32, updated cache or None)."""
-    a, probs, new_cache = attention(norm(h, lp["attn_norm"], cfg), lp, layer, window, cfg, ctx, iv, cache,
-                                    cache_layer)
+    see `attention`). Returns (h_out [T, D], attention probs [H, Tq, Tk] f32, updated cache or None, failed
+    steering rows bool [Tq])."""
+    a, probs, new_cache, failed = attention(norm(h, lp["attn_norm"], cfg), lp, layer, window, cfg, ctx, iv, cache,
+                                            cache_layer)
     h = h + a.astype(h.dtype)
     h = h + mlp(norm(h, lp["mlp_norm"], cfg), lp, cfg).astype(h.dtype)
-    return ivs.edit_residual(h, iv, layer, ctx.q_pos), probs, new_cache
+    return ivs.edit_residual(h, iv, layer, ctx.q_pos), probs, new_cache, failed
 
 
 def check_interventions(iv: Optional[ivs.Interventions]) -> None:
@@ -231,7 +233,7 @@ def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Opt
     def block(carry, lp, layer, xs):
         h, buf, kv = carry
         window, slot = xs
-        h, probs, kv = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv)
+        h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv)
         ys = {}
         if capture.attn_rows:
             ys["attn_rows"] = jnp.take(probs, query_rows, axis=1)
@@ -322,8 +324,9 @@ class Transformer(struct.PyTreeNode):
                             cache_size=cache_size)
 
     def apply_block(self, h, layer_params, layer, ctx: _Ctx, interventions=None, kv=None, cache_layer=None):
-        """Block `layer` (params `layer_params`, e.g. from `layers.group`) on h [T, D]; `kv` = (k, v) arrays
-        [L', S, KV, hd] holding this layer at `cache_layer`. Returns (h, probs [H, T, Tk] f32, kv)."""
+        """Block `layer` (params `layer_params`: one layer's, e.g. from `Layers.fold_range`) on h [T, D]; `kv` =
+        (k, v) arrays [L', S, KV, hd] holding this layer at `cache_layer`. Returns (h, probs [H, T, Tk] f32, kv,
+        failed steering rows bool [T])."""
         window = layer_windows(self.cfg)[layer]
         with matmul_precision(self.cfg.dtype):
             return apply_block(h, layer_params, layer, window, self.cfg, ctx, interventions, kv, cache_layer)
