@@ -174,7 +174,6 @@ def floor_warning(floor, effects, dtype: str = "", threshold: float = 0.1,
             f"level are not resolved; treat those below {factor:g}x the floor as noise.{advice}")
 
 
-
 def dtype_name(dtype) -> str:
     """'float32', 'bfloat16'... from a dtype-like (numpy/JAX dtype, type or name)."""
     try:
@@ -197,6 +196,7 @@ def floor_block(floor_kl, effects, below, dtype, definition: str) -> tuple[dict,
                                "n_effects": int(eff.size), "n_effects_below_floor": int(np.sum(below)),
                                "warning": warning}
     return out, warning
+
 
 def kl_divergence_plip_filtered(base_logits: Array, other_logits: Array) -> Array:
     """PLIP-rs's KL: Σ p ln(p/q) over terms with p > 1e-10 and q > 1e-10 only (f32), [..., V] -> [...].

@@ -27,9 +27,11 @@ from absl import flags
 
 from plip_jax.cli import distributed, flagtypes
 from plip_jax.cli.startup import OUTPUT_DIR, check_family, load_model_from_flags
+from plip_jax.data.corpus import STATE_GENERATE_PROMPTS_FILE, STATE_PERSISTENCE_PROMPTS_FILE
 from plip_jax.util import io, progress
 
 FLAGS = flags.FLAGS
+
 
 class CorpusKind(NamedTuple):
     """How `Run` loads one kind of input file: `loader` (a function name in plip_jax.data.corpus) applied to the
@@ -47,8 +49,8 @@ CORPORA = {
     "probe": CorpusKind("load_probe_samples", "samples.json"),
     "generation_prompts": CorpusKind("load_generation_prompts", "generation_prompts_n50.json"),
     "multi_snippets": CorpusKind("load_multi_snippets", "multi_sample_snippets.json", flag="snippets"),
-    "state_generate_prompts": CorpusKind("load_state_prompts", "state_steering_generate_prompts.json"),
-    "state_persistence_prompts": CorpusKind("load_state_prompts", "state_steering_persistence_prompts.json",
+    "state_generate_prompts": CorpusKind("load_state_prompts", STATE_GENERATE_PROMPTS_FILE),
+    "state_persistence_prompts": CorpusKind("load_state_prompts", STATE_PERSISTENCE_PROMPTS_FILE,
                                             kwargs=(("need_distance", True),)),
 }
 OutputName = Union[str, Callable[[Any], str], None]

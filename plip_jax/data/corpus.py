@@ -15,6 +15,9 @@ from plip_jax.util.resources import shipped_dir
 
 CORPUS_DIR = shipped_dir("corpus")  # the repository's corpus/, or its copy inside an installed wheel
 UNIVERSAL_GROUPS = ("python_doctest", "rust_test", "python_baseline", "rust_baseline")
+# shipped prompt files of the RWKV state-steering binaries (PLIP-rs's 5 and 6 prompts)
+STATE_GENERATE_PROMPTS_FILE = "state_steering_generate_prompts.json"
+STATE_PERSISTENCE_PROMPTS_FILE = "state_steering_persistence_prompts.json"
 
 
 def default_corpus_path(name: str = "attention_samples_universal.json") -> Path:

@@ -23,16 +23,15 @@ from plip_jax.analysis import test_preservation as tp
 from plip_jax.core import interventions as ivs
 from plip_jax.core.errors import ConfigError, CorpusError
 from plip_jax.data.batching import bucket_length
-from plip_jax.data.corpus import StatePrompt, default_corpus_path, load_state_prompts
+from plip_jax.data.corpus import STATE_GENERATE_PROMPTS_FILE, StatePrompt, default_corpus_path, load_state_prompts
 from plip_jax.data.positions import char_to_token_exact, encode_with_offsets
 from plip_jax.experiments import preservation
 
-GENERATE_PROMPTS_FILE = "state_steering_generate_prompts.json"
 
 
 def load_generate_prompts(path: Optional[Path] = None) -> list[StatePrompt]:
     """PLIP-rs's 5 `state_steering_generate` prompts (corpus/state_steering_generate_prompts.json) or `path`."""
-    return load_state_prompts(Path(path) if path else default_corpus_path(GENERATE_PROMPTS_FILE))
+    return load_state_prompts(Path(path) if path else default_corpus_path(STATE_GENERATE_PROMPTS_FILE))
 
 
 def check_scale(scale: float, flag: str = "--scale") -> float:

@@ -19,20 +19,21 @@ import numpy as np
 
 from plip_jax.core import interventions as ivs
 from plip_jax.core.errors import ConfigError
-from plip_jax.data.corpus import STATE_PROMPT_DISTANCES, StatePrompt, default_corpus_path, load_state_prompts
+from plip_jax.data.corpus import (STATE_PERSISTENCE_PROMPTS_FILE, STATE_PROMPT_DISTANCES, StatePrompt,
+                                  default_corpus_path, load_state_prompts)
 from plip_jax.experiments import preservation
 from plip_jax.experiments.rwkv_state.generation import (check_scale, decode_run, generate_runs, marker_token,
                                                         shared_shapes)
 
 PERSISTENCE_SCALES = (1.0, 3.0, 5.0, 9.0)
 PERSISTENCE_TEMPERATURES = (0.0, 0.6)
-PERSISTENCE_PROMPTS_FILE = "state_steering_persistence_prompts.json"
 STEERED_ABOVE = 1.5  # PLIP's distance summary pools the scales above this
 
 
 def load_persistence_prompts(path: Optional[Path] = None) -> list[StatePrompt]:
     """PLIP-rs's 6 persistence prompts (py/rs x close/medium/far; corpus/state_steering_persistence_prompts.json)."""
-    return load_state_prompts(Path(path) if path else default_corpus_path(PERSISTENCE_PROMPTS_FILE), need_distance=True)
+    return load_state_prompts(Path(path) if path else default_corpus_path(STATE_PERSISTENCE_PROMPTS_FILE),
+                              need_distance=True)
 
 
 @dataclasses.dataclass(frozen=True)
