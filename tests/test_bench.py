@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,25 @@ def test_floors_and_targets_on_h100():
     assert report.evaluate_target(rec, applies=True)["met"] is True
     ko = {"workload": "knockout_scan", "jax": {"median_s": 1.0}, "torch": {"median_s": 2.0}}
     assert "needs 1.50x more" in report.evaluate_target(ko, applies=True)["text"]
+    rec["jax"]["compile_s"] = 31.0  # issue 15: each 7B workload compiles in under 30 s
+    assert report.evaluate_target(rec, applies=True)["met"] is False
+    assert "compile 31.0 s (target < 30 s): MISSED" in report.evaluate_target(rec, applies=True)["text"]
+    steer = {"workload": "steering_sweep", "one_compiled_call": True, "doses": [1, 2],
+             "jax": {"median_s": 0.1}, "torch": {"median_s": 0.3}}
+    target = report.evaluate_target(steer, applies=True)
+    assert target["met"] is False and "3.00x vs torch (target >= 4x): MISSED, needs 1.33x more" in target["text"]
+    steer["torch"]["median_s"] = 0.4
+    assert report.evaluate_target(steer, applies=True)["met"] is True
+    gen = {"workload": "generation", "floor_s": 0.6, "jax": {"median_s": 1.0, "tokens_per_s": 7500.0},
+           "torch": {"median_s": 6.0, "tokens_per_s": 1250.0}}
+    target = report.evaluate_target(gen, applies=True)  # 6x transformers but 60% of the floor's tok/s
+    assert target["met"] is False and "60% of the floor's tok/s (target >= 75%): MISSED, needs 1.25x more" in target["text"]
+    gen["jax"]["median_s"] = 0.75
+    assert report.evaluate_target(gen, applies=True)["met"] is True
+    h200 = harness.device_peaks("NVIDIA H200", "gpu", "bfloat16")
+    assert h200.name == "H200" and report.targets_apply("gpu", "bfloat16", "qwen2.5-coder-7b", h200)
+    assert not report.targets_apply("gpu", "bfloat16", "qwen2.5-coder-3b", h200)
+    assert not report.targets_apply("gpu", "bfloat16", "qwen2.5-coder-7b", harness.device_peaks("A100", "gpu", "bf16"))
 
 
 def test_param_counts_match_the_public_models():
@@ -204,3 +224,30 @@ def test_gpu_session_script_runs_each_preset_and_head_map_entry(tmp_path):
     assert lines[2] == (f"-m benchmarks.head_map --shape=qwen2.5-coder-7b --device=gpu --dtype=bfloat16 "
                         f"--output={out}/head_map_qwen2.5-coder-7b.json")
     assert (out / "env.txt").exists() and (out / "head_map_qwen2.5-coder-7b.log").exists()
+
+
+def test_gpu_session_script_passes_extra_flags_and_stops_at_its_deadline(tmp_path):
+    """SESSION_DEADLINE_S cuts the step running at the deadline and skips the rest (so a device call returns
+    with its files inside its limit); HEAD_MAP_FLAGS / BENCH_FLAGS reach their steps after the defaults."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls.txt"
+    (fake / "python3").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                                  'case "$*" in *benchmarks.bench*) sleep 60;; esac\n')
+    (fake / "python3").chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(out), "SESSION_DEADLINE_S": "10",
+           "HEAD_MAP_FLAGS": "--cells_per_call=392 --repeats=2", "BENCH_FLAGS": "--repeats=3"}
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "head_map:qwen2.5-coder-7b",
+                           "benchmarks/presets/bench_h100_qwen7b.flags", "benchmarks/presets/bench_h100_qwen3b.flags"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[1].endswith("--output=" + f"{out}/head_map_qwen2.5-coder-7b.json --cells_per_call=392 --repeats=2")
+    assert lines[2].endswith(f"--markdown={out}/bench_h100_qwen7b.md --repeats=3")
+    assert len(lines) == 3  # the 3B preset came after the deadline: skipped
+    assert elapsed < 30  # the sleeping bench step was cut at the deadline, not left to run 60 s
+    env_txt = (out / "env.txt").read_text()
+    assert "deadline passed: skipping benchmarks/presets/bench_h100_qwen3b.flags" in env_txt and "session:" in env_txt

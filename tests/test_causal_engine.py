@@ -67,6 +67,22 @@ def test_reported_kl_is_the_float64_one_from_the_logits(steering_sweep, monkeypa
     causal.effects_f64(res.ref_last, res.last, res.ref_nll, res.nll)  # never touches the f32 path
 
 
+def test_effects_f64_on_host_threads_equal_the_serial_loop():
+    """The [P, B, V] effects run one leading index per host thread: each index's numbers must be those of the
+    serial loop (a mixed-up index or a shared temporary would fail this)."""
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((5, 64)).astype(np.float32)
+    other = ref[None] + rng.standard_normal((7, 5, 64)).astype(np.float32) * np.arange(1, 8)[:, None, None] * 0.1
+    ref_nll, other_nll = rng.random(5), rng.random((7, 5))
+    serial = causal.effects_f64(ref, other, ref_nll, other_nll, threads=1)
+    threaded = causal.effects_f64(ref, other, ref_nll, other_nll, threads=4)
+    for key in serial:
+        np.testing.assert_array_equal(threaded[key], serial[key])
+    for i in range(7):
+        np.testing.assert_array_equal(serial["kl"][i], metrics.kl_divergence_f64(ref, other[i]))
+    assert np.all(np.diff(serial["kl"].mean(axis=1)) > 0)  # larger perturbations, larger KL: indices in order
+
+
 @pytest.mark.slow
 def test_shared_steering_sweep_equals_full_recomputation_and_the_plain_sweep(bundled_model, small, steering_sweep):
     samples, batch, markers = small

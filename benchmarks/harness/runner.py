@@ -127,8 +127,7 @@ def run(opts: Options, log: Callable[[str], None] = print, on_record: Optional[C
                                         layer_layout=opts.layer_layout)
         model = jax.block_until_ready(model)
         log(f"  weights ready in {time.perf_counter() - t0:.1f} s")
-        applies = platform == "gpu" and opts.dtype == "bfloat16" and name.endswith("7b") and bool(
-            peaks and peaks.name.startswith("H100"))
+        applies = report.targets_apply(platform, opts.dtype, name, peaks)
         corpus = wl.make_corpus(cfg, opts.sizes.samples, opts.sizes.seq_len, opts.seed)
         for w in opts.workloads:
             log(f"  {w} ...")

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import jax
@@ -322,20 +324,41 @@ def check_finite_logits(logits, what: str, sample_ids: Optional[Sequence[str]] =
                                 "forward (check the doses and edges)")
 
 
-def effects_f64(ref_last, other_last, ref_nll, other_nll) -> dict:
+def host_threads() -> int:
+    """CPUs this process may use (its affinity mask where the OS reports one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def effects_f64(ref_last, other_last, ref_nll, other_nll, threads: Optional[int] = None) -> dict:
     """Per-sample effects on the host in float64, against a reference run: KL(ref || other) in nats
     (`metrics.kl_divergence_f64`: never clamped, 0 only for identical distributions), top-1 agreement,
     logit difference of the reference's top-1 token (ref - other), the change of that token's log-probability
     (other - ref, nats), change of mean next-token NLL (other - ref, nats/token). Inputs [..., V] and [...]
     (the reference broadcasts); outputs [...]. Computed one leading index at a time: the float64 temporaries
-    are ~10x the logits of a [B, V] slice, not of the whole [P, B, V] sweep (GBs at a 152k vocabulary)."""
+    are ~10x the logits of a [B, V] slice, not of the whole [P, B, V] sweep (GBs at a 152k vocabulary).
+    The leading indices run on a pool of host threads (numpy releases the GIL in its array loops; at a 7B
+    head map's 784 x 20 cells x 152k vocabulary this is most of the host time); `threads` None = the CPUs
+    this process may use, 1 = serial. Each index's numbers are the same whatever the thread count."""
     other_last = np.asarray(other_last)
     if other_last.ndim > 2:
         ref_last = np.broadcast_to(np.asarray(ref_last), other_last.shape)
         nll_shape = other_last.shape[:-1]
         ref_nll = np.broadcast_to(np.asarray(ref_nll), nll_shape)
         other_nll = np.broadcast_to(np.asarray(other_nll), nll_shape)
-        parts = [effects_f64(ref_last[i], other_last[i], ref_nll[i], other_nll[i]) for i in range(len(other_last))]
+
+        def one(i):
+            return effects_f64(ref_last[i], other_last[i], ref_nll[i], other_nll[i], threads=1)
+
+        n = len(other_last)
+        workers = min(n, host_threads() if threads is None else max(1, int(threads)))
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                parts = list(pool.map(one, range(n)))
+        else:
+            parts = [one(i) for i in range(n)]
         return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
     o = np.asarray(other_last, np.float64)
     r = np.broadcast_to(np.asarray(ref_last, np.float64), o.shape)
