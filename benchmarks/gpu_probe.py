@@ -1,21 +1,28 @@
 """Diagnostics behind the GPU benchmark (benchmarks/RESULTS.md), one process per part:
 
-    python benchmarks/gpu_probe.py gemm   --shape=qwen2.5-coder-7b   # matmul-only time of the layer scan's GEMMs
-    python benchmarks/gpu_probe.py scan   --shape=...                # layer scan: default vs unrolled layer loop; HLO dump
-    python benchmarks/gpu_probe.py memory --shape=...                # device peak of a process holding only what a
-                                                                     # layer scan needs (trunk weights + the call)
-    python benchmarks/gpu_probe.py knockout --shape=... --groups=4,7 # knockout scan compile/run per group size
+    python -m benchmarks.gpu_probe gemm     --shape=qwen2.5-coder-7b  # matmul-only time of the layer scan's GEMMs
+    python -m benchmarks.gpu_probe scan     --shape=...               # layer scan time vs its floor; optimized HLO
+    python -m benchmarks.gpu_probe profile  --shape=... --out_dir=D   # layer scan under jax.profiler: device time
+                                                                      # per kernel / HLO op, GEMM vs the rest
+    python -m benchmarks.gpu_probe memory   --shape=...               # device peak of a process holding only what a
+                                                                      # layer scan needs (trunk weights + the call)
+    python -m benchmarks.gpu_probe knockout --shape=... --groups=4,7  # knockout scan compile/run per group size
 
-Random (or, for `memory`, constant) weights at the shape; 20 samples x 64 tokens as in benchmarks/bench. Prints one
-JSON line per measurement (and writes the optimized HLO of the layer scan with --hlo_dir).
+Random weights at the shape (`--shape=tiny` runs anywhere, for the CPU test); 20 samples x 64 tokens as in
+benchmarks/bench. Prints one JSON line per measurement. `profile` also writes D/layer_scan_profile.json (the
+summary) and D/layer_scan.xplane.pb (the raw trace: open it in XProf / TensorBoard's profile plugin).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import collections
+import glob
 import json
 import os
+import re
+import shutil
+import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -27,126 +34,183 @@ import numpy as np  # noqa: E402
 from benchmarks.harness import harness, models, shapes  # noqa: E402
 from benchmarks.harness import workloads as wl  # noqa: E402
 
+FLOOR_FLOPS = 790e12  # the H100-class bf16 matmul rate the floors use (benchmarks/harness/harness.py)
+# Kernel / HLO-op names that are matrix products (cuBLAS, cuBLASLt, CUTLASS, nvJet, XLA's own dot emitters).
+GEMM_NAME = re.compile(r"gemm|cublas|cutlass|nvjet|xmma|matmul|\bdot|dot\.|dot_|convolution|triton_gemm", re.I)
+
 
 def emit(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def gemm(cfg, dtype, m, repeats, modes=("scan", "unrolled")):
-    """The layer scan's matmuls only (q, k, v, o, gate, up, down per layer on [m, D] rows), scanned over
-    stacked weights and, separately, with per-layer (unstacked) weights in an unrolled loop."""
-    p = models.random_params(cfg, dtype)["layers"]
-    names = [n for n in ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w", "fc_w", "proj_w") if n in p]
-    x0 = jnp.ones((m, cfg.hidden_size), p["q_w"].dtype) * 0.01
+def _scan_args(cfg):
+    corpus = wl.make_corpus(cfg, 20, 64)
+    return corpus, tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers[:, None],
+                                                   corpus.counts))
 
-    def layer(x, lp):
-        q = x @ lp["q_w"].T
-        k = x @ lp["k_w"].T
-        v = x @ lp["v_w"].T
-        a = (q @ lp["o_w"].T) + (k.sum() + v.sum()).astype(x.dtype) * 0
-        if "gate_w" in lp:
-            hmid = (x @ lp["gate_w"].T) * (x @ lp["up_w"].T)
-            f = hmid @ lp["down_w"].T
-        else:
-            f = (x @ lp["fc_w"].T) @ lp["proj_w"].T
-        return x + a + f
+
+def _compiled_layer_scan(cfg, dtype):
+    from plip_jax.experiments.attention_metric import marker_metric
+
+    model = models.random_model(cfg, dtype, layer_layout="auto")
+    trunk = model.trunk()
+    corpus, args = _scan_args(cfg)
+    t = time.perf_counter()
+    compiled = marker_metric.lower(trunk, *args).compile()
+    return compiled, trunk, args, corpus, time.perf_counter() - t
+
+
+def gemm(cfg, dtype, m, repeats):
+    """The layer scan's matmuls alone: per layer, every weight [out, in] times an [m, in] activation, unrolled
+    over per-layer weights (each product summed, so none is dropped): the GEMM part of the layer scan's time."""
+    stacked = models._random_stacked(cfg, dtype, 0, 0.02)["layers"]
+    names = [n for n, w in stacked.items() if isinstance(w, jax.Array) and w.ndim == 3]  # [L, out, in] matrices
+    per_layer = [{n: stacked[n][i] for n in names} for i in range(cfg.num_layers)]
+    dims = sorted({int(stacked[n].shape[2]) for n in names})
+    acts = {str(d): jax.random.normal(jax.random.PRNGKey(d), (m, d), jnp.float32).astype(stacked[names[0]].dtype)
+            for d in dims}
 
     @jax.jit
-    def scanned(x, p):
-        return jax.lax.scan(lambda c, lp: (layer(c, lp), None), x, p)[0]
+    def run(acts, layers):
+        total = jnp.zeros((), jnp.float32)
+        for lp in layers:
+            for n in names:
+                w = lp[n]
+                total = total + jnp.sum(acts[str(w.shape[1])] @ w.T, dtype=jnp.float32)
+        return total
 
-    per_layer = None
-    if "unrolled" in modes:
-        per_layer = [{n: p[n][i] for n in names} for i in range(cfg.num_layers)]
-        per_layer = jax.block_until_ready(jax.tree_util.tree_map(lambda a: a.copy(), per_layer))
-
-    @jax.jit
-    def unrolled(x, pl):
-        for lp in pl:
-            x = layer(x, lp)
-        return x
-
-    flops = 2 * m * sum(int(np.prod(p[n].shape)) for n in names)
-    runs = {"scan": ("gemm_scan_stacked", scanned, p), "unrolled": ("gemm_unrolled_per_layer", unrolled, per_layer)}
-    for label, fn, arg in (runs[k] for k in modes):
-        fn(x0, arg).block_until_ready()
-        t, _ = harness.time_calls(lambda: fn(x0, arg), repeats, harness.jax_sync)
-        emit(part=label, m=m, median_ms=t.median_s * 1e3, tflops=flops / t.median_s / 1e12)
+    t, _ = harness.time_calls(lambda: run(acts, per_layer), repeats, harness.jax_sync)
+    flops = 2 * m * sum(int(np.prod(lp[n].shape)) for lp in per_layer for n in names)
+    emit(part="gemm", rows=m, weights=names, median_ms=t.median_s * 1e3, tflops=flops / t.median_s / 1e12,
+         floor_ms=flops / FLOOR_FLOPS * 1e3)
 
 
 def scan(cfg, dtype, repeats, hlo_dir):
-    params = models.random_params(cfg, dtype)
-    corpus = wl.make_corpus(cfg, 20, 64)
-    rec = wl.layer_scan(params, cfg, corpus, repeats)
-    emit(part="layer_scan_default", median_ms=rec["jax"]["median_s"] * 1e3, compile_s=rec["jax"]["compile_s"],
-         floor_ms=shapes.forward_flops(cfg, corpus.lengths.tolist()) / 790e12 * 1e3)
+    compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype)
+    t, _ = harness.time_calls(lambda: compiled(trunk, *args), repeats, harness.jax_sync)
+    emit(part="layer_scan", median_ms=t.median_s * 1e3, compile_s=compile_s,
+         floor_ms=shapes.forward_flops(cfg, corpus.lengths.tolist()) / FLOOR_FLOPS * 1e3)
     if hlo_dir:
-        from plip_jax.experiments.attention_metric import transformer_marker_metric, trunk_params
-
-        args = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers[:, None], corpus.counts))
-        txt = transformer_marker_metric.lower(trunk_params(params), *args, cfg=cfg, rope_mode="hf").compile().as_text()
         os.makedirs(hlo_dir, exist_ok=True)
         with open(os.path.join(hlo_dir, "layer_scan_hlo.txt"), "w") as f:
-            f.write(txt)
-    orig = jax.lax.scan
-    jax.lax.scan = functools.partial(orig, unroll=True)
-    try:
-        jax.clear_caches()
-        rec = wl.layer_scan(params, cfg, corpus, repeats)
-        emit(part="layer_scan_unrolled", median_ms=rec["jax"]["median_s"] * 1e3, compile_s=rec["jax"]["compile_s"])
-    finally:
-        jax.lax.scan = orig
+            f.write(compiled.as_text())
+
+
+def summarize_profile(xplane_path: str, calls: int, top: int = 25) -> dict:
+    """Device time of a trace (`jax.profiler` .xplane.pb), per call: for every device plane's lines (GPU streams,
+    'XLA Ops', ...; on a CPU-only trace the host threads that ran HLO ops), the total, the GEMM share (names
+    matching GEMM_NAME, or events whose hlo_op does) and the `top` names by time. Nanoseconds / calls."""
+    data = jax.profiler.ProfileData.from_file(xplane_path)
+    planes = [p for p in data.planes if p.name.startswith("/device:")]
+    device_trace = bool(planes)
+    if not planes:  # CPU: the host plane's XLA threads
+        planes = [p for p in data.planes if p.name.startswith("/host:CPU")]
+    out = {"device_trace": device_trace, "calls": calls, "lines": []}
+    for plane in planes:
+        for line in plane.lines:
+            by_name = collections.defaultdict(float)
+            gemm_ns = total_ns = 0.0
+            n = 0
+            for ev in line.events:
+                stats = dict(ev.stats)
+                if not device_trace and "hlo_op" not in stats:
+                    continue
+                dur = float(ev.duration_ns)
+                name = str(ev.name)
+                hlo = str(stats.get("hlo_op", ""))
+                by_name[name] += dur
+                total_ns += dur
+                n += 1
+                if GEMM_NAME.search(name) or GEMM_NAME.search(hlo):
+                    gemm_ns += dur
+            if not n:
+                continue
+            ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+            out["lines"].append({
+                "plane": plane.name, "line": line.name, "events_per_call": n / calls,
+                "total_ms_per_call": total_ns / calls / 1e6, "gemm_ms_per_call": gemm_ns / calls / 1e6,
+                "gemm_share": gemm_ns / total_ns if total_ns else None,
+                "top": [{"name": k[:160], "ms_per_call": v / calls / 1e6, "gemm": bool(GEMM_NAME.search(k))}
+                        for k, v in ranked]})
+    return out
+
+
+def profile(cfg, dtype, calls, out_dir):
+    """The compiled layer scan traced over `calls` calls after a warm-up; the summary as JSON lines and files."""
+    compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype)
+    t, _ = harness.time_calls(lambda: compiled(trunk, *args), 3, harness.jax_sync)
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0  # device and XLA runtime events only: a small trace
+    tmp = tempfile.mkdtemp(prefix="plip_profile_")
+    with jax.profiler.trace(tmp, profiler_options=opts):
+        for _ in range(calls):
+            jax.block_until_ready(compiled(trunk, *args))
+    found = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+    if not found:
+        raise SystemExit(f"the profiler wrote no .xplane.pb under {tmp}")
+    summary = summarize_profile(found[0], calls)
+    summary.update(part="profile", workload="layer_scan", median_ms=t.median_s * 1e3, compile_s=compile_s,
+                   floor_ms=shapes.forward_flops(cfg, corpus.lengths.tolist()) / FLOOR_FLOPS * 1e3,
+                   device=jax.devices()[0].device_kind)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "layer_scan_profile.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    shutil.copy(found[0], os.path.join(out_dir, "layer_scan.xplane.pb"))
+    for line in summary["lines"]:
+        emit(part="profile_line", plane=line["plane"], line=line["line"], total_ms=line["total_ms_per_call"],
+             gemm_ms=line["gemm_ms_per_call"], events=line["events_per_call"],
+             top=[(x["name"][:60], round(x["ms_per_call"], 3)) for x in line["top"][:12]])
+    emit(part="profile", median_ms=summary["median_ms"], floor_ms=summary["floor_ms"], compile_s=compile_s)
 
 
 def memory(cfg, dtype):
     """Peak device bytes of a process that holds the trunk (no lm_head) and runs the layer scan."""
-    from plip_jax.experiments.attention_metric import transformer_marker_metric
+    from plip_jax.experiments.attention_metric import marker_metric
 
-    shape_tree = jax.eval_shape(lambda: models.random_params(cfg, dtype))
-    shape_tree.pop("lm_head", None)
-    params = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, 0.01, s.dtype), shape_tree)
-    jax.block_until_ready(params)
+    trunk = models.random_model(cfg, dtype, layer_layout="auto").trunk()
+    jax.block_until_ready(trunk)
     held = harness.jax_memory_stats() or {}
-    corpus = wl.make_corpus(cfg, 20, 64)
-    args = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers[:, None], corpus.counts))
-    out = transformer_marker_metric(params, *args, cfg=cfg, rope_mode="hf")
-    jax.block_until_ready(out)
+    _, args = _scan_args(cfg)
+    jax.block_until_ready(marker_metric(trunk, *args))
     stats = harness.jax_memory_stats() or {}
-    emit(part="layer_scan_memory", weights_gib=sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) / 2**30,
+    emit(part="layer_scan_memory", weights_gib=sum(x.nbytes for x in jax.tree_util.tree_leaves(trunk)) / 2**30,
          in_use_before_gib=held.get("bytes_in_use", 0) / 2**30, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30)
 
 
 def knockout(cfg, dtype, repeats, groups):
     from plip_jax.experiments import causal
 
-    params = models.random_params(cfg, dtype)
+    model = models.random_model(cfg, dtype, layer_layout="auto")
     corpus = wl.make_corpus(cfg, 20, 64)
     heads = np.ones((20, cfg.num_heads), bool)
     args = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads))
+    prefix = causal.knockout_prefix(corpus.edges, corpus.lengths)
     for g in groups:
         t0 = time.perf_counter()
-        compiled = causal.layer_knockout_scan.lower(params, *args, cfg=cfg, rope_mode="hf", group_layers=g).compile()
+        compiled = causal.layer_knockout_scan_jit.lower(model, *args, group_layers=g, prefix=prefix).compile()
         c = time.perf_counter() - t0
-        t, _ = harness.time_calls(lambda: compiled(params, *args), repeats, harness.jax_sync)
+        t, _ = harness.time_calls(lambda: compiled(model, *args), repeats, harness.jax_sync)
         emit(part="knockout_scan", group_layers=g, compile_s=c, median_ms=t.median_s * 1e3)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=["gemm", "scan", "memory", "knockout"])
+    ap.add_argument("part", choices=["gemm", "scan", "profile", "memory", "knockout"])
     ap.add_argument("--shape", default="qwen2.5-coder-7b")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=10, help="timed calls (profile: traced calls)")
     ap.add_argument("--groups", default="4,7")
     ap.add_argument("--hlo_dir", default=None)
-    ap.add_argument("--gemm_modes", default="scan,unrolled")
-    a = ap.parse_args()
+    ap.add_argument("--out_dir", default="outputs/gpu_probe")
+    a = ap.parse_args(argv)
     cfg = shapes.model_config(a.shape)
     emit(part="device", device=jax.devices()[0].device_kind, shape=a.shape, xla_flags=os.environ.get("XLA_FLAGS", ""))
     if a.part == "gemm":
-        gemm(cfg, a.dtype, 1280, a.repeats, tuple(a.gemm_modes.split(",")))
+        gemm(cfg, a.dtype, 1280, a.repeats)
     elif a.part == "scan":
         scan(cfg, a.dtype, a.repeats, a.hlo_dir)
+    elif a.part == "profile":
+        profile(cfg, a.dtype, a.repeats, a.out_dir)
     elif a.part == "memory":
         memory(cfg, a.dtype)
     else:

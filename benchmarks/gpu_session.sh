@@ -1,45 +1,59 @@
 #!/usr/bin/env bash
 # One device-tool call: record the machine, then run benchmarks.bench for the given flagfiles and
 # benchmarks.head_map for each head_map:SHAPE, in the order given, saving logs and JSON (and the bench's
-# Markdown section) under $OUT (the device tool brings $OUT back).
+# Markdown section) under $OUT (the device tool brings $OUT back), and benchmarks.gpu_probe for each
+# probe:PART:SHAPE (e.g. probe:profile:qwen2.5-coder-7b). All output goes to $OUT/session.log.
 #   bash benchmarks/gpu_session.sh benchmarks/presets/bench_h100_qwen7b.flags [more.flags ...] [head_map:SHAPE ...]
+#        [probe:PART:SHAPE ...]
 # Environment (all optional):
 #   SESSION_DEADLINE_S  stop every step this many seconds after the script started (the step running then is
 #                       cut with `timeout`; the bench has saved each finished workload's JSON by then), so the
 #                       call returns, with its files, inside the device tool's limit
 #   BENCH_FLAGS         extra flags for every benchmarks.bench step (after the flagfile, so they override it)
 #   HEAD_MAP_FLAGS      extra flags for every benchmarks.head_map step (e.g. --cells_per_call=392 --repeats=2)
+#   PROBE_FLAGS         extra flags for every benchmarks.gpu_probe step (e.g. --repeats=5)
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 start=$SECONDS
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import jax, flax, transformers, torch; print('jax', jax.__version__, jax.devices()); print('flax', flax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
-} 2>&1 | tee "$OUT/env.txt"
 
 # `timeout` for the time left before the deadline (0 = no limit); returns 1 when the deadline has passed.
 left() {
   if [ -z "${SESSION_DEADLINE_S:-}" ]; then echo 0; return 0; fi
   local rest=$(( SESSION_DEADLINE_S - (SECONDS - start) ))
-  if [ "$rest" -le 5 ]; then echo "deadline passed: skipping $1" | tee -a "$OUT/env.txt" >&2; return 1; fi
+  if [ "$rest" -le 5 ]; then echo "deadline passed: skipping $1" >&2; return 1; fi
   echo "$rest"
 }
 
-for f in "$@"; do
-  case "$f" in
-    head_map:*)  # the head-map benchmark at a shape, bf16 (issue 16's 7B entry: head_map:qwen2.5-coder-7b)
-      shape=${f#head_map:}
-      t=$(left "$f") || continue
-      # shellcheck disable=SC2086  # HEAD_MAP_FLAGS is a list of flags
-      timeout "$t" python3 -m benchmarks.head_map --shape="$shape" --device=gpu --dtype=bfloat16 \
-        --output="$OUT/head_map_$shape.json" ${HEAD_MAP_FLAGS:-} 2>&1 | tee "$OUT/head_map_$shape.log" ;;
-    *)
-      name=$(basename "$f" .flags)
-      t=$(left "$f") || continue
-      # shellcheck disable=SC2086  # BENCH_FLAGS is a list of flags
-      timeout "$t" python3 -m benchmarks.bench --flagfile="$f" --output="$OUT/$name.json" --markdown="$OUT/$name.md" \
-        ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/$name.log" ;;
-  esac
-done
-echo "session: $(( SECONDS - start )) s" | tee -a "$OUT/env.txt"
+session() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import jax, flax, transformers, torch; print('jax', jax.__version__, jax.devices()); print('flax', flax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+  for f in "$@"; do
+    echo "=== $f ($(( SECONDS - start )) s)"
+    case "$f" in
+      head_map:*)  # the head-map benchmark at a shape, bf16 (issue 16's 7B entry: head_map:qwen2.5-coder-7b)
+        shape=${f#head_map:}
+        t=$(left "$f") || continue
+        # shellcheck disable=SC2086  # HEAD_MAP_FLAGS is a list of flags
+        timeout "$t" python3 -m benchmarks.head_map --shape="$shape" --device=gpu --dtype=bfloat16 \
+          --output="$OUT/head_map_$shape.json" ${HEAD_MAP_FLAGS:-} ;;
+      probe:*)  # probe:PART:SHAPE, a benchmarks.gpu_probe part (profile writes its summary and trace into $OUT)
+        rest=${f#probe:}
+        t=$(left "$f") || continue
+        # shellcheck disable=SC2086  # PROBE_FLAGS is a list of flags
+        timeout "$t" python3 -m benchmarks.gpu_probe "${rest%%:*}" --shape="${rest#*:}" --out_dir="$OUT" \
+          ${PROBE_FLAGS:-} ;;
+      *)
+        name=$(basename "$f" .flags)
+        t=$(left "$f") || continue
+        # shellcheck disable=SC2086  # BENCH_FLAGS is a list of flags
+        timeout "$t" python3 -m benchmarks.bench --flagfile="$f" --output="$OUT/$name.json" \
+          --markdown="$OUT/$name.md" ${BENCH_FLAGS:-} ;;
+    esac
+  done
+  echo "session: $(( SECONDS - start )) s"
+}
+
+# One log for everything (the device tool brings back at most 8 files): $OUT/session.log.
+session "$@" 2>&1 | tee "$OUT/session.log"

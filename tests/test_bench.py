@@ -5,6 +5,7 @@ targets on a (simulated) H100, and the refusal of shapes that do not fit."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -223,7 +224,7 @@ def test_gpu_session_script_runs_each_preset_and_head_map_entry(tmp_path):
                         f"--output={out}/bench_h100_qwen7b.json --markdown={out}/bench_h100_qwen7b.md")
     assert lines[2] == (f"-m benchmarks.head_map --shape=qwen2.5-coder-7b --device=gpu --dtype=bfloat16 "
                         f"--output={out}/head_map_qwen2.5-coder-7b.json")
-    assert (out / "env.txt").exists() and (out / "head_map_qwen2.5-coder-7b.log").exists()
+    assert "=== head_map:qwen2.5-coder-7b" in (out / "session.log").read_text()  # one log for every step
 
 
 def test_gpu_session_script_passes_extra_flags_and_stops_at_its_deadline(tmp_path):
@@ -237,17 +238,54 @@ def test_gpu_session_script_passes_extra_flags_and_stops_at_its_deadline(tmp_pat
     (fake / "python3").chmod(0o755)
     out = tmp_path / "out"
     env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(out), "SESSION_DEADLINE_S": "10",
-           "HEAD_MAP_FLAGS": "--cells_per_call=392 --repeats=2", "BENCH_FLAGS": "--repeats=3"}
+           "HEAD_MAP_FLAGS": "--cells_per_call=392 --repeats=2", "BENCH_FLAGS": "--repeats=3",
+           "PROBE_FLAGS": "--repeats=5"}
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "head_map:qwen2.5-coder-7b",
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "head_map:qwen2.5-coder-7b", "probe:profile:tiny",
                            "benchmarks/presets/bench_h100_qwen7b.flags", "benchmarks/presets/bench_h100_qwen3b.flags"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr
     lines = calls.read_text().splitlines()
     assert lines[1].endswith("--output=" + f"{out}/head_map_qwen2.5-coder-7b.json --cells_per_call=392 --repeats=2")
-    assert lines[2].endswith(f"--markdown={out}/bench_h100_qwen7b.md --repeats=3")
-    assert len(lines) == 3  # the 3B preset came after the deadline: skipped
+    assert lines[2] == f"-m benchmarks.gpu_probe profile --shape=tiny --out_dir={out} --repeats=5"
+    assert lines[3].endswith(f"--markdown={out}/bench_h100_qwen7b.md --repeats=3")
+    assert len(lines) == 4  # the 3B preset came after the deadline: skipped
     assert elapsed < 30  # the sleeping bench step was cut at the deadline, not left to run 60 s
-    env_txt = (out / "env.txt").read_text()
-    assert "deadline passed: skipping benchmarks/presets/bench_h100_qwen3b.flags" in env_txt and "session:" in env_txt
+    log = (out / "session.log").read_text()
+    assert "deadline passed: skipping benchmarks/presets/bench_h100_qwen3b.flags" in log and "session:" in log
+
+
+def test_gpu_probe_profile_summarises_a_trace(tmp_path):
+    """benchmarks.gpu_probe profile at the tiny shape (CPU): the layer scan traced with jax.profiler, its XLA
+    op times summarised per call (the GPU run reads the device planes the same way), summary and trace written."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_probe", "profile", "--shape=tiny", "--repeats=3",
+                           f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "layer_scan_profile.json").read_text())
+    assert summary["calls"] == 3 and summary["lines"] and summary["median_ms"] > 0
+    ops = [x for line in summary["lines"] for x in line["top"]]
+    assert any("fusion" in x["name"] for x in ops)  # XLA's ops, not Python frames
+    total = sum(line["total_ms_per_call"] for line in summary["lines"])
+    assert 0 < total < 50 * summary["median_ms"]  # per call, not summed over calls and threads blindly
+    assert (tmp_path / "layer_scan.xplane.pb").stat().st_size > 0
+    assert [json.loads(x)["part"] for x in proc.stdout.splitlines()][-1] == "profile"
+
+
+@pytest.mark.parametrize("part", ["gemm", "scan", "memory", "knockout"])
+def test_gpu_probe_parts_run_at_the_tiny_shape(part, tmp_path):
+    """Every gpu_probe part runs against the current library API (CPU, tiny shape) and prints its measurement."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_probe", part, "--shape=tiny", "--repeats=2",
+                           "--groups=1,2", f"--hlo_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(x) for x in proc.stdout.splitlines()]
+    want = {"gemm": "gemm", "scan": "layer_scan", "memory": "layer_scan_memory", "knockout": "knockout_scan"}[part]
+    assert rows[0]["part"] == "device" and rows[-1]["part"] == want
+    if part == "knockout":
+        assert [r["group_layers"] for r in rows[1:]] == [1, 2] and all(r["median_ms"] > 0 for r in rows[1:])
+    if part == "scan":
+        assert "HloModule" in (tmp_path / "layer_scan_hlo.txt").read_text()
+    if part == "gemm":
+        assert rows[-1]["tflops"] > 0 and "q_w" in rows[-1]["weights"]
