@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.harness import harness, models, shapes  # noqa: E402
 from benchmarks.harness import workloads as wl  # noqa: E402
+from plip_jax.models.layers import make_layers  # noqa: E402
 
 FLOOR_FLOPS = 790e12  # the H100-class bf16 matmul rate the floors use (benchmarks/harness/harness.py)
 # Kernel / HLO-op names that are matrix products (cuBLAS, cuBLASLt, CUTLASS, nvJet, XLA's own dot emitters).
@@ -167,8 +168,11 @@ def memory(cfg, dtype):
     """Peak device bytes of a process that holds the trunk (no lm_head) and runs the layer scan."""
     from plip_jax.experiments.attention_metric import marker_metric
 
-    trunk = models.random_model(cfg, dtype, layer_layout="auto").trunk()
-    jax.block_until_ready(trunk)
+    # built on the host and moved once, so the device never holds a second (stacked) copy of the weights
+    shapes_tree = jax.eval_shape(lambda: models.random_model(cfg, dtype, layer_layout="stacked").trunk())
+    host = jax.tree_util.tree_map(lambda a: np.full(a.shape, 0.01, a.dtype), shapes_tree)
+    host = host.replace(params={**host.params, "layers": make_layers(host.params["layers"].tree, "auto")})
+    trunk = jax.block_until_ready(jax.device_put(host))
     held = harness.jax_memory_stats() or {}
     _, args = _scan_args(cfg)
     jax.block_until_ready(marker_metric(trunk, *args))

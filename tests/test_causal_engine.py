@@ -3,6 +3,7 @@ recomputation, KLs are float64 from the logits, the noise floor is measured by t
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -54,7 +55,8 @@ def test_identity_point_reads_exactly_zero_against_the_same_program_reference(st
 
 def test_reported_kl_is_the_float64_one_from_the_logits(steering_sweep, monkeypatch):
     _, res = steering_sweep
-    np.testing.assert_array_equal(res.kl, metrics.kl_divergence_f64(res.ref_last, res.last))
+    # the f64 effects program (on the device holding the logits) against the host numpy formula
+    np.testing.assert_allclose(res.kl, metrics.kl_divergence_f64(res.ref_last, res.last), rtol=1e-12, atol=0)
     # the f32 in-graph KL clamps and loses tiny divergences; the f64 one resolves them
     base = np.zeros(8192, np.float32)
     other = base.copy()
@@ -67,20 +69,59 @@ def test_reported_kl_is_the_float64_one_from_the_logits(steering_sweep, monkeypa
     causal.effects_f64(res.ref_last, res.last, res.ref_nll, res.nll)  # never touches the f32 path
 
 
-def test_effects_f64_on_host_threads_equal_the_serial_loop():
-    """The [P, B, V] effects run one leading index per host thread: each index's numbers must be those of the
-    serial loop (a mixed-up index or a shared temporary would fail this)."""
+def _host_effects(ref, other, ref_nll, other_nll):
+    """Independent host reference: the effects row by row in numpy float64."""
+    r = np.broadcast_to(np.asarray(ref, np.float64), other.shape)
+    o = np.asarray(other, np.float64)
+    top = np.argmax(r, axis=-1)
+    at = lambda x: np.take_along_axis(x, top[..., None], -1)[..., 0]
+    lse = lambda x: np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    kl = np.vectorize(lambda i: float(metrics.kl_divergence_f64(r.reshape(-1, r.shape[-1])[i],
+                                                                o.reshape(-1, o.shape[-1])[i])))
+    return {"kl": kl(np.arange(int(np.prod(o.shape[:-1])))).reshape(o.shape[:-1]), "top1_agree": np.argmax(o, -1) == top,
+            "logit_diff_top1": at(r) - at(o), "delta_logprob_top1": (at(o) - lse(o)) - (at(r) - lse(r)),
+            "top1_token": top, "delta_nll": np.asarray(other_nll, np.float64) - np.asarray(ref_nll, np.float64)}
+
+
+def test_effects_f64_program_equals_the_host_formula_across_row_chunks(monkeypatch):
+    """effects_f64 runs a float64 program over EFFECT_ROWS logit rows at a time (the last call repeating its
+    last row): every row must match the host numpy formula, in order, whatever the chunking; an identical row
+    reads exactly 0; rows with -inf logits go to the host formula; NaN is refused."""
     rng = np.random.default_rng(3)
-    ref = rng.standard_normal((5, 64)).astype(np.float32)
-    other = ref[None] + rng.standard_normal((7, 5, 64)).astype(np.float32) * np.arange(1, 8)[:, None, None] * 0.1
+    ref = (rng.standard_normal((5, 64)) * 2).astype(np.float32)
+    scale = np.arange(1, 8, dtype=np.float32)[:, None, None] * np.float32(0.1)
+    other = ref[None] + rng.standard_normal((7, 5, 64)).astype(np.float32) * scale
+    assert other.dtype == np.float32  # the logits' dtype in a sweep
+    other[2, 3] = ref[3]  # identical to its reference
+    other[4, 1] = ref[1] + np.float32(1e-6) * rng.standard_normal(64).astype(np.float32)  # tiny: series path
     ref_nll, other_nll = rng.random(5), rng.random((7, 5))
-    serial = causal.effects_f64(ref, other, ref_nll, other_nll, threads=1)
-    threaded = causal.effects_f64(ref, other, ref_nll, other_nll, threads=4)
-    for key in serial:
-        np.testing.assert_array_equal(threaded[key], serial[key])
-    for i in range(7):
-        np.testing.assert_array_equal(serial["kl"][i], metrics.kl_divergence_f64(ref, other[i]))
-    assert np.all(np.diff(serial["kl"].mean(axis=1)) > 0)  # larger perturbations, larger KL: indices in order
+    want = _host_effects(ref, other, ref_nll, other_nll)
+    for on_device, rows in ((True, 3), (True, 256), (False, 256)):  # device: 35 rows in 12 calls (last padded)
+        monkeypatch.setattr(causal, "EFFECT_ROWS", rows)
+        got = causal.effects_f64(ref, other, ref_nll, other_nll, on_device=on_device)
+        assert set(got) == set(want)
+        for key in want:
+            assert got[key].shape == (7, 5), key
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-12, atol=0, err_msg=key)
+        assert got["kl"][2, 3] == 0.0 and got["kl"][4, 1] > 0
+        assert np.all(np.diff(got["kl"].mean(axis=1)) > 0)  # larger perturbations, larger KL: rows in order
+    # device arrays in, a broadcast reference [B, 1, V] against [B, S, V] (the sweep's layout)
+    dev = causal.effects_f64(jnp.asarray(other.transpose(1, 0, 2)[:, :1]), jnp.asarray(other.transpose(1, 0, 2)),
+                             other_nll.T[:, :1], other_nll.T, on_device=True)
+    np.testing.assert_allclose(dev["kl"], _host_effects(other.transpose(1, 0, 2)[:, :1], other.transpose(1, 0, 2),
+                                                        other_nll.T[:, :1], other_nll.T)["kl"], rtol=1e-12, atol=0)
+    assert np.all(dev["kl"][:, 0] == 0.0)
+    masked = other.copy()
+    masked[1, 2, :8] = -np.inf  # a masked vocabulary in one row: the host's direct formula
+    for on_device in (True, False):
+        got = causal.effects_f64(ref, masked, ref_nll, other_nll, on_device=on_device)
+        np.testing.assert_allclose(got["kl"], _host_effects(ref, masked, ref_nll, other_nll)["kl"], rtol=1e-12,
+                                   atol=0)
+        assert np.isinf(got["kl"][1, 2])  # the reference has mass where the masked row has none
+    masked[0, 0, 5] = np.nan
+    for on_device in (True, False):
+        with pytest.raises(ValueError, match="NaN"):
+            causal.effects_f64(ref, masked, ref_nll, other_nll, on_device=on_device)
 
 
 @pytest.mark.slow

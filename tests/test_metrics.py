@@ -162,6 +162,23 @@ def test_kl_f64_zero_only_for_constant_shift():
                                      np.asarray(jnp.asarray(b, jnp.bfloat16), np.float64)), rtol=1e-12)
 
 
+def test_kl_f64_falls_back_to_the_plain_formula_row_by_row():
+    """A row whose logits differ by > 700 (e^{-u} would overflow) takes the plain formula; the other rows keep
+    the series form and its precision (a whole-array fallback would read rounding noise for the tiny row)."""
+    rng = np.random.default_rng(4)
+    a = rng.normal(0, 3, (2, 200))
+    b = a.copy()
+    b[0] += rng.normal(0, 1e-7, 200)  # tiny divergence
+    b[1, 0] -= 800.0  # overflow of e^{-u} in this row only
+    kl = M.kl_divergence_f64(a, b)
+    assert kl[0] == pytest.approx(_kl_mpmath(a[0], b[0]), rel=1e-8)
+    assert kl[1] == pytest.approx(_kl_mpmath(a[1], b[1]), rel=1e-10)
+    assert kl[0] == pytest.approx(float(M.kl_divergence_f64(a[0], b[0])), rel=1e-14)  # as if alone
+    b[1, 0] = -np.inf  # a masked logit in the other row: that row alone takes the direct form
+    kl = M.kl_divergence_f64(a, b)
+    assert kl[0] == pytest.approx(_kl_mpmath(a[0], b[0]), rel=1e-8) and np.isinf(kl[1])
+
+
 def test_kl_f64_masked_logits_and_bad_input():
     a = np.array([1.0, -np.inf, 0.5, 2.0])
     b = np.array([0.0, 1.0, 0.5, 2.5])  # q has mass where p has none: fine

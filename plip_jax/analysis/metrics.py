@@ -64,29 +64,60 @@ def kl_divergence_f64(base_logits, other_logits) -> np.ndarray:
             raise NonFiniteError(f"{name} contains NaN or +inf; the KL is undefined")
         if np.isneginf(a).all(axis=-1).any():
             raise ValueError(f"{name} has a row with every logit -inf (no distribution)")
-    if np.isneginf(x).any() or np.isneginf(y).any():
+    masked = np.isneginf(x).any(axis=-1) | np.isneginf(y).any(axis=-1)  # rows with -inf: the direct form
+    if not masked.any():
+        return kl_f64_finite(np, x, y)
+    if masked.all():
         return _kl_f64_direct(x, y)
+    out = np.empty(x.shape[:-1], np.float64)
+    out[masked] = _kl_f64_direct(x[masked], y[masked])
+    out[~masked] = kl_f64_finite(np, x[~masked], y[~masked])
+    return out
+
+
+def kl_f64_finite(xp, x, y):
+    """KL(softmax(x) || softmax(y)) of FINITE float64 logits [..., V] -> [...], with the array module `xp`:
+    numpy on the host (`kl_divergence_f64`, after its input checks), or jax.numpy inside a program traced
+    under JAX's x64 mode (`plip_jax.experiments.causal.effects_f64`, on the device that holds the logits).
+    The formula of `kl_divergence_f64`'s docstring, row by row: the series form, or where e^{-u} would
+    overflow (|u| > 700 in a row) the plain Σ p (log p − log q); exactly 0 for a row that is a constant
+    shift of the other."""
     d = x - y  # exact for f32 inputs
-    top = np.argmax(x, axis=-1)[..., None]
-    u = d - np.take_along_axis(d, top, axis=-1)
-    if np.abs(u).max() > 700.0:  # e^{-u} would overflow: plain f64 formula
-        return _kl_f64_direct(x, y)
-    w = np.exp(x - np.take_along_axis(x, top, axis=-1))
+    top = xp.argmax(x, axis=-1)[..., None]
+    u = d - xp.take_along_axis(d, top, axis=-1)
+    overflow = xp.max(xp.abs(u), axis=-1) > 700.0  # e^{-u} would overflow: plain formula for that row
+    u = xp.where(overflow[..., None], 0.0, u)
+    w = xp.exp(x - xp.take_along_axis(x, top, axis=-1))
     p = w / w.sum(axis=-1, keepdims=True)
-    small = np.abs(u) < 1e-2
-    us = np.where(small, u, 0.0)
+    small = xp.abs(u) < 1e-2
+    us = xp.where(small, u, 0.0)
     g_series = us * us * (0.5 + us * (-1.0 / 6 + us * (1.0 / 24 + us * (-1.0 / 120 + us * (1.0 / 720)))))
-    big_g = np.sum(p * np.where(small, g_series, np.expm1(-u) + u), axis=-1)
-    m = np.sum(p * u, axis=-1)
-    ms = np.where(np.abs(m) < 1e-2, m, 0.0)
+    big_g = xp.sum(p * xp.where(small, g_series, xp.expm1(-u) + u), axis=-1)
+    m = xp.sum(p * u, axis=-1)
+    ms = xp.where(xp.abs(m) < 1e-2, m, 0.0)
     h_series = ms * ms * (0.5 + ms * (1.0 / 3 + ms * (0.25 + ms * (0.2 + ms * (1.0 / 6)))))
-    mc = np.minimum(m, 0.5)
-    h = np.where(np.abs(m) < 1e-2, h_series, -mc - np.log1p(-mc))
-    stable = np.log1p(big_g / (1.0 - mc)) - h  # valid for m < 1; used for |m| < 0.5
-    plain = m + np.log1p(big_g - m)  # E_p[e^{-u}] = 1 - m + G > 0 always
-    kl = np.where(np.abs(m) < 0.5, stable, plain)
-    const = np.all(d == d[..., :1], axis=-1)
-    return np.where(const, 0.0, kl).astype(np.float64)
+    mc = xp.minimum(m, 0.5)
+    h = xp.where(xp.abs(m) < 1e-2, h_series, -mc - xp.log1p(-mc))
+    stable = xp.log1p(big_g / (1.0 - mc)) - h  # valid for m < 1; used for |m| < 0.5
+    plain = m + xp.log1p(big_g - m)  # E_p[e^{-u}] = 1 - m + G > 0 always
+    kl = xp.where(xp.abs(m) < 0.5, stable, plain)
+
+    def with_plain_rows(kl):
+        lp = x - _logsumexp_xp(xp, x)
+        lq = y - _logsumexp_xp(xp, y)
+        return xp.where(overflow, xp.sum(xp.exp(lp) * (lp - lq), axis=-1), kl)
+
+    if xp is np:
+        kl = with_plain_rows(kl) if overflow.any() else kl
+    else:  # traced: the extra passes only run when some row needs them
+        kl = jax.lax.cond(xp.any(overflow), with_plain_rows, lambda k: k, kl)
+    const = xp.all(d == d[..., :1], axis=-1)
+    return xp.where(const, 0.0, kl)
+
+
+def _logsumexp_xp(xp, a):
+    m = xp.max(a, axis=-1, keepdims=True)
+    return m + xp.log(xp.sum(xp.exp(a - m), axis=-1, keepdims=True))
 
 
 def _kl_f64_direct(x: np.ndarray, y: np.ndarray) -> np.ndarray:

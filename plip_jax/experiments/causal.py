@@ -315,13 +315,44 @@ def layer_knockout_scan(model, tokens, lengths, edges, heads, group_layers: int 
 
 def check_finite_logits(logits, what: str, sample_ids: Optional[Sequence[str]] = None) -> None:
     """InterventionError naming the samples whose logits [..., B, V] hold NaN or inf (never a silent NaN KL)."""
-    x = np.asarray(logits)
-    bad = ~np.isfinite(x).all(axis=-1)
+    if isinstance(logits, jax.Array):  # reduce where the logits are: only [..., B] flags travel
+        bad = ~np.asarray(sharding.to_host(jnp.all(jnp.isfinite(logits), axis=-1)))
+    else:
+        bad = ~np.isfinite(np.asarray(logits)).all(axis=-1)
     if bad.any():
         cols = sorted(set(np.nonzero(bad.reshape(-1, bad.shape[-1]))[1].tolist()))
         names = [sample_ids[i] if sample_ids is not None else f"#{i}" for i in cols]
         raise InterventionError(f"{what}: non-finite logits for sample(s) {names[:10]}; the intervention broke the "
                                 "forward (check the doses and edges)")
+
+
+EFFECT_ROWS = 256  # logit rows per float64 effects call: ~0.3 GB per float64 temporary at a 152k vocabulary
+
+
+@jax.jit
+def _effects_rows(ref, ref_rows, other, other_rows):
+    """Float64 effects of other[other_rows] ([R, V] of other [N, V]) against ref[ref_rows] (of ref [M, V]); traced
+    under JAX's x64 mode. Returns [R] arrays; `finite` flags the rows whose logits are all finite."""
+    r = ref[ref_rows].astype(jnp.float64)
+    o = other[other_rows].astype(jnp.float64)
+    top = jnp.argmax(r, axis=-1)
+    at_top = lambda x: jnp.take_along_axis(x, top[:, None], axis=-1)[:, 0]
+    lse = lambda x: metrics._logsumexp_xp(jnp, x)[:, 0]
+    return {"kl": metrics.kl_f64_finite(jnp, r, o), "top1_agree": jnp.argmax(o, axis=-1) == top,
+            "logit_diff_top1": at_top(r) - at_top(o), "delta_logprob_top1": (at_top(o) - lse(o)) - (at_top(r) - lse(r)),
+            "top1_token": top, "finite": jnp.all(jnp.isfinite(r), axis=-1) & jnp.all(jnp.isfinite(o), axis=-1)}
+
+
+def _effects_rows_host(r, o) -> dict:
+    """The same effects on the host (numpy float64) for rows with non-finite logits: -inf logits (a masked
+    vocabulary) take `metrics.kl_divergence_f64`'s direct form; NaN / +inf raise its NonFiniteError."""
+    r, o = np.asarray(r, np.float64), np.asarray(o, np.float64)
+    top = np.argmax(r, axis=-1)
+    at_top = lambda x: np.take_along_axis(x, top[..., None], -1)[..., 0]
+    lse = lambda x: metrics._logsumexp_xp(np, x)[..., 0]
+    return {"kl": metrics.kl_divergence_f64(r, o), "top1_agree": np.argmax(o, axis=-1) == top,
+            "logit_diff_top1": at_top(r) - at_top(o), "delta_logprob_top1": (at_top(o) - lse(o)) - (at_top(r) - lse(r)),
+            "top1_token": top}
 
 
 def host_threads() -> int:
@@ -332,43 +363,79 @@ def host_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def effects_f64(ref_last, other_last, ref_nll, other_nll, threads: Optional[int] = None) -> dict:
-    """Per-sample effects on the host in float64, against a reference run: KL(ref || other) in nats
-    (`metrics.kl_divergence_f64`: never clamped, 0 only for identical distributions), top-1 agreement,
-    logit difference of the reference's top-1 token (ref - other), the change of that token's log-probability
+def _on_accelerator(x) -> bool:
+    """Whether `x` is a JAX array on a GPU/TPU (and this JAX can trace float64 programs: `jax.enable_x64`)."""
+    return (hasattr(jax, "enable_x64") and isinstance(x, jax.Array)
+            and any(d.platform != "cpu" for d in x.devices()))
+
+
+def _effects_on_device(ref_flat, ref_rows: np.ndarray, other_flat) -> dict:
+    """`_effects_rows` over EFFECT_ROWS rows per call, on the device holding the logits; [N] numpy arrays."""
+    n = len(ref_rows)
+    with jax.enable_x64(True):
+        ref_flat, other_flat = jnp.asarray(ref_flat), jnp.asarray(other_flat)  # float32 until inside the program
+        step = min(EFFECT_ROWS, n)
+        parts = []
+        for start in range(0, n, step):
+            rows = np.minimum(np.arange(start, start + step), n - 1)  # the last call repeats its last row
+            parts.append(_effects_rows(ref_flat, ref_rows[rows], other_flat, rows))
+        parts = sharding.to_host(parts)
+    out = {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+    bad = np.flatnonzero(~out.pop("finite"))
+    if bad.size:  # -inf (masked) or NaN logits: the host formula decides
+        host = _effects_rows_host(sharding.to_host(ref_flat[ref_rows[bad]]), sharding.to_host(other_flat[bad]))
+        for k, val in host.items():
+            out[k][bad] = val
+    return out
+
+
+def _effects_on_host(ref_flat: np.ndarray, ref_rows: np.ndarray, other_flat: np.ndarray) -> dict:
+    """`_effects_rows_host` over chunks of rows on a pool of host threads (numpy releases the GIL in its array
+    loops); [N] numpy arrays, each row's numbers independent of the chunking."""
+    n = len(ref_rows)
+    threads = host_threads()
+    size = max(1, min(64, -(-n // (4 * threads))))  # rows per task: bounded float64 temporaries
+    chunks = [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+    task = lambda c: _effects_rows_host(ref_flat[ref_rows[c]], other_flat[c])
+    if threads > 1 and len(chunks) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            parts = list(pool.map(task, chunks))
+    else:
+        parts = [task(c) for c in chunks]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def effects_f64(ref_last, other_last, ref_nll, other_nll, on_device: Optional[bool] = None) -> dict:
+    """Per-sample effects in float64 against a reference run: KL(ref || other) in nats (the formula of
+    `metrics.kl_divergence_f64`: never clamped, 0 only for identical distributions), top-1 agreement, logit
+    difference of the reference's top-1 token (ref - other), the change of that token's log-probability
     (other - ref, nats), change of mean next-token NLL (other - ref, nats/token). Inputs [..., V] and [...]
-    (the reference broadcasts); outputs [...]. Computed one leading index at a time: the float64 temporaries
-    are ~10x the logits of a [B, V] slice, not of the whole [P, B, V] sweep (GBs at a 152k vocabulary).
-    The leading indices run on a pool of host threads (numpy releases the GIL in its array loops; at a 7B
-    head map's 784 x 20 cells x 152k vocabulary this is most of the host time); `threads` None = the CPUs
-    this process may use, 1 = serial. Each index's numbers are the same whatever the thread count."""
-    other_last = np.asarray(other_last)
-    if other_last.ndim > 2:
-        ref_last = np.broadcast_to(np.asarray(ref_last), other_last.shape)
-        nll_shape = other_last.shape[:-1]
-        ref_nll = np.broadcast_to(np.asarray(ref_nll), nll_shape)
-        other_nll = np.broadcast_to(np.asarray(other_nll), nll_shape)
+    (the reference broadcasts; numpy or JAX arrays); outputs numpy [...].
 
-        def one(i):
-            return effects_f64(ref_last[i], other_last[i], ref_nll[i], other_nll[i], threads=1)
-
-        n = len(other_last)
-        workers = min(n, host_threads() if threads is None else max(1, int(threads)))
-        if workers > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                parts = list(pool.map(one, range(n)))
-        else:
-            parts = [one(i) for i in range(n)]
-        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
-    o = np.asarray(other_last, np.float64)
-    r = np.broadcast_to(np.asarray(ref_last, np.float64), o.shape)
-    top = np.argmax(r, axis=-1)
-    kl = metrics.kl_divergence_f64(r, o)
-    at_top = lambda x: np.take_along_axis(x, top[..., None], -1)[..., 0]
-    lse = lambda x: x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1))
-    return {"kl": kl, "top1_agree": np.argmax(o, axis=-1) == top, "logit_diff_top1": at_top(r) - at_top(o),
-            "delta_logprob_top1": (at_top(o) - lse(o)) - (at_top(r) - lse(r)), "top1_token": top,
-            "delta_nll": np.asarray(other_nll, np.float64) - np.asarray(ref_nll, np.float64)}
+    Where: logits on an accelerator (on_device None -> auto) are reduced there by one jitted float64 program
+    (JAX's x64 mode) over EFFECT_ROWS rows per call, so a sweep's [P, B, V] logits never travel to the host
+    (a 7B head map: 784 cells x 20 samples x 152k vocabulary = 9.5 GB of f32) and the host does no
+    vocabulary-sized work; rows with a non-finite logit go to the host formula. Logits on the CPU (or numpy)
+    go through the host formula on a pool of threads (faster there than XLA's float64 CPU code). Both share
+    `metrics.kl_f64_finite`; they agree to rounding of the sums (tests: 1e-12 relative)."""
+    v = int(other_last.shape[-1])
+    lead = tuple(other_last.shape[:-1])
+    ref_lead = tuple(ref_last.shape[:-1])
+    ref_rows = np.broadcast_to(np.arange(int(np.prod(ref_lead, dtype=np.int64))).reshape(ref_lead), lead).reshape(-1)
+    if on_device is None:
+        on_device = _on_accelerator(other_last)
+    if not ref_rows.size:
+        out = {k: np.zeros(0, dt) for k, dt in (("kl", np.float64), ("top1_agree", bool), ("logit_diff_top1", np.float64),
+                                                 ("delta_logprob_top1", np.float64), ("top1_token", np.int64))}
+    elif on_device:
+        out = _effects_on_device(ref_last.reshape(-1, v), ref_rows, other_last.reshape(-1, v))
+    else:
+        out = _effects_on_host(np.asarray(sharding.to_host(ref_last)).reshape(-1, v), ref_rows,
+                               np.asarray(sharding.to_host(other_last)).reshape(-1, v))
+    out = {k: np.asarray(val).reshape(lead) for k, val in out.items()}
+    nll = lambda x: np.broadcast_to(np.asarray(sharding.to_host(x), np.float64), lead)
+    out["delta_nll"] = nll(other_nll) - nll(ref_nll)
+    return out
 
 
 @dataclasses.dataclass
@@ -377,16 +444,17 @@ class SweepResult:
 
     base_last [B, V] / base_nll [B]: the baseline's plain forward; ref_last / ref_nll: the no-op reference
     of each point's program ([P, B, V] / [P, B]; one program, so all equal, unless `point_batch` split
-    the points); last [P, B, V], nll [P, B]; effects: `effects_f64(ref, point)` per point ([P, B] each);
+    the points); last [P, B, V], nll [P, B] (ref_last and last are None when `sweep_points` ran with
+    keep_logits=False); effects: `effects_f64(ref, point)` per point ([P, B] each);
     floor_kl [B]: KL(baseline || reference) in nats, the largest over programs (the noise floor);
     marker_rows [P + 1, B, L, H, T] (index 0 = reference) when markers were given; failed_row [P, B, L]
     (steering only; -1 = applied)."""
 
     base_last: np.ndarray
     base_nll: np.ndarray
-    ref_last: np.ndarray
+    ref_last: Optional[np.ndarray]
     ref_nll: np.ndarray
-    last: np.ndarray
+    last: Optional[np.ndarray]
     nll: np.ndarray
     effects: dict
     floor_kl: np.ndarray
@@ -400,19 +468,21 @@ class SweepResult:
 
 def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int], markers=None, *,
                  group_layers: int = DEFAULT_GROUP_LAYERS, point_batch: Optional[int] = None,
-                 sample_ids: Optional[Sequence[str]] = None, distribute=None) -> SweepResult:
+                 sample_ids: Optional[Sequence[str]] = None, distribute=None, keep_logits: bool = True) -> SweepResult:
     """Run P intervention points (each an `Interventions` with a leading B axis, all the same structure)
     on a batch, with their no-op reference and the baseline, on the shared-prefix engine; effects in
-    float64 against the reference. starts [P]: each point's first intervened layer. point_batch: at most
-    this many points per program (each program carries its own reference; None = all in one).
-    distribute: optional callable placing (tokens, lengths, iv, markers) on devices (e.g. a mesh)."""
+    float64 against the reference (`effects_f64`, computed on the device that holds the logits). starts [P]:
+    each point's first intervened layer. point_batch: at most this many points per program (each program
+    carries its own reference; None = all in one). distribute: optional callable placing (tokens, lengths,
+    iv, markers) on devices (e.g. a mesh). keep_logits=False leaves the points' [P, B, V] logits on the
+    device (SweepResult.ref_last / last are None): for large grids that need only the effects."""
     n_layers = model.cfg.num_layers
     if len(points) != len(starts) or not len(points):
         raise InterventionError(f"{len(points)} sweep points for {len(starts)} start layers (need >= 1 of each)")
     k = len(points) if not point_batch else max(1, int(point_batch))
     chunks = [list(range(i, min(i + k, len(points)))) for i in range(0, len(points), k)]
     noop = empty_like_interventions(points[0])
-    res, floors = {}, []
+    res, floors, first = {}, [], None
     for chunk in chunks:
         pad = max(starts[i] for i in chunk)  # padding no-ops enter last: no extra compiled body
         idx = chunk + [None] * (k - len(chunk))  # every chunk has the same shape
@@ -424,27 +494,35 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         args = (tokens, lengths, stacked, markers)
         if distribute is not None:
             args = distribute(args)
-        out = sharding.to_host(shared_sweep(model, *args, entries=entries, prefix=prefix,
-                                            group_layers=group_layers))  # gathered in a multi-process run
-        check_finite_logits(out["base_last"], "baseline", sample_ids)
-        check_finite_logits(out["last"].transpose(1, 0, 2), "sweep", sample_ids)
-        floors.append(metrics.kl_divergence_f64(out["base_last"], out["last"][:, 0]))
+        dev = shared_sweep(model, *args, entries=entries, prefix=prefix, group_layers=group_layers)
+        check_finite_logits(dev["base_last"], "baseline", sample_ids)
+        check_finite_logits(dev["last"].transpose(1, 0, 2), "sweep", sample_ids)
+        eff = effects_f64(dev["last"][:, :1], dev["last"], dev["nll"][:, :1], dev["nll"])  # [B, 1 + k] each
+        small = [key for key in ("base_last", "base_nll", "nll", "marker_rows", "failed_row") if key in dev]
+        out = sharding.to_host({key: dev[key] for key in small + (["last"] if keep_logits else [])})  # collective
+        out["ref_last"] = sharding.to_host(dev["last"][:, 0])
+        out["effects"] = eff
+        floors.append(metrics.kl_divergence_f64(out["base_last"], out["ref_last"]))
+        first = first or out
         for j, pos in enumerate(order):
             if idx[pos] is not None:
                 res[idx[pos]] = (out, j + 1)
     n = len(points)
-    first = res[0][0]
-    ref_last = np.stack([res[i][0]["last"][:, 0] for i in range(n)])  # [P, B, V]
     ref_nll = np.stack([res[i][0]["nll"][:, 0] for i in range(n)])
-    last = np.stack([res[i][0]["last"][:, res[i][1]] for i in range(n)])
     nll = np.stack([res[i][0]["nll"][:, res[i][1]] for i in range(n)])
+    ref_last = last = None
+    if keep_logits:
+        ref_last = np.stack([res[i][0]["ref_last"] for i in range(n)])  # [P, B, V]
+        last = np.stack([res[i][0]["last"][:, res[i][1]] for i in range(n)])
+    effects = {key: np.stack([res[i][0]["effects"][key][:, res[i][1]] for i in range(n)])
+               for key in first["effects"]}
     rows = failed = None
     if "marker_rows" in first:
         rows = np.stack([first["marker_rows"][:, 0]] + [res[i][0]["marker_rows"][:, res[i][1]] for i in range(n)])
     if "failed_row" in first:
         failed = np.stack([res[i][0]["failed_row"][:, res[i][1]] for i in range(n)])
-    return SweepResult(first["base_last"], first["base_nll"], ref_last, ref_nll, last, nll,
-                       effects_f64(ref_last, last, ref_nll, nll), np.max(np.stack(floors), axis=0), rows, failed)
+    return SweepResult(first["base_last"], first["base_nll"], ref_last, ref_nll, last, nll, effects,
+                       np.max(np.stack(floors), axis=0), rows, failed)
 
 
 def raise_on_failed_steering(failed_row, sample_ids: Sequence[str], point_labels: Sequence[str]) -> None:

@@ -140,7 +140,7 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
     for start in range(0, len(cells), cells_per_call):
         chunk = cells[start:start + cells_per_call]
         res = causal.sweep_points(model, tokens, lengths, cell_points(cfg, edges, chunk), [l for l, _ in chunk],
-                                  sample_ids=sample_ids, distribute=distribute)
+                                  sample_ids=sample_ids, distribute=distribute, keep_logits=False)
         for j, (l, h) in enumerate(chunk):
             kl[:, l, h] = res.kl[j]
             dlp[:, l, h] = res.effects["delta_logprob_top1"][j]
