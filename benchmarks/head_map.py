@@ -36,7 +36,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and acti
 flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "JAX platform.")
 flags.DEFINE_integer("samples", 20, "Samples.")
 flags.DEFINE_integer("seq_len", 64, "Tokens per sample.")
-flags.DEFINE_integer("cells_per_call", 64, "Exact grid: cells per compiled program.")
+flags.DEFINE_integer("cells_per_call", 64, "Exact grid: cells per call (all calls share one compiled program).")
 flags.DEFINE_integer("repeats", 3, "Timed calls after one warm-up call (median reported).")
 flags.DEFINE_string("output", None, "Also write the table and the two ratios as JSON to this file.")
 FLAGS = flags.FLAGS

@@ -24,8 +24,8 @@ cli.define_unknown_groups_flag()
 flags.DEFINE_string("output", None, "JSON output (default: outputs/head_map_<model>.json).")
 flags.DEFINE_enum("method", "both", ["exact", "gradient", "both"], "exact: the knockout grid; gradient: attribution "
                   "patching (first-order estimate of the change of log p(top-1)); both: and their agreement.")
-flags.DEFINE_integer("cells_per_call", 64, "Exact grid: (layer, head) cells per compiled program (bounds memory: "
-                     "each cell holds one residual stream per sample).")
+flags.DEFINE_integer("cells_per_call", 64, "Exact grid: (layer, head) cells per call (bounds memory: each cell holds "
+                     "one residual stream per sample). At >= the layer count every call runs the same compiled program.")
 flags.DEFINE_integer("max_samples", None, "At most this many samples per language (default: all).")
 flags.DEFINE_integer("seed", 0, "Seed of the Monte Carlo permutation tests (only used above 200,000 relabelings).")
 flags.DEFINE_bool("plot", False, "Write heatmaps next to the JSON (Python, Rust, difference; exact vs gradient).")

@@ -3,6 +3,7 @@ exact identity, and the gradient estimate equals a finite difference of the cont
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -48,6 +49,36 @@ def _single_head_kls(loaded, tokens, lengths, edges, cells):
         dlp = lp(knocked)[np.arange(len(top)), top] - lp(base)[np.arange(len(top)), top]
         out[(l, h)] = (kl, dlp)
     return out
+
+
+@pytest.mark.parametrize("layers,heads,per_call", [(8, 6, 16), (8, 6, 48), (8, 6, 100), (28, 28, 392), (28, 28, 64),
+                                                    (8, 6, 3), (5, 7, 12)])
+def test_cell_chunks_cover_the_grid_once_and_share_one_program(layers, heads, per_call):
+    chunks = head_map.cell_chunks(layers, heads, per_call)
+    cells = [c for chunk in chunks for c in chunk]
+    assert sorted(cells) == [(l, h) for l in range(layers) for h in range(heads)]  # every cell exactly once
+    assert all(0 < len(chunk) <= per_call for chunk in chunks)
+    signatures = {tuple(sorted(l for l, _ in chunk)) for chunk in chunks}  # the entry layers fix the program
+    if per_call >= layers:
+        assert len(signatures) == 1  # one compiled program for the whole grid
+    else:
+        assert len(signatures) == -(-layers // per_call)  # the same layer runs for every head
+
+
+def test_exact_grid_chunks_compile_one_program(bundled_model, bundled_batch, monkeypatch):
+    """Three chunks of the bundled model's 8 x 6 grid call the shared engine with one static signature (the
+    entry layers and the shapes), so jit compiles once (a layer-major split would compile once per chunk)."""
+    tokens, lengths, edges = bundled_batch
+    calls = []
+    real = causal.shared_sweep
+
+    def spy(model, tokens, lengths, iv, markers=None, **kw):
+        calls.append((kw["entries"], kw["prefix"], jax.tree_util.tree_leaves(iv)[0].shape))
+        return real(model, tokens, lengths, iv, markers, **kw)
+
+    monkeypatch.setattr(causal, "shared_sweep", spy)
+    head_map.exact_head_map(bundled_model.model, tokens, lengths, edges, cells_per_call=16)
+    assert len(calls) == 3 and len(set(calls)) == 1
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ longer read the function's tokens from the marker row":
 
 * exact: for every cell, the marker -> target edges of that one query head at that one layer are knocked out
   (pre-softmax -inf; a GQA model's KV group is shared, only the query head is cut). All cells of a sample run as
-  one jitted computation (stacked single-head interventions, `cells_per_call` at a time to bound memory). Per
-  cell: KL(baseline || knocked) in nats (float64 on the host) and the change of the log-probability of the
+  one jitted computation (stacked single-head interventions, `cells_per_call` at a time to bound memory, every
+  chunk the same compiled program). Per cell: KL(baseline || knocked) in nats (float64, computed where the
+  logits are) and the change of the log-probability of the
   baseline's top-1 token, with the noise floor of a no-op run in the same program.
 * gradient (attribution patching): the edges get a continuous knockout strength alpha, scores += log(1 - alpha);
   one forward and backward pass per sample at alpha = 0 gives d metric / d alpha for every (layer, head, edge);
@@ -118,11 +119,26 @@ def cell_points(cfg, edges: np.ndarray, cells: Sequence[tuple]) -> list:
     return out
 
 
+def cell_chunks(n_layers: int, n_heads: int, cells_per_call: int) -> list:
+    """The (layer, head) cells in chunks of at most `cells_per_call`, arranged so the chunks share compiled
+    programs: with cells_per_call >= L a chunk holds every layer of a group of heads (the largest divisor of H
+    that fits), so every chunk has the same entry layers and shapes and ONE program serves the whole grid
+    (chunks by layer would compile one program each: ~1 min per program at 7B); below L, runs of consecutive
+    layers of one head, the same runs for every head (ceil(L / cells_per_call) programs)."""
+    if cells_per_call >= n_layers:
+        fit = min(n_heads, cells_per_call // n_layers)
+        per = max(d for d in range(1, fit + 1) if n_heads % d == 0)
+        return [[(l, h) for h in range(h0, h0 + per) for l in range(n_layers)] for h0 in range(0, n_heads, per)]
+    return [[(l, h) for l in range(l0, min(l0 + cells_per_call, n_layers))]
+            for h in range(n_heads) for l0 in range(0, n_layers, cells_per_call)]
+
+
 def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.ndarray, cells_per_call: int = 64,
                    sample_ids: Optional[Sequence[str]] = None, distribute=None, progress=None) -> dict:
     """Every (layer, head) single-head knockout of each sample's edges, on the shared-prefix engine
     (`causal.sweep_points`: a cell at layer l reuses the baseline's layers below l and its rows before the
-    marker; `cells_per_call` cells per compiled program bound memory). tokens int [B, T], lengths [B], edges
+    marker; `cells_per_call` cells per program bound memory, in chunks that share one compiled program:
+    `cell_chunks`). tokens int [B, T], lengths [B], edges
     bool [B, T, T]. Effects are against the no-op reference of the same program (an identity is exactly 0).
     Returns {"kl": f64 [B, L, H] nats KL(baseline || knocked), "delta_logprob": f64 [B, L, H] (knocked -
     baseline, log-probability of the baseline's top-1 token), "floor_kl": f64 [B] (KL(baseline || reference):
@@ -133,12 +149,10 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
     for b in range(edges.shape[0]):  # refuse a knockout that would empty a row, as the builders do
         ivs.check_knockout_rows(edges[b], int(lengths[b]), f"sample {b if sample_ids is None else sample_ids[b]}",
                                 windows=cfg.layer_windows)
-    cells = [(l, h) for l in range(L) for h in range(H)]
     kl = np.zeros((edges.shape[0], L, H))
     dlp = np.zeros_like(kl)
-    floors, top1 = [], None
-    for start in range(0, len(cells), cells_per_call):
-        chunk = cells[start:start + cells_per_call]
+    floors, top1, done = [], None, 0
+    for chunk in cell_chunks(L, H, cells_per_call):
         res = causal.sweep_points(model, tokens, lengths, cell_points(cfg, edges, chunk), [l for l, _ in chunk],
                                   sample_ids=sample_ids, distribute=distribute, keep_logits=False)
         for j, (l, h) in enumerate(chunk):
@@ -146,8 +160,9 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
             dlp[:, l, h] = res.effects["delta_logprob_top1"][j]
         floors.append(res.floor_kl)
         top1 = res.effects["top1_token"][0]
+        done += len(chunk)
         if progress is not None:
-            progress(min(start + cells_per_call, len(cells)), len(cells))
+            progress(done, L * H)
     return {"kl": kl, "delta_logprob": dlp, "floor_kl": np.max(np.stack(floors), axis=0), "top1": top1}
 
 
