@@ -53,6 +53,9 @@ flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads on CPU (0: torch
 flags.DEFINE_integer("knockout_batch", None, "Samples per knockout-scan call (default: all, fewer when the "
                      "library's [b, L+1, T, V] f32 logits would exceed a quarter of the GPU).")
 cli.define_layer_layout_flag()
+flags.DEFINE_integer("group_layers", None, "Knockout scan / steering sweep: layers per compiled scan body (default: "
+                     "the library's, plip_jax.experiments.causal.DEFAULT_GROUP_LAYERS). Fewer, larger groups "
+                     "compile faster and recompute a few more blocks.")
 FLAGS = flags.FLAGS
 
 REAL_SHAPES = ("qwen2.5-coder-3b", "qwen2.5-coder-7b", "starcoder2-3b", "codegemma-7b", "codellama-7b",
@@ -86,13 +89,15 @@ def main(argv):
     if bad:
         raise cli.FlagError(f"--workloads: unknown workload(s) {', '.join(bad)}; known: layer_scan, knockout_scan, "
                             "steering_sweep, generation")
+    cli.check_at_least("group_layers", 1)
     if FLAGS.torch_threads:
         import torch
 
         torch.set_num_threads(FLAGS.torch_threads)
     repeats = FLAGS.repeats if FLAGS.repeats is not None else (3 if FLAGS.tiny else 5)
     opts = runner.Options(shapes=names, workloads=list(FLAGS.workloads), dtype=FLAGS.dtype, repeats=repeats,
-                          sizes=_sizes(), with_torch=FLAGS.torch, seed=FLAGS.seed, layer_layout=FLAGS.layer_layout)
+                          sizes=_sizes(), with_torch=FLAGS.torch, seed=FLAGS.seed, layer_layout=FLAGS.layer_layout,
+                          group_layers=FLAGS.group_layers)
     out = Path(FLAGS.output) if FLAGS.output else Path("outputs") / f"bench_{platform}_{FLAGS.dtype}.json"
     cli.check_output_path(out)
 

@@ -4,13 +4,14 @@
     python -m benchmarks.gpu_probe scan     --shape=...               # layer scan time vs its floor; optimized HLO
     python -m benchmarks.gpu_probe profile  --shape=... --out_dir=D   # layer scan under jax.profiler: device time
                                                                       # per kernel / HLO op, GEMM vs the rest
+                                      [--workload=generation]         # ... or greedy generation (50 x 150 tokens)
     python -m benchmarks.gpu_probe memory   --shape=...               # device peak of a process holding only what a
                                                                       # layer scan needs (trunk weights + the call)
     python -m benchmarks.gpu_probe knockout --shape=... --groups=4,7  # knockout scan compile/run per group size
 
 Random weights at the shape (`--shape=tiny` runs anywhere, for the CPU test); 20 samples x 64 tokens as in
-benchmarks/bench. Prints one JSON line per measurement. `profile` also writes D/layer_scan_profile.json (the
-summary) and D/layer_scan.xplane.pb (the raw trace: open it in XProf / TensorBoard's profile plugin).
+benchmarks/bench. Prints one JSON line per measurement. `profile` also writes D/<workload>_profile.json (the
+summary) and D/<workload>.xplane.pb (the raw trace: open it in XProf / TensorBoard's profile plugin).
 """
 
 from __future__ import annotations
@@ -136,32 +137,55 @@ def summarize_profile(xplane_path: str, calls: int, top: int = 25) -> dict:
     return out
 
 
-def profile(cfg, dtype, calls, out_dir):
-    """The compiled layer scan traced over `calls` calls after a warm-up; the summary as JSON lines and files."""
-    compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype)
-    t, _ = harness.time_calls(lambda: compiled(trunk, *args), 3, harness.jax_sync)
+def _workload_call(cfg, dtype, workload):
+    """(a callable running `workload` once, synchronised; seconds to compile (generation: its first call, compile
+    included); its floor in ms): the layer scan (20 x 64 tokens) or greedy generation (50 prompts of 32..64
+    tokens x 150 new tokens), as in benchmarks/bench."""
+    if workload == "layer_scan":
+        compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype)
+        floor_ms = shapes.forward_flops(cfg, corpus.lengths.tolist()) / FLOOR_FLOPS * 1e3
+        return lambda: jax.block_until_ready(compiled(trunk, *args)), compile_s, floor_ms
+    from plip_jax.analysis import generation as gen
+
+    model = models.random_model(cfg, dtype, layer_layout="auto")
+    prompts = wl.make_prompts(cfg, 50, 64)
+    run = lambda: gen.generate(model, prompts, max_new_tokens=150, stop_ids=())  # host arrays: synchronised
+    t = time.perf_counter()
+    run()
+    lens = [len(x) for x in prompts]
+    dev = jax.devices()[0]
+    peaks = harness.device_peaks(dev.device_kind, dev.platform, dtype)  # None on CPU: arithmetic floor only
+    floor_s = max(shapes.generation_flops(cfg, lens, 150) / FLOOR_FLOPS,
+                  shapes.generation_bytes(cfg, lens, 150, dtype) / peaks.hbm_bytes_per_s if peaks else 0.0)
+    return run, time.perf_counter() - t, floor_s * 1e3
+
+
+def profile(cfg, dtype, calls, out_dir, workload="layer_scan"):
+    """`workload` traced over `calls` calls after a warm-up; the summary as JSON lines and files
+    (<out_dir>/<workload>_profile.json and <workload>.xplane.pb)."""
+    run, compile_s, floor_ms = _workload_call(cfg, dtype, workload)
+    t, _ = harness.time_calls(run, 3, lambda r: r)
     opts = jax.profiler.ProfileOptions()
     opts.python_tracer_level = 0  # device and XLA runtime events only: a small trace
     tmp = tempfile.mkdtemp(prefix="plip_profile_")
     with jax.profiler.trace(tmp, profiler_options=opts):
         for _ in range(calls):
-            jax.block_until_ready(compiled(trunk, *args))
+            run()
     found = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
     if not found:
         raise SystemExit(f"the profiler wrote no .xplane.pb under {tmp}")
     summary = summarize_profile(found[0], calls)
-    summary.update(part="profile", workload="layer_scan", median_ms=t.median_s * 1e3, compile_s=compile_s,
-                   floor_ms=shapes.forward_flops(cfg, corpus.lengths.tolist()) / FLOOR_FLOPS * 1e3,
-                   device=jax.devices()[0].device_kind)
+    summary.update(part="profile", workload=workload, median_ms=t.median_s * 1e3, compile_s=compile_s,
+                   floor_ms=floor_ms, device=jax.devices()[0].device_kind)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "layer_scan_profile.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{workload}_profile.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    shutil.copy(found[0], os.path.join(out_dir, "layer_scan.xplane.pb"))
+    shutil.copy(found[0], os.path.join(out_dir, f"{workload}.xplane.pb"))
     for line in summary["lines"]:
         emit(part="profile_line", plane=line["plane"], line=line["line"], total_ms=line["total_ms_per_call"],
              gemm_ms=line["gemm_ms_per_call"], events=line["events_per_call"],
              top=[(x["name"][:60], round(x["ms_per_call"], 3)) for x in line["top"][:12]])
-    emit(part="profile", median_ms=summary["median_ms"], floor_ms=summary["floor_ms"], compile_s=compile_s)
+    emit(part="profile", workload=workload, median_ms=summary["median_ms"], floor_ms=floor_ms, compile_s=compile_s)
 
 
 def memory(cfg, dtype):
@@ -206,6 +230,7 @@ def main(argv=None):
     ap.add_argument("--groups", default="4,7")
     ap.add_argument("--hlo_dir", default=None)
     ap.add_argument("--out_dir", default="outputs/gpu_probe")
+    ap.add_argument("--workload", default="layer_scan", choices=["layer_scan", "generation"], help="profile: what to trace")
     a = ap.parse_args(argv)
     cfg = shapes.model_config(a.shape)
     emit(part="device", device=jax.devices()[0].device_kind, shape=a.shape, xla_flags=os.environ.get("XLA_FLAGS", ""))
@@ -214,7 +239,7 @@ def main(argv=None):
     elif a.part == "scan":
         scan(cfg, a.dtype, a.repeats, a.hlo_dir)
     elif a.part == "profile":
-        profile(cfg, a.dtype, a.repeats, a.out_dir)
+        profile(cfg, a.dtype, a.repeats, a.out_dir, a.workload)
     elif a.part == "memory":
         memory(cfg, a.dtype)
     else:

@@ -4,6 +4,7 @@ targets on a (simulated) H100, and the refusal of shapes that do not fit."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -271,6 +272,13 @@ def test_gpu_probe_profile_summarises_a_trace(tmp_path):
     assert 0 < total < 50 * summary["median_ms"]  # per call, not summed over calls and threads blindly
     assert (tmp_path / "layer_scan.xplane.pb").stat().st_size > 0
     assert [json.loads(x)["part"] for x in proc.stdout.splitlines()][-1] == "profile"
+    gen = subprocess.run([sys.executable, "-m", "benchmarks.gpu_probe", "profile", "--workload=generation",
+                          "--shape=tiny", "--repeats=1", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    summary = json.loads((tmp_path / "generation_profile.json").read_text())
+    assert summary["workload"] == "generation" and summary["lines"] and summary["floor_ms"] > 0
+    assert (tmp_path / "generation.xplane.pb").stat().st_size > 0
 
 
 @pytest.mark.parametrize("part", ["gemm", "scan", "memory", "knockout"])
@@ -289,3 +297,24 @@ def test_gpu_probe_parts_run_at_the_tiny_shape(part, tmp_path):
         assert "HloModule" in (tmp_path / "layer_scan_hlo.txt").read_text()
     if part == "gemm":
         assert rows[-1]["tflops"] > 0 and "q_w" in rows[-1]["weights"]
+
+
+def test_group_layers_option_reaches_the_engine_and_the_floor():
+    """--group_layers (runner.Options.group_layers) compiles the knockout scan and steering sweep with that group
+    size, and the knockout floor counts the blocks that group size recomputes; the results do not change."""
+    from plip_jax.experiments import causal
+
+    base = runner.Options(shapes=["tiny"], dtype="float32", repeats=1, sizes=workloads.TINY_SIZES, with_torch=False,
+                          workloads=["knockout_scan", "steering_sweep"])
+    default = {r["workload"]: r for r in runner.run(base, log=lambda s: None)["records"]}
+    one = {r["workload"]: r for r in runner.run(dataclasses.replace(base, group_layers=1), log=lambda s: None)["records"]}
+    assert default["knockout_scan"]["jax"]["group_layers"] == causal.DEFAULT_GROUP_LAYERS
+    assert one["knockout_scan"]["jax"]["group_layers"] == 1 and one["steering_sweep"]["group_layers"] == 1
+    L = shapes.model_config("tiny").num_layers
+    assert causal.DEFAULT_GROUP_LAYERS > 1 and L > 2
+    # group 1: every knocked run enters at its own layer, the fewest blocks
+    assert one["knockout_scan"]["flops"] < default["knockout_scan"]["flops"]
+    assert one["knockout_scan"]["result_summary"] == pytest.approx(default["knockout_scan"]["result_summary"], abs=1e-5)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--tiny", "--group_layers=0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2 and "--group_layers=0: 0 is below 1" in proc.stderr

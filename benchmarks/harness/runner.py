@@ -29,6 +29,7 @@ class Options:
     with_torch: bool = True
     seed: int = 0
     layer_layout: str = "auto"  # JAX params layout (plip_jax.models.layers.resolve_layer_layout)
+    group_layers: Optional[int] = None  # layers per compiled scan body of the knockout / steering engine
 
 
 def _host() -> str:
@@ -139,10 +140,11 @@ def run(opts: Options, log: Callable[[str], None] = print, on_record: Optional[C
                     bs = opts.sizes.knockout_batch or wl.knockout_batch_size(
                         cfg, opts.sizes.samples, opts.sizes.seq_len,
                         harness.available_memory_bytes(platform) if platform != "cpu" else None)
-                    rec = wl.knockout_scan(model, corpus, opts.repeats, torch_model, torch_device, opts.dtype, bs)
+                    rec = wl.knockout_scan(model, corpus, opts.repeats, torch_model, torch_device, opts.dtype, bs,
+                                           group_layers=opts.group_layers)
                 elif w == "steering_sweep":
                     rec = wl.steering_sweep(model, corpus, opts.repeats, torch_model, torch_device,
-                                                   opts.dtype, opts.sizes.doses)
+                                            opts.dtype, opts.sizes.doses, group_layers=opts.group_layers)
                 elif w == "generation":
                     prompts = wl.make_prompts(cfg, opts.sizes.gen_prompts, opts.sizes.gen_prompt_len, opts.seed + 1)
                     rec = wl.generation(model, prompts, opts.sizes.gen_tokens, opts.repeats, torch_model,

@@ -233,10 +233,13 @@ def knockout_batch_size(cfg: ModelConfig, samples: int, seq_len: int, available:
 
 
 def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
-                  dtype: str = "float32", batch_size: Optional[int] = None) -> dict:
+                  dtype: str = "float32", batch_size: Optional[int] = None, group_layers: Optional[int] = None) -> dict:
     """Time the all-layer knockout scan (baseline + L single-layer knockouts of marker -> targets), in calls
-    of `batch_size` samples (None: all samples in one call)."""
+    of `batch_size` samples (None: all samples in one call); group_layers: layers per compiled scan body (None:
+    the library's default; fewer bodies compile faster, larger groups recompute more)."""
     from plip_jax.experiments import causal
+
+    g_layers = causal.DEFAULT_GROUP_LAYERS if group_layers is None else int(group_layers)
 
     cfg = model.cfg
     b = corpus.tokens.shape[0]
@@ -247,7 +250,8 @@ def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_d
     full = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads))
     chunks = [tuple(x[i:i + bs] for x in full) for i in range(0, b, bs)]
     prefix = causal.knockout_prefix(corpus.edges, corpus.lengths)  # rows shared with the baseline (static)
-    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan_jit, model, *chunks[0], prefix=prefix)
+    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan_jit, model, *chunks[0], prefix=prefix,
+                                        group_layers=g_layers)
 
     def run():
         outs = [compiled(model, *c) for c in chunks]
@@ -257,11 +261,11 @@ def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_d
     L = cfg.num_layers
     lens = corpus.lengths.tolist()
     rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None}
-    rec["jax"].update(calls=len(chunks), samples_per_call=bs, shared_prefix_rows=prefix)
+    rec["jax"].update(calls=len(chunks), samples_per_call=bs, shared_prefix_rows=prefix, group_layers=g_layers)
     # the work the engine does: the baseline (L blocks, all rows) + the no-op reference (L blocks) + for the
     # run knocked at layer k, L - entry(k) blocks (entry = k rounded down to a multiple of the group size),
     # over the rows from the first knocked query row on (`prefix` rows are the baseline's)
-    g = max(1, min(causal.DEFAULT_GROUP_LAYERS, L))
+    g = max(1, min(g_layers, L))
     blocks = L + sum(L - k // g * g for k in range(L))
     rec["flops"] = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
                     shapes.forward_flops(cfg, [n - prefix for n in lens], blocks_per_sample=blocks,
@@ -319,10 +323,14 @@ def _steering_interventions(cfg: ModelConfig, corpus: Corpus, doses: Sequence[fl
 
 
 def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
-                   dtype: str = "float32", doses: Sequence[float] = DEFAULT_DOSES) -> dict:
+                   dtype: str = "float32", doses: Sequence[float] = DEFAULT_DOSES,
+                   group_layers: Optional[int] = None) -> dict:
     """Time a Scale dose sweep at the middle layer: the baseline, the no-op reference and S doses x B samples
-    in one compiled call of the library's shared-prefix engine (`causal.shared_sweep_jit`)."""
+    in one compiled call of the library's shared-prefix engine (`causal.shared_sweep_jit`); group_layers as
+    for `knockout_scan`."""
     from plip_jax.experiments import causal
+
+    g_layers = causal.DEFAULT_GROUP_LAYERS if group_layers is None else int(group_layers)
 
     cfg = model.cfg
     layer = steering_layer(cfg)
@@ -332,12 +340,12 @@ def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_
     entries = (layer,) * (s + 1)
     prefix = causal.shared_prefix(iv, corpus.lengths, corpus.markers)
     compiled, compile_s, xla_mem = _aot(causal.shared_sweep_jit, model, tokens, lengths, iv, markers,
-                                        entries=entries, prefix=prefix)
+                                        entries=entries, prefix=prefix, group_layers=g_layers)
     timing, out = harness.time_calls(lambda: compiled(model, tokens, lengths, iv, markers), repeats, harness.jax_sync)
     lens = corpus.lengths.tolist()
     L = cfg.num_layers
     rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None, "doses": list(map(float, doses)),
-           "layer": layer, "one_compiled_call": True}
+           "layer": layer, "one_compiled_call": True, "group_layers": g_layers}
     rec["jax"]["calls_per_sweep"] = 1
     rec["jax"]["shared_prefix_rows"] = prefix
     # the engine's work: the baseline (L blocks, all rows, NLL + last logits) + for the reference and each
