@@ -11,7 +11,8 @@
 
 Random weights at the shape (`--shape=tiny` runs anywhere, for the CPU test); 20 samples x 64 tokens as in
 benchmarks/bench. Prints one JSON line per measurement. `profile` also writes D/<workload>_profile.json (the
-summary) and D/<workload>.xplane.pb (the raw trace: open it in XProf / TensorBoard's profile plugin).
+summary), D/<workload>.xplane.pb (the raw trace: open it in XProf / TensorBoard's profile plugin) and, for the
+layer scan, D/layer_scan_hlo.txt (the optimized HLO: the kernels' fusion names are its computations).
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ def _workload_call(cfg, dtype, workload):
     if workload == "layer_scan":
         compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype)
         floor_ms = shapes.forward_flops(cfg, corpus.lengths.tolist()) / FLOOR_FLOPS * 1e3
-        return lambda: jax.block_until_ready(compiled(trunk, *args)), compile_s, floor_ms
+        run = lambda: jax.block_until_ready(compiled(trunk, *args))
+        run.hlo_text = compiled.as_text  # the kernels' fusion names are this module's computations
+        return run, compile_s, floor_ms
     from plip_jax.analysis import generation as gen
 
     model = models.random_model(cfg, dtype, layer_layout="auto")
@@ -181,6 +184,9 @@ def profile(cfg, dtype, calls, out_dir, workload="layer_scan"):
     with open(os.path.join(out_dir, f"{workload}_profile.json"), "w") as f:
         json.dump(summary, f, indent=1)
     shutil.copy(found[0], os.path.join(out_dir, f"{workload}.xplane.pb"))
+    if hasattr(run, "hlo_text"):  # map the trace's kernel names (fusion_946, ...) to what they compute
+        with open(os.path.join(out_dir, f"{workload}_hlo.txt"), "w") as f:
+            f.write(run.hlo_text())
     for line in summary["lines"]:
         emit(part="profile_line", plane=line["plane"], line=line["line"], total_ms=line["total_ms_per_call"],
              gemm_ms=line["gemm_ms_per_call"], events=line["events_per_call"],

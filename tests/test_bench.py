@@ -271,6 +271,8 @@ def test_gpu_probe_profile_summarises_a_trace(tmp_path):
     total = sum(line["total_ms_per_call"] for line in summary["lines"])
     assert 0 < total < 50 * summary["median_ms"]  # per call, not summed over calls and threads blindly
     assert (tmp_path / "layer_scan.xplane.pb").stat().st_size > 0
+    hlo = (tmp_path / "layer_scan_hlo.txt").read_text()
+    assert "HloModule" in hlo and all(x["name"].split(".")[0] in hlo for x in ops if "fusion" in x["name"])
     assert [json.loads(x)["part"] for x in proc.stdout.splitlines()][-1] == "profile"
     gen = subprocess.run([sys.executable, "-m", "benchmarks.gpu_probe", "profile", "--workload=generation",
                           "--shape=tiny", "--repeats=1", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
