@@ -103,8 +103,8 @@ def kl_f64_finite(xp, x, y):
     kl = xp.where(xp.abs(m) < 0.5, stable, plain)
 
     def with_plain_rows(kl):
-        lp = x - _logsumexp_xp(xp, x)
-        lq = y - _logsumexp_xp(xp, y)
+        lp = x - logsumexp_xp(xp, x)
+        lq = y - logsumexp_xp(xp, y)
         return xp.where(overflow, xp.sum(xp.exp(lp) * (lp - lq), axis=-1), kl)
 
     if xp is np:
@@ -115,15 +115,17 @@ def kl_f64_finite(xp, x, y):
     return xp.where(const, 0.0, kl)
 
 
-def _logsumexp_xp(xp, a):
+def logsumexp_xp(xp, a):
+    """log Σ exp over the last axis, kept as a size-1 axis ([..., V] -> [..., 1]), with the array module `xp`
+    (numpy or jax.numpy): the max-shifted form, exact for finite rows."""
     m = xp.max(a, axis=-1, keepdims=True)
     return m + xp.log(xp.sum(xp.exp(a - m), axis=-1, keepdims=True))
 
 
 def _kl_f64_direct(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Σ p (log p − log q) in f64 for rows with -inf logits (masked vocabulary)."""
-    lp = x - _logsumexp(x)
-    lq = y - _logsumexp(y)
+    lp = x - logsumexp_xp(np, x)
+    lq = y - logsumexp_xp(np, y)
     p = np.exp(lp)
     with np.errstate(invalid="ignore"):
         terms = np.where(p > 0, p * (lp - lq), 0.0)
@@ -136,11 +138,6 @@ def _kl_f64_direct(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     first = np.take_along_axis(d, np.argmax(fin, axis=-1)[..., None], axis=-1)
     const = same_support & np.all(np.where(fin, d == first, True), axis=-1)
     return np.where(const, 0.0, kl)
-
-
-def _logsumexp(a: np.ndarray) -> np.ndarray:
-    m = a.max(axis=-1, keepdims=True)
-    return m + np.log(np.exp(a - m).sum(axis=-1, keepdims=True))
 
 
 class NoiseFloor(NamedTuple):

@@ -337,7 +337,7 @@ def _effects_rows(ref, ref_rows, other, other_rows):
     o = other[other_rows].astype(jnp.float64)
     top = jnp.argmax(r, axis=-1)
     at_top = lambda x: jnp.take_along_axis(x, top[:, None], axis=-1)[:, 0]
-    lse = lambda x: metrics._logsumexp_xp(jnp, x)[:, 0]
+    lse = lambda x: metrics.logsumexp_xp(jnp, x)[:, 0]
     return {"kl": metrics.kl_f64_finite(jnp, r, o), "top1_agree": jnp.argmax(o, axis=-1) == top,
             "logit_diff_top1": at_top(r) - at_top(o), "delta_logprob_top1": (at_top(o) - lse(o)) - (at_top(r) - lse(r)),
             "top1_token": top, "finite": jnp.all(jnp.isfinite(r), axis=-1) & jnp.all(jnp.isfinite(o), axis=-1)}
@@ -349,7 +349,7 @@ def _effects_rows_host(r, o) -> dict:
     r, o = np.asarray(r, np.float64), np.asarray(o, np.float64)
     top = np.argmax(r, axis=-1)
     at_top = lambda x: np.take_along_axis(x, top[..., None], -1)[..., 0]
-    lse = lambda x: metrics._logsumexp_xp(np, x)[..., 0]
+    lse = lambda x: metrics.logsumexp_xp(np, x)[..., 0]
     return {"kl": metrics.kl_divergence_f64(r, o), "top1_agree": np.argmax(o, axis=-1) == top,
             "logit_diff_top1": at_top(r) - at_top(o), "delta_logprob_top1": (at_top(o) - lse(o)) - (at_top(r) - lse(r)),
             "top1_token": top}
@@ -418,6 +418,7 @@ def effects_f64(ref_last, other_last, ref_nll, other_nll, on_device: Optional[bo
     vocabulary-sized work; rows with a non-finite logit go to the host formula. Logits on the CPU (or numpy)
     go through the host formula on a pool of threads (faster there than XLA's float64 CPU code). Both share
     `metrics.kl_f64_finite`; they agree to rounding of the sums (tests: 1e-12 relative)."""
+    ref_last, other_last = (x if hasattr(x, "shape") else np.asarray(x) for x in (ref_last, other_last))
     v = int(other_last.shape[-1])
     lead = tuple(other_last.shape[:-1])
     ref_lead = tuple(ref_last.shape[:-1])
