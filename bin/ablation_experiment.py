@@ -7,7 +7,7 @@
     python -m bin.ablation_experiment --slide_window=3
 
 Dispatch order as PLIP-rs: scan_layers -> slide_window -> scan_windows -> explicit window -> single layer.
-KL(reference || knocked) is in nats at the last real position, from logits, in float64 on the host; the
+KL(reference || knocked) is in nats at the last real position, from logits, in float64; the
 reference is the no-op point of the same compiled program, and every table prints the noise floor
 KL(baseline || reference) it must beat. Knockout scans and window sweeps report Holm/BH-adjusted p.
 

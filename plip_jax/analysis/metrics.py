@@ -1,4 +1,4 @@
-"""Outcome metrics of interventions (spec section 5.5), in JAX (and host float64 for reported KLs).
+"""Outcome metrics of interventions (spec section 5.5), in JAX (and float64 for reported KLs).
 
 `kl_divergence_f64` and the noise-floor helpers run on the host in numpy float64. The others are pure,
 `jit`/`vmap`-friendly, compute in float32 whatever the input dtype (bf16/f16 logits are upcast first)

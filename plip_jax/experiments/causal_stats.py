@@ -2,7 +2,7 @@
 and per-unit (layer or window) Python-vs-Rust tests with selection-corrected p-values.
 
 Conventions (see docs/METHODS.md, "The causal tools"):
-* KLs are nats, KL(reference || intervened) at the last real token, computed on the host in float64.
+* KLs are nats, KL(reference || intervened) at the last real token, computed in float64.
 * The noise floor of a sample is KL(baseline || no-op reference): two mathematically equal computations
   of the same engine that round differently. An effect <= FLOOR_FACTOR x its sample's floor is marked
   "below floor" (not resolved); a group mean is compared with FLOOR_FACTOR x the group's mean floor.

@@ -7,7 +7,7 @@ they are dropped and counted, and a sample left with none is reported as skipped
 
 Every mode is one program on the shared-prefix engine (`causal.shared_sweep`): the baseline, a no-op
 reference and the knockouts (single layer or window, its mass-matched control; every layer for a scan;
-every window for a sweep). KL(reference || knocked) in nats, float64 on the host; the noise floor
+every window for a sweep). KL(reference || knocked) in nats, in float64; the noise floor
 KL(baseline || reference) is reported per sample and overall, and effects below 3x the floor are marked.
 Scans and sweeps adjust the per-layer / per-window Welch p over the units (Holm, BH) and choose the best
 unit by the Holm-adjusted p. The control (`knockout_control`) removes the same attention mass as the
@@ -98,7 +98,7 @@ def _python_vs_rust(rows: list) -> dict:
     return w | {"significant_difference": bool(w["welch_p_value"] is not None and w["welch_p_value"] < 0.05)}
 
 
-KL_REFERENCE = ("KL(reference || knocked) in nats at the last real token, float64 on the host; the reference is "
+KL_REFERENCE = ("KL(reference || knocked) in nats at the last real token, in float64; the reference is "
                 "the no-op point of the same compiled program (identical operations, no edge selected)")
 
 

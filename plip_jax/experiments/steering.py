@@ -4,7 +4,7 @@ The dose sweep is ONE program on the shared-prefix engine (`causal.shared_sweep`
 a no-op reference and every dose, for every sample; layers below the steered one run once, and only the
 rows from the first steered query row (the marker) on are recomputed per dose. KL is KL(reference ||
 steered) in nats between last-position *logits* (PLIP compared hidden states, which gave its flat
-~470/677 "nats"), computed in float64 on the host. Dose 1 runs the reference's exact operations, so its
+~470/677 "nats"), computed in float64. Dose 1 runs the reference's exact operations, so its
 KL is exactly 0; the noise floor KL(baseline || reference) says what a KL must beat.
 
 Expected attention (`calibrate` and each dose row): Scale(d) multiplies the targets' probabilities by d
@@ -265,7 +265,7 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
         "target_attention": None if mode == "scale" else [float(d) for d in doses],
         "dose_results": dose_results, "language": language,
         "baseline_attention": float(base_att.mean()), "sanity_checks": checks, "sanity_check_notes": notes,
-        "kl_reference": ("KL(reference || steered) in nats at the last real token, float64 on the host; the "
+        "kl_reference": ("KL(reference || steered) in nats at the last real token, in float64; the "
                          "reference is the no-op point of the same program (dose 1's operations, nothing steered)"),
         "noise_floor": floor_json, "floor_warning": warning,
         "samples": [{"id": s.id, "marker_token_pos": int(s.tokenized.marker_token),
