@@ -140,14 +140,12 @@ def summarize_profile(xplane_path: str, calls: int, top: int = 25) -> dict:
 
 def _workload_call(cfg, dtype, workload):
     """(a callable running `workload` once, synchronised; seconds to compile (generation: its first call, compile
-    included); its floor in ms): the layer scan (20 x 64 tokens) or greedy generation (50 prompts of 32..64
+    included); its floor in ms; its optimized HLO text, or None): the layer scan (20 x 64 tokens) or greedy generation (50 prompts of 32..64
     tokens x 150 new tokens), as in benchmarks/bench."""
     if workload == "layer_scan":
         compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype)
         floor_ms = shapes.forward_flops(cfg, corpus.lengths.tolist()) / FLOOR_FLOPS * 1e3
-        run = lambda: jax.block_until_ready(compiled(trunk, *args))
-        run.hlo_text = compiled.as_text  # the kernels' fusion names are this module's computations
-        return run, compile_s, floor_ms
+        return lambda: jax.block_until_ready(compiled(trunk, *args)), compile_s, floor_ms, compiled.as_text()
     from plip_jax.analysis import generation as gen
 
     model = models.random_model(cfg, dtype, layer_layout="auto")
@@ -160,13 +158,13 @@ def _workload_call(cfg, dtype, workload):
     peaks = harness.device_peaks(dev.device_kind, dev.platform, dtype)  # None on CPU: arithmetic floor only
     floor_s = max(shapes.generation_flops(cfg, lens, 150) / FLOOR_FLOPS,
                   shapes.generation_bytes(cfg, lens, 150, dtype) / peaks.hbm_bytes_per_s if peaks else 0.0)
-    return run, time.perf_counter() - t, floor_s * 1e3
+    return run, time.perf_counter() - t, floor_s * 1e3, None
 
 
 def profile(cfg, dtype, calls, out_dir, workload="layer_scan"):
     """`workload` traced over `calls` calls after a warm-up; the summary as JSON lines and files
     (<out_dir>/<workload>_profile.json and <workload>.xplane.pb)."""
-    run, compile_s, floor_ms = _workload_call(cfg, dtype, workload)
+    run, compile_s, floor_ms, hlo = _workload_call(cfg, dtype, workload)
     t, _ = harness.time_calls(run, 3, lambda r: r)
     opts = jax.profiler.ProfileOptions()
     opts.python_tracer_level = 0  # device and XLA runtime events only: a small trace
@@ -184,9 +182,9 @@ def profile(cfg, dtype, calls, out_dir, workload="layer_scan"):
     with open(os.path.join(out_dir, f"{workload}_profile.json"), "w") as f:
         json.dump(summary, f, indent=1)
     shutil.copy(found[0], os.path.join(out_dir, f"{workload}.xplane.pb"))
-    if hasattr(run, "hlo_text"):  # map the trace's kernel names (fusion_946, ...) to what they compute
+    if hlo is not None:  # the kernels' fusion names (fusion_946, ...) are this module's computations
         with open(os.path.join(out_dir, f"{workload}_hlo.txt"), "w") as f:
-            f.write(run.hlo_text())
+            f.write(hlo)
     for line in summary["lines"]:
         emit(part="profile_line", plane=line["plane"], line=line["line"], total_ms=line["total_ms_per_call"],
              gemm_ms=line["gemm_ms_per_call"], events=line["events_per_call"],

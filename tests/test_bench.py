@@ -301,15 +301,20 @@ def test_gpu_probe_parts_run_at_the_tiny_shape(part, tmp_path):
         assert rows[-1]["tflops"] > 0 and "q_w" in rows[-1]["weights"]
 
 
-def test_group_layers_option_reaches_the_engine_and_the_floor():
+def test_group_layers_option_reaches_the_engine_and_the_floor(monkeypatch):
     """--group_layers (runner.Options.group_layers) compiles the knockout scan and steering sweep with that group
     size, and the knockout floor counts the blocks that group size recomputes; the results do not change."""
     from plip_jax.experiments import causal
 
     base = runner.Options(shapes=["tiny"], dtype="float32", repeats=1, sizes=workloads.TINY_SIZES, with_torch=False,
                           workloads=["knockout_scan", "steering_sweep"])
+    compiled_with = []
+    real_aot = workloads._aot
+    monkeypatch.setattr(workloads, "_aot", lambda fn, *a, **static: (compiled_with.append(static["group_layers"]),
+                                                                      real_aot(fn, *a, **static))[1])
     default = {r["workload"]: r for r in runner.run(base, log=lambda s: None)["records"]}
     one = {r["workload"]: r for r in runner.run(dataclasses.replace(base, group_layers=1), log=lambda s: None)["records"]}
+    assert compiled_with == [causal.DEFAULT_GROUP_LAYERS] * 2 + [1, 1]  # what the engine was compiled with
     assert default["knockout_scan"]["jax"]["group_layers"] == causal.DEFAULT_GROUP_LAYERS
     assert one["knockout_scan"]["jax"]["group_layers"] == 1 and one["steering_sweep"]["group_layers"] == 1
     L = shapes.model_config("tiny").num_layers

@@ -232,6 +232,13 @@ def knockout_batch_size(cfg: ModelConfig, samples: int, seq_len: int, available:
     return max(d for d in range(1, samples + 1) if samples % d == 0 and d <= limit)
 
 
+def _group_layers(group_layers: Optional[int]) -> int:
+    """Layers per compiled scan body of the shared-prefix engine: the given size, else the library's default."""
+    from plip_jax.experiments import causal
+
+    return causal.DEFAULT_GROUP_LAYERS if group_layers is None else int(group_layers)
+
+
 def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
                   dtype: str = "float32", batch_size: Optional[int] = None, group_layers: Optional[int] = None) -> dict:
     """Time the all-layer knockout scan (baseline + L single-layer knockouts of marker -> targets), in calls
@@ -239,7 +246,7 @@ def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_d
     the library's default; fewer bodies compile faster, larger groups recompute more)."""
     from plip_jax.experiments import causal
 
-    g_layers = causal.DEFAULT_GROUP_LAYERS if group_layers is None else int(group_layers)
+    g_layers = _group_layers(group_layers)
 
     cfg = model.cfg
     b = corpus.tokens.shape[0]
@@ -330,7 +337,7 @@ def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_
     for `knockout_scan`."""
     from plip_jax.experiments import causal
 
-    g_layers = causal.DEFAULT_GROUP_LAYERS if group_layers is None else int(group_layers)
+    g_layers = _group_layers(group_layers)
 
     cfg = model.cfg
     layer = steering_layer(cfg)
