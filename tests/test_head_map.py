@@ -9,7 +9,7 @@ import pytest
 
 from plip_jax.analysis import metrics
 from plip_jax.core import interventions as ivs
-from plip_jax.core.errors import WrongFamilyError
+from plip_jax.core.errors import InterventionError, WrongFamilyError
 from plip_jax.data.batching import pad_batch
 from plip_jax.experiments import causal, head_map
 from plip_jax.experiments.layer_scan import tokenize_groups
@@ -77,8 +77,15 @@ def test_exact_grid_chunks_compile_one_program(bundled_model, bundled_batch, mon
         return real(model, tokens, lengths, iv, markers, **kw)
 
     monkeypatch.setattr(causal, "shared_sweep", spy)
-    head_map.exact_head_map(bundled_model.model, tokens, lengths, edges, cells_per_call=16)
+    seen = []
+    head_map.exact_head_map(bundled_model.model, tokens, lengths, edges, cells_per_call=16,
+                            progress=lambda done, total: seen.append((done, total)))
     assert len(calls) == 3 and len(set(calls)) == 1
+    assert seen == [(16, 48), (32, 48), (48, 48)]  # one report per program
+    cfg = bundled_model.cfg
+    points = head_map.cell_points(cfg, edges, [(0, 0), (1, 0)])
+    with pytest.raises(InterventionError, match="exactly once"):  # a point twice, another never
+        causal.sweep_points(bundled_model.model, tokens, lengths, points, [0, 1], chunks=[[0], [0]])
 
 
 @pytest.mark.slow

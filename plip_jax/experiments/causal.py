@@ -329,30 +329,30 @@ def check_finite_logits(logits, what: str, sample_ids: Optional[Sequence[str]] =
 EFFECT_ROWS = 256  # logit rows per float64 effects call: ~0.3 GB per float64 temporary at a 152k vocabulary
 
 
+def _row_effects(xp, r, o, kl) -> dict:
+    """The effects of float64 logit rows o against r ([R, V] each; `xp` numpy or jax.numpy) given their KL [R]."""
+    top = xp.argmax(r, axis=-1)
+    at_top = lambda x: xp.take_along_axis(x, top[:, None], axis=-1)[:, 0]
+    lse = lambda x: metrics.logsumexp_xp(xp, x)[:, 0]
+    return {"kl": kl, "top1_agree": xp.argmax(o, axis=-1) == top, "logit_diff_top1": at_top(r) - at_top(o),
+            "delta_logprob_top1": (at_top(o) - lse(o)) - (at_top(r) - lse(r)), "top1_token": top}
+
+
 @jax.jit
 def _effects_rows(ref, ref_rows, other, other_rows):
     """Float64 effects of other[other_rows] ([R, V] of other [N, V]) against ref[ref_rows] (of ref [M, V]); traced
     under JAX's x64 mode. Returns [R] arrays; `finite` flags the rows whose logits are all finite."""
     r = ref[ref_rows].astype(jnp.float64)
     o = other[other_rows].astype(jnp.float64)
-    top = jnp.argmax(r, axis=-1)
-    at_top = lambda x: jnp.take_along_axis(x, top[:, None], axis=-1)[:, 0]
-    lse = lambda x: metrics.logsumexp_xp(jnp, x)[:, 0]
-    return {"kl": metrics.kl_f64_finite(jnp, r, o), "top1_agree": jnp.argmax(o, axis=-1) == top,
-            "logit_diff_top1": at_top(r) - at_top(o), "delta_logprob_top1": (at_top(o) - lse(o)) - (at_top(r) - lse(r)),
-            "top1_token": top, "finite": jnp.all(jnp.isfinite(r), axis=-1) & jnp.all(jnp.isfinite(o), axis=-1)}
+    finite = jnp.all(jnp.isfinite(r), axis=-1) & jnp.all(jnp.isfinite(o), axis=-1)
+    return {**_row_effects(jnp, r, o, metrics.kl_f64_finite(jnp, r, o)), "finite": finite}
 
 
 def _effects_rows_host(r, o) -> dict:
-    """The same effects on the host (numpy float64) for rows with non-finite logits: -inf logits (a masked
-    vocabulary) take `metrics.kl_divergence_f64`'s direct form; NaN / +inf raise its NonFiniteError."""
+    """The same effects on the host (numpy float64): rows with -inf logits (a masked vocabulary) take
+    `metrics.kl_divergence_f64`'s direct form; NaN / +inf raise its NonFiniteError."""
     r, o = np.asarray(r, np.float64), np.asarray(o, np.float64)
-    top = np.argmax(r, axis=-1)
-    at_top = lambda x: np.take_along_axis(x, top[..., None], -1)[..., 0]
-    lse = lambda x: metrics.logsumexp_xp(np, x)[..., 0]
-    return {"kl": metrics.kl_divergence_f64(r, o), "top1_agree": np.argmax(o, axis=-1) == top,
-            "logit_diff_top1": at_top(r) - at_top(o), "delta_logprob_top1": (at_top(o) - lse(o)) - (at_top(r) - lse(r)),
-            "top1_token": top}
+    return _row_effects(np, r, o, metrics.kl_divergence_f64(r, o))
 
 
 def host_threads() -> int:
@@ -469,20 +469,31 @@ class SweepResult:
 
 def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int], markers=None, *,
                  group_layers: int = DEFAULT_GROUP_LAYERS, point_batch: Optional[int] = None,
-                 sample_ids: Optional[Sequence[str]] = None, distribute=None, keep_logits: bool = True) -> SweepResult:
+                 sample_ids: Optional[Sequence[str]] = None, distribute=None, keep_logits: bool = True,
+                 chunks: Optional[Sequence[Sequence[int]]] = None, progress=None) -> SweepResult:
     """Run P intervention points (each an `Interventions` with a leading B axis, all the same structure)
     on a batch, with their no-op reference and the baseline, on the shared-prefix engine; effects in
     float64 against the reference (`effects_f64`, computed on the device that holds the logits). starts [P]:
     each point's first intervened layer. point_batch: at most this many points per program (each program
     carries its own reference; None = all in one). distribute: optional callable placing (tokens, lengths,
     iv, markers) on devices (e.g. a mesh). keep_logits=False leaves the points' [P, B, V] logits on the
-    device (SweepResult.ref_last / last are None): for large grids that need only the effects."""
+    device (SweepResult.ref_last / last are None): for large grids that need only the effects. chunks:
+    explicit lists of point indices, one program each (padded to the longest; chunks with the same entry
+    layers share one compiled program, e.g. `head_map.cell_chunks`), instead of `point_batch`'s runs.
+    progress(done, total) is called after each program."""
     n_layers = model.cfg.num_layers
     if len(points) != len(starts) or not len(points):
         raise InterventionError(f"{len(points)} sweep points for {len(starts)} start layers (need >= 1 of each)")
-    k = len(points) if not point_batch else max(1, int(point_batch))
-    chunks = [list(range(i, min(i + k, len(points)))) for i in range(0, len(points), k)]
+    if chunks is None:
+        k = len(points) if not point_batch else max(1, int(point_batch))
+        chunks = [list(range(i, min(i + k, len(points)))) for i in range(0, len(points), k)]
+    else:
+        chunks = [list(c) for c in chunks]
+        if sorted(i for c in chunks for i in c) != list(range(len(points))) or not all(chunks):
+            raise InterventionError(f"sweep chunks must hold each of the {len(points)} points exactly once")
+        k = max(len(c) for c in chunks)
     noop = empty_like_interventions(points[0])
+    done = 0
     res, floors, first = {}, [], None
     for chunk in chunks:
         pad = max(starts[i] for i in chunk)  # padding no-ops enter last: no extra compiled body
@@ -508,6 +519,9 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         for j, pos in enumerate(order):
             if idx[pos] is not None:
                 res[idx[pos]] = (out, j + 1)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, len(points))
     n = len(points)
     ref_nll = np.stack([res[i][0]["nll"][:, 0] for i in range(n)])
     nll = np.stack([res[i][0]["nll"][:, res[i][1]] for i in range(n)])

@@ -108,6 +108,7 @@ def cell_points(cfg, edges: np.ndarray, cells: Sequence[tuple]) -> list:
     (edges bool [B, T, T]) knocked out in that one query head at that one layer."""
     B = edges.shape[0]
     L, H = cfg.num_layers, cfg.num_heads
+    edges = jnp.asarray(edges)  # one device copy shared by every cell
     out = []
     for l, h in cells:
         layers = np.zeros((B, L), bool)
@@ -115,7 +116,7 @@ def cell_points(cfg, edges: np.ndarray, cells: Sequence[tuple]) -> list:
         layers[:, l] = True
         heads[:, h] = True
         out.append(ivs.Interventions(knockout=ivs.AttentionKnockout(
-            edges=jnp.asarray(edges), layers=jnp.asarray(layers), heads=jnp.asarray(heads))))
+            edges=edges, layers=jnp.asarray(layers), heads=jnp.asarray(heads))))
     return out
 
 
@@ -149,21 +150,18 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
     for b in range(edges.shape[0]):  # refuse a knockout that would empty a row, as the builders do
         ivs.check_knockout_rows(edges[b], int(lengths[b]), f"sample {b if sample_ids is None else sample_ids[b]}",
                                 windows=cfg.layer_windows)
+    chunks = cell_chunks(L, H, cells_per_call)
+    cells = [c for chunk in chunks for c in chunk]
+    bounds = np.cumsum([0] + [len(c) for c in chunks])
+    res = causal.sweep_points(model, tokens, lengths, cell_points(cfg, edges, cells), [l for l, _ in cells],
+                              sample_ids=sample_ids, distribute=distribute, keep_logits=False, progress=progress,
+                              chunks=[range(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
     kl = np.zeros((edges.shape[0], L, H))
     dlp = np.zeros_like(kl)
-    floors, top1, done = [], None, 0
-    for chunk in cell_chunks(L, H, cells_per_call):
-        res = causal.sweep_points(model, tokens, lengths, cell_points(cfg, edges, chunk), [l for l, _ in chunk],
-                                  sample_ids=sample_ids, distribute=distribute, keep_logits=False)
-        for j, (l, h) in enumerate(chunk):
-            kl[:, l, h] = res.kl[j]
-            dlp[:, l, h] = res.effects["delta_logprob_top1"][j]
-        floors.append(res.floor_kl)
-        top1 = res.effects["top1_token"][0]
-        done += len(chunk)
-        if progress is not None:
-            progress(done, L * H)
-    return {"kl": kl, "delta_logprob": dlp, "floor_kl": np.max(np.stack(floors), axis=0), "top1": top1}
+    for j, (l, h) in enumerate(cells):
+        kl[:, l, h] = res.kl[j]
+        dlp[:, l, h] = res.effects["delta_logprob_top1"][j]
+    return {"kl": kl, "delta_logprob": dlp, "floor_kl": res.floor_kl, "top1": res.effects["top1_token"][0]}
 
 
 # --------------------------------------------------------------------------- comparison
