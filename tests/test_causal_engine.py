@@ -9,6 +9,7 @@ import pytest
 
 from plip_jax.analysis import metrics
 from plip_jax.core import interventions as ivs
+from plip_jax.core.errors import InterventionError
 from plip_jax.experiments import causal, causal_samples, knockout
 from plip_jax.models import sharding
 
@@ -84,9 +85,9 @@ def _host_effects(ref, other, ref_nll, other_nll):
 
 
 def test_effects_f64_program_equals_the_host_formula_across_row_chunks(monkeypatch):
-    """effects_f64 runs a float64 program over EFFECT_ROWS logit rows at a time (the last call repeating its
-    last row): every row must match the host numpy formula, in order, whatever the chunking; an identical row
-    reads exactly 0; rows with -inf logits go to the host formula; NaN is refused."""
+    """effects_f64 runs ONE float64 program walking EFFECT_ROWS logit rows at a time (the last block repeating
+    its last row): every row must match the host numpy formula, in order, whatever the blocking; an identical
+    row reads exactly 0; rows with -inf logits go to the host formula; NaN is refused."""
     rng = np.random.default_rng(3)
     ref = (rng.standard_normal((5, 64)) * 2).astype(np.float32)
     scale = np.arange(1, 8, dtype=np.float32)[:, None, None] * np.float32(0.1)
@@ -96,9 +97,14 @@ def test_effects_f64_program_equals_the_host_formula_across_row_chunks(monkeypat
     other[4, 1] = ref[1] + np.float32(1e-6) * rng.standard_normal(64).astype(np.float32)  # tiny: series path
     ref_nll, other_nll = rng.random(5), rng.random((7, 5))
     want = _host_effects(ref, other, ref_nll, other_nll)
-    for on_device, rows in ((True, 3), (True, 256), (False, 256)):  # device: 35 rows in 12 calls (last padded)
+    calls = []
+    program = causal._effects_blocks
+    monkeypatch.setattr(causal, "_effects_blocks", lambda *a, **k: calls.append(k) or program(*a, **k))
+    for on_device, rows in ((True, 3), (True, 256), (False, 256)):  # device: 35 rows in 12 blocks (last padded)
         monkeypatch.setattr(causal, "EFFECT_ROWS", rows)
+        calls.clear()
         got = causal.effects_f64(ref, other, ref_nll, other_nll, on_device=on_device)
+        assert calls == ([{"block": min(rows, 35)}] if on_device else [])  # one program call, not one per block
         assert set(got) == set(want)
         for key in want:
             assert got[key].shape == (7, 5), key
@@ -122,6 +128,19 @@ def test_effects_f64_program_equals_the_host_formula_across_row_chunks(monkeypat
     for on_device in (True, False):
         with pytest.raises(ValueError, match="NaN"):
             causal.effects_f64(ref, masked, ref_nll, other_nll, on_device=on_device)
+
+
+def test_check_finite_logits_names_the_sample_on_either_axis():
+    """A sweep's logits are [B, P, V] (sample_axis=0), a stack of runs [P, B, V] (the default): the error names
+    the sample whose row is non-finite, for numpy and device arrays; finite logits pass."""
+    logits = np.zeros((3, 4, 5), np.float32)  # [B=3, P=4, V=5]
+    causal.check_finite_logits(logits, "sweep", ["a", "b", "c"], sample_axis=0)
+    logits[2, 1, 3] = np.nan
+    for arr in (logits, jnp.asarray(logits)):
+        with pytest.raises(InterventionError, match=r"sweep: non-finite logits for sample\(s\) \['c'\]"):
+            causal.check_finite_logits(arr, "sweep", ["a", "b", "c"], sample_axis=0)
+        with pytest.raises(InterventionError, match=r"\['p1'\]"):  # read as [P=3, B=4, V]: sample index 1
+            causal.check_finite_logits(arr, "runs", ["p0", "p1", "p2", "p3"])
 
 
 @pytest.mark.slow

@@ -313,12 +313,15 @@ def layer_knockout_scan(model, tokens, lengths, edges, heads, group_layers: int 
 # --------------------------------------------------------------------------- host side: sweeps and effects
 
 
-def check_finite_logits(logits, what: str, sample_ids: Optional[Sequence[str]] = None) -> None:
-    """InterventionError naming the samples whose logits [..., B, V] hold NaN or inf (never a silent NaN KL)."""
-    if isinstance(logits, jax.Array):  # reduce where the logits are: only [..., B] flags travel
+def check_finite_logits(logits, what: str, sample_ids: Optional[Sequence[str]] = None, sample_axis: int = -2) -> None:
+    """InterventionError naming the samples whose logits [..., V] hold NaN or inf (never a silent NaN KL).
+    sample_axis: the logits' axis of samples (default -2: [..., B, V]; 0 for a sweep's [B, P, V])."""
+    if isinstance(logits, jax.Array):  # reduce where the logits are: only the [...] flags travel, no copy
         bad = ~np.asarray(sharding.to_host(jnp.all(jnp.isfinite(logits), axis=-1)))
     else:
         bad = ~np.isfinite(np.asarray(logits)).all(axis=-1)
+    axis = sample_axis if sample_axis >= 0 else sample_axis + 1  # counted on the flags (no vocabulary axis)
+    bad = np.moveaxis(bad, axis, -1)
     if bad.any():
         cols = sorted(set(np.nonzero(bad.reshape(-1, bad.shape[-1]))[1].tolist()))
         names = [sample_ids[i] if sample_ids is not None else f"#{i}" for i in cols]
@@ -326,7 +329,7 @@ def check_finite_logits(logits, what: str, sample_ids: Optional[Sequence[str]] =
                                 "forward (check the doses and edges)")
 
 
-EFFECT_ROWS = 256  # logit rows per float64 effects call: ~0.3 GB per float64 temporary at a 152k vocabulary
+EFFECT_ROWS = 256  # logit rows per float64 effects block: ~0.3 GB per float64 temporary at a 152k vocabulary
 
 
 def _row_effects(xp, r, o, kl) -> dict:
@@ -338,14 +341,25 @@ def _row_effects(xp, r, o, kl) -> dict:
             "delta_logprob_top1": (at_top(o) - lse(o)) - (at_top(r) - lse(r)), "top1_token": top}
 
 
-@jax.jit
-def _effects_rows(ref, ref_rows, other, other_rows):
-    """Float64 effects of other[other_rows] ([R, V] of other [N, V]) against ref[ref_rows] (of ref [M, V]); traced
-    under JAX's x64 mode. Returns [R] arrays; `finite` flags the rows whose logits are all finite."""
-    r = ref[ref_rows].astype(jnp.float64)
-    o = other[other_rows].astype(jnp.float64)
-    finite = jnp.all(jnp.isfinite(r), axis=-1) & jnp.all(jnp.isfinite(o), axis=-1)
-    return {**_row_effects(jnp, r, o, metrics.kl_f64_finite(jnp, r, o)), "finite": finite}
+@functools.partial(jax.jit, static_argnames=("block",))
+def _effects_blocks(ref, ref_rows, other, block: int):
+    """Float64 effects of every row of other [..., V] against ref's rows ref_rows (int [N], N = other's row
+    count; ref [..., V]), traced under JAX's x64 mode: ONE program that walks `block` rows at a time
+    (`lax.map`; the last block repeats the last row), so the float64 temporaries stay [block, V]. The
+    reshapes happen inside the program (no eager copy of the logits). Returns [N] arrays; `finite` flags the
+    rows whose logits are all finite."""
+    v = other.shape[-1]
+    ref, other = ref.reshape(-1, v), other.reshape(-1, v)
+    n = other.shape[0]
+    rows = jnp.minimum(jnp.arange(-(-n // block) * block), n - 1).reshape(-1, block)
+
+    def one(idx):
+        r = ref[ref_rows[idx]].astype(jnp.float64)
+        o = other[idx].astype(jnp.float64)
+        finite = jnp.all(jnp.isfinite(r), axis=-1) & jnp.all(jnp.isfinite(o), axis=-1)
+        return {**_row_effects(jnp, r, o, metrics.kl_f64_finite(jnp, r, o)), "finite": finite}
+
+    return jax.tree.map(lambda x: x.reshape(-1)[:n], jax.lax.map(one, rows))
 
 
 def _effects_rows_host(r, o) -> dict:
@@ -369,20 +383,17 @@ def _on_accelerator(x) -> bool:
             and any(d.platform != "cpu" for d in x.devices()))
 
 
-def _effects_on_device(ref_flat, ref_rows: np.ndarray, other_flat) -> dict:
-    """`_effects_rows` over EFFECT_ROWS rows per call, on the device holding the logits; [N] numpy arrays."""
-    n = len(ref_rows)
+def _effects_on_device(ref_last, ref_rows: np.ndarray, other_last) -> dict:
+    """`_effects_blocks` (EFFECT_ROWS rows per block) on the device holding the logits ref_last / other_last
+    ([..., V]; ref_rows: other's row -> ref's row); [N] numpy arrays."""
+    n, v = len(ref_rows), int(other_last.shape[-1])
     with jax.enable_x64(True):
-        ref_flat, other_flat = jnp.asarray(ref_flat), jnp.asarray(other_flat)  # float32 until inside the program
-        step = min(EFFECT_ROWS, n)
-        parts = []
-        for start in range(0, n, step):
-            rows = np.minimum(np.arange(start, start + step), n - 1)  # the last call repeats its last row
-            parts.append(_effects_rows(ref_flat, ref_rows[rows], other_flat, rows))
-        parts = sharding.to_host(parts)
-    out = {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+        ref_last, other_last = jnp.asarray(ref_last), jnp.asarray(other_last)  # float32 until inside the program
+        out = sharding.to_host(_effects_blocks(ref_last, jnp.asarray(ref_rows), other_last, block=min(EFFECT_ROWS, n)))
+    out = {k: np.array(val) for k, val in out.items()}
     bad = np.flatnonzero(~out.pop("finite"))
-    if bad.size:  # -inf (masked) or NaN logits: the host formula decides
+    if bad.size:  # -inf (masked) or NaN logits: the host formula decides (only these rows travel)
+        ref_flat, other_flat = ref_last.reshape(-1, v), other_last.reshape(-1, v)
         host = _effects_rows_host(sharding.to_host(ref_flat[ref_rows[bad]]), sharding.to_host(other_flat[bad]))
         for k, val in host.items():
             out[k][bad] = val
@@ -413,9 +424,9 @@ def effects_f64(ref_last, other_last, ref_nll, other_nll, on_device: Optional[bo
     (the reference broadcasts; numpy or JAX arrays); outputs numpy [...].
 
     Where: logits on an accelerator (on_device None -> auto) are reduced there by one jitted float64 program
-    (JAX's x64 mode) over EFFECT_ROWS rows per call, so a sweep's [P, B, V] logits never travel to the host
+    (JAX's x64 mode), so a sweep's [P, B, V] logits never travel to the host
     (a 7B head map: 784 cells x 20 samples x 152k vocabulary = 9.5 GB of f32) and the host does no
-    vocabulary-sized work; rows with a non-finite logit go to the host formula. Logits on the CPU (or numpy)
+    vocabulary-sized work; one call per `effects_f64` (EFFECT_ROWS rows per `lax.map` step inside it); rows with a non-finite logit go to the host formula. Logits on the CPU (or numpy)
     go through the host formula on a pool of threads (faster there than XLA's float64 CPU code). Both share
     `metrics.kl_f64_finite`; they agree to rounding of the sums (tests: 1e-12 relative)."""
     ref_last, other_last = (x if hasattr(x, "shape") else np.asarray(x) for x in (ref_last, other_last))
@@ -429,7 +440,7 @@ def effects_f64(ref_last, other_last, ref_nll, other_nll, on_device: Optional[bo
         out = {k: np.zeros(0, dt) for k, dt in (("kl", np.float64), ("top1_agree", bool), ("logit_diff_top1", np.float64),
                                                  ("delta_logprob_top1", np.float64), ("top1_token", np.int64))}
     elif on_device:
-        out = _effects_on_device(ref_last.reshape(-1, v), ref_rows, other_last.reshape(-1, v))
+        out = _effects_on_device(ref_last, ref_rows, other_last)
     else:
         out = _effects_on_host(np.asarray(sharding.to_host(ref_last)).reshape(-1, v), ref_rows,
                                np.asarray(sharding.to_host(other_last)).reshape(-1, v))
@@ -508,7 +519,7 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
             args = distribute(args)
         dev = shared_sweep(model, *args, entries=entries, prefix=prefix, group_layers=group_layers)
         check_finite_logits(dev["base_last"], "baseline", sample_ids)
-        check_finite_logits(dev["last"].transpose(1, 0, 2), "sweep", sample_ids)
+        check_finite_logits(dev["last"], "sweep", sample_ids, sample_axis=0)  # [B, 1 + k, V]: no transposed copy
         eff = effects_f64(dev["last"][:, :1], dev["last"], dev["nll"][:, :1], dev["nll"])  # [B, 1 + k] each
         small = [key for key in ("base_last", "base_nll", "nll", "marker_rows", "failed_row") if key in dev]
         out = sharding.to_host({key: dev[key] for key in small + (["last"] if keep_logits else [])})  # collective

@@ -204,7 +204,7 @@ def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, 
     args = sharding.distribute(model, (batch.tokens, batch.lengths, iv.knockout.edges, iv.knockout.heads))
     out = sharding.to_host(causal.layer_knockout_scan(model.model, *args))
     base, ref = out["last"][:, 0], out["noop_last"]  # [B, V]
-    causal.check_finite_logits(out["last"].transpose(1, 0, 2), "knockout scan", batch.ids)
+    causal.check_finite_logits(out["last"], "knockout scan", batch.ids, sample_axis=0)  # [B, L + 1, V]
     eff = causal.effects_f64(ref[:, None], out["last"][:, 1:], out["noop_nll"][:, None], out["nll"][:, 1:])
     kl = eff["kl"]  # [B, L]
     floor = metrics.kl_divergence_f64(base, ref)
