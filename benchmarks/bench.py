@@ -56,6 +56,9 @@ cli.define_layer_layout_flag()
 flags.DEFINE_integer("group_layers", None, "Knockout scan / steering sweep: layers per compiled scan body (default: "
                      "the library's, plip_jax.experiments.causal.DEFAULT_GROUP_LAYERS). Fewer, larger groups "
                      "compile faster and recompute a few more blocks.")
+flags.DEFINE_enum("attention", "explicit", ["explicit", "fused"], "JAX attention of cache-free forwards (the layer "
+                  "scan): explicit patterns as HF eager, or fused (jax.nn.dot_product_attention: cuDNN on a GPU in "
+                  "bf16; only the marker rows' patterns computed). Interventions and KV caches always run explicit.")
 FLAGS = flags.FLAGS
 
 REAL_SHAPES = ("qwen2.5-coder-3b", "qwen2.5-coder-7b", "starcoder2-3b", "codegemma-7b", "codellama-7b",
@@ -97,7 +100,7 @@ def main(argv):
     repeats = FLAGS.repeats if FLAGS.repeats is not None else (3 if FLAGS.tiny else 5)
     opts = runner.Options(shapes=names, workloads=list(FLAGS.workloads), dtype=FLAGS.dtype, repeats=repeats,
                           sizes=_sizes(), with_torch=FLAGS.torch, seed=FLAGS.seed, layer_layout=FLAGS.layer_layout,
-                          group_layers=FLAGS.group_layers)
+                          group_layers=FLAGS.group_layers, attention=FLAGS.attention)
     out = Path(FLAGS.output) if FLAGS.output else Path("outputs") / f"bench_{platform}_{FLAGS.dtype}.json"
     cli.check_output_path(out)
 

@@ -5,6 +5,7 @@
     python -m benchmarks.gpu_probe profile  --shape=... --out_dir=D   # layer scan under jax.profiler: device time
                                                                       # per kernel / HLO op, GEMM vs the rest
                                       [--workload=generation]         # ... or greedy generation (50 x 150 tokens)
+    ... scan|profile --attention=fused                                # the layer scan on a fused attention kernel
     python -m benchmarks.gpu_probe memory   --shape=...               # device peak of a process holding only what a
                                                                       # layer scan needs (trunk weights + the call)
     python -m benchmarks.gpu_probe knockout --shape=... --groups=4,7  # knockout scan compile/run per group size
@@ -52,10 +53,10 @@ def _scan_args(cfg):
                                                    corpus.counts))
 
 
-def _compiled_layer_scan(cfg, dtype):
+def _compiled_layer_scan(cfg, dtype, attention="explicit"):
     from plip_jax.experiments.attention_metric import marker_metric
 
-    model = models.random_model(cfg, dtype, layer_layout="auto")
+    model = models.random_model(cfg, dtype, layer_layout="auto").with_attention(attention)
     trunk = model.trunk()
     corpus, args = _scan_args(cfg)
     t = time.perf_counter()
@@ -88,10 +89,10 @@ def gemm(cfg, dtype, m, repeats):
          floor_ms=flops / FLOOR_FLOPS * 1e3)
 
 
-def scan(cfg, dtype, repeats, hlo_dir):
-    compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype)
+def scan(cfg, dtype, repeats, hlo_dir, attention="explicit"):
+    compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype, attention)
     t, _ = harness.time_calls(lambda: compiled(trunk, *args), repeats, harness.jax_sync)
-    emit(part="layer_scan", median_ms=t.median_s * 1e3, compile_s=compile_s,
+    emit(part="layer_scan", attention=attention, median_ms=t.median_s * 1e3, compile_s=compile_s,
          floor_ms=shapes.forward_flops(cfg, corpus.lengths.tolist()) / FLOOR_FLOPS * 1e3)
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
@@ -138,12 +139,12 @@ def summarize_profile(xplane_path: str, calls: int, top: int = 25) -> dict:
     return out
 
 
-def _workload_call(cfg, dtype, workload):
+def _workload_call(cfg, dtype, workload, attention="explicit"):
     """(a callable running `workload` once, synchronised; seconds to compile (generation: its first call, compile
     included); its floor in ms; its optimized HLO text, or None): the layer scan (20 x 64 tokens) or greedy generation (50 prompts of 32..64
     tokens x 150 new tokens), as in benchmarks/bench."""
     if workload == "layer_scan":
-        compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype)
+        compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype, attention)
         floor_ms = shapes.forward_flops(cfg, corpus.lengths.tolist()) / FLOOR_FLOPS * 1e3
         return lambda: jax.block_until_ready(compiled(trunk, *args)), compile_s, floor_ms, compiled.as_text()
     from plip_jax.analysis import generation as gen
@@ -161,10 +162,11 @@ def _workload_call(cfg, dtype, workload):
     return run, time.perf_counter() - t, floor_s * 1e3, None
 
 
-def profile(cfg, dtype, calls, out_dir, workload="layer_scan"):
+def profile(cfg, dtype, calls, out_dir, workload="layer_scan", attention="explicit"):
     """`workload` traced over `calls` calls after a warm-up; the summary as JSON lines and files
-    (<out_dir>/<workload>_profile.json and <workload>.xplane.pb)."""
-    run, compile_s, floor_ms, hlo = _workload_call(cfg, dtype, workload)
+    (<out_dir>/<workload>_profile.json and <workload>.xplane.pb). attention: the layer scan's (see
+    `Transformer.attention_impl`; "fused" names the files layer_scan_fused_*)."""
+    run, compile_s, floor_ms, hlo = _workload_call(cfg, dtype, workload, attention)
     t, _ = harness.time_calls(run, 3, lambda r: r)
     opts = jax.profiler.ProfileOptions()
     opts.python_tracer_level = 0  # device and XLA runtime events only: a small trace
@@ -176,14 +178,15 @@ def profile(cfg, dtype, calls, out_dir, workload="layer_scan"):
     if not found:
         raise SystemExit(f"the profiler wrote no .xplane.pb under {tmp}")
     summary = summarize_profile(found[0], calls)
-    summary.update(part="profile", workload=workload, median_ms=t.median_s * 1e3, compile_s=compile_s,
+    summary.update(part="profile", workload=workload, attention=attention, median_ms=t.median_s * 1e3, compile_s=compile_s,
                    floor_ms=floor_ms, device=jax.devices()[0].device_kind)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{workload}_profile.json"), "w") as f:
+    stem = workload + ("_fused" if attention == "fused" and workload == "layer_scan" else "")  # A/B runs side by side
+    with open(os.path.join(out_dir, f"{stem}_profile.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    shutil.copy(found[0], os.path.join(out_dir, f"{workload}.xplane.pb"))
+    shutil.copy(found[0], os.path.join(out_dir, f"{stem}.xplane.pb"))
     if hlo is not None:  # the kernels' fusion names (fusion_946, ...) are this module's computations
-        with open(os.path.join(out_dir, f"{workload}_hlo.txt"), "w") as f:
+        with open(os.path.join(out_dir, f"{stem}_hlo.txt"), "w") as f:
             f.write(hlo)
     for line in summary["lines"]:
         emit(part="profile_line", plane=line["plane"], line=line["line"], total_ms=line["total_ms_per_call"],
@@ -235,15 +238,17 @@ def main(argv=None):
     ap.add_argument("--hlo_dir", default=None)
     ap.add_argument("--out_dir", default="outputs/gpu_probe")
     ap.add_argument("--workload", default="layer_scan", choices=["layer_scan", "generation"], help="profile: what to trace")
+    ap.add_argument("--attention", default="explicit", choices=["explicit", "fused"],
+                    help="scan / profile: the layer scan's attention (Transformer.attention_impl)")
     a = ap.parse_args(argv)
     cfg = shapes.model_config(a.shape)
     emit(part="device", device=jax.devices()[0].device_kind, shape=a.shape, xla_flags=os.environ.get("XLA_FLAGS", ""))
     if a.part == "gemm":
         gemm(cfg, a.dtype, 1280, a.repeats)
     elif a.part == "scan":
-        scan(cfg, a.dtype, a.repeats, a.hlo_dir)
+        scan(cfg, a.dtype, a.repeats, a.hlo_dir, a.attention)
     elif a.part == "profile":
-        profile(cfg, a.dtype, a.repeats, a.out_dir, a.workload)
+        profile(cfg, a.dtype, a.repeats, a.out_dir, a.workload, a.attention)
     elif a.part == "memory":
         memory(cfg, a.dtype)
     else:

@@ -301,6 +301,31 @@ def test_gpu_probe_parts_run_at_the_tiny_shape(part, tmp_path):
         assert rows[-1]["tflops"] > 0 and "q_w" in rows[-1]["weights"]
 
 
+def test_attention_option_runs_the_layer_scan_on_the_fused_kernel(monkeypatch, tmp_path):
+    """runner.Options.attention="fused" (bench --attention=fused) reaches the layer scan's forward (the fused
+    kernel is traced), the metric equals the explicit run's, and the run description names it; gpu_probe's
+    fused profile is written beside the explicit one instead of over it."""
+    import jax
+
+    base = runner.Options(shapes=["tiny"], dtype="float32", repeats=1, sizes=workloads.TINY_SIZES, with_torch=False,
+                          workloads=["layer_scan"])
+    calls = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    explicit = runner.run(base, log=lambda s: None)
+    assert not calls
+    fused = runner.run(dataclasses.replace(base, attention="fused"), log=lambda s: None)
+    assert calls and fused["meta"]["attention"] == "fused" and explicit["meta"]["attention"] == "explicit"
+    assert "JAX attention fused" in runner.markdown(fused)
+    assert fused["records"][0]["result_summary"] == pytest.approx(explicit["records"][0]["result_summary"], abs=1e-6)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_probe", "profile", "--shape=tiny", "--repeats=1",
+                           "--attention=fused", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "layer_scan_fused_profile.json").read_text())["attention"] == "fused"
+    assert not (tmp_path / "layer_scan_profile.json").exists()
+
+
 def test_group_layers_option_reaches_the_engine_and_the_floor(monkeypatch):
     """--group_layers (runner.Options.group_layers) compiles the knockout scan and steering sweep with that group
     size, and the knockout floor counts the blocks that group size recomputes; the results do not change."""

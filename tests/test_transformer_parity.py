@@ -120,6 +120,28 @@ def test_padded_batch_equals_one_at_a_time(family_model):
         np.testing.assert_allclose(batched.resid_post[i], single.resid_post, atol=1e-4)
 
 
+def test_fused_attention_matches_hf_on_a_padded_batch(family_model):
+    """attention_impl="fused" (block outputs from jax.nn.dot_product_attention, the marker rows' patterns computed
+    apart): logits at every real position and the captured rows against HF eager attention, every family, on a
+    right-padded batch (keys past each length hidden by key_value_seq_lengths)."""
+    family, hf, model = family_model
+    fused = model.model.with_attention("fused")
+    rng = np.random.RandomState(4)
+    lengths = np.array([19, 13], np.int32)
+    tokens = rng.randint(0, model.cfg.vocab_size, size=(2, 21)).astype(np.int32)
+    rows = np.asarray([[17], [12]], np.int32)
+    cap = Capture(logits="all", attn_rows=True)
+    out = run_batch(fused, jnp.asarray(tokens), jnp.asarray(lengths), capture=cap, query_rows=jnp.asarray(rows))
+    chex.assert_shape(out.attn_rows, (2, model.cfg.num_layers, model.cfg.num_heads, 1, 21))
+    for i, n in enumerate(lengths):
+        ref_logits, ref_attn = hf_outputs(hf, tokens[i:i + 1, :n])
+        assert np.abs(np.asarray(out.logits[i, :n]) - ref_logits[0]).max() <= LOGIT_TOL, family
+        for layer, ref in enumerate(ref_attn):
+            got = np.asarray(out.attn_rows[i, layer, :, 0])
+            assert np.abs(got[:, :n] - ref[0][:, rows[i, 0]]).max() <= PROB_TOL, f"{family} layer {layer}"
+            assert float(np.abs(got[:, n:]).max()) == 0.0  # no mass on padding
+
+
 def test_vmap_of_jit_keeps_shapes(family_model):
     _, _, model = family_model
     toks = jnp.zeros((2, 8), jnp.int32)

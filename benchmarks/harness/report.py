@@ -185,7 +185,8 @@ def format_markdown(records: list, meta: dict) -> str:
              f"- devices: JAX {meta['jax_version']} on {meta['device_kind']}; torch {meta['torch_version']} on "
              f"{meta['torch_device']} ({meta.get('torch_threads')} threads); transformers {meta['transformers_version']}"
              + (f"; XLA_FLAGS={meta['xla_flags']}" if meta.get("xla_flags") else "")
-             + (f"; JAX weights layout {meta['layer_layout']}" if meta.get("layer_layout") else ""),
+             + (f"; JAX weights layout {meta['layer_layout']}" if meta.get("layer_layout") else "")
+             + (f"; JAX attention {meta['attention']}" if meta.get("attention") else ""),
              f"- sizes: {meta.get('sizes_text', meta['sizes'])}; median of {meta['repeats']} timed calls after one warm-up call",
              f"- floors: {meta['floors_note']}",
              "- JAX peak: allocator peak_bytes_in_use (cumulative over the process, weights included) where the "

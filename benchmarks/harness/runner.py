@@ -30,6 +30,7 @@ class Options:
     seed: int = 0
     layer_layout: str = "auto"  # JAX params layout (plip_jax.models.layers.resolve_layer_layout)
     group_layers: Optional[int] = None  # layers per compiled scan body of the knockout / steering engine
+    attention: str = "explicit"  # Transformer.attention_impl: "fused" runs cache-free forwards on a fused kernel
 
 
 def _host() -> str:
@@ -83,7 +84,7 @@ def _meta(opts: Options, torch_device: str, peaks) -> dict:
                             f"cache) / bandwidth" if peaks else
                             "n/a on this device (no roofline table entry; CPU floors are not reported)"),
             "peaks": dataclasses.asdict(peaks) if peaks else None,
-            "layer_layout": _layout(opts.layer_layout)}
+            "layer_layout": _layout(opts.layer_layout), "attention": opts.attention}
 
 
 def _layout(layout: str) -> str:
@@ -126,7 +127,7 @@ def run(opts: Options, log: Callable[[str], None] = print, on_record: Optional[C
         else:
             model = models.random_model(cfg, opts.dtype, opts.seed, std=float(hf_cfg.get("initializer_range", 0.02)),
                                         layer_layout=opts.layer_layout)
-        model = jax.block_until_ready(model)
+        model = jax.block_until_ready(model.with_attention(opts.attention))
         log(f"  weights ready in {time.perf_counter() - t0:.1f} s")
         applies = report.targets_apply(platform, opts.dtype, name, peaks)
         corpus = wl.make_corpus(cfg, opts.sizes.samples, opts.sizes.seq_len, opts.seed)

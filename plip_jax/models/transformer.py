@@ -6,6 +6,9 @@ sequence (batch with `jax.vmap`); the layer loop is `params["layers"].fold` (a `
 layers, or unrolled per-layer buffers). It takes the intervention pytree as an explicit argument and a
 static `Capture` spec saying what comes back. Numerics follow HF eager attention: softmax and norms in
 float32, everything else in the params' dtype; `cfg.rope_mode` picks HF's RoPE or PLIP-rs's.
+`Transformer.with_attention("fused")` computes cache-free, intervention-free forwards' block outputs with
+`jax.nn.dot_product_attention` (cuDNN on a GPU) and only the captured query rows' patterns (the layer scan's
+marker rows); the default "explicit" materialises every pattern as HF eager does.
 """
 
 from __future__ import annotations
@@ -86,7 +89,71 @@ def _rope(x, ctx: _Ctx):
     return rope_lib.apply_hf_rope(x, ctx.cos, ctx.sin)
 
 
-def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None, cache_layer=None):
+ATTENTION_IMPLS = ("explicit", "fused")
+
+
+def _scores(q, k, cfg: ModelConfig) -> jnp.ndarray:
+    """Scaled attention logits f32 [H, Tq, Tk] of q [Tq, H, hd] against k [Tk, KV, hd] (GQA: query head h
+    reads KV head h // g)."""
+    tq, tk = q.shape[0], k.shape[0]
+    qg = q.reshape(tq, cfg.num_kv_heads, cfg.num_query_groups, cfg.head_dim)
+    scores = jnp.einsum("qkgd,skd->kgqs", qg, k, preferred_element_type=jnp.float32).reshape(cfg.num_heads, tq, tk)
+    return scores * (1.0 / np.sqrt(cfg.head_dim))
+
+
+def _allowed(q_pos, ctx: _Ctx, window) -> jnp.ndarray:
+    """bool [1, Tq, Tk]: causal, real keys, inside the sliding window."""
+    qp, kp = q_pos[:, None], ctx.k_pos[None, :]
+    return ((kp <= qp) & ctx.k_valid[None, :] & ((qp - kp) < window))[None]
+
+
+def _softmax_visible(scores, allowed) -> jnp.ndarray:
+    """Softmax of scores [H, Tq, Tk] over the allowed keys. A right-padding row may see no key at all (a
+    sliding window shorter than the padding): it gets zero probabilities instead of a NaN softmax, whose NaN
+    (0 * NaN in P @ V) would otherwise reach real rows at the next layer. Rows with a visible key are
+    bit-identical to a plain masked softmax (both `where`s are no-ops there)."""
+    scores = jnp.where(allowed, scores, -jnp.inf)
+    row_visible = allowed.any(axis=-1, keepdims=True)
+    probs = jax.nn.softmax(jnp.where(row_visible, scores, 0.0), axis=-1)
+    return jnp.where(row_visible, probs, 0.0)
+
+
+def touches_attention(iv: Optional[ivs.Interventions]) -> bool:
+    """Whether `iv` edits attention (knockout, steering, logit shift): those need the explicit probabilities."""
+    return iv is not None and any(getattr(iv, f) is not None for f in ("knockout", "scale", "set_value", "logit_shift"))
+
+
+def fused_attention_applies(impl: str, cfg: ModelConfig, n_tokens: int, iv, capture: Capture, cache) -> bool:
+    """Whether a forward may compute its block outputs with a fused attention kernel (`jax.nn.dot_product_attention`;
+    cuDNN on a GPU) instead of materialising every [H, T, T] pattern: `impl` is "fused", no KV cache (plain
+    causal positions), no intervention on attention, no full patterns captured (only `query_rows`' rows, which
+    are computed apart), and no layer's sliding window shorter than the sequence (plain causal masking)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    return (impl == "fused" and cache is None and not touches_attention(iv)
+            and capture.attn_probs in (False, None)
+            and all(w is None or w >= n_tokens for w in cfg.layer_windows))
+
+
+def _fused_output(q, k, v, cfg: ModelConfig, length) -> jnp.ndarray:
+    """Attention output [T, H, hd] of q [T, H, hd], k/v [T, KV, hd] for one sequence of `length` real tokens
+    (causal, keys past `length` hidden) with `jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU in
+    bf16/f16 (no [H, T, T] pattern in memory), XLA's reference elsewhere. Same formula as the explicit path
+    (softmax in f32, scale 1/sqrt(hd)); the result differs from it only by rounding."""
+    lengths = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
+    call = lambda impl: jax.nn.dot_product_attention(q[None], k[None], v[None], scale=1.0 / np.sqrt(cfg.head_dim),
+                                                     is_causal=True, key_value_seq_lengths=lengths,
+                                                     implementation=impl)[0]
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return call("cudnn")
+        except NotImplementedError:  # a head dim or GPU generation the kernel does not cover (checked at trace time)
+            pass
+    return call("xla")
+
+
+def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None, cache_layer=None,
+              fused_rows=None, length=None):
     """Self-attention of x [Tq, D]. Returns (out [Tq, D], probs [H, Tq, Tk] f32, new (k, v) cache, failed bool
     [Tq]: rows whose steering could not be applied and were left unsteered, see `ivs.steer_probs`).
 
@@ -95,14 +162,24 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     Tk = Tq. Carrying the whole cache (rather than scanning over per-layer slices) lets XLA update it in
     place: a decode step writes one token's keys per layer instead of copying the cache. `cache_layer`
     (default `layer`) is the cache's index of this layer, e.g. 0 for a one-layer cache [1, S, KV, hd].
+
+    `length` given (a sequence of that many real tokens, no cache, no attention intervention: see
+    `fused_attention_applies`): the output comes from a fused kernel (`_fused_output`) and `probs` holds only the
+    rows `fused_rows` (int [R]) -> [H, R, Tk], or is None when fused_rows is None.
     """
     cache_layer = layer if cache_layer is None else cache_layer
     tq = x.shape[0]
-    h, kvh, hd, g = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_query_groups
+    h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = linear(x, lp["q_w"], lp.get("q_b")).reshape(tq, h, hd)
     k = linear(x, lp["k_w"], lp.get("k_b")).reshape(tq, kvh, hd)
     v = linear(x, lp["v_w"], lp.get("v_b")).reshape(tq, kvh, hd)
     q, k = _rope(q, ctx), _rope(k, ctx)
+    if length is not None:  # fused: the block output without materialising the patterns
+        out = _fused_output(q, k, v, cfg, length).reshape(tq, h * hd)
+        probs = None
+        if fused_rows is not None:
+            probs = _softmax_visible(_scores(q[fused_rows], k, cfg), _allowed(ctx.q_pos[fused_rows], ctx, window))
+        return linear(out, lp["o_w"], lp.get("o_b")), probs, None, jnp.zeros((tq,), bool)
     if kv_cache is not None:
         ck, cv = kv_cache
         start = ctx.q_pos[0]
@@ -114,27 +191,17 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     else:
         new_cache = None
     tk = k.shape[0]
-    qg = q.reshape(tq, kvh, g, hd)
-    scores = jnp.einsum("qkgd,skd->kgqs", qg, k, preferred_element_type=jnp.float32).reshape(h, tq, tk)
-    scores = scores * (1.0 / np.sqrt(hd))
-    qp, kp = ctx.q_pos[:, None], ctx.k_pos[None, :]
-    allowed = (kp <= qp) & ctx.k_valid[None, :] & ((qp - kp) < window)
-    allowed = allowed[None]
+    scores = _scores(q, k, cfg)
+    allowed = _allowed(ctx.q_pos, ctx, window)
     shift = ivs.score_shift(iv, layer, ctx.q_pos, tk)
     if shift is not None:
         scores = scores + shift
     ko = ivs.knockout_mask(iv, layer, ctx.q_pos, tk)
     if ko is not None:
         allowed = allowed & ~ko
-    scores = jnp.where(allowed, scores, -jnp.inf)
-    # A right-padding row may see no key at all (a sliding window shorter than the padding): give it finite
-    # scores and zero probabilities instead of a NaN softmax, whose NaN (0 * NaN in P @ V) would otherwise reach
-    # real rows at the next layer. Rows with a visible key are bit-identical (both `where`s are no-ops there).
-    row_visible = allowed.any(axis=-1, keepdims=True)
-    probs = jax.nn.softmax(jnp.where(row_visible, scores, 0.0), axis=-1)
-    probs = jnp.where(row_visible, probs, 0.0)
+    probs = _softmax_visible(scores, allowed)
     probs, failed = ivs.steer_probs(probs, allowed, iv, layer, ctx.q_pos)
-    pv = probs.astype(v.dtype).reshape(kvh, g, tq, tk)
+    pv = probs.astype(v.dtype).reshape(kvh, cfg.num_query_groups, tq, tk)
     out = jnp.einsum("kgqs,skd->qkgd", pv, v).reshape(tq, h * hd)
     return linear(out, lp["o_w"], lp.get("o_b")), probs, new_cache, failed
 
@@ -192,13 +259,15 @@ def layer_windows(cfg: ModelConfig) -> jnp.ndarray:
     return jnp.asarray([w if w else NO_WINDOW for w in cfg.layer_windows], jnp.int32)
 
 
-def apply_block(h, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv=None, cache=None, cache_layer=None):
+def apply_block(h, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv=None, cache=None, cache_layer=None,
+                fused_rows=None, fused_length=None):
     """One decoder block on h [T, D] with layer params `lp` (one layer's slice), the intervention applied
     as at `layer`; `cache` is None or the (k, v) cache, this layer at index `cache_layer` (default `layer`;
     see `attention`). Returns (h_out [T, D], attention probs [H, Tq, Tk] f32, updated cache or None, failed
-    steering rows bool [Tq])."""
+    steering rows bool [Tq]). fused_length given: fused attention, probs = the `fused_rows` rows [H, R, Tk]
+    or None (see `attention`)."""
     a, probs, new_cache, failed = attention(norm(h, lp["attn_norm"], cfg), lp, layer, window, cfg, ctx, iv, cache,
-                                            cache_layer)
+                                            cache_layer, fused_rows, fused_length)
     h = h + a.astype(h.dtype)
     h = h + mlp(norm(h, lp["mlp_norm"], cfg), lp, cfg).astype(h.dtype)
     return ivs.edit_residual(h, iv, layer, ctx.q_pos), probs, new_cache, failed
@@ -213,13 +282,15 @@ def check_interventions(iv: Optional[ivs.Interventions]) -> None:
 
 def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Optional[ivs.Interventions] = None,
             capture: Capture = Capture(), query_rows=None, positions=None, cache: Optional[KVCache] = None,
-            ) -> Output:
+            attention_impl: str = "explicit") -> Output:
     """Run one sequence (not jitted itself: `Transformer.__call__` is this; jit/vmap the module).
 
     tokens: int [T]; length: int [] real tokens (right padding beyond it never changes results; default T);
     interventions: `Interventions` or None; query_rows: int [R] positions whose attention rows to capture;
     positions: int [T] absolute positions (default arange(T), or offset for cached decoding);
     cache: `KVCache` to read/update (decoding); then "last" logits are those of the last given token.
+    attention_impl: "explicit" (every pattern computed, as HF eager) or "fused" (block outputs from a fused
+    kernel where `fused_attention_applies`; only the captured query rows' patterns are computed).
     Returns an `Output` (see `Capture`); with a cache, Output.cache is the updated one.
     """
     check_interventions(interventions)
@@ -229,14 +300,19 @@ def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Opt
     length = jnp.asarray(t if length is None else length, jnp.int32)
     last = length - 1 if cache is None else t - 1
     selected = capture.selected_layers(cfg.num_layers)
+    fused = fused_attention_applies(attention_impl, cfg, t, interventions, capture, cache)
 
     def block(carry, lp, layer, xs):
         h, buf, kv = carry
         window, slot = xs
-        h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv)
+        if fused:  # probs: only the query rows' patterns (or None)
+            h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv,
+                                          fused_rows=query_rows if capture.attn_rows else None, fused_length=length)
+        else:
+            h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv)
         ys = {}
         if capture.attn_rows:
-            ys["attn_rows"] = jnp.take(probs, query_rows, axis=1)
+            ys["attn_rows"] = probs if fused else jnp.take(probs, query_rows, axis=1)
         if capture.attn_probs is True:
             ys["attn_probs"] = probs
         elif selected is not None and isinstance(layer, int):  # unrolled: the slot is known statically
@@ -280,12 +356,20 @@ class Transformer(struct.PyTreeNode):
 
     params: dict
     cfg: ModelConfig = struct.field(pytree_node=False)
+    attention_impl: str = struct.field(pytree_node=False, default="explicit")  # see `forward`; static
 
     def __call__(self, tokens, *, length=None, interventions=None, capture: Capture = Capture(), query_rows=None,
                  positions=None, cache: Optional[KVCache] = None) -> Output:
         with matmul_precision(self.cfg.dtype):
             return forward(self.params, tokens, self.cfg, length=length, interventions=interventions,
-                           capture=capture, query_rows=query_rows, positions=positions, cache=cache)
+                           capture=capture, query_rows=query_rows, positions=positions, cache=cache,
+                           attention_impl=self.attention_impl)
+
+    def with_attention(self, impl: str) -> "Transformer":
+        """The same model computing attention with `impl` ("explicit" | "fused"; see `forward`)."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        return self.replace(attention_impl=impl)
 
     def init_cache(self, size: int) -> KVCache:
         """Empty keys/values for one sequence of up to `size` positions (params' dtype)."""

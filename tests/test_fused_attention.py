@@ -1,0 +1,102 @@
+"""The fused attention path (`Transformer.attention_impl == "fused"`): taken only where it is exact, equal to the
+explicit path where taken, and never silently skipping an intervention. HF parity of the fused path, every
+family: tests/test_transformer_parity.py::test_fused_attention_matches_hf_on_a_padded_batch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from plip_jax.core import interventions as ivs
+from plip_jax.core.capture import Capture
+from plip_jax.models import transformer
+from tests.model_helpers import run, run_batch
+
+T = 20
+
+
+@pytest.fixture(scope="module")
+def batch(bundled_model):
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(3, bundled_model.cfg.vocab_size, (3, T)), jnp.int32)
+    return tokens, jnp.asarray([20, 14, 7], jnp.int32), jnp.asarray([[16], [13], [3]], jnp.int32)
+
+
+def _fused_calls(monkeypatch):
+    """Counts the traces that reach jax.nn.dot_product_attention."""
+    calls = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+def test_fused_layer_scan_rows_and_logits_equal_the_explicit_path(bundled_model, per_layer_model, batch, monkeypatch):
+    """Both weight layouts (scan and unrolled): the marker rows and every real position's logits agree to f32
+    rounding, padding rows hold no mass, and the fused kernel was really called (once per layer traced)."""
+    tokens, lengths, rows = batch
+    cap = Capture(logits="all", attn_rows=True)
+    for loaded in (bundled_model, per_layer_model):
+        model = loaded.model
+        calls = _fused_calls(monkeypatch)
+        fused = run_batch(model.with_attention("fused"), tokens, lengths, capture=cap, query_rows=rows)
+        assert calls and all(k["is_causal"] for k in calls)
+        calls.clear()
+        explicit = run_batch(model, tokens, lengths, capture=cap, query_rows=rows)
+        assert not calls  # the default never reaches the fused kernel
+        np.testing.assert_allclose(fused.attn_rows, explicit.attn_rows, atol=1e-5)
+        for i, n in enumerate(np.asarray(lengths)):
+            np.testing.assert_allclose(fused.logits[i, :n], explicit.logits[i, :n], atol=1e-4)
+            if n < T:
+                assert float(jnp.abs(fused.attn_rows[i, ..., n:]).max()) == 0.0
+
+
+def test_attention_interventions_caches_and_full_patterns_take_the_explicit_path(bundled_model, batch, monkeypatch):
+    """A knockout under attention_impl="fused" must still knock out (equal to the explicit knockout, different from
+    the plain run); full patterns and a KV cache also run explicit: none of them reaches the fused kernel."""
+    tokens, _, _ = batch
+    model = bundled_model.model
+    fused = model.with_attention("fused")
+    cfg = model.cfg
+    iv = ivs.Interventions(knockout=ivs.knockout(T, [(16, 3), (16, 5), (16, 9)], length=T, n_layers=cfg.num_layers,
+                                                 n_heads=cfg.num_heads, layers=range(cfg.num_layers)))
+    cap = Capture(logits="all", attn_rows=True)
+    rows = jnp.asarray([16], jnp.int32)
+    calls = _fused_calls(monkeypatch)
+    knocked = run(fused, tokens[0], capture=cap, interventions=iv, query_rows=rows)
+    full = run(fused, tokens[0], capture=Capture(logits="all", attn_probs=True))
+    cached = run(fused, tokens[0], capture=Capture(logits="all"), cache=fused.init_cache(T))
+    assert not calls
+    plain = run(model, tokens[0], capture=cap, query_rows=rows)
+    np.testing.assert_array_equal(knocked.attn_rows, run(model, tokens[0], capture=cap, interventions=iv,
+                                                         query_rows=rows).attn_rows)
+    assert float(knocked.attn_rows[:, :, 0, [3, 5, 9]].max()) == 0.0 < float(plain.attn_rows[:, :, 0, [3, 5, 9]].max())
+    np.testing.assert_array_equal(full.attn_probs, run(model, tokens[0], capture=Capture(logits="all", attn_probs=True)).attn_probs)
+    np.testing.assert_allclose(cached.logits, plain.logits, atol=1e-4)
+
+
+def test_fused_applies_only_where_exact(bundled_model):
+    """The predicate: off for sliding windows shorter than the sequence (padding rows could see no key), for
+    attention interventions, caches and full patterns; a residual edit keeps it on; unknown names refused."""
+    cfg = bundled_model.cfg
+    applies = transformer.fused_attention_applies
+    assert applies("fused", cfg, T, None, Capture(attn_rows=True), None)
+    assert not applies("explicit", cfg, T, None, Capture(), None)
+    windowed = dataclasses.replace(cfg, layer_windows=(None,) * (cfg.num_layers - 1) + (8,))
+    assert not applies("fused", windowed, T, None, Capture(), None)
+    assert applies("fused", windowed, 8, None, Capture(), None)  # the window covers the whole sequence
+    assert not applies("fused", cfg, T, None, Capture(attn_probs=(0,)), None)
+    assert not applies("fused", cfg, T, None, Capture(), bundled_model.model.init_cache(T))
+    ko = ivs.Interventions(knockout=ivs.knockout(T, [(5, 1)], length=T, n_layers=cfg.num_layers,
+                                                 n_heads=cfg.num_heads, layers=[0]))
+    assert not applies("fused", cfg, T, ko, Capture(), None)
+    resid = ivs.Interventions(residual=ivs.residual_zero(T, cfg.hidden_size, length=T, n_layers=cfg.num_layers,
+                                                         layers=[0], positions=[1]))
+    assert applies("fused", cfg, T, resid, Capture(), None)
+    with pytest.raises(ValueError, match="explicit"):
+        bundled_model.model.with_attention("flash")
+    with pytest.raises(ValueError, match="fused"):
+        applies("cudnn", cfg, T, None, Capture(), None)
