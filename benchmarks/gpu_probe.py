@@ -5,7 +5,7 @@
     python -m benchmarks.gpu_probe profile  --shape=... --out_dir=D   # layer scan under jax.profiler: device time
                                                                       # per kernel / HLO op, GEMM vs the rest
                                       [--workload=generation]         # ... or greedy generation (50 x 150 tokens)
-    ... scan|profile --attention=fused                                # the layer scan on a fused attention kernel
+    ... scan|profile --attention=fused                                # on a fused attention kernel (cuDNN)
     python -m benchmarks.gpu_probe memory   --shape=...               # device peak of a process holding only what a
                                                                       # layer scan needs (trunk weights + the call)
     python -m benchmarks.gpu_probe knockout --shape=... --groups=4,7  # knockout scan compile/run per group size
@@ -149,7 +149,7 @@ def _workload_call(cfg, dtype, workload, attention="explicit"):
         return lambda: jax.block_until_ready(compiled(trunk, *args)), compile_s, floor_ms, compiled.as_text()
     from plip_jax.analysis import generation as gen
 
-    model = models.random_model(cfg, dtype, layer_layout="auto")
+    model = models.random_model(cfg, dtype, layer_layout="auto").with_attention(attention)
     prompts = wl.make_prompts(cfg, 50, 64)
     run = lambda: gen.generate(model, prompts, max_new_tokens=150, stop_ids=())  # host arrays: synchronised
     t = time.perf_counter()
@@ -165,7 +165,7 @@ def _workload_call(cfg, dtype, workload, attention="explicit"):
 def profile(cfg, dtype, calls, out_dir, workload="layer_scan", attention="explicit"):
     """`workload` traced over `calls` calls after a warm-up; the summary as JSON lines and files
     (<out_dir>/<workload>_profile.json and <workload>.xplane.pb). attention: the layer scan's (see
-    `Transformer.attention_impl`; "fused" names the files layer_scan_fused_*)."""
+    `Transformer.attention_impl`; "fused" names the files <workload>_fused_*)."""
     run, compile_s, floor_ms, hlo = _workload_call(cfg, dtype, workload, attention)
     t, _ = harness.time_calls(run, 3, lambda r: r)
     opts = jax.profiler.ProfileOptions()
@@ -181,7 +181,7 @@ def profile(cfg, dtype, calls, out_dir, workload="layer_scan", attention="explic
     summary.update(part="profile", workload=workload, attention=attention, median_ms=t.median_s * 1e3, compile_s=compile_s,
                    floor_ms=floor_ms, device=jax.devices()[0].device_kind)
     os.makedirs(out_dir, exist_ok=True)
-    stem = workload + ("_fused" if attention == "fused" and workload == "layer_scan" else "")  # A/B runs side by side
+    stem = workload + ("_fused" if attention == "fused" else "")  # an A/B's two profiles side by side
     with open(os.path.join(out_dir, f"{stem}_profile.json"), "w") as f:
         json.dump(summary, f, indent=1)
     shutil.copy(found[0], os.path.join(out_dir, f"{stem}.xplane.pb"))
@@ -239,7 +239,7 @@ def main(argv=None):
     ap.add_argument("--out_dir", default="outputs/gpu_probe")
     ap.add_argument("--workload", default="layer_scan", choices=["layer_scan", "generation"], help="profile: what to trace")
     ap.add_argument("--attention", default="explicit", choices=["explicit", "fused"],
-                    help="scan / profile: the layer scan's attention (Transformer.attention_impl)")
+                    help="scan / profile: the model's attention (Transformer.attention_impl)")
     a = ap.parse_args(argv)
     cfg = shapes.model_config(a.shape)
     emit(part="device", device=jax.devices()[0].device_kind, shape=a.shape, xla_flags=os.environ.get("XLA_FLAGS", ""))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from plip_jax.analysis import generation as gen
 from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
 from plip_jax.models import transformer
@@ -89,7 +90,11 @@ def test_fused_applies_only_where_exact(bundled_model):
     assert not applies("fused", windowed, T, None, Capture(), None)
     assert applies("fused", windowed, 8, None, Capture(), None)  # the window covers the whole sequence
     assert not applies("fused", cfg, T, None, Capture(attn_probs=(0,)), None)
-    assert not applies("fused", cfg, T, None, Capture(), bundled_model.model.init_cache(T))
+    cache = bundled_model.model.init_cache(T)
+    assert not applies("fused", cfg, T, None, Capture(), cache)  # a prefill over a cache: explicit
+    assert applies("fused", cfg, 1, None, Capture(), cache)  # a one-token decoding step
+    assert not applies("fused", dataclasses.replace(cfg, layer_windows=(T - 1,) * cfg.num_layers), 1, None, Capture(),
+                       cache)  # a window shorter than the cache
     ko = ivs.Interventions(knockout=ivs.knockout(T, [(5, 1)], length=T, n_layers=cfg.num_layers,
                                                  n_heads=cfg.num_heads, layers=[0]))
     assert not applies("fused", cfg, T, ko, Capture(), None)
@@ -100,3 +105,33 @@ def test_fused_applies_only_where_exact(bundled_model):
         bundled_model.model.with_attention("flash")
     with pytest.raises(ValueError, match="fused"):
         applies("cudnn", cfg, T, None, Capture(), None)
+
+
+def test_fused_decoding_steps_equal_the_explicit_ones(bundled_model, monkeypatch):
+    """A one-token step over a filled cache (keys up to its position; the slots after it hold stale keys that
+    must stay hidden): logits and the updated cache equal the explicit step's; greedy generation of a padded
+    batch gives the same tokens, and its decode steps reach the fused kernel."""
+    model = bundled_model.model
+    fused = model.with_attention("fused")
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(3, model.cfg.vocab_size, T), jnp.int32)
+    filled = run(model, tokens, capture=Capture(logits="none"), cache=model.init_cache(T)).cache  # all T slots
+    step = dict(capture=Capture(logits="last"), positions=jnp.asarray([11], jnp.int32), cache=filled)
+    a = run(model, tokens[11:12], **step)
+    calls = _fused_calls(monkeypatch)
+    b = run(fused, tokens[11:12], **step)
+    assert calls and not any(k["is_causal"] for k in calls)  # traced once per scan body
+    np.testing.assert_allclose(b.logits, a.logits, atol=1e-4)
+    np.testing.assert_array_equal(b.cache.k[0], a.cache.k[0])  # layer 0's new keys: same inputs, same bits
+    np.testing.assert_allclose(b.cache.k, a.cache.k, atol=1e-5)  # above: the fused outputs' rounding
+    stale = run(model, tokens[11:12], capture=Capture(logits="last"), positions=jnp.asarray([11], jnp.int32),
+                cache=model.init_cache(T)).logits  # the same step with an empty cache: the context matters
+    assert float(jnp.abs(stale - a.logits).max()) > 1e-2
+    prompts = [rng.integers(3, model.cfg.vocab_size, n).tolist() for n in (9, 4, 13)]
+    calls.clear()
+    want = gen.generate(model, prompts, max_new_tokens=10)
+    assert not calls
+    got = gen.generate(fused, prompts, max_new_tokens=10)
+    assert calls
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.n_generated, want.n_generated)

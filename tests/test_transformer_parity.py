@@ -142,6 +142,20 @@ def test_fused_attention_matches_hf_on_a_padded_batch(family_model):
             assert float(np.abs(got[:, n:]).max()) == 0.0  # no mass on padding
 
 
+def test_fused_decoding_step_matches_hf(family_model):
+    """A one-token decoding step with attention_impl="fused" (over a 16-slot cache holding 11 tokens; the empty
+    slots after the step's position must stay hidden) against HF's logits at that position, every family."""
+    family, hf, model = family_model
+    fused = model.model.with_attention("fused")
+    tokens = np.random.RandomState(6).randint(0, model.cfg.vocab_size, size=(1, 12)).astype(np.int32)
+    ref_logits, _ = hf_outputs(hf, tokens)
+    cache = run(model.model, jnp.asarray(tokens[0, :11]), capture=Capture(logits="none"),
+                cache=model.model.init_cache(16)).cache
+    out = run(fused, jnp.asarray(tokens[0, 11:]), capture=Capture(logits="last"), positions=jnp.asarray([11]),
+              cache=cache)
+    assert np.abs(np.asarray(out.logits) - ref_logits[0, 11]).max() <= LOGIT_TOL, family
+
+
 def test_vmap_of_jit_keeps_shapes(family_model):
     _, _, model = family_model
     toks = jnp.zeros((2, 8), jnp.int32)

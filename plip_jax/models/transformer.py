@@ -6,9 +6,10 @@ sequence (batch with `jax.vmap`); the layer loop is `params["layers"].fold` (a `
 layers, or unrolled per-layer buffers). It takes the intervention pytree as an explicit argument and a
 static `Capture` spec saying what comes back. Numerics follow HF eager attention: softmax and norms in
 float32, everything else in the params' dtype; `cfg.rope_mode` picks HF's RoPE or PLIP-rs's.
-`Transformer.with_attention("fused")` computes cache-free, intervention-free forwards' block outputs with
-`jax.nn.dot_product_attention` (cuDNN on a GPU) and only the captured query rows' patterns (the layer scan's
-marker rows); the default "explicit" materialises every pattern as HF eager does.
+`Transformer.with_attention("fused")` computes the block outputs of intervention-free forwards without a cache
+(the layer scan) and of one-token decoding steps (generation) with `jax.nn.dot_product_attention` (cuDNN on a
+GPU), and only the captured query rows' patterns (the layer scan's marker rows); the default "explicit"
+materialises every pattern as HF eager does.
 """
 
 from __future__ import annotations
@@ -125,24 +126,27 @@ def touches_attention(iv: Optional[ivs.Interventions]) -> bool:
 
 def fused_attention_applies(impl: str, cfg: ModelConfig, n_tokens: int, iv, capture: Capture, cache) -> bool:
     """Whether a forward may compute its block outputs with a fused attention kernel (`jax.nn.dot_product_attention`;
-    cuDNN on a GPU) instead of materialising every [H, T, T] pattern: `impl` is "fused", no KV cache (plain
-    causal positions), no intervention on attention, no full patterns captured (only `query_rows`' rows, which
-    are computed apart), and no layer's sliding window shorter than the sequence (plain causal masking)."""
+    cuDNN on a GPU) instead of materialising every [H, Tq, Tk] pattern: `impl` is "fused"; no KV cache (plain
+    causal positions) or a one-token decoding step (its keys: the cache's slots up to its position); no
+    intervention on attention; no full patterns captured (only `query_rows`' rows, computed apart); and no
+    layer's sliding window shorter than the keys (plain causal masking)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    return (impl == "fused" and cache is None and not touches_attention(iv)
+    n_keys = n_tokens if cache is None else int(cache.k.shape[1])
+    return (impl == "fused" and (cache is None or n_tokens == 1) and not touches_attention(iv)
             and capture.attn_probs in (False, None)
-            and all(w is None or w >= n_tokens for w in cfg.layer_windows))
+            and all(w is None or w >= n_keys for w in cfg.layer_windows))
 
 
-def _fused_output(q, k, v, cfg: ModelConfig, length) -> jnp.ndarray:
-    """Attention output [T, H, hd] of q [T, H, hd], k/v [T, KV, hd] for one sequence of `length` real tokens
-    (causal, keys past `length` hidden) with `jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU in
-    bf16/f16 (no [H, T, T] pattern in memory), XLA's reference elsewhere. Same formula as the explicit path
-    (softmax in f32, scale 1/sqrt(hd)); the result differs from it only by rounding."""
-    lengths = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
+def _fused_output(q, k, v, cfg: ModelConfig, n_keys, causal: bool) -> jnp.ndarray:
+    """Attention output [Tq, H, hd] of q [Tq, H, hd] over k/v [Tk, KV, hd], keys from `n_keys` (int []) on hidden,
+    causal (query i sees keys <= i: a cache-free forward) or not (a one-token decoding step over its cache), with
+    `jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU in bf16/f16 (no [H, Tq, Tk] pattern in
+    memory), XLA's reference elsewhere. Same formula as the explicit path (softmax in f32, scale 1/sqrt(hd));
+    the result differs from it only by rounding."""
+    lengths = jnp.reshape(jnp.asarray(n_keys, jnp.int32), (1,))
     call = lambda impl: jax.nn.dot_product_attention(q[None], k[None], v[None], scale=1.0 / np.sqrt(cfg.head_dim),
-                                                     is_causal=True, key_value_seq_lengths=lengths,
+                                                     is_causal=causal, key_value_seq_lengths=lengths,
                                                      implementation=impl)[0]
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
@@ -163,9 +167,9 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     place: a decode step writes one token's keys per layer instead of copying the cache. `cache_layer`
     (default `layer`) is the cache's index of this layer, e.g. 0 for a one-layer cache [1, S, KV, hd].
 
-    `length` given (a sequence of that many real tokens, no cache, no attention intervention: see
-    `fused_attention_applies`): the output comes from a fused kernel (`_fused_output`) and `probs` holds only the
-    rows `fused_rows` (int [R]) -> [H, R, Tk], or is None when fused_rows is None.
+    `length` given (the sequence's real tokens; no attention intervention, and no cache or a one-token step:
+    see `fused_attention_applies`): the output comes from a fused kernel (`_fused_output`) and `probs` holds only
+    the rows `fused_rows` (int [R]) -> [H, R, Tk], or is None when fused_rows is None.
     """
     cache_layer = layer if cache_layer is None else cache_layer
     tq = x.shape[0]
@@ -174,12 +178,6 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     k = linear(x, lp["k_w"], lp.get("k_b")).reshape(tq, kvh, hd)
     v = linear(x, lp["v_w"], lp.get("v_b")).reshape(tq, kvh, hd)
     q, k = _rope(q, ctx), _rope(k, ctx)
-    if length is not None:  # fused: the block output without materialising the patterns
-        out = _fused_output(q, k, v, cfg, length).reshape(tq, h * hd)
-        probs = None
-        if fused_rows is not None:
-            probs = _softmax_visible(_scores(q[fused_rows], k, cfg), _allowed(ctx.q_pos[fused_rows], ctx, window))
-        return linear(out, lp["o_w"], lp.get("o_b")), probs, None, jnp.zeros((tq,), bool)
     if kv_cache is not None:
         ck, cv = kv_cache
         start = ctx.q_pos[0]
@@ -190,6 +188,15 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
         new_cache = (ck, cv)
     else:
         new_cache = None
+    if length is not None:  # fused: the block output without materialising the patterns
+        # no cache: causal over the sequence, keys past `length` hidden; a decoding step: the cache's slots up to
+        # its position (the slots after it are stale padding or empty)
+        n_keys, causal = (length, True) if kv_cache is None else (ctx.q_pos[0] + 1, False)
+        out = _fused_output(q, k, v, cfg, n_keys, causal).reshape(tq, h * hd)
+        probs = None
+        if fused_rows is not None:
+            probs = _softmax_visible(_scores(q[fused_rows], k, cfg), _allowed(ctx.q_pos[fused_rows], ctx, window))
+        return linear(out, lp["o_w"], lp.get("o_b")), probs, new_cache, jnp.zeros((tq,), bool)
     tk = k.shape[0]
     scores = _scores(q, k, cfg)
     allowed = _allowed(ctx.q_pos, ctx, window)
