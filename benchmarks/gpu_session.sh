@@ -5,6 +5,9 @@
 # probe:PART:SHAPE (e.g. probe:profile:qwen2.5-coder-7b). All output goes to $OUT/session.log.
 #   bash benchmarks/gpu_session.sh benchmarks/presets/bench_h100_qwen7b.flags [more.flags ...] [head_map:SHAPE ...]
 #        [probe:PART:SHAPE ...]
+# Any entry may end in @FLAG[@FLAG...]: flags for that step alone, after the others (an A/B in one call, e.g.
+# probe:scan:qwen2.5-coder-7b probe:scan:qwen2.5-coder-7b@--attention=fused); a bench entry with its own flags
+# writes <preset>_<entry number>.json / .md, so the two runs of an A/B keep their files apart.
 # Environment (all optional):
 #   SESSION_DEADLINE_S  stop every step this many seconds after the script started (the step running then is
 #                       cut with `timeout`; the bench has saved each finished workload's JSON by then), so the
@@ -29,27 +32,37 @@ left() {
 session() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import jax, flax, transformers, torch; print('jax', jax.__version__, jax.devices()); print('flax', flax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
-  for f in "$@"; do
-    echo "=== $f ($(( SECONDS - start )) s)"
+  local i=0 f extra tag
+  for entry in "$@"; do
+    i=$(( i + 1 ))
+    f=${entry%%@*}
+    extra=""
+    tag=""
+    if [ "$f" != "$entry" ]; then
+      extra=${entry#*@}
+      extra=${extra//@/ }
+      tag="_$i"
+    fi
+    echo "=== $entry ($(( SECONDS - start )) s)"
     case "$f" in
       head_map:*)  # the head-map benchmark at a shape, bf16 (issue 16's 7B entry: head_map:qwen2.5-coder-7b)
         shape=${f#head_map:}
         t=$(left "$f") || continue
-        # shellcheck disable=SC2086  # HEAD_MAP_FLAGS is a list of flags
+        # shellcheck disable=SC2086  # HEAD_MAP_FLAGS and $extra are lists of flags
         timeout "$t" python3 -m benchmarks.head_map --shape="$shape" --device=gpu --dtype=bfloat16 \
-          --output="$OUT/head_map_$shape.json" ${HEAD_MAP_FLAGS:-} ;;
+          --output="$OUT/head_map_$shape$tag.json" ${HEAD_MAP_FLAGS:-} $extra ;;
       probe:*)  # probe:PART:SHAPE, a benchmarks.gpu_probe part (profile writes its summary and trace into $OUT)
         rest=${f#probe:}
         t=$(left "$f") || continue
-        # shellcheck disable=SC2086  # PROBE_FLAGS is a list of flags
+        # shellcheck disable=SC2086  # PROBE_FLAGS and $extra are lists of flags
         timeout "$t" python3 -m benchmarks.gpu_probe "${rest%%:*}" --shape="${rest#*:}" --out_dir="$OUT" \
-          ${PROBE_FLAGS:-} ;;
+          ${PROBE_FLAGS:-} $extra ;;
       *)
         name=$(basename "$f" .flags)
         t=$(left "$f") || continue
-        # shellcheck disable=SC2086  # BENCH_FLAGS is a list of flags
-        timeout "$t" python3 -m benchmarks.bench --flagfile="$f" --output="$OUT/$name.json" \
-          --markdown="$OUT/$name.md" ${BENCH_FLAGS:-} ;;
+        # shellcheck disable=SC2086  # BENCH_FLAGS and $extra are lists of flags
+        timeout "$t" python3 -m benchmarks.bench --flagfile="$f" --output="$OUT/$name$tag.json" \
+          --markdown="$OUT/$name$tag.md" ${BENCH_FLAGS:-} $extra ;;
     esac
   done
   echo "session: $(( SECONDS - start )) s"

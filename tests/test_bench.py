@@ -257,6 +257,32 @@ def test_gpu_session_script_passes_extra_flags_and_stops_at_its_deadline(tmp_pat
     assert "deadline passed: skipping benchmarks/presets/bench_h100_qwen3b.flags" in log and "session:" in log
 
 
+def test_gpu_session_entries_take_their_own_flags_for_an_ab_in_one_call(tmp_path):
+    """ENTRY@FLAG@FLAG: flags for that step alone (after the shared ones); a bench entry with its own flags writes
+    files named by its entry number, so the two sides of an A/B do not overwrite each other."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls.txt"
+    (fake / "python3").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (fake / "python3").chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(out), "PROBE_FLAGS": "--repeats=5"}
+    preset = "benchmarks/presets/bench_h100_qwen7b.flags"
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "probe:scan:qwen2.5-coder-7b",
+                           "probe:scan:qwen2.5-coder-7b@--attention=fused", preset,
+                           f"{preset}@--attention=fused@--workloads=layer_scan,generation"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = calls.read_text().splitlines()[1:]
+    assert lines[0] == f"-m benchmarks.gpu_probe scan --shape=qwen2.5-coder-7b --out_dir={out} --repeats=5"
+    assert lines[1] == lines[0] + " --attention=fused"
+    assert lines[2] == (f"-m benchmarks.bench --flagfile={preset} --output={out}/bench_h100_qwen7b.json "
+                        f"--markdown={out}/bench_h100_qwen7b.md")
+    assert lines[3] == (f"-m benchmarks.bench --flagfile={preset} --output={out}/bench_h100_qwen7b_4.json "
+                        f"--markdown={out}/bench_h100_qwen7b_4.md --attention=fused --workloads=layer_scan,generation")
+    assert f"=== {preset}@--attention=fused@--workloads=layer_scan,generation" in (out / "session.log").read_text()
+
+
 def test_gpu_probe_profile_summarises_a_trace(tmp_path):
     """benchmarks.gpu_probe profile at the tiny shape (CPU): the layer scan traced with jax.profiler, its XLA
     op times summarised per call (the GPU run reads the device planes the same way), summary and trace written."""
