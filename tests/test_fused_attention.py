@@ -14,6 +14,7 @@ import pytest
 from plip_jax.analysis import generation as gen
 from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
+from plip_jax.experiments import causal
 from plip_jax.models import transformer
 from tests.model_helpers import run, run_batch
 
@@ -55,9 +56,10 @@ def test_fused_layer_scan_rows_and_logits_equal_the_explicit_path(bundled_model,
                 assert float(jnp.abs(fused.attn_rows[i, ..., n:]).max()) == 0.0
 
 
-def test_attention_interventions_caches_and_full_patterns_take_the_explicit_path(bundled_model, batch, monkeypatch):
+def test_attention_interventions_and_full_patterns_take_the_explicit_path(bundled_model, batch, monkeypatch):
     """A knockout under attention_impl="fused" must still knock out (equal to the explicit knockout, different from
-    the plain run); full patterns and a KV cache also run explicit: none of them reaches the fused kernel."""
+    the plain run); full patterns also run explicit: neither reaches the fused kernel. A prefill over a KV cache
+    (rows over the cache's slots: a dense causal mask) does, and equals the cache-free forward."""
     tokens, _, _ = batch
     model = bundled_model.model
     fused = model.with_attention("fused")
@@ -69,8 +71,9 @@ def test_attention_interventions_caches_and_full_patterns_take_the_explicit_path
     calls = _fused_calls(monkeypatch)
     knocked = run(fused, tokens[0], capture=cap, interventions=iv, query_rows=rows)
     full = run(fused, tokens[0], capture=Capture(logits="all", attn_probs=True))
-    cached = run(fused, tokens[0], capture=Capture(logits="all"), cache=fused.init_cache(T))
     assert not calls
+    cached = run(fused, tokens[0], capture=Capture(logits="all"), cache=fused.init_cache(T + 4))  # 4 empty slots
+    assert calls and calls[-1]["mask"] is not None and not calls[-1]["is_causal"]
     plain = run(model, tokens[0], capture=cap, query_rows=rows)
     np.testing.assert_array_equal(knocked.attn_rows, run(model, tokens[0], capture=cap, interventions=iv,
                                                          query_rows=rows).attn_rows)
@@ -80,8 +83,8 @@ def test_attention_interventions_caches_and_full_patterns_take_the_explicit_path
 
 
 def test_fused_applies_only_where_exact(bundled_model):
-    """The predicate: off for sliding windows shorter than the sequence (padding rows could see no key), for
-    attention interventions, caches and full patterns; a residual edit keeps it on; unknown names refused."""
+    """The predicate: off for sliding windows shorter than the keys (padding rows could see no key), for
+    attention interventions and full patterns; caches and residual edits keep it on; unknown names refused."""
     cfg = bundled_model.cfg
     applies = transformer.fused_attention_applies
     assert applies("fused", cfg, T, None, Capture(attn_rows=True), None)
@@ -91,7 +94,7 @@ def test_fused_applies_only_where_exact(bundled_model):
     assert applies("fused", windowed, 8, None, Capture(), None)  # the window covers the whole sequence
     assert not applies("fused", cfg, T, None, Capture(attn_probs=(0,)), None)
     cache = bundled_model.model.init_cache(T)
-    assert not applies("fused", cfg, T, None, Capture(), cache)  # a prefill over a cache: explicit
+    assert applies("fused", cfg, T, None, Capture(), cache)  # a prefill over a cache
     assert applies("fused", cfg, 1, None, Capture(), cache)  # a one-token decoding step
     assert not applies("fused", dataclasses.replace(cfg, layer_windows=(T - 1,) * cfg.num_layers), 1, None, Capture(),
                        cache)  # a window shorter than the cache
@@ -135,3 +138,56 @@ def test_fused_decoding_steps_equal_the_explicit_ones(bundled_model, monkeypatch
     assert calls
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.n_generated, want.n_generated)
+
+
+def _dose_sweep(cfg, markers, lengths, layers, doses=(0.5, 2.0, 4.0)):
+    """A Scale dose sweep (point 0: the no-op reference) of marker -> keys 3, 5 at `layers`: [1 + S, B] leaves."""
+    per_dose = [ivs.stack([ivs.Interventions(scale=ivs.scale(T, [(int(m), 3), (int(m), 5)], f, length=int(n),
+                                                             n_layers=cfg.num_layers, n_heads=cfg.num_heads,
+                                                             layers=layers))
+                           for m, n in zip(markers, lengths)]) for f in doses]
+    return ivs.stack([gen.empty_like_interventions(per_dose[0])] + per_dose)
+
+
+def test_intervened_below_reads_every_kind_of_edit(bundled_model):
+    cfg = bundled_model.cfg
+    L = cfg.num_layers
+    below = lambda **kw: causal.intervened_below(ivs.Interventions(**kw), L)
+    assert below() == 0
+    assert below(knockout=ivs.knockout(T, [(9, 2)], length=T, n_layers=L, n_heads=cfg.num_heads, layers=[1, 3])) == 4
+    assert below(residual=ivs.residual_zero(T, cfg.hidden_size, length=T, n_layers=L, layers=[5], positions=[2])) == 6
+    shift = np.zeros((L, cfg.num_heads, T, T), np.float32)
+    shift[2, 0, 9, 1] = -1.0
+    assert below(logit_shift=ivs.AttentionLogitShift(shift=jnp.asarray(shift))) == 3
+    iv = _dose_sweep(cfg, [12, 9], [T, 15], layers=[2])
+    assert causal.intervened_below(iv, L) == 3
+    assert jax.jit(lambda i: jnp.int32(causal.intervened_below(i, L)))(iv) == L  # traced: nothing known
+
+
+def test_fused_sweep_runs_unedited_layers_fused_and_equals_the_explicit_sweep(bundled_model, per_layer_model,
+                                                                              monkeypatch):
+    """A steering dose sweep on a fused model: the scan bodies above the steered layers reach the fused kernel,
+    the bodies holding a steered layer do not (a second steered layer high up keeps its body explicit, and the
+    steering there still acts); every output equals the explicit sweep's to f32 rounding, both layouts."""
+    rng = np.random.default_rng(2)
+    cfg = bundled_model.cfg
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, T)), jnp.int32)
+    lengths, markers = np.array([T, 15]), np.array([12, 9])
+    for loaded in (bundled_model, per_layer_model):
+        model = loaded.model
+        for layers, fused_bodies in (([2], True), ([2, cfg.num_layers - 1], False)):
+            iv = _dose_sweep(cfg, markers, lengths, layers)
+            kw = dict(entries=(2,) * 4, group_layers=2)
+            calls = _fused_calls(monkeypatch)
+            want = causal.shared_sweep(model, tokens, jnp.asarray(lengths), iv, jnp.asarray(markers), **kw)
+            assert not calls
+            got = causal.shared_sweep(model.with_attention("fused"), tokens, jnp.asarray(lengths), iv,
+                                      jnp.asarray(markers), **kw)
+            sweep_calls = [c for c in calls if c["mask"] is not None and c["mask"].shape[-2] < T]  # rows >= prefix
+            assert bool(sweep_calls) == fused_bodies, layers
+            for key in want:
+                np.testing.assert_allclose(np.asarray(got[key], np.float64), np.asarray(want[key], np.float64),
+                                           atol=1e-4, err_msg=f"{key} {layers}")
+            rows = np.asarray(got["marker_rows"])  # [B, 1 + S, L, H, T]: the dose 4 point vs the reference
+            top = max(layers)
+            assert np.abs(rows[:, 3, top] - rows[:, 0, top]).max() > 1e-3  # the steering acted at its top layer

@@ -346,13 +346,14 @@ def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_
     s = len(doses)
     entries = (layer,) * (s + 1)
     prefix = causal.shared_prefix(iv, corpus.lengths, corpus.markers)
+    fused_from = causal.fused_from_layer(model, iv)  # --attention=fused: the blocks above the steered layer
     compiled, compile_s, xla_mem = _aot(causal.shared_sweep_jit, model, tokens, lengths, iv, markers,
-                                        entries=entries, prefix=prefix, group_layers=g_layers)
+                                        entries=entries, prefix=prefix, group_layers=g_layers, fused_from=fused_from)
     timing, out = harness.time_calls(lambda: compiled(model, tokens, lengths, iv, markers), repeats, harness.jax_sync)
     lens = corpus.lengths.tolist()
     L = cfg.num_layers
     rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None, "doses": list(map(float, doses)),
-           "layer": layer, "one_compiled_call": True, "group_layers": g_layers}
+           "layer": layer, "one_compiled_call": True, "group_layers": g_layers, "fused_from": fused_from}
     rec["jax"]["calls_per_sweep"] = 1
     rec["jax"]["shared_prefix_rows"] = prefix
     # the engine's work: the baseline (L blocks, all rows, NLL + last logits) + for the reference and each

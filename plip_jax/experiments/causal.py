@@ -37,6 +37,7 @@ from plip_jax.core.capture import Capture
 from plip_jax.models import sharding
 from plip_jax.core.errors import InterventionError
 from plip_jax.models.precision import matmul_precision
+from plip_jax.models.transformer import windows_cover
 
 
 def _row_logits(model, hidden, row):
@@ -126,6 +127,32 @@ def _prefix_before(edited_rows: np.ndarray, lengths, markers=None) -> int:
     return max(0, min(first, last_real)) // PREFIX_MULTIPLE * PREFIX_MULTIPLE
 
 
+def intervened_below(iv, n_layers: int) -> int:
+    """Host: 1 + the highest layer at which any point of `iv` (Interventions with any leading axes, host or
+    concrete device arrays) edits attention or the residual stream; 0 when none does. Blocks from this layer on
+    run unedited for every point (where a fused attention kernel may replace the explicit patterns); a traced
+    `iv` gives n_layers (nothing known)."""
+    masks = []
+    for kind in (iv.knockout, iv.scale, iv.set_value):
+        if kind is not None:
+            masks.append((kind.layers, 0))  # [..., L]
+    if iv.residual is not None:
+        masks.append((iv.residual.where, 1))  # [..., L, T]
+    if iv.logit_shift is not None:
+        masks.append((iv.logit_shift.shift, 3))  # [..., L, H, T, T]: nonzero entries edit
+    top = -1
+    for m, trailing in masks:
+        try:
+            m = np.asarray(m) != 0
+        except jax.errors.TracerArrayConversionError:  # traced: nothing known
+            return n_layers
+        per_layer = m.reshape(-1, *m.shape[m.ndim - 1 - trailing:]).any(axis=(0,) + tuple(range(2, 2 + trailing)))
+        hits = np.flatnonzero(per_layer)
+        if hits.size:
+            top = max(top, int(hits[-1]))
+    return top + 1
+
+
 def entry_layers(starts: Sequence[int], n_layers: int, group_layers: int = DEFAULT_GROUP_LAYERS) -> tuple:
     """The layer at which each sweep point enters the shared computation, given its first intervened
     layer (`starts`). Entering earlier is exact (the point runs unedited blocks until its own layers);
@@ -145,7 +172,7 @@ def entry_layers(starts: Sequence[int], n_layers: int, group_layers: int = DEFAU
 
 
 def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, unroll: bool,
-               group_layers: int = DEFAULT_GROUP_LAYERS) -> dict:
+               group_layers: int = DEFAULT_GROUP_LAYERS, fused_from: Optional[int] = None) -> dict:
     """Baseline + S sweep points of ONE sequence on a transformer (see the module docstring).
 
     iv: Interventions with a leading S axis; point 0 must be a no-op (same structure, nothing selected)
@@ -155,7 +182,10 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
     (a per-layer weight layout copies one body's layers at a time). Returns base_last [V], base_nll [], last [S, V],
     nll [S], marker_rows [S, L, H, T] (the marker's attention rows, when `marker` is given; layers below
     a point's entry are the reference's, below entries[0] the baseline's) and, when iv steers,
-    failed_row int32 [S, L] (the first row whose steering failed at that layer, -1 if none)."""
+    failed_row int32 [S, L] (the first row whose steering failed at that layer, -1 if none).
+    fused_from (static; `intervened_below`): scan bodies starting at or above this layer edit nothing, and run
+    on the fused attention kernel (only the marker rows' patterns computed) when the model's attention_impl
+    is "fused" and no sliding window is shorter than T; None: every body explicit."""
     cfg = model.cfg
     n_layers = cfg.num_layers
     t = tokens.shape[0]
@@ -177,6 +207,9 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
 
     g = max(1, min(int(group_layers), n_layers))
     bounds = sorted(set(entries) | set(range(-(-min(entries) // g) * g, n_layers, g)))
+    fused_ok = (fused_from is not None and getattr(model, "attention_impl", "explicit") == "fused"
+                and windows_cover(cfg, t))
+    fused_group = lambda a: fused_ok and a >= fused_from  # a group's first layer
     streams = None
     ys_all = []
     for gi, a in enumerate(bounds):
@@ -190,12 +223,20 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
         n = streams.shape[0]
         iv_n = jax.tree_util.tree_map(lambda x, n=n: x[:n], iv)
 
-        def step(h, lp, j, iv_n=iv_n):
+        fused = fused_group(a)
+
+        def step(h, lp, j, iv_n=iv_n, fused=fused):
             kv = (jax.lax.dynamic_slice_in_dim(kc, j, 1, 0), jax.lax.dynamic_slice_in_dim(vc, j, 1, 0))
-            out, probs, _, bad = jax.vmap(lambda x, i: model.apply_block(x, lp, j, ctx, i, kv, 0))(h, iv_n)
+            if fused:  # no point edits these layers: probs holds the marker row only ([n, H, 1, T])
+                rows = marker_row[None] if want_rows else None
+                out, probs, _, bad = jax.vmap(lambda x: model.apply_block(x, lp, j, ctx, None, kv, 0, fused=True,
+                                                                          fused_rows=rows))(h)
+            else:
+                out, probs, _, bad = jax.vmap(lambda x, i: model.apply_block(x, lp, j, ctx, i, kv, 0))(h, iv_n)
             y = {}
             if want_rows:
-                y["rows"] = jax.lax.dynamic_index_in_dim(probs, marker_row, 2, keepdims=False)  # [n, H, T]
+                y["rows"] = probs[:, :, 0] if fused else jax.lax.dynamic_index_in_dim(probs, marker_row, 2,
+                                                                                    keepdims=False)  # [n, H, T]
             if steering:
                 y["fail"] = jnp.where(bad.any(-1), p + jnp.argmax(bad, -1), -1).astype(jnp.int32)
             return out, y
@@ -230,13 +271,24 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("entries", "prefix", "unroll", "group_layers"))
+@functools.partial(jax.jit, static_argnames=("entries", "prefix", "unroll", "group_layers", "fused_from"))
 def shared_sweep_jit(model, tokens, lengths, iv, markers=None, *, entries: tuple, prefix: int = 0,
-                     unroll: bool = False, group_layers: int = DEFAULT_GROUP_LAYERS) -> dict:
+                     unroll: bool = False, group_layers: int = DEFAULT_GROUP_LAYERS,
+                     fused_from: Optional[int] = None) -> dict:
     """`shared_sweep` under jit: static `entries` and `prefix` (it MUST be <= every edited query row, every
-    marker and every sample's last real position: use `shared_prefix`)."""
-    return jax.vmap(lambda t, n, i, m: _sweep_one(model, t, n, i, m, entries, prefix, unroll, group_layers),
+    marker and every sample's last real position: use `shared_prefix`) and `fused_from` (it MUST be >= every
+    intervened layer + 1: use `fused_from_layer`)."""
+    return jax.vmap(lambda t, n, i, m: _sweep_one(model, t, n, i, m, entries, prefix, unroll, group_layers,
+                                                  fused_from),
                     in_axes=(0, 0, 1, 0))(tokens, lengths, iv, markers)
+
+
+def fused_from_layer(model, iv) -> Optional[int]:
+    """`shared_sweep_jit`'s fused_from for a model and a sweep's host `iv`: `intervened_below` when the model
+    computes attention fused (`Transformer.with_attention("fused")`), else None."""
+    if getattr(model, "attention_impl", "explicit") != "fused":
+        return None
+    return intervened_below(iv, model.cfg.num_layers)
 
 
 def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[int], prefix: Optional[int] = None,
@@ -263,7 +315,7 @@ def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[
     if prefix is None:
         prefix = shared_prefix(iv, lengths, markers)
     return shared_sweep_jit(model, tokens, lengths, iv, markers, entries=entries, prefix=int(prefix), unroll=unroll,
-                            group_layers=int(group_layers))
+                            group_layers=int(group_layers), fused_from=fused_from_layer(model, iv))
 
 
 # --------------------------------------------------------------------------- all-layer knockout scan

@@ -6,10 +6,10 @@ sequence (batch with `jax.vmap`); the layer loop is `params["layers"].fold` (a `
 layers, or unrolled per-layer buffers). It takes the intervention pytree as an explicit argument and a
 static `Capture` spec saying what comes back. Numerics follow HF eager attention: softmax and norms in
 float32, everything else in the params' dtype; `cfg.rope_mode` picks HF's RoPE or PLIP-rs's.
-`Transformer.with_attention("fused")` computes the block outputs of intervention-free forwards without a cache
-(the layer scan) and of one-token decoding steps (generation) with `jax.nn.dot_product_attention` (cuDNN on a
-GPU), and only the captured query rows' patterns (the layer scan's marker rows); the default "explicit"
-materialises every pattern as HF eager does.
+`Transformer.with_attention("fused")` computes the block outputs of intervention-free blocks (the layer scan,
+generation's prefill and decoding steps, the blocks above a sweep's intervened layers) with
+`jax.nn.dot_product_attention` (cuDNN on a GPU), and only the captured query rows' patterns (e.g. the marker
+rows); the default "explicit" materialises every pattern as HF eager does.
 """
 
 from __future__ import annotations
@@ -124,30 +124,39 @@ def touches_attention(iv: Optional[ivs.Interventions]) -> bool:
     return iv is not None and any(getattr(iv, f) is not None for f in ("knockout", "scale", "set_value", "logit_shift"))
 
 
-def fused_attention_applies(impl: str, cfg: ModelConfig, n_tokens: int, iv, capture: Capture, cache) -> bool:
-    """Whether a forward may compute its block outputs with a fused attention kernel (`jax.nn.dot_product_attention`;
-    cuDNN on a GPU) instead of materialising every [H, Tq, Tk] pattern: `impl` is "fused"; no KV cache (plain
-    causal positions) or a one-token decoding step (its keys: the cache's slots up to its position); no
-    intervention on attention; no full patterns captured (only `query_rows`' rows, computed apart); and no
-    layer's sliding window shorter than the keys (plain causal masking)."""
+def check_attention_impl(impl: str) -> str:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    return impl
+
+
+def windows_cover(cfg: ModelConfig, n_keys: int) -> bool:
+    """No layer's sliding window is shorter than `n_keys` keys (plain causal masking everywhere)."""
+    return all(w is None or w >= n_keys for w in cfg.layer_windows)
+
+
+def fused_attention_applies(impl: str, cfg: ModelConfig, n_tokens: int, iv, capture: Capture, cache) -> bool:
+    """Whether a forward may compute its block outputs with a fused attention kernel (`jax.nn.dot_product_attention`;
+    cuDNN on a GPU) instead of materialising every [H, Tq, Tk] pattern: `impl` is "fused"; no intervention on
+    attention; no full patterns captured (only `query_rows`' rows, computed apart); and no layer's sliding
+    window shorter than the keys (the sequence, or the cache's slots)."""
+    check_attention_impl(impl)
     n_keys = n_tokens if cache is None else int(cache.k.shape[1])
-    return (impl == "fused" and (cache is None or n_tokens == 1) and not touches_attention(iv)
-            and capture.attn_probs in (False, None)
-            and all(w is None or w >= n_keys for w in cfg.layer_windows))
+    return (impl == "fused" and not touches_attention(iv) and capture.attn_probs in (False, None)
+            and windows_cover(cfg, n_keys))
 
 
-def _fused_output(q, k, v, cfg: ModelConfig, n_keys, causal: bool) -> jnp.ndarray:
-    """Attention output [Tq, H, hd] of q [Tq, H, hd] over k/v [Tk, KV, hd], keys from `n_keys` (int []) on hidden,
-    causal (query i sees keys <= i: a cache-free forward) or not (a one-token decoding step over its cache), with
-    `jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU in bf16/f16 (no [H, Tq, Tk] pattern in
-    memory), XLA's reference elsewhere. Same formula as the explicit path (softmax in f32, scale 1/sqrt(hd));
-    the result differs from it only by rounding."""
-    lengths = jnp.reshape(jnp.asarray(n_keys, jnp.int32), (1,))
-    call = lambda impl: jax.nn.dot_product_attention(q[None], k[None], v[None], scale=1.0 / np.sqrt(cfg.head_dim),
-                                                     is_causal=causal, key_value_seq_lengths=lengths,
-                                                     implementation=impl)[0]
+def _fused_output(q, k, v, cfg: ModelConfig, *, n_keys=None, causal: bool = False, mask=None) -> jnp.ndarray:
+    """Attention output [Tq, H, hd] of q [Tq, H, hd] over k/v [Tk, KV, hd] with `jax.nn.dot_product_attention`:
+    cuDNN's fused kernel on a GPU in bf16/f16 (no [H, Tq, Tk] pattern in memory), XLA's reference elsewhere.
+    Keys from `n_keys` (int []) on hidden; `causal`: query i sees keys <= i; `mask` bool [1, Tq, Tk]: the keys
+    each query sees (every row must see one). Same formula as the explicit path (softmax in f32, scale
+    1/sqrt(hd)); the result differs from it only by rounding."""
+    lengths = None if n_keys is None else jnp.reshape(jnp.asarray(n_keys, jnp.int32), (1,))
+    mask = None if mask is None else mask[None]
+    call = lambda impl: jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask,
+                                                     scale=1.0 / np.sqrt(cfg.head_dim), is_causal=causal,
+                                                     key_value_seq_lengths=lengths, implementation=impl)[0]
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return call("cudnn")
@@ -157,7 +166,7 @@ def _fused_output(q, k, v, cfg: ModelConfig, n_keys, causal: bool) -> jnp.ndarra
 
 
 def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None, cache_layer=None,
-              fused_rows=None, length=None):
+              fused: bool = False, fused_rows=None, length=None):
     """Self-attention of x [Tq, D]. Returns (out [Tq, D], probs [H, Tq, Tk] f32, new (k, v) cache, failed bool
     [Tq]: rows whose steering could not be applied and were left unsteered, see `ivs.steer_probs`).
 
@@ -167,9 +176,10 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     place: a decode step writes one token's keys per layer instead of copying the cache. `cache_layer`
     (default `layer`) is the cache's index of this layer, e.g. 0 for a one-layer cache [1, S, KV, hd].
 
-    `length` given (the sequence's real tokens; no attention intervention, and no cache or a one-token step:
-    see `fused_attention_applies`): the output comes from a fused kernel (`_fused_output`) and `probs` holds only
-    the rows `fused_rows` (int [R]) -> [H, R, Tk], or is None when fused_rows is None.
+    `fused` (static; the caller checked that no intervention acts on this attention and no sliding window is
+    shorter than the keys, see `fused_attention_applies`): the output comes from a fused kernel
+    (`_fused_output`; `length`: the sequence's real tokens, for a cache-free call) and `probs` holds only the
+    rows `fused_rows` (int [R]) -> [H, R, Tk], or is None when fused_rows is None.
     """
     cache_layer = layer if cache_layer is None else cache_layer
     tq = x.shape[0]
@@ -188,11 +198,14 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
         new_cache = (ck, cv)
     else:
         new_cache = None
-    if length is not None:  # fused: the block output without materialising the patterns
-        # no cache: causal over the sequence, keys past `length` hidden; a decoding step: the cache's slots up to
-        # its position (the slots after it are stale padding or empty)
-        n_keys, causal = (length, True) if kv_cache is None else (ctx.q_pos[0] + 1, False)
-        out = _fused_output(q, k, v, cfg, n_keys, causal).reshape(tq, h * hd)
+    if fused:  # the block output without materialising the patterns
+        if kv_cache is None:  # causal over the sequence, keys past `length` hidden (cuDNN's causal kernel)
+            out = _fused_output(q, k, v, cfg, n_keys=length, causal=True)
+        elif tq == 1:  # a decoding step: the cache's slots up to its position (later slots: stale or empty)
+            out = _fused_output(q, k, v, cfg, n_keys=ctx.q_pos[0] + 1)
+        else:  # rows at positions q_pos over the cache's slots: each sees the slots up to its position
+            out = _fused_output(q, k, v, cfg, mask=_allowed(ctx.q_pos, ctx, window))
+        out = out.reshape(tq, h * hd)
         probs = None
         if fused_rows is not None:
             probs = _softmax_visible(_scores(q[fused_rows], k, cfg), _allowed(ctx.q_pos[fused_rows], ctx, window))
@@ -267,14 +280,14 @@ def layer_windows(cfg: ModelConfig) -> jnp.ndarray:
 
 
 def apply_block(h, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv=None, cache=None, cache_layer=None,
-                fused_rows=None, fused_length=None):
+                fused: bool = False, fused_rows=None, length=None):
     """One decoder block on h [T, D] with layer params `lp` (one layer's slice), the intervention applied
     as at `layer`; `cache` is None or the (k, v) cache, this layer at index `cache_layer` (default `layer`;
     see `attention`). Returns (h_out [T, D], attention probs [H, Tq, Tk] f32, updated cache or None, failed
-    steering rows bool [Tq]). fused_length given: fused attention, probs = the `fused_rows` rows [H, R, Tk]
-    or None (see `attention`)."""
+    steering rows bool [Tq]). `fused`: fused attention, probs = the `fused_rows` rows [H, R, Tk] or None
+    (see `attention`)."""
     a, probs, new_cache, failed = attention(norm(h, lp["attn_norm"], cfg), lp, layer, window, cfg, ctx, iv, cache,
-                                            cache_layer, fused_rows, fused_length)
+                                            cache_layer, fused, fused_rows, length)
     h = h + a.astype(h.dtype)
     h = h + mlp(norm(h, lp["mlp_norm"], cfg), lp, cfg).astype(h.dtype)
     return ivs.edit_residual(h, iv, layer, ctx.q_pos), probs, new_cache, failed
@@ -313,8 +326,8 @@ def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Opt
         h, buf, kv = carry
         window, slot = xs
         if fused:  # probs: only the query rows' patterns (or None)
-            h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv,
-                                          fused_rows=query_rows if capture.attn_rows else None, fused_length=length)
+            h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv, fused=True,
+                                          fused_rows=query_rows if capture.attn_rows else None, length=length)
         else:
             h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv)
         ys = {}
@@ -374,9 +387,7 @@ class Transformer(struct.PyTreeNode):
 
     def with_attention(self, impl: str) -> "Transformer":
         """The same model computing attention with `impl` ("explicit" | "fused"; see `forward`)."""
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
-        return self.replace(attention_impl=impl)
+        return self.replace(attention_impl=check_attention_impl(impl))
 
     def init_cache(self, size: int) -> KVCache:
         """Empty keys/values for one sequence of up to `size` positions (params' dtype)."""
@@ -414,10 +425,14 @@ class Transformer(struct.PyTreeNode):
         return make_context(self.params, self.cfg, n_tokens, length=length, positions=positions,
                             cache_size=cache_size)
 
-    def apply_block(self, h, layer_params, layer, ctx: _Ctx, interventions=None, kv=None, cache_layer=None):
+    def apply_block(self, h, layer_params, layer, ctx: _Ctx, interventions=None, kv=None, cache_layer=None,
+                    fused: bool = False, fused_rows=None):
         """Block `layer` (params `layer_params`: one layer's, e.g. from `Layers.fold_range`) on h [T, D]; `kv` =
         (k, v) arrays [L', S, KV, hd] holding this layer at `cache_layer`. Returns (h, probs [H, T, Tk] f32, kv,
-        failed steering rows bool [T])."""
+        failed steering rows bool [T]). `fused` (static; the caller checked that `interventions` edit nothing
+        here and no sliding window is shorter than the keys: `windows_cover`): the fused attention kernel,
+        probs = the `fused_rows` rows [H, R, Tk] or None."""
         window = layer_windows(self.cfg)[layer]
         with matmul_precision(self.cfg.dtype):
-            return apply_block(h, layer_params, layer, window, self.cfg, ctx, interventions, kv, cache_layer)
+            return apply_block(h, layer_params, layer, window, self.cfg, ctx, interventions, kv, cache_layer,
+                               fused, fused_rows)
