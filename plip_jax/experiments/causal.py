@@ -230,7 +230,7 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
             if fused:  # no point edits these layers: probs holds the marker row only ([n, H, 1, T])
                 rows = marker_row[None] if want_rows else None
                 out, probs, _, bad = jax.vmap(lambda x: model.apply_block(x, lp, j, ctx, None, kv, 0, fused=True,
-                                                                          fused_rows=rows))(h)
+                                                                          fused_rows=rows, fused_q_start=p))(h)
             else:
                 out, probs, _, bad = jax.vmap(lambda x, i: model.apply_block(x, lp, j, ctx, i, kv, 0))(h, iv_n)
             y = {}

@@ -7,7 +7,7 @@ layers, or unrolled per-layer buffers). It takes the intervention pytree as an e
 static `Capture` spec saying what comes back. Numerics follow HF eager attention: softmax and norms in
 float32, everything else in the params' dtype; `cfg.rope_mode` picks HF's RoPE or PLIP-rs's.
 `Transformer.with_attention("fused")` computes the block outputs of intervention-free blocks (the layer scan,
-generation's prefill and decoding steps, the blocks above a sweep's intervened layers) with
+generation's decoding steps, the blocks above a sweep's intervened layers) with
 `jax.nn.dot_product_attention` (cuDNN on a GPU), and only the captured query rows' patterns (e.g. the marker
 rows); the default "explicit" materialises every pattern as HF eager does.
 """
@@ -137,26 +137,31 @@ def windows_cover(cfg: ModelConfig, n_keys: int) -> bool:
 
 def fused_attention_applies(impl: str, cfg: ModelConfig, n_tokens: int, iv, capture: Capture, cache) -> bool:
     """Whether a forward may compute its block outputs with a fused attention kernel (`jax.nn.dot_product_attention`;
-    cuDNN on a GPU) instead of materialising every [H, Tq, Tk] pattern: `impl` is "fused"; no intervention on
-    attention; no full patterns captured (only `query_rows`' rows, computed apart); and no layer's sliding
-    window shorter than the keys (the sequence, or the cache's slots)."""
+    cuDNN on a GPU) instead of materialising every [H, Tq, Tk] pattern: `impl` is "fused"; no KV cache (plain
+    causal positions) or a one-token decoding step (its keys: the cache's slots up to its position; a prefill
+    over a cache has positions unknown at trace time and runs explicit); no intervention on attention; no full
+    patterns captured (only `query_rows`' rows, computed apart); and no layer's sliding window shorter than
+    the keys."""
     check_attention_impl(impl)
     n_keys = n_tokens if cache is None else int(cache.k.shape[1])
-    return (impl == "fused" and not touches_attention(iv) and capture.attn_probs in (False, None)
-            and windows_cover(cfg, n_keys))
+    return (impl == "fused" and (cache is None or n_tokens == 1) and not touches_attention(iv)
+            and capture.attn_probs in (False, None) and windows_cover(cfg, n_keys))
 
 
-def _fused_output(q, k, v, cfg: ModelConfig, *, n_keys=None, causal: bool = False, mask=None) -> jnp.ndarray:
+def _fused_output(q, k, v, cfg: ModelConfig, *, n_keys=None, causal: bool = False) -> jnp.ndarray:
     """Attention output [Tq, H, hd] of q [Tq, H, hd] over k/v [Tk, KV, hd] with `jax.nn.dot_product_attention`:
     cuDNN's fused kernel on a GPU in bf16/f16 (no [H, Tq, Tk] pattern in memory), XLA's reference elsewhere.
-    Keys from `n_keys` (int []) on hidden; `causal`: query i sees keys <= i; `mask` bool [1, Tq, Tk]: the keys
-    each query sees (every row must see one). Same formula as the explicit path (softmax in f32, scale
-    1/sqrt(hd)); the result differs from it only by rounding."""
-    lengths = None if n_keys is None else jnp.reshape(jnp.asarray(n_keys, jnp.int32), (1,))
-    mask = None if mask is None else mask[None]
-    call = lambda impl: jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask,
-                                                     scale=1.0 / np.sqrt(cfg.head_dim), is_causal=causal,
-                                                     key_value_seq_lengths=lengths, implementation=impl)[0]
+    `causal`: query i sees keys <= i (top-left aligned); `n_keys` (int []): keys from it on hidden. Same formula
+    as the explicit path (softmax in f32, scale 1/sqrt(hd)); the result differs from it only by rounding.
+    Called per sequence (under the caller's vmap): the query lengths are derived from `n_keys` so that both
+    length arrays carry the same batch axis (cuDNN's batching rule reshapes them together)."""
+    kv_len = q_len = None
+    if n_keys is not None:
+        kv_len = jnp.reshape(jnp.asarray(n_keys, jnp.int32), (1,))
+        q_len = jnp.full((1,), q.shape[0], jnp.int32) + 0 * kv_len
+    call = lambda impl: jax.nn.dot_product_attention(q[None], k[None], v[None], scale=1.0 / np.sqrt(cfg.head_dim),
+                                                     is_causal=causal, query_seq_lengths=q_len,
+                                                     key_value_seq_lengths=kv_len, implementation=impl)[0]
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return call("cudnn")
@@ -166,7 +171,7 @@ def _fused_output(q, k, v, cfg: ModelConfig, *, n_keys=None, causal: bool = Fals
 
 
 def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None, cache_layer=None,
-              fused: bool = False, fused_rows=None, length=None):
+              fused: bool = False, fused_rows=None, fused_q_start: Optional[int] = None):
     """Self-attention of x [Tq, D]. Returns (out [Tq, D], probs [H, Tq, Tk] f32, new (k, v) cache, failed bool
     [Tq]: rows whose steering could not be applied and were left unsteered, see `ivs.steer_probs`).
 
@@ -178,8 +183,9 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
 
     `fused` (static; the caller checked that no intervention acts on this attention and no sliding window is
     shorter than the keys, see `fused_attention_applies`): the output comes from a fused kernel
-    (`_fused_output`; `length`: the sequence's real tokens, for a cache-free call) and `probs` holds only the
-    rows `fused_rows` (int [R]) -> [H, R, Tk], or is None when fused_rows is None.
+    (`_fused_output`) and `probs` holds only the rows `fused_rows` (int [R]) -> [H, R, Tk], or is None when
+    fused_rows is None. Rows over a cache: one row (a decoding step), or rows whose positions are
+    fused_q_start.. (static; e.g. a sweep's suffix rows).
     """
     cache_layer = layer if cache_layer is None else cache_layer
     tq = x.shape[0]
@@ -199,12 +205,18 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     else:
         new_cache = None
     if fused:  # the block output without materialising the patterns
-        if kv_cache is None:  # causal over the sequence, keys past `length` hidden (cuDNN's causal kernel)
-            out = _fused_output(q, k, v, cfg, n_keys=length, causal=True)
+        if kv_cache is None:
+            # causal; a right-padding row (past the length) also sees padding keys: only real rows are read, and a
+            # real row never sees a later key
+            out = _fused_output(q, k, v, cfg, causal=True)
         elif tq == 1:  # a decoding step: the cache's slots up to its position (later slots: stale or empty)
             out = _fused_output(q, k, v, cfg, n_keys=ctx.q_pos[0] + 1)
-        else:  # rows at positions q_pos over the cache's slots: each sees the slots up to its position
-            out = _fused_output(q, k, v, cfg, mask=_allowed(ctx.q_pos, ctx, window))
+        elif fused_q_start is not None:  # rows at positions s.. over the cache: causal once s empty rows lead
+            s0 = int(fused_q_start)
+            lead = jnp.zeros((s0,) + q.shape[1:], q.dtype)
+            out = _fused_output(jnp.concatenate([lead, q]) if s0 else q, k, v, cfg, causal=True)[s0:]
+        else:
+            raise ValueError("fused attention over a cache needs one row or the rows' static first position")
         out = out.reshape(tq, h * hd)
         probs = None
         if fused_rows is not None:
@@ -280,14 +292,14 @@ def layer_windows(cfg: ModelConfig) -> jnp.ndarray:
 
 
 def apply_block(h, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv=None, cache=None, cache_layer=None,
-                fused: bool = False, fused_rows=None, length=None):
+                fused: bool = False, fused_rows=None, fused_q_start: Optional[int] = None):
     """One decoder block on h [T, D] with layer params `lp` (one layer's slice), the intervention applied
     as at `layer`; `cache` is None or the (k, v) cache, this layer at index `cache_layer` (default `layer`;
     see `attention`). Returns (h_out [T, D], attention probs [H, Tq, Tk] f32, updated cache or None, failed
     steering rows bool [Tq]). `fused`: fused attention, probs = the `fused_rows` rows [H, R, Tk] or None
     (see `attention`)."""
     a, probs, new_cache, failed = attention(norm(h, lp["attn_norm"], cfg), lp, layer, window, cfg, ctx, iv, cache,
-                                            cache_layer, fused, fused_rows, length)
+                                            cache_layer, fused, fused_rows, fused_q_start)
     h = h + a.astype(h.dtype)
     h = h + mlp(norm(h, lp["mlp_norm"], cfg), lp, cfg).astype(h.dtype)
     return ivs.edit_residual(h, iv, layer, ctx.q_pos), probs, new_cache, failed
@@ -327,7 +339,7 @@ def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Opt
         window, slot = xs
         if fused:  # probs: only the query rows' patterns (or None)
             h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv, fused=True,
-                                          fused_rows=query_rows if capture.attn_rows else None, length=length)
+                                          fused_rows=query_rows if capture.attn_rows else None)
         else:
             h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv)
         ys = {}
@@ -426,13 +438,13 @@ class Transformer(struct.PyTreeNode):
                             cache_size=cache_size)
 
     def apply_block(self, h, layer_params, layer, ctx: _Ctx, interventions=None, kv=None, cache_layer=None,
-                    fused: bool = False, fused_rows=None):
+                    fused: bool = False, fused_rows=None, fused_q_start: Optional[int] = None):
         """Block `layer` (params `layer_params`: one layer's, e.g. from `Layers.fold_range`) on h [T, D]; `kv` =
         (k, v) arrays [L', S, KV, hd] holding this layer at `cache_layer`. Returns (h, probs [H, T, Tk] f32, kv,
         failed steering rows bool [T]). `fused` (static; the caller checked that `interventions` edit nothing
         here and no sliding window is shorter than the keys: `windows_cover`): the fused attention kernel,
-        probs = the `fused_rows` rows [H, R, Tk] or None."""
+        probs = the `fused_rows` rows [H, R, Tk] or None; rows over `kv` start at position fused_q_start."""
         window = layer_windows(self.cfg)[layer]
         with matmul_precision(self.cfg.dtype):
             return apply_block(h, layer_params, layer, window, self.cfg, ctx, interventions, kv, cache_layer,
-                               fused, fused_rows)
+                               fused, fused_rows, fused_q_start)
