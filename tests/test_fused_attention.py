@@ -191,3 +191,42 @@ def test_fused_sweep_runs_unedited_layers_fused_and_equals_the_explicit_sweep(bu
             rows = np.asarray(got["marker_rows"])  # [B, 1 + S, L, H, T]: the dose 4 point vs the reference
             top = max(layers)
             assert np.abs(rows[:, 3, top] - rows[:, 0, top]).max() > 1e-3  # the steering acted at its top layer
+
+
+def test_fused_paths_lower_to_cudnn_for_a_gpu(monkeypatch):
+    """Without a GPU: with cuDNN's availability checks answered as on a Hopper GPU, the bf16 fused layer scan, a
+    vmapped decoding step and a steering sweep trace through cuDNN's attention (its vmap batching rules) and
+    lower for CUDA to its fused-attention custom call (the kernel itself runs only on a device)."""
+    import re
+
+    from jax import export
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    from plip_jax.experiments.attention_metric import marker_metric
+    from plip_jax.models.registry import load_model
+
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda capability: False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    model = load_model(None, "bfloat16").model.with_attention("fused")
+    cfg = model.cfg
+    tokens, lengths, markers = jnp.zeros((3, T), jnp.int32), jnp.asarray([T, 16, 13]), jnp.asarray([15, 12, 9])
+    target = "__cudnn$fmhaSoftmax"
+
+    def custom_calls(fn, *args):
+        lowered = export.export(jax.jit(fn), platforms=["cuda"],
+                                disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(*args)
+        return set(re.findall(r"custom_call @([\w$]+)", lowered.mlir_module()))
+
+    assert target in custom_calls(marker_metric, model.trunk(), tokens, lengths, markers[:, None],
+                                  jnp.zeros((3, T), jnp.float32))
+    cache = jax.vmap(lambda _: model.init_cache(T + 8))(jnp.arange(3))
+    step = jax.vmap(lambda t, c, p: model(t[None], capture=Capture(logits="last"), positions=p[None], cache=c).logits)
+    assert target in custom_calls(step, tokens[:, 0], cache, lengths)
+    iv = _dose_sweep(cfg, np.asarray(markers), np.asarray(lengths), layers=[2])
+    sweep = lambda t, n, i, m: causal.shared_sweep_jit(model, t, n, i, m, entries=(2,) * 4, prefix=8, group_layers=2,
+                                                       fused_from=causal.intervened_below(iv, cfg.num_layers))
+    assert target in custom_calls(sweep, tokens, lengths, iv, markers)
+    explicit = lambda *a: marker_metric(model.with_attention("explicit").trunk(), *a)
+    assert target not in custom_calls(explicit, tokens, lengths, markers[:, None], jnp.zeros((3, T), jnp.float32))
