@@ -205,16 +205,22 @@ def test_head_map_benchmark_prints_and_writes_its_table(tmp_path):
     assert "(target <= 3x)" in proc.stdout and "(target <= 2x)" in proc.stdout and f"Wrote {out}" in proc.stdout
 
 
-def test_gpu_session_script_runs_each_preset_and_head_map_entry(tmp_path):
-    """benchmarks/gpu_session.sh with a stand-in python3 that records its arguments: one benchmarks.bench call per
-    flagfile and one benchmarks.head_map call per head_map:SHAPE, each writing under $OUT."""
+def _stand_in_python(tmp_path, extra: str = ""):
+    """A python3 that records its arguments (one line per call) and then runs the shell code `extra`: returns
+    (the calls file, $OUT, the environment for benchmarks/gpu_session.sh)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     calls = tmp_path / "calls.txt"
-    (fake / "python3").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (fake / "python3").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n{extra}')
     (fake / "python3").chmod(0o755)
     out = tmp_path / "out"
-    env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(out)}
+    return calls, out, {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(out)}
+
+
+def test_gpu_session_script_runs_each_preset_and_head_map_entry(tmp_path):
+    """benchmarks/gpu_session.sh with a stand-in python3 that records its arguments: one benchmarks.bench call per
+    flagfile and one benchmarks.head_map call per head_map:SHAPE, each writing under $OUT."""
+    calls, out, env = _stand_in_python(tmp_path)
     proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "benchmarks/presets/bench_h100_qwen7b.flags",
                            "head_map:qwen2.5-coder-7b"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=60)
@@ -231,16 +237,9 @@ def test_gpu_session_script_runs_each_preset_and_head_map_entry(tmp_path):
 def test_gpu_session_script_passes_extra_flags_and_stops_at_its_deadline(tmp_path):
     """SESSION_DEADLINE_S cuts the step running at the deadline and skips the rest (so a device call returns
     with its files inside its limit); HEAD_MAP_FLAGS / BENCH_FLAGS reach their steps after the defaults."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    calls = tmp_path / "calls.txt"
-    (fake / "python3").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
-                                  'case "$*" in *benchmarks.bench*) sleep 60;; esac\n')
-    (fake / "python3").chmod(0o755)
-    out = tmp_path / "out"
-    env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(out), "SESSION_DEADLINE_S": "10",
-           "HEAD_MAP_FLAGS": "--cells_per_call=392 --repeats=2", "BENCH_FLAGS": "--repeats=3",
-           "PROBE_FLAGS": "--repeats=5"}
+    calls, out, env = _stand_in_python(tmp_path, 'case "$*" in *benchmarks.bench*) sleep 60;; esac\n')
+    env.update({"SESSION_DEADLINE_S": "10", "HEAD_MAP_FLAGS": "--cells_per_call=392 --repeats=2",
+                "BENCH_FLAGS": "--repeats=3", "PROBE_FLAGS": "--repeats=5"})
     t0 = time.monotonic()
     proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "head_map:qwen2.5-coder-7b", "probe:profile:tiny",
                            "benchmarks/presets/bench_h100_qwen7b.flags", "benchmarks/presets/bench_h100_qwen3b.flags"],
@@ -260,13 +259,8 @@ def test_gpu_session_script_passes_extra_flags_and_stops_at_its_deadline(tmp_pat
 def test_gpu_session_entries_take_their_own_flags_for_an_ab_in_one_call(tmp_path):
     """ENTRY@FLAG@FLAG: flags for that step alone (after the shared ones); a bench entry with its own flags writes
     files named by its entry number, so the two sides of an A/B do not overwrite each other."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    calls = tmp_path / "calls.txt"
-    (fake / "python3").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (fake / "python3").chmod(0o755)
-    out = tmp_path / "out"
-    env = {"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(out), "PROBE_FLAGS": "--repeats=5"}
+    calls, out, env = _stand_in_python(tmp_path)
+    env["PROBE_FLAGS"] = "--repeats=5"
     preset = "benchmarks/presets/bench_h100_qwen7b.flags"
     proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "probe:scan:qwen2.5-coder-7b",
                            "probe:scan:qwen2.5-coder-7b@--attention=fused", preset,

@@ -125,6 +125,7 @@ def touches_attention(iv: Optional[ivs.Interventions]) -> bool:
 
 
 def check_attention_impl(impl: str) -> str:
+    """`impl` if it names an attention implementation (ATTENTION_IMPLS), else ValueError listing them."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
     return impl
