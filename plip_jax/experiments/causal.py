@@ -183,9 +183,9 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
     nll [S], marker_rows [S, L, H, T] (the marker's attention rows, when `marker` is given; layers below
     a point's entry are the reference's, below entries[0] the baseline's) and, when iv steers,
     failed_row int32 [S, L] (the first row whose steering failed at that layer, -1 if none).
-    fused_from (static; `intervened_below`): scan bodies starting at or above this layer edit nothing, and run
-    on the fused attention kernel (only the marker rows' patterns computed) when the model's attention_impl
-    is "fused" and no sliding window is shorter than T; None: every body explicit."""
+    fused_from (static; `fused_from_layer`, None for a model with explicit attention): scan bodies starting at
+    or above this layer edit nothing, and run on the fused attention kernel (only the marker rows' patterns
+    computed) unless a sliding window is shorter than T; None: every body explicit."""
     cfg = model.cfg
     n_layers = cfg.num_layers
     t = tokens.shape[0]
@@ -207,9 +207,7 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
 
     g = max(1, min(int(group_layers), n_layers))
     bounds = sorted(set(entries) | set(range(-(-min(entries) // g) * g, n_layers, g)))
-    fused_ok = (fused_from is not None and getattr(model, "attention_impl", "explicit") == "fused"
-                and windows_cover(cfg, t))
-    fused_group = lambda a: fused_ok and a >= fused_from  # a group's first layer
+    fused_ok = fused_from is not None and windows_cover(cfg, t)
     streams = None
     ys_all = []
     for gi, a in enumerate(bounds):
@@ -223,7 +221,7 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
         n = streams.shape[0]
         iv_n = jax.tree_util.tree_map(lambda x, n=n: x[:n], iv)
 
-        fused = fused_group(a)
+        fused = fused_ok and a >= fused_from  # a = the body's first layer
 
         def step(h, lp, j, iv_n=iv_n, fused=fused):
             kv = (jax.lax.dynamic_slice_in_dim(kc, j, 1, 0), jax.lax.dynamic_slice_in_dim(vc, j, 1, 0))
@@ -476,9 +474,9 @@ def effects_f64(ref_last, other_last, ref_nll, other_nll, on_device: Optional[bo
     (the reference broadcasts; numpy or JAX arrays); outputs numpy [...].
 
     Where: logits on an accelerator (on_device None -> auto) are reduced there by one jitted float64 program
-    (JAX's x64 mode), so a sweep's [P, B, V] logits never travel to the host
-    (a 7B head map: 784 cells x 20 samples x 152k vocabulary = 9.5 GB of f32) and the host does no
-    vocabulary-sized work; one call per `effects_f64` (EFFECT_ROWS rows per `lax.map` step inside it); rows with a non-finite logit go to the host formula. Logits on the CPU (or numpy)
+    (JAX's x64 mode, EFFECT_ROWS rows per `lax.map` step), so a sweep's [P, B, V] logits never travel to the
+    host (a 7B head map: 784 cells x 20 samples x 152k vocabulary = 9.5 GB of f32) and the host does no
+    vocabulary-sized work; rows with a non-finite logit go to the host formula. Logits on the CPU (or numpy)
     go through the host formula on a pool of threads (faster there than XLA's float64 CPU code). Both share
     `metrics.kl_f64_finite`; they agree to rounding of the sums (tests: 1e-12 relative)."""
     ref_last, other_last = (x if hasattr(x, "shape") else np.asarray(x) for x in (ref_last, other_last))

@@ -338,11 +338,8 @@ def forward(params, tokens, cfg: ModelConfig, *, length=None, interventions: Opt
     def block(carry, lp, layer, xs):
         h, buf, kv = carry
         window, slot = xs
-        if fused:  # probs: only the query rows' patterns (or None)
-            h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv, fused=True,
-                                          fused_rows=query_rows if capture.attn_rows else None)
-        else:
-            h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv)
+        rows = query_rows if (fused and capture.attn_rows) else None  # fused: probs holds only these rows
+        h, probs, kv, _ = apply_block(h, lp, layer, window, cfg, ctx, interventions, kv, fused=fused, fused_rows=rows)
         ys = {}
         if capture.attn_rows:
             ys["attn_rows"] = probs if fused else jnp.take(probs, query_rows, axis=1)
