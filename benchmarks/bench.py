@@ -56,10 +56,11 @@ cli.define_layer_layout_flag()
 flags.DEFINE_integer("group_layers", None, "Knockout scan / steering sweep: layers per compiled scan body (default: "
                      "the library's, plip_jax.experiments.causal.DEFAULT_GROUP_LAYERS). Fewer, larger groups "
                      "compile faster and recompute a few more blocks.")
-flags.DEFINE_enum("attention", "explicit", ["explicit", "fused"], "JAX attention of cache-free forwards (the layer "
-                  "scan) and one-token decoding steps (generation): explicit patterns as HF eager, or fused "
-                  "(jax.nn.dot_product_attention: cuDNN on a GPU in bf16; only the marker rows' patterns computed). "
-                  "Attention interventions and cached prefills always run explicit.")
+flags.DEFINE_enum("attention", "explicit", ["explicit", "fused"], "JAX attention of the blocks no intervention "
+                  "touches (the layer scan, generation's decoding steps, the steering sweep's layers above the "
+                  "steered one): explicit patterns as HF eager, or fused (jax.nn.dot_product_attention: cuDNN on a "
+                  "GPU in bf16; only the marker rows' patterns computed). Attention interventions and cached "
+                  "prefills always run explicit.")
 FLAGS = flags.FLAGS
 
 REAL_SHAPES = ("qwen2.5-coder-3b", "qwen2.5-coder-7b", "starcoder2-3b", "codegemma-7b", "codellama-7b",

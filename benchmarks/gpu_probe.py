@@ -38,13 +38,24 @@ from benchmarks.harness import harness, models, shapes  # noqa: E402
 from benchmarks.harness import workloads as wl  # noqa: E402
 from plip_jax.models.layers import make_layers  # noqa: E402
 
-FLOOR_FLOPS = 790e12  # the H100-class bf16 matmul rate the floors use (benchmarks/harness/harness.py)
 # Kernel / HLO-op names that are matrix products (cuBLAS, cuBLASLt, CUTLASS, nvJet, XLA's own dot emitters).
 GEMM_NAME = re.compile(r"gemm|cublas|cutlass|nvjet|xmma|matmul|\bdot|dot\.|dot_|convolution|triton_gemm", re.I)
 
 
 def emit(**kw):
     print(json.dumps(kw), flush=True)
+
+
+def _peaks(dtype):
+    """(matmul FLOP/s, HBM bytes/s or None) of this device as the bench's floors use them
+    (`harness.device_peaks`); off its table (e.g. CPU) the H100 bf16 rate, so the tiny CPU runs print a number."""
+    dev = jax.devices()[0]
+    peaks = harness.device_peaks(dev.device_kind, dev.platform, dtype)
+    return (peaks.achievable_flops, peaks.hbm_bytes_per_s) if peaks else (harness.H100_MEASURED_BF16_FLOPS, None)
+
+
+def _layer_scan_floor_ms(cfg, corpus, dtype) -> float:
+    return shapes.forward_flops(cfg, corpus.lengths.tolist()) / _peaks(dtype)[0] * 1e3
 
 
 def _scan_args(cfg):
@@ -86,14 +97,14 @@ def gemm(cfg, dtype, m, repeats):
     t, _ = harness.time_calls(lambda: run(acts, per_layer), repeats, harness.jax_sync)
     flops = 2 * m * sum(int(np.prod(lp[n].shape)) for lp in per_layer for n in names)
     emit(part="gemm", rows=m, weights=names, median_ms=t.median_s * 1e3, tflops=flops / t.median_s / 1e12,
-         floor_ms=flops / FLOOR_FLOPS * 1e3)
+         floor_ms=flops / _peaks(dtype)[0] * 1e3)
 
 
 def scan(cfg, dtype, repeats, hlo_dir, attention="explicit"):
     compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype, attention)
     t, _ = harness.time_calls(lambda: compiled(trunk, *args), repeats, harness.jax_sync)
     emit(part="layer_scan", attention=attention, median_ms=t.median_s * 1e3, compile_s=compile_s,
-         floor_ms=shapes.forward_flops(cfg, corpus.lengths.tolist()) / FLOOR_FLOPS * 1e3)
+         floor_ms=_layer_scan_floor_ms(cfg, corpus, dtype))
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
         with open(os.path.join(hlo_dir, "layer_scan_hlo.txt"), "w") as f:
@@ -141,12 +152,12 @@ def summarize_profile(xplane_path: str, calls: int, top: int = 25) -> dict:
 
 def _workload_call(cfg, dtype, workload, attention="explicit"):
     """(a callable running `workload` once, synchronised; seconds to compile (generation: its first call, compile
-    included); its floor in ms; its optimized HLO text, or None): the layer scan (20 x 64 tokens) or greedy generation (50 prompts of 32..64
-    tokens x 150 new tokens), as in benchmarks/bench."""
+    included); its floor in ms; its optimized HLO text, or None): the layer scan (20 x 64 tokens) or greedy
+    generation (50 prompts of 32..64 tokens x 150 new tokens), as in benchmarks/bench."""
     if workload == "layer_scan":
         compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype, attention)
-        floor_ms = shapes.forward_flops(cfg, corpus.lengths.tolist()) / FLOOR_FLOPS * 1e3
-        return lambda: jax.block_until_ready(compiled(trunk, *args)), compile_s, floor_ms, compiled.as_text()
+        return (lambda: jax.block_until_ready(compiled(trunk, *args)), compile_s,
+                _layer_scan_floor_ms(cfg, corpus, dtype), compiled.as_text())
     from plip_jax.analysis import generation as gen
 
     model = models.random_model(cfg, dtype, layer_layout="auto").with_attention(attention)
@@ -155,10 +166,9 @@ def _workload_call(cfg, dtype, workload, attention="explicit"):
     t = time.perf_counter()
     run()
     lens = [len(x) for x in prompts]
-    dev = jax.devices()[0]
-    peaks = harness.device_peaks(dev.device_kind, dev.platform, dtype)  # None on CPU: arithmetic floor only
-    floor_s = max(shapes.generation_flops(cfg, lens, 150) / FLOOR_FLOPS,
-                  shapes.generation_bytes(cfg, lens, 150, dtype) / peaks.hbm_bytes_per_s if peaks else 0.0)
+    rate, hbm = _peaks(dtype)  # no HBM figure on CPU: the arithmetic floor only
+    floor_s = max(shapes.generation_flops(cfg, lens, 150) / rate,
+                  shapes.generation_bytes(cfg, lens, 150, dtype) / hbm if hbm else 0.0)
     return run, time.perf_counter() - t, floor_s * 1e3, None
 
 
@@ -178,8 +188,8 @@ def profile(cfg, dtype, calls, out_dir, workload="layer_scan", attention="explic
     if not found:
         raise SystemExit(f"the profiler wrote no .xplane.pb under {tmp}")
     summary = summarize_profile(found[0], calls)
-    summary.update(part="profile", workload=workload, attention=attention, median_ms=t.median_s * 1e3, compile_s=compile_s,
-                   floor_ms=floor_ms, device=jax.devices()[0].device_kind)
+    summary.update(part="profile", workload=workload, attention=attention, median_ms=t.median_s * 1e3,
+                   compile_s=compile_s, floor_ms=floor_ms, device=jax.devices()[0].device_kind)
     os.makedirs(out_dir, exist_ok=True)
     stem = workload + ("_fused" if attention == "fused" else "")  # an A/B's two profiles side by side
     with open(os.path.join(out_dir, f"{stem}_profile.json"), "w") as f:

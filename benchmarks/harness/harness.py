@@ -31,7 +31,8 @@ _DEVICE_TABLE = (
     ("h200", "H200", 989e12, 67e12, 4.8e12),
     ("a100", "A100", 312e12, 19.5e12, 2.0e12),
 )
-ACHIEVABLE_FRACTION = 790.0 / 989.0  # the measured H100 bf16 matmul rate over the datasheet peak
+H100_MEASURED_BF16_FLOPS = 790e12  # the measured H100 bf16 matmul rate
+ACHIEVABLE_FRACTION = H100_MEASURED_BF16_FLOPS / 989e12  # ... over the datasheet peak
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +55,9 @@ def device_peaks(device_kind: str, platform: str, dtype: str) -> Optional[Device
     for key, name, half, f32, hbm in _DEVICE_TABLE:
         if key in kind:
             spec = f32 if dtype == "float32" else half
-            achievable = 790e12 if (name == "H100 SXM" and dtype != "float32") else spec * ACHIEVABLE_FRACTION
-            src = ("issue's measured 790 TFLOP/s (datasheet 989 dense bf16)" if achievable == 790e12 else
+            measured = name == "H100 SXM" and dtype != "float32"
+            achievable = H100_MEASURED_BF16_FLOPS if measured else spec * ACHIEVABLE_FRACTION
+            src = ("issue's measured 790 TFLOP/s (datasheet 989 dense bf16)" if measured else
                    f"{ACHIEVABLE_FRACTION:.0%} of the datasheet {spec / 1e12:.0f} TFLOP/s {'fp32' if dtype == 'float32' else 'bf16/fp16 dense'}")
             return DevicePeaks(name, spec, achievable, hbm, src + f"; HBM {hbm / 1e12:.2f} TB/s")
     return None

@@ -30,7 +30,7 @@ class Options:
     seed: int = 0
     layer_layout: str = "auto"  # JAX params layout (plip_jax.models.layers.resolve_layer_layout)
     group_layers: Optional[int] = None  # layers per compiled scan body of the knockout / steering engine
-    attention: str = "explicit"  # Transformer.attention_impl: "fused" = layer scan / decode steps on a fused kernel
+    attention: str = "explicit"  # Transformer.attention_impl ("fused": untouched blocks on a fused kernel)
 
 
 def _host() -> str:
