@@ -61,6 +61,9 @@ flags.DEFINE_enum("attention", "explicit", ["explicit", "fused"], "JAX attention
                   "steered one): explicit patterns as HF eager, or fused (jax.nn.dot_product_attention: cuDNN on a "
                   "GPU in bf16; only the marker rows' patterns computed). Attention interventions and cached "
                   "prefills always run explicit.")
+flags.DEFINE_bool("sweep_unroll", False, "Steering sweep: trace the recomputed layers (the steered one and above) "
+                  "inline instead of --group_layers scan bodies: no stacked copy of their weights per call, a "
+                  "larger program (every dose enters at one layer, so L/2 more blocks, not one per entry).")
 FLAGS = flags.FLAGS
 
 REAL_SHAPES = ("qwen2.5-coder-3b", "qwen2.5-coder-7b", "starcoder2-3b", "codegemma-7b", "codellama-7b",
@@ -102,7 +105,8 @@ def main(argv):
     repeats = FLAGS.repeats if FLAGS.repeats is not None else (3 if FLAGS.tiny else 5)
     opts = runner.Options(shapes=names, workloads=list(FLAGS.workloads), dtype=FLAGS.dtype, repeats=repeats,
                           sizes=_sizes(), with_torch=FLAGS.torch, seed=FLAGS.seed, layer_layout=FLAGS.layer_layout,
-                          group_layers=FLAGS.group_layers, attention=FLAGS.attention)
+                          group_layers=FLAGS.group_layers, attention=FLAGS.attention,
+                          sweep_unroll=FLAGS.sweep_unroll)
     out = Path(FLAGS.output) if FLAGS.output else Path("outputs") / f"bench_{platform}_{FLAGS.dtype}.json"
     cli.check_output_path(out)
 

@@ -150,33 +150,45 @@ def summarize_profile(xplane_path: str, calls: int, top: int = 25) -> dict:
     return out
 
 
-def _workload_call(cfg, dtype, workload, attention="explicit"):
+PROFILE_WORKLOADS = ("layer_scan", "steering_sweep", "knockout_scan", "generation")
+
+
+def _workload_call(cfg, dtype, workload, attention="explicit", sweep_unroll=False):
     """(a callable running `workload` once, synchronised; seconds to compile (generation: its first call, compile
-    included); its floor in ms; its optimized HLO text, or None): the layer scan (20 x 64 tokens) or greedy
-    generation (50 prompts of 32..64 tokens x 150 new tokens), as in benchmarks/bench."""
+    included); its floor in ms; its optimized HLO text, or None), as in benchmarks/bench: the layer scan (20 x 64
+    tokens), the steering sweep (6 doses at the middle layer; `sweep_unroll`: its layers inline), the knockout
+    scan (all 20 samples in one call) or greedy generation (50 prompts of 32..64 tokens x 150 new tokens)."""
     if workload == "layer_scan":
         compiled, trunk, args, corpus, compile_s = _compiled_layer_scan(cfg, dtype, attention)
         return (lambda: jax.block_until_ready(compiled(trunk, *args)), compile_s,
                 _layer_scan_floor_ms(cfg, corpus, dtype), compiled.as_text())
+    model = models.random_model(cfg, dtype, layer_layout="auto").with_attention(attention)
+    rate, hbm = _peaks(dtype)  # no HBM figure on CPU: the arithmetic floor only
+    if workload == "steering_sweep":
+        prog = wl.steering_program(model, wl.make_corpus(cfg, 20, 64), unroll=sweep_unroll)
+        return (lambda: jax.block_until_ready(prog.compiled(*prog.args)), prog.compile_s, prog.flops / rate * 1e3,
+                prog.compiled.as_text())
+    if workload == "knockout_scan":
+        prog = wl.knockout_program(model, wl.make_corpus(cfg, 20, 64))
+        return (lambda: jax.block_until_ready(prog.run()), prog.compile_s, prog.flops / rate * 1e3,
+                prog.compiled.as_text())
     from plip_jax.analysis import generation as gen
 
-    model = models.random_model(cfg, dtype, layer_layout="auto").with_attention(attention)
     prompts = wl.make_prompts(cfg, 50, 64)
     run = lambda: gen.generate(model, prompts, max_new_tokens=150, stop_ids=())  # host arrays: synchronised
     t = time.perf_counter()
     run()
     lens = [len(x) for x in prompts]
-    rate, hbm = _peaks(dtype)  # no HBM figure on CPU: the arithmetic floor only
     floor_s = max(shapes.generation_flops(cfg, lens, 150) / rate,
                   shapes.generation_bytes(cfg, lens, 150, dtype) / hbm if hbm else 0.0)
     return run, time.perf_counter() - t, floor_s * 1e3, None
 
 
-def profile(cfg, dtype, calls, out_dir, workload="layer_scan", attention="explicit"):
+def profile(cfg, dtype, calls, out_dir, workload="layer_scan", attention="explicit", sweep_unroll=False):
     """`workload` traced over `calls` calls after a warm-up; the summary as JSON lines and files
-    (<out_dir>/<workload>_profile.json and <workload>.xplane.pb). attention: the layer scan's (see
-    `Transformer.attention_impl`; "fused" names the files <workload>_fused_*)."""
-    run, compile_s, floor_ms, hlo = _workload_call(cfg, dtype, workload, attention)
+    (<out_dir>/<stem>_profile.json and <stem>.xplane.pb, stem = workload [+ "_fused"] [+ "_unrolled"]).
+    attention: the model's (see `Transformer.attention_impl`); sweep_unroll: the steering sweep's layers inline."""
+    run, compile_s, floor_ms, hlo = _workload_call(cfg, dtype, workload, attention, sweep_unroll)
     t, _ = harness.time_calls(run, 3, lambda r: r)
     opts = jax.profiler.ProfileOptions()
     opts.python_tracer_level = 0  # device and XLA runtime events only: a small trace
@@ -188,10 +200,12 @@ def profile(cfg, dtype, calls, out_dir, workload="layer_scan", attention="explic
     if not found:
         raise SystemExit(f"the profiler wrote no .xplane.pb under {tmp}")
     summary = summarize_profile(found[0], calls)
-    summary.update(part="profile", workload=workload, attention=attention, median_ms=t.median_s * 1e3,
+    summary.update(part="profile", workload=workload, attention=attention, sweep_unroll=sweep_unroll,
+                   median_ms=t.median_s * 1e3,
                    compile_s=compile_s, floor_ms=floor_ms, device=jax.devices()[0].device_kind)
     os.makedirs(out_dir, exist_ok=True)
-    stem = workload + ("_fused" if attention == "fused" else "")  # an A/B's two profiles side by side
+    # an A/B's profiles side by side
+    stem = workload + ("_fused" if attention == "fused" else "") + ("_unrolled" if sweep_unroll else "")
     with open(os.path.join(out_dir, f"{stem}_profile.json"), "w") as f:
         json.dump(summary, f, indent=1)
     shutil.copy(found[0], os.path.join(out_dir, f"{stem}.xplane.pb"))
@@ -247,7 +261,9 @@ def main(argv=None):
     ap.add_argument("--groups", default="4,7")
     ap.add_argument("--hlo_dir", default=None)
     ap.add_argument("--out_dir", default="outputs/gpu_probe")
-    ap.add_argument("--workload", default="layer_scan", choices=["layer_scan", "generation"], help="profile: what to trace")
+    ap.add_argument("--workload", default="layer_scan", choices=PROFILE_WORKLOADS, help="profile: what to trace")
+    ap.add_argument("--sweep_unroll", action="store_true",
+                    help="profile --workload=steering_sweep: the recomputed layers inline instead of scan bodies")
     ap.add_argument("--attention", default="explicit", choices=["explicit", "fused"],
                     help="scan / profile: the model's attention (Transformer.attention_impl)")
     a = ap.parse_args(argv)
@@ -258,7 +274,7 @@ def main(argv=None):
     elif a.part == "scan":
         scan(cfg, a.dtype, a.repeats, a.hlo_dir, a.attention)
     elif a.part == "profile":
-        profile(cfg, a.dtype, a.repeats, a.out_dir, a.workload, a.attention)
+        profile(cfg, a.dtype, a.repeats, a.out_dir, a.workload, a.attention, a.sweep_unroll)
     elif a.part == "memory":
         memory(cfg, a.dtype)
     else:

@@ -7,7 +7,9 @@
 #        [probe:PART:SHAPE ...]
 # Any entry may end in @FLAG[@FLAG...]: flags for that step alone, after the others (an A/B in one call, e.g.
 # probe:scan:qwen2.5-coder-7b probe:scan:qwen2.5-coder-7b@--attention=fused); a bench entry with its own flags
-# writes <preset>_<entry number>.json / .md, so the two runs of an A/B keep their files apart.
+# writes <preset>_<entry number>.json / .md, so the two runs of an A/B keep their files apart. A token
+# env:NAME=VALUE sets an environment variable for that step alone (e.g. an XLA flag A/B:
+# probe:knockout:qwen2.5-coder-7b@--groups=4@env:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false).
 # Environment (all optional):
 #   SESSION_DEADLINE_S  stop every step this many seconds after the script started (the step running then is
 #                       cut with `timeout`; the bench has saved each finished workload's JSON by then), so the
@@ -32,15 +34,23 @@ left() {
 session() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import jax, flax, transformers, torch; print('jax', jax.__version__, jax.devices()); print('flax', flax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
-  local i=0 f extra tag
+  local i=0 f extra tag token
+  local -a step_env parts
   for entry in "$@"; do
     i=$(( i + 1 ))
     f=${entry%%@*}
     extra=""
     tag=""
+    step_env=()
     if [ "$f" != "$entry" ]; then
-      extra=${entry#*@}
-      extra=${extra//@/ }
+      IFS='@' read -r -a parts <<< "${entry#*@}"
+      for token in "${parts[@]}"; do
+        case "$token" in
+          env:*) step_env+=("${token#env:}") ;;
+          *) extra="$extra $token" ;;
+        esac
+      done
+      extra=${extra# }
       tag="_$i"
     fi
     echo "=== $entry ($(( SECONDS - start )) s)"
@@ -49,19 +59,19 @@ session() {
         shape=${f#head_map:}
         t=$(left "$f") || continue
         # shellcheck disable=SC2086  # HEAD_MAP_FLAGS and $extra are lists of flags
-        timeout "$t" python3 -m benchmarks.head_map --shape="$shape" --device=gpu --dtype=bfloat16 \
+        env "${step_env[@]}" timeout "$t" python3 -m benchmarks.head_map --shape="$shape" --device=gpu --dtype=bfloat16 \
           --output="$OUT/head_map_$shape$tag.json" ${HEAD_MAP_FLAGS:-} $extra ;;
       probe:*)  # probe:PART:SHAPE, a benchmarks.gpu_probe part (profile writes its summary and trace into $OUT)
         rest=${f#probe:}
         t=$(left "$f") || continue
         # shellcheck disable=SC2086  # PROBE_FLAGS and $extra are lists of flags
-        timeout "$t" python3 -m benchmarks.gpu_probe "${rest%%:*}" --shape="${rest#*:}" --out_dir="$OUT" \
+        env "${step_env[@]}" timeout "$t" python3 -m benchmarks.gpu_probe "${rest%%:*}" --shape="${rest#*:}" --out_dir="$OUT" \
           ${PROBE_FLAGS:-} $extra ;;
       *)
         name=$(basename "$f" .flags)
         t=$(left "$f") || continue
         # shellcheck disable=SC2086  # BENCH_FLAGS and $extra are lists of flags
-        timeout "$t" python3 -m benchmarks.bench --flagfile="$f" --output="$OUT/$name$tag.json" \
+        env "${step_env[@]}" timeout "$t" python3 -m benchmarks.bench --flagfile="$f" --output="$OUT/$name$tag.json" \
           --markdown="$OUT/$name$tag.md" ${BENCH_FLAGS:-} $extra ;;
     esac
   done

@@ -258,22 +258,28 @@ def test_gpu_session_script_passes_extra_flags_and_stops_at_its_deadline(tmp_pat
 
 def test_gpu_session_entries_take_their_own_flags_for_an_ab_in_one_call(tmp_path):
     """ENTRY@FLAG@FLAG: flags for that step alone (after the shared ones); a bench entry with its own flags writes
-    files named by its entry number, so the two sides of an A/B do not overwrite each other."""
-    calls, out, env = _stand_in_python(tmp_path)
+    files named by its entry number, so the two sides of an A/B do not overwrite each other; an env:NAME=VALUE
+    token sets an environment variable (an XLA flag, spaces kept) for that step alone."""
+    calls, out, env = _stand_in_python(tmp_path, f'echo "XLA_FLAGS=${{XLA_FLAGS:-}}" >> {tmp_path}/calls.txt\n')
     env["PROBE_FLAGS"] = "--repeats=5"
     preset = "benchmarks/presets/bench_h100_qwen7b.flags"
+    xla = "--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=1"
     proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "probe:scan:qwen2.5-coder-7b",
                            "probe:scan:qwen2.5-coder-7b@--attention=fused", preset,
-                           f"{preset}@--attention=fused@--workloads=layer_scan,generation"],
+                           f"{preset}@--attention=fused@--workloads=layer_scan,generation",
+                           f"probe:knockout:qwen2.5-coder-7b@--groups=4@env:XLA_FLAGS={xla}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    lines = calls.read_text().splitlines()[1:]
+    lines = calls.read_text().splitlines()[2:]
+    lines, xla_seen = lines[0::2], lines[1::2]
     assert lines[0] == f"-m benchmarks.gpu_probe scan --shape=qwen2.5-coder-7b --out_dir={out} --repeats=5"
     assert lines[1] == lines[0] + " --attention=fused"
     assert lines[2] == (f"-m benchmarks.bench --flagfile={preset} --output={out}/bench_h100_qwen7b.json "
                         f"--markdown={out}/bench_h100_qwen7b.md")
     assert lines[3] == (f"-m benchmarks.bench --flagfile={preset} --output={out}/bench_h100_qwen7b_4.json "
                         f"--markdown={out}/bench_h100_qwen7b_4.md --attention=fused --workloads=layer_scan,generation")
+    assert lines[4] == f"-m benchmarks.gpu_probe knockout --shape=qwen2.5-coder-7b --out_dir={out} --repeats=5 --groups=4"
+    assert xla_seen == ["XLA_FLAGS="] * 4 + [f"XLA_FLAGS={xla}"]
     assert f"=== {preset}@--attention=fused@--workloads=layer_scan,generation" in (out / "session.log").read_text()
 
 
@@ -370,3 +376,47 @@ def test_group_layers_option_reaches_the_engine_and_the_floor(monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--tiny", "--group_layers=0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2 and "--group_layers=0: 0 is below 1" in proc.stderr
+
+
+def test_sweep_unroll_option_inlines_the_steering_layers_and_keeps_results(monkeypatch):
+    """--sweep_unroll (runner.Options.sweep_unroll) compiles the steering sweep with its recomputed layers inline
+    (one scan loop fewer in the program), the record and the run description say so, and the results equal the
+    scan-body run's."""
+    base = runner.Options(shapes=["tiny"], dtype="float32", repeats=1, sizes=workloads.TINY_SIZES, with_torch=False,
+                          workloads=["steering_sweep"])
+    texts = []
+    real_aot = workloads._aot
+
+    def aot(fn, *a, **static):
+        out = real_aot(fn, *a, **static)
+        texts.append((static["unroll"], out[0].as_text()))
+        return out
+
+    monkeypatch.setattr(workloads, "_aot", aot)
+    scanned = runner.run(base, log=lambda s: None)
+    unrolled = runner.run(dataclasses.replace(base, sweep_unroll=True), log=lambda s: None)
+    assert [u for u, _ in texts] == [False, True]
+    loops = [text.count(" while(") for _, text in texts]
+    assert loops[1] < loops[0], loops
+    rec_s, rec_u = scanned["records"][0], unrolled["records"][0]
+    assert rec_u["unroll"] is True and rec_s["unroll"] is False and unrolled["meta"]["sweep_unroll"] is True
+    assert "steering sweep unrolled" in runner.markdown(unrolled) and "unrolled" not in runner.markdown(scanned)
+    assert rec_u["flops"] == rec_s["flops"]
+    assert (rec_u["result_summary"]["achieved_attention_by_dose"] ==
+            pytest.approx(rec_s["result_summary"]["achieved_attention_by_dose"], abs=1e-6))
+
+
+@pytest.mark.parametrize("workload,extra,stem", [("steering_sweep", ["--sweep_unroll"], "steering_sweep_unrolled"),
+                                                 ("knockout_scan", [], "knockout_scan")])
+def test_gpu_probe_profiles_the_sweep_workloads(workload, extra, stem, tmp_path):
+    """gpu_probe profile --workload=steering_sweep|knockout_scan (the two engine workloads whose 7B targets are open)
+    traces the bench's program at the tiny shape: summary with its floor, trace and optimized HLO written."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_probe", "profile", f"--workload={workload}",
+                           "--shape=tiny", "--repeats=1", f"--out_dir={tmp_path}", *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / f"{stem}_profile.json").read_text())
+    assert summary["workload"] == workload and summary["lines"] and summary["floor_ms"] > 0
+    assert summary["sweep_unroll"] is bool(extra) and summary["compile_s"] > 0
+    assert (tmp_path / f"{stem}.xplane.pb").stat().st_size > 0
+    assert "HloModule" in (tmp_path / f"{stem}_hlo.txt").read_text()

@@ -186,7 +186,9 @@ def format_markdown(records: list, meta: dict) -> str:
              f"{meta['torch_device']} ({meta.get('torch_threads')} threads); transformers {meta['transformers_version']}"
              + (f"; XLA_FLAGS={meta['xla_flags']}" if meta.get("xla_flags") else "")
              + (f"; JAX weights layout {meta['layer_layout']}" if meta.get("layer_layout") else "")
-             + (f"; JAX attention {meta['attention']}" if meta.get("attention") else ""),
+             + (f"; JAX attention {meta['attention']}" if meta.get("attention") else "")
+             + (f"; sweep scan bodies of {meta['group_layers']} layers" if meta.get("group_layers") else "")
+             + ("; steering sweep unrolled" if meta.get("sweep_unroll") else ""),
              f"- sizes: {meta.get('sizes_text', meta['sizes'])}; median of {meta['repeats']} timed calls after one warm-up call",
              f"- floors: {meta['floors_note']}",
              "- JAX peak: allocator peak_bytes_in_use (cumulative over the process, weights included) where the "

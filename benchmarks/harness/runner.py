@@ -31,6 +31,7 @@ class Options:
     layer_layout: str = "auto"  # JAX params layout (plip_jax.models.layers.resolve_layer_layout)
     group_layers: Optional[int] = None  # layers per compiled scan body of the knockout / steering engine
     attention: str = "explicit"  # Transformer.attention_impl ("fused": untouched blocks on a fused kernel)
+    sweep_unroll: bool = False  # steering sweep: recomputed layers inline instead of scan bodies
 
 
 def _host() -> str:
@@ -84,7 +85,8 @@ def _meta(opts: Options, torch_device: str, peaks) -> dict:
                             f"cache) / bandwidth" if peaks else
                             "n/a on this device (no roofline table entry; CPU floors are not reported)"),
             "peaks": dataclasses.asdict(peaks) if peaks else None,
-            "layer_layout": _layout(opts.layer_layout), "attention": opts.attention}
+            "layer_layout": _layout(opts.layer_layout), "attention": opts.attention,
+            "group_layers": opts.group_layers, "sweep_unroll": opts.sweep_unroll}
 
 
 def _layout(layout: str) -> str:
@@ -145,7 +147,8 @@ def run(opts: Options, log: Callable[[str], None] = print, on_record: Optional[C
                                            group_layers=opts.group_layers)
                 elif w == "steering_sweep":
                     rec = wl.steering_sweep(model, corpus, opts.repeats, torch_model, torch_device,
-                                            opts.dtype, opts.sizes.doses, group_layers=opts.group_layers)
+                                            opts.dtype, opts.sizes.doses, group_layers=opts.group_layers,
+                                            unroll=opts.sweep_unroll)
                 elif w == "generation":
                     prompts = wl.make_prompts(cfg, opts.sizes.gen_prompts, opts.sizes.gen_prompt_len, opts.seed + 1)
                     rec = wl.generation(model, prompts, opts.sizes.gen_tokens, opts.repeats, torch_model,

@@ -239,15 +239,31 @@ def _group_layers(group_layers: Optional[int]) -> int:
     return causal.DEFAULT_GROUP_LAYERS if group_layers is None else int(group_layers)
 
 
-def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
-                  dtype: str = "float32", batch_size: Optional[int] = None, group_layers: Optional[int] = None) -> dict:
-    """Time the all-layer knockout scan (baseline + L single-layer knockouts of marker -> targets), in calls
-    of `batch_size` samples (None: all samples in one call); group_layers: layers per compiled scan body (None:
-    the library's default; fewer bodies compile faster, larger groups recompute more)."""
+@dataclasses.dataclass
+class KnockoutProgram:
+    """The all-layer knockout scan's compiled call over one chunk of samples (`knockout_program`)."""
+
+    compiled: Any
+    model: Any
+    chunks: list  # [(tokens, lengths, edges, heads)] of batch_size samples each: compiled(model, *chunk)
+    compile_s: float
+    xla_mem: Optional[dict]
+    prefix: int  # rows shared with the baseline
+    group_layers: int
+    flops: float  # the engine's matmul work over all chunks
+
+    def run(self):
+        outs = [self.compiled(self.model, *c) for c in self.chunks]
+        return outs[0] if len(outs) == 1 else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
+
+
+def knockout_program(model, corpus: Corpus, batch_size: Optional[int] = None,
+                     group_layers: Optional[int] = None) -> KnockoutProgram:
+    """Compile the all-layer knockout scan (`causal.layer_knockout_scan_jit`: baseline + no-op reference + L
+    single-layer knockouts of marker -> targets) for calls of `batch_size` samples (None: all in one call)."""
     from plip_jax.experiments import causal
 
     g_layers = _group_layers(group_layers)
-
     cfg = model.cfg
     b = corpus.tokens.shape[0]
     bs = b if not batch_size else int(batch_size)
@@ -259,24 +275,33 @@ def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_d
     prefix = causal.knockout_prefix(corpus.edges, corpus.lengths)  # rows shared with the baseline (static)
     compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan_jit, model, *chunks[0], prefix=prefix,
                                         group_layers=g_layers)
-
-    def run():
-        outs = [compiled(model, *c) for c in chunks]
-        return outs[0] if len(outs) == 1 else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
-
-    timing, out = harness.time_calls(run, repeats, harness.jax_sync)
     L = cfg.num_layers
     lens = corpus.lengths.tolist()
-    rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None}
-    rec["jax"].update(calls=len(chunks), samples_per_call=bs, shared_prefix_rows=prefix, group_layers=g_layers)
     # the work the engine does: the baseline (L blocks, all rows) + the no-op reference (L blocks) + for the
     # run knocked at layer k, L - entry(k) blocks (entry = k rounded down to a multiple of the group size),
     # over the rows from the first knocked query row on (`prefix` rows are the baseline's)
     g = max(1, min(g_layers, L))
     blocks = L + sum(L - k // g * g for k in range(L))
-    rec["flops"] = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
-                    shapes.forward_flops(cfg, [n - prefix for n in lens], blocks_per_sample=blocks,
-                                         logits_rows_per_sample=L + 1))
+    flops = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
+             shapes.forward_flops(cfg, [n - prefix for n in lens], blocks_per_sample=blocks,
+                                  logits_rows_per_sample=L + 1))
+    return KnockoutProgram(compiled, model, chunks, compile_s, xla_mem, prefix, g_layers, flops)
+
+
+def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
+                  dtype: str = "float32", batch_size: Optional[int] = None, group_layers: Optional[int] = None) -> dict:
+    """Time the all-layer knockout scan of `knockout_program` against L + 1 transformers forwards (a hook on
+    the knocked layer); group_layers: layers per compiled scan body (None: the library's default; fewer
+    bodies compile faster, larger groups recompute more)."""
+    prog = knockout_program(model, corpus, batch_size, group_layers)
+    timing, out = harness.time_calls(prog.run, repeats, harness.jax_sync)
+    cfg = model.cfg
+    L = cfg.num_layers
+    lens = corpus.lengths.tolist()
+    rec = {"jax": _jax_record(timing, prog.compile_s, prog.xla_mem), "torch": None}
+    rec["jax"].update(calls=len(prog.chunks), samples_per_call=len(prog.chunks[0][0]), shared_prefix_rows=prog.prefix,
+                      group_layers=prog.group_layers)
+    rec["flops"] = prog.flops
     rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
     rec["tokens"] = int(sum(lens))
     jax_last, jax_nll = np.asarray(out["last"], np.float64), np.asarray(out["nll"], np.float64)
@@ -329,16 +354,31 @@ def _steering_interventions(cfg: ModelConfig, corpus: Corpus, doses: Sequence[fl
     return ivs.stack([empty_like_interventions(per_dose[0])] + per_dose)
 
 
-def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
-                   dtype: str = "float32", doses: Sequence[float] = DEFAULT_DOSES,
-                   group_layers: Optional[int] = None) -> dict:
-    """Time a Scale dose sweep at the middle layer: the baseline, the no-op reference and S doses x B samples
-    in one compiled call of the library's shared-prefix engine (`causal.shared_sweep_jit`); group_layers as
-    for `knockout_scan`."""
+@dataclasses.dataclass
+class SteeringProgram:
+    """The steering sweep's compiled call and what describes it (`steering_program`)."""
+
+    compiled: Any
+    args: tuple  # (model, tokens, lengths, iv, markers): compiled(*args) runs the sweep
+    compile_s: float
+    xla_mem: Optional[dict]
+    layer: int
+    prefix: int  # rows shared with the baseline
+    fused_from: Optional[int]
+    group_layers: int
+    unroll: bool
+    flops: float  # the engine's matmul work (see `steering_sweep`)
+
+
+def steering_program(model, corpus: Corpus, doses: Sequence[float] = DEFAULT_DOSES,
+                     group_layers: Optional[int] = None, unroll: bool = False) -> SteeringProgram:
+    """Compile the Scale dose sweep at the middle layer: the baseline, the no-op reference and S doses x B
+    samples in one call of the library's shared-prefix engine (`causal.shared_sweep_jit`). group_layers as for
+    `knockout_scan`; unroll: every recomputed layer inline (no scan bodies, so no stacked copy of their
+    weights; all points enter at one layer, so the program grows by L - layer blocks only)."""
     from plip_jax.experiments import causal
 
     g_layers = _group_layers(group_layers)
-
     cfg = model.cfg
     layer = steering_layer(cfg)
     iv = _steering_interventions(cfg, corpus, doses, layer)
@@ -348,19 +388,34 @@ def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_
     prefix = causal.shared_prefix(iv, corpus.lengths, corpus.markers)
     fused_from = causal.fused_from_layer(model, iv)  # --attention=fused: the blocks above the steered layer
     compiled, compile_s, xla_mem = _aot(causal.shared_sweep_jit, model, tokens, lengths, iv, markers,
-                                        entries=entries, prefix=prefix, group_layers=g_layers, fused_from=fused_from)
-    timing, out = harness.time_calls(lambda: compiled(model, tokens, lengths, iv, markers), repeats, harness.jax_sync)
+                                        entries=entries, prefix=prefix, group_layers=g_layers, fused_from=fused_from,
+                                        unroll=bool(unroll))
     lens = corpus.lengths.tolist()
     L = cfg.num_layers
-    rec = {"jax": _jax_record(timing, compile_s, xla_mem), "torch": None, "doses": list(map(float, doses)),
-           "layer": layer, "one_compiled_call": True, "group_layers": g_layers, "fused_from": fused_from}
-    rec["jax"]["calls_per_sweep"] = 1
-    rec["jax"]["shared_prefix_rows"] = prefix
     # the engine's work: the baseline (L blocks, all rows, NLL + last logits) + for the reference and each
     # dose, L - layer blocks over the rows from `prefix` on (and their NLL rows)
-    rec["flops"] = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
-                    shapes.forward_flops(cfg, [n - prefix for n in lens], blocks_per_sample=(s + 1) * (L - layer),
-                                         logits_rows_per_sample=s + 1))
+    flops = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
+             shapes.forward_flops(cfg, [n - prefix for n in lens], blocks_per_sample=(s + 1) * (L - layer),
+                                  logits_rows_per_sample=s + 1))
+    return SteeringProgram(compiled, (model, tokens, lengths, iv, markers), compile_s, xla_mem, layer, prefix,
+                           fused_from, g_layers, bool(unroll), flops)
+
+
+def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
+                   dtype: str = "float32", doses: Sequence[float] = DEFAULT_DOSES,
+                   group_layers: Optional[int] = None, unroll: bool = False) -> dict:
+    """Time the Scale dose sweep of `steering_program` (one compiled call) against one transformers forward
+    per dose."""
+    prog = steering_program(model, corpus, doses, group_layers, unroll)
+    timing, out = harness.time_calls(lambda: prog.compiled(*prog.args), repeats, harness.jax_sync)
+    cfg, layer, s = model.cfg, prog.layer, len(doses)
+    lens = corpus.lengths.tolist()
+    rec = {"jax": _jax_record(timing, prog.compile_s, prog.xla_mem), "torch": None, "doses": list(map(float, doses)),
+           "layer": layer, "one_compiled_call": True, "group_layers": prog.group_layers, "unroll": prog.unroll,
+           "fused_from": prog.fused_from}
+    rec["jax"]["calls_per_sweep"] = 1
+    rec["jax"]["shared_prefix_rows"] = prog.prefix
+    rec["flops"] = prog.flops
     rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
     rec["tokens"] = int(sum(lens)) * s
     # the engine returns [B, 1 + S, ...] (point 0: the reference); the comparisons below use [S, B, ...]
