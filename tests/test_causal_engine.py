@@ -234,6 +234,31 @@ def test_entry_layers_and_prefix_rules():
     assert causal.knockout_prefix(np.zeros((2, 40, 40), bool), [40, 35]) == 32  # no edge: the last real token
 
 
+@pytest.mark.parametrize("kind", ["residual", "logit_shift"])
+def test_early_residual_and_logit_shift_edits_are_recomputed_not_shared(bundled_model, small, kind):
+    """The shared rows end before the first row ANY edit touches, not only attention edges: a residual-stream
+    add or a logit shift at row 2 (before every marker) swept on the shared-prefix engine equals the full
+    forward (it was silently lost when only attention edges bounded the shared prefix)."""
+    _, batch, markers = small
+    cfg, t = bundled_model.cfg, batch.tokens.shape[1]
+    if kind == "residual":
+        vec = np.random.RandomState(0).randn(cfg.hidden_size).astype(np.float32) * 5
+        point = ivs.stack([ivs.Interventions(residual=ivs.residual_add(t, vec, length=int(n), n_layers=cfg.num_layers,
+                                                                       layers=[1], positions=[2]))
+                           for n in batch.lengths])
+    else:
+        shift = np.zeros((len(batch.lengths), cfg.num_layers, cfg.num_heads, t, t), np.float32)
+        shift[:, 1, :, 2, 0] = 3.0  # row 2 attends more to key 0 at layer 1
+        point = ivs.Interventions(logit_shift=ivs.AttentionLogitShift(shift=jnp.asarray(shift)))
+    assert causal.shared_prefix(ivs.stack([point]), batch.lengths, markers) == 0
+    res = causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, [point], [1], markers)
+    full = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, point, markers)
+    base = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, None, markers)
+    np.testing.assert_allclose(res.nll[0], full["nll"], atol=1e-5)
+    np.testing.assert_allclose(res.last[0], full["last"], atol=1e-4)
+    assert np.abs(np.asarray(full["nll"]) - np.asarray(base["nll"])).max() > 1e-3  # the edit does something
+
+
 @pytest.mark.slow
 def test_per_layer_layout_and_small_groups_give_the_same_sweep(bundled_model, small, steering_sweep):
     """Long groups are split into scan bodies of at most group_layers layers (a per-layer layout copies one

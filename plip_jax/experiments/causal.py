@@ -95,12 +95,19 @@ PREFIX_MULTIPLE = 8  # the shared prefix is rounded down to a multiple of this (
 
 
 def _edited_rows(iv) -> np.ndarray:
-    """Host: sorted query rows that carry an edge of any attention kind (any leading axes)."""
+    """Host: sorted rows that any edit touches (any leading axes): query rows with an edge of an attention kind
+    (knockout, steering, a nonzero logit shift) and positions of a residual-stream edit."""
     rows = set()
     for kind in (iv.knockout, iv.scale, iv.set_value):
         if kind is not None:
             e = np.asarray(kind.edges)
             rows.update(np.nonzero(e.reshape(-1, *e.shape[-2:]).any(axis=(0, 2)))[0].tolist())
+    if iv.logit_shift is not None:  # shift [..., L, H, T, T]
+        sh = np.asarray(iv.logit_shift.shift) != 0
+        rows.update(np.nonzero(sh.reshape(-1, *sh.shape[-2:]).any(axis=(0, 2)))[0].tolist())
+    if iv.residual is not None:  # where [..., L, T]
+        w = np.asarray(iv.residual.where)
+        rows.update(np.nonzero(w.reshape(-1, w.shape[-1]).any(axis=0))[0].tolist())
     return np.asarray(sorted(rows), np.int64)
 
 
