@@ -237,19 +237,13 @@ def memory(cfg, dtype):
 
 
 def knockout(cfg, dtype, repeats, groups):
-    from plip_jax.experiments import causal
-
+    """The bench's knockout scan (20 samples in one call) compiled and timed with each group size."""
     model = models.random_model(cfg, dtype, layer_layout="auto")
     corpus = wl.make_corpus(cfg, 20, 64)
-    heads = np.ones((20, cfg.num_heads), bool)
-    args = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads))
-    prefix = causal.knockout_prefix(corpus.edges, corpus.lengths)
     for g in groups:
-        t0 = time.perf_counter()
-        compiled = causal.layer_knockout_scan_jit.lower(model, *args, group_layers=g, prefix=prefix).compile()
-        c = time.perf_counter() - t0
-        t, _ = harness.time_calls(lambda: compiled(model, *args), repeats, harness.jax_sync)
-        emit(part="knockout_scan", group_layers=g, compile_s=c, median_ms=t.median_s * 1e3)
+        prog = wl.knockout_program(model, corpus, group_layers=g)
+        t, _ = harness.time_calls(prog.run, repeats, harness.jax_sync)
+        emit(part="knockout_scan", group_layers=g, compile_s=prog.compile_s, median_ms=t.median_s * 1e3)
 
 
 def main(argv=None):

@@ -147,7 +147,8 @@ def test_check_finite_logits_names_the_sample_on_either_axis():
 def test_shared_steering_sweep_equals_full_recomputation_and_the_plain_sweep(bundled_model, small, steering_sweep):
     samples, batch, markers = small
     points, res = steering_sweep
-    assert causal.shared_prefix(ivs.stack(points), batch.lengths, markers) > 0  # rows really are shared
+    windows = causal.sweep_windows(ivs.stack(points), batch.lengths, batch.tokens.shape[1], markers)
+    assert windows.width < batch.tokens.shape[1] and windows.starts.min() > 0  # rows really are shared
     plain = causal.run_sweep(bundled_model.model, batch.tokens, batch.lengths, ivs.stack(points), markers)
     np.testing.assert_allclose(res.last, plain["last"], atol=1e-4)
     np.testing.assert_allclose(res.nll, plain["nll"], atol=1e-5)
@@ -222,16 +223,27 @@ def test_entry_layers_and_prefix_rules():
     assert causal.entry_layers(list(range(8)), 8, 4) == (0, 0, 0, 0, 4, 4, 4, 4)  # many: groups of 4
     with pytest.raises(ivs.InterventionError, match="out of range"):
         causal.entry_layers([8], 8)
-    e = np.zeros((2, 40, 40), bool)
-    e[0, 21, 3] = e[1, 30, 2] = True
-    iv = ivs.Interventions(knockout=ivs.AttentionKnockout(edges=e, layers=np.ones((2, 8), bool),
-                                                          heads=np.ones((2, 6), bool)))
-    assert causal.shared_prefix(iv, [40, 40]) == 16
-    assert causal.shared_prefix(iv, [40, 12]) == 8  # before the shortest sample's last token
-    assert causal.shared_prefix(iv, [40, 40], markers=[7, 30]) == 0  # a marker row read before the edits
-    for lengths in ([40, 40], [40, 12]):  # the knockout-only form: the same rule from the edges alone
-        assert causal.knockout_prefix(e, lengths) == causal.shared_prefix(iv, lengths)
-    assert causal.knockout_prefix(np.zeros((2, 40, 40), bool), [40, 35]) == 32  # no edge: the last real token
+    e = np.zeros((3, 2, 64, 64), bool)  # [S points, B samples, T, T]
+    e[1, 0, 21, 3] = e[2, 0, 25, 3] = e[1, 1, 30, 2] = True
+    iv = ivs.Interventions(knockout=ivs.AttentionKnockout(edges=e, layers=np.ones((3, 2, 8), bool),
+                                                          heads=np.ones((3, 2, 6), bool)))
+
+    def windows(lengths, markers=None):
+        w = causal.sweep_windows(iv, lengths, 64, markers)
+        return w.starts.tolist(), w.width
+
+    # each sample from its first edited row (over every point) to its last real token; width rounded up to 8
+    assert windows([40, 40]) == ([21, 30], 24)
+    assert windows([40, 12]) == ([21, 11], 24)  # short sample: from its last real token (its edit lies past it)
+    assert windows([40, 40], markers=[7, 35]) == ([7, 24], 40)  # a marker row read before the edits; moved back
+    assert windows([64, 64]) == ([16, 16], 48)  # a window never passes T: starts move back (rows still covered)
+    for lengths in ([40, 40], [40, 12]):  # the knockout-only form [B, T, T]: the same rule from the edges alone
+        ko = causal.knockout_windows(e.any(axis=0), lengths)
+        assert (ko.starts.tolist(), ko.width) == windows(lengths)
+    none = causal.knockout_windows(np.zeros((2, 40, 40), bool), [40, 35])  # no edge: the last real token
+    assert (none.starts.tolist(), none.width) == ([32, 32], 8)
+    full = causal.SweepWindows.full(2, 40)
+    assert (full.starts.tolist(), full.width) == ([0, 0], 40)
 
 
 @pytest.mark.parametrize("kind", ["residual", "logit_shift"])
@@ -250,7 +262,7 @@ def test_early_residual_and_logit_shift_edits_are_recomputed_not_shared(bundled_
         shift = np.zeros((len(batch.lengths), cfg.num_layers, cfg.num_heads, t, t), np.float32)
         shift[:, 1, :, 2, 0] = 3.0  # row 2 attends more to key 0 at layer 1
         point = ivs.Interventions(logit_shift=ivs.AttentionLogitShift(shift=jnp.asarray(shift)))
-    assert causal.shared_prefix(ivs.stack([point]), batch.lengths, markers) == 0
+    assert causal.sweep_windows(ivs.stack([point]), batch.lengths, t, markers).starts.max() <= 2
     res = causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, [point], [1], markers)
     full = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, point, markers)
     base = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, None, markers)

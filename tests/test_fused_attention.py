@@ -225,7 +225,8 @@ def test_fused_paths_lower_to_cudnn_for_a_gpu(monkeypatch):
     step = jax.vmap(lambda t, c, p: model(t[None], capture=Capture(logits="last"), positions=p[None], cache=c).logits)
     assert target in custom_calls(step, tokens[:, 0], cache, lengths)
     iv = _dose_sweep(cfg, np.asarray(markers), np.asarray(lengths), layers=[2])
-    sweep = lambda t, n, i, m: causal.shared_sweep_jit(model, t, n, i, m, entries=(2,) * 4, prefix=8, group_layers=2,
+    sweep = lambda t, n, i, m: causal.shared_sweep_jit(model, t, n, i, m, jnp.full((3,), 8, jnp.int32),
+                                                       entries=(2,) * 4, width=T - 8, group_layers=2,
                                                        fused_from=causal.intervened_below(iv, cfg.num_layers))
     assert target in custom_calls(sweep, tokens, lengths, iv, markers)
     explicit = lambda *a: marker_metric(model.with_attention("explicit").trunk(), *a)

@@ -73,7 +73,7 @@ def test_exact_grid_chunks_compile_one_program(bundled_model, bundled_batch, mon
     real = causal.shared_sweep
 
     def spy(model, tokens, lengths, iv, markers=None, **kw):
-        calls.append((kw["entries"], kw["prefix"], jax.tree_util.tree_leaves(iv)[0].shape))
+        calls.append((kw["entries"], kw["windows"].width, jax.tree_util.tree_leaves(iv)[0].shape))
         return real(model, tokens, lengths, iv, markers, **kw)
 
     monkeypatch.setattr(causal, "shared_sweep", spy)

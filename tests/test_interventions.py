@@ -162,18 +162,20 @@ def test_vmapped_sweep_equals_loop(bundled_model, universal_corpus):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group_layers,prefix", [(1, None), (3, 0), (causal.DEFAULT_GROUP_LAYERS, None), (8, None)])
-def test_shared_prefix_layer_scan_equals_full_recomputation(bundled_model, universal_corpus, group_layers, prefix):
+@pytest.mark.parametrize("group_layers,full", [(1, False), (3, True), (causal.DEFAULT_GROUP_LAYERS, False),
+                                               (8, False)])
+def test_shared_prefix_layer_scan_equals_full_recomputation(bundled_model, universal_corpus, group_layers, full):
     samples, _ = causal_samples.prepare(bundled_model, universal_corpus)
     samples = samples[:2] + samples[-2:]
     batch = causal_samples.make_batch(bundled_model, samples)
     iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
-    shared = causal.knockout_prefix(iv0.knockout.edges, batch.lengths)
-    first_row = int(np.nonzero(np.asarray(iv0.knockout.edges).any(-1))[1].min())
-    assert 0 < shared <= first_row  # the markers sit late: rows before them are shared with the baseline
+    windows = causal.knockout_windows(iv0.knockout.edges, batch.lengths)
+    first_rows = np.argmax(np.asarray(iv0.knockout.edges).any(-1), axis=1)  # each sample's knocked query row
+    assert np.all(windows.starts <= first_rows) and windows.starts.max() > 0  # rows before them are shared
+    assert windows.width < batch.tokens.shape[1]
     scan = causal.layer_knockout_scan(bundled_model.model, batch.tokens, batch.lengths, iv0.knockout.edges,
                                       iv0.knockout.heads, group_layers=group_layers,
-                                      prefix=prefix)
+                                      windows=causal.SweepWindows.full(*batch.tokens.shape) if full else None)
     base = causal.run_batch(bundled_model.model, batch.tokens, batch.lengths, None)
     np.testing.assert_allclose(scan["last"][:, 0], base["last"], atol=1e-5)
     for l in range(bundled_model.cfg.num_layers):

@@ -245,10 +245,10 @@ class KnockoutProgram:
 
     compiled: Any
     model: Any
-    chunks: list  # [(tokens, lengths, edges, heads)] of batch_size samples each: compiled(model, *chunk)
+    chunks: list  # [(tokens, lengths, edges, heads, window starts)] of batch_size samples: compiled(model, *chunk)
     compile_s: float
     xla_mem: Optional[dict]
-    prefix: int  # rows shared with the baseline
+    window_rows: int  # rows recomputed per sample (the others are the baseline's)
     group_layers: int
     flops: float  # the engine's matmul work over all chunks
 
@@ -272,20 +272,22 @@ def knockout_program(model, corpus: Corpus, batch_size: Optional[int] = None,
     heads = np.ones((b, cfg.num_heads), bool)
     full = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads))
     chunks = [tuple(x[i:i + bs] for x in full) for i in range(0, b, bs)]
-    prefix = causal.knockout_prefix(corpus.edges, corpus.lengths)  # rows shared with the baseline (static)
-    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan_jit, model, *chunks[0], prefix=prefix,
+    windows = causal.knockout_windows(corpus.edges, corpus.lengths)  # the rows recomputed per sample
+    starts = jnp.asarray(windows.starts)
+    chunks = [c + (starts[i:i + bs],) for c, i in zip(chunks, range(0, b, bs))]
+    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan_jit, model, *chunks[0], width=windows.width,
                                         group_layers=g_layers)
     L = cfg.num_layers
     lens = corpus.lengths.tolist()
     # the work the engine does: the baseline (L blocks, all rows) + the no-op reference (L blocks) + for the
     # run knocked at layer k, L - entry(k) blocks (entry = k rounded down to a multiple of the group size),
-    # over the rows from the first knocked query row on (`prefix` rows are the baseline's)
+    # over each sample's window of rows (from its first knocked query row; earlier rows are the baseline's)
     g = max(1, min(g_layers, L))
     blocks = L + sum(L - k // g * g for k in range(L))
     flops = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
-             shapes.forward_flops(cfg, [n - prefix for n in lens], blocks_per_sample=blocks,
+             shapes.forward_flops(cfg, [windows.width] * len(lens), blocks_per_sample=blocks,
                                   logits_rows_per_sample=L + 1))
-    return KnockoutProgram(compiled, model, chunks, compile_s, xla_mem, prefix, g_layers, flops)
+    return KnockoutProgram(compiled, model, chunks, compile_s, xla_mem, windows.width, g_layers, flops)
 
 
 def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
@@ -299,7 +301,7 @@ def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_d
     L = cfg.num_layers
     lens = corpus.lengths.tolist()
     rec = {"jax": _jax_record(timing, prog.compile_s, prog.xla_mem), "torch": None}
-    rec["jax"].update(calls=len(prog.chunks), samples_per_call=len(prog.chunks[0][0]), shared_prefix_rows=prog.prefix,
+    rec["jax"].update(calls=len(prog.chunks), samples_per_call=len(prog.chunks[0][0]), window_rows=prog.window_rows,
                       group_layers=prog.group_layers)
     rec["flops"] = prog.flops
     rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
@@ -359,11 +361,11 @@ class SteeringProgram:
     """The steering sweep's compiled call and what describes it (`steering_program`)."""
 
     compiled: Any
-    args: tuple  # (model, tokens, lengths, iv, markers): compiled(*args) runs the sweep
+    args: tuple  # (model, tokens, lengths, iv, markers, window starts): compiled(*args) runs the sweep
     compile_s: float
     xla_mem: Optional[dict]
     layer: int
-    prefix: int  # rows shared with the baseline
+    window_rows: int  # rows recomputed per sample (the others are the baseline's)
     fused_from: Optional[int]
     group_layers: int
     unroll: bool
@@ -385,20 +387,21 @@ def steering_program(model, corpus: Corpus, doses: Sequence[float] = DEFAULT_DOS
     tokens, lengths, markers = (jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers))
     s = len(doses)
     entries = (layer,) * (s + 1)
-    prefix = causal.shared_prefix(iv, corpus.lengths, corpus.markers)
+    windows = causal.sweep_windows(iv, corpus.lengths, corpus.tokens.shape[1], corpus.markers)
+    starts = jnp.asarray(windows.starts)
     fused_from = causal.fused_from_layer(model, iv)  # --attention=fused: the blocks above the steered layer
-    compiled, compile_s, xla_mem = _aot(causal.shared_sweep_jit, model, tokens, lengths, iv, markers,
-                                        entries=entries, prefix=prefix, group_layers=g_layers, fused_from=fused_from,
-                                        unroll=bool(unroll))
+    compiled, compile_s, xla_mem = _aot(causal.shared_sweep_jit, model, tokens, lengths, iv, markers, starts,
+                                        entries=entries, width=windows.width, group_layers=g_layers,
+                                        fused_from=fused_from, unroll=bool(unroll))
     lens = corpus.lengths.tolist()
     L = cfg.num_layers
     # the engine's work: the baseline (L blocks, all rows, NLL + last logits) + for the reference and each
-    # dose, L - layer blocks over the rows from `prefix` on (and their NLL rows)
+    # dose, L - layer blocks over each sample's window of rows (and their NLL rows)
     flops = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
-             shapes.forward_flops(cfg, [n - prefix for n in lens], blocks_per_sample=(s + 1) * (L - layer),
+             shapes.forward_flops(cfg, [windows.width] * len(lens), blocks_per_sample=(s + 1) * (L - layer),
                                   logits_rows_per_sample=s + 1))
-    return SteeringProgram(compiled, (model, tokens, lengths, iv, markers), compile_s, xla_mem, layer, prefix,
-                           fused_from, g_layers, bool(unroll), flops)
+    return SteeringProgram(compiled, (model, tokens, lengths, iv, markers, starts), compile_s, xla_mem, layer,
+                           windows.width, fused_from, g_layers, bool(unroll), flops)
 
 
 def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
@@ -414,7 +417,7 @@ def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_
            "layer": layer, "one_compiled_call": True, "group_layers": prog.group_layers, "unroll": prog.unroll,
            "fused_from": prog.fused_from}
     rec["jax"]["calls_per_sweep"] = 1
-    rec["jax"]["shared_prefix_rows"] = prog.prefix
+    rec["jax"]["window_rows"] = prog.window_rows
     rec["flops"] = prog.flops
     rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
     rec["tokens"] = int(sum(lens)) * s

@@ -9,8 +9,9 @@ Two engines:
 * `run_batch` / `run_sweep`: full forwards of every sample and sweep point (any `Model`).
 * `shared_sweep` (transformers, per-block API): ONE program runs the baseline forward, a no-op reference
   point and the intervened points, sharing the baseline's work no intervention can change: layers below a
-  point's first intervened layer run once (the baseline's), and only the rows from the first edited query
-  row on are recomputed, attending to the baseline's cached keys/values for earlier rows. Every point
+  point's first intervened layer run once (the baseline's), and each sample recomputes only its window of
+  rows from its first edited row on (`sweep_windows`), attending to the baseline's cached keys/values for
+  earlier rows. Every point
   starts as a copy of the no-op reference and runs the very same operations, so an identity intervention
   (Scale 1, an empty edge set) reproduces the reference bit for bit (KL exactly 0), while the KL between
   the full baseline and the reference (two mathematically equal computations that round differently) is
@@ -88,50 +89,80 @@ def run_sweep(model, tokens, lengths, iv, markers=None, sweep_batch: Optional[in
 
 
 DEFAULT_GROUP_LAYERS = 4  # layers per compiled scan body when sweep points enter at many layers
-PREFIX_MULTIPLE = 8  # the shared prefix is rounded down to a multiple of this (fewer distinct compilations)
+ROW_MULTIPLE = 8  # the recomputed window's width is rounded up to a multiple of this (fewer distinct compilations)
 
 
 # --------------------------------------------------------------------------- shared-prefix engine: plan
 
 
-def _edited_rows(iv) -> np.ndarray:
-    """Host: sorted rows that any edit touches (any leading axes): query rows with an edge of an attention kind
-    (knockout, steering, a nonzero logit shift) and positions of a residual-stream edit."""
-    rows = set()
+@dataclasses.dataclass(frozen=True)
+class SweepWindows:
+    """Which rows a sweep recomputes per sample: rows starts[b] .. starts[b] + width - 1 of sample b; its rows
+    before starts[b] are the baseline's (attention is causal: no edit reaches an earlier row). `width` is
+    static (one compiled program), the starts are data."""
+
+    starts: np.ndarray  # int32 [B]
+    width: int
+
+    @classmethod
+    def full(cls, n_samples: int, n_positions: int) -> "SweepWindows":
+        """Every row recomputed (nothing shared)."""
+        return cls(np.zeros((n_samples,), np.int32), int(n_positions))
+
+
+def _edited_row_mask(iv, sample_axis: int) -> Optional[np.ndarray]:
+    """Host: bool [B, T], the rows of each sample that any edit touches (query rows with an edge of an attention
+    kind or a nonzero logit shift; positions of a residual-stream edit), or None when `iv` edits nothing.
+    `iv`: host Interventions whose leaves carry the sample axis at `sample_axis` (e.g. 1 for [S, B, ...])."""
+    per_leaf = []  # each [..., T] with the sample axis at sample_axis
     for kind in (iv.knockout, iv.scale, iv.set_value):
         if kind is not None:
-            e = np.asarray(kind.edges)
-            rows.update(np.nonzero(e.reshape(-1, *e.shape[-2:]).any(axis=(0, 2)))[0].tolist())
+            per_leaf.append(np.asarray(kind.edges).any(axis=-1))  # [..., T, T] -> query rows
     if iv.logit_shift is not None:  # shift [..., L, H, T, T]
-        sh = np.asarray(iv.logit_shift.shift) != 0
-        rows.update(np.nonzero(sh.reshape(-1, *sh.shape[-2:]).any(axis=(0, 2)))[0].tolist())
+        per_leaf.append((np.asarray(iv.logit_shift.shift) != 0).any(axis=(-1, -3, -4)))
     if iv.residual is not None:  # where [..., L, T]
-        w = np.asarray(iv.residual.where)
-        rows.update(np.nonzero(w.reshape(-1, w.shape[-1]).any(axis=0))[0].tolist())
-    return np.asarray(sorted(rows), np.int64)
+        per_leaf.append(np.asarray(iv.residual.where).any(axis=-2))
+    if not per_leaf:
+        return None
+    out = None
+    for rows in per_leaf:
+        rows = np.moveaxis(rows, sample_axis, 0)
+        rows = rows.reshape(rows.shape[0], -1, rows.shape[-1]).any(axis=1)  # [B, T]
+        out = rows if out is None else out | rows
+    return out
 
 
-def shared_prefix(iv, lengths, markers=None) -> int:
-    """Rows every point of a sweep shares with the baseline: the causal prefix before the first query row
-    any edge edits (attention is causal, so earlier rows are untouched in every layer), before every
-    marker whose attention row is read (`markers`, optional) and before each sample's last real token;
-    rounded down to a multiple of PREFIX_MULTIPLE. `iv`: Interventions with any leading axes (host arrays)."""
-    return _prefix_before(_edited_rows(iv), lengths, markers)
-
-
-def knockout_prefix(edges, lengths) -> int:
-    """`shared_prefix` of a knockout given by its edges bool [..., T, T] (host array) and lengths int [B]."""
-    e = np.asarray(edges)
-    return _prefix_before(np.nonzero(e.reshape(-1, *e.shape[-2:]).any(axis=(0, 2)))[0], lengths)
-
-
-def _prefix_before(edited_rows: np.ndarray, lengths, markers=None) -> int:
-    """The shared prefix given the edited query rows (any order), see `shared_prefix`."""
-    last_real = int(np.min(np.asarray(lengths))) - 1
-    first = int(np.min(edited_rows)) if np.size(edited_rows) else last_real
+def _windows(edited: Optional[np.ndarray], lengths, n_positions: int, markers=None) -> SweepWindows:
+    """SweepWindows from the edited-row mask bool [B, T] (None: no edit): each sample's window starts at its
+    first edited row, its marker (whose attention row is read) or its last real token, whichever comes first,
+    and ends after its last real token; the width is the widest, rounded up to ROW_MULTIPLE (at most T), and
+    a start moves back where the window would pass T."""
+    lengths = np.asarray(lengths, np.int64)
+    t = int(n_positions)
+    first = lengths - 1
+    if edited is not None:
+        hit = edited.any(axis=1)
+        first = np.where(hit, np.minimum(first, np.argmax(edited, axis=1)), first)
     if markers is not None and np.size(markers):
-        first = min(first, int(np.min(np.asarray(markers))))
-    return max(0, min(first, last_real)) // PREFIX_MULTIPLE * PREFIX_MULTIPLE
+        first = np.minimum(first, np.asarray(markers, np.int64))
+    first = np.clip(first, 0, t - 1)
+    need = int(np.max(lengths - first)) if lengths.size else t
+    width = min(t, max(1, -(-need // ROW_MULTIPLE) * ROW_MULTIPLE))
+    return SweepWindows(np.minimum(first, t - width).astype(np.int32), width)
+
+
+def sweep_windows(iv, lengths, n_positions: int, markers=None) -> SweepWindows:
+    """The rows a sweep must recompute per sample (see `SweepWindows`): from the first row any point's edit
+    touches in that sample (attention is causal, so earlier rows are the baseline's in every layer), its
+    marker whose attention row is read (`markers`, optional) or its last real token. `iv`: host Interventions
+    with leading [S, B] (points, samples) on every leaf; lengths int [B]; n_positions: T."""
+    return _windows(_edited_row_mask(iv, sample_axis=1), lengths, n_positions, markers)
+
+
+def knockout_windows(edges, lengths) -> SweepWindows:
+    """`sweep_windows` of a knockout given by its edges bool [B, T, T] (host array) and lengths int [B]."""
+    e = np.asarray(edges)
+    return _windows(e.any(axis=-1), lengths, e.shape[-1])
 
 
 def intervened_below(iv, n_layers: int) -> int:
@@ -178,15 +209,16 @@ def entry_layers(starts: Sequence[int], n_layers: int, group_layers: int = DEFAU
 # --------------------------------------------------------------------------- shared-prefix engine: device
 
 
-def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, unroll: bool,
+def _sweep_one(model, tokens, length, iv, marker, start, entries: tuple, width: int, unroll: bool,
                group_layers: int = DEFAULT_GROUP_LAYERS, fused_from: Optional[int] = None) -> dict:
     """Baseline + S sweep points of ONE sequence on a transformer (see the module docstring).
 
     iv: Interventions with a leading S axis; point 0 must be a no-op (same structure, nothing selected)
     and entries[0] == min(entries); entries (static, non-decreasing) is each point's entry layer. Points
     entering at layer a start as copies of point 0's stream there (the baseline's stream for the first
-    entry); only rows >= `prefix` are computed. Layers run in scan bodies of at most `group_layers` layers
-    (a per-layer weight layout copies one body's layers at a time). Returns base_last [V], base_nll [], last [S, V],
+    entry); only the `width` (static) rows from `start` (int [], traced; start + width <= T) are computed, the
+    others are the baseline's. Layers run in scan bodies of at most `group_layers` layers (a per-layer weight
+    layout copies one body's layers at a time). Returns base_last [V], base_nll [], last [S, V],
     nll [S], marker_rows [S, L, H, T] (the marker's attention rows, when `marker` is given; layers below
     a point's entry are the reference's, below entries[0] the baseline's) and, when iv steers,
     failed_row int32 [S, L] (the first row whose steering failed at that layer, -1 if none).
@@ -196,7 +228,8 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
     cfg = model.cfg
     n_layers = cfg.num_layers
     t = tokens.shape[0]
-    p = int(prefix)
+    w_rows = int(width)
+    start = jnp.asarray(start, jnp.int32)
     n_points = len(entries)
     w = model.unembedding
     want_rows = marker is not None
@@ -209,8 +242,9 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
         base_lp = metrics.token_logprobs_from_hidden(base.final_hidden[:-1], w, tokens[1:])  # [T - 1]
     base_last = _row_logits(model, base.final_hidden, length - 1)
     base_nll = metrics.mean_nll_of_rows(base_lp, length)
-    ctx = model.block_context(t - p, length=length, positions=jnp.arange(p, t, dtype=jnp.int32), cache_size=t)
-    marker_row = None if not want_rows else jnp.clip(marker - p, 0, t - p - 1)
+    positions = start + jnp.arange(w_rows, dtype=jnp.int32)
+    ctx = model.block_context(w_rows, length=length, positions=positions, cache_size=t)
+    marker_row = None if not want_rows else jnp.clip(marker - start, 0, w_rows - 1)
 
     g = max(1, min(int(group_layers), n_layers))
     bounds = sorted(set(entries) | set(range(-(-min(entries) // g) * g, n_layers, g)))
@@ -220,9 +254,10 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
     for gi, a in enumerate(bounds):
         b = bounds[gi + 1] if gi + 1 < len(bounds) else n_layers
         n_new = entries.count(a)
-        if streams is None:  # the baseline's stream entering layer a, suffix rows
-            start = (model.embed(tokens) if a == 0 else base.resid_post[a - 1])[p:]
-            streams = jnp.broadcast_to(start, (n_new,) + start.shape)
+        if streams is None:  # the baseline's stream entering layer a, the window's rows
+            whole = model.embed(tokens) if a == 0 else base.resid_post[a - 1]
+            rows0 = jax.lax.dynamic_slice_in_dim(whole, start, w_rows, 0)
+            streams = jnp.broadcast_to(rows0, (n_new,) + rows0.shape)
         else:  # later points start as copies of the reference (point 0): the same operations so far
             streams = jnp.concatenate([streams, jnp.broadcast_to(streams[0], (n_new,) + streams.shape[1:])])
         n = streams.shape[0]
@@ -235,7 +270,7 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
             if fused:  # no point edits these layers: probs holds the marker row only ([n, H, 1, T])
                 rows = marker_row[None] if want_rows else None
                 out, probs, _, bad = jax.vmap(lambda x: model.apply_block(x, lp, j, ctx, None, kv, 0, fused=True,
-                                                                          fused_rows=rows, fused_q_start=p))(h)
+                                                                          fused_rows=rows, fused_q_start=start))(h)
             else:
                 out, probs, _, bad = jax.vmap(lambda x, i: model.apply_block(x, lp, j, ctx, i, kv, 0))(h, iv_n)
             y = {}
@@ -243,7 +278,7 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
                 y["rows"] = probs[:, :, 0] if fused else jax.lax.dynamic_index_in_dim(probs, marker_row, 2,
                                                                                     keepdims=False)  # [n, H, T]
             if steering:
-                y["fail"] = jnp.where(bad.any(-1), p + jnp.argmax(bad, -1), -1).astype(jnp.int32)
+                y["fail"] = jnp.where(bad.any(-1), start + jnp.argmax(bad, -1), -1).astype(jnp.int32)
             return out, y
 
         # one scan body per group (per-layer layouts copy only this group's layers), or every layer inline
@@ -257,11 +292,15 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
             ys["fail"] = jnp.pad(ys["fail"], ((0, 0), (0, missing)), constant_values=-1)
         ys_all.append(ys)
 
+    # the window's rows start .. start + width - 1 predict tokens start + 1 .. start + width - 1 (its last row's
+    # next token lies past every sample's last real token: the window ends after it)
+    next_tokens = jax.lax.dynamic_slice_in_dim(tokens, start + 1, w_rows - 1, 0)
     with matmul_precision(cfg.dtype):
-        hidden = jax.vmap(model.final_norm)(streams)  # [S, T - p, D]
-        last = jax.vmap(lambda h: _row_logits(model, h, length - 1 - p))(hidden)  # [S, V]
-        suffix_lp = jax.vmap(lambda h: metrics.token_logprobs_from_hidden(h[:-1], w, tokens[p + 1:]))(hidden)
-    all_lp = jnp.concatenate([jnp.broadcast_to(base_lp[:p], (n_points, p)), suffix_lp], axis=1)  # [S, T - 1]
+        hidden = jax.vmap(model.final_norm)(streams)  # [S, width, D]
+        last = jax.vmap(lambda h: _row_logits(model, h, length - 1 - start))(hidden)  # [S, V]
+        window_lp = jax.vmap(lambda h: metrics.token_logprobs_from_hidden(h[:-1], w, next_tokens))(hidden)
+    # [S, T - 1]: the baseline's log-probs outside the window, the point's inside
+    all_lp = jax.vmap(lambda lp: jax.lax.dynamic_update_slice_in_dim(base_lp, lp, start, 0))(window_lp)
     nll = jax.vmap(lambda lp: metrics.mean_nll_of_rows(lp, length))(all_lp)
     out = {"base_last": base_last, "base_nll": base_nll, "last": last, "nll": nll}
     a0 = bounds[0]
@@ -276,16 +315,19 @@ def _sweep_one(model, tokens, length, iv, marker, entries: tuple, prefix: int, u
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("entries", "prefix", "unroll", "group_layers", "fused_from"))
-def shared_sweep_jit(model, tokens, lengths, iv, markers=None, *, entries: tuple, prefix: int = 0,
+@functools.partial(jax.jit, static_argnames=("entries", "width", "unroll", "group_layers", "fused_from"))
+def shared_sweep_jit(model, tokens, lengths, iv, markers=None, starts=None, *, entries: tuple, width: int,
                      unroll: bool = False, group_layers: int = DEFAULT_GROUP_LAYERS,
                      fused_from: Optional[int] = None) -> dict:
-    """`shared_sweep` under jit: static `entries` and `prefix` (it MUST be <= every edited query row, every
-    marker and every sample's last real position: use `shared_prefix`) and `fused_from` (it MUST be >= every
+    """`shared_sweep` under jit: starts int [B] and static `width` (the rows recomputed per sample, which MUST
+    hold every edited query row, every read marker and the sample's rows up to its last real token: use
+    `sweep_windows`; starts None = every row from 0, width T) and static `fused_from` (it MUST be >= every
     intervened layer + 1: use `fused_from_layer`)."""
-    return jax.vmap(lambda t, n, i, m: _sweep_one(model, t, n, i, m, entries, prefix, unroll, group_layers,
-                                                  fused_from),
-                    in_axes=(0, 0, 1, 0))(tokens, lengths, iv, markers)
+    if starts is None:
+        starts = jnp.zeros(tokens.shape[:1], jnp.int32)
+    return jax.vmap(lambda t, n, i, m, s: _sweep_one(model, t, n, i, m, s, entries, width, unroll, group_layers,
+                                                     fused_from),
+                    in_axes=(0, 0, 1, 0, 0))(tokens, lengths, iv, markers, starts)
 
 
 def fused_from_layer(model, iv) -> Optional[int]:
@@ -296,16 +338,17 @@ def fused_from_layer(model, iv) -> Optional[int]:
     return intervened_below(iv, model.cfg.num_layers)
 
 
-def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[int], prefix: Optional[int] = None,
-                 unroll: bool = False, group_layers: int = DEFAULT_GROUP_LAYERS) -> dict:
+def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[int],
+                 windows: Optional[SweepWindows] = None, unroll: bool = False,
+                 group_layers: int = DEFAULT_GROUP_LAYERS) -> dict:
     """Baseline, no-op reference and sweep points of a batch in ONE program on a transformer `model`.
 
     tokens [B, T], lengths [B]; iv: Interventions with leading [S, B] on every leaf, point 0 a no-op (same
     structure, no edge selected); entries [S]: each point's entry layer (non-decreasing; entries[0] the
     smallest; at most its first intervened layer, e.g. from `entry_layers`); markers int [B] (optional):
-    whose attention rows to return. prefix: shared rows (None: `shared_prefix`). unroll: trace every layer
-    inline instead of `lax.scan` bodies (longer compile; lets XLA's cost analysis count the work).
-    group_layers: at most this many layers per scan body.
+    whose attention rows to return. windows: the rows recomputed per sample (None: `sweep_windows`).
+    unroll: trace every layer inline instead of `lax.scan` bodies (longer compile; lets XLA's cost analysis
+    count the work). group_layers: at most this many layers per scan body.
     Returns {"base_last": [B, V], "base_nll": [B], "last": [B, S, V], "nll": [B, S],
     "marker_rows"?: [B, S, L, H, T], "failed_row"?: int32 [B, S, L] (-1: steering applied)}."""
     entries = tuple(int(e) for e in entries)
@@ -317,39 +360,43 @@ def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[
     bad = [e for e in entries if not 0 <= e < model.cfg.num_layers]
     if bad:
         raise InterventionError(f"entry layers {bad} out of range for a model of {model.cfg.num_layers} layers")
-    if prefix is None:
-        prefix = shared_prefix(iv, lengths, markers)
-    return shared_sweep_jit(model, tokens, lengths, iv, markers, entries=entries, prefix=int(prefix), unroll=unroll,
-                            group_layers=int(group_layers), fused_from=fused_from_layer(model, iv))
+    if windows is None:
+        windows = sweep_windows(iv, lengths, tokens.shape[1], markers)
+    return shared_sweep_jit(model, tokens, lengths, iv, markers, windows.starts, entries=entries,
+                            width=int(windows.width), unroll=unroll, group_layers=int(group_layers),
+                            fused_from=fused_from_layer(model, iv))
 
 
 # --------------------------------------------------------------------------- all-layer knockout scan
 
 
-@functools.partial(jax.jit, static_argnames=("group_layers", "prefix", "unroll"))
-def layer_knockout_scan_jit(model, tokens, lengths, edges, heads, group_layers: int = DEFAULT_GROUP_LAYERS,
-                            prefix: int = 0, unroll: bool = False):
-    """`layer_knockout_scan` under jit with a static shared `prefix` (0 = none; it MUST be <= every edge's
-    query row and every sample's last real position: use `knockout_prefix`)."""
+@functools.partial(jax.jit, static_argnames=("group_layers", "width", "unroll"))
+def layer_knockout_scan_jit(model, tokens, lengths, edges, heads, starts=None, group_layers: int = DEFAULT_GROUP_LAYERS,
+                            width: Optional[int] = None, unroll: bool = False):
+    """`layer_knockout_scan` under jit with the recomputed rows of each sample given: starts int [B] and a static
+    `width` (they MUST hold every edge's query row and the rows up to each sample's last real token: use
+    `knockout_windows`; None = every row)."""
     n_layers = model.cfg.num_layers
     g = max(1, min(int(group_layers), n_layers))
     entries = (0,) + tuple(k // g * g for k in range(n_layers))
     layer_on = jnp.concatenate([jnp.zeros((1, n_layers), bool), jnp.eye(n_layers, dtype=bool)])  # [L + 1, L]
+    if starts is None or width is None:
+        starts, width = jnp.zeros(tokens.shape[:1], jnp.int32), tokens.shape[1]
 
-    def one(t, n, e, h):
+    def one(t, n, e, h, st):
         s = n_layers + 1
         iv = ivs.Interventions(knockout=ivs.AttentionKnockout(
             edges=jnp.broadcast_to(e, (s,) + e.shape), layers=layer_on, heads=jnp.broadcast_to(h, (s,) + h.shape)))
-        return _sweep_one(model, t, n, iv, None, entries, prefix, unroll, g)
+        return _sweep_one(model, t, n, iv, None, st, entries, width, unroll, g)
 
-    out = jax.vmap(one)(tokens, lengths, edges, heads)
+    out = jax.vmap(one)(tokens, lengths, edges, heads, starts)
     return {"last": jnp.concatenate([out["base_last"][:, None], out["last"][:, 1:]], axis=1),
             "nll": jnp.concatenate([out["base_nll"][:, None], out["nll"][:, 1:]], axis=1),
             "noop_last": out["last"][:, 0], "noop_nll": out["nll"][:, 0]}
 
 
 def layer_knockout_scan(model, tokens, lengths, edges, heads, group_layers: int = DEFAULT_GROUP_LAYERS,
-                        prefix: Optional[int] = None, unroll: bool = False):
+                        windows: Optional[SweepWindows] = None, unroll: bool = False):
     """Per-layer knockout scan of a batch on a transformer `model`: tokens [B, T], lengths [B], edges bool
     [B, T, T], heads bool [B, H]. Returns {"last": [B, L + 1, V], "nll": [B, L + 1]} (index 0 = the
     baseline's full forward, k + 1 = knockout at layer k) and the no-op reference of the same engine,
@@ -357,14 +404,15 @@ def layer_knockout_scan(model, tokens, lengths, edges, heads, group_layers: int 
     are taken against it and KL(baseline || no-op) is the scan's noise floor.
 
     Work shared (see `shared_sweep`): the run knocked at layer k enters at k rounded down to a multiple of
-    `group_layers` (one compiled scan body per group), and only rows from `prefix` on are recomputed (None:
-    `knockout_prefix`). Results do not depend on either beyond rounding."""
-    if prefix is None:
+    `group_layers` (one compiled scan body per group), and only each sample's `windows` rows are recomputed
+    (None: `knockout_windows`). Results do not depend on either beyond rounding."""
+    if windows is None:
         try:
-            prefix = knockout_prefix(edges, lengths)
+            windows = knockout_windows(edges, lengths)
         except jax.errors.TracerArrayConversionError:  # called under jit: the edges are not known yet
-            prefix = 0
-    return layer_knockout_scan_jit(model, tokens, lengths, edges, heads, group_layers, prefix, unroll)
+            windows = SweepWindows.full(tokens.shape[0], tokens.shape[1])
+    return layer_knockout_scan_jit(model, tokens, lengths, edges, heads, windows.starts, group_layers,
+                                   int(windows.width), unroll)
 
 
 # --------------------------------------------------------------------------- host side: sweeps and effects
@@ -570,11 +618,12 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         order = sorted(range(k), key=lambda j: ent[j])
         stacked = ivs.stack([noop] + [points[idx[j]] if idx[j] is not None else noop for j in order])
         entries = (min(ent),) + tuple(ent[j] for j in order)
-        prefix = shared_prefix(stacked, lengths, markers)
-        args = (tokens, lengths, stacked, markers)
+        windows = sweep_windows(stacked, lengths, np.shape(tokens)[1], markers)
+        args = (tokens, lengths, stacked, markers, windows.starts)
         if distribute is not None:
             args = distribute(args)
-        dev = shared_sweep(model, *args, entries=entries, prefix=prefix, group_layers=group_layers)
+        dev = shared_sweep(model, *args[:4], entries=entries, windows=SweepWindows(args[4], windows.width),
+                           group_layers=group_layers)
         check_finite_logits(dev["base_last"], "baseline", sample_ids)
         check_finite_logits(dev["last"], "sweep", sample_ids, sample_axis=0)  # [B, 1 + k, V]: no transposed copy
         eff = effects_f64(dev["last"][:, :1], dev["last"], dev["nll"][:, :1], dev["nll"])  # [B, 1 + k] each

@@ -77,9 +77,10 @@ def make_batch(model: Any, samples: Sequence[KnockoutSample]) -> Batch:
 
 
 def distributor(model: Any):
-    """(tokens, lengths, iv [S, B, ...], markers) -> the same split over the model's mesh (samples axis)."""
+    """(tokens, lengths, iv [S, B, ...], markers, window starts [B]) -> the same split over the model's mesh
+    (samples axis)."""
     def put(args):
-        tokens, lengths, iv, markers = args
+        tokens, lengths, iv, markers, starts = args
         return (*sharding.distribute(model, (tokens, lengths)), sharding.distribute(model, iv, axis=1),
-                sharding.distribute(model, markers))
+                sharding.distribute(model, markers), sharding.distribute(model, starts))
     return put

@@ -172,7 +172,7 @@ def _fused_output(q, k, v, cfg: ModelConfig, *, n_keys=None, causal: bool = Fals
 
 
 def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None, cache_layer=None,
-              fused: bool = False, fused_rows=None, fused_q_start: Optional[int] = None):
+              fused: bool = False, fused_rows=None, fused_q_start=None):
     """Self-attention of x [Tq, D]. Returns (out [Tq, D], probs [H, Tq, Tk] f32, new (k, v) cache, failed bool
     [Tq]: rows whose steering could not be applied and were left unsteered, see `ivs.steer_probs`).
 
@@ -186,7 +186,7 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     shorter than the keys, see `fused_attention_applies`): the output comes from a fused kernel
     (`_fused_output`) and `probs` holds only the rows `fused_rows` (int [R]) -> [H, R, Tk], or is None when
     fused_rows is None. Rows over a cache: one row (a decoding step), or rows whose positions are
-    fused_q_start.. (static; e.g. a sweep's suffix rows).
+    fused_q_start.. (an int or a traced int []; e.g. a sweep's window of rows).
     """
     cache_layer = layer if cache_layer is None else cache_layer
     tq = x.shape[0]
@@ -212,10 +212,11 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
             out = _fused_output(q, k, v, cfg, causal=True)
         elif tq == 1:  # a decoding step: the cache's slots up to its position (later slots: stale or empty)
             out = _fused_output(q, k, v, cfg, n_keys=ctx.q_pos[0] + 1)
-        elif fused_q_start is not None:  # rows at positions s.. over the cache: causal once s empty rows lead
-            s0 = int(fused_q_start)
-            lead = jnp.zeros((s0,) + q.shape[1:], q.dtype)
-            out = _fused_output(jnp.concatenate([lead, q]) if s0 else q, k, v, cfg, causal=True)[s0:]
+        elif fused_q_start is not None:  # rows at positions s.. over the cache: causal once placed at row s of
+            # an otherwise empty [S, H, hd] query block (s may be traced; the caller keeps s + Tq <= S)
+            placed = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((k.shape[0],) + q.shape[1:], q.dtype), q,
+                                                         fused_q_start, 0)
+            out = jax.lax.dynamic_slice_in_dim(_fused_output(placed, k, v, cfg, causal=True), fused_q_start, tq, 0)
         else:
             raise ValueError("fused attention over a cache needs one row or the rows' static first position")
         out = out.reshape(tq, h * hd)
