@@ -246,6 +246,18 @@ def test_entry_layers_and_prefix_rules():
     assert (full.starts.tolist(), full.width) == ([0, 0], 40)
 
 
+def test_a_start_layer_above_an_edited_layer_is_refused(bundled_model, small):
+    """A point entering above its first intervened layer would run that layer as the baseline's (its edit
+    skipped, a silently wrong number): refused, naming the point and the layer; entering at or below it runs."""
+    samples, batch, markers = small
+    points = _scale_points(bundled_model, samples, batch, (2.0,), layer=2)
+    with pytest.raises(InterventionError, match="sweep point 0 edits layer 2 but its start layer is 3"):
+        causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, points, [3], markers)
+    assert causal.intervened_layers(points[0], bundled_model.cfg.num_layers).tolist() == [
+        i == 2 for i in range(bundled_model.cfg.num_layers)]
+    causal.check_start_layers(points, [1], bundled_model.cfg.num_layers)  # earlier is exact: accepted
+
+
 @pytest.mark.parametrize("kind", ["residual", "logit_shift"])
 def test_early_residual_and_logit_shift_edits_are_recomputed_not_shared(bundled_model, small, kind):
     """The shared rows end before the first row ANY edit touches, not only attention edges: a residual-stream

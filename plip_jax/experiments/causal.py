@@ -165,11 +165,10 @@ def knockout_windows(edges, lengths) -> SweepWindows:
     return _windows(e.any(axis=-1), lengths, e.shape[-1])
 
 
-def intervened_below(iv, n_layers: int) -> int:
-    """Host: 1 + the highest layer at which any point of `iv` (Interventions with any leading axes, host or
-    concrete device arrays) edits attention or the residual stream; 0 when none does. Blocks from this layer on
-    run unedited for every point (where a fused attention kernel may replace the explicit patterns); a traced
-    `iv` gives n_layers (nothing known)."""
+def intervened_layers(iv, n_layers: int) -> Optional[np.ndarray]:
+    """Host: bool [L], the layers at which any point of `iv` (Interventions with any leading axes, host or
+    concrete device arrays) may edit attention (its `layers` flags) or edits the residual stream / shifts a
+    logit (nonzero entries); None for a traced `iv` (nothing known)."""
     masks = []
     for kind in (iv.knockout, iv.scale, iv.set_value):
         if kind is not None:
@@ -178,17 +177,37 @@ def intervened_below(iv, n_layers: int) -> int:
         masks.append((iv.residual.where, 1))  # [..., L, T]
     if iv.logit_shift is not None:
         masks.append((iv.logit_shift.shift, 3))  # [..., L, H, T, T]: nonzero entries edit
-    top = -1
+    out = np.zeros((n_layers,), bool)
     for m, trailing in masks:
         try:
             m = np.asarray(m) != 0
         except jax.errors.TracerArrayConversionError:  # traced: nothing known
-            return n_layers
-        per_layer = m.reshape(-1, *m.shape[m.ndim - 1 - trailing:]).any(axis=(0,) + tuple(range(2, 2 + trailing)))
-        hits = np.flatnonzero(per_layer)
-        if hits.size:
-            top = max(top, int(hits[-1]))
-    return top + 1
+            return None
+        out |= m.reshape(-1, *m.shape[m.ndim - 1 - trailing:]).any(axis=(0,) + tuple(range(2, 2 + trailing)))
+    return out
+
+
+def intervened_below(iv, n_layers: int) -> int:
+    """Host: 1 + the highest layer of `intervened_layers`; 0 when `iv` edits nothing. Blocks from this layer on
+    run unedited for every point (where a fused attention kernel may replace the explicit patterns); a traced
+    `iv` gives n_layers (nothing known)."""
+    layers = intervened_layers(iv, n_layers)
+    if layers is None:
+        return n_layers
+    hits = np.flatnonzero(layers)
+    return int(hits[-1]) + 1 if hits.size else 0
+
+
+def check_start_layers(points: Sequence, starts: Sequence[int], n_layers: int) -> None:
+    """InterventionError when a sweep point would enter the shared computation above a layer it edits (the
+    engine runs a point's layers below its start as the baseline's, so that edit would be skipped)."""
+    for i, (point, start) in enumerate(zip(points, starts)):
+        layers = intervened_layers(point, n_layers)
+        hits = np.flatnonzero(layers) if layers is not None else np.zeros(0, int)
+        if hits.size and int(start) > int(hits[0]):
+            raise InterventionError(f"sweep point {i} edits layer {int(hits[0])} but its start layer is {int(start)}: "
+                                    f"its edits below layer {int(start)} would be skipped; give a start <= "
+                                    f"{int(hits[0])} (its first intervened layer)")
 
 
 def entry_layers(starts: Sequence[int], n_layers: int, group_layers: int = DEFAULT_GROUP_LAYERS) -> tuple:
@@ -600,6 +619,7 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
     n_layers = model.cfg.num_layers
     if len(points) != len(starts) or not len(points):
         raise InterventionError(f"{len(points)} sweep points for {len(starts)} start layers (need >= 1 of each)")
+    check_start_layers(points, starts, n_layers)
     if chunks is None:
         k = len(points) if not point_batch else max(1, int(point_batch))
         chunks = [list(range(i, min(i + k, len(points)))) for i in range(0, len(points), k)]
