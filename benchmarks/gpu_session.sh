@@ -17,6 +17,8 @@
 #   BENCH_FLAGS         extra flags for every benchmarks.bench step (after the flagfile, so they override it)
 #   HEAD_MAP_FLAGS      extra flags for every benchmarks.head_map step (e.g. --cells_per_call=392 --repeats=2)
 #   PROBE_FLAGS         extra flags for every benchmarks.gpu_probe step (e.g. --repeats=5)
+#   PACK                1 (default): at the end, pack $OUT's result files into results.tgz and its profiler traces
+#                       into traces.tgz (the device tool brings back at most 8 files, 16 MiB each); 0: leave them
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_session}
 mkdir -p "$OUT"
@@ -78,5 +80,22 @@ session() {
   echo "session: $(( SECONDS - start )) s"
 }
 
+# Pack the results (JSON, Markdown, HLO text) and the traces into two archives, session.log left beside them.
+pack() {
+  local small=() traces=() f
+  for f in "$OUT"/*; do
+    [ -f "$f" ] || continue
+    case "$(basename "$f")" in
+      session.log|results.tgz|traces.tgz) ;;
+      *.xplane.pb) traces+=("$(basename "$f")") ;;
+      *) small+=("$(basename "$f")") ;;
+    esac
+  done
+  if [ ${#small[@]} -gt 0 ]; then tar czf "$OUT/results.tgz" -C "$OUT" "${small[@]}" && (cd "$OUT" && rm -f "${small[@]}"); fi
+  if [ ${#traces[@]} -gt 0 ]; then tar czf "$OUT/traces.tgz" -C "$OUT" "${traces[@]}" && (cd "$OUT" && rm -f "${traces[@]}"); fi
+  ls -l "$OUT"
+}
+
 # One log for everything (the device tool brings back at most 8 files): $OUT/session.log.
 session "$@" 2>&1 | tee "$OUT/session.log"
+if [ "${PACK:-1}" = "1" ]; then pack 2>&1 | tee -a "$OUT/session.log"; fi

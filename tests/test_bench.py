@@ -420,3 +420,31 @@ def test_gpu_probe_profiles_the_sweep_workloads(workload, extra, stem, tmp_path)
     assert summary["sweep_unroll"] is bool(extra) and summary["compile_s"] > 0
     assert (tmp_path / f"{stem}.xplane.pb").stat().st_size > 0
     assert "HloModule" in (tmp_path / f"{stem}_hlo.txt").read_text()
+
+
+def test_gpu_session_packs_results_and_traces_into_two_archives(tmp_path):
+    """The device tool brings back at most 8 files: at the end the script packs $OUT's result files into
+    results.tgz and the profiler traces into traces.tgz, session.log beside them (PACK=0 leaves the files)."""
+    import tarfile
+
+    for pack in ("1", "0"):
+        sub = tmp_path / pack
+        sub.mkdir()
+        calls, out, env = _stand_in_python(sub, 'case "$*" in *gpu_probe*) for f in a_profile.json a_hlo.txt '
+                                                'a.xplane.pb; do echo x > "$OUT/$f"; done;; *benchmarks.bench*) '
+                                                'echo "{}" > "$OUT/bench.json";; esac\n')
+        env["PACK"] = pack
+        proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "probe:profile:tiny",
+                               "benchmarks/presets/bench_h100_qwen7b.flags"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        names = sorted(p.name for p in out.iterdir())
+        if pack == "0":
+            assert names == ["a.xplane.pb", "a_hlo.txt", "a_profile.json", "bench.json", "session.log"]
+            continue
+        assert names == ["results.tgz", "session.log", "traces.tgz"]
+        with tarfile.open(out / "results.tgz") as t:
+            assert sorted(t.getnames()) == ["a_hlo.txt", "a_profile.json", "bench.json"]
+        with tarfile.open(out / "traces.tgz") as t:
+            assert t.getnames() == ["a.xplane.pb"]
+        assert "results.tgz" in (out / "session.log").read_text()  # the listing is logged
