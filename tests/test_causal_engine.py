@@ -10,6 +10,7 @@ import pytest
 from plip_jax.analysis import metrics
 from plip_jax.core import interventions as ivs
 from plip_jax.core.errors import InterventionError
+from plip_jax.analysis.generation import empty_like_interventions as empty_like
 from plip_jax.experiments import causal, causal_samples, knockout
 from plip_jax.models import sharding
 
@@ -256,6 +257,27 @@ def test_a_start_layer_above_an_edited_layer_is_refused(bundled_model, small):
     assert causal.intervened_layers(points[0], bundled_model.cfg.num_layers).tolist() == [
         i == 2 for i in range(bundled_model.cfg.num_layers)]
     causal.check_start_layers(points, [1], bundled_model.cfg.num_layers)  # earlier is exact: accepted
+
+
+def test_given_windows_that_miss_rows_are_refused(bundled_model, small):
+    """Windows passed by a caller must hold each sample's edited rows through its last real token, inside T:
+    otherwise the engine would read the baseline's rows where an edit acts (a silently wrong number)."""
+    samples, batch, markers = small
+    n_b, t = batch.tokens.shape
+    iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
+    good = causal.knockout_windows(iv0.knockout.edges, batch.lengths)
+    late = causal.SweepWindows(good.starts + 1, good.width)  # starts one row after the first knocked row
+    short = causal.SweepWindows(good.starts, 1)  # ends before the last real token
+    for bad in (late, short):
+        with pytest.raises(InterventionError, match=r"sweep windows miss rows of sample\(s\)"):
+            causal.layer_knockout_scan(bundled_model.model, batch.tokens, batch.lengths, iv0.knockout.edges,
+                                       iv0.knockout.heads, windows=bad)
+    points = ivs.stack([empty_like(iv0), iv0])
+    with pytest.raises(InterventionError, match="pass windows=None"):
+        causal.shared_sweep(bundled_model.model, batch.tokens, batch.lengths, points, markers, entries=(0, 0),
+                            windows=causal.SweepWindows(np.full(n_b, t - 8, np.int32), 8))
+    full = causal.SweepWindows.full(n_b, t)  # recomputing more rows is always allowed
+    causal.check_windows(full, np.zeros(n_b, np.int64), batch.lengths, t)
 
 
 @pytest.mark.parametrize("kind", ["residual", "logit_shift"])

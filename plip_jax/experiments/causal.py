@@ -131,23 +131,45 @@ def _edited_row_mask(iv, sample_axis: int) -> Optional[np.ndarray]:
     return out
 
 
-def _windows(edited: Optional[np.ndarray], lengths, n_positions: int, markers=None) -> SweepWindows:
-    """SweepWindows from the edited-row mask bool [B, T] (None: no edit): each sample's window starts at its
-    first edited row, its marker (whose attention row is read) or its last real token, whichever comes first,
-    and ends after its last real token; the width is the widest, rounded up to ROW_MULTIPLE (at most T), and
-    a start moves back where the window would pass T."""
+def _first_rows(edited: Optional[np.ndarray], lengths, n_positions: int, markers=None) -> np.ndarray:
+    """int [B]: each sample's first row that must be recomputed: its first edited row (mask bool [B, T], None:
+    no edit), its marker (whose attention row is read) or its last real token, whichever comes first."""
     lengths = np.asarray(lengths, np.int64)
-    t = int(n_positions)
     first = lengths - 1
     if edited is not None:
         hit = edited.any(axis=1)
         first = np.where(hit, np.minimum(first, np.argmax(edited, axis=1)), first)
     if markers is not None and np.size(markers):
         first = np.minimum(first, np.asarray(markers, np.int64))
-    first = np.clip(first, 0, t - 1)
+    return np.clip(first, 0, int(n_positions) - 1)
+
+
+def _windows(edited: Optional[np.ndarray], lengths, n_positions: int, markers=None) -> SweepWindows:
+    """SweepWindows from the edited-row mask bool [B, T] (None: no edit): each sample's window starts at
+    `_first_rows` and ends after its last real token; the width is the widest, rounded up to ROW_MULTIPLE (at
+    most T), and a start moves back where the window would pass T."""
+    lengths = np.asarray(lengths, np.int64)
+    t = int(n_positions)
+    first = _first_rows(edited, lengths, t, markers)
     need = int(np.max(lengths - first)) if lengths.size else t
     width = min(t, max(1, -(-need // ROW_MULTIPLE) * ROW_MULTIPLE))
     return SweepWindows(np.minimum(first, t - width).astype(np.int32), width)
+
+
+def check_windows(windows: SweepWindows, first: np.ndarray, lengths, n_positions: int) -> None:
+    """InterventionError naming the samples whose given window misses rows the sweep must recompute (from
+    `first` [B], see `_first_rows`, through the last real token) or passes the padded length T: the engine would
+    read the baseline's rows there (a silently wrong number) or write past the sequence."""
+    starts = np.asarray(windows.starts, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    ends = starts + int(windows.width)
+    bad = np.flatnonzero((starts < 0) | (starts > first) | (ends < lengths) | (ends > int(n_positions)))
+    if bad.size:
+        b = int(bad[0])
+        raise InterventionError(
+            f"sweep windows miss rows of sample(s) {bad.tolist()[:10]}: sample {b} needs rows {int(first[b])}.."
+            f"{int(lengths[b]) - 1} recomputed within T = {int(n_positions)}, its window is rows {int(starts[b])}.."
+            f"{int(ends[b]) - 1}; pass windows=None (computed from the interventions) or `sweep_windows(...)`")
 
 
 def sweep_windows(iv, lengths, n_positions: int, markers=None) -> SweepWindows:
@@ -380,6 +402,9 @@ def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[
         raise InterventionError(f"entry layers {bad} out of range for a model of {model.cfg.num_layers} layers")
     if windows is None:
         windows = sweep_windows(iv, lengths, tokens.shape[1], markers)
+    else:
+        check_windows(windows, _first_rows(_edited_row_mask(iv, sample_axis=1), lengths, tokens.shape[1], markers),
+                      lengths, tokens.shape[1])
     return shared_sweep_jit(model, tokens, lengths, iv, markers, windows.starts, entries=entries,
                             width=int(windows.width), unroll=unroll, group_layers=int(group_layers),
                             fused_from=fused_from_layer(model, iv))
@@ -424,11 +449,15 @@ def layer_knockout_scan(model, tokens, lengths, edges, heads, group_layers: int 
     Work shared (see `shared_sweep`): the run knocked at layer k enters at k rounded down to a multiple of
     `group_layers` (one compiled scan body per group), and only each sample's `windows` rows are recomputed
     (None: `knockout_windows`). Results do not depend on either beyond rounding."""
+    try:
+        first = _first_rows(np.asarray(edges).any(axis=-1), lengths, tokens.shape[1])
+    except jax.errors.TracerArrayConversionError:  # called under jit: the edges are not known yet
+        first = None
     if windows is None:
-        try:
-            windows = knockout_windows(edges, lengths)
-        except jax.errors.TracerArrayConversionError:  # called under jit: the edges are not known yet
-            windows = SweepWindows.full(tokens.shape[0], tokens.shape[1])
+        windows = (SweepWindows.full(tokens.shape[0], tokens.shape[1]) if first is None
+                   else knockout_windows(edges, lengths))
+    elif first is not None:
+        check_windows(windows, first, lengths, tokens.shape[1])
     return layer_knockout_scan_jit(model, tokens, lengths, edges, heads, windows.starts, group_layers,
                                    int(windows.width), unroll)
 
