@@ -156,6 +156,13 @@ def _windows(edited: Optional[np.ndarray], lengths, n_positions: int, markers=No
     return SweepWindows(np.minimum(first, t - width).astype(np.int32), width)
 
 
+def _host_readable(tree) -> bool:
+    """Whether every array of `tree` can be read on this host: numpy, or a concrete JAX array whose shards are
+    all local (not a tracer under a caller's jit, not one spanning other processes of a multi-process run)."""
+    return all(not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+               for x in jax.tree_util.tree_leaves(tree))
+
+
 def check_windows(windows: SweepWindows, first: np.ndarray, lengths, n_positions: int) -> None:
     """InterventionError naming the samples whose given window misses rows the sweep must recompute (from
     `first` [B], see `_first_rows`, through the last real token) or passes the padded length T: the engine would
@@ -189,7 +196,7 @@ def knockout_windows(edges, lengths) -> SweepWindows:
 def intervened_layers(iv, n_layers: int) -> Optional[np.ndarray]:
     """Host: bool [L], the layers at which any point of `iv` (Interventions with any leading axes, host or
     concrete device arrays) may edit attention (its `layers` flags) or edits the residual stream / shifts a
-    logit (nonzero entries); None for a traced `iv` (nothing known)."""
+    logit (nonzero entries); None for a traced `iv` or one spanning other processes (nothing known)."""
     masks = []
     for kind in (iv.knockout, iv.scale, iv.set_value):
         if kind is not None:
@@ -198,12 +205,11 @@ def intervened_layers(iv, n_layers: int) -> Optional[np.ndarray]:
         masks.append((iv.residual.where, 1))  # [..., L, T]
     if iv.logit_shift is not None:
         masks.append((iv.logit_shift.shift, 3))  # [..., L, H, T, T]: nonzero entries edit
+    if not _host_readable([m for m, _ in masks]):  # traced, or spanning other processes: nothing known
+        return None
     out = np.zeros((n_layers,), bool)
     for m, trailing in masks:
-        try:
-            m = np.asarray(m) != 0
-        except jax.errors.TracerArrayConversionError:  # traced: nothing known
-            return None
+        m = np.asarray(m) != 0
         out |= m.reshape(-1, *m.shape[m.ndim - 1 - trailing:]).any(axis=(0,) + tuple(range(2, 2 + trailing)))
     return out
 
@@ -400,9 +406,11 @@ def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[
     bad = [e for e in entries if not 0 <= e < model.cfg.num_layers]
     if bad:
         raise InterventionError(f"entry layers {bad} out of range for a model of {model.cfg.num_layers} layers")
-    if windows is None:
-        windows = sweep_windows(iv, lengths, tokens.shape[1], markers)
-    else:
+    readable = _host_readable((iv, lengths, markers))  # not: arrays spanning other processes (or traced)
+    if windows is None:  # from the interventions; every row when they cannot be read here (exact)
+        windows = (sweep_windows(iv, lengths, tokens.shape[1], markers) if readable
+                   else SweepWindows.full(tokens.shape[0], tokens.shape[1]))
+    elif readable:  # a caller's windows are checked where the interventions can be read
         check_windows(windows, _first_rows(_edited_row_mask(iv, sample_axis=1), lengths, tokens.shape[1], markers),
                       lengths, tokens.shape[1])
     return shared_sweep_jit(model, tokens, lengths, iv, markers, windows.starts, entries=entries,
@@ -449,11 +457,10 @@ def layer_knockout_scan(model, tokens, lengths, edges, heads, group_layers: int 
     Work shared (see `shared_sweep`): the run knocked at layer k enters at k rounded down to a multiple of
     `group_layers` (one compiled scan body per group), and only each sample's `windows` rows are recomputed
     (None: `knockout_windows`). Results do not depend on either beyond rounding."""
-    try:
+    first = None  # unknown under a caller's jit (traced edges) or for arrays spanning other processes
+    if _host_readable((edges, lengths)):
         first = _first_rows(np.asarray(edges).any(axis=-1), lengths, tokens.shape[1])
-    except jax.errors.TracerArrayConversionError:  # called under jit: the edges are not known yet
-        first = None
-    if windows is None:
+    if windows is None:  # from the edges; every row when they are unknown (exact, nothing shared)
         windows = (SweepWindows.full(tokens.shape[0], tokens.shape[1]) if first is None
                    else knockout_windows(edges, lengths))
     elif first is not None:
