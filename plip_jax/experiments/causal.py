@@ -109,26 +109,31 @@ class SweepWindows:
         return cls(np.zeros((n_samples,), np.int32), int(n_positions))
 
 
-def _edited_row_mask(iv, sample_axis: int) -> Optional[np.ndarray]:
-    """Host: bool [B, T], the rows of each sample that any edit touches (query rows with an edge of an attention
-    kind or a nonzero logit shift; positions of a residual-stream edit), or None when `iv` edits nothing.
-    `iv`: host Interventions whose leaves carry the sample axis at `sample_axis` (e.g. 1 for [S, B, ...])."""
-    per_leaf = []  # each [..., T] with the sample axis at sample_axis
+def _edit_map(iv) -> Optional[np.ndarray]:
+    """Host: bool [..., L, T], where any edit of `iv` acts: (layer, query row) of an attention edge on a selected
+    layer and head, of a nonzero logit shift, or of a residual-stream edit (any leading axes, host or concrete
+    device arrays that this host can read: `_host_readable`). None when `iv` edits nothing."""
+    maps = []
     for kind in (iv.knockout, iv.scale, iv.set_value):
-        if kind is not None:
-            per_leaf.append(np.asarray(kind.edges).any(axis=-1))  # [..., T, T] -> query rows
+        if kind is not None:  # layers [..., L], heads [..., H], edges [..., T, T]
+            maps.append(np.asarray(kind.layers)[..., :, None] & np.asarray(kind.heads).any(-1)[..., None, None]
+                        & np.asarray(kind.edges).any(-1)[..., None, :])
     if iv.logit_shift is not None:  # shift [..., L, H, T, T]
-        per_leaf.append((np.asarray(iv.logit_shift.shift) != 0).any(axis=(-1, -3, -4)))
+        maps.append((np.asarray(iv.logit_shift.shift) != 0).any(axis=(-1, -3)))
     if iv.residual is not None:  # where [..., L, T]
-        per_leaf.append(np.asarray(iv.residual.where).any(axis=-2))
-    if not per_leaf:
+        maps.append(np.asarray(iv.residual.where).astype(bool))
+    return functools.reduce(np.logical_or, maps) if maps else None
+
+
+def _edited_row_mask(iv, sample_axis: int) -> Optional[np.ndarray]:
+    """Host: bool [B, T], the rows of each sample that any edit touches (`_edit_map`), or None (nothing edited).
+    `iv`: Interventions whose leaves carry the sample axis at `sample_axis` (e.g. 1 for
+    [S, B, ...])."""
+    m = _edit_map(iv)
+    if m is None:
         return None
-    out = None
-    for rows in per_leaf:
-        rows = np.moveaxis(rows, sample_axis, 0)
-        rows = rows.reshape(rows.shape[0], -1, rows.shape[-1]).any(axis=1)  # [B, T]
-        out = rows if out is None else out | rows
-    return out
+    rows = np.moveaxis(m.any(axis=-2), sample_axis, 0)  # [B, ..., T]
+    return rows.reshape(rows.shape[0], -1, rows.shape[-1]).any(axis=1)
 
 
 def _first_rows(edited: Optional[np.ndarray], lengths, n_positions: int, markers=None) -> np.ndarray:
@@ -194,30 +199,20 @@ def knockout_windows(edges, lengths) -> SweepWindows:
 
 
 def intervened_layers(iv, n_layers: int) -> Optional[np.ndarray]:
-    """Host: bool [L], the layers at which any point of `iv` (Interventions with any leading axes, host or
-    concrete device arrays) may edit attention (its `layers` flags) or edits the residual stream / shifts a
-    logit (nonzero entries); None for a traced `iv` or one spanning other processes (nothing known)."""
-    masks = []
-    for kind in (iv.knockout, iv.scale, iv.set_value):
-        if kind is not None:
-            masks.append((kind.layers, 0))  # [..., L]
-    if iv.residual is not None:
-        masks.append((iv.residual.where, 1))  # [..., L, T]
-    if iv.logit_shift is not None:
-        masks.append((iv.logit_shift.shift, 3))  # [..., L, H, T, T]: nonzero entries edit
-    if not _host_readable([m for m, _ in masks]):  # traced, or spanning other processes: nothing known
+    """Host: bool [L], the layers at which any point of `iv` edits something (`_edit_map`); all False when it
+    edits nothing; None when `iv` cannot be read here (traced, or spanning other processes: nothing known)."""
+    if not _host_readable(iv):
         return None
-    out = np.zeros((n_layers,), bool)
-    for m, trailing in masks:
-        m = np.asarray(m) != 0
-        out |= m.reshape(-1, *m.shape[m.ndim - 1 - trailing:]).any(axis=(0,) + tuple(range(2, 2 + trailing)))
-    return out
+    m = _edit_map(iv)
+    if m is None:
+        return np.zeros((n_layers,), bool)
+    return m.reshape(-1, n_layers, m.shape[-1]).any(axis=(0, 2))
 
 
 def intervened_below(iv, n_layers: int) -> int:
     """Host: 1 + the highest layer of `intervened_layers`; 0 when `iv` edits nothing. Blocks from this layer on
-    run unedited for every point (where a fused attention kernel may replace the explicit patterns); a traced
-    `iv` gives n_layers (nothing known)."""
+    run unedited for every point (where a fused attention kernel may replace the explicit patterns); an `iv`
+    that cannot be read here gives n_layers (nothing known)."""
     layers = intervened_layers(iv, n_layers)
     if layers is None:
         return n_layers
@@ -230,11 +225,11 @@ def check_start_layers(points: Sequence, starts: Sequence[int], n_layers: int) -
     engine runs a point's layers below its start as the baseline's, so that edit would be skipped)."""
     for i, (point, start) in enumerate(zip(points, starts)):
         layers = intervened_layers(point, n_layers)
-        hits = np.flatnonzero(layers) if layers is not None else np.zeros(0, int)
-        if hits.size and int(start) > int(hits[0]):
-            raise InterventionError(f"sweep point {i} edits layer {int(hits[0])} but its start layer is {int(start)}: "
-                                    f"its edits below layer {int(start)} would be skipped; give a start <= "
-                                    f"{int(hits[0])} (its first intervened layer)")
+        if layers is not None and layers.any() and int(start) > int(np.argmax(layers)):
+            first = int(np.argmax(layers))
+            raise InterventionError(f"sweep point {i} edits layer {first} but its start layer is {int(start)}: its "
+                                    f"edits below layer {int(start)} would be skipped; give a start <= {first} (its "
+                                    "first intervened layer)")
 
 
 def entry_layers(starts: Sequence[int], n_layers: int, group_layers: int = DEFAULT_GROUP_LAYERS) -> tuple:
