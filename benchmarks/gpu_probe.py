@@ -164,12 +164,10 @@ def _workload_call(cfg, dtype, workload, attention="explicit", sweep_unroll=Fals
                 _layer_scan_floor_ms(cfg, corpus, dtype), compiled.as_text())
     model = models.random_model(cfg, dtype, layer_layout="auto").with_attention(attention)
     rate, hbm = _peaks(dtype)  # no HBM figure on CPU: the arithmetic floor only
-    if workload == "steering_sweep":
-        prog = wl.steering_program(model, wl.make_corpus(cfg, 20, 64), unroll=sweep_unroll)
-        return (lambda: jax.block_until_ready(prog.compiled(*prog.args)), prog.compile_s, prog.flops / rate * 1e3,
-                prog.compiled.as_text())
-    if workload == "knockout_scan":
-        prog = wl.knockout_program(model, wl.make_corpus(cfg, 20, 64))
+    if workload in ("steering_sweep", "knockout_scan"):
+        corpus = wl.make_corpus(cfg, 20, 64)
+        prog = (wl.steering_program(model, corpus, unroll=sweep_unroll) if workload == "steering_sweep"
+                else wl.knockout_program(model, corpus))
         return (lambda: jax.block_until_ready(prog.run()), prog.compile_s, prog.flops / rate * 1e3,
                 prog.compiled.as_text())
     from plip_jax.analysis import generation as gen

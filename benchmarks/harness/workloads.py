@@ -270,11 +270,9 @@ def knockout_program(model, corpus: Corpus, batch_size: Optional[int] = None,
     if b % bs:
         raise ValueError(f"knockout batch size {bs} must divide the {b} samples")
     heads = np.ones((b, cfg.num_heads), bool)
-    full = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads))
-    chunks = [tuple(x[i:i + bs] for x in full) for i in range(0, b, bs)]
     windows = causal.knockout_windows(corpus.edges, corpus.lengths)  # the rows recomputed per sample
-    starts = jnp.asarray(windows.starts)
-    chunks = [c + (starts[i:i + bs],) for c, i in zip(chunks, range(0, b, bs))]
+    full = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads, windows.starts))
+    chunks = [tuple(x[i:i + bs] for x in full) for i in range(0, b, bs)]
     compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan_jit, model, *chunks[0], width=windows.width,
                                         group_layers=g_layers)
     L = cfg.num_layers
@@ -371,6 +369,9 @@ class SteeringProgram:
     unroll: bool
     flops: float  # the engine's matmul work (see `steering_sweep`)
 
+    def run(self):
+        return self.compiled(*self.args)
+
 
 def steering_program(model, corpus: Corpus, doses: Sequence[float] = DEFAULT_DOSES,
                      group_layers: Optional[int] = None, unroll: bool = False) -> SteeringProgram:
@@ -410,7 +411,7 @@ def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_
     """Time the Scale dose sweep of `steering_program` (one compiled call) against one transformers forward
     per dose."""
     prog = steering_program(model, corpus, doses, group_layers, unroll)
-    timing, out = harness.time_calls(lambda: prog.compiled(*prog.args), repeats, harness.jax_sync)
+    timing, out = harness.time_calls(prog.run, repeats, harness.jax_sync)
     cfg, layer, s = model.cfg, prog.layer, len(doses)
     lens = corpus.lengths.tolist()
     rec = {"jax": _jax_record(timing, prog.compile_s, prog.xla_mem), "torch": None, "doses": list(map(float, doses)),
