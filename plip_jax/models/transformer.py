@@ -218,7 +218,7 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
                                                          fused_q_start, 0)
             out = jax.lax.dynamic_slice_in_dim(_fused_output(placed, k, v, cfg, causal=True), fused_q_start, tq, 0)
         else:
-            raise ValueError("fused attention over a cache needs one row or the rows' static first position")
+            raise ValueError("fused attention over a cache needs one row or the rows' first position (fused_q_start)")
         out = out.reshape(tq, h * hd)
         probs = None
         if fused_rows is not None:
