@@ -257,6 +257,8 @@ def test_a_start_layer_above_an_edited_layer_is_refused(bundled_model, small):
     assert causal.intervened_layers(points[0], bundled_model.cfg.num_layers).tolist() == [
         i == 2 for i in range(bundled_model.cfg.num_layers)]
     causal.check_start_layers(points, [1], bundled_model.cfg.num_layers)  # earlier is exact: accepted
+    # layer flags without an edge edit nothing (the no-op reference keeps its layer flags, its edges empty)
+    assert not causal.intervened_layers(empty_like(points[0]), bundled_model.cfg.num_layers).any()
 
 
 def test_given_windows_that_miss_rows_are_refused(bundled_model, small):
