@@ -67,16 +67,22 @@ def test_cell_chunks_cover_the_grid_once_and_share_one_program(layers, heads, pe
 
 def test_exact_grid_chunks_compile_one_program(bundled_model, bundled_batch, monkeypatch):
     """Three chunks of the bundled model's 8 x 6 grid call the shared engine with one static signature (the
-    entry layers and the shapes), so jit compiles once (a layer-major split would compile once per chunk)."""
+    entry layers and the shapes), so jit compiles once (a layer-major split would compile once per chunk), with
+    windows derived once per chunk (not re-derived by the engine to check them)."""
     tokens, lengths, edges = bundled_batch
     calls = []
-    real = causal.shared_sweep
+    real = causal._launch_sweep
 
-    def spy(model, tokens, lengths, iv, markers=None, **kw):
-        calls.append((kw["entries"], kw["windows"].width, jax.tree_util.tree_leaves(iv)[0].shape))
-        return real(model, tokens, lengths, iv, markers, **kw)
+    def spy(model, tokens, lengths, iv, markers, entries, windows, *rest):
+        calls.append((tuple(entries), windows.width, jax.tree_util.tree_leaves(iv)[0].shape))
+        return real(model, tokens, lengths, iv, markers, entries, windows, *rest)
 
-    monkeypatch.setattr(causal, "shared_sweep", spy)
+    monkeypatch.setattr(causal, "_launch_sweep", spy)
+
+    def rederived(*args):  # sweep_points derives each chunk's windows once, from its host interventions
+        raise AssertionError("sweep_points re-checked windows it derived itself")
+
+    monkeypatch.setattr(causal, "check_windows", rederived)
     seen = []
     head_map.exact_head_map(bundled_model.model, tokens, lengths, edges, cells_per_call=16,
                             progress=lambda done, total: seen.append((done, total)))

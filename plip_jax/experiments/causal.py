@@ -392,6 +392,21 @@ def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[
     count the work). group_layers: at most this many layers per scan body.
     Returns {"base_last": [B, V], "base_nll": [B], "last": [B, S, V], "nll": [B, S],
     "marker_rows"?: [B, S, L, H, T], "failed_row"?: int32 [B, S, L] (-1: steering applied)}."""
+    readable = _host_readable((iv, lengths, markers))  # not: arrays spanning other processes (or traced)
+    if windows is None:  # from the interventions; every row when they cannot be read here (exact)
+        windows = (sweep_windows(iv, lengths, tokens.shape[1], markers) if readable
+                   else SweepWindows.full(tokens.shape[0], tokens.shape[1]))
+    elif readable:  # a caller's windows are checked where the interventions can be read
+        check_windows(windows, _first_rows(_edited_row_mask(iv, sample_axis=1), lengths, tokens.shape[1], markers),
+                      lengths, tokens.shape[1])
+    return _launch_sweep(model, tokens, lengths, iv, markers, entries, windows, fused_from_layer(model, iv),
+                         unroll, group_layers)
+
+
+def _launch_sweep(model, tokens, lengths, iv, markers, entries: Sequence[int], windows: SweepWindows,
+                  fused_from: Optional[int], unroll: bool, group_layers: int) -> dict:
+    """`shared_sweep_jit` after checking the entry layers (count, order, range); the windows and fused_from
+    are the caller's, already derived from or checked against the interventions."""
     entries = tuple(int(e) for e in entries)
     n_points = jax.tree_util.tree_leaves(iv)[0].shape[0]
     if len(entries) != n_points:
@@ -401,16 +416,9 @@ def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[
     bad = [e for e in entries if not 0 <= e < model.cfg.num_layers]
     if bad:
         raise InterventionError(f"entry layers {bad} out of range for a model of {model.cfg.num_layers} layers")
-    readable = _host_readable((iv, lengths, markers))  # not: arrays spanning other processes (or traced)
-    if windows is None:  # from the interventions; every row when they cannot be read here (exact)
-        windows = (sweep_windows(iv, lengths, tokens.shape[1], markers) if readable
-                   else SweepWindows.full(tokens.shape[0], tokens.shape[1]))
-    elif readable:  # a caller's windows are checked where the interventions can be read
-        check_windows(windows, _first_rows(_edited_row_mask(iv, sample_axis=1), lengths, tokens.shape[1], markers),
-                      lengths, tokens.shape[1])
     return shared_sweep_jit(model, tokens, lengths, iv, markers, windows.starts, entries=entries,
                             width=int(windows.width), unroll=unroll, group_layers=int(group_layers),
-                            fused_from=fused_from_layer(model, iv))
+                            fused_from=fused_from)
 
 
 # --------------------------------------------------------------------------- all-layer knockout scan
@@ -668,12 +676,15 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         order = sorted(range(k), key=lambda j: ent[j])
         stacked = ivs.stack([noop] + [points[idx[j]] if idx[j] is not None else noop for j in order])
         entries = (min(ent),) + tuple(ent[j] for j in order)
+        # windows and fused layers from the host interventions (before `distribute` may spread them over
+        # processes), so the engine neither re-derives nor re-checks them
         windows = sweep_windows(stacked, lengths, np.shape(tokens)[1], markers)
+        fused_from = fused_from_layer(model, stacked)
         args = (tokens, lengths, stacked, markers, windows.starts)
         if distribute is not None:
             args = distribute(args)
-        dev = shared_sweep(model, *args[:4], entries=entries, windows=SweepWindows(args[4], windows.width),
-                           group_layers=group_layers)
+        dev = _launch_sweep(model, *args[:4], entries, SweepWindows(args[4], windows.width), fused_from,
+                            False, group_layers)
         check_finite_logits(dev["base_last"], "baseline", sample_ids)
         check_finite_logits(dev["last"], "sweep", sample_ids, sample_axis=0)  # [B, 1 + k, V]: no transposed copy
         eff = effects_f64(dev["last"][:, :1], dev["last"], dev["nll"][:, :1], dev["nll"])  # [B, 1 + k] each
