@@ -103,9 +103,7 @@ def kl_f64_finite(xp, x, y):
     kl = xp.where(xp.abs(m) < 0.5, stable, plain)
 
     def with_plain_rows(kl):
-        lp = x - logsumexp_xp(xp, x)
-        lq = y - logsumexp_xp(xp, y)
-        return xp.where(overflow, xp.sum(xp.exp(lp) * (lp - lq), axis=-1), kl)
+        return xp.where(overflow, _plain_kl_xp(xp, x, y), kl)
 
     if xp is np:
         kl = with_plain_rows(kl) if overflow.any() else kl
@@ -122,14 +120,19 @@ def logsumexp_xp(xp, a):
     return m + xp.log(xp.sum(xp.exp(a - m), axis=-1, keepdims=True))
 
 
+def _plain_kl_xp(xp, x, y):
+    """Σ p (log p − log q) over the last axis of logits x, y [..., V] -> [...] (terms with p = 0 count 0, so -inf
+    logits of x are allowed), with the array module `xp` (numpy or jax.numpy)."""
+    lp = x - logsumexp_xp(xp, x)
+    lq = y - logsumexp_xp(xp, y)
+    p = xp.exp(lp)
+    return xp.sum(xp.where(p > 0, p * (lp - lq), 0.0), axis=-1)
+
+
 def _kl_f64_direct(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Σ p (log p − log q) in f64 for rows with -inf logits (masked vocabulary)."""
-    lp = x - logsumexp_xp(np, x)
-    lq = y - logsumexp_xp(np, y)
-    p = np.exp(lp)
     with np.errstate(invalid="ignore"):
-        terms = np.where(p > 0, p * (lp - lq), 0.0)
-    kl = terms.sum(axis=-1)
+        kl = _plain_kl_xp(np, x, y)
     # no clamp; only identical-up-to-shift rows (on the finite support) read exactly 0
     fin = np.isfinite(x) & np.isfinite(y)
     same_support = np.all(np.isfinite(x) == np.isfinite(y), axis=-1)
