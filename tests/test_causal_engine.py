@@ -88,7 +88,8 @@ def _host_effects(ref, other, ref_nll, other_nll):
 def test_effects_f64_program_equals_the_host_formula_across_row_chunks(monkeypatch):
     """effects_f64 runs ONE float64 program walking EFFECT_ROWS logit rows at a time (the last block repeating
     its last row): every row must match the host numpy formula, in order, whatever the blocking; an identical
-    row reads exactly 0; rows with -inf logits go to the host formula; NaN is refused."""
+    row reads exactly 0; a row differing by > 700 takes the plain formula; rows with -inf logits go to the host
+    formula; NaN is refused."""
     rng = np.random.default_rng(3)
     ref = (rng.standard_normal((5, 64)) * 2).astype(np.float32)
     scale = np.arange(1, 8, dtype=np.float32)[:, None, None] * np.float32(0.1)
@@ -96,6 +97,7 @@ def test_effects_f64_program_equals_the_host_formula_across_row_chunks(monkeypat
     assert other.dtype == np.float32  # the logits' dtype in a sweep
     other[2, 3] = ref[3]  # identical to its reference
     other[4, 1] = ref[1] + np.float32(1e-6) * rng.standard_normal(64).astype(np.float32)  # tiny: series path
+    other[6, 0, 0] -= 800.0  # e^{-u} would overflow: this row takes the plain formula (the program's lax.cond)
     ref_nll, other_nll = rng.random(5), rng.random((7, 5))
     want = _host_effects(ref, other, ref_nll, other_nll)
     calls = []
