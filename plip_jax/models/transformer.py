@@ -171,16 +171,40 @@ def _fused_output(q, k, v, cfg: ModelConfig, *, n_keys=None, causal: bool = Fals
     return call("xla")
 
 
+def project_qkv(x, lp, cfg: ModelConfig):
+    """Queries [..., H, hd], keys and values [..., KV, hd] (before RoPE) of normed rows x [..., D]."""
+    lead = x.shape[:-1]
+    h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = linear(x, lp["q_w"], lp.get("q_b")).reshape(lead + (h, hd))
+    k = linear(x, lp["k_w"], lp.get("k_b")).reshape(lead + (kvh, hd))
+    v = linear(x, lp["v_w"], lp.get("v_b")).reshape(lead + (kvh, hd))
+    return q, k, v
+
+
 def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None, cache_layer=None,
               fused: bool = False, fused_rows=None, fused_q_start=None):
     """Self-attention of x [Tq, D]. Returns (out [Tq, D], probs [H, Tq, Tk] f32, new (k, v) cache, failed bool
-    [Tq]: rows whose steering could not be applied and were left unsteered, see `ivs.steer_probs`).
+    [Tq]: rows whose steering could not be applied and were left unsteered, see `ivs.steer_probs`): the
+    projections (`project_qkv`), `attend`, and the output projection."""
+    q, k, v = project_qkv(x, lp, cfg)
+    out, probs, new_cache, failed = attend(q, k, v, layer, window, cfg, ctx, iv, kv_cache, cache_layer, fused,
+                                           fused_rows, fused_q_start)
+    return linear(out, lp["o_w"], lp.get("o_b")), probs, new_cache, failed
+
+
+def attend(q, k, v, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=None, cache_layer=None,
+           fused: bool = False, fused_rows=None, fused_q_start=None, write_rows=None):
+    """Attention of projected rows q [Tq, H, hd], k, v [Tq, KV, hd] (RoPE applied here). Returns (out [Tq, H * hd]
+    before the output projection, probs [H, Tq, Tk] f32, new (k, v) cache, failed bool [Tq]: rows whose steering
+    could not be applied and were left unsteered, see `ivs.steer_probs`).
 
     With `kv_cache` = (k [L', S, KV, hd], v [L', S, KV, hd]) for several layers, the new keys/values are written
     in place at (layer, q_pos) and the queries attend over this layer's whole cache (Tk = S); otherwise
     Tk = Tq. Carrying the whole cache (rather than scanning over per-layer slices) lets XLA update it in
     place: a decode step writes one token's keys per layer instead of copying the cache. `cache_layer`
     (default `layer`) is the cache's index of this layer, e.g. 0 for a one-layer cache [1, S, KV, hd].
+    `write_rows` (bool [Tq], optional, with a cache): only these rows' keys/values are written, the cache's
+    slots of the others are kept (e.g. a sweep's rows that equal the baseline's).
 
     `fused` (static; the caller checked that no intervention acts on this attention and no sliding window is
     shorter than the keys, see `fused_attention_applies`): the output comes from a fused kernel
@@ -189,15 +213,16 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     fused_q_start.. (an int or a traced int []; e.g. a sweep's window of rows).
     """
     cache_layer = layer if cache_layer is None else cache_layer
-    tq = x.shape[0]
+    tq = q.shape[0]
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = linear(x, lp["q_w"], lp.get("q_b")).reshape(tq, h, hd)
-    k = linear(x, lp["k_w"], lp.get("k_b")).reshape(tq, kvh, hd)
-    v = linear(x, lp["v_w"], lp.get("v_b")).reshape(tq, kvh, hd)
     q, k = _rope(q, ctx), _rope(k, ctx)
     if kv_cache is not None:
         ck, cv = kv_cache
         start = ctx.q_pos[0]
+        if write_rows is not None:  # the other rows keep the cache's keys/values
+            keep = lambda c, x: jnp.where(write_rows[:, None, None], x.astype(c.dtype), jax.lax.dynamic_slice(
+                c, (cache_layer, start, 0, 0), (1, tq) + c.shape[2:])[0])
+            k, v = keep(ck, k), keep(cv, v)
         ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (cache_layer, start, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (cache_layer, start, 0, 0))
         k = jax.lax.dynamic_index_in_dim(ck, cache_layer, 0, keepdims=False)
@@ -219,11 +244,10 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
             out = jax.lax.dynamic_slice_in_dim(_fused_output(placed, k, v, cfg, causal=True), fused_q_start, tq, 0)
         else:
             raise ValueError("fused attention over a cache needs one row or the rows' first position (fused_q_start)")
-        out = out.reshape(tq, h * hd)
         probs = None
         if fused_rows is not None:
             probs = _softmax_visible(_scores(q[fused_rows], k, cfg), _allowed(ctx.q_pos[fused_rows], ctx, window))
-        return linear(out, lp["o_w"], lp.get("o_b")), probs, new_cache, jnp.zeros((tq,), bool)
+        return out.reshape(tq, h * hd), probs, new_cache, jnp.zeros((tq,), bool)
     tk = k.shape[0]
     scores = _scores(q, k, cfg)
     allowed = _allowed(ctx.q_pos, ctx, window)
@@ -237,7 +261,7 @@ def attention(x, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv, kv_cache=No
     probs, failed = ivs.steer_probs(probs, allowed, iv, layer, ctx.q_pos)
     pv = probs.astype(v.dtype).reshape(kvh, cfg.num_query_groups, tq, tk)
     out = jnp.einsum("kgqs,skd->qkgd", pv, v).reshape(tq, h * hd)
-    return linear(out, lp["o_w"], lp.get("o_b")), probs, new_cache, failed
+    return out, probs, new_cache, failed
 
 
 @struct.dataclass
@@ -305,6 +329,18 @@ def apply_block(h, lp, layer, window, cfg: ModelConfig, ctx: _Ctx, iv=None, cach
     h = h + a.astype(h.dtype)
     h = h + mlp(norm(h, lp["mlp_norm"], cfg), lp, cfg).astype(h.dtype)
     return ivs.edit_residual(h, iv, layer, ctx.q_pos), probs, new_cache, failed
+
+
+def apply_block_rows(h, lp, cfg: ModelConfig, attend_rows):
+    """One decoder block on rows h [..., N, D] of any sequences (e.g. a sweep's rows of many samples packed
+    together), whose attention the caller supplies: attend_rows(q, k, v) with the rows' projections
+    (`project_qkv`, before RoPE) -> (out [..., N, H * hd] before the output projection, aux). The matrix products
+    run on the N rows only. Returns (h_out [..., N, D], aux). No residual-stream edit is applied here."""
+    q, k, v = project_qkv(norm(h, lp["attn_norm"], cfg), lp, cfg)
+    out, aux = attend_rows(q, k, v)
+    h = h + linear(out, lp["o_w"], lp.get("o_b")).astype(h.dtype)
+    h = h + mlp(norm(h, lp["mlp_norm"], cfg), lp, cfg).astype(h.dtype)
+    return h, aux
 
 
 def check_interventions(iv: Optional[ivs.Interventions]) -> None:
@@ -447,3 +483,17 @@ class Transformer(struct.PyTreeNode):
         with matmul_precision(self.cfg.dtype):
             return apply_block(h, layer_params, layer, window, self.cfg, ctx, interventions, kv, cache_layer,
                                fused, fused_rows, fused_q_start)
+
+    def apply_block_rows(self, h, layer_params, attend_rows):
+        """Block on rows h [..., N, D] whose attention `attend_rows` supplies (see `apply_block_rows`)."""
+        with matmul_precision(self.cfg.dtype):
+            return apply_block_rows(h, layer_params, self.cfg, attend_rows)
+
+    def attend(self, q, k, v, layer, ctx: _Ctx, interventions=None, kv=None, cache_layer=None, fused: bool = False,
+               fused_rows=None, fused_q_start: Optional[int] = None, write_rows=None):
+        """`attend` (RoPE, cache, patterns, interventions) of projected rows q [T, H, hd], k, v [T, KV, hd] at
+        `layer`: (out [T, H * hd] before the output projection, probs, kv, failed rows bool [T])."""
+        window = layer_windows(self.cfg)[layer]
+        with matmul_precision(self.cfg.dtype):
+            return attend(q, k, v, layer, window, self.cfg, ctx, interventions, kv, cache_layer, fused, fused_rows,
+                          fused_q_start, write_rows)
