@@ -3,6 +3,8 @@ recomputation, KLs are float64 from the logits, the noise floor is measured by t
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -282,6 +284,61 @@ def test_given_windows_that_miss_rows_are_refused(bundled_model, small):
                             windows=causal.SweepWindows(np.full(n_b, t - 8, np.int32), 8))
     full = causal.SweepWindows.full(n_b, t)  # recomputing more rows is always allowed
     causal.check_windows(full, np.zeros(n_b, np.int64), batch.lengths, t)
+    # packed windows: first packed rows after a needed row or before the window; fewer packed rows than needed
+    assert good.packed
+    late_first = dataclasses.replace(good, firsts=good.firsts + 1)
+    before_window = dataclasses.replace(good, starts=good.firsts + 1)
+    for bad in (late_first, before_window):
+        with pytest.raises(InterventionError, match=r"sweep windows miss rows of sample\(s\)"):
+            causal.layer_knockout_scan(bundled_model.model, batch.tokens, batch.lengths, iv0.knockout.edges,
+                                       iv0.knockout.heads, windows=bad)
+    few = dataclasses.replace(good, packed_rows=good.packed_rows - causal.ROW_MULTIPLE)
+    with pytest.raises(InterventionError, match=r"sweep windows pack \d+ rows but the samples need"):
+        causal.layer_knockout_scan(bundled_model.model, batch.tokens, batch.lengths, iv0.knockout.edges,
+                                   iv0.knockout.heads, windows=few)
+
+
+@pytest.mark.slow
+def test_packed_rows_equal_the_unpacked_windows(bundled_model, small):
+    """Packing every sample's needed rows for the matrix products (attention per window) gives the unpacked
+    engine's numbers to f32 rounding: a dose sweep (marker rows, failed rows), a SetValue point and
+    the all-layer knockout scan, on a batch where packing really saves rows."""
+    samples, batch, markers = small
+    cfg, t = bundled_model.cfg, batch.tokens.shape[1]
+    points = _scale_points(bundled_model, samples, batch, (0.5, 3.0), layer=3)
+    value = 0.9 / max(len(s.edges) for s in samples)  # 90% of the marker row's mass on its targets
+    set_value = ivs.stack([ivs.Interventions(set_value=ivs.set_value(t, s.edges, value, length=int(n),
+                                                                     n_layers=cfg.num_layers, n_heads=cfg.num_heads,
+                                                                     layers=[5]))
+                           for s, n in zip(samples, batch.lengths)])
+    stacked = ivs.stack([empty_like(points[0])] + points)
+    packed = causal.sweep_windows(stacked, batch.lengths, t, markers)
+    assert packed.packed and packed.packed_rows < len(samples) * packed.width
+    args = (bundled_model.model, batch.tokens, batch.lengths, stacked, markers)
+    got = sharding.to_host(causal.shared_sweep(*args, entries=(3, 3, 3), windows=packed))
+    want = sharding.to_host(causal.shared_sweep(*args, entries=(3, 3, 3), windows=packed.unpacked()))
+    for key, tol in (("base_last", 0), ("base_nll", 0), ("last", 1e-4), ("nll", 1e-5), ("marker_rows", 1e-5)):
+        np.testing.assert_allclose(got[key], want[key], atol=tol, rtol=0, err_msg=key)
+    np.testing.assert_array_equal(got["failed_row"], want["failed_row"])
+    assert np.abs(got["nll"][:, 2] - got["nll"][:, 0]).max() > 1e-3  # the doses act
+    sv = ivs.stack([empty_like(set_value), set_value])
+    w = causal.sweep_windows(sv, batch.lengths, t, markers)
+    a = sharding.to_host(causal.shared_sweep(bundled_model.model, batch.tokens, batch.lengths, sv, markers,
+                                             entries=(5, 5), windows=w))
+    b = sharding.to_host(causal.shared_sweep(bundled_model.model, batch.tokens, batch.lengths, sv, markers,
+                                             entries=(5, 5), windows=w.unpacked()))
+    np.testing.assert_array_equal(a["failed_row"], b["failed_row"])
+    np.testing.assert_allclose(a["nll"], b["nll"], atol=1e-5)
+    iv0 = knockout.knockout_ivs(bundled_model, samples, batch, [0])
+    kw = causal.knockout_windows(iv0.knockout.edges, batch.lengths)
+    assert kw.packed
+    scan = lambda w: sharding.to_host(causal.layer_knockout_scan(bundled_model.model, batch.tokens, batch.lengths,
+                                                                 iv0.knockout.edges, iv0.knockout.heads,
+                                                                 group_layers=3, windows=w))
+    got, want = scan(kw), scan(kw.unpacked())
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-4 if "last" in key else 1e-5, rtol=0, err_msg=key)
+    assert np.abs(got["nll"][:, 1:] - got["noop_nll"][:, None]).max() > 1e-4  # the knockouts act
 
 
 @pytest.mark.parametrize("kind", ["residual", "logit_shift"])

@@ -177,20 +177,24 @@ def test_fused_sweep_runs_unedited_layers_fused_and_equals_the_explicit_sweep(bu
         model = loaded.model
         for layers, fused_bodies in (([2], True), ([2, cfg.num_layers - 1], False)):
             iv = _dose_sweep(cfg, markers, lengths, layers)
-            kw = dict(entries=(2,) * 4, group_layers=2)
-            calls = _fused_calls(monkeypatch)
-            want = causal.shared_sweep(model, tokens, jnp.asarray(lengths), iv, jnp.asarray(markers), **kw)
-            assert not calls
-            got = causal.shared_sweep(model.with_attention("fused"), tokens, jnp.asarray(lengths), iv,
-                                      jnp.asarray(markers), **kw)
-            assert bool(calls) == fused_bodies, layers  # (the baseline's cached forward runs explicit)
-            assert all(c["is_causal"] for c in calls)  # suffix rows behind empty leading rows: plain causal
-            for key in want:
-                np.testing.assert_allclose(np.asarray(got[key], np.float64), np.asarray(want[key], np.float64),
-                                           atol=1e-4, err_msg=f"{key} {layers}")
-            rows = np.asarray(got["marker_rows"])  # [B, 1 + S, L, H, T]: the dose 4 point vs the reference
-            top = max(layers)
-            assert np.abs(rows[:, 3, top] - rows[:, 0, top]).max() > 1e-3  # the steering acted at its top layer
+            windows = causal.sweep_windows(iv, lengths, T, markers).unpacked()
+            # and packed: every window's real rows (these two samples' needed rows save no row when packed)
+            packed = dataclasses.replace(windows, firsts=windows.starts, packed_rows=int(np.sum(lengths - windows.starts)))
+            for w in (windows, packed):
+                kw = dict(entries=(2,) * 4, group_layers=2, windows=w)
+                calls = _fused_calls(monkeypatch)
+                want = causal.shared_sweep(model, tokens, jnp.asarray(lengths), iv, jnp.asarray(markers), **kw)
+                assert not calls
+                got = causal.shared_sweep(model.with_attention("fused"), tokens, jnp.asarray(lengths), iv,
+                                          jnp.asarray(markers), **kw)
+                assert bool(calls) == fused_bodies, layers  # (the baseline's cached forward runs explicit)
+                assert all(c["is_causal"] for c in calls)  # suffix rows behind empty leading rows: plain causal
+                for key in want:
+                    np.testing.assert_allclose(np.asarray(got[key], np.float64), np.asarray(want[key], np.float64),
+                                               atol=1e-4, err_msg=f"{key} {layers} packed={w.packed}")
+                rows = np.asarray(got["marker_rows"])  # [B, 1 + S, L, H, T]: the dose 4 point vs the reference
+                top = max(layers)
+                assert np.abs(rows[:, 3, top] - rows[:, 0, top]).max() > 1e-3  # the steering acted at its top layer
 
 
 def test_fused_paths_lower_to_cudnn_for_a_gpu(monkeypatch):
@@ -229,5 +233,12 @@ def test_fused_paths_lower_to_cudnn_for_a_gpu(monkeypatch):
                                                        entries=(2,) * 4, width=T - 8, group_layers=2,
                                                        fused_from=causal.intervened_below(iv, cfg.num_layers))
     assert target in custom_calls(sweep, tokens, lengths, iv, markers)
+    w = causal.sweep_windows(iv, np.asarray(lengths), T, np.asarray(markers))
+    assert w.packed  # the packed engine: the fused kernel vmapped over points and samples
+    packed = lambda t, n, i, m: causal.shared_sweep_jit(model, t, n, i, m, jnp.asarray(w.starts), jnp.asarray(w.firsts),
+                                                        entries=(2,) * 4, width=w.width, packed_rows=w.packed_rows,
+                                                        group_layers=2,
+                                                        fused_from=causal.intervened_below(iv, cfg.num_layers))
+    assert target in custom_calls(packed, tokens, lengths, iv, markers)
     explicit = lambda *a: marker_metric(model.with_attention("explicit").trunk(), *a)
     assert target not in custom_calls(explicit, tokens, lengths, markers[:, None], jnp.zeros((3, T), jnp.float32))

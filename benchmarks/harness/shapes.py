@@ -118,6 +118,16 @@ def forward_flops(cfg: ModelConfig, lengths: Sequence[int], *, blocks_per_sample
     return total
 
 
+def recomputed_flops(cfg: ModelConfig, windows, n_samples: int, blocks: float, logit_runs: float) -> float:
+    """FLOPs of a shared-prefix sweep's recomputed rows (`causal.SweepWindows`): `blocks` block-runs per sample
+    and `logit_runs` unembedded runs, whose projections, MLP and unembedding cover each sample's window (width
+    rows) or, packed, the packed rows in all, and whose attention covers each sample's window."""
+    s = sizes(cfg)
+    rows = windows.packed_rows if windows.packed else windows.width * n_samples
+    return (blocks * (2.0 * s.layer_matmul_params * rows + n_samples * _attn_flops_per_layer(cfg, windows.width))
+            + logit_runs * 2.0 * s.head_params * rows)
+
+
 def generation_flops(cfg: ModelConfig, prompt_lengths: Sequence[int], new_tokens: int) -> float:
     """Prefill of every prompt (logits of its last row) + (new_tokens - 1) cached decode steps per prompt."""
     s = sizes(cfg)

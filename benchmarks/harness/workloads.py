@@ -245,15 +245,16 @@ class KnockoutProgram:
 
     compiled: Any
     model: Any
-    chunks: list  # [(tokens, lengths, edges, heads, window starts)] of batch_size samples: compiled(model, *chunk)
+    chunks: list  # [(tokens, lengths, edges, heads, window starts, first rows)] of batch_size samples
     compile_s: float
     xla_mem: Optional[dict]
-    window_rows: int  # rows recomputed per sample (the others are the baseline's)
+    window_rows: int  # rows per sample's attention window (the others are the baseline's)
+    packed_rows: Optional[int]  # rows of all samples the matrix products cover when packed (None: the windows)
     group_layers: int
     flops: float  # the engine's matmul work over all chunks
 
     def run(self):
-        outs = [self.compiled(self.model, *c) for c in self.chunks]
+        outs = [self.compiled(self.model, *c[:5], firsts=c[5]) for c in self.chunks]
         return outs[0] if len(outs) == 1 else jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
@@ -270,22 +271,25 @@ def knockout_program(model, corpus: Corpus, batch_size: Optional[int] = None,
     if b % bs:
         raise ValueError(f"knockout batch size {bs} must divide the {b} samples")
     heads = np.ones((b, cfg.num_heads), bool)
-    windows = causal.knockout_windows(corpus.edges, corpus.lengths)  # the rows recomputed per sample
-    full = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads, windows.starts))
+    # the rows recomputed per sample; packed (each sample's rows from its first knocked row) in one call
+    windows = causal.knockout_windows(corpus.edges, corpus.lengths, pack=bs == b)
+    firsts = windows.firsts if windows.packed else windows.starts  # (unused unpacked)
+    full = tuple(jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.edges, heads, windows.starts, firsts))
     chunks = [tuple(x[i:i + bs] for x in full) for i in range(0, b, bs)]
-    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan_jit, model, *chunks[0], width=windows.width,
-                                        group_layers=g_layers)
+    compiled, compile_s, xla_mem = _aot(causal.layer_knockout_scan_jit, model, *chunks[0][:5],
+                                        firsts=chunks[0][5], width=windows.width, group_layers=g_layers,
+                                        packed_rows=windows.packed_rows)
     L = cfg.num_layers
     lens = corpus.lengths.tolist()
     # the work the engine does: the baseline (L blocks, all rows) + the no-op reference (L blocks) + for the
     # run knocked at layer k, L - entry(k) blocks (entry = k rounded down to a multiple of the group size),
-    # over each sample's window of rows (from its first knocked query row; earlier rows are the baseline's)
+    # over each sample's rows from its first knocked query row (earlier rows are the baseline's)
     g = max(1, min(g_layers, L))
     blocks = L + sum(L - k // g * g for k in range(L))
     flops = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
-             shapes.forward_flops(cfg, [windows.width] * len(lens), blocks_per_sample=blocks,
-                                  logits_rows_per_sample=L + 1))
-    return KnockoutProgram(compiled, model, chunks, compile_s, xla_mem, windows.width, g_layers, flops)
+             shapes.recomputed_flops(cfg, windows, len(lens), blocks, L + 1))
+    return KnockoutProgram(compiled, model, chunks, compile_s, xla_mem, windows.width, windows.packed_rows, g_layers,
+                           flops)
 
 
 def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
@@ -300,7 +304,7 @@ def knockout_scan(model, corpus: Corpus, repeats: int, torch_model=None, torch_d
     lens = corpus.lengths.tolist()
     rec = {"jax": _jax_record(timing, prog.compile_s, prog.xla_mem), "torch": None}
     rec["jax"].update(calls=len(prog.chunks), samples_per_call=len(prog.chunks[0][0]), window_rows=prog.window_rows,
-                      group_layers=prog.group_layers)
+                      packed_rows=prog.packed_rows, group_layers=prog.group_layers)
     rec["flops"] = prog.flops
     rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
     rec["tokens"] = int(sum(lens))
@@ -359,11 +363,12 @@ class SteeringProgram:
     """The steering sweep's compiled call and what describes it (`steering_program`)."""
 
     compiled: Any
-    args: tuple  # (model, tokens, lengths, iv, markers, window starts): compiled(*args) runs the sweep
+    args: tuple  # (model, tokens, lengths, iv, markers, window starts, first rows or None): compiled(*args)
     compile_s: float
     xla_mem: Optional[dict]
     layer: int
-    window_rows: int  # rows recomputed per sample (the others are the baseline's)
+    window_rows: int  # rows per sample's attention window (the others are the baseline's)
+    packed_rows: Optional[int]  # rows of all samples the matrix products cover when packed (None: the windows)
     fused_from: Optional[int]
     group_layers: int
     unroll: bool
@@ -388,21 +393,21 @@ def steering_program(model, corpus: Corpus, doses: Sequence[float] = DEFAULT_DOS
     tokens, lengths, markers = (jnp.asarray(x) for x in (corpus.tokens, corpus.lengths, corpus.markers))
     s = len(doses)
     entries = (layer,) * (s + 1)
-    windows = causal.sweep_windows(iv, corpus.lengths, corpus.tokens.shape[1], corpus.markers)
+    windows = causal.sweep_windows(iv, corpus.lengths, corpus.tokens.shape[1], corpus.markers)  # packed
     starts = jnp.asarray(windows.starts)
+    firsts = None if windows.firsts is None else jnp.asarray(windows.firsts)
     fused_from = causal.fused_from_layer(model, iv)  # --attention=fused: the blocks above the steered layer
-    compiled, compile_s, xla_mem = _aot(causal.shared_sweep_jit, model, tokens, lengths, iv, markers, starts,
-                                        entries=entries, width=windows.width, group_layers=g_layers,
-                                        fused_from=fused_from, unroll=bool(unroll))
+    compiled, compile_s, xla_mem = _aot(causal.shared_sweep_jit, model, tokens, lengths, iv, markers, starts, firsts,
+                                        entries=entries, width=windows.width, packed_rows=windows.packed_rows,
+                                        group_layers=g_layers, fused_from=fused_from, unroll=bool(unroll))
     lens = corpus.lengths.tolist()
     L = cfg.num_layers
     # the engine's work: the baseline (L blocks, all rows, NLL + last logits) + for the reference and each
-    # dose, L - layer blocks over each sample's window of rows (and their NLL rows)
+    # dose, L - layer blocks over each sample's rows from its marker on (and their NLL rows)
     flops = (shapes.forward_flops(cfg, lens, logits_rows_per_sample=1) +
-             shapes.forward_flops(cfg, [windows.width] * len(lens), blocks_per_sample=(s + 1) * (L - layer),
-                                  logits_rows_per_sample=s + 1))
-    return SteeringProgram(compiled, (model, tokens, lengths, iv, markers, starts), compile_s, xla_mem, layer,
-                           windows.width, fused_from, g_layers, bool(unroll), flops)
+             shapes.recomputed_flops(cfg, windows, len(lens), (s + 1) * (L - layer), s + 1))
+    return SteeringProgram(compiled, (model, tokens, lengths, iv, markers, starts, firsts), compile_s, xla_mem, layer,
+                           windows.width, windows.packed_rows, fused_from, g_layers, bool(unroll), flops)
 
 
 def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_device: str = "cpu",
@@ -419,6 +424,7 @@ def steering_sweep(model, corpus: Corpus, repeats: int, torch_model=None, torch_
            "fused_from": prog.fused_from}
     rec["jax"]["calls_per_sweep"] = 1
     rec["jax"]["window_rows"] = prog.window_rows
+    rec["jax"]["packed_rows"] = prog.packed_rows
     rec["flops"] = prog.flops
     rec["bytes"] = shapes.pass_bytes(cfg, dtype, with_head=True)
     rec["tokens"] = int(sum(lens)) * s

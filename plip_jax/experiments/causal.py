@@ -102,11 +102,23 @@ class SweepWindows:
 
     starts: np.ndarray  # int32 [B]
     width: int
+    # packing (optional): the rows firsts[b] .. lengths[b] - 1 of every sample (firsts int32 [B], starts <= firsts)
+    # packed into `packed_rows` (static) rows for the blocks' matrix products; attention still per window
+    firsts: Optional[np.ndarray] = None
+    packed_rows: Optional[int] = None
 
     @classmethod
     def full(cls, n_samples: int, n_positions: int) -> "SweepWindows":
         """Every row recomputed (nothing shared)."""
         return cls(np.zeros((n_samples,), np.int32), int(n_positions))
+
+    @property
+    def packed(self) -> bool:
+        return self.packed_rows is not None
+
+    def unpacked(self) -> "SweepWindows":
+        """The same windows, every window row recomputed (no packing)."""
+        return SweepWindows(self.starts, self.width)
 
 
 def _edit_map(iv) -> Optional[np.ndarray]:
@@ -149,16 +161,22 @@ def _first_rows(edited: Optional[np.ndarray], lengths, n_positions: int, markers
     return np.clip(first, 0, int(n_positions) - 1)
 
 
-def _windows(edited: Optional[np.ndarray], lengths, n_positions: int, markers=None) -> SweepWindows:
+def _windows(edited: Optional[np.ndarray], lengths, n_positions: int, markers=None, pack: bool = True) -> SweepWindows:
     """SweepWindows from the edited-row mask bool [B, T] (None: no edit): each sample's window starts at
     `_first_rows` and ends after its last real token; the width is the widest, rounded up to ROW_MULTIPLE (at
-    most T), and a start moves back where the window would pass T."""
+    most T), and a start moves back where the window would pass T. `pack`: the samples' needed rows packed
+    (their sum rounded up to ROW_MULTIPLE) when that is fewer than B x width."""
     lengths = np.asarray(lengths, np.int64)
     t = int(n_positions)
     first = _first_rows(edited, lengths, t, markers)
-    need = int(np.max(lengths - first)) if lengths.size else t
+    needs = lengths - first
+    need = int(np.max(needs)) if lengths.size else t
     width = min(t, max(1, -(-need // ROW_MULTIPLE) * ROW_MULTIPLE))
-    return SweepWindows(np.minimum(first, t - width).astype(np.int32), width)
+    starts = np.minimum(first, t - width).astype(np.int32)
+    rows = -(-int(np.sum(needs)) // ROW_MULTIPLE) * ROW_MULTIPLE
+    if pack and lengths.size and rows < lengths.size * width:
+        return SweepWindows(starts, width, first.astype(np.int32), rows)
+    return SweepWindows(starts, width)
 
 
 def _host_readable(tree) -> bool:
@@ -171,11 +189,19 @@ def _host_readable(tree) -> bool:
 def check_windows(windows: SweepWindows, first: np.ndarray, lengths, n_positions: int) -> None:
     """InterventionError naming the samples whose given window misses rows the sweep must recompute (from
     `first` [B], see `_first_rows`, through the last real token) or passes the padded length T: the engine would
-    read the baseline's rows there (a silently wrong number) or write past the sequence."""
+    read the baseline's rows there (a silently wrong number) or write past the sequence. Packed windows: their
+    first rows must lie in the window at or before `first`, and `packed_rows` must hold them all."""
     starts = np.asarray(windows.starts, np.int64)
     lengths = np.asarray(lengths, np.int64)
     ends = starts + int(windows.width)
-    bad = np.flatnonzero((starts < 0) | (starts > first) | (ends < lengths) | (ends > int(n_positions)))
+    lo = starts
+    if windows.packed:
+        firsts = np.asarray(windows.firsts, np.int64)
+        if int(windows.packed_rows) < int(np.sum(lengths - firsts)):
+            raise InterventionError(f"sweep windows pack {int(windows.packed_rows)} rows but the samples need "
+                                    f"{int(np.sum(lengths - firsts))}; use `sweep_windows(...)`")
+        lo = np.where(firsts >= starts, firsts, -1)  # a first row before its window start is refused below
+    bad = np.flatnonzero((starts < 0) | (lo < 0) | (lo > first) | (ends < lengths) | (ends > int(n_positions)))
     if bad.size:
         b = int(bad[0])
         raise InterventionError(
@@ -184,18 +210,25 @@ def check_windows(windows: SweepWindows, first: np.ndarray, lengths, n_positions
             f"{int(ends[b]) - 1}; pass windows=None (computed from the interventions) or `sweep_windows(...)`")
 
 
-def sweep_windows(iv, lengths, n_positions: int, markers=None) -> SweepWindows:
+def sweep_windows(iv, lengths, n_positions: int, markers=None, pack: bool = True) -> SweepWindows:
     """The rows a sweep must recompute per sample (see `SweepWindows`): from the first row any point's edit
     touches in that sample (attention is causal, so earlier rows are the baseline's in every layer), its
     marker whose attention row is read (`markers`, optional) or its last real token. `iv`: host Interventions
-    with leading [S, B] (points, samples) on every leaf; lengths int [B]; n_positions: T."""
-    return _windows(_edited_row_mask(iv, sample_axis=1), lengths, n_positions, markers)
+    with leading [S, B] (points, samples) on every leaf; lengths int [B]; n_positions: T. pack: pack those
+    rows of all samples for the matrix products where that saves rows (not with residual-stream edits)."""
+    return _windows(_edited_row_mask(iv, sample_axis=1), lengths, n_positions, markers,
+                    pack=pack and iv.residual is None)
 
 
-def knockout_windows(edges, lengths) -> SweepWindows:
+def knockout_windows(edges, lengths, pack: bool = True) -> SweepWindows:
     """`sweep_windows` of a knockout given by its edges bool [B, T, T] (host array) and lengths int [B]."""
     e = np.asarray(edges)
-    return _windows(e.any(axis=-1), lengths, e.shape[-1])
+    return _windows(e.any(axis=-1), lengths, e.shape[-1], pack=pack)
+
+
+def _spans_devices(x) -> bool:
+    """Whether `x` is a JAX array split over several devices (a packed sweep would move rows between them)."""
+    return isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
 
 
 def intervened_layers(iv, n_layers: int) -> Optional[np.ndarray]:
@@ -250,6 +283,19 @@ def entry_layers(starts: Sequence[int], n_layers: int, group_layers: int = DEFAU
 # --------------------------------------------------------------------------- shared-prefix engine: device
 
 
+def _baseline_one(model, tokens, length, marker):
+    """The baseline forward of ONE sequence tokens [T] for a sweep: (its Output with the residual stream after
+    every block [L, T, D], the keys/values cache [L, T, KV, hd] and, when `marker` is given, the marker's
+    attention rows; its next-token log-probs [T - 1]; its last real row's logits [V]; its mean NLL [])."""
+    want_rows = marker is not None
+    cap = Capture(logits="none", final_hidden=True, resid_post="all", attn_rows=want_rows)
+    base = model(tokens, length=length, cache=model.init_cache(tokens.shape[0]), capture=cap,
+                 query_rows=marker[None] if want_rows else None)
+    with matmul_precision(model.cfg.dtype):
+        base_lp = metrics.token_logprobs_from_hidden(base.final_hidden[:-1], model.unembedding, tokens[1:])
+    return base, base_lp, _row_logits(model, base.final_hidden, length - 1), metrics.mean_nll_of_rows(base_lp, length)
+
+
 def _sweep_one(model, tokens, length, iv, marker, start, entries: tuple, width: int, unroll: bool,
                group_layers: int = DEFAULT_GROUP_LAYERS, fused_from: Optional[int] = None) -> dict:
     """Baseline + S sweep points of ONE sequence on a transformer (see the module docstring).
@@ -275,14 +321,8 @@ def _sweep_one(model, tokens, length, iv, marker, start, entries: tuple, width: 
     w = model.unembedding
     want_rows = marker is not None
     steering = iv.scale is not None or iv.set_value is not None
-    cap = Capture(logits="none", final_hidden=True, resid_post="all", attn_rows=want_rows)
-    base = model(tokens, length=length, cache=model.init_cache(t), capture=cap,
-                 query_rows=marker[None] if want_rows else None)
+    base, base_lp, base_last, base_nll = _baseline_one(model, tokens, length, marker)
     kc, vc = base.cache.k, base.cache.v  # [L, T, KV, hd]: the baseline's keys/values
-    with matmul_precision(cfg.dtype):
-        base_lp = metrics.token_logprobs_from_hidden(base.final_hidden[:-1], w, tokens[1:])  # [T - 1]
-    base_last = _row_logits(model, base.final_hidden, length - 1)
-    base_nll = metrics.mean_nll_of_rows(base_lp, length)
     positions = start + jnp.arange(w_rows, dtype=jnp.int32)
     ctx = model.block_context(w_rows, length=length, positions=positions, cache_size=t)
     marker_row = None if not want_rows else jnp.clip(marker - start, 0, w_rows - 1)
@@ -356,16 +396,157 @@ def _sweep_one(model, tokens, length, iv, marker, start, entries: tuple, width: 
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("entries", "width", "unroll", "group_layers", "fused_from"))
-def shared_sweep_jit(model, tokens, lengths, iv, markers=None, starts=None, *, entries: tuple, width: int,
-                     unroll: bool = False, group_layers: int = DEFAULT_GROUP_LAYERS,
-                     fused_from: Optional[int] = None) -> dict:
+def _packed_rows(lengths, starts, firsts, n_rows: int, n_positions: int, width: int) -> dict:
+    """Where each of the `n_rows` packed rows lives: sample b's rows firsts[b] .. lengths[b] - 1, one sample after
+    the other, then padding rows. Returns int [R] arrays: "sample" (B for a padding row: scatters drop it),
+    "gather" (the sample, clipped: a padding row reads the last sample's cells), "pos" (position, clipped to
+    the sequence) and "win" (index in the sample's window of `width` rows from starts[b]), "valid" bool [R], and
+    "last" int [B]: each sample's last real row's packed index."""
+    lengths, starts, firsts = (jnp.asarray(x, jnp.int32) for x in (lengths, starts, firsts))
+    n_samples = lengths.shape[0]
+    need = lengths - firsts
+    ends = jnp.cumsum(need)
+    i = jnp.arange(n_rows, dtype=jnp.int32)
+    sample = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)  # samples ending at or before row i
+    valid = sample < n_samples
+    b = jnp.minimum(sample, n_samples - 1)
+    pos = jnp.clip(firsts[b] + i - (ends[b] - need[b]), 0, n_positions - 1)
+    return {"sample": jnp.where(valid, sample, n_samples), "gather": b, "pos": pos,
+            "win": jnp.clip(pos - starts[b], 0, width - 1), "valid": valid, "last": ends - 1}
+
+
+def _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries: tuple, width: int, packed_rows: int,
+                  unroll: bool, group_layers: int = DEFAULT_GROUP_LAYERS, fused_from: Optional[int] = None) -> dict:
+    """The shared-prefix sweep of a batch (`shared_sweep_jit`'s outputs, [B, S, ...]) with the rows every sample
+    must recompute (firsts[b] .. lengths[b] - 1) PACKED: the matrix products of the recomputed blocks run on
+    `packed_rows` rows (>= the sum of those counts) instead of B x `width`. Attention runs per sample on its
+    window (`width` rows from starts[b], starts[b] <= firsts[b]): the packed queries/keys/values are placed
+    in it, the window's other rows keep the baseline's keys/values (they equal them: no edit reaches them),
+    and the outputs of the packed rows are read back. Same operations per row as `_sweep_one`, so the same
+    numbers up to rounding. iv: Interventions [S, B, ...] with no residual-stream edit (rows of one point
+    would need their sample's edit). tokens [B, T], lengths / starts / firsts int [B], markers int [B] or None."""
+    cfg = model.cfg
+    n_layers = cfg.num_layers
+    n_samples, t = tokens.shape
+    w_rows = int(width)
+    n_points = len(entries)
+    want_rows = markers is not None
+    steering = iv.scale is not None or iv.set_value is not None
+    lengths, starts, firsts = (jnp.asarray(x, jnp.int32) for x in (lengths, starts, firsts))
+    base, base_lp, base_last, base_nll = jax.vmap(lambda tk, n, m: _baseline_one(model, tk, n, m))(
+        tokens, lengths, markers)
+    kc, vc = base.cache.k, base.cache.v  # [B, L, T, KV, hd]
+    rows = _packed_rows(lengths, starts, firsts, int(packed_rows), t, w_rows)
+    to_grid = lambda x: jnp.zeros((x.shape[0], n_samples, w_rows) + x.shape[2:], x.dtype).at[
+        :, rows["sample"], rows["win"]].set(x, mode="drop")  # [n, R, ...] -> [n, B, width, ...]
+    from_grid = lambda g: g[:, rows["gather"], rows["win"]]  # [n, B, width, ...] -> [n, R, ...]
+    window = jnp.arange(w_rows, dtype=jnp.int32)
+    writes = (window[None] >= (firsts - starts)[:, None]) & (window[None] < (lengths - starts)[:, None])  # [B, W]
+    marker_win = None if not want_rows else jnp.clip(markers - starts, 0, w_rows - 1)
+
+    g = max(1, min(int(group_layers), n_layers))
+    bounds = sorted(set(entries) | set(range(-(-min(entries) // g) * g, n_layers, g)))
+    fused_ok = fused_from is not None and windows_cover(cfg, t)
+    streams = None
+    ys_all = []
+    for gi, a in enumerate(bounds):
+        b = bounds[gi + 1] if gi + 1 < len(bounds) else n_layers
+        n_new = entries.count(a)
+        if streams is None:  # the baseline's stream entering layer a, at the packed rows
+            whole = model.embed(tokens) if a == 0 else base.resid_post[:, a - 1]  # [B, T, D]
+            rows0 = whole[rows["gather"], rows["pos"]]
+            streams = jnp.broadcast_to(rows0, (n_new,) + rows0.shape)
+        else:  # later points start as copies of the reference (point 0): the same operations so far
+            streams = jnp.concatenate([streams, jnp.broadcast_to(streams[0], (n_new,) + streams.shape[1:])])
+        n = streams.shape[0]
+        iv_n = jax.tree_util.tree_map(lambda x, n=n: x[:n], iv)
+        fused = fused_ok and a >= fused_from  # a = the body's first layer
+
+        def attend_one(q, k, v, i, kc_b, vc_b, length, start, m_win, write, j, fused):
+            """One point of one sample: its window's projected rows q [W, H, hd], k / v [W, KV, hd]."""
+            ctx = model.block_context(w_rows, length=length, positions=start + window, cache_size=t)
+            kv = (kc_b[None], vc_b[None])
+            if fused:  # no point edits this layer: probs holds the marker row only ([H, 1, T])
+                out, probs, _, bad = model.attend(q, k, v, j, ctx, None, kv, 0, fused=True,
+                                                  fused_rows=m_win[None] if want_rows else None, fused_q_start=start,
+                                                  write_rows=write)
+            else:
+                out, probs, _, bad = model.attend(q, k, v, j, ctx, i, kv, 0, write_rows=write)
+            y = {}
+            if want_rows:
+                y["rows"] = probs[:, 0] if fused else jax.lax.dynamic_index_in_dim(probs, m_win, 1, keepdims=False)
+            if steering:  # only the packed rows count (the window's other rows are not this sample's)
+                bad = bad & write
+                y["fail"] = jnp.where(bad.any(), start + jnp.argmax(bad), -1).astype(jnp.int32)
+            return out, y
+
+        def step(h, lp, j, iv_n=iv_n, fused=fused):
+            kc_j = jax.lax.dynamic_index_in_dim(kc, j, 1, keepdims=False)  # [B, T, KV, hd]
+            vc_j = jax.lax.dynamic_index_in_dim(vc, j, 1, keepdims=False)
+
+            def attend_rows(q, k, v):  # [n, R, ...]: into the windows, per point and sample, and back
+                per_sample = jax.vmap(lambda *x: attend_one(*x, j, fused))
+                per_point = jax.vmap(per_sample, in_axes=(0, 0, 0, 0) + (None,) * 6)
+                m_win = marker_win if want_rows else jnp.zeros((n_samples,), jnp.int32)
+                out, y = per_point(to_grid(q), to_grid(k), to_grid(v), iv_n, kc_j, vc_j, lengths, starts, m_win,
+                                   writes)
+                return from_grid(out), y
+
+            return model.apply_block_rows(h, lp, attend_rows)
+
+        streams, ys = model.layers.fold_range(step, streams, a, b, unroll=unroll)
+        ys = ys or {}
+        missing = n_points - n  # points not entered yet: copies of the reference
+        if "rows" in ys:  # [l, n, B, H, T]
+            r = ys["rows"]
+            ys["rows"] = jnp.concatenate([r, jnp.broadcast_to(r[:, :1], (r.shape[0], missing) + r.shape[2:])], 1)
+        if "fail" in ys:  # [l, n, B]
+            ys["fail"] = jnp.pad(ys["fail"], ((0, 0), (0, missing), (0, 0)), constant_values=-1)
+        ys_all.append(ys)
+
+    w = model.unembedding
+    with matmul_precision(cfg.dtype):
+        hidden = model.final_norm(streams)  # [S, R, D]
+        last = model.logits(hidden[:, rows["last"]]).transpose(1, 0, 2)  # [B, S, V]
+        # packed row r (position p) predicts token p + 1; the sample's last real row predicts nothing
+        next_tokens = tokens[rows["gather"], jnp.minimum(rows["pos"] + 1, t - 1)]
+        row_lp = jax.vmap(lambda h: metrics.token_logprobs_from_hidden(h, w, next_tokens))(hidden)  # [S, R]
+    predicts = rows["valid"] & (rows["pos"] < lengths[rows["gather"]] - 1)
+    # [S, B, T - 1]: the baseline's log-probs, the point's at its packed rows
+    all_lp = jnp.broadcast_to(base_lp, (n_points,) + base_lp.shape).at[
+        :, jnp.where(predicts, rows["sample"], n_samples), rows["pos"]].set(row_lp, mode="drop")
+    nll = jax.vmap(jax.vmap(metrics.mean_nll_of_rows), in_axes=(0, None))(all_lp, lengths).T  # [B, S]
+    out = {"base_last": base_last, "base_nll": base_nll, "last": last, "nll": nll}
+    a0 = bounds[0]
+    if want_rows:  # base.attn_rows [B, L, H, 1, T]
+        below = jnp.broadcast_to(base.attn_rows[:, None, :a0, :, 0, :],
+                                 (n_samples, n_points, a0) + base.attn_rows.shape[2:3] + base.attn_rows.shape[4:])
+        above = jnp.concatenate([y["rows"] for y in ys_all], axis=0).transpose(2, 1, 0, 3, 4)  # [B, S, L - a0, H, T]
+        out["marker_rows"] = jnp.concatenate([below, above], axis=2)
+    if steering:
+        above = jnp.concatenate([y["fail"] for y in ys_all], axis=0).transpose(2, 1, 0)  # [B, S, L - a0]
+        out["failed_row"] = jnp.concatenate([jnp.full((n_samples, n_points, a0), -1, jnp.int32), above], axis=2)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("entries", "width", "packed_rows", "unroll", "group_layers", "fused_from"))
+def shared_sweep_jit(model, tokens, lengths, iv, markers=None, starts=None, firsts=None, *, entries: tuple,
+                     width: int, packed_rows: Optional[int] = None, unroll: bool = False,
+                     group_layers: int = DEFAULT_GROUP_LAYERS, fused_from: Optional[int] = None) -> dict:
     """`shared_sweep` under jit: starts int [B] and static `width` (the rows recomputed per sample, which MUST
     hold every edited query row, every read marker and the sample's rows up to its last real token: use
-    `sweep_windows`; starts None = every row from 0, width T) and static `fused_from` (it MUST be >= every
-    intervened layer + 1: use `fused_from_layer`)."""
+    `sweep_windows`; starts None = every row from 0, width T); with `packed_rows` (static) and firsts int [B]
+    (a `SweepWindows` that packs) the rows firsts[b] .. lengths[b] - 1 of all samples run packed
+    (`_sweep_packed`; no residual-stream edits); static `fused_from` (it MUST be >= every intervened layer + 1:
+    use `fused_from_layer`)."""
     if starts is None:
         starts = jnp.zeros(tokens.shape[:1], jnp.int32)
+    if packed_rows is not None:
+        if firsts is None or iv.residual is not None:
+            raise InterventionError("a packed sweep needs each sample's first recomputed row (firsts) and no "
+                                    "residual-stream edit; use `sweep_windows(...)`")
+        return _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries, width, packed_rows,
+                             unroll, group_layers, fused_from)
     return jax.vmap(lambda t, n, i, m, s: _sweep_one(model, t, n, i, m, s, entries, width, unroll, group_layers,
                                                      fused_from),
                     in_axes=(0, 0, 1, 0, 0))(tokens, lengths, iv, markers, starts)
@@ -394,7 +575,7 @@ def shared_sweep(model, tokens, lengths, iv, markers=None, *, entries: Sequence[
     "marker_rows"?: [B, S, L, H, T], "failed_row"?: int32 [B, S, L] (-1: steering applied)}."""
     readable = _host_readable((iv, lengths, markers))  # not: arrays spanning other processes (or traced)
     if windows is None:  # from the interventions; every row when they cannot be read here (exact)
-        windows = (sweep_windows(iv, lengths, tokens.shape[1], markers) if readable
+        windows = (sweep_windows(iv, lengths, tokens.shape[1], markers, pack=not _spans_devices(tokens)) if readable
                    else SweepWindows.full(tokens.shape[0], tokens.shape[1]))
     elif readable:  # a caller's windows are checked where the interventions can be read
         check_windows(windows, _first_rows(_edited_row_mask(iv, sample_axis=1), lengths, tokens.shape[1], markers),
@@ -416,34 +597,42 @@ def _launch_sweep(model, tokens, lengths, iv, markers, entries: Sequence[int], w
     bad = [e for e in entries if not 0 <= e < model.cfg.num_layers]
     if bad:
         raise InterventionError(f"entry layers {bad} out of range for a model of {model.cfg.num_layers} layers")
-    return shared_sweep_jit(model, tokens, lengths, iv, markers, windows.starts, entries=entries,
-                            width=int(windows.width), unroll=unroll, group_layers=int(group_layers),
-                            fused_from=fused_from)
+    return shared_sweep_jit(model, tokens, lengths, iv, markers, windows.starts, windows.firsts, entries=entries,
+                            width=int(windows.width), packed_rows=windows.packed_rows, unroll=unroll,
+                            group_layers=int(group_layers), fused_from=fused_from)
 
 
 # --------------------------------------------------------------------------- all-layer knockout scan
 
 
-@functools.partial(jax.jit, static_argnames=("group_layers", "width", "unroll"))
+@functools.partial(jax.jit, static_argnames=("group_layers", "width", "unroll", "packed_rows"))
 def layer_knockout_scan_jit(model, tokens, lengths, edges, heads, starts=None, group_layers: int = DEFAULT_GROUP_LAYERS,
-                            width: Optional[int] = None, unroll: bool = False):
+                            width: Optional[int] = None, unroll: bool = False, firsts=None,
+                            packed_rows: Optional[int] = None):
     """`layer_knockout_scan` under jit with the recomputed rows of each sample given: starts int [B] and a static
     `width` (they MUST hold every edge's query row and the rows up to each sample's last real token: use
-    `knockout_windows`; None = every row)."""
+    `knockout_windows`; None = every row); with firsts int [B] and a static `packed_rows` (a packing
+    `SweepWindows`), the rows firsts[b] .. lengths[b] - 1 run packed (`_sweep_packed`)."""
     n_layers = model.cfg.num_layers
     g = max(1, min(int(group_layers), n_layers))
     entries = (0,) + tuple(k // g * g for k in range(n_layers))
     layer_on = jnp.concatenate([jnp.zeros((1, n_layers), bool), jnp.eye(n_layers, dtype=bool)])  # [L + 1, L]
     if starts is None or width is None:
         starts, width = jnp.zeros(tokens.shape[:1], jnp.int32), tokens.shape[1]
-
-    def one(t, n, e, h, st):
-        s = n_layers + 1
+    s = n_layers + 1
+    if packed_rows is not None:
+        b = tokens.shape[0]
         iv = ivs.Interventions(knockout=ivs.AttentionKnockout(
-            edges=jnp.broadcast_to(e, (s,) + e.shape), layers=layer_on, heads=jnp.broadcast_to(h, (s,) + h.shape)))
-        return _sweep_one(model, t, n, iv, None, st, entries, width, unroll, g)
+            edges=jnp.broadcast_to(edges, (s,) + edges.shape), layers=jnp.broadcast_to(layer_on[:, None], (s, b, n_layers)),
+            heads=jnp.broadcast_to(heads, (s,) + heads.shape)))
+        out = _sweep_packed(model, tokens, lengths, iv, None, starts, firsts, entries, width, packed_rows, unroll, g)
+    else:
+        def one(t, n, e, h, st):
+            iv = ivs.Interventions(knockout=ivs.AttentionKnockout(
+                edges=jnp.broadcast_to(e, (s,) + e.shape), layers=layer_on, heads=jnp.broadcast_to(h, (s,) + h.shape)))
+            return _sweep_one(model, t, n, iv, None, st, entries, width, unroll, g)
 
-    out = jax.vmap(one)(tokens, lengths, edges, heads, starts)
+        out = jax.vmap(one)(tokens, lengths, edges, heads, starts)
     return {"last": jnp.concatenate([out["base_last"][:, None], out["last"][:, 1:]], axis=1),
             "nll": jnp.concatenate([out["base_nll"][:, None], out["nll"][:, 1:]], axis=1),
             "noop_last": out["last"][:, 0], "noop_nll": out["nll"][:, 0]}
@@ -465,11 +654,11 @@ def layer_knockout_scan(model, tokens, lengths, edges, heads, group_layers: int 
         first = _first_rows(np.asarray(edges).any(axis=-1), lengths, tokens.shape[1])
     if windows is None:  # from the edges; every row when they are unknown (exact, nothing shared)
         windows = (SweepWindows.full(tokens.shape[0], tokens.shape[1]) if first is None
-                   else knockout_windows(edges, lengths))
+                   else knockout_windows(edges, lengths, pack=not _spans_devices(tokens)))
     elif first is not None:
         check_windows(windows, first, lengths, tokens.shape[1])
     return layer_knockout_scan_jit(model, tokens, lengths, edges, heads, windows.starts, group_layers,
-                                   int(windows.width), unroll)
+                                   int(windows.width), unroll, windows.firsts, windows.packed_rows)
 
 
 # --------------------------------------------------------------------------- host side: sweeps and effects
@@ -683,7 +872,9 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         args = (tokens, lengths, stacked, markers, windows.starts)
         if distribute is not None:
             args = distribute(args)
-        dev = _launch_sweep(model, *args[:4], entries, SweepWindows(args[4], windows.width), fused_from,
+        # samples split over devices run unpacked (packing would move rows between the devices)
+        windows = windows.unpacked() if _spans_devices(args[0]) else windows
+        dev = _launch_sweep(model, *args[:4], entries, dataclasses.replace(windows, starts=args[4]), fused_from,
                             False, group_layers)
         check_finite_logits(dev["base_last"], "baseline", sample_ids)
         check_finite_logits(dev["last"], "sweep", sample_ids, sample_axis=0)  # [B, 1 + k, V]: no transposed copy
