@@ -296,6 +296,58 @@ def _baseline_one(model, tokens, length, marker):
     return base, base_lp, _row_logits(model, base.final_hidden, length - 1), metrics.mean_nll_of_rows(base_lp, length)
 
 
+def _body_bounds(entries: tuple, n_layers: int, group_layers: int) -> list:
+    """The first layer of each scan body of a sweep: every entry layer, and every multiple of `group_layers`
+    above the lowest one (at most that many layers per body)."""
+    g = max(1, min(int(group_layers), n_layers))
+    return sorted(set(entries) | set(range(-(-min(entries) // g) * g, n_layers, g)))
+
+
+def _enter_points(streams, n_new: int, first_rows):
+    """Streams [n, ...] for the next scan body with its `n_new` entering points: copies of first_rows() (the
+    baseline's stream; the first body) or of the reference (streams[0], the same operations so far) appended."""
+    if streams is None:
+        rows = first_rows()
+        return jnp.broadcast_to(rows, (n_new,) + rows.shape)
+    return jnp.concatenate([streams, jnp.broadcast_to(streams[0], (n_new,) + streams.shape[1:])])
+
+
+def _run_bodies(model, iv, entries: tuple, group_layers: int, fused_from: Optional[int], unroll: bool, first_rows,
+                make_step):
+    """The sweep's scan bodies (`_body_bounds`), each with the points entered so far: first_rows(a) is the
+    baseline's stream entering layer a (the first body), make_step(iv_n, fused) the body's
+    `fold_range` step over streams [n, ...] with the first n points' interventions (fused: no point edits the
+    body, it starts at or above `fused_from`; the caller passes None where the fused kernel does not apply).
+    Returns (streams [S, ...] after the last layer, per body its per-layer outputs completed for every point
+    (`_pad_unentered`), the bodies' first layers)."""
+    n_layers = model.cfg.num_layers
+    bounds = _body_bounds(entries, n_layers, group_layers)
+    streams, ys_all = None, []
+    for gi, a in enumerate(bounds):
+        b = bounds[gi + 1] if gi + 1 < len(bounds) else n_layers
+        streams = _enter_points(streams, entries.count(a), lambda a=a: first_rows(a))
+        n = streams.shape[0]
+        iv_n = jax.tree_util.tree_map(lambda x, n=n: x[:n], iv)
+        fused = fused_from is not None and a >= fused_from  # a = the body's first layer
+        # one scan body per group (per-layer layouts copy only this group's layers), or every layer inline
+        streams, ys = model.layers.fold_range(make_step(iv_n, fused), streams, a, b, unroll=unroll)
+        ys_all.append(_pad_unentered(ys, len(entries) - n))
+    return streams, ys_all, bounds
+
+
+def _pad_unentered(ys: Optional[dict], missing: int) -> dict:
+    """A scan body's per-layer outputs ([l, n, ...]: "rows" marker rows, "fail" failed rows) completed for the
+    `missing` points not entered yet: the reference's marker rows, no failure."""
+    ys = ys or {}
+    if "rows" in ys:
+        r = ys["rows"]
+        ys["rows"] = jnp.concatenate([r, jnp.broadcast_to(r[:, :1], (r.shape[0], missing) + r.shape[2:])], 1)
+    if "fail" in ys:
+        f = ys["fail"]
+        ys["fail"] = jnp.pad(f, ((0, 0), (0, missing)) + ((0, 0),) * (f.ndim - 2), constant_values=-1)
+    return ys
+
+
 def _sweep_one(model, tokens, length, iv, marker, start, entries: tuple, width: int, unroll: bool,
                group_layers: int = DEFAULT_GROUP_LAYERS, fused_from: Optional[int] = None) -> dict:
     """Baseline + S sweep points of ONE sequence on a transformer (see the module docstring).
@@ -313,7 +365,6 @@ def _sweep_one(model, tokens, length, iv, marker, start, entries: tuple, width: 
     or above this layer edit nothing, and run on the fused attention kernel (only the marker rows' patterns
     computed) unless a sliding window is shorter than T; None: every body explicit."""
     cfg = model.cfg
-    n_layers = cfg.num_layers
     t = tokens.shape[0]
     w_rows = int(width)
     start = jnp.asarray(start, jnp.int32)
@@ -327,26 +378,8 @@ def _sweep_one(model, tokens, length, iv, marker, start, entries: tuple, width: 
     ctx = model.block_context(w_rows, length=length, positions=positions, cache_size=t)
     marker_row = None if not want_rows else jnp.clip(marker - start, 0, w_rows - 1)
 
-    g = max(1, min(int(group_layers), n_layers))
-    bounds = sorted(set(entries) | set(range(-(-min(entries) // g) * g, n_layers, g)))
-    fused_ok = fused_from is not None and windows_cover(cfg, t)
-    streams = None
-    ys_all = []
-    for gi, a in enumerate(bounds):
-        b = bounds[gi + 1] if gi + 1 < len(bounds) else n_layers
-        n_new = entries.count(a)
-        if streams is None:  # the baseline's stream entering layer a, the window's rows
-            whole = model.embed(tokens) if a == 0 else base.resid_post[a - 1]
-            rows0 = jax.lax.dynamic_slice_in_dim(whole, start, w_rows, 0)
-            streams = jnp.broadcast_to(rows0, (n_new,) + rows0.shape)
-        else:  # later points start as copies of the reference (point 0): the same operations so far
-            streams = jnp.concatenate([streams, jnp.broadcast_to(streams[0], (n_new,) + streams.shape[1:])])
-        n = streams.shape[0]
-        iv_n = jax.tree_util.tree_map(lambda x, n=n: x[:n], iv)
-
-        fused = fused_ok and a >= fused_from  # a = the body's first layer
-
-        def step(h, lp, j, iv_n=iv_n, fused=fused):
+    def make_step(iv_n, fused):
+        def step(h, lp, j):
             kv = (jax.lax.dynamic_slice_in_dim(kc, j, 1, 0), jax.lax.dynamic_slice_in_dim(vc, j, 1, 0))
             if fused:  # no point edits these layers: probs holds the marker row only ([n, H, 1, T])
                 rows = marker_row[None] if want_rows else None
@@ -362,16 +395,13 @@ def _sweep_one(model, tokens, length, iv, marker, start, entries: tuple, width: 
                 y["fail"] = jnp.where(bad.any(-1), start + jnp.argmax(bad, -1), -1).astype(jnp.int32)
             return out, y
 
-        # one scan body per group (per-layer layouts copy only this group's layers), or every layer inline
-        streams, ys = model.layers.fold_range(step, streams, a, b, unroll=unroll)
-        ys = ys or {}
-        missing = n_points - n  # points not entered yet: copies of the reference
-        if "rows" in ys:
-            r = ys["rows"]
-            ys["rows"] = jnp.concatenate([r, jnp.broadcast_to(r[:, :1], (r.shape[0], missing) + r.shape[2:])], 1)
-        if "fail" in ys:
-            ys["fail"] = jnp.pad(ys["fail"], ((0, 0), (0, missing)), constant_values=-1)
-        ys_all.append(ys)
+        return step
+
+    # the baseline's stream entering layer a: the window's rows
+    first_rows = lambda a: jax.lax.dynamic_slice_in_dim(model.embed(tokens) if a == 0 else base.resid_post[a - 1],
+                                                        start, w_rows, 0)
+    fused_from = fused_from if fused_from is not None and windows_cover(cfg, t) else None
+    streams, ys_all, bounds = _run_bodies(model, iv, entries, group_layers, fused_from, unroll, first_rows, make_step)
 
     # the window's rows start .. start + width - 1 predict tokens start + 1 .. start + width - 1 (its last row's
     # next token lies past every sample's last real token: the window ends after it)
@@ -426,7 +456,6 @@ def _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries: 
     numbers up to rounding. iv: Interventions [S, B, ...] with no residual-stream edit (rows of one point
     would need their sample's edit). tokens [B, T], lengths / starts / firsts int [B], markers int [B] or None."""
     cfg = model.cfg
-    n_layers = cfg.num_layers
     n_samples, t = tokens.shape
     w_rows = int(width)
     n_points = len(entries)
@@ -444,24 +473,7 @@ def _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries: 
     writes = (window[None] >= (firsts - starts)[:, None]) & (window[None] < (lengths - starts)[:, None])  # [B, W]
     marker_win = None if not want_rows else jnp.clip(markers - starts, 0, w_rows - 1)
 
-    g = max(1, min(int(group_layers), n_layers))
-    bounds = sorted(set(entries) | set(range(-(-min(entries) // g) * g, n_layers, g)))
-    fused_ok = fused_from is not None and windows_cover(cfg, t)
-    streams = None
-    ys_all = []
-    for gi, a in enumerate(bounds):
-        b = bounds[gi + 1] if gi + 1 < len(bounds) else n_layers
-        n_new = entries.count(a)
-        if streams is None:  # the baseline's stream entering layer a, at the packed rows
-            whole = model.embed(tokens) if a == 0 else base.resid_post[:, a - 1]  # [B, T, D]
-            rows0 = whole[rows["gather"], rows["pos"]]
-            streams = jnp.broadcast_to(rows0, (n_new,) + rows0.shape)
-        else:  # later points start as copies of the reference (point 0): the same operations so far
-            streams = jnp.concatenate([streams, jnp.broadcast_to(streams[0], (n_new,) + streams.shape[1:])])
-        n = streams.shape[0]
-        iv_n = jax.tree_util.tree_map(lambda x, n=n: x[:n], iv)
-        fused = fused_ok and a >= fused_from  # a = the body's first layer
-
+    def make_step(iv_n, fused):
         def attend_one(q, k, v, i, kc_b, vc_b, length, start, m_win, write, j, fused):
             """One point of one sample: its window's projected rows q [W, H, hd], k / v [W, KV, hd]."""
             ctx = model.block_context(w_rows, length=length, positions=start + window, cache_size=t)
@@ -480,7 +492,7 @@ def _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries: 
                 y["fail"] = jnp.where(bad.any(), start + jnp.argmax(bad), -1).astype(jnp.int32)
             return out, y
 
-        def step(h, lp, j, iv_n=iv_n, fused=fused):
+        def step(h, lp, j):
             kc_j = jax.lax.dynamic_index_in_dim(kc, j, 1, keepdims=False)  # [B, T, KV, hd]
             vc_j = jax.lax.dynamic_index_in_dim(vc, j, 1, keepdims=False)
 
@@ -494,15 +506,13 @@ def _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries: 
 
             return model.apply_block_rows(h, lp, attend_rows)
 
-        streams, ys = model.layers.fold_range(step, streams, a, b, unroll=unroll)
-        ys = ys or {}
-        missing = n_points - n  # points not entered yet: copies of the reference
-        if "rows" in ys:  # [l, n, B, H, T]
-            r = ys["rows"]
-            ys["rows"] = jnp.concatenate([r, jnp.broadcast_to(r[:, :1], (r.shape[0], missing) + r.shape[2:])], 1)
-        if "fail" in ys:  # [l, n, B]
-            ys["fail"] = jnp.pad(ys["fail"], ((0, 0), (0, missing), (0, 0)), constant_values=-1)
-        ys_all.append(ys)
+        return step
+
+    # the baseline's stream entering layer a ([B, T, D]), at the packed rows
+    first_rows = lambda a: (model.embed(tokens) if a == 0 else base.resid_post[:, a - 1])[rows["gather"], rows["pos"]]
+    fused_from = fused_from if fused_from is not None and windows_cover(cfg, t) else None
+    streams, ys_all, bounds = _run_bodies(model, iv, entries, group_layers, fused_from, unroll, first_rows, make_step)
+    # per body: rows [l, S, B, H, T], fail [l, S, B]
 
     w = model.unembedding
     with matmul_precision(cfg.dtype):
