@@ -47,6 +47,23 @@ def test_monotonic_check_fails_on_a_curve_at_the_noise_floor():
     assert checks["dose_1_is_identity"]
     resolved = [dict(r, mean_below_noise_floor=False) for r in rows]
     assert steering._sanity_checks(doses, resolved, kl, floor, "scale")[0]["monotonic_in_distance_from_identity"]
+    # above 3x the floor, but the floor is not small against the effects (the floor warning): not resolved
+    flagged = steering._sanity_checks(doses, resolved, kl, floor, "scale", floor_small=False)[0]
+    assert not flagged["all_doses_above_noise_floor"] and not flagged["monotonic_in_distance_from_identity"]
+
+
+@pytest.mark.slow
+def test_bfloat16_dose_curve_of_rounding_noise_fails_the_checks(universal_corpus):
+    """In bfloat16 every dose of the bundled model reads ~4e-4 nats (float32: 7e-7 .. 2e-5), about 3-4x the
+    KL(baseline || reference) floor: a flat curve of rounding noise, which the floor warning names and the
+    checks must not call resolved or monotonic."""
+    from plip_jax.models.registry import load_model
+
+    got = steering.run_steering(load_model(None, "bfloat16"), universal_corpus, LAYER)
+    c = got["sanity_checks"]
+    assert got["floor_warning"] is not None
+    assert not c["all_doses_above_noise_floor"] and not c["monotonic_in_distance_from_identity"]
+    assert c["dose_1_is_identity"]  # the identity is still exact
 
 
 @pytest.mark.slow

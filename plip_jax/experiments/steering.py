@@ -182,8 +182,9 @@ def _steering_points(model, samples, batch, layer, doses, mode, heads) -> list:
     return points
 
 
-def _sanity_checks(doses, dose_rows, kl, floor, mode) -> tuple[dict, dict]:
-    """(checks {name: bool | float}, notes {name: what it means}). kl [D, B], floor [B]."""
+def _sanity_checks(doses, dose_rows, kl, floor, mode, floor_small: bool = True) -> tuple[dict, dict]:
+    """(checks {name: bool | float}, notes {name: what it means}). kl [D, B], floor [B]; floor_small: the floor
+    is below 10% of the median effect (no `floor_warning`)."""
     checks, notes = {}, {}
     if mode == "scale":
         if 1.0 in doses:
@@ -195,15 +196,17 @@ def _sanity_checks(doses, dose_rows, kl, floor, mode) -> tuple[dict, dict]:
         others = [j for j, d in enumerate(doses) if d != 1.0]
         order = sorted(others, key=lambda j: abs(math.log(doses[j])) if doses[j] > 0 else math.inf)
         kls = [dose_rows[j]["mean_kl_divergence"] for j in order]
-        resolved = [not dose_rows[j]["mean_below_noise_floor"] for j in order]
+        resolved = [not dose_rows[j]["mean_below_noise_floor"] for j in order] + [bool(floor_small)]
         checks["all_doses_above_noise_floor"] = bool(all(resolved))
-        notes["all_doses_above_noise_floor"] = ("every dose != 1 has a mean KL above 3x the mean noise floor; "
-                                                "if not, the dose curve is rounding noise")
+        notes["all_doses_above_noise_floor"] = (
+            "every dose != 1 has a mean KL above 3x the mean noise floor, and the floor is below 10% of the median "
+            "effect (no floor warning: in bfloat16 the floor underestimates a steered run's rounding noise "
+            "3-4x, docs/METHODS.md); if not, the dose curve may be rounding noise")
         checks["monotonic_in_distance_from_identity"] = bool(
             all(resolved) and all(b >= MONOTONE_RATIO * a for a, b in zip(kls, kls[1:])))
         notes["monotonic_in_distance_from_identity"] = (
             f"mean KL never drops below {MONOTONE_RATIO}x the previous dose's (doses ordered by |log dose|) AND "
-            "every dose is above the noise floor (a flat noise curve fails)")
+            "every dose is above the noise floor as above (a flat noise curve fails)")
     checks["achieved_matches_expected"] = bool(all(r["expected_attention"] is None or
                                                    abs(r["mean_attention_achieved"] - r["expected_attention"])
                                                    <= EXPECTED_ATOL for r in dose_rows))
@@ -257,9 +260,9 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
         if mode == "set_value":
             row["target_attention"] = float(d)
         dose_results.append(row)
-    checks, notes = _sanity_checks(doses, dose_results, kl, floor, mode)
     nonid = kl[[j for j, d in enumerate(doses) if not (mode == "scale" and d == 1.0)]]
     floor_json, warning = causal_stats.floor_block(floor, nonid, model.dtype)
+    checks, notes = _sanity_checks(doses, dose_results, kl, floor, mode, floor_small=warning is None)
     return {
         "model": model.name, "layer": layer, "intervention_type": "Scale" if mode == "scale" else "SetValue",
         "target_attention": None if mode == "scale" else [float(d) for d in doses],
