@@ -8,7 +8,7 @@
     ... scan|profile --attention=fused                                # on a fused attention kernel (cuDNN)
     python -m benchmarks.gpu_probe memory   --shape=...               # device peak of a process holding only what a
                                                                       # layer scan needs (trunk weights + the call)
-    python -m benchmarks.gpu_probe knockout --shape=... --groups=7,14  # knockout scan compile/run per group size
+    python -m benchmarks.gpu_probe knockout --shape=... --groups=4,14  # knockout scan compile/run per group size
 
 Random weights at the shape (`--shape=tiny` runs anywhere, for the CPU test); 20 samples x 64 tokens as in
 benchmarks/bench. Prints one JSON line per measurement. `profile` also writes D/<workload>_profile.json (the
