@@ -9,9 +9,10 @@ Two engines:
 * `run_batch` / `run_sweep`: full forwards of every sample and sweep point (any `Model`).
 * `shared_sweep` (transformers, per-block API): ONE program runs the baseline forward, a no-op reference
   point and the intervened points, sharing the baseline's work no intervention can change: layers below a
-  point's first intervened layer run once (the baseline's), and each sample recomputes only its window of
-  rows from its first edited row on (`sweep_windows`), attending to the baseline's cached keys/values for
-  earlier rows. Every point starts as a copy of the no-op reference and runs the very same operations, so an
+  point's first intervened layer run once (the baseline's), and each sample recomputes only its rows from
+  its first edited row on (`sweep_windows`), attending to the baseline's cached keys/values for earlier
+  rows; the recomputed blocks' matrix products run on those rows of all samples packed together
+  (`_sweep_packed`; attention per sample on its window). Every point starts as a copy of the no-op reference and runs the very same operations, so an
   identity intervention (Scale 1, an empty edge set) reproduces the reference bit for bit (KL exactly 0),
   while the KL between the full baseline and the reference (two mathematically equal computations that round
   differently) is the run's numerical noise floor. `layer_knockout_scan` (every layer knocked in turn) and `sweep_points`
