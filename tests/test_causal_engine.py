@@ -378,7 +378,7 @@ def test_per_layer_layout_and_small_groups_give_the_same_sweep(bundled_model, sm
     for model in (per_layer.model, bundled_model.model):
         got = causal.sweep_points(model, batch.tokens, batch.lengths, points, [LAYER] * len(points), markers,
                                   group_layers=2)
-        np.testing.assert_allclose(got.last, res.last, atol=1e-5)
+        np.testing.assert_allclose(got.last, res.last, atol=1e-4)  # the engine's logit tolerance (f32 rounding)
         np.testing.assert_array_equal(got.kl[DOSES.index(1.0)], 0.0)
 
 

@@ -12,7 +12,8 @@ Two engines:
   point's first intervened layer run once (the baseline's), and each sample recomputes only its rows from
   its first edited row on (`sweep_windows`), attending to the baseline's cached keys/values for earlier
   rows; the recomputed blocks' matrix products run on those rows of all samples packed together
-  (`_sweep_packed`; attention per sample on its window). Every point starts as a copy of the no-op reference and runs the very same operations, so an
+  (`_sweep_packed`; attention per sample on its window). Every point starts as a copy of the no-op
+  reference and runs the very same operations, so an
   identity intervention (Scale 1, an empty edge set) reproduces the reference bit for bit (KL exactly 0),
   while the KL between the full baseline and the reference (two mathematically equal computations that round
   differently) is the run's numerical noise floor. `layer_knockout_scan` (every layer knocked in turn) and `sweep_points`
@@ -428,22 +429,27 @@ def _sweep_one(model, tokens, length, iv, marker, start, entries: tuple, width: 
 
 
 def _packed_rows(lengths, starts, firsts, n_rows: int, n_positions: int, width: int) -> dict:
-    """Where each of the `n_rows` packed rows lives: sample b's rows firsts[b] .. lengths[b] - 1, one sample after
-    the other, then padding rows. Returns int [R] arrays: "sample" (B for a padding row: scatters drop it),
-    "gather" (the sample, clipped: a padding row reads the last sample's cells), "pos" (position, clipped to
-    the sequence) and "win" (index in the sample's window of `width` rows from starts[b]), "valid" bool [R], and
-    "last" int [B]: each sample's last real row's packed index."""
+    """Where each of the `n_rows` packed rows lives, and back: sample b's rows firsts[b] .. lengths[b] - 1, one
+    sample after the other, then padding rows. Per packed row, int [R]: "sample" (clipped: a padding row reads
+    the last sample's cells), "pos" (position, clipped to the sequence), "win" (index in the sample's window of
+    `width` rows from starts[b]). Per window cell [B, W]: "cell_row" (its packed row) and "cell_ok" (the cell
+    is one of the packed rows). Per next-token row [B, T - 1]: "lp_row" and "lp_ok" (row p predicts token p + 1
+    and is packed). "last" int [B]: each sample's last real row's packed index. Only gathers read these maps
+    (no scatter: each window cell and log-prob row reads its packed row)."""
     lengths, starts, firsts = (jnp.asarray(x, jnp.int32) for x in (lengths, starts, firsts))
     n_samples = lengths.shape[0]
     need = lengths - firsts
     ends = jnp.cumsum(need)
+    begins = ends - need
     i = jnp.arange(n_rows, dtype=jnp.int32)
-    sample = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)  # samples ending at or before row i
-    valid = sample < n_samples
-    b = jnp.minimum(sample, n_samples - 1)
-    pos = jnp.clip(firsts[b] + i - (ends[b] - need[b]), 0, n_positions - 1)
-    return {"sample": jnp.where(valid, sample, n_samples), "gather": b, "pos": pos,
-            "win": jnp.clip(pos - starts[b], 0, width - 1), "valid": valid, "last": ends - 1}
+    b = jnp.minimum(jnp.searchsorted(ends, i, side="right").astype(jnp.int32), n_samples - 1)  # ends <= i
+    pos = jnp.clip(firsts[b] + i - begins[b], 0, n_positions - 1)
+    to_row = lambda p: jnp.clip(begins[:, None] + p - firsts[:, None], 0, n_rows - 1)  # positions [B, X] -> rows
+    cells = starts[:, None] + jnp.arange(width, dtype=jnp.int32)[None]  # [B, W] positions
+    nxt = jnp.arange(n_positions - 1, dtype=jnp.int32)[None]  # [1, T - 1]
+    return {"sample": b, "pos": pos, "win": jnp.clip(pos - starts[b], 0, width - 1), "last": ends - 1,
+            "cell_row": to_row(cells), "cell_ok": (cells >= firsts[:, None]) & (cells < lengths[:, None]),
+            "lp_row": to_row(nxt), "lp_ok": (nxt >= firsts[:, None]) & (nxt < lengths[:, None] - 1)}
 
 
 def _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries: tuple, width: int, packed_rows: int,
@@ -467,11 +473,14 @@ def _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries: 
         tokens, lengths, markers)
     kc, vc = base.cache.k, base.cache.v  # [B, L, T, KV, hd]
     rows = _packed_rows(lengths, starts, firsts, int(packed_rows), t, w_rows)
-    to_grid = lambda x: jnp.zeros((x.shape[0], n_samples, w_rows) + x.shape[2:], x.dtype).at[
-        :, rows["sample"], rows["win"]].set(x, mode="drop")  # [n, R, ...] -> [n, B, width, ...]
-    from_grid = lambda g: g[:, rows["gather"], rows["win"]]  # [n, B, width, ...] -> [n, R, ...]
+    writes = rows["cell_ok"]  # [B, W]: the window cells that are packed rows (the others keep the baseline's)
+
+    def to_grid(x):  # [n, R, ...] -> [n, B, W, ...], zeros where a cell is not a packed row
+        ok = writes.reshape(writes.shape + (1,) * (x.ndim - 2))
+        return jnp.where(ok, x[:, rows["cell_row"]], jnp.zeros((), x.dtype))
+
+    from_grid = lambda g: g[:, rows["sample"], rows["win"]]  # [n, B, W, ...] -> [n, R, ...]
     window = jnp.arange(w_rows, dtype=jnp.int32)
-    writes = (window[None] >= (firsts - starts)[:, None]) & (window[None] < (lengths - starts)[:, None])  # [B, W]
     marker_win = None if not want_rows else jnp.clip(markers - starts, 0, w_rows - 1)
 
     def make_step(iv_n, fused):
@@ -510,7 +519,7 @@ def _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries: 
         return step
 
     # the baseline's stream entering layer a ([B, T, D]), at the packed rows
-    first_rows = lambda a: (model.embed(tokens) if a == 0 else base.resid_post[:, a - 1])[rows["gather"], rows["pos"]]
+    first_rows = lambda a: (model.embed(tokens) if a == 0 else base.resid_post[:, a - 1])[rows["sample"], rows["pos"]]
     fused_from = fused_from if fused_from is not None and windows_cover(cfg, t) else None
     streams, ys_all, bounds = _run_bodies(model, iv, entries, group_layers, fused_from, unroll, first_rows, make_step)
     # per body: rows [l, S, B, H, T], fail [l, S, B]
@@ -520,12 +529,10 @@ def _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries: 
         hidden = model.final_norm(streams)  # [S, R, D]
         last = model.logits(hidden[:, rows["last"]]).transpose(1, 0, 2)  # [B, S, V]
         # packed row r (position p) predicts token p + 1; the sample's last real row predicts nothing
-        next_tokens = tokens[rows["gather"], jnp.minimum(rows["pos"] + 1, t - 1)]
+        next_tokens = tokens[rows["sample"], jnp.minimum(rows["pos"] + 1, t - 1)]
         row_lp = jax.vmap(lambda h: metrics.token_logprobs_from_hidden(h, w, next_tokens))(hidden)  # [S, R]
-    predicts = rows["valid"] & (rows["pos"] < lengths[rows["gather"]] - 1)
     # [S, B, T - 1]: the baseline's log-probs, the point's at its packed rows
-    all_lp = jnp.broadcast_to(base_lp, (n_points,) + base_lp.shape).at[
-        :, jnp.where(predicts, rows["sample"], n_samples), rows["pos"]].set(row_lp, mode="drop")
+    all_lp = jnp.where(rows["lp_ok"][None], row_lp[:, rows["lp_row"]], base_lp[None])
     nll = jax.vmap(jax.vmap(metrics.mean_nll_of_rows), in_axes=(0, None))(all_lp, lengths).T  # [B, S]
     out = {"base_last": base_last, "base_nll": base_nll, "last": last, "nll": nll}
     a0 = bounds[0]
