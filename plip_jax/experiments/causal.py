@@ -196,14 +196,14 @@ def check_windows(windows: SweepWindows, first: np.ndarray, lengths, n_positions
     starts = np.asarray(windows.starts, np.int64)
     lengths = np.asarray(lengths, np.int64)
     ends = starts + int(windows.width)
-    lo = starts
-    if windows.packed:
+    bad = (starts < 0) | (starts > first) | (ends < lengths) | (ends > int(n_positions))
+    if windows.packed:  # the packed rows start inside the window, at or before the first needed row
         firsts = np.asarray(windows.firsts, np.int64)
         if int(windows.packed_rows) < int(np.sum(lengths - firsts)):
             raise InterventionError(f"sweep windows pack {int(windows.packed_rows)} rows but the samples need "
                                     f"{int(np.sum(lengths - firsts))}; use `sweep_windows(...)`")
-        lo = np.where(firsts >= starts, firsts, -1)  # a first row before its window start is refused below
-    bad = np.flatnonzero((starts < 0) | (lo < 0) | (lo > first) | (ends < lengths) | (ends > int(n_positions)))
+        bad |= (firsts < starts) | (firsts > first)
+    bad = np.flatnonzero(bad)
     if bad.size:
         b = int(bad[0])
         raise InterventionError(
@@ -481,12 +481,14 @@ def _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries: 
 
     from_grid = lambda g: g[:, rows["sample"], rows["win"]]  # [n, B, W, ...] -> [n, R, ...]
     window = jnp.arange(w_rows, dtype=jnp.int32)
+    # each sample's window positions, RoPE tables and key validity, built once for every layer and point
+    ctxs = jax.vmap(lambda n, s: model.block_context(w_rows, length=n, positions=s + window, cache_size=t))(
+        lengths, starts)
     marker_win = None if not want_rows else jnp.clip(markers - starts, 0, w_rows - 1)
 
     def make_step(iv_n, fused):
-        def attend_one(q, k, v, i, kc_b, vc_b, length, start, m_win, write, j, fused):
+        def attend_one(q, k, v, i, kc_b, vc_b, ctx, start, m_win, write, j, fused):
             """One point of one sample: its window's projected rows q [W, H, hd], k / v [W, KV, hd]."""
-            ctx = model.block_context(w_rows, length=length, positions=start + window, cache_size=t)
             kv = (kc_b[None], vc_b[None])
             if fused:  # no point edits this layer: probs holds the marker row only ([H, 1, T])
                 out, probs, _, bad = model.attend(q, k, v, j, ctx, None, kv, 0, fused=True,
@@ -510,7 +512,7 @@ def _sweep_packed(model, tokens, lengths, iv, markers, starts, firsts, entries: 
                 per_sample = jax.vmap(lambda *x: attend_one(*x, j, fused))
                 per_point = jax.vmap(per_sample, in_axes=(0, 0, 0, 0) + (None,) * 6)
                 m_win = marker_win if want_rows else jnp.zeros((n_samples,), jnp.int32)
-                out, y = per_point(to_grid(q), to_grid(k), to_grid(v), iv_n, kc_j, vc_j, lengths, starts, m_win,
+                out, y = per_point(to_grid(q), to_grid(k), to_grid(v), iv_n, kc_j, vc_j, ctxs, starts, m_win,
                                    writes)
                 return from_grid(out), y
 

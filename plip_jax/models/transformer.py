@@ -14,7 +14,6 @@ rows); the default "explicit" materialises every pattern as HF eager does.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import jax
@@ -72,16 +71,17 @@ def mlp(x: jnp.ndarray, lp: dict, cfg: ModelConfig) -> jnp.ndarray:
     return linear(gate * linear(x, lp["up_w"], lp.get("up_b")), lp["down_w"], lp.get("down_b"))
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class _Ctx:
-    """Per-call constants of the attention: positions, RoPE tables, key validity."""
+    """Per-call constants of the attention: positions, RoPE tables, key validity (a pytree: one per sequence can
+    be built under `vmap` and passed to a vmapped `attend`)."""
 
     q_pos: jnp.ndarray  # int [Tq]
     k_pos: jnp.ndarray  # int [Tk]
     k_valid: jnp.ndarray  # bool [Tk]: key holds a real token
     cos: jnp.ndarray
     sin: jnp.ndarray
-    rope_mode: str
+    rope_mode: str = struct.field(pytree_node=False)
 
 
 def _rope(x, ctx: _Ctx):
