@@ -8,8 +8,9 @@
 
 Dispatch order as PLIP-rs: scan_layers -> slide_window -> scan_windows -> explicit window -> single layer.
 KL(reference || knocked) is in nats at the last real position, from logits, in float64; the
-reference is the no-op point of the same compiled program, and every table prints the noise floor
-KL(baseline || reference) it must beat. Knockout scans and window sweeps report Holm/BH-adjusted p.
+reference is the no-op point of the same compiled program, and every table prints the noise floor it must
+beat (per sample the larger of KL(baseline || reference) and the rounding floor: one precision unit of noise in
+the residual stream). Knockout scans and window sweeps report Holm/BH-adjusted p.
 
 Paper preset (PLIP-rs's knockout scan on Qwen2.5-Coder-7B-Instruct): `plip qwen7b_knockout_scan`, i.e.
 `python -m bin.ablation_experiment --flagfile=configs/qwen7b_knockout_scan.flags`.

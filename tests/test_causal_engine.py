@@ -41,7 +41,7 @@ def steering_sweep(bundled_model, small):
     samples, batch, markers = small
     points = _scale_points(bundled_model, samples, batch, DOSES)
     res = causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, points, [LAYER] * len(points),
-                              markers, sample_ids=batch.ids)
+                              markers, sample_ids=batch.ids, measure_rounding_floor=True)  # f32: asked for
     return points, res
 
 
@@ -53,8 +53,10 @@ def test_identity_point_reads_exactly_zero_against_the_same_program_reference(st
     assert np.all(res.kl[j] == 0.0)
     assert np.all(res.kl[[i for i in range(len(DOSES)) if i != j]] > 0)  # real doses do something
     # the floor is the baseline's plain forward against that reference: tiny in f32, and measured
-    np.testing.assert_array_equal(res.floor_kl, metrics.kl_divergence_f64(res.base_last, res.ref_last[0]))
-    assert np.all(res.floor_kl < 1e-9)
+    np.testing.assert_array_equal(res.engine_floor_kl, metrics.kl_divergence_f64(res.base_last, res.ref_last[0]))
+    # the floor every flag uses is the larger of it and the rounding floor (measured: > 0, tiny in f32)
+    assert np.all(res.rounding_floor_kl > 0) and np.all(res.floor_kl < 1e-9)
+    np.testing.assert_array_equal(res.floor_kl, np.maximum(res.engine_floor_kl, res.rounding_floor_kl))
 
 
 def test_reported_kl_is_the_float64_one_from_the_logits(steering_sweep, monkeypatch):

@@ -66,12 +66,32 @@ def test_noop_edit_kl_is_exactly_zero_and_the_kl_is_float64(tiny_rwkv_model, sam
                           [[edit(s, 1.0), edit(s, 1 + 1e-3), edit(s, 1 + 2e-3)] for s in few])
     assert out.kl.dtype == np.float64 and out.floor_kl.dtype == np.float64
     assert np.all(out.floor_kl == 0.0) and np.all(out.kl[:, 0] == 0.0)
+    assert set(out.floor_parts) == {"engine"}  # float32: the rounding floor is not measured (`rounding_floor.wanted`)
     assert out.floor.max == 0.0 and out.below_floor()[:, 0].all()
     small, double = out.kl[:, 1], out.kl[:, 2]
     assert np.all(small > 0) and np.all(small < 1e-6)
     np.testing.assert_allclose(double / small, 4.0, rtol=0.1)  # KL ~ eps^2
     assert not out.below_floor()[:, 1:].any()  # floor 0: any positive KL is resolved
 
+
+
+@pytest.mark.slow
+def test_bfloat16_edits_get_the_rounding_floor(tiny_rwkv_dir, samples):
+    """In bfloat16 the same-program no-op edit still reads what a no-op reads, not the rounding noise a real edit
+    picks up: each sample's floor is the larger of it and the measured rounding floor (jittered after the edited
+    layer, from the marker on)."""
+    from plip_jax.models.registry import load_model
+
+    few = samples[:3]
+    m = load_model(tiny_rwkv_dir, "bfloat16")
+    knock = [[ivs.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [1])] for s in few]
+    out = edits.run_edits(m, [s.token_ids for s in few], knock)
+    r, e = out.floor_parts["rounding"], out.floor_parts["engine"]
+    assert np.all(r > 0) and np.all(r > e)
+    np.testing.assert_array_equal(out.floor_kl, np.maximum(e, r))
+    block = compare.floor_block(out.floor_kl, out.kl[:, 0], out.below_floor()[:, 0], "bfloat16", out.floor_parts)
+    assert block["components"]["rounding"]["n_samples_setting_floor"] == 3 and "rounding floor" in block["definition"]
+    assert "rounding floor median" in compare.floor_line(block)
 
 def test_below_floor_marks_and_floor_warning():
     o = edits.EditOutcomes(kl=np.array([[1e-3, 2e-9, np.nan]]), kl_plip=np.zeros((1, 3), np.float32),

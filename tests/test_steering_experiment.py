@@ -62,6 +62,12 @@ def test_bfloat16_dose_curve_of_rounding_noise_fails_the_checks(universal_corpus
     got = steering.run_steering(load_model(None, "bfloat16"), universal_corpus, LAYER)
     c = got["sanity_checks"]
     assert got["floor_warning"] is not None
+    # the rounding floor measures that noise (the engine's alone was 3-4x below the doses): every dose's mean
+    # and most of its samples are now marked below the floor (before the rounding floor: 16 of 50 samples)
+    parts = got["noise_floor"]["components"]
+    assert parts["rounding"]["median"] > 3 * parts["engine"]["median"]
+    for d in got["dose_results"]:
+        assert d["mean_below_noise_floor"] and d["n_below_noise_floor"] >= 0.8 * d["n_samples"]
     assert not c["all_doses_above_noise_floor"] and not c["monotonic_in_distance_from_identity"]
     assert c["dose_1_is_identity"]  # the identity is still exact
 
@@ -105,6 +111,7 @@ def test_calibrate_reports_the_positional_null(calib, bundled_model, universal_c
 def test_steering_table_shows_floor_expected_and_se(sweep):
     text = causal_tables.steering(sweep)
     assert "Noise floor KL(baseline || no-op reference)" in text and "± s.e." in text and "expected" in text
+    assert "rounding floor not measured: float32" in sweep["noise_floor"]["definition"]
     assert "0.000e+00~" in text  # dose 1: exactly 0, marked as not above the floor
 
 

@@ -213,12 +213,15 @@ def dtype_name(dtype) -> str:
         return str(dtype)
 
 
-def floor_block(floor_kl, effects, below, dtype, definition: str) -> tuple[dict, Optional[str]]:
+def floor_block(floor_kl, effects, below, dtype, definition: str,
+                parts: Optional[dict] = None) -> tuple[dict, Optional[str]]:
     """(the JSON `noise_floor` block every causal tool writes, its warning text or None).
 
     floor_kl [N]: each sample's noise floor (nats); effects [...]: the reported KLs it is compared with;
     below (effects' shape): which of them are not resolved above FLOOR_FACTOR x their sample's floor;
-    dtype: the compute dtype (named in the block and the warning); definition: how the floor was measured."""
+    dtype: the compute dtype (named in the block and the warning); definition: how the floor was measured;
+    parts: {name: [N]} the measurements floor_kl is the per-sample maximum of (e.g. "engine", "rounding"),
+    each summarised under `components` with the number of samples whose floor it sets."""
     summary = noise_floor_summary(floor_kl)
     eff = np.asarray(effects, np.float64).ravel()
     name = dtype_name(dtype)
@@ -226,6 +229,10 @@ def floor_block(floor_kl, effects, below, dtype, definition: str) -> tuple[dict,
     out = summary.to_json() | {"factor": FLOOR_FACTOR, "definition": definition, "dtype": name,
                                "n_effects": int(eff.size), "n_effects_below_floor": int(np.sum(below)),
                                "warning": warning}
+    if parts:
+        out["components"] = {k: noise_floor_summary(v).to_json() | {
+            "n_samples_setting_floor": int(np.sum(np.asarray(v, np.float64) >= summary.per_sample))}
+            for k, v in parts.items()}
     return out, warning
 
 

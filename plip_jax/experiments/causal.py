@@ -38,6 +38,7 @@ from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
 from plip_jax.models import sharding
 from plip_jax.core.errors import InterventionError
+from plip_jax.experiments import rounding_floor
 from plip_jax.models.precision import matmul_precision
 from plip_jax.models.transformer import windows_cover
 
@@ -664,7 +665,8 @@ def layer_knockout_scan(model, tokens, lengths, edges, heads, group_layers: int 
     [B, T, T], heads bool [B, H]. Returns {"last": [B, L + 1, V], "nll": [B, L + 1]} (index 0 = the
     baseline's full forward, k + 1 = knockout at layer k) and the no-op reference of the same engine,
     {"noop_last": [B, V], "noop_nll": [B]}: every knocked run is a copy of it up to its own layer, so KLs
-    are taken against it and KL(baseline || no-op) is the scan's noise floor.
+    are taken against it and KL(baseline || no-op) is the scan's engine floor (the experiments add the
+    rounding floor, `rounding_floor`).
 
     Work shared (see `shared_sweep`): the run knocked at layer k enters at k rounded down to a multiple of
     `group_layers` (one compiled scan body per group), and only each sample's `windows` rows are recomputed
@@ -829,7 +831,9 @@ class SweepResult:
     of each point's program ([P, B, V] / [P, B]; one program, so all equal, unless `point_batch` split
     the points); last [P, B, V], nll [P, B] (ref_last and last are None when `sweep_points` ran with
     keep_logits=False); effects: `effects_f64(ref, point)` per point ([P, B] each);
-    floor_kl [B]: KL(baseline || reference) in nats, the largest over programs (the noise floor);
+    engine_floor_kl [B]: KL(baseline || reference) in nats, the largest over programs; rounding_floor_kl [B]:
+    `rounding_floor.rounding_floor_kl` at the points' lowest start layer (None when not measured);
+    floor_kl [B]: the noise floor every flag uses, the larger of the two per sample;
     marker_rows [P + 1, B, L, H, T] (index 0 = reference) when markers were given; failed_row [P, B, L]
     (steering only; -1 = applied)."""
 
@@ -840,7 +844,8 @@ class SweepResult:
     last: Optional[np.ndarray]
     nll: np.ndarray
     effects: dict
-    floor_kl: np.ndarray
+    engine_floor_kl: np.ndarray
+    rounding_floor_kl: Optional[np.ndarray]
     marker_rows: Optional[np.ndarray] = None
     failed_row: Optional[np.ndarray] = None
 
@@ -848,11 +853,23 @@ class SweepResult:
     def kl(self) -> np.ndarray:
         return self.effects["kl"]
 
+    @property
+    def floor_kl(self) -> np.ndarray:
+        return rounding_floor.combined_floor(self.engine_floor_kl, self.rounding_floor_kl)
+
+    def floor_parts(self) -> dict:
+        """{"engine": [B], "rounding": [B]?}: the floors `floor_kl` combines (for `causal_stats.floor_block`)."""
+        parts = {"engine": self.engine_floor_kl}
+        if self.rounding_floor_kl is not None:
+            parts["rounding"] = self.rounding_floor_kl
+        return parts
+
 
 def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int], markers=None, *,
                  group_layers: int = DEFAULT_GROUP_LAYERS, point_batch: Optional[int] = None,
                  sample_ids: Optional[Sequence[str]] = None, distribute=None, keep_logits: bool = True,
-                 chunks: Optional[Sequence[Sequence[int]]] = None, progress=None) -> SweepResult:
+                 chunks: Optional[Sequence[Sequence[int]]] = None, progress=None,
+                 measure_rounding_floor: Optional[bool] = None) -> SweepResult:
     """Run P intervention points (each an `Interventions` with a leading B axis, all the same structure)
     on a batch, with their no-op reference and the baseline, on the shared-prefix engine; effects in
     float64 against the reference (`effects_f64`, computed on the device that holds the logits). starts [P]:
@@ -862,7 +879,10 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
     device (SweepResult.ref_last / last are None): for large grids that need only the effects. chunks:
     explicit lists of point indices, one program each (padded to the longest; chunks with the same entry
     layers share one compiled program, e.g. `head_map.cell_chunks`), instead of `point_batch`'s runs.
-    progress(done, total) is called after each program."""
+    progress(done, total) is called after each program. measure_rounding_floor: also run the rounding floor
+    (`rounding_floor`: a plain forward and one per draw, over the batch) on each sample's rows from the first
+    row any point edits, jittered after the lowest start layer; the reported floor is the larger of it and the
+    engine's. None: only for reduced-precision compute (`rounding_floor.wanted`)."""
     n_layers = model.cfg.num_layers
     if len(points) != len(starts) or not len(points):
         raise InterventionError(f"{len(points)} sweep points for {len(starts)} start layers (need >= 1 of each)")
@@ -878,6 +898,8 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
     noop = empty_like_interventions(points[0])
     done = 0
     res, floors, first = {}, [], None
+    want_rounding = rounding_floor.wanted(model, measure_rounding_floor)
+    edited = np.zeros(np.shape(tokens), bool)  # [B, T]: rows any point edits (the rounding floor's rows)
     for chunk in chunks:
         pad = max(starts[i] for i in chunk)  # padding no-ops enter last: no extra compiled body
         idx = chunk + [None] * (k - len(chunk))  # every chunk has the same shape
@@ -889,6 +911,8 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         # processes), so the engine neither re-derives nor re-checks them
         windows = sweep_windows(stacked, lengths, np.shape(tokens)[1], markers)
         fused_from = fused_from_layer(model, stacked)
+        edited_rows = _edited_row_mask(stacked, sample_axis=1) if want_rounding else None
+        edited |= False if edited_rows is None else edited_rows
         args = (tokens, lengths, stacked, markers, windows.starts)
         if distribute is not None:
             args = distribute(args)
@@ -925,8 +949,11 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         rows = np.stack([first["marker_rows"][:, 0]] + [res[i][0]["marker_rows"][:, res[i][1]] for i in range(n)])
     if "failed_row" in first:
         failed = np.stack([res[i][0]["failed_row"][:, res[i][1]] for i in range(n)])
+    rounding = None
+    if want_rounding:
+        rounding = rounding_floor.rounding_floor_kl(model, tokens, lengths, edited, min(starts), distribute=distribute)
     return SweepResult(first["base_last"], first["base_nll"], ref_last, ref_nll, last, nll, effects,
-                       np.max(np.stack(floors), axis=0), rows, failed)
+                       np.max(np.stack(floors), axis=0), rounding, rows, failed)
 
 
 def raise_on_failed_steering(failed_row, sample_ids: Sequence[str], point_labels: Sequence[str]) -> None:

@@ -3,9 +3,12 @@ and per-unit (layer or window) Python-vs-Rust tests with selection-corrected p-v
 
 Conventions (see docs/METHODS.md, "The causal tools"):
 * KLs are nats, KL(reference || intervened) at the last real token, computed in float64.
-* The noise floor of a sample is KL(baseline || no-op reference): two mathematically equal computations
-  of the same engine that round differently. An effect <= FLOOR_FACTOR x its sample's floor is marked
-  "below floor" (not resolved); a group mean is compared with FLOOR_FACTOR x the group's mean floor.
+* The noise floor of a sample is the larger of two measurements: the engine's, KL(baseline || no-op
+  reference) (two mathematically equal computations of the same engine that round differently), and the
+  rounding floor (`rounding_floor`: what one rounding unit of noise in the residual stream after the lowest
+  intervened layer does; in bfloat16 the engine's floor underestimates a perturbed run's noise 3-4x). An
+  effect <= FLOOR_FACTOR x its sample's floor is marked "below floor" (not resolved); a group mean is
+  compared with FLOOR_FACTOR x the group's mean floor.
 * Scans and sweeps test Python vs Rust per unit (Welch, exact t); Holm and BH adjust over the units;
   "significant" and the best unit use the Holm-adjusted p, among units with Python > Rust.
 """
@@ -18,20 +21,34 @@ from typing import Optional, Sequence
 import numpy as np
 
 from plip_jax.analysis import metrics, stats
+from plip_jax.experiments import rounding_floor
 
 FLOOR_FACTOR = metrics.FLOOR_FACTOR
-FLOOR_DEFINITION = ("KL(baseline || no-op reference) per sample: the baseline's plain forward against the "
-                    "engine's no-op point (same operations as the intervened points, nothing selected); "
-                    "effects <= 3x their sample's floor are marked below_noise_floor")
+ENGINE_FLOOR_DEFINITION = ("engine floor: KL(baseline || no-op reference), the baseline's plain forward against the "
+                           "engine's no-op point (same operations as the intervened points, nothing selected)")
+FLOOR_DEFINITION = ("per sample, the larger of the " + ENGINE_FLOOR_DEFINITION + " and the " +
+                    rounding_floor.DEFINITION + " (`components`); effects <= 3x their sample's floor are marked "
+                    "below_noise_floor")
 
 
-def floor_block(floor_kl, effects, dtype: str) -> tuple[dict, Optional[str]]:
+def floor_block(floor_kl, effects, dtype: str, parts: Optional[dict] = None) -> tuple[dict, Optional[str]]:
     """(JSON block of the noise floor, warning text or None). floor_kl [N] nats per sample; effects [..., N]:
-    the KLs it is compared with (sample axis last); the warning compares medians (`metrics.floor_warning`)."""
+    the KLs it is compared with (sample axis last); the warning compares medians (`metrics.floor_warning`).
+    parts: {"engine": [N], "rounding": [N]} (`SweepResult.floor_parts`), the floors floor_kl combines, each
+    summarised under `components` with how many samples it sets the floor of; None: floor_kl is the engine's."""
     eff = np.asarray(effects, np.float64)
     floor = np.asarray(floor_kl, np.float64)
     below = below_floor(eff, floor) if eff.size else np.zeros(0, bool)
-    return metrics.floor_block(floor, eff, below, dtype, FLOOR_DEFINITION)
+    parts = {"engine": floor} if parts is None else parts
+    return metrics.floor_block(floor, eff, below, dtype, floor_definition(parts), parts)
+
+
+def floor_definition(parts: dict) -> str:
+    """How the floor of a run with these components ({"engine": ..., "rounding"?: ...}) was measured."""
+    if "rounding" in parts:
+        return FLOOR_DEFINITION
+    return (ENGINE_FLOOR_DEFINITION + "; effects <= 3x their sample's floor are marked below_noise_floor; "
+            + rounding_floor.NOT_MEASURED)
 
 
 def below_floor(kl, floor) -> np.ndarray:

@@ -32,7 +32,7 @@ from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
 from plip_jax.analysis import stats
 from plip_jax.core.errors import WrongFamilyError
-from plip_jax.experiments import causal
+from plip_jax.experiments import causal, causal_stats
 from plip_jax.experiments.causal_samples import make_batch, prepare
 from plip_jax.experiments.plots import pyplot, save_figure
 
@@ -142,8 +142,9 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
     `cell_chunks`). tokens int [B, T], lengths [B], edges
     bool [B, T, T]. Effects are against the no-op reference of the same program (an identity is exactly 0).
     Returns {"kl": f64 [B, L, H] nats KL(baseline || knocked), "delta_logprob": f64 [B, L, H] (knocked -
-    baseline, log-probability of the baseline's top-1 token), "floor_kl": f64 [B] (KL(baseline || reference):
-    the numerical noise floor), "top1": int [B]}. `progress(done, total)` is called after each program."""
+    baseline, log-probability of the baseline's top-1 token), "floor_kl": f64 [B] (the noise floor: per sample
+    the larger of KL(baseline || reference) and the rounding floor, `causal.SweepResult.floor_kl`), "floor_parts":
+    {"engine", "rounding": f64 [B]}, "top1": int [B]}. `progress(done, total)` is called after each program."""
     cfg = model.cfg
     _check_transformer(cfg)
     L, H = cfg.num_layers, cfg.num_heads
@@ -161,7 +162,8 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
     for j, (l, h) in enumerate(cells):
         kl[:, l, h] = res.kl[j]
         dlp[:, l, h] = res.effects["delta_logprob_top1"][j]
-    return {"kl": kl, "delta_logprob": dlp, "floor_kl": res.floor_kl, "top1": res.effects["top1_token"][0]}
+    return {"kl": kl, "delta_logprob": dlp, "floor_kl": res.floor_kl, "floor_parts": res.floor_parts(),
+            "top1": res.effects["top1_token"][0]}
 
 
 # --------------------------------------------------------------------------- comparison
@@ -210,7 +212,7 @@ class HeadMapResult:
 
     exact_kl / exact_delta_logprob: the exact grid (None with method "gradient"); gradient_estimate: the
     first-order estimate of exact_delta_logprob (None with method "exact"); floor_kl [n_samples]: the exact
-    grid's noise floor; cells: per (layer, head) per-language means (± s.e.), the Python-vs-Rust tests on the
+    grid's noise floor (floor_parts: the engine's and the rounding floor it combines); cells: per (layer, head) per-language means (± s.e.), the Python-vs-Rust tests on the
     cell's KL (Welch, and an exact permutation test of the language labels) with BH q over all cells, and
     whether the cell's effect is resolved above 3x the noise floor."""
 
@@ -227,6 +229,7 @@ class HeadMapResult:
     cells: list
     agreement: Optional[Agreement]
     timings: dict
+    floor_parts: Optional[dict] = None
 
     def to_json(self) -> dict:
         arr = lambda x: None if x is None else np.round(np.asarray(x, np.float64), 12).tolist()
@@ -238,6 +241,8 @@ class HeadMapResult:
                      "one query head at one layer per cell (a GQA model's KV group is shared)",
             "noise_floor": None if self.floor_kl is None else {
                 "per_sample_kl": arr(self.floor_kl), "max_kl": float(np.max(self.floor_kl)),
+                "definition": causal_stats.floor_definition(self.floor_parts or {}),
+                "components": {k: arr(v) for k, v in (self.floor_parts or {}).items()},
                 "rule": "a cell is resolved when its mean KL exceeds 3x the largest per-sample floor"},
             "cells": self.cells, "agreement": None if self.agreement is None else self.agreement.to_json(),
             "samples": [{"id": i, "language": lang,
@@ -325,11 +330,12 @@ def run_head_map(loaded: Any, corpus: Any, *, method: str = "both", cells_per_ca
     dlp = None if exact is None else exact["delta_logprob"]
     est = None if grad is None else grad["estimate"]
     floor = None if exact is None else exact["floor_kl"]
+    parts = None if exact is None else exact["floor_parts"]
     agree = compare_exact_and_gradient(dlp, est) if exact is not None and grad is not None else None
     return HeadMapResult(model=loaded.name, method=method, n_layers=cfg.num_layers, n_heads=cfg.num_heads,
                          sample_ids=ids, languages=langs, exact_kl=kl, exact_delta_logprob=dlp, floor_kl=floor,
                          gradient_estimate=est, cells=_cell_stats(kl, dlp, est, is_py, floor, seed),
-                         agreement=agree, timings=timings)
+                         agreement=agree, timings=timings, floor_parts=parts)
 
 
 def format_head_map(r: HeadMapResult, top: int = 8) -> str:
@@ -343,8 +349,12 @@ def format_head_map(r: HeadMapResult, top: int = 8) -> str:
     score = lambda c: (c[f"python_{key}_mean"] + c[f"rust_{key}_mean"]) / 2
     ranked = sorted(r.cells, key=lambda c: -abs(score(c)))[:top]
     if r.floor_kl is not None:
-        lines.append(f"Noise floor: KL(baseline || same-program reference) max {np.max(r.floor_kl):.2e} nats; "
-                     f"cells with mean KL <= 3x that are marked ~.")
+        parts = r.floor_parts or {}
+        what = (f"per sample the larger of KL(baseline || same-program reference), max {np.max(parts['engine']):.2e}, "
+                f"and the rounding floor, max {np.max(parts['rounding']):.2e}" if "rounding" in parts
+                else "KL(baseline || same-program reference); rounding floor not measured in float32")
+        lines.append(f"Noise floor ({what}): max {np.max(r.floor_kl):.2e} nats; cells with mean KL "
+                     f"<= 3x that are marked ~.")
     unit = "KL (nats)" if key == "kl" else "d log p(top-1) estimate"
     lines.append(f"{'cell':>7} | {'Python ' + unit:>24} | {'Rust ' + unit:>22} | {'perm p':>8} | {'BH q':>8}")
     for c in ranked:

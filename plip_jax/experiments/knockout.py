@@ -7,8 +7,9 @@ they are dropped and counted, and a sample left with none is reported as skipped
 
 Every mode is one program on the shared-prefix engine (`causal.shared_sweep`): the baseline, a no-op
 reference and the knockouts (single layer or window, its mass-matched control; every layer for a scan;
-every window for a sweep). KL(reference || knocked) in nats, in float64; the noise floor
-KL(baseline || reference) is reported per sample and overall, and effects below 3x the floor are marked.
+every window for a sweep). KL(reference || knocked) in nats, in float64; the noise floor (per sample the
+larger of KL(baseline || reference) and the rounding floor, `rounding_floor`) is reported per sample and
+overall, with both parts, and effects below 3x the floor are marked.
 Scans and sweeps adjust the per-layer / per-window Welch p over the units (Holm, BH) and choose the best
 unit by the Holm-adjusted p. The control (`knockout_control`) removes the same attention mass as the
 targets; a sample without one is skipped with a note.
@@ -25,7 +26,7 @@ from plip_jax.analysis import controls, metrics
 from plip_jax.analysis.generation import empty_like_interventions
 from plip_jax.core import interventions as ivs
 from plip_jax.data.corpus import UniversalCorpus
-from plip_jax.experiments import causal, causal_stats, knockout_control
+from plip_jax.experiments import causal, causal_stats, knockout_control, rounding_floor
 from plip_jax.experiments.causal_samples import Batch, KnockoutSample, distributor, make_batch, prepare
 from plip_jax.models import sharding
 
@@ -155,7 +156,8 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     result["edge_set"] = "all_rows_to_marker" if all_edges else "marker_to_targets"
     result["kl_reference"] = KL_REFERENCE
     effects = np.asarray([r["kl_divergence"] for r in rows])
-    result["noise_floor"], result["floor_warning"] = causal_stats.floor_block(floor, effects, model.dtype)
+    result["noise_floor"], result["floor_warning"] = causal_stats.floor_block(floor, effects, model.dtype,
+                                                                              res.floor_parts())
     if ctl is not None:
         result["mass_matched_control"] = _control_json(rows, samples, ctl, res, control_seed, control_rel_tol,
                                                        control_abs_tol)
@@ -207,12 +209,17 @@ def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, 
     causal.check_finite_logits(out["last"], "knockout scan", batch.ids, sample_axis=0)  # [B, L + 1, V]
     eff = causal.effects_f64(ref[:, None], out["last"][:, 1:], out["noop_nll"][:, None], out["nll"][:, 1:])
     kl = eff["kl"]  # [B, L]
-    floor = metrics.kl_divergence_f64(base, ref)
+    parts = {"engine": metrics.kl_divergence_f64(base, ref)}
+    if rounding_floor.wanted(model.model):  # jittered after block 0: the lowest knocked layer
+        parts["rounding"] = rounding_floor.rounding_floor_kl(model.model, batch.tokens, batch.lengths,
+                                                             np.asarray(iv.knockout.edges).any(axis=-1), 0,
+                                                             distribute=distributor(model))
+    floor = rounding_floor.combined_floor(parts["engine"], parts.get("rounding"))
     langs = [s.tokenized.sample.language for s in samples]
     per_layer = causal_stats.unit_rows(_unit_data(kl, langs, floor))
     for l, row in enumerate(per_layer):
         row["layer"] = l
-    floor_json, warning = causal_stats.floor_block(floor, kl.T, model.dtype)
+    floor_json, warning = causal_stats.floor_block(floor, kl.T, model.dtype, parts)
     below = causal_stats.below_floor(kl, floor[:, None])
     return {"model": model.name, "mode": "scan_layers", "n_heads": cfg.num_heads,
             "edge_set": "all_rows_to_marker" if all_edges else "marker_to_targets",
@@ -247,7 +254,7 @@ def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tupl
         py, rs = row["python_stats"], row["rust_stats"]
         row.update({"layer_start": a, "layer_end": b, "n_layers_knocked_out": b - a + 1,
                     "ratio": float(py["mean_kl"] / rs["mean_kl"]) if py and rs and rs["mean_kl"] > 0 else None})
-    floor_json, warning = causal_stats.floor_block(res.floor_kl, res.kl, model.dtype)
+    floor_json, warning = causal_stats.floor_block(res.floor_kl, res.kl, model.dtype, res.floor_parts())
     below = causal_stats.below_floor(kl, res.floor_kl[:, None])
     return {"model": model.name, "n_heads": cfg.num_heads, "windows": rows_out,
             "best_window": causal_stats.best_unit(rows_out, list(range(len(windows))), what="windows"),

@@ -5,7 +5,8 @@ a no-op reference and every dose, for every sample; layers below the steered one
 rows from the first steered query row (the marker) on are recomputed per dose. KL is KL(reference ||
 steered) in nats between last-position *logits* (PLIP compared hidden states, which gave its flat
 ~470/677 "nats"), computed in float64. Dose 1 runs the reference's exact operations, so its
-KL is exactly 0; the noise floor KL(baseline || reference) says what a KL must beat.
+KL is exactly 0; the noise floor (per sample the larger of KL(baseline || reference) and the rounding floor,
+`rounding_floor`) says what a KL must beat.
 
 Expected attention (`calibrate` and each dose row): Scale(d) multiplies the targets' probabilities by d
 and renormalises the row, so the head-mean marker -> targets metric goes to mean_h d a_h / (1 + (d - 1) A_h)
@@ -261,7 +262,7 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
             row["target_attention"] = float(d)
         dose_results.append(row)
     nonid = kl[[j for j, d in enumerate(doses) if not (mode == "scale" and d == 1.0)]]
-    floor_json, warning = causal_stats.floor_block(floor, nonid, model.dtype)
+    floor_json, warning = causal_stats.floor_block(floor, nonid, model.dtype, res.floor_parts())
     checks, notes = _sanity_checks(doses, dose_results, kl, floor, mode, floor_small=warning is None)
     return {
         "model": model.name, "layer": layer, "intervention_type": "Scale" if mode == "scale" else "SetValue",

@@ -107,7 +107,8 @@ def knockout(b: SectionBuilder, d: dict) -> None:
                 "rust_stats.mean_kl", "welch_p_value"), hide=_STAT_HIDE)
     else:
         _knockout_groups(b, d)
-        b.headline("noise floor (median KL(baseline ‖ no-op), nats)", ("noise_floor", "median"), fmt="sci")
+        b.headline("noise floor (median per-sample floor, nats)",
+                   ("noise_floor", "median"), fmt="sci")
         c = ("mass_matched_control",)
         for lang in ("python", "rust"):
             b.headline(f"{lang.capitalize()} median ΔKL (knockout − mass-matched control, nats)",
@@ -141,7 +142,8 @@ def _knockout_scan(b: SectionBuilder, d: dict) -> None:
                    ("per_layer", i, "rust_stats", "mean_kl"), sep=" / ")
     b.headline("best layer (min Holm-adjusted p, Python > Rust)", ("best_layer", "best_layer"))
     b.headline("its Holm-adjusted p", ("best_layer", "p_adjusted"))
-    b.headline("noise floor (median KL(baseline ‖ no-op), nats)", ("noise_floor", "median"), fmt="sci")
+    b.headline("noise floor (median per-sample floor, nats)",
+               ("noise_floor", "median"), fmt="sci")
     b.table("Per layer (KL in nats; each layer knocked out on its own)", ("per_layer",),
             prefer=("layer", "python_stats.mean_kl", "python_stats.std_kl", "rust_stats.mean_kl",
                     "rust_stats.std_kl", "welch_t_statistic", "welch_p_value", "welch_p_holm", "welch_q_bh"),
@@ -155,7 +157,8 @@ def _knockout_scan(b: SectionBuilder, d: dict) -> None:
 def head_map(b: SectionBuilder, d: dict) -> None:
     for k in ("method", "n_layers", "n_heads"):
         b.headline(k, (k,))
-    b.headline("noise floor (max KL(baseline ‖ reference), nats)", ("noise_floor", "max_kl"), fmt="sci")
+    b.headline("noise floor (largest per-sample floor, nats)",
+               ("noise_floor", "max_kl"), fmt="sci")
     b.headline("gradient vs exact: Spearman rho (all sample-cells / cell means)", ("agreement", "spearman_all"),
                ("agreement", "spearman_mean"), sep=" / ")
     b.table("Per cell (KL in nats; mean and s.e. over samples)", ("cells",),

@@ -216,7 +216,8 @@ def run_state_ablation(model: Any, samples: Sequence[StateSample], layer_start: 
         base = (stats.group_stats(select(samples, kl, "python", True), "python", True),
                 stats.group_stats(select(samples, kl, "rust", True), "rust", True))
     test_idx = [i for i, s in enumerate(samples) if not s.is_baseline]
-    floor = compare.floor_block(out.floor_kl, [kl[i] for i in test_idx], [below[i, 0] for i in test_idx], model.dtype)
+    floor = compare.floor_block(out.floor_kl, [kl[i] for i in test_idx], [below[i, 0] for i in test_idx], model.dtype,
+                                out.floor_parts)
     report = (_control_report(samples, out.kl[:, 0], out.kl[:, 1], ctrl, control_seed, control_max_offset)
               if control_seed is not None else None)
     return StateAblationResult(model.name, layer_start, layer_end, rows, tests, base, report, floor,
@@ -349,7 +350,7 @@ def run_knockout_windows(model: Any, samples: Sequence[StateSample], windows: Se
         rows.append(WindowResult(a, b, tests[k], holm[k], base, n_below))
     test_idx = [i for i, s in enumerate(samples) if not s.is_baseline]
     floor = compare.floor_block(out.floor_kl, out.kl[test_idx].ravel().tolist(), below[test_idx].ravel().tolist(),
-                                model.dtype)
+                                model.dtype, out.floor_parts)
     best = None
     if mode == "scan_layers":
         best = stats.select_best_layer([a for a, _ in windows], [t.welch.p_value for t in tests],

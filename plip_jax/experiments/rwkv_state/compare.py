@@ -10,10 +10,15 @@ import numpy as np
 
 from plip_jax.analysis import metrics, stats
 from plip_jax.analysis.metrics import FLOOR_FACTOR
+from plip_jax.experiments import rounding_floor
 
-FLOOR_DEFINITION = ("KL(baseline || no-op edit) in nats: a state edit with scale 1 everywhere, run in the same "
-                    "compiled program and batch as the baseline and the real edits; KLs at or below "
-                    f"{FLOOR_FACTOR:g}x a sample's floor are marked below_noise_floor (not resolved)")
+_NOOP = ("KL(baseline || no-op edit) in nats (a state edit with scale 1 everywhere, run in the same compiled program "
+         "and batch as the baseline and the real edits)")
+_MARKS = f"KLs at or below {FLOOR_FACTOR:g}x a sample's floor are marked below_noise_floor (not resolved)"
+FLOOR_DEFINITION = ("per sample the larger of the engine floor, " + _NOOP + ", and the " + rounding_floor.DEFINITION.replace(
+    "intervened layer, from the sample's first edited row", "edited layer, from the sample's first edited position")
+    + " (`components`); " + _MARKS)
+ENGINE_FLOOR_DEFINITION = _NOOP + "; " + _MARKS + "; " + rounding_floor.NOT_MEASURED
 KL_DEFINITION = ("KL(baseline || edited) in nats, next-token distribution at the last real position, float64 on "
                  "the host, exact (no probability floor); PLIP's floored value in kl_divergence_plip_filtered")
 
@@ -52,18 +57,28 @@ def compare_languages(py: Sequence[float], rs: Sequence[float], with_baseline_fi
                               stats.welch_t_test(py, rs), float(t_plip), float(p_plip))
 
 
-def floor_block(floor_kl: np.ndarray, effects: Sequence[float], below: Sequence[bool], dtype: str) -> dict:
+def floor_block(floor_kl: np.ndarray, effects: Sequence[float], below: Sequence[bool], dtype: str,
+                parts: Optional[dict] = None) -> dict:
     """JSON `noise_floor`: the per-sample floors and their summary, how many of the reported `effects`
     (KLs, nats) are not resolved above FLOOR_FACTOR x their floor (`below`), and the reduced-precision
-    warning (`metrics.floor_warning`: floor median > 10 % of the median effect), or None."""
-    return metrics.floor_block(floor_kl, effects, below, dtype, FLOOR_DEFINITION)[0]
+    warning (`metrics.floor_warning`: floor median > 10 % of the median effect), or None. parts: the
+    engine and rounding floors floor_kl combines (`EditOutcomes.floor_parts`), summarised under `components`."""
+    definition = FLOOR_DEFINITION if parts and "rounding" in parts else ENGINE_FLOOR_DEFINITION
+    return metrics.floor_block(floor_kl, effects, below, dtype, definition, parts)[0]
 
 
 def floor_line(block: dict) -> str:
     """One table line: the floor and how many effects it leaves unresolved (+ the warning, if any)."""
-    line = (f"Noise floor (no-op edit, same program): max {block['max']:.2e}, median {block['median']:.2e} nats; "
+    parts = block.get("components", {})
+    what = ("the larger of the no-op edit's and the rounding floor" if "rounding" in parts
+            else "no-op edit, same program")
+    line = (f"Noise floor ({what}): max {block['max']:.2e}, median {block['median']:.2e} nats; "
             f"{block['n_effects_below_floor']}/{block['n_effects']} effects at or below {block['factor']:g}x their "
             f"sample's floor (marked ~)")
+    if "rounding" in parts:
+        line += (f"\n  no-op edit median {parts['engine']['median']:.2e}; rounding floor median "
+                 f"{parts['rounding']['median']:.2e} (the larger for {parts['rounding']['n_samples_setting_floor']} "
+                 f"of {block['n']} samples)")
     return line + (f"\nWARNING: {block['warning']}" if block.get("warning") else "")
 
 

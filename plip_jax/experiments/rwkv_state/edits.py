@@ -3,9 +3,13 @@
 Samples are right-padded to one width T. Per sample, the edits are the stacked `StateEdit` scale matrices
 f32[2 + K, L, T]: row 0 is the baseline (all ones), row 1 a no-op edit (all ones again: the noise floor),
 rows 2.. the K requested edits. The model is vmapped over the edits of a sample and over the samples of a
-step, so baseline, floor and edits run in ONE compiled program on the same batch: the floor measures what
-that program reads for an edit that changes nothing (exactly 0 when the lanes of a vmapped batch are
-computed identically, as on CPU; a non-zero floor flags non-deterministic or batch-dependent kernels).
+step, so baseline, floor and edits run in ONE compiled program on the same batch: the no-op edit measures
+what that program reads for an edit that changes nothing (exactly 0 when the lanes of a vmapped batch are
+computed identically, as on CPU; a non-zero value flags non-deterministic or batch-dependent kernels). It
+cannot see the rounding noise a real edit picks up (every later value rounds differently), so each sample's
+floor is the larger of it and the rounding floor (`experiments.rounding_floor`: one precision unit of
+random-sign noise in the residual stream after the lowest edited layer, from the first edited position on;
+measured for reduced-precision compute, `rounding_floor.wanted`).
 Steps hold `chunk` forwards (whole samples; the last step is padded with a repeated sample), so device
 and host memory stay bounded. The last-position logits come back to the host, where the KL is computed in
 float64 (`metrics.kl_divergence_f64`; the device f32 KL has a ~1e-7 nats floor of its own).
@@ -28,6 +32,7 @@ from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
 from plip_jax.core.errors import InterventionError
 from plip_jax.data.batching import pad_batch
+from plip_jax.experiments import rounding_floor
 
 DEFAULT_CHUNK = 64  # forwards per step: bounds memory (each forward returns f32[V] logits)
 N_FIXED = 2  # rows 0 (baseline) and 1 (no-op floor) of every sample's edit stack
@@ -57,8 +62,9 @@ class EditOutcomes:
     """Host results for N samples and their K requested edits (baseline and floor rows removed).
 
     kl: float64 [N, K] nats, KL(baseline || edit k), NaN where the edit was None (no edit requested);
-    kl_plip: PLIP's filtered KL (terms with p or q <= 1e-10 dropped; f32); floor_kl: float64 [N], KL of the
-    no-op edit (the sample's noise floor); top: TopChanged of arrays [N, K, top_k]; argmax [N, K]."""
+    kl_plip: PLIP's filtered KL (terms with p or q <= 1e-10 dropped; f32); floor_kl: float64 [N], the sample's
+    noise floor, the larger of floor_parts["engine"] (the no-op edit's KL) and floor_parts["rounding"] (the
+    rounding floor; absent when nothing was edited or not measured: float32, `rounding_floor.wanted`); top: TopChanged of arrays [N, K, top_k]; argmax [N, K]."""
 
     kl: np.ndarray
     kl_plip: np.ndarray
@@ -66,6 +72,7 @@ class EditOutcomes:
     top: Any
     argmax: np.ndarray
     forward_s: float
+    floor_parts: Optional[dict] = None
 
     @property
     def floor(self) -> metrics.NoiseFloor:
@@ -137,4 +144,11 @@ def run_edits(model: Any, token_ids: Sequence[Sequence[int]], edits: Sequence[Se
     top = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:, N_FIXED:], *tops)
     missing = np.array([[e is None for e in es] for es in edits], bool).reshape(n, k_all - N_FIXED)
     kl_req = np.where(missing, np.nan, kl[:, N_FIXED:])
-    return EditOutcomes(kl_req, klp[:, N_FIXED:], kl[:, 1].copy(), top, am[:, N_FIXED:], forward_s)
+    parts = {"engine": kl[:, 1].copy()}
+    changed = scales[:, N_FIXED:] != 1.0  # [N, K, L, T]: where a requested edit acts
+    if changed.any() and rounding_floor.wanted(model.model):  # after the lowest edited layer, from the first edit
+        layer = int(np.flatnonzero(changed.any(axis=(0, 1, 3)))[0])
+        parts["rounding"] = rounding_floor.rounding_floor_kl(model.model, tokens, lengths, changed.any(axis=(1, 2)),
+                                                             layer, sample_chunk=step)
+    floor = rounding_floor.combined_floor(parts["engine"], parts.get("rounding"))
+    return EditOutcomes(kl_req, klp[:, N_FIXED:], floor, top, am[:, N_FIXED:], forward_s, parts)

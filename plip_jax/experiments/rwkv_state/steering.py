@@ -93,7 +93,7 @@ def run_state_steering(model: Any, samples: Sequence[StateSample], layer: int,
         dose.append(DosePoint(x, tests[k], holm[k], rows))
     effect = [k for k, x in enumerate(scales) if x != 1.0]  # scale 1 is the identity, not an effect
     floor = compare.floor_block(out.floor_kl, out.kl[:, effect].ravel().tolist(), below[:, effect].ravel().tolist(),
-                                model.dtype)
+                                model.dtype, out.floor_parts)
     return StateSteeringResult(model.name, layer, dose, floor, steering_sanity_checks(dose, floor),
                                {"forward_s": out.forward_s})
 

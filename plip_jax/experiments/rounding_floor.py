@@ -1,0 +1,152 @@
+"""The rounding floor of a causal run: how far rounding-sized noise in the residual stream moves a sample's output.
+
+The engine's floor, KL(baseline || no-op reference), compares two orders of the same arithmetic on the same
+values, so most of their roundings coincide. An intervened run's values differ from the baseline's from its
+first intervened layer on, so every later value rounds differently. In float32 that is negligible; in
+bfloat16 it is not, and the engine's floor underestimates it 3-4x (docs/METHODS.md, "Noise floor").
+
+The rounding floor measures that noise directly. It runs the plain forward twice per draw: once as is, once with
+every element of the residual stream after block `layer` (the sweep's lowest intervened layer), from the
+sample's first edited row to its last real token, moved by one unit of the compute dtype's precision with a
+random sign (h <- h + s * eps * h, s = +-1, eps = `jnp.finfo(dtype).eps`: 2^-7 in bfloat16, 2^-23 in float32).
+That is a perturbation of the size of one rounding of the stored stream, so no effect smaller than what it
+causes can be told apart from rounding. Its KL(plain || jittered) is taken in float64; a sample's rounding floor
+is the largest over `draws` independent sign patterns (fixed seed: reruns read the same numbers).
+
+When: by default only for reduced-precision compute (bfloat16, float16; `wanted`). In float32 it reads the same
+as the engine's floor (both ~1e-12 nats on the bundled model, and no flag changes), while it costs a compile and
+three forwards per run; the library calls take `measure_rounding_floor=True` to measure it anyway.
+
+Measured on the bundled model (Rust samples, layer 4, see METHODS): float32, median 3-7e-12 nats (the engine's
+floor: 3.3e-12); bfloat16, median 4-8e-4 nats, the size of every bfloat16 steering dose (3.3-4.4e-4), against the
+engine's 8.4e-5.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plip_jax.analysis import metrics
+from plip_jax.core import interventions as ivs
+from plip_jax.core.capture import Capture
+from plip_jax.core.errors import InterventionError
+from plip_jax.models import sharding
+
+ROUNDING_SEED = 0
+ROUNDING_DRAWS = 2
+DEFINITION = ("rounding floor: KL(plain forward || the same forward with every element of the residual stream after "
+              "the run's lowest intervened layer, from the sample's first edited row on, moved by one unit of the "
+              "compute dtype's precision, h + s * eps * h with random signs s), the largest over "
+              f"{ROUNDING_DRAWS} sign draws (seed {ROUNDING_SEED})")
+
+
+def jitter_edit(h, layer, n_layers: int, first_row, length, key) -> ivs.Interventions:
+    """The residual edit of one draw: h [T, D] (the stream after block `layer`, compute dtype), rows first_row ..
+    length - 1 (layer, first_row, length: ints, may be traced) moved by s * eps * h (s = +-1 from `key`), in h's dtype; other layers and rows
+    untouched."""
+    t = h.shape[0]
+    eps = jnp.finfo(h.dtype).eps
+    sign = jax.random.rademacher(key, h.shape, jnp.float32)
+    delta = (h.astype(jnp.float32) * sign * eps).astype(h.dtype)
+    pos = jnp.arange(t)
+    where = (jnp.arange(n_layers)[:, None] == layer) & ((pos >= first_row) & (pos < length))[None, :]  # [L, T]
+    add = jnp.zeros((n_layers,) + h.shape, h.dtype).at[layer].set(delta)
+    return ivs.Interventions(residual=ivs.ResidualEdit(where=where, keep=jnp.float32(1.0), add=add))
+
+
+@functools.partial(jax.jit, static_argnames=("draws",))
+def rounding_runs(model, tokens, lengths, first_rows, sample_index, layer, seed, draws: int):
+    """tokens [B, T], lengths / first_rows int [B], sample_index uint32 [B] (each sample's draws use the key
+    fold_in(PRNGKey(seed), its index)), layer: int [] (traced: one program for every layer), seed: uint32 []. Returns (plain last-token logits f32 [B, V],
+    jittered ones [B, draws, V]) of any `Model` (transformer or RWKV-6: both apply residual edits)."""
+    n_layers = model.cfg.num_layers
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(sample_index)
+
+    def one(tok, n, first, k):
+        base = model(tok, length=n, capture=Capture(logits="last", resid_post="all"))
+        h = jax.lax.dynamic_index_in_dim(base.resid_post, layer, 0, keepdims=False)  # [T, D]
+
+        def jittered(kd):
+            iv = jitter_edit(h, layer, n_layers, first, n, kd)
+            return model(tok, length=n, interventions=iv, capture=Capture(logits="last")).logits
+
+        return base.logits, jax.lax.map(jittered, jax.random.split(k, draws))
+
+    return jax.vmap(one)(tokens, lengths, first_rows, keys)
+
+
+NOT_MEASURED = ("rounding floor not measured: float32 compute, where it reads the same as the engine floor "
+                "(docs/METHODS.md, 'Noise floor'); it is measured by default in bfloat16 and float16")
+
+
+def wanted(model, measure: Optional[bool] = None) -> bool:
+    """Whether a run measures the rounding floor: `measure` when given, else whether the compute dtype
+    (model.cfg.dtype) is coarser than float32."""
+    if measure is not None:
+        return bool(measure)
+    return float(jnp.finfo(jnp.dtype(model.cfg.dtype)).eps) > float(jnp.finfo(jnp.float32).eps)
+
+
+def first_edited_rows(edited, lengths) -> np.ndarray:
+    """int [B]: each sample's first row of the bool mask edited [B, T] (the rows a run's interventions edit),
+    or its last real token (lengths int [B]) when it has none."""
+    e = np.asarray(edited, bool)
+    last = np.asarray(lengths, np.int64) - 1
+    return np.where(e.any(axis=1), np.argmax(e, axis=1), last)
+
+
+def rounding_floor_kl(model, tokens, lengths, edited, layer: int, *, draws: int = ROUNDING_DRAWS,
+                      seed: int = ROUNDING_SEED, distribute=None, sample_chunk: Optional[int] = None) -> np.ndarray:
+    """Each sample's rounding floor, float64 [B] nats (see the module docstring). model: any `Model`; tokens [B, T];
+    lengths int [B]; edited bool [B, T]: the rows the run's interventions edit (jittered from each sample's first
+    one, `first_edited_rows`); layer: the run's lowest intervened layer (its block's output is jittered).
+    distribute: optional callable placing (tokens, lengths, iv, first_rows, starts) on devices
+    (`causal_samples.distributor`); sample_chunk: at most this many samples per program (the last chunk padded
+    by repeating a sample: one compiled program; None = all at once). Sample i's draws use the key
+    fold_in(seed, i), so its floor does not depend on the chunking."""
+    n_layers = model.cfg.num_layers
+    if not 0 <= int(layer) < n_layers:
+        raise InterventionError(f"rounding floor: layer {layer} out of range for a model with {n_layers} layers "
+                                f"(valid 0..{n_layers - 1})")
+    if int(draws) < 1:
+        raise InterventionError(f"rounding floor: draws must be >= 1, got {draws}")
+    lengths_np = np.asarray(sharding.to_host(lengths), np.int64)
+    first_np = first_edited_rows(edited, lengths_np)
+    bad = np.flatnonzero((first_np < 0) | (first_np >= lengths_np))
+    if bad.size:
+        raise InterventionError(f"rounding floor: first edited rows {first_np[bad].tolist()} of samples "
+                                f"{bad.tolist()} are outside their sequences (lengths {lengths_np[bad].tolist()})")
+    n = first_np.size
+    step = n if not sample_chunk else min(n, max(1, int(sample_chunk)))
+    out = np.empty(n, np.float64)
+    for a in range(0, n, step):
+        idx = np.arange(a, min(n, a + step))
+        padded = np.concatenate([idx, np.full(step - idx.size, idx[-1])])
+        take = (lambda x: x) if step == n else (lambda x: np.asarray(sharding.to_host(x))[padded])
+        args = (take(tokens), take(lengths), None, first_np[padded].astype(np.int32), None)
+        if distribute is not None:
+            args = distribute(args)
+        base, jit = sharding.to_host(rounding_runs(model, args[0], args[1], args[3], padded.astype(np.uint32),
+                                                   jnp.int32(layer), jnp.uint32(seed), draws=int(draws)))
+        base, jit = np.asarray(base, np.float64)[: idx.size], np.asarray(jit, np.float64)[: idx.size]
+        if not (np.isfinite(base).all() and np.isfinite(jit).all()):
+            raise InterventionError("rounding floor: non-finite logits in the plain or jittered forward (check the "
+                                    "model's weights and the compute dtype)")
+        out[idx] = metrics.kl_divergence_f64(np.broadcast_to(base[:, None], jit.shape), jit).max(axis=1)
+    return out
+
+
+def combined_floor(engine_kl, rounding_kl: Optional[np.ndarray]) -> np.ndarray:
+    """The floor every flag uses, float64 [B]: the larger of the engine's and the rounding floor per sample
+    (the engine's alone when rounding_kl is None)."""
+    e = np.asarray(engine_kl, np.float64)
+    return e if rounding_kl is None else np.maximum(e, np.asarray(rounding_kl, np.float64))
+
+
+__all__ = ["DEFINITION", "NOT_MEASURED", "ROUNDING_DRAWS", "ROUNDING_SEED", "combined_floor", "first_edited_rows",
+           "jitter_edit", "rounding_floor_kl", "rounding_runs", "wanted"]
