@@ -46,7 +46,7 @@ def steering_sweep(bundled_model, small):
 
 
 @pytest.mark.slow
-def test_identity_point_reads_exactly_zero_against_the_same_program_reference(steering_sweep):
+def test_identity_point_reads_exactly_zero_against_the_same_program_reference(steering_sweep, bundled_model, small):
     _, res = steering_sweep
     j = DOSES.index(1.0)
     np.testing.assert_array_equal(res.last[j], res.ref_last[j])  # bit for bit: same operations
@@ -57,6 +57,16 @@ def test_identity_point_reads_exactly_zero_against_the_same_program_reference(st
     # the floor every flag uses is the larger of it and the rounding floor (measured: > 0, tiny in f32)
     assert np.all(res.rounding_floor_kl > 0) and np.all(res.floor_kl < 1e-9)
     np.testing.assert_array_equal(res.floor_kl, np.maximum(res.engine_floor_kl, res.rounding_floor_kl))
+    # ...measured after the steered layer from each sample's first steered row (its marker; a wrong layer reads
+    # another KL)
+    from plip_jax.experiments import rounding_floor
+    _, batch, markers = small
+    edited = np.zeros(batch.tokens.shape, bool)
+    edited[np.arange(len(markers)), markers] = True
+    np.testing.assert_array_equal(res.rounding_floor_kl, rounding_floor.rounding_floor_kl(
+        bundled_model.model, batch.tokens, batch.lengths, edited, LAYER))
+    assert not np.array_equal(res.rounding_floor_kl, rounding_floor.rounding_floor_kl(
+        bundled_model.model, batch.tokens, batch.lengths, edited, LAYER - 1))
 
 
 def test_reported_kl_is_the_float64_one_from_the_logits(steering_sweep, monkeypatch):

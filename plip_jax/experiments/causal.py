@@ -157,8 +157,7 @@ def _first_rows(edited: Optional[np.ndarray], lengths, n_positions: int, markers
     lengths = np.asarray(lengths, np.int64)
     first = lengths - 1
     if edited is not None:
-        hit = edited.any(axis=1)
-        first = np.where(hit, np.minimum(first, np.argmax(edited, axis=1)), first)
+        first = np.minimum(first, rounding_floor.first_edited_rows(edited, lengths))
     if markers is not None and np.size(markers):
         first = np.minimum(first, np.asarray(markers, np.int64))
     return np.clip(first, 0, int(n_positions) - 1)

@@ -6,7 +6,7 @@ Conventions (see docs/METHODS.md, "The causal tools"):
 * The noise floor of a sample is the larger of two measurements: the engine's, KL(baseline || no-op
   reference) (two mathematically equal computations of the same engine that round differently), and the
   rounding floor (`rounding_floor`: what one rounding unit of noise in the residual stream after the lowest
-  intervened layer does; in bfloat16 the engine's floor underestimates a perturbed run's noise 3-4x). An
+  intervened layer does; in bfloat16 the engine's floor underestimates a perturbed run's noise 2-7x). An
   effect <= FLOOR_FACTOR x its sample's floor is marked "below floor" (not resolved); a group mean is
   compared with FLOOR_FACTOR x the group's mean floor.
 * Scans and sweeps test Python vs Rust per unit (Welch, exact t); Holm and BH adjust over the units;

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 from plip_jax.analysis import stats
-from plip_jax.experiments import causal_stats
+from plip_jax.experiments import causal_stats, rounding_floor
 
 BELOW = "~"  # marks a KL at or below 3x its noise floor
 
@@ -25,15 +25,14 @@ def floor_header(result: dict) -> list[str]:
     """Two lines: the noise floor and the marker convention (+ the warning, once, when there is one)."""
     f = result["noise_floor"]
     parts = f.get("components", {})
-    what = ("(per sample the larger of KL(baseline || no-op reference) and the rounding floor)" if "rounding" in parts
-            else "KL(baseline || no-op reference)")
+    what = ("(per sample the larger of KL(baseline || no-op reference) and the rounding floor)"
+            if "rounding" in parts else "KL(baseline || no-op reference)")
     lines = [f"Noise floor {what}, {f['dtype']}: median {f['median']:.2e}, max "
              f"{f['max']:.2e} nats (n={f['n']}); '{BELOW}' = KL <= {f['factor']:g}x its sample's floor "
              f"({f['n_effects_below_floor']} of {f['n_effects']} effects)"]
-    if "rounding" in parts:
-        e, r = parts["engine"], parts["rounding"]
-        lines.append(f"  engine floor median {e['median']:.2e} (the larger for {e['n_samples_setting_floor']} of {f['n']} "
-                     f"samples); rounding floor median {r['median']:.2e} (the larger for {r['n_samples_setting_floor']})")
+    both = rounding_floor.components_line(parts, f["n"])
+    if both:
+        lines.append(both)
     if result.get("floor_warning"):
         lines.append(f"WARNING: {result['floor_warning']}")
     return lines

@@ -48,7 +48,8 @@ def _floor_lines(ax, result: dict) -> None:
     if not f:
         return
     med = max(f["median"], 1e-30)
-    ax.axhline(med, color="0.4", ls=":", lw=1, label=f"noise floor (median; {'engine or rounding, the larger' if 'rounding' in f.get('components', {}) else 'KL(baseline‖no-op)'}, {f['dtype']})")
+    what = "engine or rounding, the larger" if "rounding" in f.get("components", {}) else "KL(baseline‖no-op)"
+    ax.axhline(med, color="0.4", ls=":", lw=1, label=f"noise floor (median; {what}, {f['dtype']})")
     ax.axhline(f["factor"] * med, color="0.4", ls="--", lw=1, label=f"{f['factor']:g}× floor: below = not resolved")
 
 

@@ -47,8 +47,8 @@ DEFINITION = ("rounding floor: KL(plain forward || the same forward with every e
 
 def jitter_edit(h, layer, n_layers: int, first_row, length, key) -> ivs.Interventions:
     """The residual edit of one draw: h [T, D] (the stream after block `layer`, compute dtype), rows first_row ..
-    length - 1 (layer, first_row, length: ints, may be traced) moved by s * eps * h (s = +-1 from `key`), in h's dtype; other layers and rows
-    untouched."""
+    length - 1 (layer, first_row, length: ints, may be traced) moved by s * eps * h (s = +-1 from `key`), in h's
+    dtype; other layers and rows untouched. `add` is [L, T, D] (the `ResidualEdit` layout), zero off `layer`."""
     t = h.shape[0]
     eps = jnp.finfo(h.dtype).eps
     sign = jax.random.rademacher(key, h.shape, jnp.float32)
@@ -62,8 +62,9 @@ def jitter_edit(h, layer, n_layers: int, first_row, length, key) -> ivs.Interven
 @functools.partial(jax.jit, static_argnames=("draws",))
 def rounding_runs(model, tokens, lengths, first_rows, sample_index, layer, seed, draws: int):
     """tokens [B, T], lengths / first_rows int [B], sample_index uint32 [B] (each sample's draws use the key
-    fold_in(PRNGKey(seed), its index)), layer: int [] (traced: one program for every layer), seed: uint32 []. Returns (plain last-token logits f32 [B, V],
-    jittered ones [B, draws, V]) of any `Model` (transformer or RWKV-6: both apply residual edits)."""
+    fold_in(PRNGKey(seed), its index)), layer: int [] (traced: one program for every layer), seed: uint32 [].
+    Returns (plain last-token logits f32 [B, V], jittered ones [B, draws, V]) of any `Model` (transformer or
+    RWKV-6: both apply residual edits)."""
     n_layers = model.cfg.num_layers
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(sample_index)
 
@@ -117,7 +118,7 @@ def rounding_floor_kl(model, tokens, lengths, edited, layer: int, *, draws: int 
         raise InterventionError(f"rounding floor: draws must be >= 1, got {draws}")
     lengths_np = np.asarray(sharding.to_host(lengths), np.int64)
     first_np = first_edited_rows(edited, lengths_np)
-    bad = np.flatnonzero((first_np < 0) | (first_np >= lengths_np))
+    bad = np.flatnonzero(first_np >= lengths_np)  # an edit past a sample's last real token
     if bad.size:
         raise InterventionError(f"rounding floor: first edited rows {first_np[bad].tolist()} of samples "
                                 f"{bad.tolist()} are outside their sequences (lengths {lengths_np[bad].tolist()})")
@@ -141,6 +142,16 @@ def rounding_floor_kl(model, tokens, lengths, edited, layer: int, *, draws: int 
     return out
 
 
+def components_line(components: dict, n: int, engine_name: str = "engine floor") -> Optional[str]:
+    """The table line under a floor header naming both parts, from the JSON block's `components` (summaries with
+    n_samples_setting_floor; n samples); None when the rounding floor was not measured."""
+    if "rounding" not in components:
+        return None
+    e, r = components["engine"], components["rounding"]
+    return (f"  {engine_name} median {e['median']:.2e} (the larger for {e['n_samples_setting_floor']} of {n} samples); "
+            f"rounding floor median {r['median']:.2e} (the larger for {r['n_samples_setting_floor']})")
+
+
 def combined_floor(engine_kl, rounding_kl: Optional[np.ndarray]) -> np.ndarray:
     """The floor every flag uses, float64 [B]: the larger of the engine's and the rounding floor per sample
     (the engine's alone when rounding_kl is None)."""
@@ -148,5 +159,6 @@ def combined_floor(engine_kl, rounding_kl: Optional[np.ndarray]) -> np.ndarray:
     return e if rounding_kl is None else np.maximum(e, np.asarray(rounding_kl, np.float64))
 
 
-__all__ = ["DEFINITION", "NOT_MEASURED", "ROUNDING_DRAWS", "ROUNDING_SEED", "combined_floor", "first_edited_rows",
+__all__ = ["DEFINITION", "NOT_MEASURED", "ROUNDING_DRAWS", "ROUNDING_SEED", "combined_floor", "components_line",
+           "first_edited_rows",
            "jitter_edit", "rounding_floor_kl", "rounding_runs", "wanted"]

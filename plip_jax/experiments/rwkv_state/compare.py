@@ -15,9 +15,10 @@ from plip_jax.experiments import rounding_floor
 _NOOP = ("KL(baseline || no-op edit) in nats (a state edit with scale 1 everywhere, run in the same compiled program "
          "and batch as the baseline and the real edits)")
 _MARKS = f"KLs at or below {FLOOR_FACTOR:g}x a sample's floor are marked below_noise_floor (not resolved)"
-FLOOR_DEFINITION = ("per sample the larger of the engine floor, " + _NOOP + ", and the " + rounding_floor.DEFINITION.replace(
-    "intervened layer, from the sample's first edited row", "edited layer, from the sample's first edited position")
-    + " (`components`); " + _MARKS)
+FLOOR_DEFINITION = ("per sample the larger of the engine floor, " + _NOOP + ", and the "
+                    + rounding_floor.DEFINITION.replace("intervened layer, from the sample's first edited row",
+                                                        "edited layer, from the sample's first edited position")
+                    + " (`components`); " + _MARKS)
 ENGINE_FLOOR_DEFINITION = _NOOP + "; " + _MARKS + "; " + rounding_floor.NOT_MEASURED
 KL_DEFINITION = ("KL(baseline || edited) in nats, next-token distribution at the last real position, float64 on "
                  "the host, exact (no probability floor); PLIP's floored value in kl_divergence_plip_filtered")
@@ -75,10 +76,9 @@ def floor_line(block: dict) -> str:
     line = (f"Noise floor ({what}): max {block['max']:.2e}, median {block['median']:.2e} nats; "
             f"{block['n_effects_below_floor']}/{block['n_effects']} effects at or below {block['factor']:g}x their "
             f"sample's floor (marked ~)")
-    if "rounding" in parts:
-        line += (f"\n  no-op edit median {parts['engine']['median']:.2e}; rounding floor median "
-                 f"{parts['rounding']['median']:.2e} (the larger for {parts['rounding']['n_samples_setting_floor']} "
-                 f"of {block['n']} samples)")
+    both = rounding_floor.components_line(parts, block["n"], engine_name="no-op edit")
+    if both:
+        line += "\n" + both
     return line + (f"\nWARNING: {block['warning']}" if block.get("warning") else "")
 
 

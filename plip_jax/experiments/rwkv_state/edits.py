@@ -146,7 +146,7 @@ def run_edits(model: Any, token_ids: Sequence[Sequence[int]], edits: Sequence[Se
     kl_req = np.where(missing, np.nan, kl[:, N_FIXED:])
     parts = {"engine": kl[:, 1].copy()}
     changed = scales[:, N_FIXED:] != 1.0  # [N, K, L, T]: where a requested edit acts
-    if changed.any() and rounding_floor.wanted(model.model):  # after the lowest edited layer, from the first edit
+    if changed.any() and rounding_floor.wanted(model.model):  # jittered after the lowest edited layer
         layer = int(np.flatnonzero(changed.any(axis=(0, 1, 3)))[0])
         parts["rounding"] = rounding_floor.rounding_floor_kl(model.model, tokens, lengths, changed.any(axis=(1, 2)),
                                                              layer, sample_chunk=step)
