@@ -156,3 +156,38 @@ def test_window_sweep_reports_floor_adjusted_p_and_best_window(bundled_model, un
     assert all(kl > 0 for s in r["samples"] for kl in s["kl_by_window"])
     table = causal_tables.knockout_windows(r)
     assert "Noise floor" in table and "Best window:" in table and "3..3" in table
+
+
+@pytest.mark.slow
+def test_bfloat16_layer_scan_floor_is_the_larger_of_engine_and_rounding_from_block_0(universal_corpus):
+    """In bfloat16 the scan's floor per sample is the larger of the engine's and the rounding floor jittered
+    after block 0 (the scan's lowest knocked layer) from the marker row. Fails if the scan drops the rounding
+    floor, or jitters after another layer or from other rows."""
+    import dataclasses
+
+    from plip_jax.experiments import rounding_floor
+    from plip_jax.models.registry import load_model
+
+    m = load_model(None, "bfloat16")
+    py = [s for s in universal_corpus.samples if s.language == "python"][:3]
+    rs = [s for s in universal_corpus.samples if s.language == "rust"][:3]
+    corpus = dataclasses.replace(universal_corpus, samples=tuple(py + rs))
+    r = knockout.run_layer_scan_knockout(m, corpus)
+    floor = np.array([s["noise_floor_kl"] for s in r["samples"]])
+
+    samples, _ = causal_samples.prepare(m, corpus)
+    batch = causal_samples.make_batch(m, samples)
+    edited = np.asarray(knockout.knockout_ivs(m, samples, batch, layers=[0]).knockout.edges).any(axis=-1)
+    assert all(edited[i].nonzero()[0].tolist() == [s.tokenized.marker_token] for i, s in enumerate(samples))
+    want = rounding_floor.rounding_floor_kl(m.model, batch.tokens, batch.lengths, edited, 0)
+    comp = r["noise_floor"]["components"]
+    assert set(comp) == {"engine", "rounding"} and comp["rounding"]["n_samples_setting_floor"] >= 1
+    assert np.all(floor >= want)
+    sets = np.isclose(floor, want, rtol=1e-12, atol=0)  # the samples whose floor the rounding floor sets
+    assert sets.sum() == comp["rounding"]["n_samples_setting_floor"]
+    other = rounding_floor.rounding_floor_kl(m.model, batch.tokens, batch.lengths, edited, 3)
+    assert not np.allclose(np.maximum(floor, other), floor)  # another layer's jitter would read otherwise
+    late = np.zeros_like(edited)
+    late[np.arange(len(samples)), batch.lengths - 1] = True  # jittered from the last token only
+    assert not np.allclose(rounding_floor.rounding_floor_kl(m.model, batch.tokens, batch.lengths, late, 0)[sets],
+                           floor[sets])
