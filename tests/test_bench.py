@@ -188,21 +188,31 @@ def test_flagfiles_parse_with_their_binary(flagfile):
 
 
 @pytest.mark.slow
-def test_head_map_benchmark_prints_and_writes_its_table(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_head_map_benchmark_prints_and_writes_its_table(tmp_path, dtype):
+    """In bfloat16 the exact grid measures a rounding floor the scan does not: it is timed apart and the ratio
+    is also given without it."""
     from tests.binary_harness import run_binary
 
     out = tmp_path / "hm.json"
-    proc = run_binary("benchmarks.head_map", "--samples=2", "--seq_len=24", "--repeats=1", f"--output={out}")
+    proc = run_binary("benchmarks.head_map", "--samples=2", "--seq_len=24", "--repeats=1", f"--output={out}",
+                      f"--dtype={dtype}")
     js = json.loads(out.read_text())
     rows = {r["workload"]: r for r in js["rows"]}
-    assert list(rows) == ["exact grid (all cells)", "layer knockout scan", "gradient map", "plain forward + backward"]
-    assert (js["layers"], js["heads"], js["samples"], js["platform"]) == (8, 6, 2, "cpu")
+    floor_row = ["  of which rounding floor"] if dtype == "bfloat16" else []
+    assert list(rows) == ["exact grid (all cells)", *floor_row, "layer knockout scan", "gradient map",
+                          "plain forward + backward"]
+    assert (js["layers"], js["heads"], js["samples"], js["platform"], js["dtype"]) == (8, 6, 2, "cpu", dtype)
     assert all(r["median_s"] > 0 and r["compile_s"] >= -1 for r in rows.values())
-    per_cell = (rows["exact grid (all cells)"]["median_s"] / 48) / (rows["layer knockout scan"]["median_s"] / 8)
-    assert js["exact_per_cell_over_scan_per_cell"] == pytest.approx(per_cell)
+    grid, scan = rows["exact grid (all cells)"]["median_s"], rows["layer knockout scan"]["median_s"]
+    assert js["exact_per_cell_over_scan_per_cell"] == pytest.approx((grid / 48) / (scan / 8))
+    floor_s = rows[floor_row[0]]["median_s"] if floor_row else 0.0
+    assert js["rounding_floor_s"] == floor_s
+    assert js["exact_without_rounding_floor_over_scan_per_cell"] == pytest.approx(((grid - floor_s) / 48) / (scan / 8))
     assert js["gradient_over_forward_backward"] == pytest.approx(
         rows["gradient map"]["median_s"] / rows["plain forward + backward"]["median_s"])
     assert "(target <= 3x)" in proc.stdout and "(target <= 2x)" in proc.stdout and f"Wrote {out}" in proc.stdout
+    assert ("without its rounding floor" in proc.stdout) == (dtype == "bfloat16")
 
 
 def _stand_in_python(tmp_path, extra: str = ""):
