@@ -201,8 +201,9 @@ def _sanity_checks(doses, dose_rows, kl, floor, mode, floor_small: bool = True) 
         checks["all_doses_above_noise_floor"] = bool(all(resolved))
         notes["all_doses_above_noise_floor"] = (
             "every dose != 1 has a mean KL above 3x the mean noise floor, and the floor is below 10% of the median "
-            "effect (no floor warning: in bfloat16 the floor underestimates a steered run's rounding noise "
-            "3-4x, docs/METHODS.md); if not, the dose curve may be rounding noise")
+            "effect (no floor warning: within 10x of the floor an effect is not resolved from rounding noise; "
+            "the floor includes the rounding floor where measured, docs/METHODS.md); if not, the dose curve may "
+            "be rounding noise")
         checks["monotonic_in_distance_from_identity"] = bool(
             all(resolved) and all(b >= MONOTONE_RATIO * a for a, b in zip(kls, kls[1:])))
         notes["monotonic_in_distance_from_identity"] = (
