@@ -47,7 +47,7 @@ def main(argv):
         result = head_map.run_head_map(run.model, run.corpus, method=FLAGS.method,
                                        cells_per_call=FLAGS.cells_per_call, seed=FLAGS.seed,
                                        max_samples=FLAGS.max_samples, distribute=distributor(run.model),
-                                       progress=lambda done, total: status(f"exact grid: {done}/{total} cells"))
+                                       progress=status)
     print(head_map.format_head_map(result))
     return run.finish(result, record=("method", "cells_per_call", "max_samples", "seed"), plot=head_map.plot_head_map)
 

@@ -179,6 +179,8 @@ def _check_agreement(exact, estimate, agree, n_worst=5):
 
 
 def test_compare_exact_and_gradient_equals_scipy_on_known_arrays():
+    from scipy import stats as sps
+
     rng = np.random.default_rng(0)
     exact = rng.normal(size=(4, 3, 5))
     noisy = exact + 0.5 * rng.normal(size=exact.shape)
@@ -186,6 +188,14 @@ def test_compare_exact_and_gradient_equals_scipy_on_known_arrays():
     same = head_map.compare_exact_and_gradient(exact, 2 * exact + 1)  # a monotone map: perfect rank agreement
     assert same.spearman_all == pytest.approx(1.0) and same.spearman_mean == pytest.approx(1.0)
     assert all(w["rank_gap"] == 0.0 for w in same.worst)
+    keep = np.abs(exact) > 0.5  # as if only these sample-cells were above their noise floor
+    part = head_map.compare_exact_and_gradient(exact, noisy, resolved=keep)
+    assert (part.n_sample_cells, part.n_resolved) == (exact.size, int(keep.sum()))
+    assert part.spearman_resolved == pytest.approx(sps.spearmanr(exact[keep], noisy[keep]).statistic, abs=1e-12)
+    plain = head_map.compare_exact_and_gradient(exact, noisy)
+    assert part.spearman_all == plain.spearman_all and plain.n_resolved is None and plain.spearman_resolved is None
+    few = head_map.compare_exact_and_gradient(exact, noisy, resolved=np.zeros(exact.shape, bool))
+    assert few.n_resolved == 0 and few.spearman_resolved is None
     flipped = head_map.compare_exact_and_gradient(exact, -exact)
     assert flipped.spearman_all == pytest.approx(-1.0) and flipped.spearman_mean == pytest.approx(-1.0)
     # the mean cell ranked lowest by one and highest by the other is the worst cell, gap (n - 1) / n
@@ -207,7 +217,12 @@ def test_run_head_map_statistics_and_json(bundled_model, universal_corpus):
 
     from plip_jax.analysis import stats
 
-    r = head_map.run_head_map(bundled_model, universal_corpus, method="both", max_samples=3)
+    said = []
+    r = head_map.run_head_map(bundled_model, universal_corpus, method="both", max_samples=3, progress=said.append)
+    assert said[-1].startswith("done: exact ") and ", gradient " in said[-1]
+    assert "exact grid: 48/48 cells" in said and "gradient map: 6/6 samples" in said  # float32: no floor stage
+    resolved = r.exact_kl > 3 * r.floor_kl[:, None, None]
+    assert (r.agreement.n_resolved, r.agreement.n_sample_cells) == (int(resolved.sum()), r.exact_kl.size)
     L, H = bundled_model.cfg.num_layers, bundled_model.cfg.num_heads
     assert len(r.cells) == L * H and r.languages.count("python") == r.languages.count("rust") == 3
     cell = next(c for c in r.cells if (c["layer"], c["head"]) == (2, 4))
@@ -220,6 +235,7 @@ def test_run_head_map_statistics_and_json(bundled_model, universal_corpus):
     assert r.agreement is not None and r.agreement.spearman_all > 0.5  # first order tracks the exact grid here
     text = head_map.format_head_map(r)
     assert "Noise floor" in text and "Spearman rho" in text and "Verdict" in text
+    assert f"{r.agreement.n_resolved} of {r.exact_kl.size} sample-cells have an exact KL above 3x" in text
     js = json.loads(json.dumps(r.to_json(), allow_nan=False))
     assert len(js["samples"]) == 6 and np.asarray(js["samples"][0]["exact_kl"]).shape == (L, H)
     g = head_map.run_head_map(bundled_model, universal_corpus, method="gradient", max_samples=2)
@@ -238,7 +254,8 @@ def test_head_map_binary(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bin.head_map", "--device=cpu", "--max_samples=2", "--plot",
                            f"--output={out}"], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Gradient vs exact" in proc.stdout and out.is_file()
+    assert "Gradient vs exact" in proc.stdout and "sample-cells have an exact KL above 3x" in proc.stdout
+    assert out.is_file() and "head map: done: exact " in proc.stderr  # the last progress line names each stage
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert (tmp_path / "hm_gradient.png").stat().st_size > 10_000
     assert json.loads(out.read_text())["method"] == "both"

@@ -105,6 +105,10 @@ def test_every_json_has_a_section_and_its_numbers_equal_the_json(outputs):
     for i, row in enumerate(jsons[st]["dose_results"]):  # the dose table
         assert shown[(st, ("dose_results", i, "mean_attention_achieved"))] == f"{100 * row['mean_attention_achieved']:.2f}%"
         assert shown[(st, ("dose_results", i, "mean_kl_divergence"))] == f"{row['mean_kl_divergence']:.3e}"
+    hm = "head_map_plip_tiny_code.json"  # the head map: agreement over all sample-cells and over resolved ones
+    for field in ("spearman_all", "n_resolved", "n_sample_cells", "spearman_resolved"):
+        assert (hm, ("agreement", field)) in shown, field
+    assert shown[(hm, ("agreement", "n_resolved"))] == str(jsons[hm]["agreement"]["n_resolved"])
     # per-layer tables exist where the experiment has layers
     assert any(c["path"][:1] == ["results"] and c["path"][-1] == "p_value" for c in page.cells if c["file"] == key)
     assert sum(1 for c in page.cells if c["file"] == "ablation_scan_layers_plip_tiny_code.json"

@@ -32,7 +32,7 @@ from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
 from plip_jax.analysis import stats
 from plip_jax.core.errors import WrongFamilyError
-from plip_jax.experiments import causal, causal_stats
+from plip_jax.experiments import causal, causal_stats, rounding_floor
 from plip_jax.experiments.causal_samples import make_batch, prepare
 from plip_jax.experiments.plots import pyplot, save_figure
 
@@ -76,13 +76,17 @@ def _gradient_one(model, tokens, length, edges):
     return value, top1, -jnp.sum(jnp.where(edges, grad, 0.0), axis=(-1, -2))
 
 
-def gradient_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.ndarray) -> dict:
+def gradient_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.ndarray, progress=None) -> dict:
     """First-order estimate of each cell's change of the baseline top-1 log-probability when its target edges are
     knocked out. tokens int [B, T], lengths [B], edges bool [B, T, T]. Returns {"estimate": f64 [B, L, H]
-    (= -sum over the cell's edges of d logp / d shift), "top1": int [B], "top1_logprob": f64 [B]}."""
+    (= -sum over the cell's edges of d logp / d shift), "top1": int [B], "top1_logprob": f64 [B]}.
+    `progress(done, total)` is called after each sample."""
     _check_transformer(model.cfg)
-    outs = [_gradient_one(model, jnp.asarray(tokens[b]), jnp.int32(lengths[b]), jnp.asarray(edges[b]))
-            for b in range(tokens.shape[0])]
+    outs = []
+    for b in range(tokens.shape[0]):
+        outs.append(_gradient_one(model, jnp.asarray(tokens[b]), jnp.int32(lengths[b]), jnp.asarray(edges[b])))
+        if progress is not None:
+            progress(b + 1, tokens.shape[0])
     return {"estimate": np.stack([np.asarray(o[2], np.float64) for o in outs]),
             "top1": np.asarray([int(o[1]) for o in outs]), "top1_logprob": np.asarray([float(o[0]) for o in outs])}
 
@@ -172,22 +176,35 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
 @dataclasses.dataclass
 class Agreement:
     """How well the gradient estimate ranks the exact cells: Spearman rho over all (sample, layer, head) cells
-    and over the per-cell means, and the cells where they disagree most (by rank difference)."""
+    and over the per-cell means, and the cells where they disagree most (by rank difference). n_resolved of
+    n_sample_cells: the sample-cells whose exact KL is above 3x their sample's noise floor (None: not given);
+    spearman_resolved: rho over those alone (None with fewer than 3). Below the floor the exact change is
+    rounding noise, so only resolved cells can show whether the first-order estimate is right."""
 
     spearman_all: Optional[float]
     spearman_mean: Optional[float]
     worst: list
+    n_sample_cells: int = 0
+    n_resolved: Optional[int] = None
+    spearman_resolved: Optional[float] = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def compare_exact_and_gradient(exact_dlp: np.ndarray, estimate: np.ndarray, n_worst: int = 5) -> Agreement:
-    """exact_dlp, estimate: f64 [B, L, H] (change of the top-1 log-probability: exact, first-order)."""
+def compare_exact_and_gradient(exact_dlp: np.ndarray, estimate: np.ndarray, n_worst: int = 5,
+                               resolved: Optional[np.ndarray] = None) -> Agreement:
+    """exact_dlp, estimate: f64 [B, L, H] (change of the top-1 log-probability: exact, first-order); resolved:
+    optional bool [B, L, H], the sample-cells whose exact effect is above the noise floor."""
     from scipy import stats as sps  # (scipy.stats is slow to import)
 
     a, b = np.asarray(exact_dlp, np.float64), np.asarray(estimate, np.float64)
     rho_all = sps.spearmanr(a.ravel(), b.ravel()).statistic if a.size > 2 else None
+    n_res = rho_res = None
+    if resolved is not None:
+        keep = np.asarray(resolved, bool).ravel()
+        n_res = int(keep.sum())
+        rho_res = sps.spearmanr(a.ravel()[keep], b.ravel()[keep]).statistic if n_res > 2 else None
     ma, mb = a.mean(0), b.mean(0)
     rho_mean = sps.spearmanr(ma.ravel(), mb.ravel()).statistic if ma.size > 2 else None
     ra = sps.rankdata(ma.ravel()) / ma.size
@@ -197,7 +214,7 @@ def compare_exact_and_gradient(exact_dlp: np.ndarray, estimate: np.ndarray, n_wo
     worst = [{"layer": int(i // H), "head": int(i % H), "exact_mean": float(ma.ravel()[i]),
               "gradient_mean": float(mb.ravel()[i]), "rank_gap": float(abs(ra[i] - rb[i]))} for i in order]
     fix = lambda x: None if x is None or not np.isfinite(x) else float(x)
-    return Agreement(fix(rho_all), fix(rho_mean), worst)
+    return Agreement(fix(rho_all), fix(rho_mean), worst, int(a.size), n_res, fix(rho_res))
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -299,7 +316,9 @@ def run_head_map(loaded: Any, corpus: Any, *, method: str = "both", cells_per_ca
                  max_samples: Optional[int] = None, distribute=None, progress=None) -> HeadMapResult:
     """The per-(layer, head) map over the corpus's Python doctest and Rust test samples (`loaded`: a
     LoadedModel transformer). method: "exact" (the knockout grid), "gradient" (attribution patching) or
-    "both" (and their agreement)."""
+    "both" (and their agreement). progress(text): called with what is running, e.g. "exact grid: 24/48 cells",
+    "gradient map: 3/20 samples" (and "... measuring the rounding floor" when the grid's last program is done
+    and the floor is measured), ending with each stage's seconds."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     cfg = loaded.cfg
@@ -317,21 +336,29 @@ def run_head_map(loaded: Any, corpus: Any, *, method: str = "both", cells_per_ca
     langs = [s.tokenized.sample.language for s in usable]
     is_py = np.asarray([lang == "python" for lang in langs])
     timings, exact, grad = {}, None, None
+    say = progress if progress is not None else (lambda text: None)
+    then_floor = " (then measuring the rounding floor)" if rounding_floor.wanted(loaded.model) else ""
     if method in ("exact", "both"):
         t0 = time.perf_counter()
         exact = exact_head_map(loaded.model, tokens, lengths, edges, cells_per_call=cells_per_call,
-                               sample_ids=ids, distribute=distribute, progress=progress)
+                               sample_ids=ids, distribute=distribute,
+                               progress=lambda d, t: say(f"exact grid: {d}/{t} cells" + (then_floor if d == t else "")))
         timings["exact_s"] = time.perf_counter() - t0
     if method in ("gradient", "both"):
         t0 = time.perf_counter()
-        grad = gradient_head_map(loaded.model, tokens, lengths, edges)
+        grad = gradient_head_map(loaded.model, tokens, lengths, edges,
+                                 progress=lambda d, t: say(f"gradient map: {d}/{t} samples"))
         timings["gradient_s"] = time.perf_counter() - t0
+    say("done: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()))
     kl = None if exact is None else exact["kl"]
     dlp = None if exact is None else exact["delta_logprob"]
     est = None if grad is None else grad["estimate"]
     floor = None if exact is None else exact["floor_kl"]
     parts = None if exact is None else exact["floor_parts"]
-    agree = compare_exact_and_gradient(dlp, est) if exact is not None and grad is not None else None
+    agree = None
+    if exact is not None and grad is not None:
+        resolved = ~causal_stats.below_floor(kl, np.asarray(floor)[:, None, None])  # [B, L, H]
+        agree = compare_exact_and_gradient(dlp, est, resolved=resolved)
     return HeadMapResult(model=loaded.name, method=method, n_layers=cfg.num_layers, n_heads=cfg.num_heads,
                          sample_ids=ids, languages=langs, exact_kl=kl, exact_delta_logprob=dlp, floor_kl=floor,
                          gradient_estimate=est, cells=_cell_stats(kl, dlp, est, is_py, floor, seed),
@@ -383,6 +410,13 @@ def format_head_map(r: HeadMapResult, top: int = 8) -> str:
         lines.append(f"Gradient vs exact (change of the top-1 log-probability): Spearman rho {rho(a.spearman_all)} over "
                      f"all sample-cells, {rho(a.spearman_mean)} over cell means; largest rank gaps: " +
                      ", ".join(f"L{w['layer']}H{w['head']}" for w in a.worst))
+        if a.n_resolved is not None:
+            line = (f"  {a.n_resolved} of {a.n_sample_cells} sample-cells have an exact KL above 3x their noise "
+                    f"floor (rho over those: {rho(a.spearman_resolved)})")
+            if a.n_resolved < a.n_sample_cells / 2:
+                line += ("; the rest are rounding noise, so the rho above mostly compares the gradient with noise: "
+                         "rerun with --dtype=float32 to judge the first-order estimate")
+            lines.append(line)
     return "\n".join(lines)
 
 

@@ -161,6 +161,9 @@ def head_map(b: SectionBuilder, d: dict) -> None:
                ("noise_floor", "max_kl"), fmt="sci")
     b.headline("gradient vs exact: Spearman rho (all sample-cells / cell means)", ("agreement", "spearman_all"),
                ("agreement", "spearman_mean"), sep=" / ")
+    b.headline("sample-cells resolved above 3x their floor (of all) / rho over those",
+               ("agreement", "n_resolved"), ("agreement", "n_sample_cells"), ("agreement", "spearman_resolved"),
+               sep=" / ")
     b.table("Per cell (KL in nats; mean and s.e. over samples)", ("cells",),
             prefer=("layer", "head", "python_kl_mean", "python_kl_se", "rust_kl_mean", "rust_kl_se",
                     "python_gradient_estimate_mean", "rust_gradient_estimate_mean", "permutation.p_value",
