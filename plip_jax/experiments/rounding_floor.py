@@ -19,7 +19,7 @@ three forwards per run; the library calls take `measure_rounding_floor=True` to 
 
 Measured on the bundled model (Rust samples, layer 4, see METHODS): float32, median 3-7e-12 nats (the engine's
 floor: 3.3e-12); bfloat16, median 4-8e-4 nats, the size of every bfloat16 steering dose (3.3-4.4e-4), against the
-engine's 8.4e-5.
+engine's 0.8-1e-4.
 
 Cost: 1 + `draws` full forwards of every sample (no prefix shared with the run it measures), plus one compile:
 bundled model, bfloat16, 20 samples x 64 tokens, 2 CPU cores, 1.65 s, about one layer knockout scan (1.49 s);
