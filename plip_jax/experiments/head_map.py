@@ -230,8 +230,9 @@ class HeadMapResult:
     exact_kl / exact_delta_logprob: the exact grid (None with method "gradient"); gradient_estimate: the
     first-order estimate of exact_delta_logprob (None with method "exact"); floor_kl [n_samples]: the exact
     grid's noise floor (floor_parts: the engine's and the rounding floor it combines); cells: per (layer, head)
-    per-language means (± s.e.), the Python-vs-Rust tests on the cell's KL (Welch, and an exact permutation test of the language labels) with BH q over all cells, and
-    whether the cell's effect is resolved above 3x the noise floor."""
+    per-language means (± s.e.), the Python-vs-Rust tests on the cell's KL (Welch, and an exact permutation test
+    of the language labels) with BH q over all cells, and whether the cell's effect is resolved above 3x the
+    noise floor; agreement: the gradient estimate against the exact grid (`Agreement`)."""
 
     model: str
     method: str
