@@ -6,9 +6,10 @@
 Rows (median of --repeats calls after a warm-up; compile time reported separately):
 * exact grid: every (layer, head) single-head knockout of 20 samples on the shared-prefix engine
   (`head_map.exact_head_map`, as the tool runs it), and its time per cell;
-* rounding floor (bfloat16 only): the part of the exact grid's time that measures its noise floor
-  (`rounding_floor.rounding_floor_kl` after block 0 from the marker rows: a plain forward + 2 jittered ones per
-  sample), timed alone; the ratio is also printed without it, the engine against the engine;
+* rounding floor (bfloat16 only): the part of the exact grid's time that measures its noise floor (a plain
+  forward + 2 jittered ones per sample, `rounding_floor`), as the grid's own calls time it
+  (`causal.SweepResult.rounding_floor_s`: median over the same calls, its first call's extra as compile); the
+  ratio is also printed without it, the engine against the engine;
 * layer knockout scan: the same engine knocking all heads of one layer per run (`causal.layer_knockout_scan`),
   time per cell = per layer; target: exact grid per cell <= 3x the scan per cell;
 * gradient map: one forward + backward per sample (`head_map.gradient_head_map`);
@@ -30,7 +31,7 @@ from benchmarks.harness import harness, models, shapes, workloads
 from plip_jax import cli
 from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
-from plip_jax.experiments import causal, head_map, rounding_floor
+from plip_jax.experiments import causal, head_map
 from plip_jax.models.registry import load_model
 from plip_jax.util import io as plip_io
 
@@ -67,6 +68,15 @@ def _forward_backward(model, tokens, length):
     return jax.value_and_grad(value)(zero)
 
 
+def _floor_seconds(calls) -> tuple:
+    """(median seconds of the timed calls, first call's extra = compile) of the rounding floor the exact grid
+    measured in each call (calls: its first call, then the timed ones); (0.0, 0.0) when it measured none."""
+    if calls[0] is None:
+        return 0.0, 0.0
+    median = float(np.median(calls[1:]))
+    return median, calls[0] - median
+
+
 def main(argv):
     del argv
     platform = cli.select_device(FLAGS.device, compile_cache=False)
@@ -82,8 +92,14 @@ def main(argv):
     tokens, lengths, edges = corpus.tokens, corpus.lengths, corpus.edges
     L, H, B = cfg.num_layers, cfg.num_heads, FLAGS.samples
     rows = []
-    grid_s, grid_c, _ = _timed(lambda: head_map.exact_head_map(model, tokens, lengths, edges,
-                                                               cells_per_call=FLAGS.cells_per_call), FLAGS.repeats)
+    floor_calls = []  # each exact-grid call's rounding-floor seconds (None: not measured, float32)
+
+    def grid():
+        res = head_map.exact_head_map(model, tokens, lengths, edges, cells_per_call=FLAGS.cells_per_call)
+        floor_calls.append(res["rounding_floor_s"])
+        return res
+
+    grid_s, grid_c, _ = _timed(grid, FLAGS.repeats)
     heads = np.ones((B, H), bool)
     scan_s, scan_c, _ = _timed(lambda: causal.layer_knockout_scan(model, tokens, lengths, edges, heads),
                                FLAGS.repeats)
@@ -93,10 +109,7 @@ def main(argv):
         return [_forward_backward(model, jnp.asarray(tokens[b]), jnp.int32(lengths[b])) for b in range(B)]
 
     fb_s, fb_c, _ = _timed(plain, FLAGS.repeats)
-    floor_s = 0.0
-    if rounding_floor.wanted(model):  # inside the exact grid's time (sweep_points measures it): shown apart
-        floor_s, floor_c, _ = _timed(lambda: rounding_floor.rounding_floor_kl(model, tokens, lengths,
-                                                                              edges.any(axis=-1), 0), FLAGS.repeats)
+    floor_s, floor_c = _floor_seconds(floor_calls)
     rows.append(("exact grid (all cells)", grid_s, grid_c, f"{L * H} cells, {grid_s / (L * H) * 1e3:.2f} ms/cell"))
     if floor_s:
         rows.append(("  of which rounding floor", floor_s, floor_c, "noise floor: plain + 2 jittered forwards"))

@@ -69,6 +69,35 @@ def test_identity_point_reads_exactly_zero_against_the_same_program_reference(st
         bundled_model.model, batch.tokens, batch.lengths, edited, LAYER - 1))
 
 
+def test_the_sweep_times_its_rounding_floor_and_says_when_it_starts(bundled_model, small, monkeypatch):
+    """SweepResult.rounding_floor_s is the wall time of the floor's measurement (what the head-map benchmark and
+    the binary's progress read instead of deciding again); on_rounding_floor fires once, before it, and neither
+    happens when the floor is not measured."""
+    from plip_jax.experiments import rounding_floor
+
+    samples, batch, markers = small
+    points = _scale_points(bundled_model, samples, batch, (3.0,))
+    events, slept = [], 0.05
+    real = rounding_floor.rounding_floor_kl
+
+    def slow_floor(*a, **k):  # a floor that takes at least `slept` s: the reported time must include it
+        events.append("floor")
+        import time
+        time.sleep(slept)
+        return real(*a, **k)
+
+    monkeypatch.setattr(rounding_floor, "rounding_floor_kl", slow_floor)
+    run = lambda measure: causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, points, [LAYER],
+                                              measure_rounding_floor=measure, progress=lambda d, t: events.append(d),
+                                              on_rounding_floor=lambda: events.append("start"))
+    res = run(True)
+    assert events == [1, "start", "floor"] and res.rounding_floor_kl is not None
+    assert isinstance(res.rounding_floor_s, float) and res.rounding_floor_s >= slept
+    events.clear()
+    res = run(False)
+    assert events == [1] and res.rounding_floor_kl is None and res.rounding_floor_s is None
+
+
 def test_reported_kl_is_the_float64_one_from_the_logits(steering_sweep, monkeypatch):
     _, res = steering_sweep
     # the f64 effects program (on the device holding the logits) against the host numpy formula

@@ -221,6 +221,7 @@ def test_run_head_map_statistics_and_json(bundled_model, universal_corpus):
     r = head_map.run_head_map(bundled_model, universal_corpus, method="both", max_samples=3, progress=said.append)
     assert said[-1].startswith("done: exact ") and ", gradient " in said[-1]
     assert "exact grid: 48/48 cells" in said and "gradient map: 6/6 samples" in said  # float32: no floor stage
+    assert "exact grid: measuring the rounding floor" not in said and "rounding_floor_s" not in r.timings
     resolved = r.exact_kl > 3 * r.floor_kl[:, None, None]
     assert (r.agreement.n_resolved, r.agreement.n_sample_cells) == (int(resolved.sum()), r.exact_kl.size)
     L, H = bundled_model.cfg.num_layers, bundled_model.cfg.num_heads
@@ -240,6 +241,22 @@ def test_run_head_map_statistics_and_json(bundled_model, universal_corpus):
     assert len(js["samples"]) == 6 and np.asarray(js["samples"][0]["exact_kl"]).shape == (L, H)
     g = head_map.run_head_map(bundled_model, universal_corpus, method="gradient", max_samples=2)
     assert g.exact_kl is None and g.agreement is None and g.cells[0]["test_on"] == "gradient estimate"
+
+
+def test_run_head_map_names_and_times_the_bfloat16_rounding_floor(universal_corpus):
+    """In bfloat16 the grid measures a rounding floor: progress says so after the grid's last program, and its
+    seconds (part of the grid's) are in the timings and the final line; float32 has neither (the test above)."""
+    from plip_jax.models.registry import load_model
+
+    said = []
+    r = head_map.run_head_map(load_model(None, "bfloat16"), universal_corpus, method="exact", max_samples=1,
+                              cells_per_call=48, progress=said.append)
+    last_cells = said.index("exact grid: 48/48 cells")
+    assert said[last_cells + 1] == "exact grid: measuring the rounding floor"
+    assert 0 < r.timings["rounding_floor_s"] < r.timings["exact_s"]
+    t = r.timings
+    assert said[-1] == f"done: exact {t['exact_s']:.1f} s (rounding floor {t['rounding_floor_s']:.1f} s of it)"
+    assert set(r.floor_parts) == {"engine", "rounding"}
 
 
 @pytest.mark.slow

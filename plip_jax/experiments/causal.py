@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
@@ -832,7 +833,8 @@ class SweepResult:
     keep_logits=False); effects: `effects_f64(ref, point)` per point ([P, B] each);
     engine_floor_kl [B]: KL(baseline || reference) in nats, the largest over programs; rounding_floor_kl [B]:
     `rounding_floor.rounding_floor_kl` at the points' lowest start layer (None when not measured);
-    floor_kl [B]: the noise floor every flag uses, the larger of the two per sample;
+    floor_kl [B]: the noise floor every flag uses, the larger of the two per sample; rounding_floor_s: wall
+    seconds spent measuring the rounding floor (inside the sweep's time; None when not measured);
     marker_rows [P + 1, B, L, H, T] (index 0 = reference) when markers were given; failed_row [P, B, L]
     (steering only; -1 = applied)."""
 
@@ -847,6 +849,7 @@ class SweepResult:
     rounding_floor_kl: Optional[np.ndarray]
     marker_rows: Optional[np.ndarray] = None
     failed_row: Optional[np.ndarray] = None
+    rounding_floor_s: Optional[float] = None
 
     @property
     def kl(self) -> np.ndarray:
@@ -868,7 +871,7 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
                  group_layers: int = DEFAULT_GROUP_LAYERS, point_batch: Optional[int] = None,
                  sample_ids: Optional[Sequence[str]] = None, distribute=None, keep_logits: bool = True,
                  chunks: Optional[Sequence[Sequence[int]]] = None, progress=None,
-                 measure_rounding_floor: Optional[bool] = None) -> SweepResult:
+                 measure_rounding_floor: Optional[bool] = None, on_rounding_floor=None) -> SweepResult:
     """Run P intervention points (each an `Interventions` with a leading B axis, all the same structure)
     on a batch, with their no-op reference and the baseline, on the shared-prefix engine; effects in
     float64 against the reference (`effects_f64`, computed on the device that holds the logits). starts [P]:
@@ -881,7 +884,8 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
     progress(done, total) is called after each program. measure_rounding_floor: also run the rounding floor
     (`rounding_floor`: a plain forward and one per draw, over the batch) on each sample's rows from the first
     row any point edits, jittered after the lowest start layer; the reported floor is the larger of it and the
-    engine's. None: only for reduced-precision compute (`rounding_floor.wanted`)."""
+    engine's. None: only for reduced-precision compute (`rounding_floor.wanted`). on_rounding_floor(): called
+    just before the rounding floor is measured (not called when it is not), e.g. to say so in a progress line."""
     n_layers = model.cfg.num_layers
     if len(points) != len(starts) or not len(points):
         raise InterventionError(f"{len(points)} sweep points for {len(starts)} start layers (need >= 1 of each)")
@@ -948,11 +952,15 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         rows = np.stack([first["marker_rows"][:, 0]] + [res[i][0]["marker_rows"][:, res[i][1]] for i in range(n)])
     if "failed_row" in first:
         failed = np.stack([res[i][0]["failed_row"][:, res[i][1]] for i in range(n)])
-    rounding = None
+    rounding = rounding_s = None
     if want_rounding:
+        if on_rounding_floor is not None:
+            on_rounding_floor()
+        t0 = time.perf_counter()  # rounding_floor_kl returns host arrays: the time includes the computation
         rounding = rounding_floor.rounding_floor_kl(model, tokens, lengths, edited, min(starts), distribute=distribute)
+        rounding_s = time.perf_counter() - t0
     return SweepResult(first["base_last"], first["base_nll"], ref_last, ref_nll, last, nll, effects,
-                       np.max(np.stack(floors), axis=0), rounding, rows, failed)
+                       np.max(np.stack(floors), axis=0), rounding, rows, failed, rounding_s)
 
 
 def raise_on_failed_steering(failed_row, sample_ids: Sequence[str], point_labels: Sequence[str]) -> None:
