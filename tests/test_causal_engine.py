@@ -65,6 +65,14 @@ def test_identity_point_reads_exactly_zero_against_the_same_program_reference(st
     edited[np.arange(len(markers)), markers] = True
     np.testing.assert_array_equal(res.rounding_floor_kl, rounding_floor.rounding_floor_kl(
         bundled_model.model, batch.tokens, batch.lengths, edited, LAYER))
+    # the same two floors on |change of log p(top-1)|: the baseline against the reference, and the rounding
+    # floor's from the same runs; the larger per sample
+    np.testing.assert_array_equal(res.engine_floor_delta_logprob,
+                                  np.abs(metrics.delta_logprob_top1_f64(res.base_last, res.ref_last[0])))
+    np.testing.assert_array_equal(res.rounding_floor_delta_logprob, rounding_floor.rounding_floor_effects(
+        bundled_model.model, batch.tokens, batch.lengths, edited, LAYER)["delta_logprob_top1"])
+    np.testing.assert_array_equal(res.floor_delta_logprob,
+                                  np.maximum(res.engine_floor_delta_logprob, res.rounding_floor_delta_logprob))
     assert not np.array_equal(res.rounding_floor_kl, rounding_floor.rounding_floor_kl(
         bundled_model.model, batch.tokens, batch.lengths, edited, LAYER - 1))
 
@@ -78,7 +86,7 @@ def test_the_sweep_times_its_rounding_floor_and_says_when_it_starts(bundled_mode
     samples, batch, markers = small
     points = _scale_points(bundled_model, samples, batch, (3.0,))
     events, slept = [], 0.05
-    real = rounding_floor.rounding_floor_kl
+    real = rounding_floor.rounding_floor_effects
 
     def slow_floor(*a, **k):  # a floor that takes at least `slept` s: the reported time must include it
         events.append("floor")
@@ -86,7 +94,7 @@ def test_the_sweep_times_its_rounding_floor_and_says_when_it_starts(bundled_mode
         time.sleep(slept)
         return real(*a, **k)
 
-    monkeypatch.setattr(rounding_floor, "rounding_floor_kl", slow_floor)
+    monkeypatch.setattr(rounding_floor, "rounding_floor_effects", slow_floor)
     run = lambda measure: causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, points, [LAYER],
                                               measure_rounding_floor=measure, progress=lambda d, t: events.append(d),
                                               on_rounding_floor=lambda: events.append("start"))
@@ -96,6 +104,8 @@ def test_the_sweep_times_its_rounding_floor_and_says_when_it_starts(bundled_mode
     events.clear()
     res = run(False)
     assert events == [1] and res.rounding_floor_kl is None and res.rounding_floor_s is None
+    assert res.rounding_floor_delta_logprob is None and res.floor_delta_logprob is not None  # the engine's alone
+    np.testing.assert_array_equal(res.floor_delta_logprob, res.engine_floor_delta_logprob)
 
 
 def test_reported_kl_is_the_float64_one_from_the_logits(steering_sweep, monkeypatch):

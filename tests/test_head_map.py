@@ -222,7 +222,8 @@ def test_run_head_map_statistics_and_json(bundled_model, universal_corpus):
     assert said[-1].startswith("done: exact ") and ", gradient " in said[-1]
     assert "exact grid: 48/48 cells" in said and "gradient map: 6/6 samples" in said  # float32: no floor stage
     assert "exact grid: measuring the rounding floor" not in said and "rounding_floor_s" not in r.timings
-    resolved = r.exact_kl > 3 * r.floor_kl[:, None, None]
+    resolved = np.abs(r.exact_delta_logprob) > 3 * r.floor_delta_logprob[:, None, None]  # the measure rho is on
+    assert 0 < resolved.sum() < resolved.size  # layer 7's cells are exactly 0: never resolved
     assert (r.agreement.n_resolved, r.agreement.n_sample_cells) == (int(resolved.sum()), r.exact_kl.size)
     L, H = bundled_model.cfg.num_layers, bundled_model.cfg.num_heads
     assert len(r.cells) == L * H and r.languages.count("python") == r.languages.count("rust") == 3
@@ -236,9 +237,11 @@ def test_run_head_map_statistics_and_json(bundled_model, universal_corpus):
     assert r.agreement is not None and r.agreement.spearman_all > 0.5  # first order tracks the exact grid here
     text = head_map.format_head_map(r)
     assert "Noise floor" in text and "Spearman rho" in text and "Verdict" in text
-    assert f"{r.agreement.n_resolved} of {r.exact_kl.size} sample-cells have an exact KL above 3x" in text
+    assert (f"{r.agreement.n_resolved} of {r.exact_kl.size} sample-cells have an exact |change of log p(top-1)| "
+            f"above 3x their noise floor on it, max {np.max(r.floor_delta_logprob):.2e} nats") in text
     js = json.loads(json.dumps(r.to_json(), allow_nan=False))
     assert len(js["samples"]) == 6 and np.asarray(js["samples"][0]["exact_kl"]).shape == (L, H)
+    np.testing.assert_allclose(js["noise_floor"]["per_sample_delta_logprob"], r.floor_delta_logprob, atol=1e-12)
     g = head_map.run_head_map(bundled_model, universal_corpus, method="gradient", max_samples=2)
     assert g.exact_kl is None and g.agreement is None and g.cells[0]["test_on"] == "gradient estimate"
 
@@ -271,7 +274,7 @@ def test_head_map_binary(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bin.head_map", "--device=cpu", "--max_samples=2", "--plot",
                            f"--output={out}"], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Gradient vs exact" in proc.stdout and "sample-cells have an exact KL above 3x" in proc.stdout
+    assert "Gradient vs exact" in proc.stdout and "sample-cells have an exact |change of log p(top-1)|" in proc.stdout
     assert out.is_file() and "head map: done: exact " in proc.stderr  # the last progress line names each stage
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert (tmp_path / "hm_gradient.png").stat().st_size > 10_000

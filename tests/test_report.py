@@ -109,6 +109,7 @@ def test_every_json_has_a_section_and_its_numbers_equal_the_json(outputs):
     for field in ("spearman_all", "n_resolved", "n_sample_cells", "spearman_resolved"):
         assert (hm, ("agreement", field)) in shown, field
     assert shown[(hm, ("agreement", "n_resolved"))] == str(jsons[hm]["agreement"]["n_resolved"])
+    assert shown[(hm, ("noise_floor", "max_delta_logprob"))] == f"{jsons[hm]['noise_floor']['max_delta_logprob']:.3e}"
     # per-layer tables exist where the experiment has layers
     assert any(c["path"][:1] == ["results"] and c["path"][-1] == "p_value" for c in page.cells if c["file"] == key)
     assert sum(1 for c in page.cells if c["file"] == "ablation_scan_layers_plip_tiny_code.json"

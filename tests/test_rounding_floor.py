@@ -70,6 +70,26 @@ def test_rounding_floor_is_measured_deterministic_and_tiny_in_float32(bundled_mo
     np.testing.assert_allclose(chunked, f, rtol=1e-6)  # each sample's draws do not depend on the chunking
 
 
+def test_rounding_floor_on_the_top1_log_probability_is_from_the_same_runs(bundled_model, small):
+    """The floor on |change of log p(top-1)| is the largest over the same draws, computed independently here
+    from `rounding_runs`' logits with scipy."""
+    from scipy.special import log_softmax
+
+    batch, edited = small
+    m = bundled_model.model
+    both = rf.rounding_floor_effects(m, batch.tokens, batch.lengths, edited, LAYER)
+    np.testing.assert_array_equal(both["kl"], rf.rounding_floor_kl(m, batch.tokens, batch.lengths, edited, LAYER))
+    first = rf.first_edited_rows(edited, batch.lengths).astype(np.int32)
+    base, jit = rf.rounding_runs(m, batch.tokens, batch.lengths, first, np.arange(4, dtype=np.uint32),
+                                 jnp.int32(LAYER), jnp.uint32(rf.ROUNDING_SEED), draws=rf.ROUNDING_DRAWS)
+    base, jit = np.asarray(base, np.float64), np.asarray(jit, np.float64)
+    top = base.argmax(-1)
+    lp_base = log_softmax(base, -1)[np.arange(4), top]
+    lp_jit = log_softmax(jit, -1)[np.arange(4)[:, None], np.arange(rf.ROUNDING_DRAWS)[None], top[:, None]]
+    np.testing.assert_allclose(both["delta_logprob_top1"], np.abs(lp_jit - lp_base[:, None]).max(1), rtol=1e-9)
+    assert np.all(both["delta_logprob_top1"] > 0)  # measured: a jitter that did nothing reads 0
+
+
 def test_rounding_floor_refuses_bad_input(bundled_model, small):
     batch, edited = small
     m = bundled_model.model

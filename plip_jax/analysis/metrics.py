@@ -75,6 +75,24 @@ def kl_divergence_f64(base_logits, other_logits) -> np.ndarray:
     return out
 
 
+def delta_logprob_top1_f64(base_logits, other_logits) -> np.ndarray:
+    """The change (other - base) of the log-probability of base's top-1 token, nats, on the host in numpy
+    float64: [..., V] x [..., V] -> float64 [...] (the formula of the causal effects' delta_logprob_top1).
+    -inf logits (a masked vocabulary) are allowed; NaN or +inf -> NonFiniteError."""
+    x = np.asarray(base_logits, dtype=np.float64)
+    y = np.asarray(other_logits, dtype=np.float64)
+    if x.shape != y.shape or x.ndim == 0 or x.shape[-1] == 0:
+        raise ValueError(f"need two logit arrays of one shape with a vocabulary axis, got {x.shape} and {y.shape}")
+    for name, a in (("base_logits", x), ("other_logits", y)):
+        if np.isnan(a).any() or np.isposinf(a).any():
+            raise NonFiniteError(f"{name} contains NaN or +inf; the change of log p(top-1) is undefined")
+        if np.isneginf(a).all(axis=-1).any():
+            raise ValueError(f"{name} has a row with every logit -inf (no distribution)")
+    top = np.argmax(x, axis=-1)[..., None]
+    lp = lambda a: np.take_along_axis(a, top, axis=-1)[..., 0] - logsumexp_xp(np, a)[..., 0]
+    return lp(y) - lp(x)
+
+
 def kl_f64_finite(xp, x, y):
     """KL(softmax(x) || softmax(y)) of FINITE float64 logits [..., V] -> [...], with the array module `xp`:
     numpy on the host (`kl_divergence_f64`, after its input checks), or jax.numpy inside a program traced
@@ -420,6 +438,7 @@ __all__: Sequence[str] = [
     "PLIP_KL_FLOOR",
     "kl_divergence",
     "kl_divergence_f64",
+    "delta_logprob_top1_f64",
     "NoiseFloor",
     "noise_floor_summary",
     "mark_below_floor",

@@ -835,6 +835,9 @@ class SweepResult:
     `rounding_floor.rounding_floor_kl` at the points' lowest start layer (None when not measured);
     floor_kl [B]: the noise floor every flag uses, the larger of the two per sample; rounding_floor_s: wall
     seconds spent measuring the rounding floor (inside the sweep's time; None when not measured);
+    engine_floor_delta_logprob / rounding_floor_delta_logprob [B]: the same two floors measured on
+    |change of the top-1 log-probability| (nats; the rounding one None when not measured), combined as
+    floor_delta_logprob [B];
     marker_rows [P + 1, B, L, H, T] (index 0 = reference) when markers were given; failed_row [P, B, L]
     (steering only; -1 = applied)."""
 
@@ -850,10 +853,18 @@ class SweepResult:
     marker_rows: Optional[np.ndarray] = None
     failed_row: Optional[np.ndarray] = None
     rounding_floor_s: Optional[float] = None
+    engine_floor_delta_logprob: Optional[np.ndarray] = None
+    rounding_floor_delta_logprob: Optional[np.ndarray] = None
 
     @property
     def kl(self) -> np.ndarray:
         return self.effects["kl"]
+
+    @property
+    def floor_delta_logprob(self) -> Optional[np.ndarray]:
+        if self.engine_floor_delta_logprob is None:
+            return None
+        return rounding_floor.combined_floor(self.engine_floor_delta_logprob, self.rounding_floor_delta_logprob)
 
     @property
     def floor_kl(self) -> np.ndarray:
@@ -900,7 +911,7 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         k = max(len(c) for c in chunks)
     noop = empty_like_interventions(points[0])
     done = 0
-    res, floors, first = {}, [], None
+    res, floors, dlp_floors, first = {}, [], [], None
     want_rounding = rounding_floor.wanted(model, measure_rounding_floor)
     edited = np.zeros(np.shape(tokens), bool)  # [B, T]: rows any point edits (the rounding floor's rows)
     for chunk in chunks:
@@ -931,6 +942,7 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         out["ref_last"] = sharding.to_host(dev["last"][:, 0])
         out["effects"] = eff
         floors.append(metrics.kl_divergence_f64(out["base_last"], out["ref_last"]))
+        dlp_floors.append(np.abs(metrics.delta_logprob_top1_f64(out["base_last"], out["ref_last"])))
         first = first or out
         for j, pos in enumerate(order):
             if idx[pos] is not None:
@@ -952,15 +964,18 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         rows = np.stack([first["marker_rows"][:, 0]] + [res[i][0]["marker_rows"][:, res[i][1]] for i in range(n)])
     if "failed_row" in first:
         failed = np.stack([res[i][0]["failed_row"][:, res[i][1]] for i in range(n)])
-    rounding = rounding_s = None
+    rounding = {"kl": None, "delta_logprob_top1": None}
+    rounding_s = None
     if want_rounding:
         if on_rounding_floor is not None:
             on_rounding_floor()
-        t0 = time.perf_counter()  # rounding_floor_kl returns host arrays: the time includes the computation
-        rounding = rounding_floor.rounding_floor_kl(model, tokens, lengths, edited, min(starts), distribute=distribute)
+        t0 = time.perf_counter()  # the floor returns host arrays: the time includes the computation
+        rounding = rounding_floor.rounding_floor_effects(model, tokens, lengths, edited, min(starts),
+                                                         distribute=distribute)
         rounding_s = time.perf_counter() - t0
     return SweepResult(first["base_last"], first["base_nll"], ref_last, ref_nll, last, nll, effects,
-                       np.max(np.stack(floors), axis=0), rounding, rows, failed, rounding_s)
+                       np.max(np.stack(floors), axis=0), rounding["kl"], rows, failed, rounding_s,
+                       np.max(np.stack(dlp_floors), axis=0), rounding["delta_logprob_top1"])
 
 
 def raise_on_failed_steering(failed_row, sample_ids: Sequence[str], point_labels: Sequence[str]) -> None:

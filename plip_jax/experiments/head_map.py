@@ -149,8 +149,9 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
     Returns {"kl": f64 [B, L, H] nats KL(baseline || knocked), "delta_logprob": f64 [B, L, H] (knocked -
     baseline, log-probability of the baseline's top-1 token), "floor_kl": f64 [B] (the noise floor: per sample
     the larger of KL(baseline || reference) and the rounding floor, `causal.SweepResult.floor_kl`), "floor_parts":
-    {"engine", "rounding": f64 [B]}, "top1": int [B], "rounding_floor_s": wall seconds of the rounding floor
-    (part of the grid's time) or None when not measured}. `progress(done, total)` is called after each program,
+    {"engine", "rounding": f64 [B]}, "floor_delta_logprob": f64 [B] (the same floor on |change of log p(top-1)|,
+    nats: `causal.SweepResult.floor_delta_logprob`), "top1": int [B], "rounding_floor_s": wall seconds of the
+    rounding floor (part of the grid's time) or None when not measured}. `progress(done, total)` is called after each program,
     `on_rounding_floor()` before the rounding floor is measured (only when it is)."""
     cfg = model.cfg
     _check_transformer(cfg)
@@ -171,6 +172,7 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
         kl[:, l, h] = res.kl[j]
         dlp[:, l, h] = res.effects["delta_logprob_top1"][j]
     return {"kl": kl, "delta_logprob": dlp, "floor_kl": res.floor_kl, "floor_parts": res.floor_parts(),
+            "floor_delta_logprob": res.floor_delta_logprob,
             "top1": res.effects["top1_token"][0], "rounding_floor_s": res.rounding_floor_s}
 
 
@@ -181,9 +183,10 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
 class Agreement:
     """How well the gradient estimate ranks the exact cells: Spearman rho over all (sample, layer, head) cells
     and over the per-cell means, and the cells where they disagree most (by rank difference). n_resolved of
-    n_sample_cells: the sample-cells whose exact KL is above 3x their sample's noise floor (None: not given);
-    spearman_resolved: rho over those alone (None with fewer than 3). Below the floor the exact change is
-    rounding noise, so only resolved cells can show whether the first-order estimate is right."""
+    n_sample_cells: the sample-cells whose exact |change of log p(top-1)| is above 3x their sample's noise floor
+    on that same measure (None: not given); spearman_resolved: rho over those alone (None with fewer than 3).
+    Below the floor the exact change is rounding noise, so only resolved cells can show whether the
+    first-order estimate is right."""
 
     spearman_all: Optional[float]
     spearman_mean: Optional[float]
@@ -233,7 +236,9 @@ class HeadMapResult:
 
     exact_kl / exact_delta_logprob: the exact grid (None with method "gradient"); gradient_estimate: the
     first-order estimate of exact_delta_logprob (None with method "exact"); floor_kl [n_samples]: the exact
-    grid's noise floor (floor_parts: the engine's and the rounding floor it combines); cells: per (layer, head)
+    grid's noise floor (floor_parts: the engine's and the rounding floor it combines); floor_delta_logprob
+    [n_samples]: the same floor on |change of log p(top-1)| (nats; what the agreement's resolved cells must
+    beat); cells: per (layer, head)
     per-language means (± s.e.), the Python-vs-Rust tests on the cell's KL (Welch, and an exact permutation test
     of the language labels) with BH q over all cells, and whether the cell's effect is resolved above 3x the
     noise floor; agreement: the gradient estimate against the exact grid (`Agreement`)."""
@@ -252,6 +257,7 @@ class HeadMapResult:
     agreement: Optional[Agreement]
     timings: dict
     floor_parts: Optional[dict] = None
+    floor_delta_logprob: Optional[np.ndarray] = None
 
     def to_json(self) -> dict:
         arr = lambda x: None if x is None else np.round(np.asarray(x, np.float64), 12).tolist()
@@ -265,7 +271,13 @@ class HeadMapResult:
                 "per_sample_kl": arr(self.floor_kl), "max_kl": float(np.max(self.floor_kl)),
                 "definition": causal_stats.floor_definition(self.floor_parts or {}),
                 "components": {k: arr(v) for k, v in (self.floor_parts or {}).items()},
-                "rule": "a cell is resolved when its mean KL exceeds 3x the largest per-sample floor"},
+                "rule": "a cell is resolved when its mean KL exceeds 3x the largest per-sample floor",
+                "per_sample_delta_logprob": arr(self.floor_delta_logprob),
+                "max_delta_logprob": None if self.floor_delta_logprob is None
+                else float(np.max(self.floor_delta_logprob)),
+                "delta_logprob_rule": "the agreement's resolved sample-cells: |exact change of log p(top-1)| above "
+                                      "3x the sample's floor on that change (the larger of the engine's and the "
+                                      "rounding floor's, both measured on it)"},
             "cells": self.cells, "agreement": None if self.agreement is None else self.agreement.to_json(),
             "samples": [{"id": i, "language": lang,
                          "exact_kl": None if self.exact_kl is None else arr(self.exact_kl[k]),
@@ -375,14 +387,15 @@ def run_head_map(loaded: Any, corpus: Any, *, method: str = "both", cells_per_ca
     est = None if grad is None else grad["estimate"]
     floor = None if exact is None else exact["floor_kl"]
     parts = None if exact is None else exact["floor_parts"]
+    floor_dlp = None if exact is None else exact["floor_delta_logprob"]
     agree = None
-    if exact is not None and grad is not None:
-        resolved = ~causal_stats.below_floor(kl, np.asarray(floor)[:, None, None])  # [B, L, H]
+    if exact is not None and grad is not None:  # resolved on the measure the correlation compares
+        resolved = ~causal_stats.below_floor(np.abs(dlp), np.asarray(floor_dlp)[:, None, None])  # [B, L, H]
         agree = compare_exact_and_gradient(dlp, est, resolved=resolved)
     return HeadMapResult(model=loaded.name, method=method, n_layers=cfg.num_layers, n_heads=cfg.num_heads,
                          sample_ids=ids, languages=langs, exact_kl=kl, exact_delta_logprob=dlp, floor_kl=floor,
                          gradient_estimate=est, cells=_cell_stats(kl, dlp, est, is_py, floor, seed),
-                         agreement=agree, timings=timings, floor_parts=parts)
+                         agreement=agree, timings=timings, floor_parts=parts, floor_delta_logprob=floor_dlp)
 
 
 def format_head_map(r: HeadMapResult, top: int = 8) -> str:
@@ -431,8 +444,9 @@ def format_head_map(r: HeadMapResult, top: int = 8) -> str:
                      f"all sample-cells, {rho(a.spearman_mean)} over cell means; largest rank gaps: " +
                      ", ".join(f"L{w['layer']}H{w['head']}" for w in a.worst))
         if a.n_resolved is not None:
-            line = (f"  {a.n_resolved} of {a.n_sample_cells} sample-cells have an exact KL above 3x their noise "
-                    f"floor (rho over those: {rho(a.spearman_resolved)})")
+            top = "" if r.floor_delta_logprob is None else f", max {np.max(r.floor_delta_logprob):.2e} nats"
+            line = (f"  {a.n_resolved} of {a.n_sample_cells} sample-cells have an exact |change of log p(top-1)| "
+                    f"above 3x their noise floor on it{top} (rho over those: {rho(a.spearman_resolved)})")
             if a.n_resolved < a.n_sample_cells / 2:
                 line += ("; the rest are rounding noise, so the rho above mostly compares the gradient with noise: "
                          "rerun with --dtype=float32 to judge the first-order estimate")

@@ -11,7 +11,9 @@ sample's first edited row to its last real token, moved by one unit of the compu
 random sign (h <- h + s * eps * h, s = +-1, eps = `jnp.finfo(dtype).eps`: 2^-7 in bfloat16, 2^-23 in float32).
 That is a perturbation of the size of one rounding of the stored stream, so no effect smaller than what it
 causes can be told apart from rounding. Its KL(plain || jittered) is taken in float64; a sample's rounding floor
-is the largest over `draws` independent sign patterns (fixed seed: reruns read the same numbers).
+is the largest over `draws` independent sign patterns (fixed seed: reruns read the same numbers). The same runs
+also give the floor of the change of the plain forward's top-1 log-probability (`rounding_floor_effects`), for
+effects reported on that measure (the head map's exact-vs-gradient agreement).
 
 When: by default only for reduced-precision compute (bfloat16, float16; `wanted`). In float32 it reads the same
 as the engine's floor (both ~1e-12 nats on the bundled model, and no flag changes), while it costs a compile and
@@ -105,9 +107,16 @@ def first_edited_rows(edited, lengths) -> np.ndarray:
     return np.where(e.any(axis=1), np.argmax(e, axis=1), last)
 
 
-def rounding_floor_kl(model, tokens, lengths, edited, layer: int, *, draws: int = ROUNDING_DRAWS,
-                      seed: int = ROUNDING_SEED, distribute=None, sample_chunk: Optional[int] = None) -> np.ndarray:
-    """Each sample's rounding floor, float64 [B] nats (see the module docstring). model: any `Model`; tokens [B, T];
+def rounding_floor_kl(model, tokens, lengths, edited, layer: int, **options) -> np.ndarray:
+    """Each sample's rounding floor, float64 [B] nats: `rounding_floor_effects`' "kl" (same arguments)."""
+    return rounding_floor_effects(model, tokens, lengths, edited, layer, **options)["kl"]
+
+
+def rounding_floor_effects(model, tokens, lengths, edited, layer: int, *, draws: int = ROUNDING_DRAWS,
+                           seed: int = ROUNDING_SEED, distribute=None, sample_chunk: Optional[int] = None) -> dict:
+    """Each sample's rounding floor (see the module docstring) on two measures of the same runs, float64 [B]
+    each: "kl" (nats, KL(plain || jittered)) and "delta_logprob_top1" (nats, |change of the plain forward's
+    top-1 log-probability|), each the largest over the draws. model: any `Model`; tokens [B, T];
     lengths int [B]; edited bool [B, T]: the rows the run's interventions edit (jittered from each sample's first
     one, `first_edited_rows`); layer: the run's lowest intervened layer (its block's output is jittered).
     distribute: optional callable placing (tokens, lengths, iv, first_rows, starts) on devices
@@ -128,7 +137,7 @@ def rounding_floor_kl(model, tokens, lengths, edited, layer: int, *, draws: int 
                                 f"{bad.tolist()} are outside their sequences (lengths {lengths_np[bad].tolist()})")
     n = first_np.size
     step = n if not sample_chunk else min(n, max(1, int(sample_chunk)))
-    out = np.empty(n, np.float64)
+    out = {"kl": np.empty(n, np.float64), "delta_logprob_top1": np.empty(n, np.float64)}
     for a in range(0, n, step):
         idx = np.arange(a, min(n, a + step))
         padded = np.concatenate([idx, np.full(step - idx.size, idx[-1])])
@@ -142,7 +151,9 @@ def rounding_floor_kl(model, tokens, lengths, edited, layer: int, *, draws: int 
         if not (np.isfinite(base).all() and np.isfinite(jit).all()):
             raise InterventionError("rounding floor: non-finite logits in the plain or jittered forward (check the "
                                     "model's weights and the compute dtype)")
-        out[idx] = metrics.kl_divergence_f64(np.broadcast_to(base[:, None], jit.shape), jit).max(axis=1)
+        plain = np.broadcast_to(base[:, None], jit.shape)
+        out["kl"][idx] = metrics.kl_divergence_f64(plain, jit).max(axis=1)
+        out["delta_logprob_top1"][idx] = np.abs(metrics.delta_logprob_top1_f64(plain, jit)).max(axis=1)
     return out
 
 
@@ -165,4 +176,4 @@ def combined_floor(engine_kl, rounding_kl: Optional[np.ndarray]) -> np.ndarray:
 
 __all__ = ["DEFINITION", "NOT_MEASURED", "ROUNDING_DRAWS", "ROUNDING_SEED", "combined_floor", "components_line",
            "first_edited_rows",
-           "jitter_edit", "rounding_floor_kl", "rounding_runs", "wanted"]
+           "jitter_edit", "rounding_floor_effects", "rounding_floor_kl", "rounding_runs", "wanted"]

@@ -161,7 +161,9 @@ def head_map(b: SectionBuilder, d: dict) -> None:
                ("noise_floor", "max_kl"), fmt="sci")
     b.headline("gradient vs exact: Spearman rho (all sample-cells / cell means)", ("agreement", "spearman_all"),
                ("agreement", "spearman_mean"), sep=" / ")
-    b.headline("sample-cells resolved above 3x their floor (of all) / rho over those",
+    b.headline("noise floor on |Δ log p(top-1)| (largest per-sample floor, nats)",
+               ("noise_floor", "max_delta_logprob"), fmt="sci")
+    b.headline("sample-cells with |Δ log p(top-1)| above 3x its floor (of all) / rho over those",
                ("agreement", "n_resolved"), ("agreement", "n_sample_cells"), ("agreement", "spearman_resolved"),
                sep=" / ")
     b.table("Per cell (KL in nats; mean and s.e. over samples)", ("cells",),
