@@ -41,6 +41,23 @@ def kl_divergence(base_logits: Array, other_logits: Array) -> Array:
     return jnp.maximum(jnp.sum(terms, axis=-1), 0.0)
 
 
+def _checked_logit_pair(base_logits, other_logits, what: str) -> tuple:
+    """(x, y) float64 numpy [..., V] of two logit arrays of one shape with a non-empty vocabulary axis; -inf
+    entries allowed; NaN or +inf -> NonFiniteError ("... `what` is undefined"); an all -inf row -> ValueError."""
+    x = np.asarray(base_logits, dtype=np.float64)
+    y = np.asarray(other_logits, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"logit shapes differ: {x.shape} vs {y.shape}")
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise ValueError(f"logits need a non-empty vocabulary axis, got shape {x.shape}")
+    for name, a in (("base_logits", x), ("other_logits", y)):
+        if np.isnan(a).any() or np.isposinf(a).any():
+            raise NonFiniteError(f"{name} contains NaN or +inf; {what} is undefined")
+        if np.isneginf(a).all(axis=-1).any():
+            raise ValueError(f"{name} has a row with every logit -inf (no distribution)")
+    return x, y
+
+
 def kl_divergence_f64(base_logits, other_logits) -> np.ndarray:
     """KL(P_base || P_other) in nats, on the host in numpy float64: [..., V] x [..., V] -> float64 [...].
 
@@ -53,17 +70,7 @@ def kl_divergence_f64(base_logits, other_logits) -> np.ndarray:
     up to a constant shift (δ constant), positive otherwise (down to f64 underflow). `-inf` logits are
     allowed (p_v = 0 terms contribute 0; q_v = 0 where p_v > 0 gives +inf); NaN or +inf -> ValueError.
     """
-    x = np.asarray(base_logits, dtype=np.float64)
-    y = np.asarray(other_logits, dtype=np.float64)
-    if x.shape != y.shape:
-        raise ValueError(f"logit shapes differ: {x.shape} vs {y.shape}")
-    if x.ndim == 0 or x.shape[-1] == 0:
-        raise ValueError(f"logits need a non-empty vocabulary axis, got shape {x.shape}")
-    for name, a in (("base_logits", x), ("other_logits", y)):
-        if np.isnan(a).any() or np.isposinf(a).any():
-            raise NonFiniteError(f"{name} contains NaN or +inf; the KL is undefined")
-        if np.isneginf(a).all(axis=-1).any():
-            raise ValueError(f"{name} has a row with every logit -inf (no distribution)")
+    x, y = _checked_logit_pair(base_logits, other_logits, "the KL")
     masked = np.isneginf(x).any(axis=-1) | np.isneginf(y).any(axis=-1)  # rows with -inf: the direct form
     if not masked.any():
         return kl_f64_finite(np, x, y)
@@ -79,18 +86,16 @@ def delta_logprob_top1_f64(base_logits, other_logits) -> np.ndarray:
     """The change (other - base) of the log-probability of base's top-1 token, nats, on the host in numpy
     float64: [..., V] x [..., V] -> float64 [...] (the formula of the causal effects' delta_logprob_top1).
     -inf logits (a masked vocabulary) are allowed; NaN or +inf -> NonFiniteError."""
-    x = np.asarray(base_logits, dtype=np.float64)
-    y = np.asarray(other_logits, dtype=np.float64)
-    if x.shape != y.shape or x.ndim == 0 or x.shape[-1] == 0:
-        raise ValueError(f"need two logit arrays of one shape with a vocabulary axis, got {x.shape} and {y.shape}")
-    for name, a in (("base_logits", x), ("other_logits", y)):
-        if np.isnan(a).any() or np.isposinf(a).any():
-            raise NonFiniteError(f"{name} contains NaN or +inf; the change of log p(top-1) is undefined")
-        if np.isneginf(a).all(axis=-1).any():
-            raise ValueError(f"{name} has a row with every logit -inf (no distribution)")
-    top = np.argmax(x, axis=-1)[..., None]
-    lp = lambda a: np.take_along_axis(a, top, axis=-1)[..., 0] - logsumexp_xp(np, a)[..., 0]
-    return lp(y) - lp(x)
+    x, y = _checked_logit_pair(base_logits, other_logits, "the change of log p(top-1)")
+    return delta_logprob_at_xp(np, x, y, np.argmax(x, axis=-1))
+
+
+def delta_logprob_at_xp(xp, x, y, token):
+    """log softmax(y)[token] - log softmax(x)[token] of logits x, y [..., V] and token int [...] -> [...], with
+    the array module `xp` (numpy on the host, jax.numpy in a traced float64 program): the one formula of every
+    "change of the top-1 log-probability" (token = argmax x)."""
+    at = lambda a: xp.take_along_axis(a, token[..., None], axis=-1)[..., 0] - logsumexp_xp(xp, a)[..., 0]
+    return at(y) - at(x)
 
 
 def kl_f64_finite(xp, x, y):
@@ -439,6 +444,7 @@ __all__: Sequence[str] = [
     "kl_divergence",
     "kl_divergence_f64",
     "delta_logprob_top1_f64",
+    "delta_logprob_at_xp",
     "NoiseFloor",
     "noise_floor_summary",
     "mark_below_floor",

@@ -709,9 +709,8 @@ def _row_effects(xp, r, o, kl) -> dict:
     """The effects of float64 logit rows o against r ([R, V] each; `xp` numpy or jax.numpy) given their KL [R]."""
     top = xp.argmax(r, axis=-1)
     at_top = lambda x: xp.take_along_axis(x, top[:, None], axis=-1)[:, 0]
-    lse = lambda x: metrics.logsumexp_xp(xp, x)[:, 0]
     return {"kl": kl, "top1_agree": xp.argmax(o, axis=-1) == top, "logit_diff_top1": at_top(r) - at_top(o),
-            "delta_logprob_top1": (at_top(o) - lse(o)) - (at_top(r) - lse(r)), "top1_token": top}
+            "delta_logprob_top1": metrics.delta_logprob_at_xp(xp, r, o, top), "top1_token": top}
 
 
 @functools.partial(jax.jit, static_argnames=("block",))
