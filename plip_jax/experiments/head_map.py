@@ -151,8 +151,8 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
     the larger of KL(baseline || reference) and the rounding floor, `causal.SweepResult.floor_kl`), "floor_parts":
     {"engine", "rounding": f64 [B]}, "floor_delta_logprob": f64 [B] (the same floor on |change of log p(top-1)|,
     nats: `causal.SweepResult.floor_delta_logprob`), "top1": int [B], "rounding_floor_s": wall seconds of the
-    rounding floor (part of the grid's time) or None when not measured}. `progress(done, total)` is called after each program,
-    `on_rounding_floor()` before the rounding floor is measured (only when it is)."""
+    rounding floor (part of the grid's time) or None when not measured}. `progress(done, total)` is called
+    after each program, `on_rounding_floor()` before the rounding floor is measured (only when it is)."""
     cfg = model.cfg
     _check_transformer(cfg)
     L, H = cfg.num_layers, cfg.num_heads
@@ -238,10 +238,10 @@ class HeadMapResult:
     first-order estimate of exact_delta_logprob (None with method "exact"); floor_kl [n_samples]: the exact
     grid's noise floor (floor_parts: the engine's and the rounding floor it combines); floor_delta_logprob
     [n_samples]: the same floor on |change of log p(top-1)| (nats; what the agreement's resolved cells must
-    beat); cells: per (layer, head)
-    per-language means (± s.e.), the Python-vs-Rust tests on the cell's KL (Welch, and an exact permutation test
-    of the language labels) with BH q over all cells, and whether the cell's effect is resolved above 3x the
-    noise floor; agreement: the gradient estimate against the exact grid (`Agreement`)."""
+    beat); cells: per (layer, head) per-language means (± s.e.), the Python-vs-Rust tests on the cell's KL
+    (Welch, and an exact permutation test of the language labels) with BH q over all cells, and whether the
+    cell's effect is resolved above 3x the noise floor; agreement: the gradient estimate against the exact
+    grid (`Agreement`)."""
 
     model: str
     method: str
