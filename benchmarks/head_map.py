@@ -46,9 +46,14 @@ flags.DEFINE_string("output", None, "Also write the table and the two ratios as 
 FLAGS = flags.FLAGS
 
 
+def _median_and_compile(timing: harness.Timing) -> tuple:
+    """(median seconds of the timed calls, the first call's extra over it = compile)."""
+    return timing.median_s, timing.first_s - timing.median_s
+
+
 def _timed(fn, repeats):
     timing, out = harness.time_calls(fn, repeats, harness.jax_sync)
-    return timing.median_s, timing.first_s - timing.median_s, out
+    return (*_median_and_compile(timing), out)
 
 
 @jax.jit
@@ -66,15 +71,6 @@ def _forward_backward(model, tokens, length):
         return jax.nn.log_softmax(logits)[jnp.argmax(jax.lax.stop_gradient(logits))]
 
     return jax.value_and_grad(value)(zero)
-
-
-def _floor_seconds(calls) -> tuple:
-    """(median seconds of the timed calls, first call's extra = compile) of the rounding floor the exact grid
-    measured in each call (calls: its first call, then the timed ones); (0.0, 0.0) when it measured none."""
-    if calls[0] is None:
-        return 0.0, 0.0
-    median = float(np.median(calls[1:]))
-    return median, calls[0] - median
 
 
 def main(argv):
@@ -109,7 +105,9 @@ def main(argv):
         return [_forward_backward(model, jnp.asarray(tokens[b]), jnp.int32(lengths[b])) for b in range(B)]
 
     fb_s, fb_c, _ = _timed(plain, FLAGS.repeats)
-    floor_s, floor_c = _floor_seconds(floor_calls)
+    floor_s, floor_c = 0.0, 0.0  # float32: the grid measured no rounding floor
+    if floor_calls[0] is not None:  # its seconds in the grid's own calls: the first, then the timed ones
+        floor_s, floor_c = _median_and_compile(harness.Timing(floor_calls[0], floor_calls[1:]))
     rows.append(("exact grid (all cells)", grid_s, grid_c, f"{L * H} cells, {grid_s / (L * H) * 1e3:.2f} ms/cell"))
     if floor_s:
         rows.append(("  of which rounding floor", floor_s, floor_c, "noise floor: plain + 2 jittered forwards"))

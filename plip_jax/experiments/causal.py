@@ -940,8 +940,9 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         out = sharding.to_host({key: dev[key] for key in small + (["last"] if keep_logits else [])})  # collective
         out["ref_last"] = sharding.to_host(dev["last"][:, 0])
         out["effects"] = eff
-        floors.append(metrics.kl_divergence_f64(out["base_last"], out["ref_last"]))
-        dlp_floors.append(np.abs(metrics.delta_logprob_top1_f64(out["base_last"], out["ref_last"])))
+        engine = _effects_rows_host(out["base_last"], out["ref_last"])  # [B] each: baseline vs reference
+        floors.append(engine["kl"])
+        dlp_floors.append(np.abs(engine["delta_logprob_top1"]))
         first = first or out
         for j, pos in enumerate(order):
             if idx[pos] is not None:
