@@ -65,14 +65,23 @@ def test_identity_point_reads_exactly_zero_against_the_same_program_reference(st
     edited[np.arange(len(markers)), markers] = True
     np.testing.assert_array_equal(res.rounding_floor_kl, rounding_floor.rounding_floor_kl(
         bundled_model.model, batch.tokens, batch.lengths, edited, LAYER))
-    # the same two floors on |change of log p(top-1)|: the baseline against the reference, and the rounding
-    # floor's from the same runs; the larger per sample
-    np.testing.assert_array_equal(res.engine_floor_delta_logprob,
-                                  np.abs(metrics.delta_logprob_top1_f64(res.base_last, res.ref_last[0])))
-    np.testing.assert_array_equal(res.rounding_floor_delta_logprob, rounding_floor.rounding_floor_effects(
-        bundled_model.model, batch.tokens, batch.lengths, edited, LAYER)["delta_logprob_top1"])
-    np.testing.assert_array_equal(res.floor_delta_logprob,
-                                  np.maximum(res.engine_floor_delta_logprob, res.rounding_floor_delta_logprob))
+    # the same two floors on every other effect: the baseline against the reference by the effects' formulas
+    # (independently here: log-softmax and the NLLs), the rounding floor's from the same runs; the larger per sample
+    from scipy.special import log_softmax
+
+    base, ref = res.base_last.astype(np.float64), res.ref_last[0].astype(np.float64)
+    top = base.argmax(-1)
+    at = lambda x: x[np.arange(len(top)), top]
+    unit = lambda x: np.spacing(np.abs(x).astype(np.float32)).astype(np.float64)  # one float32 unit at |x|
+    want = {"kl": res.engine_floor_kl, "logit_diff_top1": np.maximum(np.abs(at(base) - at(ref)), unit(at(base))),
+            "delta_logprob_top1": np.abs(at(log_softmax(ref, -1)) - at(log_softmax(base, -1))),
+            "delta_nll": np.maximum(np.abs(res.ref_nll[0].astype(np.float64) - res.base_nll), unit(res.base_nll))}
+    assert sorted(res.engine_floors) == sorted(rounding_floor.FLOORED_EFFECTS) == sorted(want)
+    rounding = rounding_floor.rounding_floor_effects(bundled_model.model, batch.tokens, batch.lengths, edited, LAYER)
+    for effect, engine in want.items():
+        np.testing.assert_allclose(res.engine_floors[effect], engine, rtol=1e-9, atol=1e-15, err_msg=effect)
+        np.testing.assert_array_equal(res.rounding_floors[effect], rounding[effect])
+        np.testing.assert_array_equal(res.floor(effect), np.maximum(res.engine_floors[effect], rounding[effect]))
     assert not np.array_equal(res.rounding_floor_kl, rounding_floor.rounding_floor_kl(
         bundled_model.model, batch.tokens, batch.lengths, edited, LAYER - 1))
 
@@ -104,8 +113,9 @@ def test_the_sweep_times_its_rounding_floor_and_says_when_it_starts(bundled_mode
     events.clear()
     res = run(False)
     assert events == [1] and res.rounding_floor_kl is None and res.rounding_floor_s is None
-    assert res.rounding_floor_delta_logprob is None and res.floor_delta_logprob is not None  # the engine's alone
-    np.testing.assert_array_equal(res.floor_delta_logprob, res.engine_floor_delta_logprob)
+    assert res.rounding_floors is None  # every effect's floor is the engine's alone
+    for effect in rounding_floor.FLOORED_EFFECTS:
+        np.testing.assert_array_equal(res.floor(effect), res.engine_floors[effect])
 
 
 def test_reported_kl_is_the_float64_one_from_the_logits(steering_sweep, monkeypatch):

@@ -31,6 +31,26 @@ def test_every_kl_has_its_floor_and_marks(single):
     assert "no-op point of the same compiled program" in single["kl_reference"]
 
 
+def test_every_other_effect_has_its_floor_and_marks(single):
+    """The logit difference and the NLL change carry their own per-sample floor (never below one float32 unit of
+    their value), marked as the KL is; the JSON block counts the marks and the table prints the ΔNLL column."""
+    rows = single["sample_results"]
+    other = single["noise_floor"]["other_effects"]
+    for effect, unit in (("logit_diff_top1", "logits"), ("delta_nll", "nats/token")):
+        floors = np.array([r[f"noise_floor_{effect}"] for r in rows])
+        assert np.all(floors > 0) and np.all(floors < 1e-4)  # f32: rounding-sized
+        assert other[effect]["unit"] == unit and other[effect]["n_effects"] == len(rows)
+        assert other[effect]["median"] == float(np.median(floors)) and other[effect]["max"] == float(floors.max())
+        below = np.abs([r[effect] for r in rows]) <= 3 * floors
+        assert other[effect]["n_effects_below_floor"] == int(below.sum())
+    for r in rows:
+        assert r["delta_nll_below_noise_floor"] == (abs(r["delta_nll"]) <= 3 * r["noise_floor_delta_nll"])
+        assert r["noise_floor_delta_nll"] >= np.spacing(np.float32(1.0)) / 4  # >= one f32 unit of an NLL >= 0.25
+    table = causal_tables.knockout_single(single)
+    assert "ΔNLL floor (the same runs, on |ΔNLL|)" in table
+    assert f"{rows[0]['delta_nll']:+.2e}" in table
+
+
 def test_mass_matched_control_is_within_tolerance_or_skipped_with_a_note(single, bundled_model):
     c = single["mass_matched_control"]
     rows = {r["id"]: r for r in single["sample_results"]}
@@ -127,6 +147,10 @@ def test_layer_scan_reports_floor_and_adjusted_p(bundled_model, universal_corpus
     for s in r["samples"]:
         kl, below = np.array(s["kl_by_layer"]), np.array(s["below_noise_floor_by_layer"])
         np.testing.assert_array_equal(below, kl <= 3 * s["noise_floor_kl"])
+        dnll = np.array(s["delta_nll_by_layer"])
+        np.testing.assert_array_equal(s["delta_nll_below_noise_floor_by_layer"],
+                                      np.abs(dnll) <= 3 * s["noise_floor_delta_nll"])
+    assert r["noise_floor"]["other_effects"]["delta_nll"]["n_effects"] == len(r["samples"]) * len(r["layers"])
     table = causal_tables.knockout_scan(r)
     assert "Noise floor KL(baseline || no-op reference)" in table and "Holm p" in table and "BH q" in table
     assert "Best layer:" in table
@@ -179,7 +203,11 @@ def test_bfloat16_layer_scan_floor_is_the_larger_of_engine_and_rounding_from_blo
     batch = causal_samples.make_batch(m, samples)
     edited = np.asarray(knockout.knockout_ivs(m, samples, batch, layers=[0]).knockout.edges).any(axis=-1)
     assert all(edited[i].nonzero()[0].tolist() == [s.tokenized.marker_token] for i, s in enumerate(samples))
-    want = rounding_floor.rounding_floor_kl(m.model, batch.tokens, batch.lengths, edited, 0)
+    rounding = rounding_floor.rounding_floor_effects(m.model, batch.tokens, batch.lengths, edited, 0)
+    want = rounding["kl"]
+    # the NLL change's floor comes from the same jittered runs (bfloat16: far above a float32 unit)
+    dnll_floor = np.array([s["noise_floor_delta_nll"] for s in r["samples"]])
+    assert np.all(dnll_floor >= rounding["delta_nll"]) and np.median(dnll_floor) > 1e-4
     comp = r["noise_floor"]["components"]
     assert set(comp) == {"engine", "rounding"} and comp["rounding"]["n_samples_setting_floor"] >= 1
     assert np.all(floor >= want)

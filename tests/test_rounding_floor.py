@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from plip_jax.core import interventions as ivs
+from plip_jax.core.capture import Capture
 from plip_jax.core.errors import InterventionError
 from plip_jax.experiments import causal_samples, rounding_floor as rf
 
@@ -70,24 +71,43 @@ def test_rounding_floor_is_measured_deterministic_and_tiny_in_float32(bundled_mo
     np.testing.assert_allclose(chunked, f, rtol=1e-6)  # each sample's draws do not depend on the chunking
 
 
-def test_rounding_floor_on_the_top1_log_probability_is_from_the_same_runs(bundled_model, small):
-    """The floor on |change of log p(top-1)| is the largest over the same draws, computed independently here
-    from `rounding_runs`' logits with scipy."""
+def test_rounding_floor_of_every_effect_is_from_the_same_runs(bundled_model, small):
+    """The floors on |logit difference|, |change of log p(top-1)| and |change of the mean NLL| are the largest
+    over the same draws, computed independently here from `rounding_runs`' logits (scipy) and from the NLL of
+    the jittered forward's full logits."""
     from scipy.special import log_softmax
+
+    from plip_jax.analysis import metrics
 
     batch, edited = small
     m = bundled_model.model
-    both = rf.rounding_floor_effects(m, batch.tokens, batch.lengths, edited, LAYER)
-    np.testing.assert_array_equal(both["kl"], rf.rounding_floor_kl(m, batch.tokens, batch.lengths, edited, LAYER))
+    every = rf.rounding_floor_effects(m, batch.tokens, batch.lengths, edited, LAYER)
+    assert sorted(every) == sorted(rf.FLOORED_EFFECTS)
+    np.testing.assert_array_equal(every["kl"], rf.rounding_floor_kl(m, batch.tokens, batch.lengths, edited, LAYER))
     first = rf.first_edited_rows(edited, batch.lengths).astype(np.int32)
-    base, jit = rf.rounding_runs(m, batch.tokens, batch.lengths, first, np.arange(4, dtype=np.uint32),
-                                 jnp.int32(LAYER), jnp.uint32(rf.ROUNDING_SEED), draws=rf.ROUNDING_DRAWS)
-    base, jit = np.asarray(base, np.float64), np.asarray(jit, np.float64)
+    runs = rf.rounding_runs(m, batch.tokens, batch.lengths, first, np.arange(4, dtype=np.uint32),
+                            jnp.int32(LAYER), jnp.uint32(rf.ROUNDING_SEED), draws=rf.ROUNDING_DRAWS)
+    base, jit, base_nll, jit_nll = (np.asarray(x, np.float64) for x in runs)
     top = base.argmax(-1)
+    rows, draws = np.arange(4)[:, None], np.arange(rf.ROUNDING_DRAWS)[None]
     lp_base = log_softmax(base, -1)[np.arange(4), top]
-    lp_jit = log_softmax(jit, -1)[np.arange(4)[:, None], np.arange(rf.ROUNDING_DRAWS)[None], top[:, None]]
-    np.testing.assert_allclose(both["delta_logprob_top1"], np.abs(lp_jit - lp_base[:, None]).max(1), rtol=1e-9)
-    assert np.all(both["delta_logprob_top1"] > 0)  # measured: a jitter that did nothing reads 0
+    lp_jit = log_softmax(jit, -1)[rows, draws, top[:, None]]
+    np.testing.assert_allclose(every["delta_logprob_top1"], np.abs(lp_jit - lp_base[:, None]).max(1), rtol=1e-9)
+    # the logit difference and the NLL change: differences of two float32 numbers, never below one float32 unit
+    unit = lambda x: np.spacing(np.abs(x).astype(np.float32)).astype(np.float64)
+    top_logit = base[np.arange(4), top]
+    logit_diff = np.abs(top_logit[:, None] - jit[rows, draws, top[:, None]])
+    np.testing.assert_allclose(every["logit_diff_top1"], np.maximum(logit_diff.max(1), unit(top_logit)), rtol=1e-9)
+    nll_diff = np.abs(jit_nll - base_nll[:, None])
+    np.testing.assert_allclose(every["delta_nll"], np.maximum(nll_diff.max(1), unit(base_nll)), rtol=1e-9)
+    assert np.any(nll_diff > 0) and np.all(every["delta_nll"] >= unit(base_nll))  # the jitter moves the NLL
+    # the NLLs are the plain forward's: its full logits' mean next-token NLL (and a jitter moves them)
+    plain = [float(metrics.sequence_nll(m(batch.tokens[i], length=int(batch.lengths[i]),
+                                          capture=Capture(logits="all")).logits, batch.tokens[i], batch.lengths[i]))
+             for i in range(4)]
+    np.testing.assert_allclose(base_nll, plain, rtol=1e-5)
+    for effect in rf.FLOORED_EFFECTS:
+        assert np.all(every[effect] > 0), effect  # measured: a jitter that did nothing reads 0
 
 
 def test_rounding_floor_refuses_bad_input(bundled_model, small):

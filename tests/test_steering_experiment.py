@@ -68,6 +68,12 @@ def test_bfloat16_dose_curve_of_rounding_noise_fails_the_checks(universal_corpus
     assert parts["rounding"]["median"] > 3 * parts["engine"]["median"]
     for d in got["dose_results"]:
         assert d["mean_below_noise_floor"] and d["n_below_noise_floor"] >= 0.8 * d["n_samples"]
+        # so is the change of the mean NLL (a float32 unit alone would call every nonzero dose resolved)
+        assert d["mean_delta_nll_below_noise_floor"] and d["n_delta_nll_below_noise_floor"] >= 0.8 * d["n_samples"]
+    dnll = np.array([s["delta_nll_by_dose"] for s in got["samples"]])  # [B, D]
+    floors = np.array([s["noise_floor_delta_nll"] for s in got["samples"]])
+    assert np.any(np.abs(dnll) > 10 * np.spacing(np.float32(4.0)))  # the NLL does move under the doses
+    assert got["noise_floor"]["other_effects"]["delta_nll"]["max"] == float(floors.max())
     assert not c["all_doses_above_noise_floor"] and not c["monotonic_in_distance_from_identity"]
     assert c["dose_1_is_identity"]  # the identity is still exact
 
@@ -113,6 +119,7 @@ def test_steering_table_shows_floor_expected_and_se(sweep):
     assert "Noise floor KL(baseline || no-op reference)" in text and "± s.e." in text and "expected" in text
     assert "rounding floor not measured: float32" in sweep["noise_floor"]["definition"]
     assert "0.000e+00~" in text  # dose 1: exactly 0, marked as not above the floor
+    assert "ΔNLL floor (the same runs, on |ΔNLL|)" in text and "+0.00e+00~" in text  # its ΔNLL too
 
 
 @pytest.mark.parametrize("doses,mode,match", [

@@ -98,6 +98,28 @@ def delta_logprob_at_xp(xp, x, y, token):
     return at(y) - at(x)
 
 
+def last_token_effects_at_xp(xp, r, o, kl) -> dict:
+    """The causal effects of float64 logit rows o against reference rows r ([R, V] each; `xp` numpy or
+    jax.numpy) given their KL [R]: {"kl", "top1_agree" (bool), "logit_diff_top1" (r - o at r's top-1 token),
+    "delta_logprob_top1" (nats, o - r), "top1_token"}, [R] each. The one formula of every causal tool's
+    effects and of their noise floors (`plip_jax.experiments.rounding_floor.effect_floors`)."""
+    top = xp.argmax(r, axis=-1)
+    at_top = lambda x: xp.take_along_axis(x, top[:, None], axis=-1)[:, 0]
+    return {"kl": kl, "top1_agree": xp.argmax(o, axis=-1) == top, "logit_diff_top1": at_top(r) - at_top(o),
+            "delta_logprob_top1": delta_logprob_at_xp(xp, r, o, top), "top1_token": top}
+
+
+def last_token_effects_f64(ref_logits, other_logits) -> dict:
+    """`last_token_effects_at_xp` on the host in numpy float64: [..., V] x [..., V] -> dict of [...] arrays.
+    Rows with -inf logits (a masked vocabulary) take `kl_divergence_f64`'s direct form; NaN / +inf raise its
+    NonFiniteError."""
+    x, y = _checked_logit_pair(ref_logits, other_logits, "the effects")
+    lead, v = x.shape[:-1], x.shape[-1]
+    x, y = x.reshape(-1, v), y.reshape(-1, v)
+    out = last_token_effects_at_xp(np, x, y, kl_divergence_f64(x, y))
+    return {k: np.asarray(val).reshape(lead) for k, val in out.items()}
+
+
 def kl_f64_finite(xp, x, y):
     """KL(softmax(x) || softmax(y)) of FINITE float64 logits [..., V] -> [...], with the array module `xp`:
     numpy on the host (`kl_divergence_f64`, after its input checks), or jax.numpy inside a program traced
@@ -445,6 +467,8 @@ __all__: Sequence[str] = [
     "kl_divergence_f64",
     "delta_logprob_top1_f64",
     "delta_logprob_at_xp",
+    "last_token_effects_at_xp",
+    "last_token_effects_f64",
     "NoiseFloor",
     "noise_floor_summary",
     "mark_below_floor",

@@ -705,14 +705,6 @@ def check_finite_logits(logits, what: str, sample_ids: Optional[Sequence[str]] =
 EFFECT_ROWS = 256  # logit rows per float64 effects block: ~0.3 GB per float64 temporary at a 152k vocabulary
 
 
-def _row_effects(xp, r, o, kl) -> dict:
-    """The effects of float64 logit rows o against r ([R, V] each; `xp` numpy or jax.numpy) given their KL [R]."""
-    top = xp.argmax(r, axis=-1)
-    at_top = lambda x: xp.take_along_axis(x, top[:, None], axis=-1)[:, 0]
-    return {"kl": kl, "top1_agree": xp.argmax(o, axis=-1) == top, "logit_diff_top1": at_top(r) - at_top(o),
-            "delta_logprob_top1": metrics.delta_logprob_at_xp(xp, r, o, top), "top1_token": top}
-
-
 @functools.partial(jax.jit, static_argnames=("block",))
 def _effects_blocks(ref, ref_rows, other, block: int):
     """Float64 effects of every row of other [..., V] against ref's rows ref_rows (int [N], N = other's row
@@ -729,16 +721,9 @@ def _effects_blocks(ref, ref_rows, other, block: int):
         r = ref[ref_rows[idx]].astype(jnp.float64)
         o = other[idx].astype(jnp.float64)
         finite = jnp.all(jnp.isfinite(r), axis=-1) & jnp.all(jnp.isfinite(o), axis=-1)
-        return {**_row_effects(jnp, r, o, metrics.kl_f64_finite(jnp, r, o)), "finite": finite}
+        return {**metrics.last_token_effects_at_xp(jnp, r, o, metrics.kl_f64_finite(jnp, r, o)), "finite": finite}
 
     return jax.tree.map(lambda x: x.reshape(-1)[:n], jax.lax.map(one, rows))
-
-
-def _effects_rows_host(r, o) -> dict:
-    """The same effects on the host (numpy float64): rows with -inf logits (a masked vocabulary) take
-    `metrics.kl_divergence_f64`'s direct form; NaN / +inf raise its NonFiniteError."""
-    r, o = np.asarray(r, np.float64), np.asarray(o, np.float64)
-    return _row_effects(np, r, o, metrics.kl_divergence_f64(r, o))
 
 
 def host_threads() -> int:
@@ -766,20 +751,21 @@ def _effects_on_device(ref_last, ref_rows: np.ndarray, other_last) -> dict:
     bad = np.flatnonzero(~out.pop("finite"))
     if bad.size:  # -inf (masked) or NaN logits: the host formula decides (only these rows travel)
         ref_flat, other_flat = ref_last.reshape(-1, v), other_last.reshape(-1, v)
-        host = _effects_rows_host(sharding.to_host(ref_flat[ref_rows[bad]]), sharding.to_host(other_flat[bad]))
+        host = metrics.last_token_effects_f64(sharding.to_host(ref_flat[ref_rows[bad]]),
+                                              sharding.to_host(other_flat[bad]))
         for k, val in host.items():
             out[k][bad] = val
     return out
 
 
 def _effects_on_host(ref_flat: np.ndarray, ref_rows: np.ndarray, other_flat: np.ndarray) -> dict:
-    """`_effects_rows_host` over chunks of rows on a pool of host threads (numpy releases the GIL in its array
-    loops); [N] numpy arrays, each row's numbers independent of the chunking."""
+    """`metrics.last_token_effects_f64` over chunks of rows on a pool of host threads (numpy releases the GIL
+    in its array loops); [N] numpy arrays, each row's numbers independent of the chunking."""
     n = len(ref_rows)
     threads = host_threads()
     size = max(1, min(64, -(-n // (4 * threads))))  # rows per task: bounded float64 temporaries
     chunks = [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
-    task = lambda c: _effects_rows_host(ref_flat[ref_rows[c]], other_flat[c])
+    task = lambda c: metrics.last_token_effects_f64(ref_flat[ref_rows[c]], other_flat[c])
     if threads > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             parts = list(pool.map(task, chunks))
@@ -830,13 +816,12 @@ class SweepResult:
     of each point's program ([P, B, V] / [P, B]; one program, so all equal, unless `point_batch` split
     the points); last [P, B, V], nll [P, B] (ref_last and last are None when `sweep_points` ran with
     keep_logits=False); effects: `effects_f64(ref, point)` per point ([P, B] each);
-    engine_floor_kl [B]: KL(baseline || reference) in nats, the largest over programs; rounding_floor_kl [B]:
-    `rounding_floor.rounding_floor_kl` at the points' lowest start layer (None when not measured);
-    floor_kl [B]: the noise floor every flag uses, the larger of the two per sample; rounding_floor_s: wall
-    seconds spent measuring the rounding floor (inside the sweep's time; None when not measured);
-    engine_floor_delta_logprob / rounding_floor_delta_logprob [B]: the same two floors measured on
-    |change of the top-1 log-probability| (nats; the rounding one None when not measured), combined as
-    floor_delta_logprob [B];
+    engine_floors: {effect: [B]} for every `rounding_floor.FLOORED_EFFECTS` (kl, logit_diff_top1,
+    delta_logprob_top1, delta_nll): `rounding_floor.effect_floors` of the baseline against the reference,
+    the largest over programs; rounding_floors: the same keys, `rounding_floor.rounding_floor_effects` at the
+    points' lowest start layer (None when not measured); `floor(effect)` [B]: the noise floor of that effect,
+    the larger of the two per sample (floor_kl = floor("kl"), the one every KL flag uses); rounding_floor_s:
+    wall seconds spent measuring the rounding floor (inside the sweep's time; None when not measured);
     marker_rows [P + 1, B, L, H, T] (index 0 = reference) when markers were given; failed_row [P, B, L]
     (steering only; -1 = applied)."""
 
@@ -847,33 +832,42 @@ class SweepResult:
     last: Optional[np.ndarray]
     nll: np.ndarray
     effects: dict
-    engine_floor_kl: np.ndarray
-    rounding_floor_kl: Optional[np.ndarray]
+    engine_floors: dict
+    rounding_floors: Optional[dict]
     marker_rows: Optional[np.ndarray] = None
     failed_row: Optional[np.ndarray] = None
     rounding_floor_s: Optional[float] = None
-    engine_floor_delta_logprob: Optional[np.ndarray] = None
-    rounding_floor_delta_logprob: Optional[np.ndarray] = None
 
     @property
     def kl(self) -> np.ndarray:
         return self.effects["kl"]
 
+    def floor(self, effect: str) -> np.ndarray:
+        """float64 [B]: the noise floor of `effect` (a `rounding_floor.FLOORED_EFFECTS` key), the larger of the
+        engine's and the rounding floor per sample (the engine's alone when the rounding floor was not measured)."""
+        return self.floors()[effect]
+
+    def floors(self) -> dict:
+        """{effect: float64 [B]}: `floor` of every floored effect."""
+        return rounding_floor.combined_floors(self.engine_floors, self.rounding_floors)
+
     @property
-    def floor_delta_logprob(self) -> Optional[np.ndarray]:
-        if self.engine_floor_delta_logprob is None:
-            return None
-        return rounding_floor.combined_floor(self.engine_floor_delta_logprob, self.rounding_floor_delta_logprob)
+    def engine_floor_kl(self) -> np.ndarray:
+        return self.engine_floors["kl"]
+
+    @property
+    def rounding_floor_kl(self) -> Optional[np.ndarray]:
+        return None if self.rounding_floors is None else self.rounding_floors["kl"]
 
     @property
     def floor_kl(self) -> np.ndarray:
-        return rounding_floor.combined_floor(self.engine_floor_kl, self.rounding_floor_kl)
+        return self.floor("kl")
 
-    def floor_parts(self) -> dict:
-        """{"engine": [B], "rounding": [B]?}: the floors `floor_kl` combines (for `causal_stats.floor_block`)."""
-        parts = {"engine": self.engine_floor_kl}
-        if self.rounding_floor_kl is not None:
-            parts["rounding"] = self.rounding_floor_kl
+    def floor_parts(self, effect: str = "kl") -> dict:
+        """{"engine": [B], "rounding": [B]?}: the floors `floor(effect)` combines (for `causal_stats.floor_block`)."""
+        parts = {"engine": self.engine_floors[effect]}
+        if self.rounding_floors is not None:
+            parts["rounding"] = self.rounding_floors[effect]
         return parts
 
 
@@ -910,7 +904,7 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         k = max(len(c) for c in chunks)
     noop = empty_like_interventions(points[0])
     done = 0
-    res, floors, dlp_floors, first = {}, [], [], None
+    res, floors, first = {}, [], None
     want_rounding = rounding_floor.wanted(model, measure_rounding_floor)
     edited = np.zeros(np.shape(tokens), bool)  # [B, T]: rows any point edits (the rounding floor's rows)
     for chunk in chunks:
@@ -940,9 +934,8 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         out = sharding.to_host({key: dev[key] for key in small + (["last"] if keep_logits else [])})  # collective
         out["ref_last"] = sharding.to_host(dev["last"][:, 0])
         out["effects"] = eff
-        engine = _effects_rows_host(out["base_last"], out["ref_last"])  # [B] each: baseline vs reference
-        floors.append(engine["kl"])
-        dlp_floors.append(np.abs(engine["delta_logprob_top1"]))
+        floors.append(rounding_floor.effect_floors(  # [B] each: the baseline against the reference
+            out["base_last"], out["ref_last"], out["base_nll"], out["nll"][:, 0]))
         first = first or out
         for j, pos in enumerate(order):
             if idx[pos] is not None:
@@ -964,8 +957,7 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         rows = np.stack([first["marker_rows"][:, 0]] + [res[i][0]["marker_rows"][:, res[i][1]] for i in range(n)])
     if "failed_row" in first:
         failed = np.stack([res[i][0]["failed_row"][:, res[i][1]] for i in range(n)])
-    rounding = {"kl": None, "delta_logprob_top1": None}
-    rounding_s = None
+    rounding = rounding_s = None
     if want_rounding:
         if on_rounding_floor is not None:
             on_rounding_floor()
@@ -973,9 +965,9 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         rounding = rounding_floor.rounding_floor_effects(model, tokens, lengths, edited, min(starts),
                                                          distribute=distribute)
         rounding_s = time.perf_counter() - t0
-    return SweepResult(first["base_last"], first["base_nll"], ref_last, ref_nll, last, nll, effects,
-                       np.max(np.stack(floors), axis=0), rounding["kl"], rows, failed, rounding_s,
-                       np.max(np.stack(dlp_floors), axis=0), rounding["delta_logprob_top1"])
+    engine = {key: np.max(np.stack([f[key] for f in floors]), axis=0) for key in floors[0]}
+    return SweepResult(first["base_last"], first["base_nll"], ref_last, ref_nll, last, nll, effects, engine,
+                       rounding, rows, failed, rounding_s)
 
 
 def raise_on_failed_steering(failed_row, sample_ids: Sequence[str], point_labels: Sequence[str]) -> None:

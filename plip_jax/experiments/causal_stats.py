@@ -43,6 +43,27 @@ def floor_block(floor_kl, effects, dtype: str, parts: Optional[dict] = None) -> 
     return metrics.floor_block(floor, eff, below, dtype, floor_definition(parts), parts)
 
 
+EFFECT_UNITS = {"logit_diff_top1": "logits", "delta_logprob_top1": "nats", "delta_nll": "nats/token"}
+EFFECT_FLOOR_DEFINITION = (
+    "the same runs as the KL floor, measured on |the effect| by the effects' own formulas: per sample the larger of "
+    "the engine's (baseline vs no-op reference) and the rounding floor's (when measured); the logit difference's "
+    "and the NLL change's never below one float32 unit of their value; an effect whose magnitude is <= 3x its "
+    "sample's floor is marked below it")
+
+
+def effect_floor_block(floors: dict, effects: dict) -> dict:
+    """JSON `noise_floor.other_effects`: per effect besides KL (keys of floors {effect: [N]} and effects
+    {effect: [..., N]}, the reported values, sample axis last) its unit, the median and max per-sample floor, and
+    how many of its values are below 3x their sample's floor."""
+    out = {"definition": EFFECT_FLOOR_DEFINITION}
+    for k, f in floors.items():
+        f = np.asarray(f, np.float64)
+        below = below_floor(np.abs(np.asarray(effects[k], np.float64)), f)
+        out[k] = {"unit": EFFECT_UNITS[k], "median": float(np.median(f)), "max": float(np.max(f)),
+                  "n_effects": int(below.size), "n_effects_below_floor": int(below.sum())}
+    return out
+
+
 def floor_definition(parts: dict) -> str:
     """How the floor of a run with these components ({"engine": ..., "rounding"?: ...}) was measured."""
     if "rounding" in parts:

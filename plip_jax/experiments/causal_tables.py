@@ -1,7 +1,8 @@
 """Console tables of the knockout and steering experiments (from their JSON dicts).
 
 Every KL column is printed beside the noise floor it must beat: a trailing "~" marks a value at or below
-3x its floor (not resolved), and the header names the floor. Error columns are the standard error of the
+3x its floor (not resolved), and the header names the floor; so is the change of the mean next-token NLL
+(ΔNLL, nats/token), against its own floor from the same runs. Error columns are the standard error of the
 mean (s.e.), as in the plots. Undefined tests print "undefined" (never a number).
 """
 
@@ -52,13 +53,27 @@ def _group_line(name: str, block: Optional[dict]) -> str:
     return f"{name}: mean KL {_mean_se(block).strip()} (s.e., n={block['n_samples']})"
 
 
+def effect_floor_lines(result: dict, effect: str, name: str) -> list[str]:
+    """One line naming the noise floor of a non-KL effect column (`noise_floor.other_effects`), or none."""
+    f = result["noise_floor"].get("other_effects", {}).get(effect)
+    if f is None:
+        return []
+    return [f"{name} floor (the same runs, on |{name}|): median {f['median']:.2e}, max {f['max']:.2e} {f['unit']}; "
+            f"'{BELOW}' = |{name}| <= {causal_stats.FLOOR_FACTOR:g}x its sample's floor "
+            f"({f['n_effects_below_floor']} of {f['n_effects']} effects)"]
+
+
+def _signed(x: float, below: bool, width: int = 10) -> str:
+    return f"{x:>+{width}.2e}{BELOW if below else ' '}"
+
+
 def knockout_single(r: dict) -> str:
     where = f"layer {r['layer']}" if "layer" in r else f"layers {r['layer_start']}..{r['layer_end']}"
     ctl = "mass_matched_control" in r
     lines = [f"Knockout at {where} ({r['edge_set']}), KL(reference || knocked) in nats at the last token:",
-             *floor_header(r),
+             *floor_header(r), *effect_floor_lines(r, "delta_nll", "ΔNLL"),
              f"{'sample':<28} {'KL':>11} {'floor':>9} {'mass':>6}" +
-             (f" {'control KL':>11} {'ctl mass':>8}" if ctl else "") + "  top-1 kept"]
+             (f" {'control KL':>11} {'ctl mass':>8}" if ctl else "") + f" {'ΔNLL':>11}  top-1 kept"]
     for s in r["sample_results"]:
         mass = s.get("removed_mass")
         line = (f"{s['id']:<28} {_kl(s['kl_divergence'], s['below_noise_floor'])} {s['noise_floor_kl']:>9.1e} "
@@ -68,6 +83,8 @@ def knockout_single(r: dict) -> str:
             cm = s.get("control_removed_mass")
             line += (f" {_kl(ck, s.get('control_below_noise_floor', False))} "
                      f"{'skipped' if cm is None else f'{cm:.3f}':>8}")
+        if "noise_floor_delta_nll" in s:
+            line += " " + _signed(s["delta_nll"], s["delta_nll_below_noise_floor"])
         lines.append(line + f"  {'yes' if s['top1_agreement'] else 'NO'}")
     lines += [_group_line("Python", r["python_stats"]), _group_line("Rust", r["rust_stats"]),
               f"Python vs Rust, Welch t = {stats.fmt_stat(r['welch_t_statistic'], '.3f')}, df = "
@@ -143,8 +160,9 @@ def knockout_windows(r: dict) -> str:
 def steering(r: dict) -> str:
     lines = [f"Steering {r['language']} samples at layer {r['layer']} ({r['intervention_type']}); baseline attention "
              f"{100 * r['baseline_attention']:.2f}%; KL(reference || steered) in nats:", *floor_header(r),
+             *effect_floor_lines(r, "delta_nll", "ΔNLL"),
              f"{'dose':>6} {'attention':>10} {'expected':>9} {'mean KL':>11} {'± s.e.':>8} {'below floor':>11} "
-             f"{'top-1 kept':>10}"]
+             f"{'top-1 kept':>10} {'mean ΔNLL':>11}"]
     for x in r["dose_results"]:
         d = x["scale_factor"] if x["scale_factor"] is not None else x["target_attention"]
         exp = x["expected_attention"]
@@ -153,7 +171,9 @@ def steering(r: dict) -> str:
                      f"{'—' if exp is None else f'{100 * exp:.2f}%':>9} "
                      f"{_kl(x['mean_kl_divergence'], x['mean_below_noise_floor'])}"
                      f"{'—' if se is None else f'{se:.1e}':>8} {x['n_below_noise_floor']:>5}/{x['n_samples']:<5} "
-                     f"{100 * x['top1_agreement_rate']:>9.0f}%")
+                     f"{100 * x['top1_agreement_rate']:>9.0f}%"
+                     + (" " + _signed(x["mean_delta_nll"], x["mean_delta_nll_below_noise_floor"])
+                        if "mean_delta_nll_below_noise_floor" in x else ""))
     notes = r.get("sanity_check_notes", {})
     for k, v in r["sanity_checks"].items():
         val = f"{v:.3e}" if isinstance(v, float) else str(v)

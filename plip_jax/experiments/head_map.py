@@ -150,7 +150,7 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
     baseline, log-probability of the baseline's top-1 token), "floor_kl": f64 [B] (the noise floor: per sample
     the larger of KL(baseline || reference) and the rounding floor, `causal.SweepResult.floor_kl`), "floor_parts":
     {"engine", "rounding": f64 [B]}, "floor_delta_logprob": f64 [B] (the same floor on |change of log p(top-1)|,
-    nats: `causal.SweepResult.floor_delta_logprob`), "top1": int [B], "rounding_floor_s": wall seconds of the
+    nats: `causal.SweepResult.floor("delta_logprob_top1")`), "top1": int [B], "rounding_floor_s": wall seconds of the
     rounding floor (part of the grid's time) or None when not measured}. `progress(done, total)` is called
     after each program, `on_rounding_floor()` before the rounding floor is measured (only when it is)."""
     cfg = model.cfg
@@ -172,7 +172,7 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
         kl[:, l, h] = res.kl[j]
         dlp[:, l, h] = res.effects["delta_logprob_top1"][j]
     return {"kl": kl, "delta_logprob": dlp, "floor_kl": res.floor_kl, "floor_parts": res.floor_parts(),
-            "floor_delta_logprob": res.floor_delta_logprob,
+            "floor_delta_logprob": res.floor("delta_logprob_top1"),
             "top1": res.effects["top1_token"][0], "rounding_floor_s": res.rounding_floor_s}
 
 

@@ -9,7 +9,9 @@ Every mode is one program on the shared-prefix engine (`causal.shared_sweep`): t
 reference and the knockouts (single layer or window, its mass-matched control; every layer for a scan;
 every window for a sweep). KL(reference || knocked) in nats, in float64; the noise floor (per sample the
 larger of KL(baseline || reference) and the rounding floor, `rounding_floor`) is reported per sample and
-overall, with both parts, and effects below 3x the floor are marked.
+overall, with both parts, and effects below 3x the floor are marked. The other effects reported per sample
+(the logit difference of the reference's top-1 token, the change of the mean next-token NLL) carry their own
+floor from the same runs (`rounding_floor.effect_floors`).
 Scans and sweeps adjust the per-layer / per-window Welch p over the units (Holm, BH) and choose the best
 unit by the Holm-adjusted p. The control (`knockout_control`) removes the same attention mass as the
 targets; a sample without one is skipped with a note.
@@ -66,10 +68,12 @@ def token_id(tokenizer: Any, text: str) -> int:
     return int(ids[0])
 
 
-def _sample_json(model, s: KnockoutSample, res: causal.SweepResult, i: int, floor: float) -> dict:
+def _sample_json(model, s: KnockoutSample, res: causal.SweepResult, i: int, floors: dict) -> dict:
+    """One sample's PLIP JSON row plus the noise floor of each effect (floors: `SweepResult.floors()`)."""
     eff = res.effects
     top = metrics.top_changed_tokens(res.ref_last[0, i], res.last[0, i], k=5)
-    kl = float(eff["kl"][0, i])
+    kl, floor = float(eff["kl"][0, i]), float(floors["kl"][i])
+    dnll = float(eff["delta_nll"][0, i])
     return {
         "id": s.id, "language": s.tokenized.sample.language, "is_baseline": s.tokenized.sample.is_baseline,
         "kl_divergence": kl, "marker_token_pos": int(s.tokenized.marker_token),
@@ -77,7 +81,9 @@ def _sample_json(model, s: KnockoutSample, res: causal.SweepResult, i: int, floo
         "top_changed_tokens": metrics.format_top_changed(top, lambda tid: model.tokenizer.decode([int(tid)])),
         "top1_agreement": bool(eff["top1_agree"][0, i]),
         "logit_diff_top1": float(eff["logit_diff_top1"][0, i]),
-        "delta_nll": float(eff["delta_nll"][0, i]),
+        "noise_floor_logit_diff_top1": float(floors["logit_diff_top1"][i]),
+        "delta_nll": dnll, "noise_floor_delta_nll": float(floors["delta_nll"][i]),
+        "delta_nll_below_noise_floor": bool(causal_stats.below_floor(abs(dnll), floors["delta_nll"][i])),
         "future_edges_dropped": s.dropped_future_edges,
         "noise_floor_kl": floor, "below_noise_floor": bool(causal_stats.below_floor(kl, floor)),
     }
@@ -99,6 +105,7 @@ def _python_vs_rust(rows: list) -> dict:
     return w | {"significant_difference": bool(w["welch_p_value"] is not None and w["welch_p_value"] < 0.05)}
 
 
+OTHER_EFFECTS = ("logit_diff_top1", "delta_nll")  # reported per sample beside the KL, each with its own floor
 KL_REFERENCE = ("KL(reference || knocked) in nats at the last real token, in float64; the reference is "
                 "the no-op point of the same compiled program (identical operations, no edge selected)")
 
@@ -134,8 +141,9 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
                                    edges_of=lambda s: [(s.tokenized.marker_token, k) for k in by_id[s.id].keys]))
     res = causal.sweep_points(model.model, batch.tokens, batch.lengths, points, [min(layers)] * len(points),
                               sample_ids=batch.ids, distribute=distributor(model))
-    floor = res.floor_kl
-    rows = [_sample_json(model, s, res, i, float(floor[i])) for i, s in enumerate(samples)]
+    floors = res.floors()
+    floor = floors["kl"]
+    rows = [_sample_json(model, s, res, i, floors) for i, s in enumerate(samples)]
     if mass is not None:
         for r, s, m in zip(rows, samples, mass):
             r["removed_mass"] = float(m[[k for _, k in s.edges]].sum())
@@ -158,6 +166,8 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     effects = np.asarray([r["kl_divergence"] for r in rows])
     result["noise_floor"], result["floor_warning"] = causal_stats.floor_block(floor, effects, model.dtype,
                                                                               res.floor_parts())
+    result["noise_floor"]["other_effects"] = causal_stats.effect_floor_block(
+        {k: floors[k] for k in OTHER_EFFECTS}, {k: res.effects[k][0] for k in OTHER_EFFECTS})
     if ctl is not None:
         result["mass_matched_control"] = _control_json(rows, samples, ctl, res, control_seed, control_rel_tol,
                                                        control_abs_tol)
@@ -209,18 +219,24 @@ def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, 
     causal.check_finite_logits(out["last"], "knockout scan", batch.ids, sample_axis=0)  # [B, L + 1, V]
     eff = causal.effects_f64(ref[:, None], out["last"][:, 1:], out["noop_nll"][:, None], out["nll"][:, 1:])
     kl = eff["kl"]  # [B, L]
-    parts = {"engine": metrics.kl_divergence_f64(base, ref)}
+    engine = rounding_floor.effect_floors(base, ref, out["nll"][:, 0], out["noop_nll"])
+    rounding = None
     if rounding_floor.wanted(model.model):  # jittered after block 0: the lowest knocked layer
-        parts["rounding"] = rounding_floor.rounding_floor_kl(model.model, batch.tokens, batch.lengths,
-                                                             np.asarray(iv.knockout.edges).any(axis=-1), 0,
-                                                             distribute=distributor(model))
-    floor = rounding_floor.combined_floor(parts["engine"], parts.get("rounding"))
+        rounding = rounding_floor.rounding_floor_effects(model.model, batch.tokens, batch.lengths,
+                                                         np.asarray(iv.knockout.edges).any(axis=-1), 0,
+                                                         distribute=distributor(model))
+    floors = rounding_floor.combined_floors(engine, rounding)
+    floor, dnll_floor = floors["kl"], floors["delta_nll"]
+    parts = {"engine": engine["kl"]} | ({} if rounding is None else {"rounding": rounding["kl"]})
     langs = [s.tokenized.sample.language for s in samples]
     per_layer = causal_stats.unit_rows(_unit_data(kl, langs, floor))
     for l, row in enumerate(per_layer):
         row["layer"] = l
     floor_json, warning = causal_stats.floor_block(floor, kl.T, model.dtype, parts)
+    floor_json["other_effects"] = causal_stats.effect_floor_block({"delta_nll": dnll_floor},
+                                                                  {"delta_nll": eff["delta_nll"].T})
     below = causal_stats.below_floor(kl, floor[:, None])
+    below_dnll = causal_stats.below_floor(np.abs(eff["delta_nll"]), dnll_floor[:, None])
     return {"model": model.name, "mode": "scan_layers", "n_heads": cfg.num_heads,
             "edge_set": "all_rows_to_marker" if all_edges else "marker_to_targets",
             "kl_reference": KL_REFERENCE.replace("no edge selected", "no edge selected; each knocked run is a copy "
@@ -230,7 +246,10 @@ def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, 
             "noise_floor": floor_json, "floor_warning": warning,
             "samples": [{"id": s.id, "language": langs[i], "kl_by_layer": kl[i].tolist(),
                          "below_noise_floor_by_layer": below[i].tolist(), "noise_floor_kl": float(floor[i]),
-                         "delta_nll_by_layer": eff["delta_nll"][i].tolist()} for i, s in enumerate(samples)],
+                         "delta_nll_by_layer": eff["delta_nll"][i].tolist(),
+                         "noise_floor_delta_nll": float(dnll_floor[i]),
+                         "delta_nll_below_noise_floor_by_layer": below_dnll[i].tolist()}
+                        for i, s in enumerate(samples)],
             "skipped_samples": skipped, "timings_s": {"total_s": time.perf_counter() - t0}}
 
 

@@ -12,8 +12,9 @@ random sign (h <- h + s * eps * h, s = +-1, eps = `jnp.finfo(dtype).eps`: 2^-7 i
 That is a perturbation of the size of one rounding of the stored stream, so no effect smaller than what it
 causes can be told apart from rounding. Its KL(plain || jittered) is taken in float64; a sample's rounding floor
 is the largest over `draws` independent sign patterns (fixed seed: reruns read the same numbers). The same runs
-also give the floor of the change of the plain forward's top-1 log-probability (`rounding_floor_effects`), for
-effects reported on that measure (the head map's exact-vs-gradient agreement).
+give the floor of every other effect the causal tools report (`rounding_floor_effects`, `FLOORED_EFFECTS`): the
+logit difference and the change of log-probability of the plain forward's top-1 token, and the change of the
+mean next-token NLL.
 
 When: by default only for reduced-precision compute (bfloat16, float16; `wanted`). In float32 it reads the same
 as the engine's floor (both ~1e-12 nats on the bundled model, and no flag changes), while it costs a compile and
@@ -23,7 +24,8 @@ Measured on the bundled model (Rust samples, layer 4, see METHODS): float32, med
 floor: 3.3e-12); bfloat16, median 4-8e-4 nats, the size of every bfloat16 steering dose (3.3-4.4e-4), against the
 engine's 0.8-1e-4.
 
-Cost: 1 + `draws` full forwards of every sample (no prefix shared with the run it measures), plus one compile:
+Cost: 1 + `draws` full forwards of every sample (no prefix shared with the run it measures; each also projects
+every row onto the vocabulary for the NLL change's floor, chunked, never holding [T, V]), plus one compile:
 bundled model, bfloat16, 20 samples x 64 tokens, 2 CPU cores, 1.65 s, about one layer knockout scan (1.49 s);
 `benchmarks/head_map.py` prints it beside the exact grid.
 """
@@ -69,22 +71,57 @@ def jitter_edit(h, layer, n_layers: int, first_row, length, key) -> ivs.Interven
 def rounding_runs(model, tokens, lengths, first_rows, sample_index, layer, seed, draws: int):
     """tokens [B, T], lengths / first_rows int [B], sample_index uint32 [B] (each sample's draws use the key
     fold_in(PRNGKey(seed), its index)), layer: int [] (traced: one program for every layer), seed: uint32 [].
-    Returns (plain last-token logits f32 [B, V], jittered ones [B, draws, V]) of any `Model` (transformer or
-    RWKV-6: both apply residual edits)."""
+    Returns (plain last-token logits f32 [B, V], jittered ones [B, draws, V], plain mean next-token NLL f32 [B]
+    nats/token, jittered ones [B, draws]) of any `Model` (transformer or RWKV-6: both apply residual edits);
+    the NLL is the causal engine's (`metrics.sequence_nll_from_hidden`)."""
     n_layers = model.cfg.num_layers
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(sample_index)
 
+    def last_and_nll(out, tok, n):
+        return out.logits, metrics.sequence_nll_from_hidden(out.final_hidden, model.unembedding, tok, n)
+
     def one(tok, n, first, k):
-        base = model(tok, length=n, capture=Capture(logits="last", resid_post="all"))
+        base = model(tok, length=n, capture=Capture(logits="last", resid_post="all", final_hidden=True))
         h = jax.lax.dynamic_index_in_dim(base.resid_post, layer, 0, keepdims=False)  # [T, D]
 
         def jittered(kd):
             iv = jitter_edit(h, layer, n_layers, first, n, kd)
-            return model(tok, length=n, interventions=iv, capture=Capture(logits="last")).logits
+            out = model(tok, length=n, interventions=iv, capture=Capture(logits="last", final_hidden=True))
+            return last_and_nll(out, tok, n)
 
-        return base.logits, jax.lax.map(jittered, jax.random.split(k, draws))
+        base_last, base_nll = last_and_nll(base, tok, n)
+        jit_last, jit_nll = jax.lax.map(jittered, jax.random.split(k, draws))
+        return base_last, jit_last, base_nll, jit_nll
 
     return jax.vmap(one)(tokens, lengths, first_rows, keys)
+
+
+FLOORED_EFFECTS = ("kl", "logit_diff_top1", "delta_logprob_top1", "delta_nll")
+
+
+def effect_floors(ref_logits, other_logits, ref_nll, other_nll) -> dict:
+    """How far apart two runs that should agree read on every floored effect, float64 [...] each (logits
+    [..., V], NLLs [...] nats/token, on the host): "kl" (KL(ref || other), nats), and the magnitudes of
+    "logit_diff_top1", "delta_logprob_top1" (nats) and "delta_nll" (nats/token), by the formulas of the
+    causal effects (`metrics.last_token_effects_f64`). The logit difference and the NLL change are differences
+    of two stored float32 numbers, so their floor is never below one float32 unit of the reference's value
+    (`float32_unit`): a one-unit difference is rounding even where these two runs happen to agree. The
+    engine's floor is this between the baseline and the no-op reference; the rounding floor the largest of it
+    over the jittered forwards."""
+    ref = np.asarray(ref_logits, np.float64)
+    eff = metrics.last_token_effects_f64(ref, other_logits)
+    top_logit = np.take_along_axis(ref, eff["top1_token"][..., None], axis=-1)[..., 0]
+    ref_nll = np.asarray(ref_nll, np.float64)
+    nll = np.asarray(other_nll, np.float64) - ref_nll
+    return {"kl": eff["kl"],
+            "logit_diff_top1": np.maximum(np.abs(eff["logit_diff_top1"]), float32_unit(top_logit)),
+            "delta_logprob_top1": np.abs(eff["delta_logprob_top1"]),
+            "delta_nll": np.maximum(np.abs(nll), float32_unit(ref_nll))}
+
+
+def float32_unit(x) -> np.ndarray:
+    """float64, x's shape: the spacing of float32 numbers at |x| (one unit in the last place)."""
+    return np.spacing(np.abs(np.asarray(x, np.float32))).astype(np.float64)
 
 
 NOT_MEASURED = ("rounding floor not measured: float32 compute, where it reads the same as the engine floor "
@@ -114,9 +151,10 @@ def rounding_floor_kl(model, tokens, lengths, edited, layer: int, **options) -> 
 
 def rounding_floor_effects(model, tokens, lengths, edited, layer: int, *, draws: int = ROUNDING_DRAWS,
                            seed: int = ROUNDING_SEED, distribute=None, sample_chunk: Optional[int] = None) -> dict:
-    """Each sample's rounding floor (see the module docstring) on two measures of the same runs, float64 [B]
-    each: "kl" (nats, KL(plain || jittered)) and "delta_logprob_top1" (nats, |change of the plain forward's
-    top-1 log-probability|), each the largest over the draws. model: any `Model`; tokens [B, T];
+    """Each sample's rounding floor (see the module docstring) on every floored effect of the same runs,
+    float64 [B] each, keyed as `FLOORED_EFFECTS` (`effect_floors` of the plain forward against each jittered
+    one, the largest over the draws): "kl" (nats, KL(plain || jittered)), "logit_diff_top1", "delta_logprob_top1"
+    (nats) and "delta_nll" (nats/token), all magnitudes. model: any `Model`; tokens [B, T];
     lengths int [B]; edited bool [B, T]: the rows the run's interventions edit (jittered from each sample's first
     one, `first_edited_rows`); layer: the run's lowest intervened layer (its block's output is jittered).
     distribute: optional callable placing (tokens, lengths, iv, first_rows, starts) on devices
@@ -137,7 +175,7 @@ def rounding_floor_effects(model, tokens, lengths, edited, layer: int, *, draws:
                                 f"{bad.tolist()} are outside their sequences (lengths {lengths_np[bad].tolist()})")
     n = first_np.size
     step = n if not sample_chunk else min(n, max(1, int(sample_chunk)))
-    out = {"kl": np.empty(n, np.float64), "delta_logprob_top1": np.empty(n, np.float64)}
+    out = {k: np.empty(n, np.float64) for k in FLOORED_EFFECTS}
     for a in range(0, n, step):
         idx = np.arange(a, min(n, a + step))
         padded = np.concatenate([idx, np.full(step - idx.size, idx[-1])])
@@ -145,15 +183,16 @@ def rounding_floor_effects(model, tokens, lengths, edited, layer: int, *, draws:
         args = (take(tokens), take(lengths), None, first_np[padded].astype(np.int32), None)
         if distribute is not None:
             args = distribute(args)
-        base, jit = sharding.to_host(rounding_runs(model, args[0], args[1], args[3], padded.astype(np.uint32),
-                                                   jnp.int32(layer), jnp.uint32(seed), draws=int(draws)))
-        base, jit = np.asarray(base, np.float64)[: idx.size], np.asarray(jit, np.float64)[: idx.size]
-        if not (np.isfinite(base).all() and np.isfinite(jit).all()):
+        runs = sharding.to_host(rounding_runs(model, args[0], args[1], args[3], padded.astype(np.uint32),
+                                              jnp.int32(layer), jnp.uint32(seed), draws=int(draws)))
+        base, jit, base_nll, jit_nll = (np.asarray(x, np.float64)[: idx.size] for x in runs)
+        if not all(np.isfinite(x).all() for x in (base, jit, base_nll, jit_nll)):
             raise InterventionError("rounding floor: non-finite logits in the plain or jittered forward (check the "
                                     "model's weights and the compute dtype)")
-        plain = np.broadcast_to(base[:, None], jit.shape)
-        out["kl"][idx] = metrics.kl_divergence_f64(plain, jit).max(axis=1)
-        out["delta_logprob_top1"][idx] = np.abs(metrics.delta_logprob_top1_f64(plain, jit)).max(axis=1)
+        floors = effect_floors(np.broadcast_to(base[:, None], jit.shape), jit,
+                               np.broadcast_to(base_nll[:, None], jit_nll.shape), jit_nll)
+        for k in FLOORED_EFFECTS:
+            out[k][idx] = floors[k].max(axis=1)
     return out
 
 
@@ -174,6 +213,12 @@ def combined_floor(engine_kl, rounding_kl: Optional[np.ndarray]) -> np.ndarray:
     return e if rounding_kl is None else np.maximum(e, np.asarray(rounding_kl, np.float64))
 
 
-__all__ = ["DEFINITION", "NOT_MEASURED", "ROUNDING_DRAWS", "ROUNDING_SEED", "combined_floor", "components_line",
-           "first_edited_rows",
+def combined_floors(engine: dict, rounding: Optional[dict]) -> dict:
+    """`combined_floor` of every effect in `engine` ({effect: [B]}, e.g. `effect_floors`'), against the same key of
+    `rounding` (None: the engine's alone)."""
+    return {k: combined_floor(v, None if rounding is None else rounding[k]) for k, v in engine.items()}
+
+
+__all__ = ["DEFINITION", "FLOORED_EFFECTS", "NOT_MEASURED", "ROUNDING_DRAWS", "ROUNDING_SEED", "combined_floor", "combined_floors",
+           "components_line", "effect_floors", "first_edited_rows", "float32_unit",
            "jitter_edit", "rounding_floor_effects", "rounding_floor_kl", "rounding_runs", "wanted"]

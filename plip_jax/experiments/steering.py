@@ -238,7 +238,8 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
                               point_batch=sweep_batch, sample_ids=batch.ids, distribute=distributor(model))
     labels = [f"{'Scale' if mode == 'scale' else 'SetValue'}({d:g})" for d in doses]
     causal.raise_on_failed_steering(res.failed_row, batch.ids, labels)
-    kl, floor = res.kl, res.floor_kl  # [D, B], [B]
+    kl, floor, dnll_floor = res.kl, res.floor_kl, res.floor("delta_nll")  # [D, B], [B], [B]
+    dnll = res.effects["delta_nll"]  # [D, B] nats/token
     counts = edge_counts(samples, batch.tokens.shape[1])
     ref_rows = res.marker_rows[0][:, layer]  # [B, H, T]: the reference's marker rows at the layer
     base_att = steered_metric(ref_rows, counts)
@@ -256,14 +257,19 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
                "se_kl_divergence": float(kl[j].std(ddof=1) / math.sqrt(n)) if n > 1 else None,
                "mean_attention_achieved": float(ach[j].mean()), "expected_attention": expected,
                "n_samples": n, "top1_agreement_rate": float(res.effects["top1_agree"][j].mean()),
-               "mean_delta_nll": float(res.effects["delta_nll"][j].mean()),
+               "mean_delta_nll": float(dnll[j].mean()),
+               "n_delta_nll_below_noise_floor": int(causal_stats.below_floor(np.abs(dnll[j]), dnll_floor).sum()),
+               "mean_delta_nll_below_noise_floor": bool(causal_stats.below_floor(abs(dnll[j].mean()),
+                                                                                 dnll_floor.mean())),
                "n_below_noise_floor": int(below.sum()),
                "mean_below_noise_floor": bool(causal_stats.below_floor(kl[j].mean(), floor.mean()))}
         if mode == "set_value":
             row["target_attention"] = float(d)
         dose_results.append(row)
-    nonid = kl[[j for j, d in enumerate(doses) if not (mode == "scale" and d == 1.0)]]
-    floor_json, warning = causal_stats.floor_block(floor, nonid, model.dtype, res.floor_parts())
+    nonid = [j for j, d in enumerate(doses) if not (mode == "scale" and d == 1.0)]  # the identity reads 0
+    floor_json, warning = causal_stats.floor_block(floor, kl[nonid], model.dtype, res.floor_parts())
+    floor_json["other_effects"] = causal_stats.effect_floor_block({"delta_nll": dnll_floor},
+                                                                  {"delta_nll": dnll[nonid]})
     checks, notes = _sanity_checks(doses, dose_results, kl, floor, mode, floor_small=warning is None)
     return {
         "model": model.name, "layer": layer, "intervention_type": "Scale" if mode == "scale" else "SetValue",
@@ -277,7 +283,8 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
                      "target_token_positions": [k for _, k in s.edges], "baseline_attention": float(base_att[i]),
                      "noise_floor_kl": float(floor[i]), "kl_by_dose": kl[:, i].tolist(),
                      "below_noise_floor_by_dose": causal_stats.below_floor(kl[:, i], floor[i]).tolist(),
-                     "attention_by_dose": ach[:, i].tolist()}
+                     "attention_by_dose": ach[:, i].tolist(), "delta_nll_by_dose": dnll[:, i].tolist(),
+                     "noise_floor_delta_nll": float(dnll_floor[i])}
                     for i, s in enumerate(samples)],
         "timings_s": {"total_s": time.perf_counter() - t0},
     }

@@ -121,7 +121,7 @@ def knockout(b: SectionBuilder, d: dict) -> None:
             b.note(d["floor_warning"])
         b.table("Per sample (KL in nats)", ("sample_results",), prefer=("id", "language", "kl_divergence",
                 "noise_floor_kl", "removed_mass", "control_kl_divergence", "control_removed_mass", "top1_agreement",
-                "delta_nll", "edges_knocked_out"),
+                "delta_nll", "noise_floor_delta_nll", "edges_knocked_out"),
                 hide=("is_baseline", "marker_token_pos", "control"), collapsed=True)
     if d.get("skipped_samples"):
         b.note(f"{len(d['skipped_samples'])} sample(s) skipped (see the JSON's skipped_samples).")
@@ -203,7 +203,7 @@ def steering(b: SectionBuilder, d: dict) -> None:
     _extras(b, ())
     b.table("Dose table (attention in %, KL in nats, SD = sample SD)", ("dose_results",),
             prefer=("scale_factor", "target_attention", "mean_attention_achieved", "mean_kl_divergence", "std_kl_divergence",
-                    "top1_agreement_rate", "mean_delta_nll", "n_samples"),
+                    "top1_agreement_rate", "mean_delta_nll", "n_delta_nll_below_noise_floor", "n_samples"),
             labels={"top1_agreement_rate": "top-1 kept (fraction)"})
     b.table("Per sample", ("samples",), prefer=("id", "baseline_attention"), collapsed=True)
 
