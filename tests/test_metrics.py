@@ -213,6 +213,25 @@ def test_delta_logprob_top1_f64_equals_scipy_log_softmax():
         M.delta_logprob_top1_f64([1.0, 2.0], [1.0, 2.0, 3.0])
 
 
+def test_last_token_effects_f64_equal_scipy_on_any_leading_shape():
+    from scipy.special import log_softmax, rel_entr, softmax
+
+    rng = np.random.default_rng(5)
+    ref, other = rng.normal(size=(2, 3, 40)) * 3, rng.normal(size=(2, 3, 40)) * 3
+    eff = M.last_token_effects_f64(ref, other)
+    top = ref.argmax(-1)
+    at = lambda x: np.take_along_axis(x, top[..., None], -1)[..., 0]
+    assert all(v.shape == (2, 3) for v in eff.values())
+    np.testing.assert_allclose(eff["kl"], rel_entr(softmax(ref, -1), softmax(other, -1)).sum(-1), rtol=1e-10)
+    np.testing.assert_array_equal(eff["top1_token"], top)
+    np.testing.assert_array_equal(eff["top1_agree"], other.argmax(-1) == top)
+    np.testing.assert_allclose(eff["logit_diff_top1"], at(ref) - at(other), rtol=1e-13)
+    np.testing.assert_allclose(eff["delta_logprob_top1"], at(log_softmax(other, -1)) - at(log_softmax(ref, -1)),
+                               rtol=1e-12, atol=1e-13)
+    with pytest.raises(M.NonFiniteError, match="the KL is undefined"):
+        M.last_token_effects_f64([1.0, np.nan], [1.0, 2.0])
+
+
 def test_noise_floor_helpers():
     f = M.noise_floor_summary([1e-7, 3e-7, 2e-7, 6e-7])
     assert (f.n, f.max) == (4, 6e-7)

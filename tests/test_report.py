@@ -105,6 +105,10 @@ def test_every_json_has_a_section_and_its_numbers_equal_the_json(outputs):
     for i, row in enumerate(jsons[st]["dose_results"]):  # the dose table
         assert shown[(st, ("dose_results", i, "mean_attention_achieved"))] == f"{100 * row['mean_attention_achieved']:.2f}%"
         assert shown[(st, ("dose_results", i, "mean_kl_divergence"))] == f"{row['mean_kl_divergence']:.3e}"
+        assert shown[(st, ("dose_results", i, "n_delta_nll_below_noise_floor"))] == str(
+            row["n_delta_nll_below_noise_floor"])  # ΔNLL beside its own floor
+    for i, row in enumerate(jsons[ko]["sample_results"]):  # each sample's ΔNLL and its floor
+        assert shown[(ko, ("sample_results", i, "noise_floor_delta_nll"))] == f"{row['noise_floor_delta_nll']:.3e}"
     hm = "head_map_plip_tiny_code.json"  # the head map: agreement over all sample-cells and over resolved ones
     for field in ("spearman_all", "n_resolved", "n_sample_cells", "spearman_resolved"):
         assert (hm, ("agreement", field)) in shown, field

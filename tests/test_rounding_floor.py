@@ -127,3 +127,26 @@ def test_rounding_floor_refuses_bad_input(bundled_model, small):
 def test_combined_floor_is_the_larger_per_sample():
     np.testing.assert_array_equal(rf.combined_floor([1e-12, 5e-4], [3e-12, 1e-4]), [3e-12, 5e-4])
     np.testing.assert_array_equal(rf.combined_floor([1e-12, 5e-4], None), [1e-12, 5e-4])
+
+
+def test_effect_floors_are_magnitudes_and_never_below_one_float32_unit():
+    """`rounding_floor.effect_floors`: |effect| between two runs; two equal runs read 0 on the KL and the change of
+    log p, and one float32 unit of the value on the logit difference and the NLL change (their resolution)."""
+    from plip_jax.analysis import metrics
+
+    rng = np.random.default_rng(6)
+    ref = rng.normal(size=(4, 30)).astype(np.float32) * 3
+    nll = np.array([0.5, 1.5, 3.0, 9.0], np.float32)
+    same = rf.effect_floors(ref, ref, nll, nll)
+    assert sorted(same) == sorted(rf.FLOORED_EFFECTS)
+    np.testing.assert_array_equal(same["kl"], 0.0)
+    np.testing.assert_array_equal(same["delta_logprob_top1"], 0.0)
+    np.testing.assert_array_equal(same["delta_nll"], np.spacing(nll).astype(np.float64))
+    np.testing.assert_array_equal(same["logit_diff_top1"], np.spacing(np.abs(ref.max(-1))).astype(np.float64))
+    other, moved = ref + rng.normal(size=ref.shape).astype(np.float32), nll - np.float32(0.25)
+    eff = metrics.last_token_effects_f64(ref, other)
+    got = rf.effect_floors(ref, other, nll, moved)
+    np.testing.assert_array_equal(got["kl"], eff["kl"])
+    np.testing.assert_array_equal(got["logit_diff_top1"], np.abs(eff["logit_diff_top1"]))  # far above a unit
+    np.testing.assert_array_equal(got["delta_logprob_top1"], np.abs(eff["delta_logprob_top1"]))
+    np.testing.assert_allclose(got["delta_nll"], 0.25)  # a decrease reads as its magnitude

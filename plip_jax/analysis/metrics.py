@@ -71,6 +71,11 @@ def kl_divergence_f64(base_logits, other_logits) -> np.ndarray:
     allowed (p_v = 0 terms contribute 0; q_v = 0 where p_v > 0 gives +inf); NaN or +inf -> ValueError.
     """
     x, y = _checked_logit_pair(base_logits, other_logits, "the KL")
+    return _kl_f64_checked(x, y)
+
+
+def _kl_f64_checked(x, y) -> np.ndarray:
+    """`kl_divergence_f64` of float64 logits that passed `_checked_logit_pair`."""
     masked = np.isneginf(x).any(axis=-1) | np.isneginf(y).any(axis=-1)  # rows with -inf: the direct form
     if not masked.any():
         return kl_f64_finite(np, x, y)
@@ -113,10 +118,10 @@ def last_token_effects_f64(ref_logits, other_logits) -> dict:
     """`last_token_effects_at_xp` on the host in numpy float64: [..., V] x [..., V] -> dict of [...] arrays.
     Rows with -inf logits (a masked vocabulary) take `kl_divergence_f64`'s direct form; NaN / +inf raise its
     NonFiniteError."""
-    x, y = _checked_logit_pair(ref_logits, other_logits, "the effects")
+    x, y = _checked_logit_pair(ref_logits, other_logits, "the KL")
     lead, v = x.shape[:-1], x.shape[-1]
     x, y = x.reshape(-1, v), y.reshape(-1, v)
-    out = last_token_effects_at_xp(np, x, y, kl_divergence_f64(x, y))
+    out = last_token_effects_at_xp(np, x, y, _kl_f64_checked(x, y))
     return {k: np.asarray(val).reshape(lead) for k, val in out.items()}
 
 

@@ -863,11 +863,11 @@ class SweepResult:
     def floor_kl(self) -> np.ndarray:
         return self.floor("kl")
 
-    def floor_parts(self, effect: str = "kl") -> dict:
-        """{"engine": [B], "rounding": [B]?}: the floors `floor(effect)` combines (for `causal_stats.floor_block`)."""
-        parts = {"engine": self.engine_floors[effect]}
+    def floor_parts(self) -> dict:
+        """{"engine": [B], "rounding": [B]?}: the floors `floor_kl` combines (for `causal_stats.floor_block`)."""
+        parts = {"engine": self.engine_floor_kl}
         if self.rounding_floors is not None:
-            parts["rounding"] = self.rounding_floors[effect]
+            parts["rounding"] = self.rounding_floor_kl
         return parts
 
 
