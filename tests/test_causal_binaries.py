@@ -40,6 +40,10 @@ def test_ablation_single_layer_matches_plip_schema(tmp_path):
     assert {s["id"] for s in got["skipped_samples"]} >= {"rust_derive_debug"}  # future targets: reported, not 0
     assert got["provenance"]["model"]["kind"] == "bundled"
     assert all(r["logit_diff_token"]["token"] == "\n" for r in got["sample_results"])
+    for r in got["sample_results"]:  # the chosen token's logit difference beside its own floor
+        ld = r["logit_diff_token"]
+        assert 0 < ld["noise_floor"] < 1e-3 and ld["below_noise_floor"] == (abs(ld["diff"]) <= 3 * ld["noise_floor"])
+    assert got["noise_floor"]["other_effects"]["logit_diff_token"]["n_effects"] == len(got["sample_results"])
 
 
 def test_ablation_scan_layers_covers_every_layer_and_sample(tmp_path):

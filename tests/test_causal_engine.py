@@ -78,12 +78,35 @@ def test_identity_point_reads_exactly_zero_against_the_same_program_reference(st
             "delta_nll": np.maximum(np.abs(res.ref_nll[0].astype(np.float64) - res.base_nll), unit(res.base_nll))}
     assert sorted(res.engine_floors) == sorted(rounding_floor.FLOORED_EFFECTS) == sorted(want)
     rounding = rounding_floor.rounding_floor_effects(bundled_model.model, batch.tokens, batch.lengths, edited, LAYER)
+    assert "logit_diff_token" not in res.engine_floors  # only when asked for (floor_token)
     for effect, engine in want.items():
         np.testing.assert_allclose(res.engine_floors[effect], engine, rtol=1e-9, atol=1e-15, err_msg=effect)
         np.testing.assert_array_equal(res.rounding_floors[effect], rounding[effect])
         np.testing.assert_array_equal(res.floor(effect), np.maximum(res.engine_floors[effect], rounding[effect]))
     assert not np.array_equal(res.rounding_floor_kl, rounding_floor.rounding_floor_kl(
         bundled_model.model, batch.tokens, batch.lengths, edited, LAYER - 1))
+
+
+@pytest.mark.slow
+def test_a_chosen_tokens_logit_difference_gets_its_floor_from_the_same_runs(bundled_model, small):
+    """sweep_points(floor_token=t): the floor of t's logit difference, baseline vs reference (never below one
+    float32 unit) and from the rounding floor's runs at the points' lowest layer and first edited rows."""
+    from plip_jax.experiments import rounding_floor
+
+    samples, batch, markers = small
+    points = _scale_points(bundled_model, samples, batch, (3.0,))
+    tok = 11
+    res = causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, points, [LAYER],
+                              measure_rounding_floor=True, floor_token=tok)
+    base, ref = res.base_last[:, tok].astype(np.float64), res.ref_last[0, :, tok].astype(np.float64)
+    unit = np.spacing(np.abs(base).astype(np.float32)).astype(np.float64)
+    np.testing.assert_array_equal(res.engine_floors["logit_diff_token"], np.maximum(np.abs(base - ref), unit))
+    edited = np.zeros(batch.tokens.shape, bool)
+    edited[np.arange(len(markers)), markers] = True
+    want = rounding_floor.rounding_floor_effects(bundled_model.model, batch.tokens, batch.lengths, edited, LAYER,
+                                                 token=tok)["logit_diff_token"]
+    np.testing.assert_array_equal(res.rounding_floors["logit_diff_token"], want)
+    assert np.all(res.floor("logit_diff_token") >= unit) and np.any(want > unit)  # the jitter moves that logit
 
 
 def test_the_sweep_times_its_rounding_floor_and_says_when_it_starts(bundled_model, small, monkeypatch):

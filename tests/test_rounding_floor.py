@@ -108,6 +108,13 @@ def test_rounding_floor_of_every_effect_is_from_the_same_runs(bundled_model, sma
     np.testing.assert_allclose(base_nll, plain, rtol=1e-5)
     for effect in rf.FLOORED_EFFECTS:
         assert np.all(every[effect] > 0), effect  # measured: a jitter that did nothing reads 0
+    # a chosen token's logit difference (the knockout's --logit_token) from the same runs
+    tok = 7
+    with_token = rf.rounding_floor_effects(m, batch.tokens, batch.lengths, edited, LAYER, token=tok)
+    for effect in rf.FLOORED_EFFECTS:
+        np.testing.assert_array_equal(with_token[effect], every[effect])
+    diff = np.abs(base[:, tok][:, None] - jit[:, :, tok]).max(1)
+    np.testing.assert_allclose(with_token["logit_diff_token"], np.maximum(diff, unit(base[:, tok])), rtol=1e-9)
 
 
 def test_rounding_floor_refuses_bad_input(bundled_model, small):

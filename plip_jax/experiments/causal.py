@@ -817,7 +817,8 @@ class SweepResult:
     the points); last [P, B, V], nll [P, B] (ref_last and last are None when `sweep_points` ran with
     keep_logits=False); effects: `effects_f64(ref, point)` per point ([P, B] each);
     engine_floors: {effect: [B]} for every `rounding_floor.FLOORED_EFFECTS` (kl, logit_diff_top1,
-    delta_logprob_top1, delta_nll): `rounding_floor.effect_floors` of the baseline against the reference,
+    delta_logprob_top1, delta_nll; and logit_diff_token when `sweep_points` got a floor_token):
+    `rounding_floor.effect_floors` of the baseline against the reference,
     the largest over programs; rounding_floors: the same keys, `rounding_floor.rounding_floor_effects` at the
     points' lowest start layer (None when not measured); `floor(effect)` [B]: the noise floor of that effect,
     the larger of the two per sample (floor_kl = floor("kl"), the one every KL flag uses); rounding_floor_s:
@@ -875,7 +876,8 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
                  group_layers: int = DEFAULT_GROUP_LAYERS, point_batch: Optional[int] = None,
                  sample_ids: Optional[Sequence[str]] = None, distribute=None, keep_logits: bool = True,
                  chunks: Optional[Sequence[Sequence[int]]] = None, progress=None,
-                 measure_rounding_floor: Optional[bool] = None, on_rounding_floor=None) -> SweepResult:
+                 measure_rounding_floor: Optional[bool] = None, on_rounding_floor=None,
+                 floor_token: Optional[int] = None) -> SweepResult:
     """Run P intervention points (each an `Interventions` with a leading B axis, all the same structure)
     on a batch, with their no-op reference and the baseline, on the shared-prefix engine; effects in
     float64 against the reference (`effects_f64`, computed on the device that holds the logits). starts [P]:
@@ -889,7 +891,9 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
     (`rounding_floor`: a plain forward and one per draw, over the batch) on each sample's rows from the first
     row any point edits, jittered after the lowest start layer; the reported floor is the larger of it and the
     engine's. None: only for reduced-precision compute (`rounding_floor.wanted`). on_rounding_floor(): called
-    just before the rounding floor is measured (not called when it is not), e.g. to say so in a progress line."""
+    just before the rounding floor is measured (not called when it is not), e.g. to say so in a progress line.
+    floor_token: a vocabulary id whose logit difference the caller reports: its floor joins the others
+    ("logit_diff_token", `rounding_floor.effect_floors`)."""
     n_layers = model.cfg.num_layers
     if len(points) != len(starts) or not len(points):
         raise InterventionError(f"{len(points)} sweep points for {len(starts)} start layers (need >= 1 of each)")
@@ -935,7 +939,7 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
         out["ref_last"] = sharding.to_host(dev["last"][:, 0])
         out["effects"] = eff
         floors.append(rounding_floor.effect_floors(  # [B] each: the baseline against the reference
-            out["base_last"], out["ref_last"], out["base_nll"], out["nll"][:, 0]))
+            out["base_last"], out["ref_last"], out["base_nll"], out["nll"][:, 0], floor_token))
         first = first or out
         for j, pos in enumerate(order):
             if idx[pos] is not None:
@@ -963,7 +967,7 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
             on_rounding_floor()
         t0 = time.perf_counter()  # the floor returns host arrays: the time includes the computation
         rounding = rounding_floor.rounding_floor_effects(model, tokens, lengths, edited, min(starts),
-                                                         distribute=distribute)
+                                                         distribute=distribute, token=floor_token)
         rounding_s = time.perf_counter() - t0
     engine = {key: np.max(np.stack([f[key] for f in floors]), axis=0) for key in floors[0]}
     return SweepResult(first["base_last"], first["base_nll"], ref_last, ref_nll, last, nll, effects, engine,

@@ -43,7 +43,8 @@ def floor_block(floor_kl, effects, dtype: str, parts: Optional[dict] = None) -> 
     return metrics.floor_block(floor, eff, below, dtype, floor_definition(parts), parts)
 
 
-EFFECT_UNITS = {"logit_diff_top1": "logits", "delta_logprob_top1": "nats", "delta_nll": "nats/token"}
+EFFECT_UNITS = {"logit_diff_top1": "logits", "logit_diff_token": "logits", "delta_logprob_top1": "nats",
+                "delta_nll": "nats/token"}
 EFFECT_FLOOR_DEFINITION = (
     "the same runs as the KL floor, measured on |the effect| by the effects' own formulas: per sample the larger of "
     "the engine's (baseline vs no-op reference) and the rounding floor's (when measured); the logit difference's "

@@ -117,7 +117,8 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     """Knock out the edges at `layers` (one layer, or a window) for every sample: one program runs the
     baseline, the no-op reference, the knockout and (unless control_seed is None or all_edges) the
     mass-matched control. Returns PLIP's JSON dict plus the noise floor, the removed masses and the control
-    analysis; with `logit_token` each sample also gets the logit difference (reference - knocked) of it."""
+    analysis; with `logit_token` each sample also gets the logit difference (reference - knocked) of it, beside
+    its own noise floor."""
     t0 = time.perf_counter()
     cfg = model.cfg
     for l in layers:
@@ -140,7 +141,7 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
         points.append(knockout_ivs(model, samples, batch, layers, heads,
                                    edges_of=lambda s: [(s.tokenized.marker_token, k) for k in by_id[s.id].keys]))
     res = causal.sweep_points(model.model, batch.tokens, batch.lengths, points, [min(layers)] * len(points),
-                              sample_ids=batch.ids, distribute=distributor(model))
+                              sample_ids=batch.ids, distribute=distributor(model), floor_token=tid)
     floors = res.floors()
     floor = floors["kl"]
     rows = [_sample_json(model, s, res, i, floors) for i, s in enumerate(samples)]
@@ -150,7 +151,9 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     if tid is not None:
         for i, r in enumerate(rows):
             d = float(np.float64(res.ref_last[0, i, tid]) - np.float64(res.last[0, i, tid]))
-            r["logit_diff_token"] = {"token": logit_token, "token_id": tid, "diff": d}
+            f = float(floors["logit_diff_token"][i])
+            r["logit_diff_token"] = {"token": logit_token, "token_id": tid, "diff": d, "noise_floor": f,
+                                     "below_noise_floor": bool(causal_stats.below_floor(abs(d), f))}
     result: dict = {"model": model.name}
     if len(layers) == 1:
         result["layer"] = int(layers[0])
@@ -166,8 +169,10 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     effects = np.asarray([r["kl_divergence"] for r in rows])
     result["noise_floor"], result["floor_warning"] = causal_stats.floor_block(floor, effects, model.dtype,
                                                                               res.floor_parts())
-    result["noise_floor"]["other_effects"] = causal_stats.effect_floor_block(
-        {k: floors[k] for k in OTHER_EFFECTS}, {k: res.effects[k][0] for k in OTHER_EFFECTS})
+    other = {k: res.effects[k][0] for k in OTHER_EFFECTS}
+    if tid is not None:
+        other["logit_diff_token"] = np.asarray([r["logit_diff_token"]["diff"] for r in rows])
+    result["noise_floor"]["other_effects"] = causal_stats.effect_floor_block({k: floors[k] for k in other}, other)
     if ctl is not None:
         result["mass_matched_control"] = _control_json(rows, samples, ctl, res, control_seed, control_rel_tol,
                                                        control_abs_tol)

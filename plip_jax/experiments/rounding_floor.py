@@ -99,24 +99,28 @@ def rounding_runs(model, tokens, lengths, first_rows, sample_index, layer, seed,
 FLOORED_EFFECTS = ("kl", "logit_diff_top1", "delta_logprob_top1", "delta_nll")
 
 
-def effect_floors(ref_logits, other_logits, ref_nll, other_nll) -> dict:
+def effect_floors(ref_logits, other_logits, ref_nll, other_nll, token: Optional[int] = None) -> dict:
     """How far apart two runs that should agree read on every floored effect, float64 [...] each (logits
     [..., V], NLLs [...] nats/token, on the host): "kl" (KL(ref || other), nats), and the magnitudes of
     "logit_diff_top1", "delta_logprob_top1" (nats) and "delta_nll" (nats/token), by the formulas of the
-    causal effects (`metrics.last_token_effects_f64`). The logit difference and the NLL change are differences
-    of two stored float32 numbers, so their floor is never below one float32 unit of the reference's value
-    (`float32_unit`): a one-unit difference is rounding even where these two runs happen to agree. The
-    engine's floor is this between the baseline and the no-op reference; the rounding floor the largest of it
-    over the jittered forwards."""
+    causal effects (`metrics.last_token_effects_f64`); with `token` (a vocabulary id) also "logit_diff_token",
+    |ref - other| of that token's logit (the knockout's --logit_token). Logit differences and the NLL change
+    are differences of two stored float32 numbers, so their floor is never below one float32 unit of the
+    reference's value (`float32_unit`): a one-unit difference is rounding even where these two runs happen to
+    agree. The engine's floor is this between the baseline and the no-op reference; the rounding floor the
+    largest of it over the jittered forwards."""
     ref = np.asarray(ref_logits, np.float64)
     eff = metrics.last_token_effects_f64(ref, other_logits)
+    logit_floor = lambda diff, value: np.maximum(np.abs(diff), float32_unit(value))
     top_logit = np.take_along_axis(ref, eff["top1_token"][..., None], axis=-1)[..., 0]
     ref_nll = np.asarray(ref_nll, np.float64)
-    nll = np.asarray(other_nll, np.float64) - ref_nll
-    return {"kl": eff["kl"],
-            "logit_diff_top1": np.maximum(np.abs(eff["logit_diff_top1"]), float32_unit(top_logit)),
-            "delta_logprob_top1": np.abs(eff["delta_logprob_top1"]),
-            "delta_nll": np.maximum(np.abs(nll), float32_unit(ref_nll))}
+    out = {"kl": eff["kl"], "logit_diff_top1": logit_floor(eff["logit_diff_top1"], top_logit),
+           "delta_logprob_top1": np.abs(eff["delta_logprob_top1"]),
+           "delta_nll": logit_floor(np.asarray(other_nll, np.float64) - ref_nll, ref_nll)}
+    if token is not None:
+        t = int(token)
+        out["logit_diff_token"] = logit_floor(ref[..., t] - np.asarray(other_logits, np.float64)[..., t], ref[..., t])
+    return out
 
 
 def float32_unit(x) -> np.ndarray:
@@ -150,11 +154,13 @@ def rounding_floor_kl(model, tokens, lengths, edited, layer: int, **options) -> 
 
 
 def rounding_floor_effects(model, tokens, lengths, edited, layer: int, *, draws: int = ROUNDING_DRAWS,
-                           seed: int = ROUNDING_SEED, distribute=None, sample_chunk: Optional[int] = None) -> dict:
+                           seed: int = ROUNDING_SEED, distribute=None, sample_chunk: Optional[int] = None,
+                           token: Optional[int] = None) -> dict:
     """Each sample's rounding floor (see the module docstring) on every floored effect of the same runs,
     float64 [B] each, keyed as `FLOORED_EFFECTS` (`effect_floors` of the plain forward against each jittered
     one, the largest over the draws): "kl" (nats, KL(plain || jittered)), "logit_diff_top1", "delta_logprob_top1"
-    (nats) and "delta_nll" (nats/token), all magnitudes. model: any `Model`; tokens [B, T];
+    (nats) and "delta_nll" (nats/token), all magnitudes (with `token`, also "logit_diff_token": see
+    `effect_floors`). model: any `Model`; tokens [B, T];
     lengths int [B]; edited bool [B, T]: the rows the run's interventions edit (jittered from each sample's first
     one, `first_edited_rows`); layer: the run's lowest intervened layer (its block's output is jittered).
     distribute: optional callable placing (tokens, lengths, iv, first_rows, starts) on devices
@@ -175,7 +181,8 @@ def rounding_floor_effects(model, tokens, lengths, edited, layer: int, *, draws:
                                 f"{bad.tolist()} are outside their sequences (lengths {lengths_np[bad].tolist()})")
     n = first_np.size
     step = n if not sample_chunk else min(n, max(1, int(sample_chunk)))
-    out = {k: np.empty(n, np.float64) for k in FLOORED_EFFECTS}
+    keys = FLOORED_EFFECTS + (() if token is None else ("logit_diff_token",))
+    out = {k: np.empty(n, np.float64) for k in keys}
     for a in range(0, n, step):
         idx = np.arange(a, min(n, a + step))
         padded = np.concatenate([idx, np.full(step - idx.size, idx[-1])])
@@ -190,8 +197,8 @@ def rounding_floor_effects(model, tokens, lengths, edited, layer: int, *, draws:
             raise InterventionError("rounding floor: non-finite logits in the plain or jittered forward (check the "
                                     "model's weights and the compute dtype)")
         floors = effect_floors(np.broadcast_to(base[:, None], jit.shape), jit,
-                               np.broadcast_to(base_nll[:, None], jit_nll.shape), jit_nll)
-        for k in FLOORED_EFFECTS:
+                               np.broadcast_to(base_nll[:, None], jit_nll.shape), jit_nll, token)
+        for k in keys:
             out[k][idx] = floors[k].max(axis=1)
     return out
 
@@ -219,6 +226,6 @@ def combined_floors(engine: dict, rounding: Optional[dict]) -> dict:
     return {k: combined_floor(v, None if rounding is None else rounding[k]) for k, v in engine.items()}
 
 
-__all__ = ["DEFINITION", "FLOORED_EFFECTS", "NOT_MEASURED", "ROUNDING_DRAWS", "ROUNDING_SEED", "combined_floor", "combined_floors",
-           "components_line", "effect_floors", "first_edited_rows", "float32_unit",
+__all__ = ["DEFINITION", "FLOORED_EFFECTS", "NOT_MEASURED", "ROUNDING_DRAWS", "ROUNDING_SEED", "combined_floor",
+           "combined_floors", "components_line", "effect_floors", "first_edited_rows", "float32_unit",
            "jitter_edit", "rounding_floor_effects", "rounding_floor_kl", "rounding_runs", "wanted"]
