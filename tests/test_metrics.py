@@ -194,23 +194,24 @@ def test_kl_f64_masked_logits_and_bad_input():
         M.kl_divergence_f64([-np.inf, -np.inf], [1.0, 2.0])
 
 
-def test_delta_logprob_top1_f64_equals_scipy_log_softmax():
+def test_effects_change_of_top1_log_probability_equals_scipy_log_softmax():
     from scipy.special import log_softmax
 
+    dlp = lambda b, o: M.last_token_effects_f64(b, o)["delta_logprob_top1"]
     rng = np.random.default_rng(3)
     base, other = rng.normal(size=(2, 3, 50)) * 4, rng.normal(size=(2, 3, 50)) * 4
     top = base.argmax(-1)[..., None]
     at_top = lambda x: np.take_along_axis(log_softmax(x, -1), top, -1)[..., 0]
     want = at_top(other) - at_top(base)
-    np.testing.assert_allclose(M.delta_logprob_top1_f64(base, other), want, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(M.delta_logprob_top1_f64(base, base + 2.0), 0.0, atol=1e-13)  # a shift: no change
+    np.testing.assert_allclose(dlp(base, other), want, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(dlp(base, base + 2.0), 0.0, atol=1e-13)  # a shift: no change
     masked = other.copy()
     masked[..., 0] = -np.inf  # a masked vocabulary entry is allowed
-    assert np.all(np.isfinite(M.delta_logprob_top1_f64(base, masked)[base.argmax(-1) != 0]))
+    assert np.all(np.isfinite(dlp(base, masked)[base.argmax(-1) != 0]))
     with pytest.raises(M.NonFiniteError):
-        M.delta_logprob_top1_f64([1.0, np.nan], [1.0, 2.0])
+        dlp([1.0, np.nan], [1.0, 2.0])
     with pytest.raises(ValueError):
-        M.delta_logprob_top1_f64([1.0, 2.0], [1.0, 2.0, 3.0])
+        dlp([1.0, 2.0], [1.0, 2.0, 3.0])
 
 
 def test_last_token_effects_f64_equal_scipy_on_any_leading_shape():

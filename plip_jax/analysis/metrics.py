@@ -87,18 +87,10 @@ def _kl_f64_checked(x, y) -> np.ndarray:
     return out
 
 
-def delta_logprob_top1_f64(base_logits, other_logits) -> np.ndarray:
-    """The change (other - base) of the log-probability of base's top-1 token, nats, on the host in numpy
-    float64: [..., V] x [..., V] -> float64 [...] (the formula of the causal effects' delta_logprob_top1).
-    -inf logits (a masked vocabulary) are allowed; NaN or +inf -> NonFiniteError."""
-    x, y = _checked_logit_pair(base_logits, other_logits, "the change of log p(top-1)")
-    return delta_logprob_at_xp(np, x, y, np.argmax(x, axis=-1))
-
-
 def delta_logprob_at_xp(xp, x, y, token):
     """log softmax(y)[token] - log softmax(x)[token] of logits x, y [..., V] and token int [...] -> [...], with
     the array module `xp` (numpy on the host, jax.numpy in a traced float64 program): the one formula of every
-    "change of the top-1 log-probability" (token = argmax x)."""
+    "change of the top-1 log-probability" (token = argmax x; `last_token_effects_at_xp`)."""
     at = lambda a: xp.take_along_axis(a, token[..., None], axis=-1)[..., 0] - logsumexp_xp(xp, a)[..., 0]
     return at(y) - at(x)
 
@@ -470,7 +462,6 @@ __all__: Sequence[str] = [
     "PLIP_KL_FLOOR",
     "kl_divergence",
     "kl_divergence_f64",
-    "delta_logprob_top1_f64",
     "delta_logprob_at_xp",
     "last_token_effects_at_xp",
     "last_token_effects_f64",

@@ -109,8 +109,8 @@ def effect_floors(ref_logits, other_logits, ref_nll, other_nll, token: Optional[
     reference's value (`float32_unit`): a one-unit difference is rounding even where these two runs happen to
     agree. The engine's floor is this between the baseline and the no-op reference; the rounding floor the
     largest of it over the jittered forwards."""
-    ref = np.asarray(ref_logits, np.float64)
-    eff = metrics.last_token_effects_f64(ref, other_logits)
+    ref, other = np.asarray(ref_logits, np.float64), np.asarray(other_logits, np.float64)
+    eff = metrics.last_token_effects_f64(ref, other)
     logit_floor = lambda diff, value: np.maximum(np.abs(diff), float32_unit(value))
     top_logit = np.take_along_axis(ref, eff["top1_token"][..., None], axis=-1)[..., 0]
     ref_nll = np.asarray(ref_nll, np.float64)
@@ -119,7 +119,7 @@ def effect_floors(ref_logits, other_logits, ref_nll, other_nll, token: Optional[
            "delta_nll": logit_floor(np.asarray(other_nll, np.float64) - ref_nll, ref_nll)}
     if token is not None:
         t = int(token)
-        out["logit_diff_token"] = logit_floor(ref[..., t] - np.asarray(other_logits, np.float64)[..., t], ref[..., t])
+        out["logit_diff_token"] = logit_floor(ref[..., t] - other[..., t], ref[..., t])
     return out
 
 
