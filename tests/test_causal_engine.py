@@ -109,6 +109,25 @@ def test_a_chosen_tokens_logit_difference_gets_its_floor_from_the_same_runs(bund
     assert np.all(res.floor("logit_diff_token") >= unit) and np.any(want > unit)  # the jitter moves that logit
 
 
+@pytest.mark.slow
+def test_a_sweep_without_the_nll_floor_has_none_and_the_same_other_floors(bundled_model, small, steering_sweep):
+    """sweep_points(floor_nll=False) (the head map): the rounding floor skips the NLL, so there is no ΔNLL floor
+    (asking for it is an error naming the flag, never the engine's floor alone) and the other floors are the
+    ones of a sweep with it."""
+    samples, batch, _ = small
+    _, full = steering_sweep
+    j = DOSES.index(3.0)
+    points = _scale_points(bundled_model, samples, batch, (3.0,))
+    res = causal.sweep_points(bundled_model.model, batch.tokens, batch.lengths, points, [LAYER],
+                              measure_rounding_floor=True, floor_nll=False)
+    assert "delta_nll" not in res.rounding_floors and "delta_nll" not in res.floors()
+    with pytest.raises(InterventionError, match="floor_nll=True"):
+        res.floor("delta_nll")
+    for effect in res.floors():
+        np.testing.assert_allclose(res.floor(effect), full.floor(effect), rtol=1e-6, err_msg=effect)
+    np.testing.assert_allclose(res.kl[0], full.kl[j], rtol=1e-6)
+
+
 def test_the_sweep_times_its_rounding_floor_and_says_when_it_starts(bundled_model, small, monkeypatch):
     """SweepResult.rounding_floor_s is the wall time of the floor's measurement (what the head-map benchmark and
     the binary's progress read instead of deciding again); on_rounding_floor fires once, before it, and neither

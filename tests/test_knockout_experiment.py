@@ -43,6 +43,7 @@ def test_every_other_effect_has_its_floor_and_marks(single):
         assert other[effect]["median"] == float(np.median(floors)) and other[effect]["max"] == float(floors.max())
         below = np.abs([r[effect] for r in rows]) <= 3 * floors
         assert other[effect]["n_effects_below_floor"] == int(below.sum())
+        assert other[effect]["warning"] is None  # f32: the floors are far below the effects
     for r in rows:
         assert r["delta_nll_below_noise_floor"] == (abs(r["delta_nll"]) <= 3 * r["noise_floor_delta_nll"])
         assert r["noise_floor_delta_nll"] >= np.spacing(np.float32(1.0)) / 4  # >= one f32 unit of an NLL >= 0.25

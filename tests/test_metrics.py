@@ -260,6 +260,9 @@ def test_floor_warning():
     assert w is not None and "17%" in w and "--dtype" not in w  # 2.5e-7 / 1.5e-6
     assert M.floor_warning(1e-7, [], "float32") is None
     assert M.floor_warning(1e-9, [0.0, 0.0]) is not None  # any floor above a zero median effect
+    w = M.floor_warning(1.4e-3, [1e-3, 2e-3], "bfloat16", quantity="ΔNLL", unit="nats/token")  # another effect
+    assert w.startswith("ΔNLL noise floor 1.40e-03 nats/token (bfloat16)") and "--dtype=float32 for ΔNLL" in w
+    assert "KL" not in w and "93% of the median effect 1.50e-03 nats/token" in w
 
 
 # ----------------------------------------------------------------------------- top changed tokens

@@ -117,6 +117,32 @@ def test_rounding_floor_of_every_effect_is_from_the_same_runs(bundled_model, sma
     np.testing.assert_allclose(with_token["logit_diff_token"], np.maximum(diff, unit(base[:, tok])), rtol=1e-9)
 
 
+def test_the_rounding_floor_without_the_nll_skips_its_work_and_reads_the_same(bundled_model, small):
+    """nll=False (the head map, the RWKV state edits: callers that report no NLL change): no "delta_nll", the
+    other floors as with the NLL, and the compiled runs lose at least one [T - 1, V] projection per sample
+    (XLA's cost analysis; a loop body counts once): fails if the NLL were still computed."""
+    batch, edited = small
+    m = bundled_model.model
+    every = rf.rounding_floor_effects(m, batch.tokens, batch.lengths, edited, LAYER)
+    without = rf.rounding_floor_effects(m, batch.tokens, batch.lengths, edited, LAYER, nll=False)
+    assert sorted(without) == sorted(set(rf.FLOORED_EFFECTS) - {"delta_nll"})
+    for effect, floor in without.items():
+        np.testing.assert_allclose(floor, every[effect], rtol=1e-6, err_msg=effect)
+    first = rf.first_edited_rows(edited, batch.lengths).astype(np.int32)
+    args = (m, batch.tokens, batch.lengths, first, np.arange(4, dtype=np.uint32), jnp.int32(LAYER),
+            jnp.uint32(rf.ROUNDING_SEED))
+    runs = rf.rounding_runs(*args, draws=2, with_nll=False)
+    assert runs[2] is None and runs[3] is None and runs[1].shape == (4, 2, m.cfg.vocab_size)
+
+    def flops(with_nll):
+        ca = rf.rounding_runs.lower(*args, draws=2, with_nll=with_nll).compile().cost_analysis()
+        return float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
+
+    b, t = batch.tokens.shape
+    projection = b * (t - 1) * 2 * m.cfg.hidden_size * m.cfg.vocab_size
+    assert flops(True) - flops(False) >= projection
+
+
 def test_rounding_floor_refuses_bad_input(bundled_model, small):
     batch, edited = small
     m = bundled_model.model
@@ -134,6 +160,12 @@ def test_rounding_floor_refuses_bad_input(bundled_model, small):
 def test_combined_floor_is_the_larger_per_sample():
     np.testing.assert_array_equal(rf.combined_floor([1e-12, 5e-4], [3e-12, 1e-4]), [3e-12, 5e-4])
     np.testing.assert_array_equal(rf.combined_floor([1e-12, 5e-4], None), [1e-12, 5e-4])
+    engine = {"kl": np.array([1e-12, 5e-4]), "delta_nll": np.array([2e-7, 1e-7])}
+    both = rf.combined_floors(engine, {"kl": np.array([3e-12, 1e-4]), "delta_nll": np.array([1e-3, 0.0])})
+    np.testing.assert_array_equal(both["delta_nll"], [1e-3, 1e-7])
+    # an effect the rounding floor did not measure gets no floor, not the engine's alone (an understatement)
+    assert sorted(rf.combined_floors(engine, {"kl": np.array([3e-12, 1e-4])})) == ["kl"]
+    assert sorted(rf.combined_floors(engine, None)) == ["delta_nll", "kl"]
 
 
 def test_effect_floors_are_magnitudes_and_never_below_one_float32_unit():
@@ -146,6 +178,7 @@ def test_effect_floors_are_magnitudes_and_never_below_one_float32_unit():
     nll = np.array([0.5, 1.5, 3.0, 9.0], np.float32)
     same = rf.effect_floors(ref, ref, nll, nll)
     assert sorted(same) == sorted(rf.FLOORED_EFFECTS)
+    assert "delta_nll" not in rf.effect_floors(ref, ref, None, None)  # no NLLs: no NLL floor
     np.testing.assert_array_equal(same["kl"], 0.0)
     np.testing.assert_array_equal(same["delta_logprob_top1"], 0.0)
     np.testing.assert_array_equal(same["delta_nll"], np.spacing(nll).astype(np.float64))

@@ -74,6 +74,18 @@ def test_bfloat16_dose_curve_of_rounding_noise_fails_the_checks(universal_corpus
     floors = np.array([s["noise_floor_delta_nll"] for s in got["samples"]])
     assert np.any(np.abs(dnll) > 10 * np.spacing(np.float32(4.0)))  # the NLL does move under the doses
     assert got["noise_floor"]["other_effects"]["delta_nll"]["max"] == float(floors.max())
+    # ...and the ΔNLL floor warns as the KL's does, in the JSON, the table and the report
+    nonid = [j for j, d in enumerate(got["dose_results"]) if d["scale_factor"] != 1.0]
+    assert np.median(floors) > 0.1 * np.median(np.abs(dnll[:, nonid]))
+    warning = got["noise_floor"]["other_effects"]["delta_nll"]["warning"]
+    assert warning.startswith("ΔNLL noise floor") and "bfloat16" in warning
+    from plip_jax.experiments import causal_tables
+    from plip_jax.report import extractors
+    from plip_jax.report.model import Section, SectionBuilder
+    assert f"WARNING: {warning}" in causal_tables.steering(got).splitlines()
+    section = Section("steering.json", "steering", "Steering")
+    extractors.steering(SectionBuilder(section, got), got)
+    assert warning in section.notes and got["floor_warning"] in section.notes
     assert not c["all_doses_above_noise_floor"] and not c["monotonic_in_distance_from_identity"]
     assert c["dose_1_is_identity"]  # the identity is still exact
 

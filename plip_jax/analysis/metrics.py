@@ -224,12 +224,12 @@ def mark_below_floor(kl, floor, factor: float = FLOOR_FACTOR) -> np.ndarray:
 
 
 def floor_warning(floor, effects, dtype: str = "", threshold: float = 0.1,
-                  factor: float = FLOOR_FACTOR) -> Optional[str]:
+                  factor: float = FLOOR_FACTOR, quantity: str = "KL", unit: str = "nats") -> Optional[str]:
     """Warning text when the noise floor exceeds `threshold` (10 %) of the median effect, else None.
 
-    floor: scalar, per-sample values or a NoiseFloor (its median is compared); effects [N] KLs (nats);
-    dtype: the run's compute dtype, named in the text (bfloat16/float16 runs get a float32 advice);
-    factor: the `mark_below_floor` factor quoted in the text.
+    floor: scalar, per-sample values or a NoiseFloor (its median is compared); effects [N]: the KLs (nats), or
+    the magnitudes of another effect named by `quantity`, in `unit`; dtype: the run's compute dtype, named in
+    the text (bfloat16/float16 runs get a float32 advice); factor: the `mark_below_floor` factor quoted in the text.
     """
     f = floor.median if isinstance(floor, NoiseFloor) else float(np.median(np.asarray(floor, np.float64)))
     e = np.asarray(effects, dtype=np.float64).ravel()
@@ -240,11 +240,11 @@ def floor_warning(floor, effects, dtype: str = "", threshold: float = 0.1,
         return None
     ratio = f"{f / med:.0%} of" if med > 0 else "above"
     low = str(dtype).lower()
-    advice = (" Reduced precision dominates: rerun with --dtype=float32 for KL work."
+    advice = (f" Reduced precision dominates: rerun with --dtype=float32 for {quantity} work."
               if any(s in low for s in ("bfloat16", "bf16", "float16", "f16")) else "")
     where = f" ({dtype})" if dtype else ""
-    return (f"KL noise floor {f:.2e} nats{where} is {ratio} the median effect {med:.2e} nats: effects at this "
-            f"level are not resolved; treat those below {factor:g}x the floor as noise.{advice}")
+    return (f"{quantity} noise floor {f:.2e} {unit}{where} is {ratio} the median effect {med:.2e} {unit}: effects "
+            f"at this level are not resolved; treat those below {factor:g}x the floor as noise.{advice}")
 
 
 def dtype_name(dtype) -> str:

@@ -821,7 +821,8 @@ class SweepResult:
     `rounding_floor.effect_floors` of the baseline against the reference,
     the largest over programs; rounding_floors: the same keys, `rounding_floor.rounding_floor_effects` at the
     points' lowest start layer (None when not measured); `floor(effect)` [B]: the noise floor of that effect,
-    the larger of the two per sample (floor_kl = floor("kl"), the one every KL flag uses); rounding_floor_s:
+    the larger of the two per sample (floor_kl = floor("kl"), the one every KL flag uses; no "delta_nll" when the
+    rounding floor was measured without the NLL, `sweep_points(floor_nll=False)`); rounding_floor_s:
     wall seconds spent measuring the rounding floor (inside the sweep's time; None when not measured);
     marker_rows [P + 1, B, L, H, T] (index 0 = reference) when markers were given; failed_row [P, B, L]
     (steering only; -1 = applied)."""
@@ -846,7 +847,11 @@ class SweepResult:
     def floor(self, effect: str) -> np.ndarray:
         """float64 [B]: the noise floor of `effect` (a `rounding_floor.FLOORED_EFFECTS` key), the larger of the
         engine's and the rounding floor per sample (the engine's alone when the rounding floor was not measured)."""
-        return self.floors()[effect]
+        floors = self.floors()
+        if effect not in floors:
+            raise InterventionError(f"no noise floor for {effect!r} in this sweep (floored: {sorted(floors)}); the "
+                                    "NLL change's needs sweep_points(floor_nll=True)")
+        return floors[effect]
 
     def floors(self) -> dict:
         """{effect: float64 [B]}: `floor` of every floored effect."""
@@ -877,7 +882,7 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
                  sample_ids: Optional[Sequence[str]] = None, distribute=None, keep_logits: bool = True,
                  chunks: Optional[Sequence[Sequence[int]]] = None, progress=None,
                  measure_rounding_floor: Optional[bool] = None, on_rounding_floor=None,
-                 floor_token: Optional[int] = None) -> SweepResult:
+                 floor_token: Optional[int] = None, floor_nll: bool = True) -> SweepResult:
     """Run P intervention points (each an `Interventions` with a leading B axis, all the same structure)
     on a batch, with their no-op reference and the baseline, on the shared-prefix engine; effects in
     float64 against the reference (`effects_f64`, computed on the device that holds the logits). starts [P]:
@@ -893,7 +898,9 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
     engine's. None: only for reduced-precision compute (`rounding_floor.wanted`). on_rounding_floor(): called
     just before the rounding floor is measured (not called when it is not), e.g. to say so in a progress line.
     floor_token: a vocabulary id whose logit difference the caller reports: its floor joins the others
-    ("logit_diff_token", `rounding_floor.effect_floors`)."""
+    ("logit_diff_token", `rounding_floor.effect_floors`). floor_nll=False: the rounding floor skips the NLL
+    (saves projecting every row onto the vocabulary) and the result has no "delta_nll" floor where the rounding
+    floor is measured: for callers that report no NLL change (the head map)."""
     n_layers = model.cfg.num_layers
     if len(points) != len(starts) or not len(points):
         raise InterventionError(f"{len(points)} sweep points for {len(starts)} start layers (need >= 1 of each)")
@@ -967,7 +974,8 @@ def sweep_points(model, tokens, lengths, points: Sequence, starts: Sequence[int]
             on_rounding_floor()
         t0 = time.perf_counter()  # the floor returns host arrays: the time includes the computation
         rounding = rounding_floor.rounding_floor_effects(model, tokens, lengths, edited, min(starts),
-                                                         distribute=distribute, token=floor_token)
+                                                         distribute=distribute, token=floor_token,
+                                                         nll=floor_nll)
         rounding_s = time.perf_counter() - t0
     engine = {key: np.max(np.stack([f[key] for f in floors]), axis=0) for key in floors[0]}
     return SweepResult(first["base_last"], first["base_nll"], ref_last, ref_nll, last, nll, effects, engine,

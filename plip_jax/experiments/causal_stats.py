@@ -45,6 +45,8 @@ def floor_block(floor_kl, effects, dtype: str, parts: Optional[dict] = None) -> 
 
 EFFECT_UNITS = {"logit_diff_top1": "logits", "logit_diff_token": "logits", "delta_logprob_top1": "nats",
                 "delta_nll": "nats/token"}
+EFFECT_NAMES = {"logit_diff_top1": "top-1 logit difference", "logit_diff_token": "chosen token's logit difference",
+                "delta_logprob_top1": "Δ log p(top-1)", "delta_nll": "ΔNLL"}
 EFFECT_FLOOR_DEFINITION = (
     "the same runs as the KL floor, measured on |the effect| by the effects' own formulas: per sample the larger of "
     "the engine's (baseline vs no-op reference) and the rounding floor's (when measured); the logit difference's "
@@ -52,16 +54,21 @@ EFFECT_FLOOR_DEFINITION = (
     "sample's floor is marked below it")
 
 
-def effect_floor_block(floors: dict, effects: dict) -> dict:
+def effect_floor_block(floors: dict, effects: dict, dtype=None) -> dict:
     """JSON `noise_floor.other_effects`: per effect besides KL (keys of floors {effect: [N]} and effects
-    {effect: [..., N]}, the reported values, sample axis last) its unit, the median and max per-sample floor, and
-    how many of its values are below 3x their sample's floor."""
+    {effect: [..., N]}, the reported values, sample axis last) its unit, the median and max per-sample floor,
+    how many of its values are below 3x their sample's floor, and the warning when the median floor exceeds 10%
+    of the median |effect| (`metrics.floor_warning`, as the KL's; None otherwise). dtype: the compute dtype
+    (named in the warning; None: not named)."""
     out = {"definition": EFFECT_FLOOR_DEFINITION}
     for k, f in floors.items():
         f = np.asarray(f, np.float64)
-        below = below_floor(np.abs(np.asarray(effects[k], np.float64)), f)
+        size = np.abs(np.asarray(effects[k], np.float64))
+        below = below_floor(size, f)
+        warning = (metrics.floor_warning(f, size, dtype="" if dtype is None else metrics.dtype_name(dtype),
+                                         quantity=EFFECT_NAMES[k], unit=EFFECT_UNITS[k]) if size.size else None)
         out[k] = {"unit": EFFECT_UNITS[k], "median": float(np.median(f)), "max": float(np.max(f)),
-                  "n_effects": int(below.size), "n_effects_below_floor": int(below.sum())}
+                  "n_effects": int(below.size), "n_effects_below_floor": int(below.sum()), "warning": warning}
     return out
 
 

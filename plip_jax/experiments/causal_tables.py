@@ -54,13 +54,15 @@ def _group_line(name: str, block: Optional[dict]) -> str:
 
 
 def effect_floor_lines(result: dict, effect: str, name: str) -> list[str]:
-    """One line naming the noise floor of a non-KL effect column (`noise_floor.other_effects`), or none."""
+    """The line naming the noise floor of a non-KL effect column (`noise_floor.other_effects`) and its warning
+    when there is one; none without that floor."""
     f = result["noise_floor"].get("other_effects", {}).get(effect)
     if f is None:
         return []
-    return [f"{name} floor (the same runs, on |{name}|): median {f['median']:.2e}, max {f['max']:.2e} {f['unit']}; "
-            f"'{BELOW}' = |{name}| <= {causal_stats.FLOOR_FACTOR:g}x its sample's floor "
-            f"({f['n_effects_below_floor']} of {f['n_effects']} effects)"]
+    lines = [f"{name} floor (the same runs, on |{name}|): median {f['median']:.2e}, max {f['max']:.2e} {f['unit']}; "
+             f"'{BELOW}' = |{name}| <= {causal_stats.FLOOR_FACTOR:g}x its sample's floor "
+             f"({f['n_effects_below_floor']} of {f['n_effects']} effects)"]
+    return lines + ([f"WARNING: {f['warning']}"] if f.get("warning") else [])
 
 
 def _signed(x: float, below: bool, width: int = 10) -> str:

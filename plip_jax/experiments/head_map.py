@@ -164,7 +164,7 @@ def exact_head_map(model, tokens: np.ndarray, lengths: np.ndarray, edges: np.nda
     bounds = np.cumsum([0] + [len(c) for c in chunks])
     res = causal.sweep_points(model, tokens, lengths, cell_points(cfg, edges, cells), [l for l, _ in cells],
                               sample_ids=sample_ids, distribute=distribute, keep_logits=False, progress=progress,
-                              on_rounding_floor=on_rounding_floor,
+                              on_rounding_floor=on_rounding_floor, floor_nll=False,
                               chunks=[range(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
     kl = np.zeros((edges.shape[0], L, H))
     dlp = np.zeros_like(kl)

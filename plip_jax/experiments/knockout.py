@@ -172,7 +172,8 @@ def run_knockout(model: Any, corpus: UniversalCorpus, *, layers: Sequence[int], 
     other = {k: res.effects[k][0] for k in OTHER_EFFECTS}
     if tid is not None:
         other["logit_diff_token"] = np.asarray([r["logit_diff_token"]["diff"] for r in rows])
-    result["noise_floor"]["other_effects"] = causal_stats.effect_floor_block({k: floors[k] for k in other}, other)
+    result["noise_floor"]["other_effects"] = causal_stats.effect_floor_block({k: floors[k] for k in other}, other,
+                                                                             model.dtype)
     if ctl is not None:
         result["mass_matched_control"] = _control_json(rows, samples, ctl, res, control_seed, control_rel_tol,
                                                        control_abs_tol)
@@ -239,7 +240,7 @@ def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, 
         row["layer"] = l
     floor_json, warning = causal_stats.floor_block(floor, kl.T, model.dtype, parts)
     floor_json["other_effects"] = causal_stats.effect_floor_block({"delta_nll": dnll_floor},
-                                                                  {"delta_nll": eff["delta_nll"].T})
+                                                                  {"delta_nll": eff["delta_nll"].T}, model.dtype)
     below = causal_stats.below_floor(kl, floor[:, None])
     below_dnll = causal_stats.below_floor(np.abs(eff["delta_nll"]), dnll_floor[:, None])
     return {"model": model.name, "mode": "scan_layers", "n_heads": cfg.num_heads,

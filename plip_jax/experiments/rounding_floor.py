@@ -25,7 +25,8 @@ floor: 3.3e-12); bfloat16, median 4-8e-4 nats, the size of every bfloat16 steeri
 engine's 0.8-1e-4.
 
 Cost: 1 + `draws` full forwards of every sample (no prefix shared with the run it measures; each also projects
-every row onto the vocabulary for the NLL change's floor, chunked, never holding [T, V]), plus one compile:
+every row onto the vocabulary for the NLL change's floor, chunked, never holding [T, V], unless the caller
+reports no NLL change: `nll=False`), plus one compile:
 bundled model, bfloat16, 20 samples x 64 tokens, 2 CPU cores, 1.65 s, about one layer knockout scan (1.49 s);
 `benchmarks/head_map.py` prints it beside the exact grid.
 """
@@ -67,26 +68,29 @@ def jitter_edit(h, layer, n_layers: int, first_row, length, key) -> ivs.Interven
     return ivs.Interventions(residual=ivs.ResidualEdit(where=where, keep=jnp.float32(1.0), add=add))
 
 
-@functools.partial(jax.jit, static_argnames=("draws",))
-def rounding_runs(model, tokens, lengths, first_rows, sample_index, layer, seed, draws: int):
+@functools.partial(jax.jit, static_argnames=("draws", "with_nll"))
+def rounding_runs(model, tokens, lengths, first_rows, sample_index, layer, seed, draws: int, with_nll: bool = True):
     """tokens [B, T], lengths / first_rows int [B], sample_index uint32 [B] (each sample's draws use the key
     fold_in(PRNGKey(seed), its index)), layer: int [] (traced: one program for every layer), seed: uint32 [].
     Returns (plain last-token logits f32 [B, V], jittered ones [B, draws, V], plain mean next-token NLL f32 [B]
     nats/token, jittered ones [B, draws]) of any `Model` (transformer or RWKV-6: both apply residual edits);
-    the NLL is the causal engine's (`metrics.sequence_nll_from_hidden`)."""
+    the NLL is the causal engine's (`metrics.sequence_nll_from_hidden`). with_nll=False: the two NLLs are None
+    and never computed (no row but the last is projected onto the vocabulary)."""
     n_layers = model.cfg.num_layers
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(sample_index)
 
     def last_and_nll(out, tok, n):
+        if not with_nll:
+            return out.logits, None
         return out.logits, metrics.sequence_nll_from_hidden(out.final_hidden, model.unembedding, tok, n)
 
     def one(tok, n, first, k):
-        base = model(tok, length=n, capture=Capture(logits="last", resid_post="all", final_hidden=True))
+        base = model(tok, length=n, capture=Capture(logits="last", resid_post="all", final_hidden=with_nll))
         h = jax.lax.dynamic_index_in_dim(base.resid_post, layer, 0, keepdims=False)  # [T, D]
 
         def jittered(kd):
             iv = jitter_edit(h, layer, n_layers, first, n, kd)
-            out = model(tok, length=n, interventions=iv, capture=Capture(logits="last", final_hidden=True))
+            out = model(tok, length=n, interventions=iv, capture=Capture(logits="last", final_hidden=with_nll))
             return last_and_nll(out, tok, n)
 
         base_last, base_nll = last_and_nll(base, tok, n)
@@ -101,22 +105,23 @@ FLOORED_EFFECTS = ("kl", "logit_diff_top1", "delta_logprob_top1", "delta_nll")
 
 def effect_floors(ref_logits, other_logits, ref_nll, other_nll, token: Optional[int] = None) -> dict:
     """How far apart two runs that should agree read on every floored effect, float64 [...] each (logits
-    [..., V], NLLs [...] nats/token, on the host): "kl" (KL(ref || other), nats), and the magnitudes of
-    "logit_diff_top1", "delta_logprob_top1" (nats) and "delta_nll" (nats/token), by the formulas of the
-    causal effects (`metrics.last_token_effects_f64`); with `token` (a vocabulary id) also "logit_diff_token",
-    |ref - other| of that token's logit (the knockout's --logit_token). Logit differences and the NLL change
-    are differences of two stored float32 numbers, so their floor is never below one float32 unit of the
-    reference's value (`float32_unit`): a one-unit difference is rounding even where these two runs happen to
-    agree. The engine's floor is this between the baseline and the no-op reference; the rounding floor the
-    largest of it over the jittered forwards."""
+    [..., V], NLLs [...] nats/token or both None: then no "delta_nll"; on the host): "kl" (KL(ref || other),
+    nats), and the magnitudes of "logit_diff_top1", "delta_logprob_top1" (nats) and "delta_nll" (nats/token),
+    by the formulas of the causal effects (`metrics.last_token_effects_f64`); with `token` (a vocabulary id)
+    also "logit_diff_token", |ref - other| of that token's logit (the knockout's --logit_token). Logit
+    differences and the NLL change are differences of two stored float32 numbers, so their floor is never below
+    one float32 unit of the reference's value (`float32_unit`): a one-unit difference is rounding even where
+    these two runs happen to agree. The engine's floor is this between the baseline and the no-op reference;
+    the rounding floor the largest of it over the jittered forwards."""
     ref, other = np.asarray(ref_logits, np.float64), np.asarray(other_logits, np.float64)
     eff = metrics.last_token_effects_f64(ref, other)
     logit_floor = lambda diff, value: np.maximum(np.abs(diff), float32_unit(value))
     top_logit = np.take_along_axis(ref, eff["top1_token"][..., None], axis=-1)[..., 0]
-    ref_nll = np.asarray(ref_nll, np.float64)
     out = {"kl": eff["kl"], "logit_diff_top1": logit_floor(eff["logit_diff_top1"], top_logit),
-           "delta_logprob_top1": np.abs(eff["delta_logprob_top1"]),
-           "delta_nll": logit_floor(np.asarray(other_nll, np.float64) - ref_nll, ref_nll)}
+           "delta_logprob_top1": np.abs(eff["delta_logprob_top1"])}
+    if ref_nll is not None:
+        ref_nll = np.asarray(ref_nll, np.float64)
+        out["delta_nll"] = logit_floor(np.asarray(other_nll, np.float64) - ref_nll, ref_nll)
     if token is not None:
         t = int(token)
         out["logit_diff_token"] = logit_floor(ref[..., t] - other[..., t], ref[..., t])
@@ -149,18 +154,20 @@ def first_edited_rows(edited, lengths) -> np.ndarray:
 
 
 def rounding_floor_kl(model, tokens, lengths, edited, layer: int, **options) -> np.ndarray:
-    """Each sample's rounding floor, float64 [B] nats: `rounding_floor_effects`' "kl" (same arguments)."""
-    return rounding_floor_effects(model, tokens, lengths, edited, layer, **options)["kl"]
+    """Each sample's rounding floor, float64 [B] nats: `rounding_floor_effects`' "kl" (same arguments; the NLL
+    is not computed)."""
+    return rounding_floor_effects(model, tokens, lengths, edited, layer, nll=False, **options)["kl"]
 
 
 def rounding_floor_effects(model, tokens, lengths, edited, layer: int, *, draws: int = ROUNDING_DRAWS,
                            seed: int = ROUNDING_SEED, distribute=None, sample_chunk: Optional[int] = None,
-                           token: Optional[int] = None) -> dict:
+                           token: Optional[int] = None, nll: bool = True) -> dict:
     """Each sample's rounding floor (see the module docstring) on every floored effect of the same runs,
     float64 [B] each, keyed as `FLOORED_EFFECTS` (`effect_floors` of the plain forward against each jittered
     one, the largest over the draws): "kl" (nats, KL(plain || jittered)), "logit_diff_top1", "delta_logprob_top1"
     (nats) and "delta_nll" (nats/token), all magnitudes (with `token`, also "logit_diff_token": see
-    `effect_floors`). model: any `Model`; tokens [B, T];
+    `effect_floors`; with nll=False, no "delta_nll": the NLLs are not computed, which saves projecting every
+    row onto the vocabulary, for callers that report no NLL change). model: any `Model`; tokens [B, T];
     lengths int [B]; edited bool [B, T]: the rows the run's interventions edit (jittered from each sample's first
     one, `first_edited_rows`); layer: the run's lowest intervened layer (its block's output is jittered).
     distribute: optional callable placing (tokens, lengths, iv, first_rows, starts) on devices
@@ -181,7 +188,8 @@ def rounding_floor_effects(model, tokens, lengths, edited, layer: int, *, draws:
                                 f"{bad.tolist()} are outside their sequences (lengths {lengths_np[bad].tolist()})")
     n = first_np.size
     step = n if not sample_chunk else min(n, max(1, int(sample_chunk)))
-    keys = FLOORED_EFFECTS + (() if token is None else ("logit_diff_token",))
+    keys = tuple(k for k in FLOORED_EFFECTS if nll or k != "delta_nll")
+    keys += () if token is None else ("logit_diff_token",)
     out = {k: np.empty(n, np.float64) for k in keys}
     for a in range(0, n, step):
         idx = np.arange(a, min(n, a + step))
@@ -191,13 +199,14 @@ def rounding_floor_effects(model, tokens, lengths, edited, layer: int, *, draws:
         if distribute is not None:
             args = distribute(args)
         runs = sharding.to_host(rounding_runs(model, args[0], args[1], args[3], padded.astype(np.uint32),
-                                              jnp.int32(layer), jnp.uint32(seed), draws=int(draws)))
-        base, jit, base_nll, jit_nll = (np.asarray(x, np.float64)[: idx.size] for x in runs)
-        if not all(np.isfinite(x).all() for x in (base, jit, base_nll, jit_nll)):
+                                              jnp.int32(layer), jnp.uint32(seed), draws=int(draws), with_nll=nll))
+        base, jit, base_nll, jit_nll = (None if x is None else np.asarray(x, np.float64)[: idx.size] for x in runs)
+        if not all(x is None or np.isfinite(x).all() for x in (base, jit, base_nll, jit_nll)):
             raise InterventionError("rounding floor: non-finite logits in the plain or jittered forward (check the "
                                     "model's weights and the compute dtype)")
         floors = effect_floors(np.broadcast_to(base[:, None], jit.shape), jit,
-                               np.broadcast_to(base_nll[:, None], jit_nll.shape), jit_nll, token)
+                               None if base_nll is None else np.broadcast_to(base_nll[:, None], jit_nll.shape),
+                               jit_nll, token)
         for k in keys:
             out[k][idx] = floors[k].max(axis=1)
     return out
@@ -222,8 +231,10 @@ def combined_floor(engine_kl, rounding_kl: Optional[np.ndarray]) -> np.ndarray:
 
 def combined_floors(engine: dict, rounding: Optional[dict]) -> dict:
     """`combined_floor` of every effect in `engine` ({effect: [B]}, e.g. `effect_floors`'), against the same key of
-    `rounding` (None: the engine's alone)."""
-    return {k: combined_floor(v, None if rounding is None else rounding[k]) for k, v in engine.items()}
+    `rounding` (None: the engine's alone). An effect the rounding floor did not measure (e.g. "delta_nll" with
+    nll=False) is left out: its engine floor alone would understate the noise of a reduced-precision run."""
+    return {k: combined_floor(v, None if rounding is None else rounding[k]) for k, v in engine.items()
+            if rounding is None or k in rounding}
 
 
 __all__ = ["DEFINITION", "FLOORED_EFFECTS", "NOT_MEASURED", "ROUNDING_DRAWS", "ROUNDING_SEED", "combined_floor",

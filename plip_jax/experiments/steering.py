@@ -269,7 +269,7 @@ def run_steering(model: Any, corpus: UniversalCorpus, layer: int, *, doses: Sequ
     nonid = [j for j, d in enumerate(doses) if not (mode == "scale" and d == 1.0)]  # the identity reads 0
     floor_json, warning = causal_stats.floor_block(floor, kl[nonid], model.dtype, res.floor_parts())
     floor_json["other_effects"] = causal_stats.effect_floor_block({"delta_nll": dnll_floor},
-                                                                  {"delta_nll": dnll[nonid]})
+                                                                  {"delta_nll": dnll[nonid]}, model.dtype)
     checks, notes = _sanity_checks(doses, dose_results, kl, floor, mode, floor_small=warning is None)
     return {
         "model": model.name, "layer": layer, "intervention_type": "Scale" if mode == "scale" else "SetValue",

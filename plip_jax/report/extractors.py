@@ -117,8 +117,7 @@ def knockout(b: SectionBuilder, d: dict) -> None:
             verdict = get(d, c + (lang, "verdict"))
             if isinstance(verdict, str):
                 b.note(verdict)
-        if isinstance(d.get("floor_warning"), str):
-            b.note(d["floor_warning"])
+        _floor_warnings(b, d)
         b.table("Per sample (KL in nats)", ("sample_results",), prefer=("id", "language", "kl_divergence",
                 "noise_floor_kl", "removed_mass", "control_kl_divergence", "control_removed_mass", "top1_agreement",
                 "delta_nll", "noise_floor_delta_nll", "edges_knocked_out"),
@@ -128,6 +127,17 @@ def knockout(b: SectionBuilder, d: dict) -> None:
 
 
 _STAT_HIDE = ("language", "is_baseline", "min_kl", "max_kl", "median_kl", "welch_p_value_plip_approx")
+
+
+def _floor_warnings(b: SectionBuilder, d: dict) -> None:
+    """A note for the KL floor's warning and each other effect's (`noise_floor.other_effects`), where there is one."""
+    texts = [d.get("floor_warning")]
+    other = get(d, ("noise_floor", "other_effects"))
+    if isinstance(other, dict):
+        texts += [v.get("warning") for v in other.values() if isinstance(v, dict)]
+    for text in texts:
+        if isinstance(text, str):
+            b.note(text)
 
 
 def _knockout_scan(b: SectionBuilder, d: dict) -> None:
@@ -144,6 +154,7 @@ def _knockout_scan(b: SectionBuilder, d: dict) -> None:
     b.headline("its Holm-adjusted p", ("best_layer", "p_adjusted"))
     b.headline("noise floor (median per-sample floor, nats)",
                ("noise_floor", "median"), fmt="sci")
+    _floor_warnings(b, d)
     b.table("Per layer (KL in nats; each layer knocked out on its own)", ("per_layer",),
             prefer=("layer", "python_stats.mean_kl", "python_stats.std_kl", "rust_stats.mean_kl",
                     "rust_stats.std_kl", "welch_t_statistic", "welch_p_value", "welch_p_holm", "welch_q_bh"),
@@ -201,6 +212,7 @@ def steering(b: SectionBuilder, d: dict) -> None:
     for k in (d.get("sanity_checks") or {}):
         b.headline(f"check: {k}", ("sanity_checks", k))
     _extras(b, ())
+    _floor_warnings(b, d)
     b.table("Dose table (attention in %, KL in nats, SD = sample SD)", ("dose_results",),
             prefer=("scale_factor", "target_attention", "mean_attention_achieved", "mean_kl_divergence", "std_kl_divergence",
                     "top1_agreement_rate", "mean_delta_nll", "n_delta_nll_below_noise_floor", "n_samples"),
