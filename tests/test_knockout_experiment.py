@@ -181,6 +181,21 @@ def test_window_sweep_reports_floor_adjusted_p_and_best_window(bundled_model, un
     assert all(kl > 0 for s in r["samples"] for kl in s["kl_by_window"])
     table = causal_tables.knockout_windows(r)
     assert "Noise floor" in table and "Best window:" in table and "3..3" in table
+    # the NLL change per window, with its floor and marks as the layer scan's; window 3..3 is layer 3 alone, so
+    # its ΔNLL is the single-layer knockout's (another engine path)
+    for s in r["samples"]:
+        dnll = np.array(s["delta_nll_by_window"])
+        assert dnll.shape == (len(wins),) and s["noise_floor_delta_nll"] > 0
+        np.testing.assert_array_equal(s["delta_nll_below_noise_floor_by_window"],
+                                      np.abs(dnll) <= 3 * s["noise_floor_delta_nll"])
+    assert r["noise_floor"]["other_effects"]["delta_nll"]["n_effects"] == len(r["samples"]) * len(wins)
+    one = knockout.run_knockout(bundled_model, universal_corpus, layers=[3])
+    by_id = {row["id"]: row["delta_nll"] for row in one["sample_results"]}
+    j = wins.index((3, 3))
+    window = np.array([s["delta_nll_by_window"][j] for s in r["samples"]])
+    single_layer = np.array([by_id[s["id"]] for s in r["samples"]])
+    assert np.any(np.abs(single_layer) > 1e-5)  # the knockout moves the NLL
+    np.testing.assert_allclose(window, single_layer, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.slow

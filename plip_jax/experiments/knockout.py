@@ -264,7 +264,8 @@ def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tupl
     """Knockout over each layer window [start, end] (inclusive) on the shared-prefix engine: one program
     for all windows x samples (`sweep_batch` windows per program, each with its own no-op reference; None =
     all), layers below a window shared with the baseline. Per window: Welch p, Holm p and BH q over the
-    windows; the best window by Holm p."""
+    windows; the best window by Holm p. Per sample also the change of the mean next-token NLL per window
+    (`delta_nll_by_window`, nats/token) with its noise floor and marks, as the layer scan's."""
     t0 = time.perf_counter()
     cfg = model.cfg
     samples, skipped = prepare(model, corpus, all_edges=all_edges)
@@ -280,11 +281,17 @@ def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tupl
         row.update({"layer_start": a, "layer_end": b, "n_layers_knocked_out": b - a + 1,
                     "ratio": float(py["mean_kl"] / rs["mean_kl"]) if py and rs and rs["mean_kl"] > 0 else None})
     floor_json, warning = causal_stats.floor_block(res.floor_kl, res.kl, model.dtype, res.floor_parts())
+    dnll, dnll_floor = res.effects["delta_nll"].T, res.floor("delta_nll")  # [B, W], [B]
+    floor_json["other_effects"] = causal_stats.effect_floor_block({"delta_nll": dnll_floor},
+                                                                  {"delta_nll": dnll.T}, model.dtype)
     below = causal_stats.below_floor(kl, res.floor_kl[:, None])
+    below_dnll = causal_stats.below_floor(np.abs(dnll), dnll_floor[:, None])
     return {"model": model.name, "n_heads": cfg.num_heads, "windows": rows_out,
             "best_window": causal_stats.best_unit(rows_out, list(range(len(windows))), what="windows"),
             "kl_reference": KL_REFERENCE, "noise_floor": floor_json, "floor_warning": warning,
             "samples": [{"id": s.id, "language": langs[i], "kl_by_window": kl[i].tolist(),
-                         "below_noise_floor_by_window": below[i].tolist(), "noise_floor_kl": float(res.floor_kl[i])}
+                         "below_noise_floor_by_window": below[i].tolist(), "noise_floor_kl": float(res.floor_kl[i]),
+                         "delta_nll_by_window": dnll[i].tolist(), "noise_floor_delta_nll": float(dnll_floor[i]),
+                         "delta_nll_below_noise_floor_by_window": below_dnll[i].tolist()}
                         for i, s in enumerate(samples)],
             "skipped_samples": skipped, "timings_s": {"total_s": time.perf_counter() - t0}}
