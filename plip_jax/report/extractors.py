@@ -103,6 +103,7 @@ def knockout(b: SectionBuilder, d: dict) -> None:
     if "per_layer" in d:
         _knockout_scan(b, d)
     elif "windows" in d:
+        _floor_warnings(b, d)
         b.table("Per window (KL in nats)", ("windows",), prefer=("layer_start", "layer_end", "python_stats.mean_kl",
                 "rust_stats.mean_kl", "welch_p_value"), hide=_STAT_HIDE)
     else:
