@@ -1,5 +1,6 @@
 """Test helpers: a jitted call of any `Model` (the library leaves jit to callers), greedy generation by full
-recomputation, and the check of an output against PLIP's stored JSON field tree."""
+recomputation, the check of an output against PLIP's stored JSON field tree, and XLA's FLOP count of a
+compiled function."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ def run(model, tokens, *, capture: Capture = Capture(), length=None, interventio
     """`model(tokens, ...)` under jit (one sequence)."""
     return model(tokens, length=length, interventions=interventions, capture=capture, query_rows=query_rows,
                  positions=positions, cache=cache)
+
+
+def compiled_flops(fn, *args, **static) -> float:
+    """XLA's cost-analysis FLOPs of `fn` compiled for these arguments (`static`: static keyword arguments). A
+    loop body is counted once."""
+    ca = jax.jit(fn, static_argnames=tuple(static)).lower(*args, **static).compile().cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float(ca["flops"])
 
 
 @functools.partial(jax.jit, static_argnames=("capture",))

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import numpy as np
 import pytest
 
 from plip_jax.core import interventions as ivs
 from plip_jax.experiments import causal, causal_samples, knockout
+from tests.model_helpers import compiled_flops
 
 LAYER = 4
 DOSES = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
@@ -30,10 +30,6 @@ def batch(per_layer_model, universal_corpus):
     return samples, causal_samples.make_batch(per_layer_model, samples)
 
 
-def _flops(fn, *args, **static) -> float:
-    ca = jax.jit(fn, static_argnames=tuple(static)).lower(*args, **static).compile().cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float(ca["flops"])
 
 
 def _model_costs(cfg, t: int):
@@ -78,16 +74,16 @@ def test_steering_sweep_flops_fall_with_the_shared_layers_and_rows(per_layer_mod
     assert packed.width <= t - 8 and packed.packed and packed.packed_rows < len(samples) * packed.width
     entries = (LAYER,) * (len(DOSES) + 1)
     net = per_layer_model.model
-    plain = (_flops(causal.run_batch.__wrapped__, net, b.tokens, b.lengths, None, markers) +
-             _flops(causal.run_sweep.__wrapped__, net, b.tokens, b.lengths, stacked, markers))
+    plain = (compiled_flops(causal.run_batch.__wrapped__, net, b.tokens, b.lengths, None, markers) +
+             compiled_flops(causal.run_sweep.__wrapped__, net, b.tokens, b.lengths, stacked, markers))
     n_b, s = len(samples), len(DOSES)
     want_plain = n_b * (s + 1) * _full_forward(cfg, t)
     assert plain == pytest.approx(want_plain, rel=0.1)  # the shape model counts what XLA counts
     ratios = {}
     for windows in (packed.unpacked(), packed):
-        shared = _flops(causal.shared_sweep_jit.__wrapped__, net, b.tokens, b.lengths, with_ref, markers,
-                        windows.starts, windows.firsts, entries=entries, width=windows.width,
-                        packed_rows=windows.packed_rows, unroll=True)
+        shared = compiled_flops(causal.shared_sweep_jit.__wrapped__, net, b.tokens, b.lengths, with_ref, markers,
+                                windows.starts, windows.firsts, entries=entries, width=windows.width,
+                                packed_rows=windows.packed_rows, unroll=True)
         want = n_b * _full_forward(cfg, t) + _recomputed(cfg, t, windows, n_b, (s + 1) * (cfg.num_layers - LAYER), s + 1)
         ratios[windows.packed] = ratio = shared / plain
         assert ratio <= want / want_plain * 1.1 + 0.01, (windows.packed, ratio, want / want_plain)
@@ -107,8 +103,8 @@ def test_knockout_scan_flops_fall_with_the_shared_layers_and_rows(per_layer_mode
     assert packed.packed and packed.packed_rows < len(samples) * packed.width
     net = per_layer_model.model
     per_layer = ivs.stack([knockout.knockout_ivs(per_layer_model, samples, b, [k]) for k in range(L)])
-    plain = (_flops(causal.run_batch.__wrapped__, net, b.tokens, b.lengths, None) +
-             _flops(causal.run_sweep.__wrapped__, net, b.tokens, b.lengths, per_layer))
+    plain = (compiled_flops(causal.run_batch.__wrapped__, net, b.tokens, b.lengths, None) +
+             compiled_flops(causal.run_sweep.__wrapped__, net, b.tokens, b.lengths, per_layer))
     n_b = len(samples)
     want_plain = n_b * (L + 1) * _full_forward(cfg, t)
     assert plain == pytest.approx(want_plain, rel=0.1)
@@ -116,8 +112,8 @@ def test_knockout_scan_flops_fall_with_the_shared_layers_and_rows(per_layer_mode
     ratios = {}
     for windows in (packed.unpacked(), packed):
         fn = functools.partial(causal.layer_knockout_scan_jit.__wrapped__, firsts=windows.firsts)  # data, not static
-        scan = _flops(fn, net, b.tokens, b.lengths, iv0.knockout.edges, iv0.knockout.heads, windows.starts,
-                      group_layers=1, width=windows.width, unroll=True, packed_rows=windows.packed_rows)
+        scan = compiled_flops(fn, net, b.tokens, b.lengths, iv0.knockout.edges, iv0.knockout.heads, windows.starts,
+                              group_layers=1, width=windows.width, unroll=True, packed_rows=windows.packed_rows)
         want = n_b * _full_forward(cfg, t) + _recomputed(cfg, t, windows, n_b, blocks, L + 1)
         ratios[windows.packed] = ratio = scan / plain
         assert ratio <= want / want_plain * 1.1 + 0.01, (windows.packed, ratio, want / want_plain)

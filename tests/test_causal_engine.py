@@ -123,6 +123,8 @@ def test_a_sweep_without_the_nll_floor_has_none_and_the_same_other_floors(bundle
     assert "delta_nll" not in res.rounding_floors and "delta_nll" not in res.floors()
     with pytest.raises(InterventionError, match="floor_nll=True"):
         res.floor("delta_nll")
+    with pytest.raises(InterventionError, match="floor_token="):  # not asked for: the error says how
+        res.floor("logit_diff_token")
     for effect in res.floors():
         np.testing.assert_allclose(res.floor(effect), full.floor(effect), rtol=1e-6, err_msg=effect)
     np.testing.assert_allclose(res.kl[0], full.kl[j], rtol=1e-6)

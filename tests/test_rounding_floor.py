@@ -12,6 +12,7 @@ from plip_jax.core import interventions as ivs
 from plip_jax.core.capture import Capture
 from plip_jax.core.errors import InterventionError
 from plip_jax.experiments import causal_samples, rounding_floor as rf
+from tests.model_helpers import compiled_flops
 
 LAYER = 3
 
@@ -133,11 +134,7 @@ def test_the_rounding_floor_without_the_nll_skips_its_work_and_reads_the_same(bu
             jnp.uint32(rf.ROUNDING_SEED))
     runs = rf.rounding_runs(*args, draws=2, with_nll=False)
     assert runs[2] is None and runs[3] is None and runs[1].shape == (4, 2, m.cfg.vocab_size)
-
-    def flops(with_nll):
-        ca = rf.rounding_runs.lower(*args, draws=2, with_nll=with_nll).compile().cost_analysis()
-        return float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
-
+    flops = lambda with_nll: compiled_flops(rf.rounding_runs, *args, draws=2, with_nll=with_nll)
     b, t = batch.tokens.shape
     projection = b * (t - 1) * 2 * m.cfg.hidden_size * m.cfg.vocab_size
     assert flops(True) - flops(False) >= projection

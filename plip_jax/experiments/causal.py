@@ -849,8 +849,9 @@ class SweepResult:
         engine's and the rounding floor per sample (the engine's alone when the rounding floor was not measured)."""
         floors = self.floors()
         if effect not in floors:
-            raise InterventionError(f"no noise floor for {effect!r} in this sweep (floored: {sorted(floors)}); the "
-                                    "NLL change's needs sweep_points(floor_nll=True)")
+            how = {"delta_nll": "; it needs sweep_points(floor_nll=True)",
+                   "logit_diff_token": "; it needs sweep_points(floor_token=<the token's id>)"}.get(effect, "")
+            raise InterventionError(f"no noise floor for {effect!r} in this sweep (floored: {sorted(floors)}){how}")
         return floors[effect]
 
     def floors(self) -> dict:

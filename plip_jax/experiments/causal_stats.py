@@ -72,6 +72,14 @@ def effect_floor_block(floors: dict, effects: dict, dtype=None) -> dict:
     return out
 
 
+def unit_delta_nll_floor(delta_nll, floor, dtype) -> tuple[dict, np.ndarray]:
+    """The NLL change of a scan over units (layers, windows) against its floor: (the `noise_floor.other_effects`
+    block, `effect_floor_block`, bool [B, U]: |ΔNLL| <= 3x its sample's floor). delta_nll [B, U] nats/token;
+    floor [B]; dtype: the compute dtype (named in the warning)."""
+    d, f = np.asarray(delta_nll, np.float64), np.asarray(floor, np.float64)
+    return effect_floor_block({"delta_nll": f}, {"delta_nll": d.T}, dtype), below_floor(np.abs(d), f[:, None])
+
+
 def floor_definition(parts: dict) -> str:
     """How the floor of a run with these components ({"engine": ..., "rounding"?: ...}) was measured."""
     if "rounding" in parts:

@@ -239,10 +239,9 @@ def run_layer_scan_knockout(model: Any, corpus: UniversalCorpus, *, heads=None, 
     for l, row in enumerate(per_layer):
         row["layer"] = l
     floor_json, warning = causal_stats.floor_block(floor, kl.T, model.dtype, parts)
-    floor_json["other_effects"] = causal_stats.effect_floor_block({"delta_nll": dnll_floor},
-                                                                  {"delta_nll": eff["delta_nll"].T}, model.dtype)
+    floor_json["other_effects"], below_dnll = causal_stats.unit_delta_nll_floor(eff["delta_nll"], dnll_floor,
+                                                                                model.dtype)
     below = causal_stats.below_floor(kl, floor[:, None])
-    below_dnll = causal_stats.below_floor(np.abs(eff["delta_nll"]), dnll_floor[:, None])
     return {"model": model.name, "mode": "scan_layers", "n_heads": cfg.num_heads,
             "edge_set": "all_rows_to_marker" if all_edges else "marker_to_targets",
             "kl_reference": KL_REFERENCE.replace("no edge selected", "no edge selected; each knocked run is a copy "
@@ -282,10 +281,8 @@ def run_window_sweep(model: Any, corpus: UniversalCorpus, windows: Sequence[tupl
                     "ratio": float(py["mean_kl"] / rs["mean_kl"]) if py and rs and rs["mean_kl"] > 0 else None})
     floor_json, warning = causal_stats.floor_block(res.floor_kl, res.kl, model.dtype, res.floor_parts())
     dnll, dnll_floor = res.effects["delta_nll"].T, res.floor("delta_nll")  # [B, W], [B]
-    floor_json["other_effects"] = causal_stats.effect_floor_block({"delta_nll": dnll_floor},
-                                                                  {"delta_nll": dnll.T}, model.dtype)
+    floor_json["other_effects"], below_dnll = causal_stats.unit_delta_nll_floor(dnll, dnll_floor, model.dtype)
     below = causal_stats.below_floor(kl, res.floor_kl[:, None])
-    below_dnll = causal_stats.below_floor(np.abs(dnll), dnll_floor[:, None])
     return {"model": model.name, "n_heads": cfg.num_heads, "windows": rows_out,
             "best_window": causal_stats.best_unit(rows_out, list(range(len(windows))), what="windows"),
             "kl_reference": KL_REFERENCE, "noise_floor": floor_json, "floor_warning": warning,
