@@ -1,5 +1,6 @@
-"""RWKV-6 state knockout: drop the marker position's WKV state write, KL(baseline || knocked) per sample,
-Python doctests vs Rust tests (PLIP-rs `state_ablation_experiment`, spec 5.4 and 6).
+"""RWKV-6 state knockout: drop the marker position's WKV state write, KL(baseline || knocked) and the change of
+the mean next-token NLL per sample, each beside its noise floor, Python doctests vs Rust tests (PLIP-rs
+`state_ablation_experiment`, spec 5.4 and 6).
 
     python -m bin.state_ablation_experiment --model=RWKV/v6-Finch-1B6-HF              # layer floor(3n/5)
     python -m bin.state_ablation_experiment --model=DIR --layer=2 --include_baselines
@@ -22,7 +23,7 @@ cli.define_knockout_mode_flags("state contribution of the target tokens", "floor
 flags.DEFINE_string("corpus", None, "Universal-format corpus (default: corpus/attention_samples_universal.json).")
 cli.define_unknown_groups_flag()
 flags.DEFINE_string("output", None, "JSON output (default: outputs/state_ablation_<model>_<mode>.json).")
-flags.DEFINE_bool("verbose", False, "Print per-sample KLs and token positions.")
+flags.DEFINE_bool("verbose", False, "Print per-sample KLs, ΔNLLs and token positions.")
 flags.DEFINE_integer("chunk", 64, "Forwards per vmapped step (bounds memory; 0 = all (sample, edit) pairs at once).")
 flags.DEFINE_integer("control_max_offset", 2, "The control knocks out one position per sample at most this many "
                      "tokens from the marker (distance-matched to the read-out position; not a target token); a "

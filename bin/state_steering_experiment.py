@@ -1,5 +1,6 @@
 """RWKV-6 state steering dose-response: scale the marker's WKV state write by lambda at one layer,
-KL(baseline || steered) per scale and sample, Python vs Rust (PLIP-rs `state_steering_experiment`).
+KL(baseline || steered) and the change of the mean next-token NLL per scale and sample, each beside its noise
+floor, Python vs Rust (PLIP-rs `state_steering_experiment`).
 
     python -m bin.state_steering_experiment --model=RWKV/v6-Finch-1B6-HF --plot
     python -m bin.state_steering_experiment --model=DIR --layer=2 --scales=0,1,3,9

@@ -172,20 +172,28 @@ def test_new_missing_unknown_and_broken_fields(outputs, monkeypatch):
     assert any(c["file"] == ko.name and c["path"] == ["rust_stats", "mean_kl"] for c in page.cells)
 
 
-@pytest.mark.parametrize("kind", ["single", "per_layer", "windows", "steering"])
+@pytest.mark.parametrize("kind", ["single", "per_layer", "windows", "steering", "state_single", "state_windows",
+                                  "state_steering"])
 def test_every_floor_warning_is_a_note(kind):
     """The KL floor's warning and every other effect's (`noise_floor.other_effects.<effect>.warning`) reach the
-    page as notes, for the knockout (single, layer scan, windows) and steering; effects without one add none."""
+    page as notes, once each, for the knockout (single, layer scan, windows), steering and the RWKV state tools
+    (whose KL warning is only in `noise_floor.warning`); effects without one add none."""
     from plip_jax.report import extractors
     from plip_jax.report.model import Section, SectionBuilder
 
     other = {"definition": "d", "delta_nll": {"unit": "nats/token", "warning": "ΔNLL floor warning"},
              "logit_diff_top1": {"unit": "logits", "warning": None}}
-    d = {"floor_warning": "KL floor warning", "noise_floor": {"median": 1e-4, "other_effects": other}}
+    d = {"noise_floor": {"median": 1e-4, "warning": "KL floor warning", "other_effects": other}}
+    if not kind.startswith("state_"):
+        d["floor_warning"] = "KL floor warning"  # the attention tools write it in both places
     d |= {"single": {"layer": 4, "sample_results": []}, "per_layer": {"per_layer": []},
-          "windows": {"windows": []}, "steering": {"layer": 4, "dose_results": []}}[kind]
+          "windows": {"windows": []}, "steering": {"layer": 4, "dose_results": []},
+          "state_single": {"layer": 1, "sample_results": []}, "state_windows": {"windows": []},
+          "state_steering": {"layer": 1, "dose_response": []}}[kind]
     section = Section("run.json", kind, "t")
-    (extractors.steering if kind == "steering" else extractors.knockout)(SectionBuilder(section, d), d)
+    extract = {"steering": extractors.steering, "state_steering": extractors.state_steering}.get(kind,
+                                                                                               extractors.knockout)
+    extract(SectionBuilder(section, d), d)
     assert [n for n in section.notes if "floor warning" in n] == ["KL floor warning", "ΔNLL floor warning"]
 
 

@@ -10,11 +10,12 @@ import json
 import jax
 import numpy as np
 import pytest
-from scipy import stats as sps
+from scipy import special as spspecial, stats as sps
 
 from plip_jax.analysis import generation as gen
 from plip_jax.analysis.metrics import kl_divergence
 from plip_jax.core import interventions as ivs
+from plip_jax.core.capture import Capture
 from plip_jax.core.errors import ConfigError, CorpusError
 from plip_jax.data.corpus import load_state_prompts
 from plip_jax.experiments import preservation
@@ -51,6 +52,15 @@ def _direct_kl(model, s, scale_matrix) -> float:
     return float(kl_divergence(base, edit))
 
 
+def _direct_nll(model, s, scale_matrix=None) -> float:
+    """Unpadded, unbatched mean next-token NLL (nats/token) from the full logits, float64 on the host."""
+    toks = np.asarray(s.token_ids, np.int32)
+    iv = None if scale_matrix is None else ivs.Interventions(state=ivs.StateEdit(scale=scale_matrix))
+    logits = np.asarray(model.model(toks, interventions=iv, capture=Capture(logits="all")).logits, np.float64)
+    lp = spspecial.log_softmax(logits[:-1], axis=-1)
+    return float(-lp[np.arange(len(toks) - 1), toks[1:]].mean())
+
+
 # ------------------------------------------------------------------------------------------ edits kernel
 def test_noop_edit_kl_is_exactly_zero_and_the_kl_is_float64(tiny_rwkv_model, samples):
     """Baseline, floor and a scale-1 edit share one program: their logits are identical in f32, so the floor
@@ -74,6 +84,25 @@ def test_noop_edit_kl_is_exactly_zero_and_the_kl_is_float64(tiny_rwkv_model, sam
     assert not out.below_floor()[:, 1:].any()  # floor 0: any positive KL is resolved
 
 
+def test_delta_nll_equals_the_direct_full_logit_nll_change(tiny_rwkv_model, samples):
+    """ΔNLL = edited - baseline mean next-token NLL, as from the full logits of separate unpadded forwards (float64
+    on the host); the knockout moves it far above its floor, a scale-1 edit not at all. In float32 the floor is the
+    engine's, never below one float32 unit of the NLL."""
+    few = [samples[0], samples[-1]]  # different lengths: padding and per-sample NLL rows are exercised
+    knock = [[ivs.state_knockout(LAYERS, len(s.token_ids), [s.marker_token_pos], [1]),
+              ivs.state_steering(LAYERS, len(s.token_ids), [s.marker_token_pos], [1], 1.0)] for s in few]
+    out = edits.run_edits(tiny_rwkv_model, [s.token_ids for s in few], knock)
+    assert out.delta_nll.shape == (2, 2) and out.delta_nll.dtype == np.float64
+    for i, s in enumerate(few):
+        direct = _direct_nll(tiny_rwkv_model, s, knock[i][0].scale) - _direct_nll(tiny_rwkv_model, s)
+        assert out.delta_nll[i, 0] == pytest.approx(direct, rel=1e-2, abs=2e-6)
+        assert abs(out.delta_nll[i, 0]) > 10 * 3 * out.floor_delta_nll[i]
+    assert np.all(out.delta_nll[:, 1] == 0.0) and out.delta_nll_below_floor().tolist() == [[False, True]] * 2
+    assert set(out.nll_floor_parts) == {"engine"}
+    base_nll = [_direct_nll(tiny_rwkv_model, s) for s in few]
+    np.testing.assert_allclose(out.floor_delta_nll, np.spacing(np.float32(base_nll)), rtol=0.6)  # one f32 unit
+
+
 
 @pytest.mark.slow
 def test_bfloat16_edits_get_the_rounding_floor(tiny_rwkv_dir, samples):
@@ -89,14 +118,19 @@ def test_bfloat16_edits_get_the_rounding_floor(tiny_rwkv_dir, samples):
     r, e = out.floor_parts["rounding"], out.floor_parts["engine"]
     assert np.all(r > 0) and np.all(r > e)
     np.testing.assert_array_equal(out.floor_kl, np.maximum(e, r))
+    rn, en = out.nll_floor_parts["rounding"], out.nll_floor_parts["engine"]  # the ΔNLL's floor, same runs
+    assert np.all(rn > np.spacing(np.float32(1.0))) and np.all(rn >= en)
+    np.testing.assert_array_equal(out.floor_delta_nll, np.maximum(en, rn))
     block = compare.floor_block(out.floor_kl, out.kl[:, 0], out.below_floor()[:, 0], "bfloat16", out.floor_parts)
     assert block["components"]["rounding"]["n_samples_setting_floor"] == 3 and "rounding floor" in block["definition"]
     assert "rounding floor median" in compare.floor_line(block)
 
 def test_below_floor_marks_and_floor_warning():
     o = edits.EditOutcomes(kl=np.array([[1e-3, 2e-9, np.nan]]), kl_plip=np.zeros((1, 3), np.float32),
-                           floor_kl=np.array([1e-9]), top=None, argmax=np.zeros((1, 3), int), forward_s=0.0)
+                           floor_kl=np.array([1e-9]), top=None, argmax=np.zeros((1, 3), int), forward_s=0.0,
+                           delta_nll=np.array([[-2e-9, 1e-3, np.nan]]), floor_delta_nll=np.array([1e-9]))
     assert o.below_floor().tolist() == [[False, True, False]]  # 2e-9 <= 3 x 1e-9; a missing edit is never marked
+    assert o.delta_nll_below_floor().tolist() == [[True, False, False]]  # on |ΔNLL|
     block = compare.floor_block(np.array([4e-4, 6e-4]), [1e-3, 2e-3], [False, False], "bfloat16")
     assert block["median"] == pytest.approx(5e-4) and block["n_effects_below_floor"] == 0
     assert "bfloat16" in block["warning"] and "--dtype=float32" in block["warning"]
@@ -139,7 +173,17 @@ def test_ablation_json_matches_plip_schema_and_stats(ablation_run, samples):
     assert abs(got["welch_p_value_plip"] - ref.pvalue) < 0.01
     nf = got["noise_floor"]
     assert nf["n"] == len(samples) and nf["max"] == 0.0 and nf["n_effects"] == 20 and nf["warning"] is None
+    dn = nf["other_effects"]["delta_nll"]  # the ΔNLL's floor over the test samples
+    rows = [r for r in got["sample_results"] if not r["is_baseline"]]
+    assert dn["unit"] == "nats/token" and dn["n_effects"] == 20 and dn["warning"] is None
+    assert dn["max"] == max(r["noise_floor_delta_nll"] for r in rows) > 0
+    assert dn["n_effects_below_floor"] == sum(r["delta_nll_below_noise_floor"] for r in rows)
+    assert all(r["delta_nll_below_noise_floor"] == (abs(r["delta_nll"]) <= 3 * r["noise_floor_delta_nll"])
+               for r in got["sample_results"])
     assert_plip_schema(got, "state_ablation_layer2.json")
+    text = ablation.format_ablation_summary(ablation_run)
+    py_mean = np.mean([r["delta_nll"] for r in rows if r["language"] == "python"])
+    assert f"python {py_mean:+.3e}" in text and "ΔNLL floor (the same runs" in text
 
 
 def test_distance_matched_control_within_its_offset(samples, ablation_run):
@@ -210,6 +254,16 @@ def test_scan_layers_equals_single_layer_runs(tiny_rwkv_model, samples, ablation
     assert js["best_layer_selection"]["adjustment"] == "holm" and len(js["sample_results"][0]["kl_divergence"]) == 3
     unchunked = ablation.run_knockout_windows(tiny_rwkv_model, samples, [(l, l) for l in range(LAYERS)], chunk=None)
     np.testing.assert_allclose(unchunked.kl, scan.kl, rtol=1e-2, atol=1e-6)
+    # ΔNLL per layer: layer 1's equals the single-layer knockout's; its per-language means and floor counts
+    np.testing.assert_allclose(scan.delta_nll[:, 1], [r.delta_nll for r in ablation_run.samples], rtol=1e-2, atol=2e-6)
+    np.testing.assert_allclose(unchunked.delta_nll, scan.delta_nll, rtol=1e-2, atol=2e-6)
+    rust = [i for i, s in enumerate(samples) if s.language == "rust" and not s.is_baseline]
+    w1 = js["windows"][1]
+    assert w1["mean_delta_nll"]["rust"] == pytest.approx(scan.delta_nll[rust, 1].mean(), rel=1e-12)
+    assert w1["n_delta_nll_below_noise_floor"]["rust"] == int(scan.delta_nll_below_floor[rust, 1].sum())
+    assert js["sample_results"][0]["delta_nll"] == scan.delta_nll[0].tolist()
+    assert js["noise_floor"]["other_effects"]["delta_nll"]["n_effects"] == 20 * LAYERS
+    assert "ΔNLL py" in table and "ΔNLL floor (the same runs" in table
 
 
 @pytest.mark.slow
@@ -252,8 +306,18 @@ def test_steering_dose_response_with_floor_and_holm(tiny_rwkv_model, samples, ab
     holm = [p["welch_p_value_holm"] for p in got["dose_response"]]
     assert holm[2] is None and all(h >= p for h, p in zip(holm, raw) if p is not None)
     assert got["noise_floor"]["n_effects"] == 4 * 20  # scale 1 is not an effect
+    assert got["noise_floor"]["other_effects"]["delta_nll"]["n_effects"] == 4 * 20
+    ko_dnll = {r.id: r.delta_nll for r in ablation_run.samples}  # ΔNLL: scale 0 is the knockout's, scale 1 is 0
+    for r in by[0.0]["sample_results"]:
+        assert r["delta_nll"] == pytest.approx(ko_dnll[r["id"]], rel=1e-2, abs=2e-6)
+    assert all(r["delta_nll"] == 0.0 and r["delta_nll_below_noise_floor"] for r in by[1.0]["sample_results"])
+    assert by[1.0]["mean_delta_nll"] == 0.0 and by[1.0]["mean_delta_nll_below_noise_floor"]
+    assert by[9.0]["mean_delta_nll"] == pytest.approx(np.mean([r["delta_nll"] for r in by[9.0]["sample_results"]]))
+    assert by[9.0]["n_delta_nll_below_noise_floor"] == sum(r["delta_nll_below_noise_floor"]
+                                                           for r in by[9.0]["sample_results"])
     table = steering.format_dose_table(st)
     assert "Sanity: scale=1.0 identity: PASS" in table and "Noise floor" in table and "p Holm" in table
+    assert "ΔNLL mean" in table and "ΔNLL floor (the same runs" in table
     with pytest.raises(ConfigError, match="--scales"):
         steering.run_state_steering(tiny_rwkv_model, samples, 1, (-1.0,))
     with pytest.raises(ConfigError, match="--scales"):

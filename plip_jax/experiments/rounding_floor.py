@@ -120,12 +120,18 @@ def effect_floors(ref_logits, other_logits, ref_nll, other_nll, token: Optional[
     out = {"kl": eff["kl"], "logit_diff_top1": logit_floor(eff["logit_diff_top1"], top_logit),
            "delta_logprob_top1": np.abs(eff["delta_logprob_top1"])}
     if ref_nll is not None:
-        ref_nll = np.asarray(ref_nll, np.float64)
-        out["delta_nll"] = logit_floor(np.asarray(other_nll, np.float64) - ref_nll, ref_nll)
+        out["delta_nll"] = nll_change_floor(ref_nll, other_nll)
     if token is not None:
         t = int(token)
         out["logit_diff_token"] = logit_floor(ref[..., t] - other[..., t], ref[..., t])
     return out
+
+
+def nll_change_floor(ref_nll, other_nll) -> np.ndarray:
+    """float64 [...]: |other - ref| of two mean next-token NLLs (nats/token, float32 values) that should agree,
+    never below one float32 unit of the reference's value (`float32_unit`): `effect_floors`' "delta_nll"."""
+    ref = np.asarray(ref_nll, np.float64)
+    return np.maximum(np.abs(np.asarray(other_nll, np.float64) - ref), float32_unit(ref))
 
 
 def float32_unit(x) -> np.ndarray:
@@ -239,4 +245,4 @@ def combined_floors(engine: dict, rounding: Optional[dict]) -> dict:
 
 __all__ = ["DEFINITION", "FLOORED_EFFECTS", "NOT_MEASURED", "ROUNDING_DRAWS", "ROUNDING_SEED", "combined_floor",
            "combined_floors", "components_line", "effect_floors", "first_edited_rows", "float32_unit",
-           "jitter_edit", "rounding_floor_effects", "rounding_floor_kl", "rounding_runs", "wanted"]
+           "jitter_edit", "nll_change_floor", "rounding_floor_effects", "rounding_floor_kl", "rounding_runs", "wanted"]

@@ -131,14 +131,14 @@ _STAT_HIDE = ("language", "is_baseline", "min_kl", "max_kl", "median_kl", "welch
 
 
 def _floor_warnings(b: SectionBuilder, d: dict) -> None:
-    """A note for the KL floor's warning and each other effect's (`noise_floor.other_effects`), where there is one."""
-    texts = [d.get("floor_warning")]
+    """A note for the KL floor's warning (top-level `floor_warning` or `noise_floor.warning`, once) and each other
+    effect's (`noise_floor.other_effects`), where there is one."""
+    texts = [d.get("floor_warning"), get(d, ("noise_floor", "warning"))]
     other = get(d, ("noise_floor", "other_effects"))
     if isinstance(other, dict):
         texts += [v.get("warning") for v in other.values() if isinstance(v, dict)]
-    for text in texts:
-        if isinstance(text, str):
-            b.note(text)
+    for text in dict.fromkeys(t for t in texts if isinstance(t, str)):
+        b.note(text)
 
 
 def _knockout_scan(b: SectionBuilder, d: dict) -> None:
@@ -315,8 +315,11 @@ def probe(b: SectionBuilder, d: dict) -> None:
 def state_steering(b: SectionBuilder, d: dict) -> None:
     b.headline("layer", ("layer",))
     b.headline("intervention", ("intervention_type",))
-    b.table("Dose response (KL in nats)", ("dose_response",), prefer=("scale", "python_stats.mean_kl",
-            "rust_stats.mean_kl", "welch_t_statistic", "welch_p_value"), hide=_STAT_HIDE)
+    b.headline("noise floor (median per-sample floor, nats)", ("noise_floor", "median"), fmt="sci")
+    _floor_warnings(b, d)
+    b.table("Dose response (KL in nats; ΔNLL in nats/token)", ("dose_response",), prefer=("scale",
+            "python_stats.mean_kl", "rust_stats.mean_kl", "welch_t_statistic", "welch_p_value", "welch_p_value_holm",
+            "n_below_noise_floor", "mean_delta_nll", "n_delta_nll_below_noise_floor"), hide=_STAT_HIDE)
 
 
 @register("attention_patterns", "attention_patterns", "Attention patterns",

@@ -2,7 +2,8 @@
 
 * `samples`: corpus samples with PLIP's exact char -> token rule, default layer, window checks;
 * `edits`: the kernel: every (sample, state edit) forward of an experiment in one jitted program, with the
-  baseline and a no-op edit (the noise floor) in the same vmapped batch; KL in float64 on the host;
+  baseline and a no-op edit (the noise floor) in the same vmapped batch; KL in float64 on the host and the
+  change of the mean next-token NLL, each with its floor;
 * `ablation`: knockout of the marker's state write (single layer, window, scans) with a distance-matched
   control position (PLIP `state_ablation_experiment`);
 * `steering`: dose-response of the marker's state-write scale (PLIP `state_steering_experiment`);

@@ -1,5 +1,6 @@
 """RWKV-6 state knockout (PLIP-rs `state_ablation_experiment`): drop the marker's WKV state write in a layer or
-a window of layers and measure KL(baseline || knocked) at the last position, Python doctests vs Rust tests.
+a window of layers and measure KL(baseline || knocked) at the last position, Python doctests vs Rust tests; per
+sample also the change of the mean next-token NLL (ΔNLL, nats/token), each beside its own noise floor.
 
 The control knocks out one other position per sample in the same layers, chosen at (nearly) the marker's
 distance from the read-out position (`analysis.controls.distance_matched_position`, at most
@@ -113,7 +114,8 @@ def _control_report(samples, kl_marker, kl_ctrl, ctrl, seed, max_offset) -> Cont
 # ============================================================================== single layer / window
 @dataclasses.dataclass(frozen=True)
 class KnockoutSampleResult:
-    """One sample of a knockout run (PLIP's `sample_results` fields first). KLs in nats."""
+    """One sample of a knockout run (PLIP's `sample_results` fields first). KLs in nats; ΔNLL in nats/token
+    (knocked - baseline mean next-token NLL)."""
 
     id: str
     language: str
@@ -127,6 +129,9 @@ class KnockoutSampleResult:
     n_tokens: int
     noise_floor_kl: float
     below_noise_floor: bool
+    delta_nll: float
+    noise_floor_delta_nll: float
+    delta_nll_below_noise_floor: bool
     random_control_position: Optional[int]
     random_control_kl: Optional[float]
     random_control_below_noise_floor: Optional[bool]
@@ -198,7 +203,7 @@ def run_state_ablation(model: Any, samples: Sequence[StateSample], layer_start: 
               ivs.state_knockout(n, len(s.token_ids), [c.position], layers) if c.position is not None else None]
              for s, c in zip(samples, ctrl)]
     out = run_edits(model, [s.token_ids for s in samples], edits, ids=[s.id for s in samples], chunk=chunk)
-    below = out.below_floor()
+    below, below_dnll = out.below_floor(), out.delta_nll_below_floor()
     rows = []
     for i, s in enumerate(samples):
         c = ctrl[i]
@@ -206,7 +211,8 @@ def run_state_ablation(model: Any, samples: Sequence[StateSample], layer_start: 
         rows.append(KnockoutSampleResult(
             s.id, s.language, s.is_baseline, float(out.kl[i, 0]), s.marker_token_pos, s.target_token_positions,
             len(layers), _top_rows(out, i, 0, model.tokenizer), float(out.kl_plip[i, 0]), len(s.token_ids),
-            float(out.floor_kl[i]), bool(below[i, 0]), c.position, _none_if_nan(out.kl[i, 1]),
+            float(out.floor_kl[i]), bool(below[i, 0]), float(out.delta_nll[i, 0]), float(out.floor_delta_nll[i]),
+            bool(below_dnll[i, 0]), c.position, _none_if_nan(out.kl[i, 1]),
             bool(below[i, 1]) if has_c else None, c.marker_distance, c.control_distance,
             "" if has_c else c.reason))
     kl = [r.kl_divergence for r in rows]
@@ -218,10 +224,19 @@ def run_state_ablation(model: Any, samples: Sequence[StateSample], layer_start: 
     test_idx = [i for i, s in enumerate(samples) if not s.is_baseline]
     floor = compare.floor_block(out.floor_kl, [kl[i] for i in test_idx], [below[i, 0] for i in test_idx], model.dtype,
                                 out.floor_parts)
+    floor["other_effects"] = compare.delta_nll_floor_block(out, test_idx, [0], model.dtype)
     report = (_control_report(samples, out.kl[:, 0], out.kl[:, 1], ctrl, control_seed, control_max_offset)
               if control_seed is not None else None)
     return StateAblationResult(model.name, layer_start, layer_end, rows, tests, base, report, floor,
                                {"forward_s": out.forward_s})
+
+
+def _delta_nll_lines(noise_floor: dict, per_language: dict) -> list[str]:
+    """Table lines: the mean ΔNLL of the test samples per language ({language: (mean, n at floor, n)}), the ΔNLL
+    floor and its warning (`compare.delta_nll_floor_lines`)."""
+    means = "; ".join(f"{lang} {m:+.3e} ({k}/{n} at floor)" for lang, (m, k, n) in per_language.items())
+    return [f"ΔNLL (knocked - baseline mean next-token NLL, nats/token), test-sample mean: {means}",
+            *compare.delta_nll_floor_lines(noise_floor)]
 
 
 def _top_rows(out: EditOutcomes, i: int, k: int, tokenizer: Any) -> list[dict]:
@@ -241,8 +256,10 @@ def format_ablation_summary(result: StateAblationResult, verbose: bool = False) 
                     f"control pos {r.random_control_position} (distance {r.random_control_distance} vs marker "
                     f"{r.random_control_marker_distance}) KL {r.random_control_kl:.4e}"
                     f"{compare.mark(r.random_control_below_noise_floor)}")
+            dnll = f"ΔNLL {r.delta_nll:+.3e}{compare.mark(r.delta_nll_below_noise_floor)}"
             lines.append(f"  {r.id:<24} KL {r.kl_divergence:.4e}{compare.mark(r.below_noise_floor)} floor "
-                         f"{r.noise_floor_kl:.1e}; marker {r.marker_token_pos}; {ctrl}")
+                         f"{r.noise_floor_kl:.1e}; {dnll} floor {r.noise_floor_delta_nll:.1e}; "
+                         f"marker {r.marker_token_pos}; {ctrl}")
     groups = [("python", result.tests.python), ("rust", result.tests.rust)]
     if result.baseline_groups:
         groups += [("python_baseline", result.baseline_groups[0]), ("rust_baseline", result.baseline_groups[1])]
@@ -252,6 +269,10 @@ def format_ablation_summary(result: StateAblationResult, verbose: bool = False) 
         lines.append(f"  {name:<16} n={g.n:<3} mean={g.mean:.4e} ± {g.std:.4e} median={g.median:.4e} "
                      f"[{g.min:.2e}, {g.max:.2e}]; {n_below} at floor")
     lines.append("  " + compare.floor_line(result.noise_floor).replace("\n", "\n  "))
+    tests = [r for r in result.samples if not r.is_baseline]
+    per_lang = {lang: (float(np.mean([r.delta_nll for r in rs])), sum(r.delta_nll_below_noise_floor for r in rs),
+                       len(rs)) for lang in ("python", "rust") if (rs := [r for r in tests if r.language == lang])}
+    lines += ["  " + x for x in _delta_nll_lines(result.noise_floor, per_lang)]
     t = result.tests
     direction = "Python > Rust" if t.python.mean > t.rust.mean else "Python <= Rust"
     ratio = stats.fmt_stat(t.ratio if t.rust.mean > 1e-10 else None, ".2f")
@@ -280,13 +301,16 @@ class WindowResult:
     p_holm: Optional[float]  # Holm-adjusted over the windows of the run
     baseline_groups: Optional[tuple]
     n_below_floor: dict  # language -> test samples whose KL is not above FLOOR_FACTOR x their floor
+    mean_delta_nll: dict  # language -> mean ΔNLL of its test samples (nats/token)
+    n_delta_nll_below_floor: dict  # language -> test samples whose |ΔNLL| is not above FLOOR_FACTOR x its floor
 
     def to_json(self) -> dict:
         out = {"layer_start": self.layer_start, "layer_end": self.layer_end,
                "n_layers_knocked_out": self.layer_end - self.layer_start + 1, **self.tests.to_json(),
                "ratio": self.tests.ratio, "welch_p_value_holm": self.p_holm,
                "significant_after_holm": stats.significant(self.p_holm),
-               "n_below_noise_floor": dict(self.n_below_floor)}
+               "n_below_noise_floor": dict(self.n_below_floor), "mean_delta_nll": dict(self.mean_delta_nll),
+               "n_delta_nll_below_noise_floor": dict(self.n_delta_nll_below_floor)}
         if self.baseline_groups:
             out["python_baseline_stats"] = self.baseline_groups[0].to_json()
             out["rust_baseline_stats"] = self.baseline_groups[1].to_json()
@@ -308,6 +332,9 @@ class StateWindowsResult:
     noise_floor: dict
     best: Optional[stats.BestLayer]  # scan_layers: best layer by Holm-adjusted p among Python > Rust
     timings: dict
+    delta_nll: np.ndarray  # f64 [N, W] nats/token
+    delta_nll_below_floor: np.ndarray  # bool [N, W]
+    floor_delta_nll: np.ndarray  # f64 [N]
 
     def to_json(self) -> dict:
         out = {"model": self.model, "architecture": "rwkv6", "intervention_type": "state_knockout",
@@ -316,7 +343,10 @@ class StateWindowsResult:
                                    "marker_token_pos": s.marker_token_pos, "n_tokens": len(s.token_ids),
                                    "kl_divergence": [float(x) for x in self.kl[i]],
                                    "noise_floor_kl": float(self.floor_kl[i]),
-                                   "below_noise_floor": [bool(b) for b in self.below_floor[i]]}
+                                   "below_noise_floor": [bool(b) for b in self.below_floor[i]],
+                                   "delta_nll": [float(x) for x in self.delta_nll[i]],
+                                   "noise_floor_delta_nll": float(self.floor_delta_nll[i]),
+                                   "delta_nll_below_noise_floor": [bool(b) for b in self.delta_nll_below_floor[i]]}
                                   for i, s in enumerate(self.samples)],
                "noise_floor": self.noise_floor, "kl_definition": compare.KL_DEFINITION}
         if self.best is not None:
@@ -334,10 +364,12 @@ def run_knockout_windows(model: Any, samples: Sequence[StateSample], windows: Se
     edits = [[ivs.state_knockout(n, len(s.token_ids), [s.marker_token_pos], range(a, b + 1)) for a, b in windows]
              for s in samples]
     out = run_edits(model, [s.token_ids for s in samples], edits, ids=[s.id for s in samples], chunk=chunk)
-    below = out.below_floor()
+    below, below_dnll = out.below_floor(), out.delta_nll_below_floor()
     tests = [compare.compare_languages(select(samples, list(out.kl[:, k]), "python"),
                                        select(samples, list(out.kl[:, k]), "rust"))
              for k in range(len(windows))]
+    in_lang = {lang: [i for i, s in enumerate(samples) if s.language == lang and not s.is_baseline]
+               for lang in ("python", "rust")}
     holm = stats.holm_bonferroni([t.welch.p_value for t in tests])
     has_base = any(s.is_baseline for s in samples)
     rows = []
@@ -345,35 +377,44 @@ def run_knockout_windows(model: Any, samples: Sequence[StateSample], windows: Se
         kl = list(out.kl[:, k])
         base = ((stats.group_stats(select(samples, kl, "python", True), "python", True),
                  stats.group_stats(select(samples, kl, "rust", True), "rust", True)) if has_base else None)
-        n_below = {lang: int(sum(below[i, k] for i, s in enumerate(samples)
-                                 if s.language == lang and not s.is_baseline)) for lang in ("python", "rust")}
-        rows.append(WindowResult(a, b, tests[k], holm[k], base, n_below))
+        n_below = {lang: int(below[idx, k].sum()) for lang, idx in in_lang.items()}
+        mean_dnll = {lang: float(out.delta_nll[idx, k].mean()) if idx else None for lang, idx in in_lang.items()}
+        n_below_dnll = {lang: int(below_dnll[idx, k].sum()) for lang, idx in in_lang.items()}
+        rows.append(WindowResult(a, b, tests[k], holm[k], base, n_below, mean_dnll, n_below_dnll))
     test_idx = [i for i, s in enumerate(samples) if not s.is_baseline]
     floor = compare.floor_block(out.floor_kl, out.kl[test_idx].ravel().tolist(), below[test_idx].ravel().tolist(),
                                 model.dtype, out.floor_parts)
+    floor["other_effects"] = compare.delta_nll_floor_block(out, test_idx, range(len(windows)), model.dtype)
     best = None
     if mode == "scan_layers":
         best = stats.select_best_layer([a for a, _ in windows], [t.welch.p_value for t in tests],
                                        [t.python.mean > t.rust.mean for t in tests], test="Welch (knockout KL)")
     return StateWindowsResult(model.name, mode, n, rows, list(samples), out.kl, below, out.floor_kl,
-                              floor, best, {"forward_s": out.forward_s})
+                              floor, best, {"forward_s": out.forward_s}, out.delta_nll, below_dnll, out.floor_delta_nll)
+
+
+def _fmt_dnll(x: Optional[float]) -> str:
+    return f"{'n/a':>10}" if x is None else f"{x:>+10.2e}"
 
 
 def format_window_table(result: StateWindowsResult, top: int = 5) -> str:
-    """Per-window mean KLs (nats) with the Python/Rust ratio, exact and Holm-adjusted Welch p and the number
-    of test samples at the noise floor; for layer scans, the best layer by adjusted p and the `top` layers
-    by mean KL per language (what PLIP printed)."""
+    """Per-window mean KLs (nats) with the Python/Rust ratio, exact and Holm-adjusted Welch p, the number of test
+    samples at the noise floor, the mean ΔNLL per language (nats/token) and the ΔNLL's samples at its floor; for
+    layer scans, the best layer by adjusted p and the `top` layers by mean KL per language (what PLIP printed)."""
     head = (f"{'window':>9} | {'Python KL':>11} | {'Rust KL':>11} | {'ratio':>7} | {'t':>9} | {'p (exact)':>9} | "
-            f"{'p (Holm)':>9} | at floor py/rs")
+            f"{'p (Holm)':>9} {'':<3} | {'at floor py/rs':<14} | {'ΔNLL py':>10} {'ΔNLL rs':>10} | ΔNLL at floor")
     lines = [head, "-" * len(head)]
     for r in result.windows:
         t = r.tests
         w = f"{r.layer_start}" if r.layer_start == r.layer_end else f"{r.layer_start}-{r.layer_end}"
+        at = f"{r.n_below_floor['python']}/{t.python.n} {r.n_below_floor['rust']}/{t.rust.n}"
+        at_dnll = f"{r.n_delta_nll_below_floor['python']}/{t.python.n} {r.n_delta_nll_below_floor['rust']}/{t.rust.n}"
         lines.append(f"{w:>9} | {t.python.mean:>11.3e} | {t.rust.mean:>11.3e} | {t.ratio:>7.2f} | "
                      f"{stats.fmt_stat(t.welch.t, '>9.3f')} | {stats.fmt_stat(t.welch.p_value, '>9.3g')} | "
-                     f"{stats.fmt_stat(r.p_holm, '>9.3g')} | {r.n_below_floor['python']}/{t.python.n} "
-                     f"{r.n_below_floor['rust']}/{t.rust.n} {stats.significance_stars(r.p_holm)}")
+                     f"{stats.fmt_stat(r.p_holm, '>9.3g')} {stats.significance_stars(r.p_holm):<3} | {at:<14} | "
+                     f"{_fmt_dnll(r.mean_delta_nll['python'])} {_fmt_dnll(r.mean_delta_nll['rust'])} | {at_dnll}")
     lines.append(compare.floor_line(result.noise_floor))
+    lines += compare.delta_nll_floor_lines(result.noise_floor)
     if result.mode == "scan_layers":
         b = result.best
         lines.append(f"Best layer: {b.layer if b.layer is not None else 'none'}"

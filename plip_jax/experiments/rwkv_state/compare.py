@@ -1,16 +1,16 @@
 """What every KL of the state tools is printed beside: the Python vs Rust Welch test (exact, with PLIP's
-approximation as an extra), the no-op noise floor, and a paired comparison with a control."""
+approximation as an extra), the no-op noise floor, and a paired comparison with a control; the ΔNLL's floor."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from plip_jax.analysis import metrics, stats
 from plip_jax.analysis.metrics import FLOOR_FACTOR
-from plip_jax.experiments import rounding_floor
+from plip_jax.experiments import causal_stats, causal_tables, rounding_floor
 
 _NOOP = ("KL(baseline || no-op edit) in nats (a state edit with scale 1 everywhere, run in the same compiled program "
          "and batch as the baseline and the real edits)")
@@ -80,6 +80,20 @@ def floor_line(block: dict) -> str:
     if both:
         line += "\n" + both
     return line + (f"\nWARNING: {block['warning']}" if block.get("warning") else "")
+
+
+def delta_nll_floor_block(out: Any, test_idx: Sequence[int], edit_idx: Sequence[int], dtype: Any) -> dict:
+    """JSON `noise_floor.other_effects` of the ΔNLLs of edits `edit_idx` of the test samples `test_idx` of `out`
+    (an `edits.EditOutcomes`): `causal_stats.effect_floor_block`'s floor summary, count at the floor and
+    reduced-precision warning."""
+    t = np.asarray(test_idx, np.int64)
+    effects = out.delta_nll[np.ix_(t, np.asarray(edit_idx, np.int64))].T  # [E, N_test]: sample axis last
+    return causal_stats.effect_floor_block({"delta_nll": out.floor_delta_nll[t]}, {"delta_nll": effects}, dtype)
+
+
+def delta_nll_floor_lines(noise_floor: dict) -> list[str]:
+    """The ΔNLL floor's table line and its warning (`causal_tables.effect_floor_lines`); none without that floor."""
+    return causal_tables.effect_floor_lines({"noise_floor": noise_floor}, "delta_nll", "ΔNLL")
 
 
 def mark(below: bool) -> str:

@@ -1,4 +1,5 @@
-"""The state-edit kernel: KL(baseline || edited) for every (sample, state edit) pair of an experiment.
+"""The state-edit kernel: KL(baseline || edited) and the change of the mean next-token NLL for every
+(sample, state edit) pair of an experiment.
 
 Samples are right-padded to one width T. Per sample, the edits are the stacked `StateEdit` scale matrices
 f32[2 + K, L, T]: row 0 is the baseline (all ones), row 1 a no-op edit (all ones again: the noise floor),
@@ -12,7 +13,10 @@ random-sign noise in the residual stream after the lowest edited layer, from the
 measured for reduced-precision compute, `rounding_floor.wanted`).
 Steps hold `chunk` forwards (whole samples; the last step is padded with a repeated sample), so device
 and host memory stay bounded. The last-position logits come back to the host, where the KL is computed in
-float64 (`metrics.kl_divergence_f64`; the device f32 KL has a ~1e-7 nats floor of its own).
+float64 (`metrics.kl_divergence_f64`; the device f32 KL has a ~1e-7 nats floor of its own). Each forward also
+gives its mean next-token NLL (nats/token, f32 on the device, as the attention knockout's: every row projected
+onto the vocabulary in chunks, `metrics.sequence_nll_from_hidden`); ΔNLL = edited - baseline, floored by the same
+no-op and rounding runs (`rounding_floor.nll_change_floor`: never below one float32 unit of the NLL).
 """
 
 from __future__ import annotations
@@ -42,17 +46,19 @@ N_FIXED = 2  # rows 0 (baseline) and 1 (no-op floor) of every sample's edit stac
 def _edit_logits(model, tokens, lengths, scales, top_k):
     """tokens int32[B, T], lengths int32[B], scales f32[B, K, L, T] (row 0 = baseline) ->
     logits f32[B, K, V] at each sample's last real position, PLIP's filtered KL f32[B, K] (nats, vs row 0),
-    TopChanged [B, K, top_k] (vs row 0), argmax int32[B, K]."""
+    TopChanged [B, K, top_k] (vs row 0), argmax int32[B, K], mean next-token NLL f32[B, K] (nats/token)."""
 
     def one_sample(tok, length, sc):
         def one_edit(s):
             iv = ivs.Interventions(state=ivs.StateEdit(scale=s))
-            return model(tok, length=length, interventions=iv, capture=Capture(logits="last")).logits
+            out = model(tok, length=length, interventions=iv, capture=Capture(logits="last", final_hidden=True))
+            return out.logits, metrics.sequence_nll_from_hidden(out.final_hidden, model.unembedding, tok, length)
 
-        logits = jax.vmap(one_edit)(sc).astype(jnp.float32)  # [K, V]
+        logits, nll = jax.vmap(one_edit)(sc)  # [K, V], [K]
+        logits = logits.astype(jnp.float32)
         base = jnp.broadcast_to(logits[:1], logits.shape)
         return (logits, metrics.kl_divergence_plip_filtered(base, logits),
-                metrics.top_changed_tokens(base, logits, top_k), jnp.argmax(logits, axis=-1))
+                metrics.top_changed_tokens(base, logits, top_k), jnp.argmax(logits, axis=-1), nll)
 
     return jax.vmap(one_sample)(tokens, lengths, scales)
 
@@ -64,7 +70,12 @@ class EditOutcomes:
     kl: float64 [N, K] nats, KL(baseline || edit k), NaN where the edit was None (no edit requested);
     kl_plip: PLIP's filtered KL (terms with p or q <= 1e-10 dropped; f32); floor_kl: float64 [N], the sample's
     noise floor, the larger of floor_parts["engine"] (the no-op edit's KL) and floor_parts["rounding"] (the
-    rounding floor; absent when nothing was edited or not measured: float32, `rounding_floor.wanted`); top: TopChanged of arrays [N, K, top_k]; argmax [N, K]."""
+    rounding floor; absent when nothing was edited or not measured: float32, `rounding_floor.wanted`);
+    top: TopChanged of arrays [N, K, top_k]; argmax [N, K];
+    delta_nll: float64 [N, K] nats/token, mean next-token NLL of edit k - the baseline's (> 0: the edit made the
+    sample's text less likely), NaN where the edit was None; floor_delta_nll: float64 [N], its noise floor from
+    the same runs, the larger of nll_floor_parts["engine"] (|no-op - baseline|, at least one float32 unit of the
+    NLL) and nll_floor_parts["rounding"] (measured with the KL's)."""
 
     kl: np.ndarray
     kl_plip: np.ndarray
@@ -73,6 +84,9 @@ class EditOutcomes:
     argmax: np.ndarray
     forward_s: float
     floor_parts: Optional[dict] = None
+    delta_nll: Optional[np.ndarray] = None
+    floor_delta_nll: Optional[np.ndarray] = None
+    nll_floor_parts: Optional[dict] = None
 
     @property
     def floor(self) -> metrics.NoiseFloor:
@@ -80,8 +94,17 @@ class EditOutcomes:
 
     def below_floor(self, factor: float = FLOOR_FACTOR) -> np.ndarray:
         """bool [N, K]: KL <= factor x the sample's own floor (not resolved); False where the edit was None."""
-        marked = metrics.mark_below_floor(np.nan_to_num(self.kl, nan=np.inf), self.floor_kl[:, None], factor)
-        return marked & ~np.isnan(self.kl)
+        return _marks(self.kl, self.floor_kl, factor)
+
+    def delta_nll_below_floor(self, factor: float = FLOOR_FACTOR) -> np.ndarray:
+        """bool [N, K]: |ΔNLL| <= factor x the sample's ΔNLL floor (not resolved); False where the edit was None."""
+        return _marks(np.abs(self.delta_nll), self.floor_delta_nll, factor)
+
+
+def _marks(effect: np.ndarray, floor: np.ndarray, factor: float) -> np.ndarray:
+    """bool [N, K]: effect [N, K] <= factor x floor [N]; False where the effect is NaN (no edit)."""
+    marked = metrics.mark_below_floor(np.nan_to_num(effect, nan=np.inf), floor[:, None], factor)
+    return marked & ~np.isnan(effect)
 
 
 def _stack(n_layers: int, width: int, length: int, edits: Sequence[Optional[ivs.StateEdit]], where: str
@@ -102,7 +125,7 @@ def _stack(n_layers: int, width: int, length: int, edits: Sequence[Optional[ivs.
 def run_edits(model: Any, token_ids: Sequence[Sequence[int]], edits: Sequence[Sequence[Optional[ivs.StateEdit]]],
               *, ids: Optional[Sequence[str]] = None, chunk: Optional[int] = DEFAULT_CHUNK,
               top_k: int = 5) -> EditOutcomes:
-    """Run baseline, no-op floor and every edit of every sample (see the module docstring).
+    """Run baseline, no-op floor and every edit of every sample (see the module docstring): KLs, ΔNLLs, floors.
 
     token_ids[i]: sample i's tokens; edits[i]: its K `StateEdit`s (scale [L, len(token_ids[i])], e.g. from
     `ivs.state_knockout`) or None, the same K for every sample; ids: sample names for error messages;
@@ -122,13 +145,15 @@ def run_edits(model: Any, token_ids: Sequence[Sequence[int]], edits: Sequence[Se
     kl = np.empty((n, k_all), np.float64)
     klp = np.empty((n, k_all), np.float32)
     am = np.empty((n, k_all), np.int64)
+    nll = np.empty((n, k_all), np.float64)
     tops = []
     t0 = time.perf_counter()
     for start in range(0, n, step):
         idx = np.arange(start, min(n, start + step))
         padded = np.concatenate([idx, np.full(step - idx.size, idx[-1])])  # same shape every step: one compile
-        logits, p_kl, top, arg = _edit_logits(model.model, jnp.asarray(tokens[padded]), jnp.asarray(lengths[padded]),
-                                              jnp.asarray(scales[padded]), int(top_k))
+        logits, p_kl, top, arg, p_nll = _edit_logits(model.model, jnp.asarray(tokens[padded]),
+                                                     jnp.asarray(lengths[padded]), jnp.asarray(scales[padded]),
+                                                     int(top_k))
         logits = np.asarray(logits)[: idx.size]
         for j, i in enumerate(idx):
             if not np.isfinite(logits[j]).all():
@@ -136,19 +161,30 @@ def run_edits(model: Any, token_ids: Sequence[Sequence[int]], edits: Sequence[Se
                 what = {0: "the baseline", 1: "the no-op floor edit"}.get(bad, f"edit {bad - N_FIXED}")
                 raise InterventionError(f"{names[i]}: {what} produced non-finite logits (NaN or inf); the KL is "
                                         f"undefined. Check the checkpoint, or rerun with --dtype=float32")
+        p_nll = np.asarray(p_nll)[: idx.size]
+        bad = idx[~np.isfinite(p_nll).all(axis=1)]
+        if bad.size:
+            raise InterventionError(f"{names[bad[0]]}: the mean next-token NLL is not finite ({len(token_ids[bad[0]])} "
+                                    "token(s); it needs at least 2, and finite logits at every position)")
         kl[idx] = metrics.kl_divergence_f64(np.broadcast_to(logits[:, :1], logits.shape), logits)
         klp[idx] = np.asarray(p_kl)[: idx.size]
         am[idx] = np.asarray(arg)[: idx.size]
+        nll[idx] = p_nll
         tops.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[: idx.size], top))
     forward_s = time.perf_counter() - t0
     top = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:, N_FIXED:], *tops)
     missing = np.array([[e is None for e in es] for es in edits], bool).reshape(n, k_all - N_FIXED)
     kl_req = np.where(missing, np.nan, kl[:, N_FIXED:])
+    dnll_req = np.where(missing, np.nan, nll[:, N_FIXED:] - nll[:, :1])
     parts = {"engine": kl[:, 1].copy()}
+    nll_parts = {"engine": rounding_floor.nll_change_floor(nll[:, 0], nll[:, 1])}
     changed = scales[:, N_FIXED:] != 1.0  # [N, K, L, T]: where a requested edit acts
     if changed.any() and rounding_floor.wanted(model.model):  # jittered after the lowest edited layer
         layer = int(np.flatnonzero(changed.any(axis=(0, 1, 3)))[0])
-        parts["rounding"] = rounding_floor.rounding_floor_kl(model.model, tokens, lengths, changed.any(axis=(1, 2)),
-                                                             layer, sample_chunk=step)
+        rounding = rounding_floor.rounding_floor_effects(model.model, tokens, lengths, changed.any(axis=(1, 2)),
+                                                         layer, sample_chunk=step)
+        parts["rounding"], nll_parts["rounding"] = rounding["kl"], rounding["delta_nll"]
     floor = rounding_floor.combined_floor(parts["engine"], parts.get("rounding"))
-    return EditOutcomes(kl_req, klp[:, N_FIXED:], floor, top, am[:, N_FIXED:], forward_s, parts)
+    floor_dnll = rounding_floor.combined_floor(nll_parts["engine"], nll_parts.get("rounding"))
+    return EditOutcomes(kl_req, klp[:, N_FIXED:], floor, top, am[:, N_FIXED:], forward_s, parts, dnll_req, floor_dnll,
+                        nll_parts)

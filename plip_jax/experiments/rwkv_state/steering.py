@@ -1,5 +1,6 @@
 """RWKV-6 state steering dose-response (PLIP-rs `state_steering_experiment`): scale the marker's WKV state write
-by lambda at one layer and measure KL(baseline || steered) per scale and test sample, Python vs Rust.
+by lambda at one layer and measure KL(baseline || steered) per scale and test sample, Python vs Rust, and the
+change of the mean next-token NLL (ΔNLL, nats/token), each beside its own noise floor.
 
 All (sample, scale) forwards, the baseline and the no-op floor run in one program (`edits.run_edits`). Each
 scale's Welch p is Holm-adjusted over the scales of the run.
@@ -26,17 +27,30 @@ MONOTONIC_TOLERANCE = 0.8  # PLIP: a mean may not drop below 0.8x the previous o
 
 @dataclasses.dataclass(frozen=True)
 class DosePoint:
-    """One scale: per-sample KLs (nats) and the Python vs Rust comparison."""
+    """One scale: per-sample KLs (nats) and ΔNLLs (nats/token), the Python vs Rust comparison of the KLs."""
 
     scale: float
     tests: compare.LanguageComparison
     p_holm: Optional[float]
-    sample_results: list  # dicts in PLIP's field names + noise_floor_kl, below_noise_floor
+    sample_results: list  # dicts in PLIP's field names + noise_floor_kl, below_noise_floor, delta_nll ...
+
+    @property
+    def mean_delta_nll(self) -> float:
+        """The mean ΔNLL of the scale's samples (nats/token)."""
+        return float(np.mean([r["delta_nll"] for r in self.sample_results]))
+
+    def mean_delta_nll_below_floor(self) -> bool:
+        """|mean ΔNLL| <= FLOOR_FACTOR x the samples' mean ΔNLL floor (the attention steering's rule)."""
+        mean_floor = float(np.mean([r["noise_floor_delta_nll"] for r in self.sample_results]))
+        return abs(self.mean_delta_nll) <= FLOOR_FACTOR * mean_floor
 
     def to_json(self) -> dict:
         return {"scale": self.scale, **self.tests.to_json(), "welch_p_value_holm": self.p_holm,
                 "significant_after_holm": stats.significant(self.p_holm),
                 "n_below_noise_floor": sum(r["below_noise_floor"] for r in self.sample_results),
+                "mean_delta_nll": self.mean_delta_nll,
+                "n_delta_nll_below_noise_floor": sum(r["delta_nll_below_noise_floor"] for r in self.sample_results),
+                "mean_delta_nll_below_noise_floor": self.mean_delta_nll_below_floor(),
                 "sample_results": self.sample_results}
 
 
@@ -79,7 +93,7 @@ def run_state_steering(model: Any, samples: Sequence[StateSample], layer: int,
     edits = [[ivs.state_steering(n, len(s.token_ids), [s.marker_token_pos], [layer], x) for x in scales]
              for s in samples]
     out = run_edits(model, [s.token_ids for s in samples], edits, ids=[s.id for s in samples], chunk=chunk)
-    below = out.below_floor()
+    below, below_dnll = out.below_floor(), out.delta_nll_below_floor()
     tests = [compare.compare_languages(select(samples, list(out.kl[:, k]), "python"),
                                        select(samples, list(out.kl[:, k]), "rust"), with_baseline_field=False)
              for k in range(len(scales))]
@@ -88,12 +102,15 @@ def run_state_steering(model: Any, samples: Sequence[StateSample], layer: int,
     for k, x in enumerate(scales):
         rows = [{"id": s.id, "language": s.language, "scale": x, "kl_divergence": float(out.kl[i, k]),
                  "marker_token_pos": s.marker_token_pos, "kl_divergence_plip_filtered": float(out.kl_plip[i, k]),
-                 "noise_floor_kl": float(out.floor_kl[i]), "below_noise_floor": bool(below[i, k])}
+                 "noise_floor_kl": float(out.floor_kl[i]), "below_noise_floor": bool(below[i, k]),
+                 "delta_nll": float(out.delta_nll[i, k]), "noise_floor_delta_nll": float(out.floor_delta_nll[i]),
+                 "delta_nll_below_noise_floor": bool(below_dnll[i, k])}
                 for i, s in enumerate(samples)]
         dose.append(DosePoint(x, tests[k], holm[k], rows))
     effect = [k for k, x in enumerate(scales) if x != 1.0]  # scale 1 is the identity, not an effect
     floor = compare.floor_block(out.floor_kl, out.kl[:, effect].ravel().tolist(), below[:, effect].ravel().tolist(),
                                 model.dtype, out.floor_parts)
+    floor["other_effects"] = compare.delta_nll_floor_block(out, range(len(samples)), effect, model.dtype)
     return StateSteeringResult(model.name, layer, dose, floor, steering_sanity_checks(dose, floor),
                                {"forward_s": out.forward_s})
 
@@ -132,18 +149,24 @@ def steering_sanity_checks(dose: Sequence[DosePoint], floor: dict) -> dict:
 
 
 def format_dose_table(result: StateSteeringResult) -> str:
-    """PLIP's dose-response table (KL nats) with Holm-adjusted p and samples at the floor, then the checks."""
+    """PLIP's dose-response table (KL nats) with Holm-adjusted p and samples at the floor, the mean ΔNLL
+    (nats/token, '~' = at its floor) and its samples at the floor, then the checks."""
     head = (f"{'Scale':<8} | {'Py Mean':<11} {'Py Std':<11} | {'Rs Mean':<11} {'Rs Std':<11} | {'Ratio':<7} | "
-            f"{'p exact':<9} | {'p Holm':<9} | {'p PLIP':<9} | Sig? (Holm) | at floor")
+            f"{'p exact':<9} | {'p Holm':<9} | {'p PLIP':<9} | Sig? (Holm) | {'at floor':<8} | {'ΔNLL mean':>11} | "
+            "at floor")
     lines = [head, "-" * len(head)]
     for p in result.dose_response:
         t = p.tests
         n_below = sum(r["below_noise_floor"] for r in p.sample_results)
+        n_below_dnll = sum(r["delta_nll_below_noise_floor"] for r in p.sample_results)
         lines.append(f"{p.scale:<8.2f} | {t.python.mean:<11.4e} {t.python.std:<11.4e} | {t.rust.mean:<11.4e} "
                      f"{t.rust.std:<11.4e} | {t.ratio:<7.2f} | {stats.fmt_stat(t.welch.p_value, '<9.4g')} | "
                      f"{stats.fmt_stat(p.p_holm, '<9.4g')} | {t.p_plip:<9.4g} | "
-                     f"{'YES' if stats.significant(p.p_holm) else 'no':<11} | {n_below}/{len(p.sample_results)}")
+                     f"{'YES' if stats.significant(p.p_holm) else 'no':<11} | "
+                     f"{f'{n_below}/{len(p.sample_results)}':<8} | {p.mean_delta_nll:>+10.3e}"
+                     f"{compare.mark(p.mean_delta_nll_below_floor())} | {n_below_dnll}/{len(p.sample_results)}")
     lines.append(compare.floor_line(result.noise_floor))
+    lines += compare.delta_nll_floor_lines(result.noise_floor)
     sc = result.sanity_checks
     idt = sc["identity"]
     lines.append("")
