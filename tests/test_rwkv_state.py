@@ -186,7 +186,7 @@ def test_ablation_json_matches_plip_schema_and_stats(ablation_run, samples):
     assert f"python {py_mean:+.3e}" in text and "ΔNLL floor (the same runs" in text
 
 
-def test_distance_matched_control_within_its_offset(samples, ablation_run):
+def test_distance_matched_control_within_its_offset(tiny_rwkv_model, samples, ablation_run):
     rc = ablation_run.control
     assert rc.seed == 7 and rc.max_offset == 2 and not rc.skipped
     assert rc.by_language["python"].comparison.n == 10 and rc.by_language["rust"].comparison.n == 10
@@ -197,7 +197,11 @@ def test_distance_matched_control_within_its_offset(samples, ablation_run):
         assert r.random_control_distance == s.readout_pos - p
         assert r.random_control_marker_distance == s.readout_pos - s.marker_token_pos
         assert abs(r.random_control_distance - r.random_control_marker_distance) <= 2
-        assert np.isfinite(r.random_control_kl)
+        assert np.isfinite(r.random_control_kl) and np.isfinite(r.random_control_delta_nll)
+    s, r = samples[0], ablation_run.samples[0]  # the control's ΔNLL is its own knockout's, not the marker's
+    ctrl = ivs.state_knockout(LAYERS, len(s.token_ids), [r.random_control_position], [1])
+    direct = _direct_nll(tiny_rwkv_model, s, ctrl.scale) - _direct_nll(tiny_rwkv_model, s)
+    assert r.random_control_delta_nll == pytest.approx(direct, rel=1e-2, abs=2e-6) != r.delta_nll
     assert [c.position for c in ablation.control_positions(samples, 7)] == [r.random_control_position
                                                                             for r in ablation_run.samples]
     py = rc.by_language["python"]
@@ -217,6 +221,7 @@ def test_control_without_a_matched_position_is_skipped_and_counted(tiny_rwkv_mod
     res = ablation.run_state_ablation(tiny_rwkv_model, [blocked] + samples[1:20], 1, 1, control_seed=0)
     row = res.samples[0]
     assert row.random_control_position is None and row.random_control_kl is None
+    assert row.random_control_delta_nll is None and row.random_control_delta_nll_below_noise_floor is None
     assert "within 2 token(s)" in row.random_control_note
     assert res.control.skipped == (("blocked", row.random_control_note),)
     assert res.control.by_language["python"].comparison.n == 9  # the blocked sample left the comparison

@@ -135,6 +135,8 @@ class KnockoutSampleResult:
     random_control_position: Optional[int]
     random_control_kl: Optional[float]
     random_control_below_noise_floor: Optional[bool]
+    random_control_delta_nll: Optional[float]
+    random_control_delta_nll_below_noise_floor: Optional[bool]
     random_control_marker_distance: Optional[int]
     random_control_distance: Optional[int]
     random_control_note: str = ""
@@ -212,9 +214,9 @@ def run_state_ablation(model: Any, samples: Sequence[StateSample], layer_start: 
             s.id, s.language, s.is_baseline, float(out.kl[i, 0]), s.marker_token_pos, s.target_token_positions,
             len(layers), _top_rows(out, i, 0, model.tokenizer), float(out.kl_plip[i, 0]), len(s.token_ids),
             float(out.floor_kl[i]), bool(below[i, 0]), float(out.delta_nll[i, 0]), float(out.floor_delta_nll[i]),
-            bool(below_dnll[i, 0]), c.position, _none_if_nan(out.kl[i, 1]),
-            bool(below[i, 1]) if has_c else None, c.marker_distance, c.control_distance,
-            "" if has_c else c.reason))
+            bool(below_dnll[i, 0]), c.position, _none_if_nan(out.kl[i, 1]), bool(below[i, 1]) if has_c else None,
+            _none_if_nan(out.delta_nll[i, 1]), bool(below_dnll[i, 1]) if has_c else None, c.marker_distance,
+            c.control_distance, "" if has_c else c.reason))
     kl = [r.kl_divergence for r in rows]
     tests = compare.compare_languages(select(samples, kl, "python"), select(samples, kl, "rust"))
     base = None
@@ -255,7 +257,8 @@ def format_ablation_summary(result: StateAblationResult, verbose: bool = False) 
             ctrl = ("no control: " + r.random_control_note if r.random_control_position is None else
                     f"control pos {r.random_control_position} (distance {r.random_control_distance} vs marker "
                     f"{r.random_control_marker_distance}) KL {r.random_control_kl:.4e}"
-                    f"{compare.mark(r.random_control_below_noise_floor)}")
+                    f"{compare.mark(r.random_control_below_noise_floor)} ΔNLL {r.random_control_delta_nll:+.3e}"
+                    f"{compare.mark(r.random_control_delta_nll_below_noise_floor)}")
             dnll = f"ΔNLL {r.delta_nll:+.3e}{compare.mark(r.delta_nll_below_noise_floor)}"
             lines.append(f"  {r.id:<24} KL {r.kl_divergence:.4e}{compare.mark(r.below_noise_floor)} floor "
                          f"{r.noise_floor_kl:.1e}; {dnll} floor {r.noise_floor_delta_nll:.1e}; "

@@ -1,6 +1,7 @@
 """PNGs of the four RWKV-6 state binaries. KL tools: every point is a mean ± standard error (sample SD / sqrt n,
-labelled on the axis) and the noise floor (FLOOR_FACTOR x the largest no-op KL) is a dashed line. Generation
-tools: rates with Wilson 95 % confidence intervals (labelled)."""
+labelled on the axis) and the noise floor (FLOOR_FACTOR x the largest per-sample floor) is a dashed line; a second
+panel shows the change of the mean next-token NLL (ΔNLL, nats/token) the same way, with ± FLOOR_FACTOR x its
+largest floor. Generation tools: rates with Wilson 95 % confidence intervals (labelled)."""
 
 from __future__ import annotations
 
@@ -32,36 +33,48 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
 
 def _floor_line(ax, floor: dict) -> None:
     y = FLOOR_FACTOR * floor["max"]
-    ax.axhline(y, color="k", ls="--", lw=0.9,
-               label=f"{FLOOR_FACTOR:g}× noise floor (no-op edit, max) = {y:.1e} nats")
+    what = "no-op edit and rounding floor" if "rounding" in floor.get("components", {}) else "no-op edit"
+    ax.axhline(y, color="k", ls="--", lw=0.9, label=f"{FLOOR_FACTOR:g}× noise floor ({what}, max) = {y:.1e} nats")
+
+
+def _delta_nll_floor_band(ax, floor: dict) -> None:
+    """Dashed lines at ± FLOOR_FACTOR x the largest ΔNLL floor (`noise_floor.other_effects.delta_nll`) and 0."""
+    y = FLOOR_FACTOR * floor["other_effects"]["delta_nll"]["max"]
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.axhline(y, color="k", ls="--", lw=0.9, label=f"± {FLOOR_FACTOR:g}× ΔNLL floor (max) = {y:.1e} nats/token")
+    ax.axhline(-y, color="k", ls="--", lw=0.9)
+
+
+DNLL_LABEL = "ΔNLL (edited − baseline mean\nnext-token NLL), nats/token"
 
 
 def plot_dose_response(result: StateSteeringResult, path: Path) -> Path:
-    """KL (nats, mean ± s.e.) vs state-write scale per language, with the noise floor."""
+    """KL (nats) and ΔNLL (nats/token), mean ± s.e., vs state-write scale per language, each with its floor."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11.5, 4.2))
     for lang, dx in (("python", -0.04), ("rust", 0.04)):
-        xs, ms, ses = [], [], []
-        for p in result.dose_response:
-            m, se = mean_se([r["kl_divergence"] for r in p.sample_results if r["language"] == lang])
-            xs.append(p.scale + dx)
-            ms.append(m)
-            ses.append(se)
-        ax.errorbar(xs, ms, yerr=ses, fmt="o-", capsize=3, color=COLORS[lang], label=f"{lang} ({SE_LABEL})")
+        xs = [p.scale + dx for p in result.dose_response]
+        for a, key in ((ax, "kl_divergence"), (ax2, "delta_nll")):
+            ms, ses = zip(*(mean_se([r[key] for r in p.sample_results if r["language"] == lang])
+                            for p in result.dose_response))
+            a.errorbar(xs, ms, yerr=ses, fmt="o-", capsize=3, color=COLORS[lang], label=f"{lang} ({SE_LABEL})")
     _floor_line(ax, result.noise_floor)
-    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("state-write scale λ at the marker (1 = identity)")
+    _delta_nll_floor_band(ax2, result.noise_floor)
+    for a in (ax, ax2):
+        a.axvline(1.0, color="grey", lw=0.8, ls=":")
+        a.set_xlabel("state-write scale λ at the marker (1 = identity)")
+        a.legend(fontsize=7)
     ax.set_ylabel(f"KL(baseline ‖ steered), nats\n{SE_LABEL}")
-    ax.set_title(f"{result.model}: RWKV-6 state steering, layer {result.layer}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax2.set_ylabel(DNLL_LABEL)
+    fig.suptitle(f"{result.model}: RWKV-6 state steering, layer {result.layer}", fontsize=9)
     return save_figure(fig, path)
 
 
 def plot_ablation(result: StateAblationResult, path: Path) -> Path:
     """Per language (test samples): mean KL ± s.e. of the marker knockout and of the distance-matched control
-    (same samples), with the noise floor and the control's Wilcoxon p."""
+    (same samples), with the noise floor and the control's Wilcoxon p; beside it the same bars of ΔNLL."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.2))
     width = 0.38
     labels, top = [], 0.0
     for j, lang in enumerate(("python", "rust")):
@@ -85,40 +98,57 @@ def plot_ablation(result: StateAblationResult, path: Path) -> Path:
     if top > 0:
         ax.set_ylim(0, 1.35 * top)
     _floor_line(ax, result.noise_floor)
-    ax.set_xticks([0, 1])
-    ax.set_xticklabels(["Python doctest", "Rust #[test]"])
     ax.set_ylabel(f"KL(baseline ‖ knocked out), nats\n{SE_LABEL}")
+    for j, lang in enumerate(("python", "rust")):
+        rows = [r for r in result.samples if r.language == lang and not r.is_baseline]
+        m, se = mean_se([r.delta_nll for r in rows])
+        ax2.bar(j - width / 2, m, width, yerr=se, capsize=3, color=COLORS[lang], edgecolor="k", linewidth=0.5,
+                label="marker knockout" if j == 0 else None)
+        paired = [r.random_control_delta_nll for r in rows if r.random_control_delta_nll is not None]
+        if paired:
+            mc, sec = mean_se(paired)
+            ax2.bar(j + width / 2, mc, width, yerr=sec, capsize=3, color="lightgrey", edgecolor="k", linewidth=0.5,
+                    hatch="//", label="distance-matched control" if j == 0 else None)
+    _delta_nll_floor_band(ax2, result.noise_floor)
+    ax2.set_ylabel(DNLL_LABEL)
+    for a in (ax, ax2):
+        a.set_xticks([0, 1])
+        a.set_xticklabels(["Python doctest", "Rust #[test]"])
+        a.legend(fontsize=7)
     where = (f"layer {result.layer_start}" if result.layer_start == result.layer_end
              else f"layers {result.layer_start}-{result.layer_end}")
-    ax.set_title(f"{result.model}: RWKV-6 state knockout at {where}", fontsize=9)
-    ax.legend(fontsize=7)
+    fig.suptitle(f"{result.model}: RWKV-6 state knockout at {where} ({SE_LABEL})", fontsize=9)
     return save_figure(fig, path)
 
 
 def plot_windows(result: StateWindowsResult, path: Path) -> Path:
-    """Mean KL ± s.e. per layer (scan_layers) or per window (x = first layer of the window), per language,
-    with the noise floor; Holm-significant windows starred."""
+    """Mean KL ± s.e. per layer (scan_layers) or per window, per language, with the noise floor; Holm-significant
+    windows starred; below it the mean ΔNLL ± s.e. with ± its floor."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 7.4), sharex=True)
     xs = np.arange(len(result.windows))
     for lang, dx in (("python", -0.1), ("rust", 0.1)):
         idx = [i for i, s in enumerate(result.samples) if s.language == lang and not s.is_baseline]
-        stats_ = [mean_se(result.kl[idx, k]) for k in range(len(result.windows))]
-        ax.errorbar(xs + dx, [m for m, _ in stats_], yerr=[s for _, s in stats_], fmt="o-", capsize=3,
-                    color=COLORS[lang], label=f"{lang} ({SE_LABEL})")
+        for a, values in ((ax, result.kl), (ax2, result.delta_nll)):
+            stats_ = [mean_se(values[idx, k]) for k in range(len(result.windows))]
+            a.errorbar(xs + dx, [m for m, _ in stats_], yerr=[s for _, s in stats_], fmt="o-", capsize=3,
+                       color=COLORS[lang], label=f"{lang} ({SE_LABEL})")
     for x, w in zip(xs, result.windows):
         if w.p_holm is not None and w.p_holm < 0.05:
             top = max(w.tests.python.mean, w.tests.rust.mean)
             ax.text(x, top * 1.08, "*", ha="center", fontsize=11)
     _floor_line(ax, result.noise_floor)
-    ax.set_xticks(xs)
-    ax.set_xticklabels([f"{w.layer_start}" if w.layer_start == w.layer_end else f"{w.layer_start}-{w.layer_end}"
-                        for w in result.windows], fontsize=7, rotation=0 if len(xs) < 16 else 90)
-    ax.set_xlabel("knocked-out layer" if result.mode == "scan_layers" else "knocked-out layer window")
+    _delta_nll_floor_band(ax2, result.noise_floor)
+    ax2.set_xticks(xs)
+    ax2.set_xticklabels([f"{w.layer_start}" if w.layer_start == w.layer_end else f"{w.layer_start}-{w.layer_end}"
+                         for w in result.windows], fontsize=7, rotation=0 if len(xs) < 16 else 90)
+    ax2.set_xlabel("knocked-out layer" if result.mode == "scan_layers" else "knocked-out layer window")
     ax.set_ylabel(f"KL(baseline ‖ knocked out), nats\n{SE_LABEL}")
+    ax2.set_ylabel(DNLL_LABEL)
     ax.set_title(f"{result.model}: RWKV-6 state knockout per {'layer' if result.mode == 'scan_layers' else 'window'}"
                  " (* = Holm-adjusted Welch p < 0.05)", fontsize=9)
     ax.legend(fontsize=7)
+    ax2.legend(fontsize=7)
     return save_figure(fig, path)
 
 
