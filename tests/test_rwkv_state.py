@@ -184,6 +184,14 @@ def test_ablation_json_matches_plip_schema_and_stats(ablation_run, samples):
     text = ablation.format_ablation_summary(ablation_run)
     py_mean = np.mean([r["delta_nll"] for r in rows if r["language"] == "python"])
     assert f"python {py_mean:+.3e}" in text and "ΔNLL floor (the same runs" in text
+    dt = got["delta_nll_python_vs_rust"]  # the ΔNLL's own Python vs Rust test (one unit: Holm p = p)
+    py_d = [r["delta_nll"] for r in rows if r["language"] == "python"]
+    rs_d = [r["delta_nll"] for r in rows if r["language"] == "rust"]
+    ref = sps.ttest_ind(py_d, rs_d, equal_var=False)
+    assert dt["welch_p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert dt["welch_p_value_holm"] == dt["welch_p_value"] and dt["holm_family_size"] == 1
+    assert dt["welch_t_statistic"] == pytest.approx(ref.statistic, rel=1e-9) and dt["n"] == {"python": 10, "rust": 10}
+    assert dt["mean_delta_nll"]["python"] == pytest.approx(py_mean, rel=1e-12) and "Python vs Rust ΔNLL: Welch" in text
 
 
 def test_distance_matched_control_within_its_offset(tiny_rwkv_model, samples, ablation_run):
@@ -264,7 +272,15 @@ def test_scan_layers_equals_single_layer_runs(tiny_rwkv_model, samples, ablation
     np.testing.assert_allclose(unchunked.delta_nll, scan.delta_nll, rtol=1e-2, atol=2e-6)
     rust = [i for i, s in enumerate(samples) if s.language == "rust" and not s.is_baseline]
     w1 = js["windows"][1]
-    assert w1["mean_delta_nll"]["rust"] == pytest.approx(scan.delta_nll[rust, 1].mean(), rel=1e-12)
+    assert w1["delta_nll_python_vs_rust"]["mean_delta_nll"]["rust"] == pytest.approx(scan.delta_nll[rust, 1].mean(),
+                                                                                      rel=1e-12)
+    python = [i for i, s in enumerate(samples) if s.language == "python" and not s.is_baseline]
+    ps = [sps.ttest_ind(scan.delta_nll[python, k], scan.delta_nll[rust, k], equal_var=False).pvalue
+          for k in range(LAYERS)]  # the ΔNLL's Welch p per layer, Holm over the layers
+    got_p = [w["delta_nll_python_vs_rust"] for w in js["windows"]]
+    np.testing.assert_allclose([g["welch_p_value"] for g in got_p], ps, rtol=1e-9)
+    holm = np.minimum(1, np.maximum.accumulate(np.sort(ps) * [3, 2, 1]))[np.argsort(np.argsort(ps))]
+    np.testing.assert_allclose([g["welch_p_value_holm"] for g in got_p], holm)
     assert w1["n_delta_nll_below_noise_floor"]["rust"] == int(scan.delta_nll_below_floor[rust, 1].sum())
     assert js["sample_results"][0]["delta_nll"] == scan.delta_nll[0].tolist()
     assert js["noise_floor"]["other_effects"]["delta_nll"]["n_effects"] == 20 * LAYERS
@@ -317,12 +333,17 @@ def test_steering_dose_response_with_floor_and_holm(tiny_rwkv_model, samples, ab
         assert r["delta_nll"] == pytest.approx(ko_dnll[r["id"]], rel=1e-2, abs=2e-6)
     assert all(r["delta_nll"] == 0.0 and r["delta_nll_below_noise_floor"] for r in by[1.0]["sample_results"])
     assert by[1.0]["mean_delta_nll"] == 0.0 and by[1.0]["mean_delta_nll_below_noise_floor"]
+    assert by[1.0]["delta_nll_python_vs_rust"]["welch_p_value"] is None  # all 0: undefined, not in the Holm family
+    d9 = [[r["delta_nll"] for r in by[9.0]["sample_results"] if r["language"] == lang] for lang in ("python", "rust")]
+    p9 = by[9.0]["delta_nll_python_vs_rust"]
+    assert p9["welch_p_value"] == pytest.approx(sps.ttest_ind(*d9, equal_var=False).pvalue, rel=1e-9)
+    assert p9["holm_family_size"] == 4 and p9["welch_p_value"] <= p9["welch_p_value_holm"] <= 4 * p9["welch_p_value"]
     assert by[9.0]["mean_delta_nll"] == pytest.approx(np.mean([r["delta_nll"] for r in by[9.0]["sample_results"]]))
     assert by[9.0]["n_delta_nll_below_noise_floor"] == sum(r["delta_nll_below_noise_floor"]
                                                            for r in by[9.0]["sample_results"])
     table = steering.format_dose_table(st)
     assert "Sanity: scale=1.0 identity: PASS" in table and "Noise floor" in table and "p Holm" in table
-    assert "ΔNLL mean" in table and "ΔNLL floor (the same runs" in table
+    assert "ΔNLL mean" in table and "ΔNLL floor (the same runs" in table and "ΔNLL p Holm" in table
     with pytest.raises(ConfigError, match="--scales"):
         steering.run_state_steering(tiny_rwkv_model, samples, 1, (-1.0,))
     with pytest.raises(ConfigError, match="--scales"):

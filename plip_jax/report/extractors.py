@@ -319,7 +319,8 @@ def state_steering(b: SectionBuilder, d: dict) -> None:
     _floor_warnings(b, d)
     b.table("Dose response (KL in nats; ΔNLL in nats/token)", ("dose_response",), prefer=("scale",
             "python_stats.mean_kl", "rust_stats.mean_kl", "welch_t_statistic", "welch_p_value", "welch_p_value_holm",
-            "n_below_noise_floor", "mean_delta_nll", "n_delta_nll_below_noise_floor"), hide=_STAT_HIDE)
+            "n_below_noise_floor", "mean_delta_nll", "delta_nll_python_vs_rust.welch_p_value_holm",
+            "n_delta_nll_below_noise_floor"), hide=_STAT_HIDE)
 
 
 @register("attention_patterns", "attention_patterns", "Attention patterns",

@@ -158,6 +158,7 @@ class StateAblationResult:
     control: Optional[ControlReport]
     noise_floor: dict
     timings: dict
+    delta_nll_test: Optional[compare.DeltaNllComparison] = None  # Python vs Rust ΔNLL of the test samples
 
     @property
     def n_layers_knocked_out(self) -> int:
@@ -180,6 +181,8 @@ class StateAblationResult:
         out["random_control"] = self.control.to_json() if self.control else None
         out["noise_floor"] = self.noise_floor
         out["kl_definition"] = compare.KL_DEFINITION
+        if self.delta_nll_test is not None:
+            out["delta_nll_python_vs_rust"] = self.delta_nll_test.to_json()
         return out
 
 
@@ -227,18 +230,23 @@ def run_state_ablation(model: Any, samples: Sequence[StateSample], layer_start: 
     floor = compare.floor_block(out.floor_kl, [kl[i] for i in test_idx], [below[i, 0] for i in test_idx], model.dtype,
                                 out.floor_parts)
     floor["other_effects"] = compare.delta_nll_floor_block(out, test_idx, [0], model.dtype)
+    dnll = [r.delta_nll for r in rows]
+    dnll_test = compare.compare_delta_nll([{lang: select(samples, dnll, lang) for lang in ("python", "rust")}])[0]
     report = (_control_report(samples, out.kl[:, 0], out.kl[:, 1], ctrl, control_seed, control_max_offset)
               if control_seed is not None else None)
     return StateAblationResult(model.name, layer_start, layer_end, rows, tests, base, report, floor,
-                               {"forward_s": out.forward_s})
+                               {"forward_s": out.forward_s}, dnll_test)
 
 
-def _delta_nll_lines(noise_floor: dict, per_language: dict) -> list[str]:
-    """Table lines: the mean ΔNLL of the test samples per language ({language: (mean, n at floor, n)}), the ΔNLL
-    floor and its warning (`compare.delta_nll_floor_lines`)."""
-    means = "; ".join(f"{lang} {m:+.3e} ({k}/{n} at floor)" for lang, (m, k, n) in per_language.items())
+def _delta_nll_lines(result: StateAblationResult) -> list[str]:
+    """Table lines: the mean ΔNLL of the test samples per language with how many are at their floor, the ΔNLL
+    floor and its warning (`compare.delta_nll_floor_lines`), the Python vs Rust test."""
+    tests = [r for r in result.samples if not r.is_baseline]
+    means = "; ".join(f"{lang} {m:+.3e} ({sum(r.delta_nll_below_noise_floor for r in tests if r.language == lang)}"
+                      f"/{result.delta_nll_test.n[lang]} at floor)"
+                      for lang, m in result.delta_nll_test.mean.items() if m is not None)
     return [f"ΔNLL (knocked - baseline mean next-token NLL, nats/token), test-sample mean: {means}",
-            *compare.delta_nll_floor_lines(noise_floor)]
+            *compare.delta_nll_floor_lines(result.noise_floor), result.delta_nll_test.text()]
 
 
 def _top_rows(out: EditOutcomes, i: int, k: int, tokenizer: Any) -> list[dict]:
@@ -272,10 +280,8 @@ def format_ablation_summary(result: StateAblationResult, verbose: bool = False) 
         lines.append(f"  {name:<16} n={g.n:<3} mean={g.mean:.4e} ± {g.std:.4e} median={g.median:.4e} "
                      f"[{g.min:.2e}, {g.max:.2e}]; {n_below} at floor")
     lines.append("  " + compare.floor_line(result.noise_floor).replace("\n", "\n  "))
-    tests = [r for r in result.samples if not r.is_baseline]
-    per_lang = {lang: (float(np.mean([r.delta_nll for r in rs])), sum(r.delta_nll_below_noise_floor for r in rs),
-                       len(rs)) for lang in ("python", "rust") if (rs := [r for r in tests if r.language == lang])}
-    lines += ["  " + x for x in _delta_nll_lines(result.noise_floor, per_lang)]
+    if result.delta_nll_test is not None:
+        lines += ["  " + x for x in _delta_nll_lines(result)]
     t = result.tests
     direction = "Python > Rust" if t.python.mean > t.rust.mean else "Python <= Rust"
     ratio = stats.fmt_stat(t.ratio if t.rust.mean > 1e-10 else None, ".2f")
@@ -304,7 +310,7 @@ class WindowResult:
     p_holm: Optional[float]  # Holm-adjusted over the windows of the run
     baseline_groups: Optional[tuple]
     n_below_floor: dict  # language -> test samples whose KL is not above FLOOR_FACTOR x their floor
-    mean_delta_nll: dict  # language -> mean ΔNLL of its test samples (nats/token)
+    delta_nll_test: compare.DeltaNllComparison  # Python vs Rust ΔNLL (means, Welch, Holm over the windows)
     n_delta_nll_below_floor: dict  # language -> test samples whose |ΔNLL| is not above FLOOR_FACTOR x its floor
 
     def to_json(self) -> dict:
@@ -312,7 +318,8 @@ class WindowResult:
                "n_layers_knocked_out": self.layer_end - self.layer_start + 1, **self.tests.to_json(),
                "ratio": self.tests.ratio, "welch_p_value_holm": self.p_holm,
                "significant_after_holm": stats.significant(self.p_holm),
-               "n_below_noise_floor": dict(self.n_below_floor), "mean_delta_nll": dict(self.mean_delta_nll),
+               "n_below_noise_floor": dict(self.n_below_floor),
+               "delta_nll_python_vs_rust": self.delta_nll_test.to_json(),
                "n_delta_nll_below_noise_floor": dict(self.n_delta_nll_below_floor)}
         if self.baseline_groups:
             out["python_baseline_stats"] = self.baseline_groups[0].to_json()
@@ -373,6 +380,8 @@ def run_knockout_windows(model: Any, samples: Sequence[StateSample], windows: Se
              for k in range(len(windows))]
     in_lang = {lang: [i for i, s in enumerate(samples) if s.language == lang and not s.is_baseline]
                for lang in ("python", "rust")}
+    dnll_tests = compare.compare_delta_nll([{lang: out.delta_nll[idx, k].tolist() for lang, idx in in_lang.items()}
+                                            for k in range(len(windows))])
     holm = stats.holm_bonferroni([t.welch.p_value for t in tests])
     has_base = any(s.is_baseline for s in samples)
     rows = []
@@ -381,9 +390,8 @@ def run_knockout_windows(model: Any, samples: Sequence[StateSample], windows: Se
         base = ((stats.group_stats(select(samples, kl, "python", True), "python", True),
                  stats.group_stats(select(samples, kl, "rust", True), "rust", True)) if has_base else None)
         n_below = {lang: int(below[idx, k].sum()) for lang, idx in in_lang.items()}
-        mean_dnll = {lang: float(out.delta_nll[idx, k].mean()) if idx else None for lang, idx in in_lang.items()}
         n_below_dnll = {lang: int(below_dnll[idx, k].sum()) for lang, idx in in_lang.items()}
-        rows.append(WindowResult(a, b, tests[k], holm[k], base, n_below, mean_dnll, n_below_dnll))
+        rows.append(WindowResult(a, b, tests[k], holm[k], base, n_below, dnll_tests[k], n_below_dnll))
     test_idx = [i for i, s in enumerate(samples) if not s.is_baseline]
     floor = compare.floor_block(out.floor_kl, out.kl[test_idx].ravel().tolist(), below[test_idx].ravel().tolist(),
                                 model.dtype, out.floor_parts)
@@ -402,20 +410,23 @@ def _fmt_dnll(x: Optional[float]) -> str:
 
 def format_window_table(result: StateWindowsResult, top: int = 5) -> str:
     """Per-window mean KLs (nats) with the Python/Rust ratio, exact and Holm-adjusted Welch p, the number of test
-    samples at the noise floor, the mean ΔNLL per language (nats/token) and the ΔNLL's samples at its floor; for
+    samples at the noise floor, the mean ΔNLL per language (nats/token), its Holm-adjusted Welch p and the ΔNLL's
+    samples at its floor; for
     layer scans, the best layer by adjusted p and the `top` layers by mean KL per language (what PLIP printed)."""
     head = (f"{'window':>9} | {'Python KL':>11} | {'Rust KL':>11} | {'ratio':>7} | {'t':>9} | {'p (exact)':>9} | "
-            f"{'p (Holm)':>9} {'':<3} | {'at floor py/rs':<14} | {'ΔNLL py':>10} {'ΔNLL rs':>10} | ΔNLL at floor")
+            f"{'p (Holm)':>9} {'':<3} | {'at floor py/rs':<14} | {'ΔNLL py':>10} {'ΔNLL rs':>10} {'p (Holm)':>9} | "
+            "ΔNLL at floor")
     lines = [head, "-" * len(head)]
     for r in result.windows:
         t = r.tests
         w = f"{r.layer_start}" if r.layer_start == r.layer_end else f"{r.layer_start}-{r.layer_end}"
-        at = f"{r.n_below_floor['python']}/{t.python.n} {r.n_below_floor['rust']}/{t.rust.n}"
+        at, d = f"{r.n_below_floor['python']}/{t.python.n} {r.n_below_floor['rust']}/{t.rust.n}", r.delta_nll_test
         at_dnll = f"{r.n_delta_nll_below_floor['python']}/{t.python.n} {r.n_delta_nll_below_floor['rust']}/{t.rust.n}"
         lines.append(f"{w:>9} | {t.python.mean:>11.3e} | {t.rust.mean:>11.3e} | {t.ratio:>7.2f} | "
                      f"{stats.fmt_stat(t.welch.t, '>9.3f')} | {stats.fmt_stat(t.welch.p_value, '>9.3g')} | "
                      f"{stats.fmt_stat(r.p_holm, '>9.3g')} {stats.significance_stars(r.p_holm):<3} | {at:<14} | "
-                     f"{_fmt_dnll(r.mean_delta_nll['python'])} {_fmt_dnll(r.mean_delta_nll['rust'])} | {at_dnll}")
+                     f"{_fmt_dnll(d.mean['python'])} {_fmt_dnll(d.mean['rust'])} {stats.fmt_stat(d.p_holm, '>9.3g')} | "
+                     f"{at_dnll}")
     lines.append(compare.floor_line(result.noise_floor))
     lines += compare.delta_nll_floor_lines(result.noise_floor)
     if result.mode == "scan_layers":

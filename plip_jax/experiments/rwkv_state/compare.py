@@ -82,6 +82,48 @@ def floor_line(block: dict) -> str:
     return line + (f"\nWARNING: {block['warning']}" if block.get("warning") else "")
 
 
+@dataclasses.dataclass(frozen=True)
+class DeltaNllComparison:
+    """Python vs Rust test-sample ΔNLLs (nats/token) of one unit (a knockout, a window, a scale): each language's
+    mean (None without samples) and n, Welch's test of mean(Python) - mean(Rust) (exact p, scipy; undefined:
+    p None), and its Holm-adjusted p over the run's units (`compare_delta_nll`)."""
+
+    mean: dict
+    n: dict
+    welch: stats.WelchResult
+    p_holm: Optional[float]
+    holm_family: int  # defined tests the Holm adjustment is over
+
+    def to_json(self) -> dict:
+        out = {"mean_delta_nll": dict(self.mean), "n": dict(self.n), "welch_t_statistic": self.welch.t,
+               "welch_df": self.welch.df, "welch_p_value": self.welch.p_value, "welch_p_value_holm": self.p_holm,
+               "holm_family_size": self.holm_family, "significant_after_holm": stats.significant(self.p_holm)}
+        if self.welch.note:
+            out["welch_note"] = self.welch.note
+        return out
+
+    def text(self) -> str:
+        """One line: the Welch test and its Holm-adjusted p, or why it is undefined."""
+        w = self.welch
+        if not w.defined:
+            return f"Python vs Rust ΔNLL: Welch test undefined ({w.note})"
+        holm = ("" if self.holm_family < 2 else
+                f", Holm-adjusted over {self.holm_family} tests {stats.fmt_stat(self.p_holm, '.4g')}")
+        return (f"Python vs Rust ΔNLL: Welch t = {w.t:.3f}, df = {w.df:.2f}, p = {w.p_value:.4g} (exact{holm}) -> "
+                + ("SIGNIFICANT" if stats.significant(self.p_holm) else "not significant"))
+
+
+def compare_delta_nll(groups: Sequence[dict]) -> list:
+    """One `DeltaNllComparison` per unit of a run: groups[u] = {"python": ΔNLLs, "rust": ΔNLLs} of the test
+    samples; the Holm adjustment is over the units' defined p-values."""
+    welch = [stats.welch_t_test(g["python"], g["rust"]) for g in groups]
+    holm = stats.holm_bonferroni([w.p_value for w in welch])
+    family = sum(w.p_value is not None for w in welch)
+    return [DeltaNllComparison({k: float(np.mean(v)) if len(v) else None for k, v in g.items()},
+                               {k: len(v) for k, v in g.items()}, w, h, family)
+            for g, w, h in zip(groups, welch, holm)]
+
+
 def delta_nll_floor_block(out: Any, test_idx: Sequence[int], edit_idx: Sequence[int], dtype: Any) -> dict:
     """JSON `noise_floor.other_effects` of the ΔNLLs of edits `edit_idx` of the test samples `test_idx` of `out`
     (an `edits.EditOutcomes`): `causal_stats.effect_floor_block`'s floor summary, count at the floor and

@@ -27,12 +27,13 @@ MONOTONIC_TOLERANCE = 0.8  # PLIP: a mean may not drop below 0.8x the previous o
 
 @dataclasses.dataclass(frozen=True)
 class DosePoint:
-    """One scale: per-sample KLs (nats) and ΔNLLs (nats/token), the Python vs Rust comparison of the KLs."""
+    """One scale: per-sample KLs (nats) and ΔNLLs (nats/token), the Python vs Rust comparisons of both."""
 
     scale: float
     tests: compare.LanguageComparison
     p_holm: Optional[float]
     sample_results: list  # dicts in PLIP's field names + noise_floor_kl, below_noise_floor, delta_nll ...
+    delta_nll_test: Optional[compare.DeltaNllComparison] = None  # Python vs Rust ΔNLL, Holm over the scales
 
     @property
     def mean_delta_nll(self) -> float:
@@ -51,6 +52,8 @@ class DosePoint:
                 "mean_delta_nll": self.mean_delta_nll,
                 "n_delta_nll_below_noise_floor": sum(r["delta_nll_below_noise_floor"] for r in self.sample_results),
                 "mean_delta_nll_below_noise_floor": self.mean_delta_nll_below_floor(),
+                **({} if self.delta_nll_test is None else
+                   {"delta_nll_python_vs_rust": self.delta_nll_test.to_json()}),
                 "sample_results": self.sample_results}
 
 
@@ -98,6 +101,8 @@ def run_state_steering(model: Any, samples: Sequence[StateSample], layer: int,
                                        select(samples, list(out.kl[:, k]), "rust"), with_baseline_field=False)
              for k in range(len(scales))]
     holm = stats.holm_bonferroni([t.welch.p_value for t in tests])
+    dnll_tests = compare.compare_delta_nll([{lang: select(samples, list(out.delta_nll[:, k]), lang)
+                                             for lang in ("python", "rust")} for k in range(len(scales))])
     dose = []
     for k, x in enumerate(scales):
         rows = [{"id": s.id, "language": s.language, "scale": x, "kl_divergence": float(out.kl[i, k]),
@@ -106,7 +111,7 @@ def run_state_steering(model: Any, samples: Sequence[StateSample], layer: int,
                  "delta_nll": float(out.delta_nll[i, k]), "noise_floor_delta_nll": float(out.floor_delta_nll[i]),
                  "delta_nll_below_noise_floor": bool(below_dnll[i, k])}
                 for i, s in enumerate(samples)]
-        dose.append(DosePoint(x, tests[k], holm[k], rows))
+        dose.append(DosePoint(x, tests[k], holm[k], rows, dnll_tests[k]))
     effect = [k for k, x in enumerate(scales) if x != 1.0]  # scale 1 is the identity, not an effect
     floor = compare.floor_block(out.floor_kl, out.kl[:, effect].ravel().tolist(), below[:, effect].ravel().tolist(),
                                 model.dtype, out.floor_parts)
@@ -150,10 +155,11 @@ def steering_sanity_checks(dose: Sequence[DosePoint], floor: dict) -> dict:
 
 def format_dose_table(result: StateSteeringResult) -> str:
     """PLIP's dose-response table (KL nats) with Holm-adjusted p and samples at the floor, the mean ΔNLL
-    (nats/token, '~' = at its floor) and its samples at the floor, then the checks."""
+    (nats/token, '~' = at its floor), the Holm-adjusted Welch p of Python vs Rust ΔNLL and its samples at the
+    floor, then the checks."""
     head = (f"{'Scale':<8} | {'Py Mean':<11} {'Py Std':<11} | {'Rs Mean':<11} {'Rs Std':<11} | {'Ratio':<7} | "
             f"{'p exact':<9} | {'p Holm':<9} | {'p PLIP':<9} | Sig? (Holm) | {'at floor':<8} | {'ΔNLL mean':>11} | "
-            "at floor")
+            f"{'ΔNLL p Holm':>11} | at floor")
     lines = [head, "-" * len(head)]
     for p in result.dose_response:
         t = p.tests
@@ -164,7 +170,9 @@ def format_dose_table(result: StateSteeringResult) -> str:
                      f"{stats.fmt_stat(p.p_holm, '<9.4g')} | {t.p_plip:<9.4g} | "
                      f"{'YES' if stats.significant(p.p_holm) else 'no':<11} | "
                      f"{f'{n_below}/{len(p.sample_results)}':<8} | {p.mean_delta_nll:>+10.3e}"
-                     f"{compare.mark(p.mean_delta_nll_below_floor())} | {n_below_dnll}/{len(p.sample_results)}")
+                     f"{compare.mark(p.mean_delta_nll_below_floor())} | "
+                     f"{stats.fmt_stat(p.delta_nll_test.p_holm if p.delta_nll_test else None, '>11.4g')} | "
+                     f"{n_below_dnll}/{len(p.sample_results)}")
     lines.append(compare.floor_line(result.noise_floor))
     lines += compare.delta_nll_floor_lines(result.noise_floor)
     sc = result.sanity_checks
