@@ -411,8 +411,8 @@ def _fmt_dnll(x: Optional[float]) -> str:
 def format_window_table(result: StateWindowsResult, top: int = 5) -> str:
     """Per-window mean KLs (nats) with the Python/Rust ratio, exact and Holm-adjusted Welch p, the number of test
     samples at the noise floor, the mean ΔNLL per language (nats/token), its Holm-adjusted Welch p and the ΔNLL's
-    samples at its floor; for
-    layer scans, the best layer by adjusted p and the `top` layers by mean KL per language (what PLIP printed)."""
+    samples at its floor; for layer scans, the best layer by adjusted p and the `top` layers by mean KL per
+    language (what PLIP printed)."""
     head = (f"{'window':>9} | {'Python KL':>11} | {'Rust KL':>11} | {'ratio':>7} | {'t':>9} | {'p (exact)':>9} | "
             f"{'p (Holm)':>9} {'':<3} | {'at floor py/rs':<14} | {'ΔNLL py':>10} {'ΔNLL rs':>10} {'p (Holm)':>9} | "
             "ΔNLL at floor")

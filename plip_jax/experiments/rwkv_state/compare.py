@@ -113,7 +113,7 @@ class DeltaNllComparison:
                 + ("SIGNIFICANT" if stats.significant(self.p_holm) else "not significant"))
 
 
-def compare_delta_nll(groups: Sequence[dict]) -> list:
+def compare_delta_nll(groups: Sequence[dict]) -> list[DeltaNllComparison]:
     """One `DeltaNllComparison` per unit of a run: groups[u] = {"python": ΔNLLs, "rust": ΔNLLs} of the test
     samples; the Holm adjustment is over the units' defined p-values."""
     welch = [stats.welch_t_test(g["python"], g["rust"]) for g in groups]
