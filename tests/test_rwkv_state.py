@@ -218,8 +218,22 @@ def test_distance_matched_control_within_its_offset(tiny_rwkv_model, samples, ab
     assert py.comparison.wilcoxon_p_value == pytest.approx(sps.wilcoxon(np.subtract(m, c)).pvalue, rel=1e-9)
     assert py.comparison.mean_diff == pytest.approx(np.mean(m) - np.mean(c))
     assert "marker vs distance-matched control" in py.verdict and "marker - control" in py.verdict
+    md = [r.delta_nll for r in ablation_run.samples if r.language == "python" and not r.is_baseline]
+    cd = [r.random_control_delta_nll for r in ablation_run.samples if r.language == "python" and not r.is_baseline]
+    dp = py.delta_nll_comparison  # the same pairs' signed ΔNLLs
+    assert dp.wilcoxon_p_value == pytest.approx(sps.wilcoxon(np.subtract(md, cd)).pvalue, rel=1e-9)
+    assert dp.t_p_value == pytest.approx(sps.ttest_rel(md, cd).pvalue, rel=1e-9)
+    assert dp.mean_diff == pytest.approx(np.mean(md) - np.mean(cd))
+    assert "ΔNLL marker vs control" in py.delta_nll_verdict
+    rs_p = rc.by_language["rust"].delta_nll_comparison.wilcoxon_p_value  # Holm over the two languages
+    assert [py.delta_nll_p_holm, rc.by_language["rust"].delta_nll_p_holm] == pytest.approx(
+        np.minimum(1, np.maximum.accumulate(np.sort([dp.wilcoxon_p_value, rs_p]) * [2, 1]))[
+            np.argsort(np.argsort([dp.wilcoxon_p_value, rs_p]))])
+    pj = ablation_run.to_json()["random_control"]["python"]
+    assert pj["delta_nll_paired_test_marker_minus_control"]["n"] == 10
+    assert pj["delta_nll_verdict"] == py.delta_nll_verdict
     text = ablation.format_ablation_summary(ablation_run, verbose=True)
-    assert "Noise floor (no-op edit, same program)" in text and py.verdict in text
+    assert "Noise floor (no-op edit, same program)" in text and py.verdict in text and py.delta_nll_verdict in text
 
 
 def test_control_without_a_matched_position_is_skipped_and_counted(tiny_rwkv_model, samples):
@@ -246,6 +260,8 @@ def test_paired_comparison_undefined_cases():
     assert not same.defined and same.wilcoxon_p_value is None and "every difference is 0" in same.note
     verdict = ablation.ControlComparison("rust", same, 3.0, 3.0).verdict
     assert "undefined" in verdict
+    assert ablation.ControlComparison("rust", same, 3.0, 3.0).delta_nll_verdict is None  # no ΔNLLs given
+    assert "undefined" in ablation.ControlComparison("rust", same, 3.0, 3.0, same).delta_nll_verdict
 
 
 @pytest.mark.slow

@@ -47,12 +47,15 @@ def control_positions(samples: Sequence[StateSample], seed: int, max_offset: int
 
 @dataclasses.dataclass(frozen=True)
 class ControlComparison:
-    """Marker knockout vs distance-matched control knockout for one language (test samples)."""
+    """Marker knockout vs distance-matched control knockout for one language (test samples): the paired test of
+    their KLs (decides the verdict) and of their signed ΔNLLs (nats/token; `delta_nll_verdict`)."""
 
     language: str
     comparison: compare.PairedComparison
     mean_marker_distance: Optional[float]
     mean_control_distance: Optional[float]
+    delta_nll_comparison: Optional[compare.PairedComparison] = None
+    delta_nll_p_holm: Optional[float] = None  # its Wilcoxon p, Holm-adjusted over Python and Rust
 
     @property
     def verdict(self) -> str:
@@ -74,11 +77,33 @@ class ControlComparison:
         return (f"{head}: knocking out the marker changes the output LESS than the control ({nums}): the effect "
                 f"is not specific to the marker")
 
+    @property
+    def delta_nll_verdict(self) -> Optional[str]:
+        """One line: the marker's and the control's mean ΔNLL and the paired test of marker - control (Wilcoxon
+        signed-rank, Holm-adjusted over the two languages when given, decides; paired t beside it); None without
+        the ΔNLLs."""
+        d = self.delta_nll_comparison
+        if d is None:
+            return None
+        head = f"{self.language} (n={d.n}): ΔNLL marker vs control knockout"
+        if not d.defined:
+            return f"{head}: undefined ({d.note})"
+        p = d.wilcoxon_p_value if self.delta_nll_p_holm is None else self.delta_nll_p_holm
+        holm = "" if self.delta_nll_p_holm is None else f" (Holm over Python and Rust {self.delta_nll_p_holm:.3g})"
+        return (f"{head}: mean {d.mean_treatment:+.3e} vs {d.mean_control:+.3e} nats/token, marker - control = "
+                f"{d.mean_diff:+.3e}; Wilcoxon p = {d.wilcoxon_p_value:.3g}{holm}, paired t p = {d.t_p_value:.3g} -> "
+                + ("SIGNIFICANT" if stats.significant(p) else "not significant"))
+
     def to_json(self) -> dict:
         c = self.comparison
-        return {"n": c.n, "mean_marker_kl": c.mean_treatment, "mean_control_kl": c.mean_control,
-                "mean_marker_distance": self.mean_marker_distance, "mean_control_distance": self.mean_control_distance,
-                "paired_test_marker_minus_control": c.to_json(), "verdict": self.verdict}
+        out = {"n": c.n, "mean_marker_kl": c.mean_treatment, "mean_control_kl": c.mean_control,
+               "mean_marker_distance": self.mean_marker_distance, "mean_control_distance": self.mean_control_distance,
+               "paired_test_marker_minus_control": c.to_json(), "verdict": self.verdict}
+        if self.delta_nll_comparison is not None:
+            out["delta_nll_paired_test_marker_minus_control"] = self.delta_nll_comparison.to_json()
+            out["delta_nll_wilcoxon_p_holm"] = self.delta_nll_p_holm
+            out["delta_nll_verdict"] = self.delta_nll_verdict
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +123,7 @@ class ControlReport:
                 **{k: v.to_json() for k, v in self.by_language.items()}}
 
 
-def _control_report(samples, kl_marker, kl_ctrl, ctrl, seed, max_offset) -> ControlReport:
+def _control_report(samples, kl_marker, kl_ctrl, dnll_marker, dnll_ctrl, ctrl, seed, max_offset) -> ControlReport:
     skipped = tuple((s.id, c.reason) for s, c in zip(samples, ctrl) if c.position is None)
     by = {}
     for lang in ("python", "rust", "all"):
@@ -107,7 +132,11 @@ def _control_report(samples, kl_marker, kl_ctrl, ctrl, seed, max_offset) -> Cont
         by[lang] = ControlComparison(
             lang, compare.paired_comparison([kl_marker[i] for i in idx], [kl_ctrl[i] for i in idx]),
             float(np.mean([ctrl[i].marker_distance for i in idx])) if idx else None,
-            float(np.mean([ctrl[i].control_distance for i in idx])) if idx else None)
+            float(np.mean([ctrl[i].control_distance for i in idx])) if idx else None,
+            compare.paired_comparison([dnll_marker[i] for i in idx], [dnll_ctrl[i] for i in idx]))
+    holm = stats.holm_bonferroni([by[lang].delta_nll_comparison.wilcoxon_p_value for lang in ("python", "rust")])
+    for lang, h in zip(("python", "rust"), holm):
+        by[lang] = dataclasses.replace(by[lang], delta_nll_p_holm=h)
     return ControlReport(int(seed), int(max_offset), skipped, by)
 
 
@@ -232,8 +261,8 @@ def run_state_ablation(model: Any, samples: Sequence[StateSample], layer_start: 
     floor["other_effects"] = compare.delta_nll_floor_block(out, test_idx, [0], model.dtype)
     dnll = [r.delta_nll for r in rows]
     dnll_test = compare.compare_delta_nll([{lang: select(samples, dnll, lang) for lang in ("python", "rust")}])[0]
-    report = (_control_report(samples, out.kl[:, 0], out.kl[:, 1], ctrl, control_seed, control_max_offset)
-              if control_seed is not None else None)
+    report = (_control_report(samples, out.kl[:, 0], out.kl[:, 1], out.delta_nll[:, 0], out.delta_nll[:, 1], ctrl,
+                              control_seed, control_max_offset) if control_seed is not None else None)
     return StateAblationResult(model.name, layer_start, layer_end, rows, tests, base, report, floor,
                                {"forward_s": out.forward_s}, dnll_test)
 
@@ -297,6 +326,8 @@ def format_ablation_summary(result: StateAblationResult, verbose: bool = False) 
                      + (": " + "; ".join(f"{i} ({r})" for i, r in c.skipped) if c.skipped else ""))
         for lang in ("python", "rust"):
             lines.append("  " + c.by_language[lang].verdict)
+            if c.by_language[lang].delta_nll_verdict:
+                lines.append("  " + c.by_language[lang].delta_nll_verdict)
     return "\n".join(lines)
 
 
