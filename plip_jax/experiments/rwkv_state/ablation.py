@@ -187,7 +187,7 @@ class StateAblationResult:
     control: Optional[ControlReport]
     noise_floor: dict
     timings: dict
-    delta_nll_test: Optional[compare.DeltaNllComparison] = None  # Python vs Rust ΔNLL of the test samples
+    delta_nll_test: compare.DeltaNllComparison  # Python vs Rust ΔNLL of the test samples
 
     @property
     def n_layers_knocked_out(self) -> int:
@@ -210,8 +210,7 @@ class StateAblationResult:
         out["random_control"] = self.control.to_json() if self.control else None
         out["noise_floor"] = self.noise_floor
         out["kl_definition"] = compare.KL_DEFINITION
-        if self.delta_nll_test is not None:
-            out["delta_nll_python_vs_rust"] = self.delta_nll_test.to_json()
+        out["delta_nll_python_vs_rust"] = self.delta_nll_test.to_json()
         return out
 
 
@@ -309,8 +308,7 @@ def format_ablation_summary(result: StateAblationResult, verbose: bool = False) 
         lines.append(f"  {name:<16} n={g.n:<3} mean={g.mean:.4e} ± {g.std:.4e} median={g.median:.4e} "
                      f"[{g.min:.2e}, {g.max:.2e}]; {n_below} at floor")
     lines.append("  " + compare.floor_line(result.noise_floor).replace("\n", "\n  "))
-    if result.delta_nll_test is not None:
-        lines += ["  " + x for x in _delta_nll_lines(result)]
+    lines += ["  " + x for x in _delta_nll_lines(result)]
     t = result.tests
     direction = "Python > Rust" if t.python.mean > t.rust.mean else "Python <= Rust"
     ratio = stats.fmt_stat(t.ratio if t.rust.mean > 1e-10 else None, ".2f")
