@@ -229,7 +229,12 @@ def test_distance_matched_control_within_its_offset(tiny_rwkv_model, samples, ab
     assert [py.delta_nll_p_holm, rc.by_language["rust"].delta_nll_p_holm] == pytest.approx(
         np.minimum(1, np.maximum.accumulate(np.sort([dp.wilcoxon_p_value, rs_p]) * [2, 1]))[
             np.argsort(np.argsort([dp.wilcoxon_p_value, rs_p]))])
+    kl_ps = [py.comparison.wilcoxon_p_value, rc.by_language["rust"].comparison.wilcoxon_p_value]
+    assert [py.p_holm, rc.by_language["rust"].p_holm] == pytest.approx(  # the KL verdict's Holm p, same family
+        np.minimum(1, np.maximum.accumulate(np.sort(kl_ps) * [2, 1]))[np.argsort(np.argsort(kl_ps))])
+    assert f"(Holm over Python and Rust {py.p_holm:.3g})" in py.verdict and rc.by_language["all"].p_holm is None
     pj = ablation_run.to_json()["random_control"]["python"]
+    assert pj["wilcoxon_p_holm"] == py.p_holm and pj["verdict"] == py.verdict
     assert pj["delta_nll_paired_test_marker_minus_control"]["n"] == 10
     assert pj["delta_nll_verdict"] == py.delta_nll_verdict
     text = ablation.format_ablation_summary(ablation_run, verbose=True)
@@ -252,6 +257,37 @@ def test_control_without_a_matched_position_is_skipped_and_counted(tiny_rwkv_mod
     # unit rule: the marker as read-out has no control either
     last = dataclasses.replace(s, marker_token_pos=s.readout_pos)
     assert "read-out" in ablation.control_positions([last], 0)[0].reason
+
+
+def test_control_verdicts_are_decided_by_the_holm_p():
+    """Raw Wilcoxon p 0.03 with the marker above the control: MORE without a Holm p, no evidence once Holm over
+    the two languages lifts it to 0.06 (KL and ΔNLL verdicts alike)."""
+    c = compare.PairedComparison(10, 2.0, 1.0, 1.0, 2.5, 0.04, 5.0, 0.03, True)
+    raw = ablation.ControlComparison("python", c, 30.0, 30.5, c)
+    assert "MORE than the control" in raw.verdict and raw.delta_nll_verdict.endswith("-> SIGNIFICANT")
+    held = dataclasses.replace(raw, p_holm=0.06, delta_nll_p_holm=0.06)
+    assert "no evidence" in held.verdict and "(Holm over Python and Rust 0.06)" in held.verdict
+    assert held.delta_nll_verdict.endswith("-> not significant")
+    assert held.to_json()["wilcoxon_p_holm"] == 0.06 and held.to_json()["delta_nll_wilcoxon_p_holm"] == 0.06
+
+
+def test_report_shows_the_distance_matched_control(ablation_run):
+    """The HTML report's knockout section shows each language's control KL difference, Holm p (KL and ΔNLL) and
+    both verdicts of a real state knockout JSON."""
+    from plip_jax.report import extractors, fmt
+    from plip_jax.report.model import Section, SectionBuilder, get
+
+    d = json.loads(json.dumps(ablation_run.to_json()))
+    section = Section("state_ablation_tiny.json", "knockout", "t")
+    extractors.knockout(SectionBuilder(section, d), d)
+    cells = {c.path: c for h in section.headlines for c in h.cells if c.path}
+    for lang in ("python", "rust"):
+        rc = ablation_run.control.by_language[lang]
+        for path in [("random_control", lang, k) for k in ("wilcoxon_p_holm", "delta_nll_wilcoxon_p_holm")] + [
+                ("random_control", lang, "paired_test_marker_minus_control", "mean_diff")]:
+            assert fmt.matches(cells[path].text, cells[path].fmt, get(d, path)), path
+        assert get(d, ("random_control", lang, "wilcoxon_p_holm")) == rc.p_holm
+        assert rc.verdict in section.notes and rc.delta_nll_verdict in section.notes
 
 
 def test_paired_comparison_undefined_cases():

@@ -118,6 +118,7 @@ def knockout(b: SectionBuilder, d: dict) -> None:
             verdict = get(d, c + (lang, "verdict"))
             if isinstance(verdict, str):
                 b.note(verdict)
+        _distance_matched_control(b, d)
         _floor_warnings(b, d)
         b.table("Per sample (KL in nats)", ("sample_results",), prefer=("id", "language", "kl_divergence",
                 "noise_floor_kl", "removed_mass", "control_kl_divergence", "control_removed_mass", "top1_agreement",
@@ -125,6 +126,23 @@ def knockout(b: SectionBuilder, d: dict) -> None:
                 hide=("is_baseline", "marker_token_pos", "control"), collapsed=True)
     if d.get("skipped_samples"):
         b.note(f"{len(d['skipped_samples'])} sample(s) skipped (see the JSON's skipped_samples).")
+
+
+def _distance_matched_control(b: SectionBuilder, d: dict) -> None:
+    """The RWKV state knockout's distance-matched control (`random_control`), per language: the mean paired
+    difference in KL (marker - control), its Wilcoxon p Holm-adjusted over Python and Rust, and the KL and ΔNLL
+    verdicts as notes."""
+    c = ("random_control",)
+    for lang in ("python", "rust"):
+        name = lang.capitalize()
+        b.headline(f"{name} mean KL marker − distance-matched control (nats)",
+                   c + (lang, "paired_test_marker_minus_control", "mean_diff"), fmt="sci")
+        b.headline(f"{name} distance-matched control Wilcoxon p (Holm)", c + (lang, "wilcoxon_p_holm"))
+        b.headline(f"{name} ΔNLL marker − control, Wilcoxon p (Holm)", c + (lang, "delta_nll_wilcoxon_p_holm"))
+        for key in ("verdict", "delta_nll_verdict"):
+            verdict = get(d, c + (lang, key))
+            if isinstance(verdict, str):
+                b.note(verdict)
 
 
 _STAT_HIDE = ("language", "is_baseline", "min_kl", "max_kl", "median_kl", "welch_p_value_plip_approx")

@@ -48,7 +48,9 @@ def control_positions(samples: Sequence[StateSample], seed: int, max_offset: int
 @dataclasses.dataclass(frozen=True)
 class ControlComparison:
     """Marker knockout vs distance-matched control knockout for one language (test samples): the paired test of
-    their KLs (decides the verdict) and of their signed ΔNLLs (nats/token; `delta_nll_verdict`)."""
+    their KLs (decides the verdict) and of their signed ΔNLLs (nats/token; `delta_nll_verdict`). Each verdict's
+    Wilcoxon p is Holm-adjusted over Python and Rust when `p_holm` / `delta_nll_p_holm` is given (the raw p
+    decides otherwise, e.g. for the pooled "all" row)."""
 
     language: str
     comparison: compare.PairedComparison
@@ -56,19 +58,23 @@ class ControlComparison:
     mean_control_distance: Optional[float]
     delta_nll_comparison: Optional[compare.PairedComparison] = None
     delta_nll_p_holm: Optional[float] = None  # its Wilcoxon p, Holm-adjusted over Python and Rust
+    p_holm: Optional[float] = None  # the KL comparison's Wilcoxon p, Holm-adjusted over Python and Rust
 
     @property
     def verdict(self) -> str:
-        """One line: what was compared, the direction and the test (Wilcoxon signed-rank decides)."""
+        """One line: what was compared, the direction and the test (Wilcoxon signed-rank, Holm-adjusted over the
+        two languages when given, decides; paired t beside it)."""
         c = self.comparison
         head = (f"{self.language} (n={c.n}): marker vs distance-matched control knockout")
         if not c.defined:
             return f"{head}: undefined ({c.note})"
         dist = (f"; read-out distance marker {self.mean_marker_distance:.1f} vs control "
                 f"{self.mean_control_distance:.1f} tokens")
+        holm = "" if self.p_holm is None else f" (Holm over Python and Rust {self.p_holm:.3g})"
         nums = (f"mean KL {c.mean_treatment:.3e} vs {c.mean_control:.3e} nats, marker - control = "
-                f"{c.mean_diff:+.3e}; Wilcoxon p = {c.wilcoxon_p_value:.3g}, paired t p = {c.t_p_value:.3g}{dist}")
-        if not stats.significant(c.wilcoxon_p_value):
+                f"{c.mean_diff:+.3e}; Wilcoxon p = {c.wilcoxon_p_value:.3g}{holm}, paired t p = {c.t_p_value:.3g}"
+                f"{dist}")
+        if not stats.significant(c.wilcoxon_p_value if self.p_holm is None else self.p_holm):
             return (f"{head}: no evidence that the marker's write matters more or less than a write at the same "
                     f"distance ({nums})")
         if c.mean_diff > 0:
@@ -98,7 +104,8 @@ class ControlComparison:
         c = self.comparison
         out = {"n": c.n, "mean_marker_kl": c.mean_treatment, "mean_control_kl": c.mean_control,
                "mean_marker_distance": self.mean_marker_distance, "mean_control_distance": self.mean_control_distance,
-               "paired_test_marker_minus_control": c.to_json(), "verdict": self.verdict}
+               "paired_test_marker_minus_control": c.to_json(), "wilcoxon_p_holm": self.p_holm,
+               "verdict": self.verdict}
         if self.delta_nll_comparison is not None:
             out["delta_nll_paired_test_marker_minus_control"] = self.delta_nll_comparison.to_json()
             out["delta_nll_wilcoxon_p_holm"] = self.delta_nll_p_holm
@@ -134,9 +141,11 @@ def _control_report(samples, kl_marker, kl_ctrl, dnll_marker, dnll_ctrl, ctrl, s
             float(np.mean([ctrl[i].marker_distance for i in idx])) if idx else None,
             float(np.mean([ctrl[i].control_distance for i in idx])) if idx else None,
             compare.paired_comparison([dnll_marker[i] for i in idx], [dnll_ctrl[i] for i in idx]))
-    holm = stats.holm_bonferroni([by[lang].delta_nll_comparison.wilcoxon_p_value for lang in ("python", "rust")])
-    for lang, h in zip(("python", "rust"), holm):
-        by[lang] = dataclasses.replace(by[lang], delta_nll_p_holm=h)
+    langs = ("python", "rust")  # each test's family: the two languages (the pooled "all" row stays unadjusted)
+    holm_kl = stats.holm_bonferroni([by[lang].comparison.wilcoxon_p_value for lang in langs])
+    holm_nll = stats.holm_bonferroni([by[lang].delta_nll_comparison.wilcoxon_p_value for lang in langs])
+    for lang, hk, hn in zip(langs, holm_kl, holm_nll):
+        by[lang] = dataclasses.replace(by[lang], p_holm=hk, delta_nll_p_holm=hn)
     return ControlReport(int(seed), int(max_offset), skipped, by)
 
 
