@@ -391,6 +391,8 @@ def test_steering_dose_response_with_floor_and_holm(tiny_rwkv_model, samples, ab
     assert p9["welch_p_value"] == pytest.approx(sps.ttest_ind(*d9, equal_var=False).pvalue, rel=1e-9)
     assert p9["holm_family_size"] == 4 and p9["welch_p_value"] <= p9["welch_p_value_holm"] <= 4 * p9["welch_p_value"]
     assert by[9.0]["mean_delta_nll"] == pytest.approx(np.mean([r["delta_nll"] for r in by[9.0]["sample_results"]]))
+    assert by[9.0]["mean_delta_nll_below_noise_floor"] == (abs(by[9.0]["mean_delta_nll"]) <= 3 * np.mean(
+        [r["noise_floor_delta_nll"] for r in by[9.0]["sample_results"]]))  # the mean against 3x the mean floor
     assert by[9.0]["n_delta_nll_below_noise_floor"] == sum(r["delta_nll_below_noise_floor"]
                                                            for r in by[9.0]["sample_results"])
     table = steering.format_dose_table(st)

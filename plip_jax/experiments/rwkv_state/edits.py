@@ -83,9 +83,9 @@ class EditOutcomes:
     top: Any
     argmax: np.ndarray
     forward_s: float
+    delta_nll: np.ndarray
+    floor_delta_nll: np.ndarray
     floor_parts: Optional[dict] = None
-    delta_nll: Optional[np.ndarray] = None
-    floor_delta_nll: Optional[np.ndarray] = None
     nll_floor_parts: Optional[dict] = None
 
     @property
@@ -186,5 +186,5 @@ def run_edits(model: Any, token_ids: Sequence[Sequence[int]], edits: Sequence[Se
         parts["rounding"], nll_parts["rounding"] = rounding["kl"], rounding["delta_nll"]
     floor = rounding_floor.combined_floor(parts["engine"], parts.get("rounding"))
     floor_dnll = rounding_floor.combined_floor(nll_parts["engine"], nll_parts.get("rounding"))
-    return EditOutcomes(kl_req, klp[:, N_FIXED:], floor, top, am[:, N_FIXED:], forward_s, parts, dnll_req, floor_dnll,
-                        nll_parts)
+    return EditOutcomes(kl_req, klp[:, N_FIXED:], floor, top, am[:, N_FIXED:], forward_s, dnll_req, floor_dnll,
+                        floor_parts=parts, nll_floor_parts=nll_parts)

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from plip_jax.analysis import stats
+from plip_jax.analysis import metrics, stats
 from plip_jax.core import interventions as ivs
 from plip_jax.core.errors import ConfigError
 from plip_jax.experiments.rwkv_state import compare
@@ -41,16 +41,21 @@ class DosePoint:
         return float(np.mean([r["delta_nll"] for r in self.sample_results]))
 
     def mean_delta_nll_below_floor(self) -> bool:
-        """|mean ΔNLL| <= FLOOR_FACTOR x the samples' mean ΔNLL floor (the attention steering's rule)."""
+        """|mean ΔNLL| <= FLOOR_FACTOR x the samples' mean ΔNLL floor (the attention steering's rule,
+        `metrics.mark_below_floor`)."""
         mean_floor = float(np.mean([r["noise_floor_delta_nll"] for r in self.sample_results]))
-        return abs(self.mean_delta_nll) <= FLOOR_FACTOR * mean_floor
+        return bool(metrics.mark_below_floor(abs(self.mean_delta_nll), mean_floor))
+
+    def n_marked(self, field: str) -> int:
+        """How many samples carry the mark `field` ("below_noise_floor" or "delta_nll_below_noise_floor")."""
+        return sum(bool(r[field]) for r in self.sample_results)
 
     def to_json(self) -> dict:
         return {"scale": self.scale, **self.tests.to_json(), "welch_p_value_holm": self.p_holm,
                 "significant_after_holm": stats.significant(self.p_holm),
-                "n_below_noise_floor": sum(r["below_noise_floor"] for r in self.sample_results),
+                "n_below_noise_floor": self.n_marked("below_noise_floor"),
                 "mean_delta_nll": self.mean_delta_nll,
-                "n_delta_nll_below_noise_floor": sum(r["delta_nll_below_noise_floor"] for r in self.sample_results),
+                "n_delta_nll_below_noise_floor": self.n_marked("delta_nll_below_noise_floor"),
                 "mean_delta_nll_below_noise_floor": self.mean_delta_nll_below_floor(),
                 **({} if self.delta_nll_test is None else
                    {"delta_nll_python_vs_rust": self.delta_nll_test.to_json()}),
@@ -163,8 +168,7 @@ def format_dose_table(result: StateSteeringResult) -> str:
     lines = [head, "-" * len(head)]
     for p in result.dose_response:
         t = p.tests
-        n_below = sum(r["below_noise_floor"] for r in p.sample_results)
-        n_below_dnll = sum(r["delta_nll_below_noise_floor"] for r in p.sample_results)
+        n_below, n_below_dnll = p.n_marked("below_noise_floor"), p.n_marked("delta_nll_below_noise_floor")
         lines.append(f"{p.scale:<8.2f} | {t.python.mean:<11.4e} {t.python.std:<11.4e} | {t.rust.mean:<11.4e} "
                      f"{t.rust.std:<11.4e} | {t.ratio:<7.2f} | {stats.fmt_stat(t.welch.p_value, '<9.4g')} | "
                      f"{stats.fmt_stat(p.p_holm, '<9.4g')} | {t.p_plip:<9.4g} | "
