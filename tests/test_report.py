@@ -107,6 +107,10 @@ def test_every_json_has_a_section_and_its_numbers_equal_the_json(outputs):
         assert shown[(st, ("dose_results", i, "mean_kl_divergence"))] == f"{row['mean_kl_divergence']:.3e}"
         assert shown[(st, ("dose_results", i, "n_delta_nll_below_noise_floor"))] == str(
             row["n_delta_nll_below_noise_floor"])  # ΔNLL beside its own floor
+    for lang in ("python", "rust"):  # the mass-matched control: its median ΔKL and Holm p per language
+        ctl = jsons[ko]["mass_matched_control"][lang]
+        assert shown[(ko, ("mass_matched_control", lang, "median_diff"))] == f"{ctl['median_diff']:.3e}"
+        assert (ko, ("mass_matched_control", lang, "wilcoxon_p_holm")) in shown
     for i, row in enumerate(jsons[ko]["sample_results"]):  # each sample's ΔNLL and its floor
         assert shown[(ko, ("sample_results", i, "noise_floor_delta_nll"))] == f"{row['noise_floor_delta_nll']:.3e}"
     hm = "head_map_plip_tiny_code.json"  # the head map: agreement over all sample-cells and over resolved ones

@@ -28,6 +28,12 @@ from tests.rwkv_fixtures import TINY_RWKV_LAYERS
 LAYERS = TINY_RWKV_LAYERS
 
 
+def _hand_holm(ps) -> np.ndarray:
+    """Holm-Bonferroni step-down by hand: sorted p times (m, m-1, ..., 1), running max, capped at 1, in input order."""
+    ps = np.asarray(ps, np.float64)
+    return np.minimum(1, np.maximum.accumulate(np.sort(ps) * np.arange(ps.size, 0, -1)))[np.argsort(np.argsort(ps))]
+
+
 @pytest.fixture(scope="module")
 def samples(tiny_rwkv_model, universal_corpus):
     s, failures = S.prepare_samples(tiny_rwkv_model.tokenizer, universal_corpus, include_baselines=True)
@@ -227,11 +233,10 @@ def test_distance_matched_control_within_its_offset(tiny_rwkv_model, samples, ab
     assert "ΔNLL marker vs control" in py.delta_nll_verdict
     rs_p = rc.by_language["rust"].delta_nll_comparison.wilcoxon_p_value  # Holm over the two languages
     assert [py.delta_nll_p_holm, rc.by_language["rust"].delta_nll_p_holm] == pytest.approx(
-        np.minimum(1, np.maximum.accumulate(np.sort([dp.wilcoxon_p_value, rs_p]) * [2, 1]))[
-            np.argsort(np.argsort([dp.wilcoxon_p_value, rs_p]))])
+        _hand_holm([dp.wilcoxon_p_value, rs_p]))
     kl_ps = [py.comparison.wilcoxon_p_value, rc.by_language["rust"].comparison.wilcoxon_p_value]
     assert [py.p_holm, rc.by_language["rust"].p_holm] == pytest.approx(  # the KL verdict's Holm p, same family
-        np.minimum(1, np.maximum.accumulate(np.sort(kl_ps) * [2, 1]))[np.argsort(np.argsort(kl_ps))])
+        _hand_holm(kl_ps))
     assert f"(Holm over Python and Rust {py.p_holm:.3g})" in py.verdict and rc.by_language["all"].p_holm is None
     pj = ablation_run.to_json()["random_control"]["python"]
     assert pj["wilcoxon_p_holm"] == py.p_holm and pj["verdict"] == py.verdict
@@ -311,8 +316,7 @@ def test_scan_layers_equals_single_layer_runs(tiny_rwkv_model, samples, ablation
     assert single0.control is None and single0.to_json()["random_control"] is None
     assert scan.windows[1].tests.python.mean == pytest.approx(ablation_run.tests.python.mean, rel=1e-2)
     ps = [w.tests.welch.p_value for w in scan.windows]
-    np.testing.assert_allclose([w.p_holm for w in scan.windows],
-                               np.minimum(1, np.maximum.accumulate(np.sort(ps) * [3, 2, 1]))[np.argsort(np.argsort(ps))])
+    np.testing.assert_allclose([w.p_holm for w in scan.windows], _hand_holm(ps))
     table = ablation.format_window_table(scan)
     assert "Top 3 layers by python KL" in table and "p (Holm)" in table and "Best layer" in table
     js = scan.to_json()
@@ -331,8 +335,7 @@ def test_scan_layers_equals_single_layer_runs(tiny_rwkv_model, samples, ablation
           for k in range(LAYERS)]  # the ΔNLL's Welch p per layer, Holm over the layers
     got_p = [w["delta_nll_python_vs_rust"] for w in js["windows"]]
     np.testing.assert_allclose([g["welch_p_value"] for g in got_p], ps, rtol=1e-9)
-    holm = np.minimum(1, np.maximum.accumulate(np.sort(ps) * [3, 2, 1]))[np.argsort(np.argsort(ps))]
-    np.testing.assert_allclose([g["welch_p_value_holm"] for g in got_p], holm)
+    np.testing.assert_allclose([g["welch_p_value_holm"] for g in got_p], _hand_holm(ps))
     assert w1["n_delta_nll_below_noise_floor"]["rust"] == int(scan.delta_nll_below_floor[rust, 1].sum())
     assert js["sample_results"][0]["delta_nll"] == scan.delta_nll[0].tolist()
     assert js["noise_floor"]["other_effects"]["delta_nll"]["n_effects"] == 20 * LAYERS

@@ -110,15 +110,12 @@ def knockout(b: SectionBuilder, d: dict) -> None:
         _knockout_groups(b, d)
         b.headline("noise floor (median per-sample floor, nats)",
                    ("noise_floor", "median"), fmt="sci")
-        c = ("mass_matched_control",)
-        for lang in ("python", "rust"):
-            b.headline(f"{lang.capitalize()} median ΔKL (knockout − mass-matched control, nats)",
-                       c + (lang, "median_diff"), fmt="sci")
-            b.headline(f"{lang.capitalize()} control Wilcoxon p (Holm)", c + (lang, "wilcoxon_p_holm"))
-            verdict = get(d, c + (lang, "verdict"))
-            if isinstance(verdict, str):
-                b.note(verdict)
-        _distance_matched_control(b, d)
+        _paired_control(b, d, "mass_matched_control", ("median_diff",),
+                        "median ΔKL (knockout − mass-matched control, nats)", "control Wilcoxon p (Holm)")
+        _paired_control(b, d, "random_control", ("paired_test_marker_minus_control", "mean_diff"),
+                        "mean KL marker − distance-matched control (nats)",
+                        "distance-matched control Wilcoxon p (Holm)",
+                        delta_nll_p_label="ΔNLL marker − control, Wilcoxon p (Holm)")
         _floor_warnings(b, d)
         b.table("Per sample (KL in nats)", ("sample_results",), prefer=("id", "language", "kl_divergence",
                 "noise_floor_kl", "removed_mass", "control_kl_divergence", "control_removed_mass", "top1_agreement",
@@ -128,19 +125,20 @@ def knockout(b: SectionBuilder, d: dict) -> None:
         b.note(f"{len(d['skipped_samples'])} sample(s) skipped (see the JSON's skipped_samples).")
 
 
-def _distance_matched_control(b: SectionBuilder, d: dict) -> None:
-    """The RWKV state knockout's distance-matched control (`random_control`), per language: the mean paired
-    difference in KL (marker - control), its Wilcoxon p Holm-adjusted over Python and Rust, and the KL and ΔNLL
-    verdicts as notes."""
-    c = ("random_control",)
+def _paired_control(b: SectionBuilder, d: dict, key: str, diff_path: tuple, diff_label: str, p_label: str,
+                    delta_nll_p_label: Optional[str] = None) -> None:
+    """A knockout's control block `key` (the attention knockout's `mass_matched_control`, the RWKV state
+    knockout's distance-matched `random_control`), per language: the paired KL difference at `diff_path`
+    (knockout - control, nats), its Wilcoxon p Holm-adjusted over Python and Rust, with `delta_nll_p_label` the
+    ΔNLL comparison's Holm p too, and the verdicts (KL, and ΔNLL where present) as notes."""
     for lang in ("python", "rust"):
-        name = lang.capitalize()
-        b.headline(f"{name} mean KL marker − distance-matched control (nats)",
-                   c + (lang, "paired_test_marker_minus_control", "mean_diff"), fmt="sci")
-        b.headline(f"{name} distance-matched control Wilcoxon p (Holm)", c + (lang, "wilcoxon_p_holm"))
-        b.headline(f"{name} ΔNLL marker − control, Wilcoxon p (Holm)", c + (lang, "delta_nll_wilcoxon_p_holm"))
-        for key in ("verdict", "delta_nll_verdict"):
-            verdict = get(d, c + (lang, key))
+        name, c = lang.capitalize(), (key, lang)
+        b.headline(f"{name} {diff_label}", c + diff_path, fmt="sci")
+        b.headline(f"{name} {p_label}", c + ("wilcoxon_p_holm",))
+        if delta_nll_p_label:
+            b.headline(f"{name} {delta_nll_p_label}", c + ("delta_nll_wilcoxon_p_holm",))
+        for field in ("verdict", "delta_nll_verdict"):
+            verdict = get(d, c + (field,))
             if isinstance(verdict, str):
                 b.note(verdict)
 

@@ -45,6 +45,14 @@ def control_positions(samples: Sequence[StateSample], seed: int, max_offset: int
     return out
 
 
+def _deciding_p(comparison: compare.PairedComparison, p_holm: Optional[float]) -> tuple[Optional[float], str]:
+    """(the p that decides a control verdict, its text beside the raw Wilcoxon p): the Holm-adjusted p over
+    Python and Rust when given, else the raw Wilcoxon p (the pooled "all" row)."""
+    if p_holm is None:
+        return comparison.wilcoxon_p_value, ""
+    return p_holm, f" (Holm over Python and Rust {p_holm:.3g})"
+
+
 @dataclasses.dataclass(frozen=True)
 class ControlComparison:
     """Marker knockout vs distance-matched control knockout for one language (test samples): the paired test of
@@ -70,11 +78,11 @@ class ControlComparison:
             return f"{head}: undefined ({c.note})"
         dist = (f"; read-out distance marker {self.mean_marker_distance:.1f} vs control "
                 f"{self.mean_control_distance:.1f} tokens")
-        holm = "" if self.p_holm is None else f" (Holm over Python and Rust {self.p_holm:.3g})"
+        p, holm = _deciding_p(c, self.p_holm)
         nums = (f"mean KL {c.mean_treatment:.3e} vs {c.mean_control:.3e} nats, marker - control = "
                 f"{c.mean_diff:+.3e}; Wilcoxon p = {c.wilcoxon_p_value:.3g}{holm}, paired t p = {c.t_p_value:.3g}"
                 f"{dist}")
-        if not stats.significant(c.wilcoxon_p_value if self.p_holm is None else self.p_holm):
+        if not stats.significant(p):
             return (f"{head}: no evidence that the marker's write matters more or less than a write at the same "
                     f"distance ({nums})")
         if c.mean_diff > 0:
@@ -94,8 +102,7 @@ class ControlComparison:
         head = f"{self.language} (n={d.n}): ΔNLL marker vs control knockout"
         if not d.defined:
             return f"{head}: undefined ({d.note})"
-        p = d.wilcoxon_p_value if self.delta_nll_p_holm is None else self.delta_nll_p_holm
-        holm = "" if self.delta_nll_p_holm is None else f" (Holm over Python and Rust {self.delta_nll_p_holm:.3g})"
+        p, holm = _deciding_p(d, self.delta_nll_p_holm)
         return (f"{head}: mean {d.mean_treatment:+.3e} vs {d.mean_control:+.3e} nats/token, marker - control = "
                 f"{d.mean_diff:+.3e}; Wilcoxon p = {d.wilcoxon_p_value:.3g}{holm}, paired t p = {d.t_p_value:.3g} -> "
                 + ("SIGNIFICANT" if stats.significant(p) else "not significant"))
