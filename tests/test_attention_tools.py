@@ -268,6 +268,7 @@ def stats_significant_anywhere(r) -> bool:
                                           lf["permutation"]["p_value"]))
 
 
+@pytest.mark.slow
 def test_statistical_attention_null_and_lift_tests(stat_result):
     r = stat_result
     for x in r.groups["python_doctest"]["samples"]:

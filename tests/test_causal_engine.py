@@ -130,6 +130,7 @@ def test_a_sweep_without_the_nll_floor_has_none_and_the_same_other_floors(bundle
     np.testing.assert_allclose(res.kl[0], full.kl[j], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_sweep_times_its_rounding_floor_and_says_when_it_starts(bundled_model, small, monkeypatch):
     """SweepResult.rounding_floor_s is the wall time of the floor's measurement (what the head-map benchmark and
     the binary's progress read instead of deciding again); on_rounding_floor fires once, before it, and neither
@@ -192,6 +193,7 @@ def _host_effects(ref, other, ref_nll, other_nll):
             "top1_token": top, "delta_nll": np.asarray(other_nll, np.float64) - np.asarray(ref_nll, np.float64)}
 
 
+@pytest.mark.slow
 def test_effects_f64_program_equals_the_host_formula_across_row_chunks(monkeypatch):
     """effects_f64 runs ONE float64 program walking EFFECT_ROWS logit rows at a time (the last block repeating
     its last row): every row must match the host numpy formula, in order, whatever the blocking; an identical
@@ -446,6 +448,7 @@ def test_packed_rows_equal_the_unpacked_windows(bundled_model, small):
     assert np.abs(got["nll"][:, 1:] - got["noop_nll"][:, None]).max() > 1e-4  # the knockouts act
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["residual", "logit_shift"])
 def test_early_residual_and_logit_shift_edits_are_recomputed_not_shared(bundled_model, small, kind):
     """The shared rows end before the first row ANY edit touches, not only attention edges: a residual-stream

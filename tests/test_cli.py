@@ -48,6 +48,7 @@ def test_enabled_cache_receives_compiled_executables(tmp_path):
     assert cache.is_dir() and any(cache.iterdir()), "no executable was written to the compilation cache"
 
 
+@pytest.mark.slow
 def test_help_lists_the_shared_flags():
     """Flags defined by cli's helpers belong to the binary: its --help shows them."""
     for binary, expected in (("bin.layer_scan", ("--model", "--dtype", "--layer_layout", "--mesh")),

@@ -36,6 +36,7 @@ def _fused_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_fused_layer_scan_rows_and_logits_equal_the_explicit_path(bundled_model, per_layer_model, batch, monkeypatch):
     """Both weight layouts (scan and unrolled): the marker rows and every real position's logits agree to f32
     rounding, padding rows hold no mass, and the fused kernel was really called (once per layer traced)."""
@@ -56,6 +57,7 @@ def test_fused_layer_scan_rows_and_logits_equal_the_explicit_path(bundled_model,
                 assert float(jnp.abs(fused.attn_rows[i, ..., n:]).max()) == 0.0
 
 
+@pytest.mark.slow
 def test_attention_interventions_caches_and_full_patterns_take_the_explicit_path(bundled_model, batch, monkeypatch):
     """A knockout under attention_impl="fused" must still knock out (equal to the explicit knockout, different from
     the plain run); full patterns and a prefill over a KV cache (positions unknown at trace time) also run
@@ -110,6 +112,7 @@ def test_fused_applies_only_where_exact(bundled_model):
         applies("cudnn", cfg, T, None, Capture(), None)
 
 
+@pytest.mark.slow
 def test_fused_decoding_steps_equal_the_explicit_ones(bundled_model, monkeypatch):
     """A one-token step over a filled cache (keys up to its position; the slots after it hold stale keys that
     must stay hidden): logits and the updated cache equal the explicit step's; greedy generation of a padded
@@ -164,6 +167,7 @@ def test_intervened_below_reads_every_kind_of_edit(bundled_model):
     assert jax.jit(lambda i: jnp.int32(causal.intervened_below(i, L)))(iv) == L  # traced: nothing known
 
 
+@pytest.mark.slow
 def test_fused_sweep_runs_unedited_layers_fused_and_equals_the_explicit_sweep(bundled_model, per_layer_model,
                                                                               monkeypatch):
     """A steering dose sweep on a fused model: the scan bodies above the steered layers reach the fused kernel,
@@ -197,6 +201,7 @@ def test_fused_sweep_runs_unedited_layers_fused_and_equals_the_explicit_sweep(bu
                 assert np.abs(rows[:, 3, top] - rows[:, 0, top]).max() > 1e-3  # the steering acted at its top layer
 
 
+@pytest.mark.slow
 def test_fused_paths_lower_to_cudnn_for_a_gpu(monkeypatch):
     """Without a GPU: with cuDNN's availability checks answered as on a Hopper GPU, the bf16 fused layer scan, a
     vmapped decoding step and a steering sweep trace through cuDNN's attention (its vmap batching rules) and

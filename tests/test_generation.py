@@ -205,6 +205,7 @@ def test_check_finite_logits_lists_every_bad_sequence():
         gen.check_finite_logits(np.array([0, -1, 4]))
 
 
+@pytest.mark.slow
 def test_on_step_reports_every_progress_interval_and_changes_nothing(tiny):
     """on_step runs on the host every PROGRESS_EVERY decode steps (not each step) with the tokens done and the
     sequences still running; the tokens equal a run without it."""

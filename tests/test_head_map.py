@@ -65,6 +65,7 @@ def test_cell_chunks_cover_the_grid_once_and_share_one_program(layers, heads, pe
         assert len(signatures) == -(-layers // per_call)  # the same layer runs for every head
 
 
+@pytest.mark.slow
 def test_exact_grid_chunks_compile_one_program(bundled_model, bundled_batch, monkeypatch):
     """Three chunks of the bundled model's 8 x 6 grid call the shared engine with one static signature (the
     entry layers and the shapes), so jit compiles once (a layer-major split would compile once per chunk), with
@@ -246,6 +247,7 @@ def test_run_head_map_statistics_and_json(bundled_model, universal_corpus):
     assert g.exact_kl is None and g.agreement is None and g.cells[0]["test_on"] == "gradient estimate"
 
 
+@pytest.mark.slow
 def test_run_head_map_names_and_times_the_bfloat16_rounding_floor(universal_corpus):
     """In bfloat16 the grid measures a rounding floor: progress says so after the grid's last program, and its
     seconds (part of the grid's) are in the timings and the final line; float32 has neither (the test above)."""

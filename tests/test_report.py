@@ -299,6 +299,7 @@ def test_attention_data_equals_a_direct_forward(outputs, bundled_model, universa
                                                              if t <= ko["marker_token_pos"]})
 
 
+@pytest.mark.slow
 def test_bin_report_sections_only(outputs):
     r = subprocess.run([sys.executable, "-m", "bin.report", f"--outputs={outputs}", "--noattention"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)

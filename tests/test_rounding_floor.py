@@ -72,6 +72,7 @@ def test_rounding_floor_is_measured_deterministic_and_tiny_in_float32(bundled_mo
     np.testing.assert_allclose(chunked, f, rtol=1e-6)  # each sample's draws do not depend on the chunking
 
 
+@pytest.mark.slow
 def test_rounding_floor_of_every_effect_is_from_the_same_runs(bundled_model, small):
     """The floors on |logit difference|, |change of log p(top-1)| and |change of the mean NLL| are the largest
     over the same draws, computed independently here from `rounding_runs`' logits (scipy) and from the NLL of
@@ -118,6 +119,7 @@ def test_rounding_floor_of_every_effect_is_from_the_same_runs(bundled_model, sma
     np.testing.assert_allclose(with_token["logit_diff_token"], np.maximum(diff, unit(base[:, tok])), rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_the_rounding_floor_without_the_nll_skips_its_work_and_reads_the_same(bundled_model, small):
     """nll=False (the head map, the RWKV state edits: callers that report no NLL change): no "delta_nll", the
     other floors as with the NLL, and the compiled runs lose at least one [T - 1, V] projection per sample

@@ -422,6 +422,7 @@ def test_forward_argument_errors(model, tokens):
         model(tokens, capture=Capture(attn_rows=True))
 
 
+@pytest.mark.slow
 def test_selected_layers_effective_attention_is_all_that_is_kept(model):
     """Capture(attn_probs=(layer,)) computes and keeps that layer's [H, T, T] effective attention only: the
     program's output is one layer's worth, not every layer's."""

@@ -42,6 +42,7 @@ def test_rwkv_metric_equals_full_effective_attention(tiny_rwkv_model, universal_
     assert np.all((got >= 0) & (got <= 1))
 
 
+@pytest.mark.slow
 def test_run_layer_scan_on_rwkv(tiny_rwkv_model, universal_corpus):
     res = run_layer_scan(tiny_rwkv_model, universal_corpus, start_layer=0)
     assert res.scanned_layers == list(range(LAYERS)) and res.n_layers == LAYERS

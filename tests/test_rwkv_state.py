@@ -68,6 +68,7 @@ def _direct_nll(model, s, scale_matrix=None) -> float:
 
 
 # ------------------------------------------------------------------------------------------ edits kernel
+@pytest.mark.slow
 def test_noop_edit_kl_is_exactly_zero_and_the_kl_is_float64(tiny_rwkv_model, samples):
     """Baseline, floor and a scale-1 edit share one program: their logits are identical in f32, so the floor
     and the no-op KL are exactly 0. The reported KL is the host float64 one: it resolves the quadratic
@@ -90,6 +91,7 @@ def test_noop_edit_kl_is_exactly_zero_and_the_kl_is_float64(tiny_rwkv_model, sam
     assert not out.below_floor()[:, 1:].any()  # floor 0: any positive KL is resolved
 
 
+@pytest.mark.slow
 def test_delta_nll_equals_the_direct_full_logit_nll_change(tiny_rwkv_model, samples):
     """ΔNLL = edited - baseline mean next-token NLL, as from the full logits of separate unpadded forwards (float64
     on the host); the knockout moves it far above its floor, a scale-1 edit not at all. In float32 the floor is the
@@ -200,6 +202,7 @@ def test_ablation_json_matches_plip_schema_and_stats(ablation_run, samples):
     assert dt["mean_delta_nll"]["python"] == pytest.approx(py_mean, rel=1e-12) and "Python vs Rust ΔNLL: Welch" in text
 
 
+@pytest.mark.slow
 def test_distance_matched_control_within_its_offset(tiny_rwkv_model, samples, ablation_run):
     rc = ablation_run.control
     assert rc.seed == 7 and rc.max_offset == 2 and not rc.skipped
@@ -246,6 +249,7 @@ def test_distance_matched_control_within_its_offset(tiny_rwkv_model, samples, ab
     assert "Noise floor (no-op edit, same program)" in text and py.verdict in text and py.delta_nll_verdict in text
 
 
+@pytest.mark.slow
 def test_control_without_a_matched_position_is_skipped_and_counted(tiny_rwkv_model, samples):
     s = samples[0]
     m = s.marker_token_pos
@@ -366,6 +370,7 @@ def test_window_knockout_and_an_undefined_welch(tiny_rwkv_model, samples):
 
 
 # ------------------------------------------------------------------------------------------ steering
+@pytest.mark.slow
 def test_steering_dose_response_with_floor_and_holm(tiny_rwkv_model, samples, ablation_run):
     st = steering.run_state_steering(tiny_rwkv_model, samples, 1, (0.0, 0.5, 1.0, 2.0, 9.0))
     got = st.to_json()
@@ -561,6 +566,7 @@ def test_default_state_layer():
 
 
 # ------------------------------------------------------------------------------------------ binaries
+@pytest.mark.slow
 def test_binary_refuses_transformer_model():
     proc = run_binary("bin.state_steering_experiment", check=False)
     assert proc.returncode != 0

@@ -101,6 +101,7 @@ def test_steered_arm_differs_and_equals_reference_generation(bundled_model, prom
     assert any(s["steered_output"] != s["baseline_output"] for s in res["samples"])
 
 
+@pytest.mark.slow
 def test_scale_one_is_identity_and_plip_compat_is_noop(bundled_model, prompts):
     one = sg.run_steering_generation(bundled_model, prompts,
                                      sg.SteeringGenerationConfig(max_tokens=MAX_TOKENS, scale=1.0))

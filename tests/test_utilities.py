@@ -109,6 +109,7 @@ def _run_bin(name: str, *args: str, env=None, timeout: int = 180) -> str:
     return run_binary(f"bin.{name}", *args, device=None, env=env, timeout=timeout).stdout
 
 
+@pytest.mark.slow
 def test_bin_list_models(hub, tmp_path):
     out = tmp_path / "models.json"
     stdout = _run_bin("list_models", f"--output={out}", env={**os.environ, "HF_HUB_CACHE": str(hub)})
@@ -118,6 +119,7 @@ def test_bin_list_models(hub, tmp_path):
     assert ids[0] == "plip-tiny-code" and "acme/tiny-coder" in ids
 
 
+@pytest.mark.slow
 def test_bin_inspect_model(tmp_path):
     out = tmp_path / "inspect.json"
     stdout = _run_bin("inspect_model", "--seq_len=256", "--max_tensors=3", f"--output={out}")
@@ -193,6 +195,7 @@ def test_convert_corpus_reports_unconvertible(tmp_path):
     assert code[item["target_char_positions"][3]:].startswith("n:")
 
 
+@pytest.mark.slow
 def test_bin_convert_corpus(tmp_path):
     out = tmp_path / "u.json"
     stdout = _run_bin("convert_corpus", f"--input={REPO / 'corpus' / 'attention_samples.json'}", f"--output={out}",
