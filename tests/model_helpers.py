@@ -1,6 +1,6 @@
 """Test helpers: a jitted call of any `Model` (the library leaves jit to callers), greedy generation by full
 recomputation, the check of an output against PLIP's stored JSON field tree, and XLA's FLOP count of a
-compiled function."""
+compiled function, and the float64 rounding bound of a change of log-probability."""
 
 from __future__ import annotations
 
@@ -64,6 +64,14 @@ def generate_reference(model, prompt: Sequence[int], *, max_new_tokens: int, sto
         out.append(tok)
         seq.append(tok)
     return out
+
+
+def logprob_rounding(logits, axis=None) -> np.ndarray:
+    """Absolute bound (nats) on the float64 rounding of a change of log-probability between two formulas over
+    `logits`: each `logit - logsumexp` carries a few float64 units of the logits' magnitude that depend on the
+    summation order (numpy's SIMD vs XLA's), and a small Δ log p (~1e-6 nats) cancels to that level, so a
+    relative tolerance alone asks both to sum alike. 64 units of max |logits| over `axis` (None: all)."""
+    return 64 * np.finfo(np.float64).eps * np.abs(np.asarray(logits, np.float64)).max(axis=axis)
 
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"

@@ -15,6 +15,7 @@ from plip_jax.core.errors import InterventionError
 from plip_jax.analysis.generation import empty_like_interventions as empty_like
 from plip_jax.experiments import causal, causal_samples, knockout
 from plip_jax.models import sharding
+from tests.model_helpers import logprob_rounding
 
 LAYER = 3
 DOSES = (0.5, 1.0, 3.0)
@@ -79,9 +80,7 @@ def test_identity_point_reads_exactly_zero_against_the_same_program_reference(st
     assert sorted(res.engine_floors) == sorted(rounding_floor.FLOORED_EFFECTS) == sorted(want)
     rounding = rounding_floor.rounding_floor_effects(bundled_model.model, batch.tokens, batch.lengths, edited, LAYER)
     assert "logit_diff_token" not in res.engine_floors  # only when asked for (floor_token)
-    # Δ log p is a difference of two `logit - logsumexp` values, each with a few float64 units of the logits'
-    # magnitude of summation-order rounding (numpy's SIMD vs XLA's): an absolute bound far below the floors
-    summation = {"delta_logprob_top1": 64 * np.finfo(np.float64).eps * np.abs(base).max()}
+    summation = {"delta_logprob_top1": logprob_rounding(base)}  # Δ log p: its float64 rounding, far below the floors
     for effect, engine in want.items():
         np.testing.assert_allclose(res.engine_floors[effect], engine, rtol=1e-9, atol=summation.get(effect, 1e-15),
                                    err_msg=effect)
@@ -227,9 +226,8 @@ def test_effects_f64_program_equals_the_host_formula_across_row_chunks(monkeypat
             if want[key].dtype.kind != "f":  # top1_agree, top1_token
                 np.testing.assert_array_equal(got[key], want[key], err_msg=key)
                 continue
-            # Δ log p: a difference of two `logit - logsumexp` values, each with a few float64 units of its row's
-            # magnitude of summation-order rounding (XLA vs numpy): bounded per row; the rest at rtol alone
-            rounding = 64 * np.finfo(np.float64).eps * np.abs(other).max(-1) if key == "delta_logprob_top1" else 0
+            # Δ log p: its float64 rounding bounded per row (the tiny row's ~1e-6 cancels); the rest at rtol alone
+            rounding = logprob_rounding(other, axis=-1) if key == "delta_logprob_top1" else 0
             assert np.all(np.abs(got[key] - want[key]) <= 1e-12 * np.abs(want[key]) + rounding), key
         assert got["kl"][2, 3] == 0.0 and got["kl"][4, 1] > 0
         assert np.all(np.diff(got["kl"].mean(axis=1)) > 0)  # larger perturbations, larger KL: rows in order
